@@ -1,0 +1,28 @@
+"""npumoe-mlx: MoE LLMs on MLX with expert FFNs on static-tier programs (ANE / ONNX Runtime).
+
+A drop-in for ``mlx_lm``: ``load`` takes everything ``mlx_lm.load`` takes plus
+``offload=``; ``generate``, ``stream_generate`` and ``batch_generate`` are
+mlx_lm's own functions (the offload lives inside the model's expert blocks, so
+mlx_lm's generation loop runs unchanged).
+"""
+
+from mlx_lm.generate import (
+    BatchResponse,
+    GenerationResponse,
+    batch_generate,
+    generate,
+    stream_generate,
+)
+
+from ._version import __version__
+from .loading import load
+
+__all__ = [
+    "load",
+    "generate",
+    "stream_generate",
+    "batch_generate",
+    "GenerationResponse",
+    "BatchResponse",
+    "__version__",
+]

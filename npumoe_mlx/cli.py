@@ -1,0 +1,52 @@
+"""`npumoe <subcommand>`: each subcommand is a module with ``main(argv) -> int``."""
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "generate": ("npumoe_mlx.generate", "generate text (mlx_lm.generate flags plus --offload)"),
+    "info": ("npumoe_mlx.info", "list a model's MoE expert blocks"),
+    "tiny-model": ("npumoe_mlx.tiny", "write a random tiny MoE checkpoint (offline)"),
+    "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: npumoe <subcommand> [options]", "", "subcommands:"]
+    lines += [f"  {name:<16}{help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Pass --help to a subcommand for its options, e.g. npumoe generate --help"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"npumoe: unknown subcommand {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    debug = "--debug" in rest
+    rest = [a for a in rest if a != "--debug"]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return module.main(rest) or 0
+    except KeyboardInterrupt:
+        print(f"npumoe {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; --debug shows the traceback
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"npumoe {name}: error: {msg} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Find, describe and replace the expert blocks of any mlx_lm MoE model.
+
+Every MoE family in mlx_lm calls its experts as ``y = experts(x, inds)`` with
+``x: (..., D)``, ``inds: (..., k)`` and gets ``(..., k, D)`` back before the
+routing weights are applied. That call is the seam: we swap the class of each
+``SwitchGLU`` instance for :class:`OffloadedSwitchGLU`, which keeps the very same
+``gate_proj/up_proj/down_proj`` children (so load/save keys do not change) and
+hands the call to a pluggable executor. Swapping the class back removes it.
+"""
+
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import (
+    QuantizedSwitchLinear,
+    SwitchGLU,
+    SwitchLinear,
+    SwitchMLP,
+)
+
+# Activation class name (as mlx_lm spells it) -> the kind a program implements.
+ACTIVATIONS = {
+    "SwiGLU": "swiglu",  # silu(gate) * up
+    "SwigluOAI": "swiglu_oai",  # gpt-oss: clamped, (up + 1) * gate * sigmoid(1.702 gate)
+    "GeGLU": "geglu",  # gelu_approx(gate) * up
+}
+
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "moe_k")
+_SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
+
+# An executor computes ``experts(x, inds)``: (SwitchGLU, x (..., D), inds (..., k)) -> (..., k, D).
+Executor = Callable[[SwitchGLU, mx.array, mx.array], mx.array]
+
+
+@dataclass
+class SharedExpert:
+    path: str
+    hidden: int  # H of the dense MLP (n_shared * moe_intermediate for deepseek-style)
+    quant: Optional[dict] = None
+
+
+@dataclass
+class ExpertBlock:
+    """One expert module of one MoE layer, as the planner and builders see it."""
+
+    layer: int
+    path: str  # module path, e.g. "model.layers.3.mlp.switch_mlp"
+    kind: str  # "SwitchGLU" | "SwitchMLP"
+    num_experts: int
+    top_k: Optional[int]
+    dims: int  # D: model hidden size
+    hidden: int  # H: expert intermediate size
+    activation: str  # swiglu | swiglu_oai | geglu | the unknown class name
+    bias: bool
+    quant: Optional[dict]  # {"mode", "bits", "group_size"} or None
+    dtype: str
+    shared: List[SharedExpert] = field(default_factory=list)
+    supported: bool = True
+    reason: str = ""
+    module: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "module"}
+        d["shared"] = [asdict(s) for s in self.shared]
+        return d
+
+
+def _linear_info(lin: nn.Module):
+    """(out, in, quant, dtype) of a SwitchLinear / QuantizedSwitchLinear / Linear."""
+    if isinstance(lin, QuantizedSwitchLinear) or hasattr(lin, "scales"):
+        quant = {
+            "mode": getattr(lin, "mode", "affine"),
+            "bits": lin.bits,
+            "group_size": lin.group_size,
+        }
+        out_dims = lin.weight.shape[-2]
+        in_dims = lin.scales.shape[-1] * lin.group_size
+        return out_dims, in_dims, quant, str(lin.scales.dtype).split(".")[-1]
+    out_dims, in_dims = lin.weight.shape[-2:]
+    return out_dims, in_dims, None, str(lin.weight.dtype).split(".")[-1]
+
+
+def _layer_index(path: str) -> int:
+    m = re.findall(r"layers\.(\d+)\.", path)
+    return int(m[-1]) if m else -1
+
+
+def _top_k(parent: Optional[nn.Module], config: dict) -> Optional[int]:
+    for name in _TOP_K_ATTRS:
+        v = getattr(parent, name, None) if parent is not None else None
+        if isinstance(v, int):
+            return v
+    for key in _TOP_K_KEYS:
+        v = config.get(key)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, list) and v:  # per-layer lists (hunyuan)
+            return int(v[0])
+    return None
+
+
+def _shared(parent: Optional[nn.Module], parent_path: str) -> List[SharedExpert]:
+    out = []
+    if parent is None:
+        return out
+    for name in _SHARED_NAMES:
+        mlp = parent.get(name) if isinstance(parent, dict) else None
+        if not isinstance(mlp, nn.Module):
+            continue
+        lin = mlp.get("up_proj") or mlp.get("gate_proj") or mlp.get("w1")
+        if lin is None:
+            continue
+        hidden, _, quant, _ = _linear_info(lin)
+        out.append(SharedExpert(f"{parent_path}.{name}".lstrip("."), hidden, quant))
+    return out
+
+
+def _named_modules(model: nn.Module):
+    # mlx returns them leaves-last; keep model order (layer 0 first).
+    mods = model.named_modules()
+    mods.sort(key=lambda kv: (_layer_index(kv[0] + "."), kv[0]))
+    return mods
+
+
+def find_expert_blocks(model: nn.Module, config: Optional[dict] = None) -> List[ExpertBlock]:
+    """Describe every expert module (SwitchGLU, and SwitchMLP as unsupported) in layer order."""
+    config = config or {}
+    mods = dict(model.named_modules())
+    blocks = []
+    for path, m in _named_modules(model):
+        if not isinstance(m, (SwitchGLU, SwitchMLP)):
+            continue
+        parent_path = path.rsplit(".", 1)[0] if "." in path else ""
+        parent = mods.get(parent_path)
+        if isinstance(m, SwitchGLU):
+            first, second = m.gate_proj, m.down_proj
+            act_name = type(m.activation).__name__
+            activation = ACTIVATIONS.get(act_name, act_name)
+        else:
+            first, second = m.fc1, m.fc2
+            activation = type(m.activation).__name__
+        hidden, dims, quant, dtype = _linear_info(first)
+        num_experts = first.weight.shape[0]
+        blk = ExpertBlock(
+            layer=_layer_index(path + "."),
+            path=path,
+            kind=type(m).__name__ if not isinstance(m, OffloadedSwitchGLU) else "SwitchGLU",
+            num_experts=num_experts,
+            top_k=_top_k(parent, config),
+            dims=dims,
+            hidden=hidden,
+            activation=activation,
+            bias="bias" in first,
+            quant=quant,
+            dtype=dtype,
+            shared=_shared(parent, parent_path),
+            module=m,
+        )
+        if isinstance(m, SwitchMLP):
+            blk.supported, blk.reason = False, "SwitchMLP experts (no gated FFN)"
+        elif activation not in ACTIVATIONS.values():
+            blk.supported, blk.reason = False, f"unknown activation {act_name}"
+        elif quant is not None and quant["mode"] != "affine":
+            blk.supported, blk.reason = False, f"{quant['mode']} quantization"
+        elif not isinstance(second, (SwitchLinear, QuantizedSwitchLinear)):
+            blk.supported, blk.reason = False, f"{type(second).__name__} projections"
+        blocks.append(blk)
+    return blocks
+
+
+class OffloadedSwitchGLU(SwitchGLU):
+    """A SwitchGLU whose expert FFNs run through ``self.executor``.
+
+    Installed by swapping the class of an existing instance: children, parameters
+    and keys stay exactly those of the stock module.
+    """
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        return self.executor(self, x, indices)
+
+
+def stock_experts(experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
+    """The stock mlx_lm computation, for executors that decide to stay on MLX."""
+    return SwitchGLU.__call__(experts, x, inds)
+
+
+def install(
+    model: nn.Module,
+    executor_for: Callable[[ExpertBlock], Optional[Executor]],
+    config: Optional[dict] = None,
+    quiet: bool = False,
+) -> List[ExpertBlock]:
+    """Route every supported expert block through ``executor_for(block)``.
+
+    Unsupported blocks (and blocks for which ``executor_for`` returns None) stay
+    on stock MLX; each unsupported one gets a one-line notice on stderr.
+    Returns the blocks that were installed.
+    """
+    installed = []
+    for blk in find_expert_blocks(model, config):
+        if not blk.supported:
+            if not quiet:
+                print(
+                    f"[npumoe] layer {blk.layer} ({blk.path}): {blk.reason}; stays on stock MLX",
+                    file=sys.stderr,
+                )
+            continue
+        executor = executor_for(blk)
+        if executor is None:
+            continue
+        m = blk.module
+        m.__class__ = OffloadedSwitchGLU
+        # A plain attribute, never a parameter: parameters() and keys are unchanged.
+        object.__setattr__(m, "executor", executor)
+        installed.append(blk)
+    return installed
+
+
+def remove(model: nn.Module) -> int:
+    """Put every offloaded block back on stock MLX. Returns how many were removed."""
+    n = 0
+    for _, m in model.named_modules():
+        if isinstance(m, OffloadedSwitchGLU):
+            object.__delattr__(m, "executor")
+            m.__class__ = SwitchGLU
+            n += 1
+    return n
+
+
+def installed_blocks(model: nn.Module) -> List[OffloadedSwitchGLU]:
+    return [m for _, m in _named_modules(model) if isinstance(m, OffloadedSwitchGLU)]

@@ -1,0 +1,75 @@
+"""`npumoe info`: the expert-block seam of a model, as a table or JSON."""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from mlx_lm import utils as mlx_utils
+
+from .experts import find_expert_blocks
+
+
+def _quant_str(q):
+    return "-" if q is None else f"{q['mode']} {q['bits']}b g{q['group_size']}"
+
+
+def format_table(blocks) -> str:
+    head = ("layer", "path", "E", "k", "D", "H", "activation", "bias", "quant", "dtype", "shared", "status")
+    rows = [head]
+    for b in blocks:
+        shared = ",".join(f"{s.path.rsplit('.', 1)[-1]}(H={s.hidden})" for s in b.shared) or "-"
+        rows.append(
+            (
+                str(b.layer), b.path, str(b.num_experts), str(b.top_k), str(b.dims), str(b.hidden),
+                b.activation, "yes" if b.bias else "no", _quant_str(b.quant), b.dtype, shared,
+                "offloadable" if b.supported else f"stock MLX: {b.reason}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to a temp file beside ``path``, then rename: never half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="npumoe info", description="List the MoE expert blocks of a model.")
+    p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
+    p.add_argument("--json", metavar="PATH", help="Also write the description as JSON.")
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    model, _, config = mlx_utils.load(
+        args.model, lazy=True, return_config=True, trust_remote_code=args.trust_remote_code
+    )
+    blocks = find_expert_blocks(model, config)
+    print(f"model: {args.model}  model_type: {config.get('model_type')}  MoE layers: {len(blocks)}")
+    if blocks:
+        print(format_table(blocks))
+    else:
+        print("no MoE expert blocks found: this model runs on stock MLX")
+    if args.json:
+        write_json_atomic(
+            args.json,
+            {"model": args.model, "model_type": config.get("model_type"), "blocks": [b.to_dict() for b in blocks]},
+        )
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
