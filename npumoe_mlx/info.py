@@ -1,13 +1,11 @@
 """`npumoe info`: the expert-block seam of a model, as a table or JSON."""
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 
 from mlx_lm import utils as mlx_utils
 
+from .atomic import write_json
 from .experts import find_expert_blocks
 
 
@@ -33,20 +31,6 @@ def format_table(blocks) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temp file beside ``path``, then rename: never half a file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="npumoe info", description="List the MoE expert blocks of a model.")
     p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
@@ -63,7 +47,7 @@ def main(argv=None) -> int:
     else:
         print("no MoE expert blocks found: this model runs on stock MLX")
     if args.json:
-        write_json_atomic(
+        write_json(
             args.json,
             {"model": args.model, "model_type": config.get("model_type"), "blocks": [b.to_dict() for b in blocks]},
         )

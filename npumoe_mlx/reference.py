@@ -9,7 +9,7 @@ model every backend must reproduce, and the MLX fallback.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -38,9 +38,9 @@ def contiguous_groups(num_experts: int, group_size: int) -> List[Tuple[int, ...]
 class Slots:
     """Where each routed pair sits in the padded program inputs of one call.
 
-    ``calls`` lists (expert_ids, capacity, src_tokens (G*C,)) per program call;
-    ``loc`` maps every pair (in ``inds.reshape(-1)`` order) to its row in the
-    concatenation of all calls' outputs.
+    ``calls`` lists (group_index, expert_ids, capacity, src_tokens (G*C,)) per
+    program call; ``loc`` maps every pair (in ``inds.reshape(-1)`` order) to its
+    row in the concatenation of all calls' outputs, or -1 if no call took it.
     """
 
     calls: list = field(default_factory=list)
@@ -54,23 +54,32 @@ def plan_slots(
     counts: np.ndarray,
     k: int,
     groups: Sequence[Sequence[int]],
-    tiers: Sequence[int],
+    tiers: Sequence,
+    max_rounds: Optional[Sequence[int]] = None,
 ) -> Slots:
     """Vectorised slot assignment from the sorted order and the per-expert counts.
 
     order: (P,) pair indices sorted by expert; counts: (E,) pairs per expert.
+    tiers: one ladder for all groups, or one ladder per group. ``max_rounds[i]``
+    caps how often group i's ladder runs; pairs left over (and pairs of experts
+    in no group) keep ``loc == -1`` for the caller to run elsewhere.
     A Python loop runs over groups and overflow rounds only, never over tokens.
     """
     starts = np.cumsum(counts) - counts  # (E,) first sorted position of each expert
-    out = Slots(loc=np.empty(order.shape[0], dtype=np.int64))
+    out = Slots(loc=np.full(order.shape[0], -1, dtype=np.int64))
     offset = 0
-    for ids in groups:
+    per_group = len(tiers) > 0 and not np.isscalar(tiers[0])
+    for gi, ids in enumerate(groups):
+        ladder = tiers[gi] if per_group else tiers
+        rounds = max_rounds[gi] if max_rounds is not None else None
         ids = np.asarray(ids)
         n = counts[ids]  # (G,)
         done = np.zeros_like(n)
-        while (n - done).max(initial=0) > 0:
+        while (n - done).max(initial=0) > 0 and (rounds is None or rounds > 0):
+            if rounds is not None:
+                rounds -= 1
             left = n - done
-            cap = tier_for(int(left.max()), tiers)
+            cap = tier_for(int(left.max()), ladder)
             col = np.arange(cap)
             take = np.minimum(left, cap)  # (G,)
             valid = col[None, :] < take[:, None]  # (G, C)
@@ -79,7 +88,7 @@ def plan_slots(
             src = np.where(valid, order[pos] // k, 0)  # (G, C) token rows
             slot = offset + np.arange(ids.size * cap).reshape(ids.size, cap)
             out.loc[order[pos[valid]]] = slot[valid]
-            out.calls.append((ids, cap, src.reshape(-1)))
+            out.calls.append((gi, ids, cap, src.reshape(-1)))
             out.padded += int((~valid).sum())
             out.slots += valid.size
             offset += ids.size * cap
@@ -122,7 +131,7 @@ class StaticTierReference:
         groups = contiguous_groups(num_experts, self.group_size)
         s = plan_slots(order, counts, k, groups, self.tiers)
         outs = []
-        for ids, cap, src in s.calls:
+        for _, ids, cap, src in s.calls:
             xg = x_flat[mx.array(src, dtype=mx.int32)].reshape(len(ids), cap, D)
             outs.append(group_ffn(experts, xg, mx.array(ids, dtype=mx.uint32)).reshape(-1, D))
         y = mx.concatenate(outs, axis=0)[mx.array(s.loc, dtype=mx.int32)]  # (P, D) in pair order

@@ -1,0 +1,46 @@
+"""Write files and folders so that nothing is ever half-written: temp path, then rename."""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+
+def write_json(path, obj) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def folder(path):
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` whole.
+
+    An interrupted or failed build leaves ``path`` as it was (old bundle intact)
+    and only a hidden ``.tmp-*`` folder that the next build ignores and removes.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
+        os.rmdir(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

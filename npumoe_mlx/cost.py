@@ -1,0 +1,111 @@
+"""Costs of the two places an expert call can run: the programs, or MLX.
+
+A small linear model, fitted by ``npumoe tune`` on this machine or taken from
+parametric defaults for targets that cannot be measured here (Core ML on a Mac):
+
+    program call (G experts, capacity C):  dispatch_s + G*C*flops_per_row / program_flops
+                                            + G*C*D*bytes / copy_bps   (gather in, scatter out)
+    MLX on n pairs:                         mlx_fixed_s + n*flops_per_row / mlx_flops
+    offloaded layer call:                   sync_s + the program calls (+ MLX spill, overlapped)
+
+``flops_per_row = 6*D*H`` (gate, up and down matmuls of one token through one expert).
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Optional
+
+from .atomic import write_json
+
+
+def flops_per_row(D: int, H: int) -> float:
+    return 6.0 * D * H
+
+
+@dataclass
+class CostModel:
+    backend: str
+    dispatch_s: float  # fixed cost of one program call
+    program_flops: float  # achieved FLOP/s inside a program
+    copy_bps: float  # host bytes/s to gather rows in and scatter them out
+    sync_s: float  # the one host sync of an offloaded layer call
+    mlx_fixed_s: float  # fixed cost of one stock MLX expert call
+    mlx_flops: float  # achieved FLOP/s of the stock MLX expert path
+    source: str = "parametric"  # "parametric" or "measured on <host>"
+
+    def program_s(self, G: int, C: int, D: int, H: int) -> float:
+        rows = G * C
+        return self.dispatch_s + rows * flops_per_row(D, H) / self.program_flops + rows * D * 8 / self.copy_bps
+
+    def mlx_s(self, pairs: int, D: int, H: int) -> float:
+        if pairs <= 0:
+            return 0.0
+        return self.mlx_fixed_s + pairs * flops_per_row(D, H) / self.mlx_flops
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        names = {f.name for f in fields(cls)}
+        missing = names - set(d) - {"source"}
+        if missing:
+            raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
+        return cls(**{k: d[k] for k in names if k in d})
+
+    def save(self, path: str) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str) -> "CostModel":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+# Parametric defaults. coreml: ANE numbers from shared/reference/ane-constraints.md
+# (Core ML predict ~0.2-0.4 ms per call; 2.3 TFLOPS on one 2048ch x 64 conv, so
+# ~2 TFLOPS achieved on small grouped convs) against MLX on an Apple GPU (a few
+# TFLOPS on gather_mm). onnx/mlx: this kind of 2-core x86 machine (measured once
+# with `npumoe tune`; run it on yours).
+DEFAULTS: Dict[str, CostModel] = {
+    "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12),
+    "onnx": CostModel("onnx", 5e-5, 6.0e10, 5e9, 5e-5, 1e-4, 8.0e9),
+    "mlx": CostModel("mlx", 1e-4, 8.0e9, 5e9, 5e-5, 1e-4, 8.0e9),
+}
+
+
+def default_cost(backend: str) -> CostModel:
+    if backend not in DEFAULTS:
+        raise ValueError(f"no cost model for backend {backend!r}")
+    return CostModel.from_dict(DEFAULTS[backend].to_dict())
+
+
+def fit_line(xs, ys) -> tuple:
+    """Least-squares ``y = a + b*x`` with a, b >= 0 (costs are never negative)."""
+    import numpy as np
+
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    A = np.stack([np.ones_like(xs), xs], 1)
+    (a, b), *_ = np.linalg.lstsq(A, ys, rcond=None)
+    if b <= 0:
+        return float(ys.mean()), 1e-30
+    if a < 0:
+        b = float((xs * ys).sum() / (xs * xs).sum())
+        a = 0.0
+    return float(a), float(b)
+
+
+def predicted_offload_s(cost: CostModel, calls, spill_pairs: int, D: int, H: int) -> float:
+    """calls: [(G, C)]; spill runs on MLX concurrently, so the call costs the larger side."""
+    prog = cost.sync_s + sum(cost.program_s(G, C, D, H) for G, C in calls)
+    return max(prog, cost.mlx_s(spill_pairs, D, H))
+
+
+def describe(cost: Optional[CostModel]) -> str:
+    if cost is None:
+        return "none"
+    return (
+        f"{cost.backend} ({cost.source}): dispatch {cost.dispatch_s * 1e3:.3f} ms, "
+        f"programs {cost.program_flops / 1e9:.1f} GFLOP/s, MLX {cost.mlx_flops / 1e9:.1f} GFLOP/s "
+        f"+ {cost.mlx_fixed_s * 1e3:.3f} ms, sync {cost.sync_s * 1e3:.3f} ms"
+    )

@@ -1,0 +1,236 @@
+"""One offloaded MoE layer at run time: count -> tiers -> gather -> programs -> scatter.
+
+Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
+1. calls below the plan's ``min_tokens`` (decode) go straight to stock MLX, no sync;
+2. MLX sorts and counts the pairs; ONE host sync brings order, counts and x over;
+3. the cost model picks programs or MLX for this call, and per group whether
+   overflow past the top tier runs the ladder again or spills to MLX;
+4. cold experts and spill start on MLX (``mx.async_eval``) before the programs run;
+5. rows are gathered into (G, C, D) with numpy fancy indexing (no loop over tokens),
+   each resident group's program runs at its tier, and one gather puts every
+   pair's row back in order: (..., k, D) in x.dtype.
+A program that raises or returns a wrong shape or non-finite values disables the
+layer's offload for the rest of the run (one warning); that call reruns on MLX.
+"""
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cost import CostModel, predicted_offload_s
+from .experts import SwitchGLU, stock_experts
+from .plan import LayerPlan, calls_for
+from .reference import plan_slots
+
+OVERFLOW_MODES = ("auto", "rerun", "spill", "drop")
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    calls: int = 0  # layer calls
+    offloaded: int = 0  # layer calls that ran programs
+    program_calls: int = 0
+    slots: int = 0  # program rows
+    padded: int = 0  # program rows with no pair
+    pairs: int = 0  # routed pairs in offloaded calls
+    spilled: int = 0  # pairs of offloaded calls run on MLX (cold experts + overflow)
+    dropped: int = 0  # pairs dropped (--overflow drop only)
+    program_s: float = 0.0
+    offload_call_s: float = 0.0  # wall time of offloaded calls up to the lazy result
+    fallback: str = ""  # why the layer fell back to MLX for the rest of the run
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ProgramError(RuntimeError):
+    pass
+
+
+def _router_logits(router: Optional[nn.Module], x: mx.array, num_experts: int) -> Optional[mx.array]:
+    if router is None:
+        return None
+    if isinstance(router, (nn.Linear, nn.QuantizedLinear)):
+        return router(x)
+    w = router.get("weight") if isinstance(router, dict) else None
+    if isinstance(w, mx.array) and w.shape == (num_experts, x.shape[-1]):
+        return x @ w.T
+    return None
+
+
+class OffloadExecutor:
+    """Executor for one layer: ``executor(experts, x, inds) -> (..., k, D)``."""
+
+    def __init__(
+        self,
+        plan: LayerPlan,
+        programs: Sequence,  # one per plan.groups entry: .run(x (G,C,D) f32, tier) -> (G,C,D)
+        cost: CostModel,
+        overflow: str = "auto",
+        router: Optional[nn.Module] = None,
+        warn: Callable[[str], None] = lambda m: print(f"[npumoe] {m}", file=sys.stderr),
+    ):
+        if overflow not in OVERFLOW_MODES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+        if len(programs) != len(plan.groups):
+            raise ValueError(f"layer {plan.layer}: {len(programs)} programs for {len(plan.groups)} groups")
+        self.plan, self.programs, self.cost = plan, list(programs), cost
+        self.overflow, self.router, self.warn = overflow, router, warn
+        self.stats = LayerStats(plan.layer)
+        self.disabled = not plan.groups
+        self._groups = [np.asarray(g.experts) for g in plan.groups]
+        self._tiers = [list(g.tiers) for g in plan.groups]
+        self._cold = np.zeros(plan.num_experts, bool)
+        self._cold[plan.cold] = True
+
+    # --- the decision -----------------------------------------------------
+    def _rounds(self, counts: np.ndarray) -> List[int]:
+        """Per group: ladder rounds to run; extra rounds only where they beat MLX."""
+        out = []
+        D, H = self.plan.D, self.plan.H
+        for ids, tiers in zip(self._groups, self._tiers):
+            calls, _ = calls_for([_G(ids, tiers)], counts, [])
+            if len(calls) <= 1 or self.overflow == "rerun":
+                out.append(max(len(calls), 1))
+                continue
+            if self.overflow in ("spill", "drop"):
+                out.append(1)
+                continue
+            extra = sum(self.cost.program_s(G, C, D, H) for G, C in calls[1:])
+            remainder = int(np.maximum(counts[ids] - calls[0][1], 0).sum())
+            out.append(len(calls) if extra < self.cost.mlx_s(remainder, D, H) else 1)
+        return out
+
+    def _worth_it(self, counts: np.ndarray, rounds: List[int]) -> bool:
+        calls, spill = calls_for([_G(i, t) for i, t in zip(self._groups, self._tiers)], counts, self.plan.cold)
+        D, H = self.plan.D, self.plan.H
+        return predicted_offload_s(self.cost, calls, spill, D, H) < self.cost.mlx_s(int(counts.sum()), D, H)
+
+    # --- the call ---------------------------------------------------------
+    def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
+        st = self.stats
+        st.calls += 1
+        D = x.shape[-1]
+        n_tokens = x.size // D
+        if self.disabled or n_tokens < self.plan.min_tokens:
+            return stock_experts(experts, x, inds)
+        t0 = time.perf_counter()
+        k = inds.shape[-1]
+        flat = inds.reshape(-1)  # (P,)
+        drop = self.overflow == "drop"
+        logits = _router_logits(self.router, x.reshape(-1, D), self.plan.num_experts) if drop else None
+        score = None
+        if logits is not None:
+            score = mx.take_along_axis(logits, inds.reshape(-1, k).astype(mx.int32), axis=-1).reshape(-1)
+        order = mx.argsort(flat)
+        counts = mx.zeros((self.plan.num_experts,), mx.int32).at[flat].add(1)
+        x32 = x.reshape(-1, D).astype(mx.float32)
+        mx.eval(order, counts, x32, *([score] if score is not None else []))  # the one host sync
+        order_np, counts_np = np.array(order), np.array(counts)
+        if score is not None:  # paper's drop mode: within an expert, highest router score first
+            order_np = np.lexsort((-np.array(score.astype(mx.float32)), np.array(flat)))
+        if not drop and not self._worth_it(counts_np, []):
+            return stock_experts(experts, x, inds)
+
+        rounds = self._rounds(counts_np)
+        s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, rounds)
+        flat_np = np.array(flat)
+        left = np.nonzero(s.loc < 0)[0]  # pairs no program took: cold experts, overflow
+        if drop:
+            overflow = left[~self._cold[flat_np[left]]]
+            st.dropped += int(overflow.size)
+            left = left[self._cold[flat_np[left]]]
+        # Start MLX on the leftover pairs first, so it runs while the programs do.
+        y_mlx = None
+        if left.size:
+            tok = mx.array(left // k, dtype=mx.int32)
+            e = mx.array(flat_np[left], dtype=mx.uint32)[:, None]
+            y_mlx = stock_experts(experts, x32[tok], e).reshape(-1, D)  # (L, D)
+            mx.async_eval(y_mlx)
+
+        x_np = np.asarray(x32)  # (N, D), no copy
+        outs = np.empty((max(s.slots, 1), D), np.float32)
+        row = 0
+        tp = time.perf_counter()
+        try:
+            for gi, ids, cap, src in s.calls:
+                xg = x_np[src].reshape(len(ids), cap, D)  # (G, C, D)
+                yg = self.programs[gi].run(xg, cap)
+                if getattr(yg, "shape", None) != xg.shape:
+                    raise ProgramError(f"returned shape {getattr(yg, 'shape', None)}, expected {xg.shape}")
+                if not np.isfinite(yg).all():
+                    raise ProgramError("returned NaN or Inf")
+                outs[row : row + yg.shape[0] * cap] = yg.reshape(-1, D)
+                row += yg.shape[0] * cap
+        except Exception as err:  # fault: this layer stays on MLX from now on
+            self.disabled = True
+            st.fallback = f"{type(err).__name__}: {err}"
+            self.warn(f"layer {self.plan.layer}: program failed ({st.fallback}); layer falls back to MLX for the rest of the run")
+            return stock_experts(experts, x, inds)
+        st.program_s += time.perf_counter() - tp
+
+        loc = s.loc.copy()
+        parts = [mx.array(outs[:row])]
+        if y_mlx is not None:
+            loc[left] = row + np.arange(left.size)
+            parts.append(y_mlx)
+        if drop:  # dropped pairs contribute zero
+            loc[loc < 0] = row + left.size
+            parts.append(mx.zeros((1, D), mx.float32))
+        y = mx.concatenate(parts, axis=0)[mx.array(loc, dtype=mx.int32)]
+        st.offloaded += 1
+        st.program_calls += len(s.calls)
+        st.slots += s.slots
+        st.padded += s.padded
+        st.pairs += int(flat_np.size)
+        st.spilled += int(left.size)
+        st.offload_call_s += time.perf_counter() - t0
+        return y.reshape(*inds.shape, D).astype(x.dtype)
+
+
+@dataclass
+class _G:  # the shape calls_for wants: .experts, .tiers
+    experts: np.ndarray
+    tiers: list
+
+
+def summarize(stats: Sequence[LayerStats]) -> dict:
+    tot = LayerStats(-1)
+    for s in stats:
+        for f in ("calls", "offloaded", "program_calls", "slots", "padded", "pairs", "spilled", "dropped"):
+            setattr(tot, f, getattr(tot, f) + getattr(s, f))
+        tot.program_s += s.program_s
+        tot.offload_call_s += s.offload_call_s
+    return {
+        "layers": len(stats),
+        "layer_calls": tot.calls,
+        "offloaded_calls": tot.offloaded,
+        "program_calls": tot.program_calls,
+        "program_calls_per_offloaded_call": tot.program_calls / max(tot.offloaded, 1),
+        "padding_pct": 100.0 * tot.padded / max(tot.slots, 1),
+        "spill_pct": 100.0 * tot.spilled / max(tot.pairs, 1),
+        "drop_pct": 100.0 * tot.dropped / max(tot.pairs, 1),
+        "program_s": tot.program_s,
+        "offload_call_s": tot.offload_call_s,
+        "fallbacks": {s.layer: s.fallback for s in stats if s.fallback},
+    }
+
+
+def format_stats(summary: dict) -> str:
+    s = summary
+    lines = [
+        f"offload: {s['offloaded_calls']}/{s['layer_calls']} MoE layer calls ran programs "
+        f"({s['program_calls']} program calls, {s['program_calls_per_offloaded_call']:.2f} per offloaded call)",
+        f"padding {s['padding_pct']:.1f}% of slots, spill to MLX {s['spill_pct']:.1f}% of pairs"
+        + (f", dropped {s['drop_pct']:.1f}% of pairs" if s["drop_pct"] else ""),
+        f"time: programs {s['program_s']:.3f} s, offloaded calls {s['offload_call_s']:.3f} s",
+    ]
+    for layer, why in s["fallbacks"].items():
+        lines.append(f"layer {layer} fell back to MLX: {why}")
+    return "\n".join(lines)

@@ -1,0 +1,308 @@
+"""Profile + target limits + cost model -> Plan: groups, tier ladders, residency, thresholds.
+
+Per MoE layer:
+- experts are ranked by calibrated popularity and cut into groups of similar load
+  (capacity is set by a group's busiest expert, so similar loads pad little);
+- each group gets a tier ladder chosen by a small dynamic program that minimises
+  the padded slots over the calibrated loads, scaled to the call sizes prefill uses;
+- a group is resident (gets a program) only if the cost model says its calls beat
+  MLX; its experts are "cold" otherwise and run on MLX, as do calls smaller than
+  ``min_tokens`` (decode, typically).
+Deterministic: the same inputs give the same plan.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .atomic import write_json
+from .cost import CostModel, predicted_offload_s
+from .reference import tier_for
+
+PLAN_FORMAT = 1
+CALL_SIZES = (128, 256, 512, 1024, 2048)  # tokens per prefill call the ladders cover
+NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
+
+
+@dataclass
+class PlanLimits:
+    """What the target accepts. Defaults per backend from ane-constraints.md."""
+
+    backend: str
+    capacities: List[int]  # allowed tiers (token capacities), ascending
+    max_tiers: int = 4  # tiers per group (functions of one package)
+    max_group: int = 16  # experts per program
+    max_program_bytes: int = 1 << 30  # baked weights per program
+    max_programs: int = 120  # resident programs per process (all layers)
+
+    @classmethod
+    def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
+        if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows)
+            base = cls("coreml", list(range(32, 4096 + 1, 32)))
+        elif backend in ("onnx", "mlx"):  # no alignment rule; 16 keeps padding low
+            base = cls(backend, list(range(16, 4096 + 1, 16)), max_programs=4096)
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(base, k, v)
+        return base
+
+
+@dataclass
+class GroupPlan:
+    experts: List[int]
+    tiers: List[int]
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    path: str
+    num_experts: int
+    top_k: int
+    D: int
+    H: int
+    groups: List[GroupPlan] = field(default_factory=list)  # resident groups
+    cold: List[int] = field(default_factory=list)  # experts that stay on MLX
+    min_tokens: int = NEVER  # calls with fewer tokens run on MLX
+
+    def predicted(self, cost: CostModel, tokens: int, counts: Optional[np.ndarray] = None) -> dict:
+        """Predicted seconds of one call on the plan's path and on MLX alone."""
+        pairs = tokens * self.top_k
+        if counts is None:
+            counts = np.full(self.num_experts, pairs / self.num_experts)
+        calls, spill = calls_for(self.groups, counts, self.cold)
+        return {
+            "offload_s": predicted_offload_s(cost, calls, spill, self.D, self.H),
+            "mlx_s": cost.mlx_s(pairs, self.D, self.H),
+        }
+
+
+@dataclass
+class Plan:
+    backend: str
+    limits: PlanLimits
+    layers: List[LayerPlan]
+    format: int = PLAN_FORMAT
+
+    def layer(self, index: int) -> Optional[LayerPlan]:
+        for lp in self.layers:
+            if lp.layer == index:
+                return lp
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if d.get("format") != PLAN_FORMAT:
+            raise ValueError(f"plan format {d.get('format')} is not {PLAN_FORMAT}")
+        layers = [
+            LayerPlan(**{**lp, "groups": [GroupPlan(**g) for g in lp["groups"]]}) for lp in d["layers"]
+        ]
+        return cls(d["backend"], PlanLimits(**d["limits"]), layers, d["format"])
+
+    def save(self, path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @property
+    def num_programs(self) -> int:
+        return sum(len(lp.groups) for lp in self.layers)
+
+
+def calls_for(groups: Sequence[GroupPlan], counts: np.ndarray, cold: Sequence[int]):
+    """[(G, C)] program calls for ``counts`` (E,), and the pairs left to MLX.
+
+    Overflow past a group's top tier runs the ladder again (counted as calls).
+    """
+    calls = []
+    for g in groups:
+        calls += [(len(g.experts), c) for c in _round_caps(np.asarray(counts, float)[g.experts], g.tiers)]
+    spill = int(np.ceil(np.asarray(counts, float)[list(cold)].sum())) if len(cold) else 0
+    return calls, spill
+
+
+def choose_ladder(samples: np.ndarray, capacities: Sequence[int], max_tiers: int) -> List[int]:
+    """Up to ``max_tiers`` capacities minimising sum over samples of (chosen tier - sample).
+
+    samples: group max-loads (one per calibrated call); the top tier covers the
+    largest sample (or is the largest allowed capacity). 1-D DP over candidates.
+    """
+    samples = np.sort(np.asarray(samples, float)[np.asarray(samples) > 0])
+    caps = np.asarray(capacities)
+    if samples.size == 0:
+        return [int(caps[0])]
+    top = int(caps[min(np.searchsorted(caps, samples[-1]), caps.size - 1)])
+    # Candidate tiers: the smallest capacity >= each sample (others never help).
+    cand = np.unique(caps[np.minimum(np.searchsorted(caps, samples), caps.size - 1)])
+    cand = cand[cand <= top]
+    m = cand.size
+    # cost(i, j): samples in (cand[i-1], cand[j]] all served by cand[j]
+    lo = np.searchsorted(samples, np.concatenate([[-np.inf], cand]), side="right")
+    prefix = np.concatenate([[0.0], np.cumsum(samples)])
+
+    def seg(i, j):  # samples with cand[i-1] < s <= cand[j], served at cand[j]
+        a, b = lo[i], lo[j + 1]
+        return cand[j] * (b - a) - (prefix[b] - prefix[a])
+
+    T = min(max_tiers, m)
+    INF = float("inf")
+    best = np.full((T + 1, m), INF)
+    back = np.zeros((T + 1, m), dtype=int)
+    for j in range(m):
+        best[1, j] = seg(0, j)
+    for t in range(2, T + 1):
+        for j in range(1, m):
+            i = np.arange(j)
+            a, b = lo[i + 1], lo[j + 1]
+            c = best[t - 1, :j] + cand[j] * (b - a) - (prefix[b] - prefix[a])
+            i_best = int(np.argmin(c))
+            if c[i_best] < best[t, j] - 1e-9:
+                best[t, j], back[t, j] = c[i_best], i_best
+    t = int(np.argmin(best[1:, m - 1])) + 1  # fewest tiers on ties
+    tiers, j = [], m - 1
+    while t >= 1:
+        tiers.append(int(cand[j]))
+        j = back[t, j]
+        t -= 1
+    return sorted(set(tiers))
+
+
+def _samples(layer_profile: dict, sizes: Sequence[int]) -> np.ndarray:
+    """(S, E) per-expert loads of calibrated calls, rescaled to each call size."""
+    rows = []
+    for ch in layer_profile["chunks"]:
+        c = np.asarray(ch["counts"], float)
+        if ch["tokens"] <= 0 or c.sum() == 0:
+            continue
+        for s in sizes:
+            rows.append(np.ceil(c * s / ch["tokens"]))
+    if not rows:
+        c = np.asarray(layer_profile["counts"], float)
+        tokens = c.sum() / max(layer_profile.get("top_k") or 1, 1)
+        rows = [np.ceil(c * s / max(tokens, 1)) for s in sizes]
+    return np.stack(rows)
+
+
+def _expert_bytes(D: int, H: int, quant: Optional[dict]) -> int:
+    bits = quant["bits"] if quant else 32
+    return 3 * D * H * bits // 8
+
+
+def plan_layer(
+    lp_profile: dict,
+    D: int,
+    H: int,
+    cost: CostModel,
+    limits: PlanLimits,
+    quant: Optional[dict] = None,
+    path: str = "",
+    call_sizes: Sequence[int] = CALL_SIZES,
+) -> LayerPlan:
+    E = lp_profile["num_experts"]
+    k = lp_profile.get("top_k") or 1
+    counts = np.asarray(lp_profile["counts"], float)
+    rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
+    samples = _samples(lp_profile, call_sizes)  # (S, E)
+    max_g = max(1, min(limits.max_group, E, limits.max_program_bytes // max(_expert_bytes(D, H, quant), 1)))
+
+    best = None
+    for G in sorted({g for g in (1, 2, 4, 8, 16, 32, 64, max_g) if g <= max_g}):
+        groups, cold, t_total = [], [], 0.0
+        for s in range(0, E, G):
+            ids = rank[s : s + G]
+            loads = samples[:, ids]  # (S, G)
+            tiers = choose_ladder(loads.max(1), limits.capacities, limits.max_tiers)
+            g = GroupPlan(sorted(ids), tiers)
+            t_prog = sum(
+                sum(cost.program_s(len(ids), c, D, H) for c in _round_caps(row, tiers)) for row in loads
+            )
+            t_mlx = sum(cost.mlx_s(int(row.sum()), D, H) for row in loads)
+            if loads.max() == 0 or t_prog >= t_mlx:
+                cold.extend(ids)
+                t_total += t_mlx
+            else:
+                groups.append(g)
+                t_total += t_prog
+        if best is None or t_total < best[0] - 1e-12:
+            best = (t_total, groups, cold)
+    _, groups, cold = best
+    lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold))
+    lp.min_tokens = _min_tokens(lp, cost, counts)
+    if lp.min_tokens == NEVER:
+        lp.groups, lp.cold = [], list(range(E))
+    return lp
+
+
+def _round_caps(row: np.ndarray, tiers: Sequence[int]) -> List[int]:
+    """Capacities of the ladder rounds that serve per-expert loads ``row`` (G,)."""
+    caps, left = [], np.ceil(row.astype(float))
+    while left.max(initial=0) > 0:
+        c = tier_for(left.max(), tiers)
+        caps.append(c)
+        left = np.maximum(left - c, 0)
+    return caps
+
+
+def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:
+    """Smallest power-of-two call size where the plan beats MLX on calibrated shares."""
+    if not lp.groups:
+        return NEVER
+    share = counts / max(counts.sum(), 1)
+    n = 1
+    while n <= 1 << 16:
+        p = lp.predicted(cost, n, np.ceil(share * n * lp.top_k))
+        if p["offload_s"] < p["mlx_s"]:
+            return n
+        n *= 2
+    return NEVER
+
+
+def make_plan(profile: dict, blocks: Dict[int, dict], cost: CostModel, limits: PlanLimits) -> Plan:
+    """profile: calibration profile dict; blocks: layer -> {"D", "H", "path", "quant"}."""
+    layers = []
+    for lp in sorted(profile["layers"], key=lambda x: x["layer"]):
+        b = blocks.get(lp["layer"])
+        if b is None:
+            raise ValueError(f"profile names layer {lp['layer']} that the model has no expert block for")
+        layers.append(plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", "")))
+    _apply_budget(layers, limits.max_programs, cost)
+    return Plan(limits.backend, limits, layers)
+
+
+def _apply_budget(layers: List[LayerPlan], max_programs: int, cost: CostModel) -> None:
+    """Keep at most ``max_programs`` resident groups: the hottest (first) groups of each layer win."""
+    order = []  # (rank within layer, layer index, group)
+    for li, lp in enumerate(layers):
+        for gi, g in enumerate(lp.groups):
+            order.append((gi, lp.layer, li, g))
+    order.sort(key=lambda t: (t[0], t[1]))
+    keep = {id(t[3]) for t in order[:max_programs]}
+    for lp in layers:
+        dropped = [g for g in lp.groups if id(g) not in keep]
+        if dropped:
+            lp.groups = [g for g in lp.groups if id(g) in keep]
+            lp.cold = sorted(lp.cold + [e for g in dropped for e in g.experts])
+            if not lp.groups:
+                lp.min_tokens = NEVER
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"plan for backend {plan.backend}: {len(plan.layers)} MoE layers, {plan.num_programs} programs"]
+    for lp in plan.layers:
+        if not lp.groups:
+            lines.append(f"  layer {lp.layer}: stays on MLX")
+            continue
+        groups = "; ".join(f"{g.experts} tiers {g.tiers}" for g in lp.groups)
+        cold = f", cold {lp.cold}" if lp.cold else ""
+        lines.append(f"  layer {lp.layer}: offload from {lp.min_tokens} tokens; groups {groups}{cold}")
+    return "\n".join(lines)
