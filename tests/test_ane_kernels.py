@@ -1,0 +1,201 @@
+"""ane_kernels: spec/reference, Core ML builder x ANE checks x numpy verifier, ONNX graphs."""
+
+import numpy as np
+import pytest
+
+from ane_kernels.coreml import build_package, build_program, read_metadata
+from ane_kernels.limits import LimitError, Limits, check_program, check_spec
+from ane_kernels.milrun import UnsupportedOp, rel_err, run_function, verify_package
+from ane_kernels.onnx import build_onnx, save_onnx
+from ane_kernels.spec import (
+    AffineWeight,
+    ProgramSpec,
+    pack_bits,
+    quantize_affine,
+    random_spec,
+    reference_ffn,
+    unpack_bits,
+)
+
+ACTS = ("swiglu", "swiglu_oai", "geglu")
+FORMATS = (None, 4, 8)
+
+
+def _spec(act, bits, **kw):
+    kw = {"G": 3, "D": 64, "H": 32, "tiers": (32, 64), **kw}
+    return random_spec(activation=act, bits=bits, bias=(act == "swiglu_oai"), seed=7, **kw)
+
+
+# ---- spec ----
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_unpack_matches_mlx_dequantize(bits):
+    mx = pytest.importorskip("mlx.core")
+    w = mx.random.normal((16, 128), key=mx.random.key(bits))
+    q, s, b = mx.quantize(w, 64, bits)
+    aw = AffineWeight(np.array(q)[None], np.array(s)[None], np.array(b)[None], bits, 64)
+    ref = np.array(mx.dequantize(q, s, b, 64, bits))
+    np.testing.assert_allclose(aw.dequantize()[0], ref, rtol=0, atol=1e-6)
+    codes = aw.unpack()
+    assert codes.max() < 2**bits
+    np.testing.assert_array_equal(pack_bits(codes, bits), aw.packed)
+
+
+def test_spec_validates_shapes_and_activation():
+    s = random_spec()
+    with pytest.raises(ValueError, match="up weight"):
+        ProgramSpec(0, (0, 1), (32,), 64, 32, "swiglu", s.gate, s.gate[:, :16], s.down)
+    with pytest.raises(ValueError, match="unknown activation 'relu2'"):
+        ProgramSpec(0, (0, 1), (32,), 64, 32, "relu2", s.gate, s.up, s.down)
+
+
+# ---- Core ML: build, check, save, load back, execute with numpy ----
+
+
+def _weight_bin(pkg):
+    return pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+
+
+@pytest.mark.parametrize("bits", FORMATS, ids=("float", "q4", "q8"))
+@pytest.mark.parametrize("act", ACTS)
+def test_coreml_build_verify(tmp_path, act, bits):
+    spec = _spec(act, bits, tiers=(32, 64, 128) if bits == 4 else (32, 64))
+    b = build_package(spec, tmp_path / "p.mlpackage")
+    assert b.problems == []
+    assert set(b.functions) == {f"c{t}" for t in spec.tiers}
+    # one copy of the weights for all tier functions (Core ML const dedup)
+    wbin = _weight_bin(b.path).stat().st_size
+    assert b.weight_bytes <= wbin < 1.15 * b.weight_bytes + 4096, (wbin, b.weight_bytes)
+    if bits:  # stays compressed: codes take bits/16 of the fp16 size
+        fp16 = 2 * spec.G * 3 * spec.D * spec.H
+        assert wbin < fp16 * (bits / 16 + 0.15)
+    r = verify_package(b.path, spec, x_scale=3.0)
+    assert r["ok"], r
+    assert set(r["functions"]) == set(b.functions)
+    assert r["max_rel_err"] < 1e-2
+    assert read_metadata(b.path)["expert_ids"] == list(spec.expert_ids)
+
+
+@pytest.mark.parametrize("act", ("swiglu_oai", "geglu_exact"))
+def test_coreml_matmul_layout(tmp_path, act):
+    spec = _spec(act, 4, tiers=(32,))
+    b = build_package(spec, tmp_path / "m.mlpackage", layout="matmul")
+    assert verify_package(b.path, spec, x_scale=3.0)["max_rel_err"] < 1e-2
+
+
+def test_coreml_rebuild_replaces_atomically(tmp_path):
+    out = tmp_path / "p.mlpackage"
+    build_package(_spec("swiglu", None, tiers=(32,)), out)
+    spec2 = _spec("swiglu", 4, tiers=(32, 64))
+    build_package(spec2, out)
+    assert read_metadata(out)["weight_format"] == "q4g32"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.mlpackage"]  # no temp leftovers
+    assert verify_package(out, spec2)["ok"]
+
+
+def test_degenerate_quant_groups(tmp_path):
+    """Constant groups (scale ~ 0, offset -bias/scale not finite in fp16) still build exactly."""
+    spec = _spec("swiglu", None, tiers=(32,))
+    gate = spec.gate.copy()
+    gate[0, :4, :32] = 0.25  # whole groups constant
+    q = lambda w: quantize_affine(w, 4, 32)
+    spec = ProgramSpec(0, (0, 1, 2), (32,), 64, 32, "swiglu", q(gate), q(spec.up), q(spec.down))
+    b = build_package(spec, tmp_path / "d.mlpackage")
+    assert verify_package(b.path, spec)["max_rel_err"] < 1e-2
+
+
+# ---- ANE limits ----
+
+
+def test_limit_axis_names_op_and_axis(tmp_path):
+    spec = random_spec(G=1, D=20000, H=32, tiers=(32,))
+    with pytest.raises(LimitError) as e:
+        build_package(spec, tmp_path / "big.mlpackage")
+    msg = str(e.value)
+    assert "size 20000 > 16384" in msg and "axis" in msg and "op '" in msg
+    assert not (tmp_path / "big.mlpackage").exists()
+    # the same program passes on a chip with 65536-wide axes
+    assert check_program(build_program(spec, 32), Limits(max_axis=65536)) == []
+
+
+def test_limit_tier_multiple(tmp_path):
+    spec = random_spec(tiers=(32, 48))
+    with pytest.raises(LimitError, match="tier capacity 48 is not a multiple of 32"):
+        build_package(spec, tmp_path / "t.mlpackage")
+    assert check_spec(spec, Limits(tier_multiple=16)) == []
+
+
+def test_limit_fp32_ops_and_weight_bytes():
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    @mb.program(input_specs=[mb.TensorSpec((4, 32), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def prog(x):
+        y = mb.cast(x=x, dtype="fp32", name="to32")
+        y = mb.softplus(x=y, name="sp")
+        return mb.mul(x=y, y=np.ones((4, 32), np.float32), name="m")
+
+    problems = "\n".join(check_program(prog))
+    assert "cast op 'to32' to fp32" in problems
+    assert "op 'sp' of type 'softplus' is not on the ANE op list" in problems
+    assert "'to32' is fp32" in problems
+    spec = random_spec(tiers=(32,))
+    tight = Limits(max_weight_bytes=1000, max_ops=3)
+    problems = "\n".join(check_program(build_program(spec, 32), tight))
+    assert "bytes of constants > max 1000" in problems and "ops > max 3" in problems
+
+
+# ---- milrun ----
+
+
+def test_milrun_refuses_unknown_op():
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    @mb.program(input_specs=[mb.TensorSpec((2, 32), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.softplus(x=mb.silu(x=x), name="sp")
+
+    with pytest.raises(UnsupportedOp, match="'softplus'"):
+        run_function(prog, "main", {"x": np.ones((2, 32), np.float16)})
+
+
+def test_milrun_program_in_memory_matches_reference():
+    spec = _spec("swiglu", 8, tiers=(32,))
+    x = np.random.default_rng(1).standard_normal((3, 32, 64)).astype(np.float16)
+    (y,) = run_function(build_program(spec, 32), "main", {"x": x}).values()
+    assert y.dtype == np.float16
+    assert rel_err(y, reference_ffn(spec, x)) < 1e-2
+
+
+# ---- ONNX ----
+
+
+@pytest.mark.parametrize("bits", (None, 4, 8), ids=("float", "q4", "q8"))
+@pytest.mark.parametrize("act", ACTS + ("geglu_exact",))
+def test_onnx_matches_reference(act, bits):
+    import onnxruntime as ort
+
+    spec = _spec(act, bits, tiers=(32, 64))
+    rng = np.random.default_rng(3)
+    for tier in spec.tiers:
+        model = build_onnx(spec, tier)
+        if bits == 4:
+            assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * spec.G
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = (rng.standard_normal((spec.G, tier, spec.D)) * 3).astype(np.float32)
+        (y,) = sess.run(None, {"x": x})
+        assert y.shape == x.shape
+        assert rel_err(y, reference_ffn(spec, x)) < 1e-5
+
+
+def test_onnx_save_one_file_per_tier(tmp_path):
+    spec = _spec("swiglu", 4, tiers=(32, 64))
+    paths = save_onnx(spec, tmp_path)
+    assert sorted(paths) == [32, 64]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+    # 4-bit stays packed: far smaller than float32 weights
+    assert paths[32].stat().st_size < 0.4 * 4 * 3 * spec.G * spec.D * spec.H
