@@ -1,0 +1,409 @@
+"""Count how many tokens each expert of each MoE layer gets on a corpus -> Profile.
+
+The planner needs to know which experts are hot and how large a call's per-expert
+load gets, so calibration records, per MoE layer, the routed (token, expert) pair
+counts over the whole corpus and per call ("chunk"). The recording sits on the
+expert seam (``experts.install``) and computes the stock output, so the model
+behaves exactly like mlx_lm while it is being watched. Documents are prefilled in
+chunks like ``mlx_lm.generate`` does, so chunk loads match what the executor sees.
+"""
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from . import experts
+from .workloads import corpus_documents
+
+FORMAT = 1
+KIND = "npumoe-profile"
+
+
+@dataclass
+class LayerCounts:
+    """Routed pair counts of one MoE layer: over the corpus and per call."""
+
+    layer: int
+    path: str
+    num_experts: int
+    top_k: int
+    counts: List[int]  # [E] pairs per expert over the whole corpus
+    chunks: List[dict] = field(default_factory=list)  # [{"tokens": int, "counts": [E]}]
+
+
+@dataclass
+class Profile:
+    model_fingerprint: Optional[str]
+    model_type: str
+    corpus: str
+    tokens: int
+    chunk_size: int
+    layers: List[LayerCounts]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "kind": KIND,
+            "model_fingerprint": self.model_fingerprint,
+            "model_type": self.model_type,
+            "corpus": self.corpus,
+            "tokens": self.tokens,
+            "chunk_size": self.chunk_size,
+            "layers": [asdict(l) for l in self.layers],
+        }
+
+    def save(self, path) -> None:
+        """Write atomically: a temp file beside ``path``, then rename."""
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_json(cls, obj, where: str = "profile") -> "Profile":
+        def bad(msg):
+            return ValueError(f"{where}: not a valid npumoe profile: {msg}")
+
+        if not isinstance(obj, dict) or obj.get("kind") != KIND:
+            raise bad(f"'kind' is not {KIND!r}")
+        if obj.get("format") != FORMAT:
+            raise bad(f"unsupported format {obj.get('format')!r} (expected {FORMAT})")
+        for key, types in (
+            ("model_type", str), ("corpus", str), ("tokens", int), ("chunk_size", int), ("layers", list),
+        ):
+            if not isinstance(obj.get(key), types):
+                raise bad(f"missing or wrong type for {key!r}")
+        fp = obj.get("model_fingerprint")
+        if fp is not None and not isinstance(fp, str):
+            raise bad("'model_fingerprint' must be a string or null")
+        layers = []
+        for i, l in enumerate(obj["layers"]):
+            if not isinstance(l, dict):
+                raise bad(f"layers[{i}] is not an object")
+            for key, types in (("layer", int), ("path", str), ("num_experts", int), ("top_k", int)):
+                if not isinstance(l.get(key), types):
+                    raise bad(f"layers[{i}]: missing or wrong type for {key!r}")
+            E = l["num_experts"]
+            if not _is_counts(l.get("counts"), E):
+                raise bad(f"layers[{i}]: 'counts' must be {E} non-negative integers")
+            chunks = l.get("chunks", [])
+            if not isinstance(chunks, list):
+                raise bad(f"layers[{i}]: 'chunks' must be a list")
+            total = np.zeros(E, dtype=np.int64)
+            for j, c in enumerate(chunks):
+                if not (isinstance(c, dict) and isinstance(c.get("tokens"), int) and _is_counts(c.get("counts"), E)):
+                    raise bad(f"layers[{i}].chunks[{j}]: needs 'tokens' and {E} 'counts'")
+                total += c["counts"]
+            if chunks and total.tolist() != l["counts"]:
+                raise bad(f"layers[{i}]: chunk counts do not add up to the layer counts")
+            layers.append(LayerCounts(l["layer"], l["path"], E, l["top_k"], list(l["counts"]), list(chunks)))
+        return cls(fp, obj["model_type"], obj["corpus"], obj["tokens"], obj["chunk_size"], layers)
+
+    @classmethod
+    def load(cls, path) -> "Profile":
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read profile {path}: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid npumoe profile: bad JSON ({e})") from None
+        return cls.from_json(obj, str(path))
+
+    def layer(self, index: int) -> LayerCounts:
+        for l in self.layers:
+            if l.layer == index:
+                return l
+        raise KeyError(index)
+
+
+def _is_counts(v, n: int) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) == n
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+
+
+def skew(layer) -> dict:
+    """How concentrated one layer's routing is.
+
+    top10_share: share of pairs on the top 10% experts (at least one expert);
+    top1_share: share on the single hottest expert; gini over experts (0 uniform);
+    max_over_mean: hottest expert's load over the mean load.
+    """
+    counts = layer["counts"] if isinstance(layer, dict) else layer.counts
+    c = np.sort(np.asarray(counts, dtype=np.float64))[::-1]  # [E] descending
+    total = float(c.sum())
+    if total == 0:
+        return {"pairs": 0, "top10_share": 0.0, "top1_share": 0.0, "gini": 0.0, "max_over_mean": 0.0}
+    n_top = max(1, int(math.ceil(0.1 * len(c))))
+    asc = c[::-1]
+    n = len(c)
+    gini = float((2 * np.arange(1, n + 1) - n - 1) @ asc / (n * total))
+    return {
+        "pairs": int(total),
+        "top10_share": float(c[:n_top].sum() / total),
+        "top1_share": float(c[0] / total),
+        "gini": gini,
+        "max_over_mean": float(c[0] / (total / n)),
+    }
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties get their average rank."""
+    order = np.argsort(v, kind="stable")
+    sorted_v = v[order]
+    ranks = np.empty(len(v), dtype=np.float64)
+    i = 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation; nan when either side is constant."""
+    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb / denom) if denom > 0 else float("nan")
+
+
+def rank_correlation(profile_a: Profile, profile_b: Profile) -> Dict[int, float]:
+    """Per layer present in both profiles: Spearman rho of the expert counts."""
+    b_layers = {l.layer: l for l in profile_b.layers}
+    out = {}
+    for la in profile_a.layers:
+        lb = b_layers.get(la.layer)
+        if lb is None:
+            continue
+        if lb.num_experts != la.num_experts:
+            raise ValueError(f"layer {la.layer}: {la.num_experts} vs {lb.num_experts} experts")
+        out[la.layer] = spearman(la.counts, lb.counts)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Recording
+
+
+class Recorder:
+    """Executor that counts routed pairs per expert and computes the stock output."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.top_k = None
+        self.pending: List[tuple] = []  # (tokens, counts mx [E]) not yet evaluated
+        self.chunks: List[dict] = []
+
+    def __call__(self, module, x: mx.array, inds: mx.array) -> mx.array:
+        self.top_k = inds.shape[-1]
+        flat = inds.reshape(-1)  # [N * k]
+        counts = mx.zeros((self.num_experts,), dtype=mx.int32).at[flat].add(1)  # bincount, [E]
+        self.pending.append((flat.size // max(1, self.top_k), counts))
+        return experts.stock_experts(module, x, inds)
+
+    def flush(self) -> None:
+        """Move evaluated counts to the host (call after mx.eval of the chunk)."""
+        for tokens, counts in self.pending:
+            self.chunks.append({"tokens": int(tokens), "counts": np.array(counts).astype(int).tolist()})
+        self.pending = []
+
+
+def _cap(lengths: List[int], max_tokens: Optional[int]) -> List[int]:
+    """Shrink document lengths proportionally so they sum to at most ``max_tokens``."""
+    total = sum(lengths)
+    if max_tokens is None or total <= max_tokens:
+        return list(lengths)
+    out = [n * max_tokens // total for n in lengths]
+    short = max_tokens - sum(out)
+    for i in range(len(out)):  # hand the rounding remainder to the first documents
+        if short == 0:
+            break
+        if out[i] < lengths[i]:
+            out[i] += 1
+            short -= 1
+    return out
+
+
+def calibrate(
+    model,
+    tokenizer,
+    config: dict,
+    docs: List[str],
+    *,
+    chunk_size: int = 512,
+    max_tokens: Optional[int] = None,
+    model_path=None,
+    description: str = "",
+) -> Profile:
+    """Prefill ``docs`` through ``model`` in chunks and count routed pairs per layer x expert.
+
+    With ``max_tokens`` every document is cut proportionally so the total fits.
+    ``model_path`` (a local folder) adds the weights' fingerprint to the profile.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+    if experts.installed_blocks(model):
+        raise ValueError("calibrate needs a stock model: load it without offload (offload='off')")
+    blocks = experts.find_expert_blocks(model, config)
+    if not blocks:
+        raise ValueError(f"no MoE expert blocks in model (model_type {config.get('model_type')})")
+    if not any(b.supported for b in blocks):
+        raise ValueError(f"no MoE expert blocks that can be recorded: {blocks[0].reason}")
+    docs_ids = [list(tokenizer.encode(d)) for d in docs]
+    lengths = _cap([len(ids) for ids in docs_ids], max_tokens)
+    if sum(lengths) == 0:
+        raise ValueError("the corpus has no tokens")
+
+    recorders: Dict[str, Recorder] = {}
+
+    def executor_for(blk):
+        recorders[blk.path] = Recorder(blk.num_experts)
+        return recorders[blk.path]
+
+    installed = experts.install(model, executor_for, config, quiet=True)
+    try:
+        for ids, n in zip(docs_ids, lengths):
+            if n == 0:
+                continue
+            tokens = mx.array(ids[:n])
+            cache = make_prompt_cache(model)
+            for start in range(0, n, chunk_size):
+                model(tokens[start : start + chunk_size][None], cache=cache)  # [1, L] -> logits
+                mx.eval([c.state for c in cache] + [c for r in recorders.values() for _, c in r.pending])
+                for r in recorders.values():
+                    r.flush()
+            mx.clear_cache()
+    finally:
+        experts.remove(model)
+
+    layers = []
+    for blk in installed:
+        r = recorders[blk.path]
+        total = np.zeros(blk.num_experts, dtype=np.int64)
+        for c in r.chunks:
+            total += c["counts"]
+        top_k = r.top_k or blk.top_k or 0
+        layers.append(LayerCounts(blk.layer, blk.path, blk.num_experts, int(top_k), total.tolist(), r.chunks))
+    fingerprint = None
+    if model_path is not None and Path(model_path).is_dir():
+        from .fingerprint import model_fingerprint
+
+        fingerprint = model_fingerprint(model_path)
+    return Profile(
+        model_fingerprint=fingerprint,
+        model_type=str(config.get("model_type", "")),
+        corpus=description,
+        tokens=sum(lengths),
+        chunk_size=chunk_size,
+        layers=layers,
+    )
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def format_table(profile: Profile) -> str:
+    rows = [("layer", "experts", "pairs", "top-10% share", "top-1 share")]
+    for l in profile.layers:
+        s = skew(l)
+        rows.append(
+            (str(l.layer), str(l.num_experts), str(s["pairs"]), f"{s['top10_share']:.3f}", f"{s['top1_share']:.3f}")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _resolve_model_path(model: str) -> Path:
+    if os.path.isdir(model):
+        return Path(model)
+    from mlx_lm.utils import _download
+
+    return Path(_download(model))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="npumoe calibrate",
+        description="Count tokens per MoE layer x expert on a corpus and write a profile.",
+    )
+    p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
+    p.add_argument(
+        "--corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",
+        help="Built-in corpus (long-context, qa, code) or a .txt/.jsonl file. Default: long-context.",
+    )
+    p.add_argument("--tokens", type=int, default=2048, help="Token budget over the corpus (default 2048).")
+    p.add_argument("--chunk-size", type=int, default=512, help="Prefill chunk size (default 512).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the built-in corpora.")
+    p.add_argument("--out", help="Profile path (default <model>/npumoe-profile.json for a local model).")
+    p.add_argument(
+        "--compare-corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",
+        help="Also calibrate on this corpus and print the per-layer rank correlation.",
+    )
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+
+    # Check the corpora before the (slow) model load.
+    docs, desc = corpus_documents(args.corpus or [], args.tokens, args.seed)
+    compare = corpus_documents(args.compare_corpus, args.tokens, args.seed) if args.compare_corpus else None
+    out = args.out or (
+        os.path.join(args.model, "npumoe-profile.json") if os.path.isdir(args.model) else "npumoe-profile.json"
+    )
+
+    from mlx_lm import utils as mlx_utils
+
+    model_path = _resolve_model_path(args.model)
+    model, tokenizer, config = mlx_utils.load(
+        str(model_path), return_config=True, trust_remote_code=args.trust_remote_code
+    )
+    kw = dict(chunk_size=args.chunk_size, max_tokens=args.tokens, model_path=model_path)
+    profile = calibrate(model, tokenizer, config, docs, description=desc, **kw)
+    profile.save(out)
+    print(f"model: {args.model}  model_type: {profile.model_type}  MoE layers: {len(profile.layers)}")
+    print(f"corpus: {desc}  tokens: {profile.tokens}  chunk size: {profile.chunk_size}")
+    print(format_table(profile))
+    print(f"profile written to {out}")
+
+    if compare is not None:
+        other = calibrate(model, tokenizer, config, compare[0], description=compare[1], **kw)
+        rho = rank_correlation(profile, other)
+        print(f"\nrank correlation (Spearman) of expert counts vs {compare[1]} ({other.tokens} tokens):")
+        print("layer  rho")
+        for layer, r in rho.items():
+            print(f"{layer:>5}  {'n/a' if math.isnan(r) else f'{r:+.3f}'}")
+        finite = [r for r in rho.values() if not math.isnan(r)]
+        if finite:
+            print(f"mean   {sum(finite) / len(finite):+.3f}")
+    return 0
