@@ -1,0 +1,159 @@
+"""The coreml backend: multifunction .mlpackage programs on the Apple Neural Engine.
+
+macOS only (coremltools builds and saves programs anywhere, but Core ML itself runs
+only on macOS). Each package is compiled once to .mlmodelc in a stable cache folder
+(`$NPUMOE_CACHE`, else ~/Library/Caches/npumoe): compiling takes seconds to minutes
+for large programs and Core ML caches the ANE compilation per compiled-model path.
+Each tier function is loaded with compute units CPU_AND_NE (never ALL, which may pick
+the GPU). On macOS 14.4+ `MLComputePlan` must show every compute op preferring the
+Neural Engine, else loading raises with the ops that would silently fall back.
+"""
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, read_metadata, tier_of
+
+from . import BackendError, Program
+
+OFF_MACOS = "Core ML programs can be built here but run only on macOS"
+_COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
+
+
+def available() -> bool:
+    return sys.platform == "darwin"
+
+
+def macos_version():
+    v = platform.mac_ver()[0]
+    return tuple(int(p) for p in v.split(".")) if v else ()
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("NPUMOE_CACHE")
+    return Path(env) if env else Path.home() / "Library" / "Caches" / "npumoe"
+
+
+def _package_key(pkg: Path) -> str:
+    """Content key of a package: model spec bytes + size and samples of each weight file.
+
+    Weight files can be a GiB; sampling (head, middle, tail) keeps this fast while a
+    rebuilt package (new spec or different weights) still gets a new key.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in pkg.rglob("*") if p.is_file()):
+        rel = str(f.relative_to(pkg))
+        size = f.stat().st_size
+        h.update(f"{rel}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= 3 << 20:
+                h.update(fh.read())
+            else:
+                for off in (0, size // 2, size - (1 << 20)):
+                    fh.seek(off)
+                    h.update(fh.read(1 << 20))
+    return h.hexdigest()[:24]
+
+
+class CoreMLProgram(Program):
+    def __init__(self, name, models: Dict[int, object], G: int, D: int, compiled: Path):
+        self.name, self.G, self.D = name, G, D
+        self.models = dict(sorted(models.items()))
+        self.tiers = tuple(self.models)
+        self.compiled = compiled
+
+    def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
+        out = self.models[tier].predict({INPUT_NAME: x.astype(np.float16)})
+        return np.asarray(out[OUTPUT_NAME], dtype=np.float32)
+
+
+class Backend:
+    name = "coreml"
+
+    def __init__(
+        self,
+        compute_units: str = "CPU_AND_NE",
+        cache: Optional[str] = None,
+        check_placement: bool = True,
+    ):
+        if not available():
+            raise BackendError(f"{OFF_MACOS} (this is {sys.platform})")
+        if compute_units not in _COMPUTE_UNITS:
+            raise ValueError(
+                f"compute_units {compute_units!r} not allowed (choose from {_COMPUTE_UNITS}; "
+                "ALL may silently pick the GPU)"
+            )
+        import coremltools as ct
+
+        self.ct = ct
+        self.compute_units = getattr(ct.ComputeUnit, compute_units)
+        self.cache = Path(cache) if cache else cache_dir()
+        self.check_placement = check_placement and compute_units == "CPU_AND_NE"
+
+    def compile(self, pkg) -> Path:
+        """Compile `pkg` to `<cache>/<name>-<key>.mlmodelc` once; later calls reuse it."""
+        pkg = Path(pkg)
+        out = self.cache / f"{pkg.stem}-{_package_key(pkg)}.mlmodelc"
+        if out.is_dir():
+            return out
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=self.cache))
+        try:
+            built = self.ct.models.utils.compile_model(str(pkg), str(tmp / out.name))
+            try:
+                os.rename(built, out)
+            except OSError:  # another process compiled it meanwhile
+                if not out.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    def load(self, pkg) -> CoreMLProgram:
+        pkg = Path(pkg)
+        if pkg.suffix != ".mlpackage" or not pkg.is_dir():
+            raise BackendError(f"{pkg} is not an .mlpackage")
+        meta = read_metadata(pkg)
+        spec = self.ct.utils.load_spec(str(pkg))
+        functions = [f.name for f in spec.description.functions] or ["main"]
+        compiled = self.compile(pkg)
+        models = {}
+        for fn in functions:
+            models[tier_of(fn)] = self.ct.models.CompiledMLModel(
+                str(compiled), compute_units=self.compute_units, function_name=fn
+            )
+        if self.check_placement and macos_version() >= (14, 4):
+            self._require_ane(compiled, functions)
+        return CoreMLProgram(meta["name"], models, meta["G"], meta["D"], compiled)
+
+    def _require_ane(self, compiled: Path, functions) -> None:
+        """Raise unless every compute op of every function prefers the Neural Engine."""
+        from coremltools.models.compute_device import MLNeuralEngineComputeDevice
+        from coremltools.models.compute_plan import MLComputePlan
+
+        plan = MLComputePlan.load_from_path(path=str(compiled), compute_units=self.compute_units)
+        program = plan.model_structure.program
+        off = []
+        for fn in functions:
+            for op in program.functions[fn].block.operations:
+                kind = op.operator_name
+                if kind == "const" or kind.startswith("constexpr_"):
+                    continue
+                usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+                dev = None if usage is None else usage.preferred_compute_device
+                if not isinstance(dev, MLNeuralEngineComputeDevice):
+                    where = "unknown" if dev is None else type(dev).__name__
+                    off.append(f"{fn}:{kind} -> {where}")
+        if off:
+            raise BackendError(
+                f"{compiled.name}: {len(off)} op(s) would not run on the Neural Engine: "
+                + ", ".join(off)
+            )

@@ -1,0 +1,121 @@
+"""The onnx backend: the per-tier static graphs under onnxruntime.
+
+One InferenceSession per (program, tier). Execution providers are configurable
+(CPUExecutionProvider by default; "CoreMLExecutionProvider", "QNNExecutionProvider",
+... are passed through as given). Inputs and outputs go through IO binding with a
+preallocated output per tier, so a call copies nothing on the CPU provider: the
+returned array is that buffer and is overwritten by the next run of the same tier.
+"""
+
+import glob
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ane_kernels.onnx import INPUT_NAME, OUTPUT_NAME, build_onnx, graph_tier
+from ane_kernels.spec import ProgramSpec
+
+from . import BackendError, Program
+
+
+class OnnxProgram(Program):
+    def __init__(self, name: str, sessions: Dict[int, "object"], G: int, D: int):
+        self.name, self.G, self.D = name, G, D
+        self.sessions = dict(sorted(sessions.items()))
+        self.tiers = tuple(self.sessions)
+        self._bound = {}
+
+    def _binding(self, tier):
+        b = self._bound.get(tier)
+        if b is None:
+            import onnxruntime as ort
+
+            sess = self.sessions[tier]
+            y = np.empty((self.G, tier, self.D), np.float32)
+            io = sess.io_binding()
+            io.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(y))
+            b = self._bound[tier] = (sess, io, y)
+        return b
+
+    def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
+        sess, io, y = self._binding(tier)
+        io.bind_cpu_input(INPUT_NAME, x)
+        sess.run_with_iobinding(io)
+        return y
+
+
+class Backend:
+    name = "onnx"
+
+    def __init__(
+        self,
+        providers: Optional[Sequence[Union[str, tuple]]] = None,
+        threads: Optional[int] = None,
+        provider_options: Optional[Sequence[dict]] = None,
+    ):
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.threads = threads
+        self.provider_options = provider_options
+
+    def _session(self, model):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        kw = {} if self.provider_options is None else {"provider_options": self.provider_options}
+        try:
+            return ort.InferenceSession(model, sess_options=so, providers=self.providers, **kw)
+        except Exception as e:
+            raise BackendError(f"onnxruntime could not load a program: {e}") from e
+
+    def load(self, src) -> OnnxProgram:
+        """src: a ProgramSpec (built in memory), {tier: path}, a list of .onnx paths,
+        one .onnx file, a path prefix `DIR/NAME` (loads DIR/NAME.c*.onnx), or a folder
+        holding one program's tiers."""
+        import onnx
+
+        if isinstance(src, ProgramSpec):
+            models = {t: build_onnx(src, t) for t in src.tiers}
+            name = src.name
+        else:
+            paths = self._paths(src)
+            models = {}
+            for p in paths:
+                m = onnx.load(str(p))
+                t = graph_tier(m)
+                if t in models:
+                    raise BackendError(f"two graphs for tier {t} in {src}")
+                models[t] = m
+            name = Path(paths[0]).name.split(".c")[0]
+        shapes = set()
+        sessions = {}
+        for t, m in models.items():
+            x = next(i for i in m.graph.input if i.name == INPUT_NAME)
+            dims = [d.dim_value for d in x.type.tensor_type.shape.dim]
+            shapes.add((dims[0], dims[2]))
+            sessions[t] = self._session(m.SerializeToString())
+        if len(shapes) != 1:
+            raise BackendError(f"graphs of different programs mixed in {src}: (G, D) {shapes}")
+        G, D = shapes.pop()
+        return OnnxProgram(name, sessions, G, D)
+
+    @staticmethod
+    def _paths(src) -> List[Path]:
+        if isinstance(src, dict):
+            return [Path(p) for p in src.values()]
+        if isinstance(src, (list, tuple)):
+            return [Path(p) for p in src]
+        p = Path(src)
+        if p.is_file():
+            return [p]
+        if p.is_dir():
+            found = sorted(p.glob("*.onnx"))
+        else:
+            found = sorted(Path(f) for f in glob.glob(glob.escape(str(p)) + ".c*.onnx"))
+        if not found:
+            raise BackendError(f"no .onnx programs at {src}")
+        return found

@@ -1,0 +1,175 @@
+"""Backends and the mlx_lm bridge: programs equal a real SwitchGLU; build-programs CLI."""
+
+import os
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models.activations import SwigluOAI
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from ane_kernels.milrun import rel_err
+from ane_kernels.onnx import save_onnx
+from ane_kernels.spec import random_spec, reference_ffn
+from npumoe_mlx.backends import BackendError, load_backend, pick_tier
+from npumoe_mlx.programs import main as build_programs, spec_from_switch_glu
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+D, H, E, K, N = 64, 32, 8, 2, 24
+GROUP = (1, 3, 4, 6)
+
+
+def _switch_glu(case):
+    mx.random.seed(11)
+    oai = case.startswith("oai")
+    m = SwitchGLU(D, H, E, activation=SwigluOAI(), bias=True) if oai else SwitchGLU(D, H, E)
+    if oai:  # SwitchLinear starts with zero biases; make them matter
+        for lin in (m.gate_proj, m.up_proj, m.down_proj):
+            lin.bias = mx.random.normal(lin.bias.shape) * 0.5
+    bits = {"q4": 4, "q8": 8}.get(case.split("_")[-1])
+    if bits:
+        nn.quantize(m, group_size=32, bits=bits)
+    mx.eval(m.parameters())
+    return m
+
+
+def _routed(module, scale=1.0):
+    """Run the module on random tokens; per group expert, its rows and the module's outputs."""
+    x = mx.random.normal((N, D), key=mx.random.key(5)) * scale
+    inds = mx.random.randint(0, E, (N, K), key=mx.random.key(6)).astype(mx.uint32)
+    y = np.array(module(x, inds))  # (N, K, D)
+    xs, inds = np.array(x), np.array(inds)
+    rows = [np.argwhere(inds == e) for e in GROUP]  # (n_e, 2): token, slot
+    C = max(len(r) for r in rows)
+    X = np.zeros((len(GROUP), C, D), np.float32)
+    for g, r in enumerate(rows):
+        X[g, : len(r)] = xs[r[:, 0]]
+    return X, rows, y
+
+
+def _check_rows(Y, rows, y, tol):
+    for g, r in enumerate(rows):
+        got, want = Y[g, : len(r)], y[r[:, 0], r[:, 1]]
+        assert rel_err(got, want) < tol, (g, rel_err(got, want))
+
+
+CASES = ("float", "q4", "q8", "oai_float", "oai_q4")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_spec_and_backends_equal_switch_glu(case):
+    module = _switch_glu(case)
+    spec = spec_from_switch_glu(module, layer=3, expert_ids=GROUP, tiers=(32,))
+    assert spec.activation == ("swiglu_oai" if case.startswith("oai") else "swiglu")
+    assert spec.has_bias == case.startswith("oai")
+    assert spec.quantized == (case != "float" and case != "oai_float")
+    X, rows, y = _routed(module, scale=4.0 if case.startswith("oai") else 1.0)
+    _check_rows(reference_ffn(spec, X), rows, y, 1e-5)
+    _check_rows(load_backend("mlx").load(spec).run(X), rows, y, 1e-5)
+    _check_rows(load_backend("onnx", threads=1).load(spec).run(X), rows, y, 1e-5)
+
+
+def test_oai_clamps_are_exercised():
+    module = _switch_glu("oai_float")
+    spec = spec_from_switch_glu(module, layer=0, expert_ids=GROUP, tiers=(32,))
+    X, _, _ = _routed(module, scale=4.0)
+    from ane_kernels.spec import dequantize
+
+    gate = X @ dequantize(spec.gate).transpose(0, 2, 1) + spec.gate_bias[:, None]
+    assert (gate > spec.limit).any()
+
+
+def test_unknown_activation_and_bad_ids():
+    m = SwitchGLU(D, H, E, activation=nn.ReLU())
+    with pytest.raises(ValueError, match="unsupported SwitchGLU activation ReLU"):
+        spec_from_switch_glu(m, layer=0, expert_ids=(0,), tiers=(32,))
+    with pytest.raises(ValueError, match="must be distinct and in 0..7"):
+        spec_from_switch_glu(_switch_glu("float"), layer=0, expert_ids=(0, 8), tiers=(32,))
+
+
+def test_onnx_backend_sources_padding_and_threads(tmp_path):
+    spec = random_spec(G=2, D=64, H=32, tiers=(32, 64), bits=4, seed=2)
+    paths = save_onnx(spec, tmp_path)
+    backend = load_backend("onnx", providers=["CPUExecutionProvider"], threads=1)
+    x = np.random.default_rng(0).standard_normal((2, 40, 64)).astype(np.float32)
+    ref = reference_ffn(spec, x)
+    for src in (paths, tmp_path, tmp_path / spec.name, list(paths.values())):
+        prog = backend.load(src)
+        assert prog.tiers == (32, 64) and (prog.G, prog.D) == (2, 64)
+        assert rel_err(prog.run(x), ref) < 1e-5  # 40 rows -> tier 64, padded, cropped
+    y1 = prog.run(x[:, :32], 32)
+    assert rel_err(y1, ref[:, :32]) < 1e-5
+    with pytest.raises(ValueError, match="exceed"):
+        prog.run(np.zeros((2, 65, 64), np.float32))
+    with pytest.raises(ValueError, match="tier 48 not in"):
+        prog.run(x[:, :32], 48)
+    with pytest.raises(BackendError, match="no .onnx programs"):
+        backend.load(tmp_path / "nothing")
+    assert pick_tier((32, 64, 128), 33) == 64
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="checks the off-macOS error")
+def test_coreml_backend_off_macos_raises_clearly():
+    with pytest.raises(BackendError, match="Core ML programs can be built here but run only on macOS"):
+        load_backend("coreml")
+
+
+@pytest.mark.skipif(
+    sys.platform != "darwin", reason="Core ML programs can be built here but run only on macOS"
+)
+def test_coreml_backend_runs_on_ane(tmp_path):
+    from ane_kernels.coreml import build_package
+
+    spec = random_spec(G=4, D=128, H=96, tiers=(32, 64), bits=4, seed=3)
+    b = build_package(spec, tmp_path / f"{spec.name}.mlpackage")
+    backend = load_backend("coreml", cache=str(tmp_path / "cache"))
+    prog = backend.load(b.path)
+    x = np.random.default_rng(0).standard_normal((4, 64, 128)).astype(np.float32)
+    assert rel_err(prog.run(x, 64), reference_ffn(spec, x)) < 1e-2
+    assert backend.compile(b.path) == prog.compiled  # compiled once, cached
+
+
+# ---- npumoe build-programs ----
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    tiny = pytest.importorskip("npumoe_mlx.tiny")
+    return tiny.make_tiny_model(tmp_path_factory.mktemp("m") / "qwen3q4", "qwen3_moe", q_bits=4)
+
+
+def test_build_programs_cli(tiny_model, tmp_path, capsys):
+    base = ["--model", str(tiny_model), "--layer", "1", "--experts", "0,2,5", "--tiers", "32,64"]
+    assert build_programs(base + ["--format", "onnx", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "layer1_e0-2-5.c32.onnx" in out and "rel err" in out
+    assert len(list((tmp_path / "o").glob("*.onnx"))) == 2
+
+    assert build_programs(base + ["--format", "coreml", "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "ANE static checks: passed" in out and "function c64" in out
+    assert (tmp_path / "c" / "layer1_e0-2-5.mlpackage").is_dir()
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--layer", "9", "--experts", "0"], "layer 9 has no SwitchGLU experts"),
+        (["--layer", "0", "--experts", "0,99"], "must be distinct"),
+        (["--layer", "0", "--experts", "0", "--tiers", "48"], "not a multiple of 32"),
+    ],
+)
+def test_build_programs_cli_bad_input(tiny_model, tmp_path, capsys, args, msg):
+    argv = ["--model", str(tiny_model), "--format", "coreml", "--out", str(tmp_path)] + args
+    assert build_programs(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+
+
+def test_build_programs_cli_missing_model(tmp_path, capsys):
+    argv = ["--model", str(tmp_path / "none"), "--layer", "0", "--experts", "0", "--out", str(tmp_path)]
+    assert build_programs(argv) == 2
+    assert "no model at" in capsys.readouterr().err
