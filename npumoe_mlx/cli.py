@@ -7,6 +7,10 @@ SUBCOMMANDS = {
     "generate": ("npumoe_mlx.generate", "generate text (mlx_lm.generate flags plus --offload)"),
     "info": ("npumoe_mlx.info", "list a model's MoE expert blocks"),
     "tiny-model": ("npumoe_mlx.tiny", "write a random tiny MoE checkpoint (offline)"),
+    "calibrate": ("npumoe_mlx.calibrate", "count tokens per layer x expert on a corpus -> profile"),
+    "tune": ("npumoe_mlx.tune", "measure this machine's costs -> cost model"),
+    "plan": ("npumoe_mlx.plan", "print the offload plan (groups, tiers, residency) of a model"),
+    "build": ("npumoe_mlx.bundle", "calibrate -> tune -> plan -> compile into a bundle"),
     "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
 }
 

@@ -80,21 +80,6 @@ def default_cost(backend: str) -> CostModel:
     return CostModel.from_dict(DEFAULTS[backend].to_dict())
 
 
-def fit_line(xs, ys) -> tuple:
-    """Least-squares ``y = a + b*x`` with a, b >= 0 (costs are never negative)."""
-    import numpy as np
-
-    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-    A = np.stack([np.ones_like(xs), xs], 1)
-    (a, b), *_ = np.linalg.lstsq(A, ys, rcond=None)
-    if b <= 0:
-        return float(ys.mean()), 1e-30
-    if a < 0:
-        b = float((xs * ys).sum() / (xs * xs).sum())
-        a = 0.0
-    return float(a), float(b)
-
-
 def predicted_offload_s(cost: CostModel, calls, spill_pairs: int, D: int, H: int) -> float:
     """calls: [(G, C)]; spill runs on MLX concurrently, so the call costs the larger side."""
     prog = cost.sync_s + sum(cost.program_s(G, C, D, H) for G, C in calls)

@@ -17,26 +17,37 @@ def load(
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     offload: str = "auto",
+    bundle: Optional[str] = None,
+    overflow: str = "auto",
+    backend_options: Optional[Dict[str, Any]] = None,
     quiet: bool = False,
 ):
     """Load like ``mlx_lm.load`` and install the expert executor for ``offload``.
 
-    offload: "auto" (Core ML on Apple Silicon, ONNX Runtime elsewhere, when a
-    bundle is built), "coreml", "onnx", "mlx" (static-tier reference on MLX) or
-    "off" (stock mlx_lm). Returns ``(model, tokenizer[, config])`` like mlx_lm.
+    offload: "auto" (the Core ML bundle on Apple Silicon, the ONNX one elsewhere,
+    when built; else stock MLX), "coreml", "onnx" (need a bundle from
+    ``npumoe build``), "mlx" (static-tier reference on MLX) or "off" (stock).
+    bundle: a bundle folder (default: found beside the model or in the cache).
+    overflow: "auto" (cost model picks rerun or spill), "rerun", "spill", or
+    "drop" (the paper's behaviour, for comparison only).
+    backend_options: e.g. {"providers": [...], "threads": 2} for onnx.
+    Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
     _offload.resolve(offload)  # fail on a bad mode before the (slow) load
+    model_path = mlx_utils._download(path_or_hf_repo, revision=revision)
     model, tokenizer, config = mlx_utils.load(
-        path_or_hf_repo,
+        str(model_path),
         tokenizer_config=tokenizer_config,
         model_config=model_config,
         adapter_path=adapter_path,
         lazy=lazy,
         return_config=True,
-        revision=revision,
         trust_remote_code=trust_remote_code,
     )
-    _offload.apply(model, config, offload, quiet=quiet)
+    _offload.apply(
+        model, config, offload, model_path=model_path, bundle=bundle, overflow=overflow,
+        backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet,
+    )
     if return_config:
         return model, tokenizer, config
     return model, tokenizer

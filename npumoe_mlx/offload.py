@@ -2,6 +2,7 @@
 
 import platform
 import sys
+from pathlib import Path
 from typing import Optional
 
 import mlx.nn as nn
@@ -26,30 +27,57 @@ def resolve(mode: str) -> str:
     return "coreml" if is_apple else "onnx"
 
 
-def apply(model: nn.Module, config: dict, mode: str, quiet: bool = False) -> str:
-    """Install the executor for ``mode`` on every supported expert block.
+def _notice(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[npumoe] {msg}", file=sys.stderr)
 
-    Returns the mode actually in effect. Program backends (coreml, onnx) need a
-    built bundle; until one exists ``auto`` runs the static-tier reference on MLX
-    and an explicit request for them fails with a clear message.
+
+def apply(
+    model: nn.Module,
+    config: dict,
+    mode: str,
+    model_path=None,
+    bundle: Optional[str] = None,
+    overflow: str = "auto",
+    backend_options: Optional[dict] = None,
+    model_name: str = "MODEL",
+    quiet: bool = False,
+) -> str:
+    """Install the executors for ``mode``; returns the mode in effect.
+
+    coreml/onnx run the programs of a built bundle (``bundle`` or the default
+    place for this model); asked for explicitly, a missing bundle is an error.
+    ``auto`` uses the preferred backend's bundle when one exists, else stock MLX.
     """
+    from . import bundle as bundles
+
     want = resolve(mode)
-    if want in ("coreml", "onnx"):
-        if mode != "auto":
-            raise OffloadError(
-                f"--offload {want}: program bundles are not built yet in this version; "
-                "use --offload mlx or --offload off"
-            )
-        if not quiet:
-            print(
-                f"[npumoe] offload auto: no {want} program bundle for this model; "
-                "experts run on MLX (static-tier reference)",
-                file=sys.stderr,
-            )
-        want = "mlx"
     if want == "off":
         return "off"
-    blocks = experts.install(model, lambda blk: StaticTierReference(), config, quiet=quiet)
-    if not blocks and not quiet:
-        print("[npumoe] no supported MoE expert blocks: the model runs on stock MLX", file=sys.stderr)
+    if want == "mlx":
+        blocks = experts.install(model, lambda blk: StaticTierReference(), config, quiet=quiet)
+        if not blocks:
+            _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
+        return "mlx"
+    if not any(b.supported for b in experts.find_expert_blocks(model, config)):
+        _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
+        return "off"
+    path = Path(bundle) if bundle else (bundles.default_bundle_dir(model_path, want) if model_path else None)
+    if path is None or not (path / "manifest.json").exists():
+        where = f" at {path}" if path else ""
+        if mode == "auto" and not bundle:
+            _notice(
+                f"offload auto: no {want} bundle for this model{where}; experts run on stock MLX "
+                f"(build one with `npumoe build --model {model_name} --backend {want}`)",
+                quiet,
+            )
+            return "off"
+        raise OffloadError(
+            f"no {want} bundle for this model{where}; build it with "
+            f"`npumoe build --model {model_name} --backend {want}`"
+        )
+    b = bundles.read(path, model_path, model_name)
+    if b.plan.backend != want:
+        raise OffloadError(f"bundle {path} is for {b.plan.backend}, not {want}")
+    bundles.install(b, model, config, backend_options, overflow=overflow, quiet=quiet)
     return want

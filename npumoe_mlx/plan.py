@@ -306,3 +306,44 @@ def format_plan(plan: Plan) -> str:
         cold = f", cold {lp.cold}" if lp.cold else ""
         lines.append(f"  layer {lp.layer}: offload from {lp.min_tokens} tokens; groups {groups}{cold}")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`npumoe plan`: the plan for a model from its profile (calibrated now if none given)."""
+    import argparse
+    import os
+
+    from mlx_lm import utils as mlx_utils
+
+    from . import experts
+    from .calibrate import Profile, calibrate
+    from .cost import default_cost
+    from .workloads import corpus_documents
+
+    p = argparse.ArgumentParser(prog="npumoe plan", description="Print the offload plan of a model.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("--profile", help="Profile JSON (default: <model>/npumoe-profile.json, else calibrate now).")
+    p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs).")
+    p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens when calibrating now.")
+    p.add_argument("--json", metavar="PATH", help="Also write the plan as JSON.")
+    args = p.parse_args(argv)
+    local = mlx_utils._download(args.model)
+    model, tokenizer, config = mlx_utils.load(str(local), return_config=True)
+    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
+    if not blocks:
+        raise ValueError(f"{args.model}: no supported MoE expert blocks; it runs on stock MLX")
+    prof_path = args.profile or os.path.join(local, "npumoe-profile.json")
+    if os.path.exists(prof_path):
+        profile = Profile.load(prof_path)
+    else:
+        docs, desc = corpus_documents(["long-context", "qa", "code"], args.tokens, 0)
+        profile = calibrate(model, tokenizer, config, docs, max_tokens=args.tokens, model_path=local, description=desc)
+    cost = CostModel.load(args.cost) if args.cost else default_cost(args.backend)
+    shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
+    plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend))
+    print(format_plan(plan))
+    if args.json:
+        plan.save(args.json)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,383 @@
+"""The on-disk bundle: manifest, profile, plan, cost model and programs. Atomic, validated.
+
+    <bundle>/manifest.json   kind, format, npumoe version, backend, model fingerprint,
+                             limits, and every program file with its size and sha256
+    <bundle>/profile.json    calibration (calibrate.py)
+    <bundle>/plan.json       groups, tier ladders, residency, thresholds (plan.py)
+    <bundle>/cost.json       the cost model (cost.py)
+    <bundle>/programs/L<layer>/g<group>/...   .onnx per tier, or one .mlpackage
+
+A build writes a temp folder and renames it into place (an interrupted build
+leaves the previous bundle intact). Loading checks everything before a single
+program runs: format, fingerprint, files (inside the bundle, present, hashes),
+and that the plan fits the model; any mismatch is a clear error, never wrong output.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import experts
+from ._version import __version__
+from .atomic import folder, write_json
+from .cost import CostModel, default_cost
+from .plan import Plan, PlanLimits, format_plan, make_plan
+
+BUNDLE_FORMAT = 1
+KIND = "npumoe-bundle"
+CACHE_ENV = "NPUMOE_CACHE"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used for this model; the message says what to do."""
+
+
+def _rebuild_hint(model: str, backend: str) -> str:
+    return f"rebuild it with `npumoe build --model {model} --backend {backend} --force`"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "npumoe")
+
+
+def default_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
+    """Beside a local model (``<model>/npumoe-<backend>``); in the cache for hub snapshots."""
+    model_path = Path(model_path)
+    if "snapshots" in model_path.parts or not os.access(model_path, os.W_OK):
+        from .fingerprint import model_fingerprint
+
+        fp = fingerprint or model_fingerprint(model_path)
+        return cache_root() / "bundles" / f"{fp[:16]}-{backend}"
+    return model_path / f"npumoe-{backend}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(root: Path, rel: Path) -> Dict[str, dict]:
+    out = {}
+    base = root / rel
+    paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+    for p in paths:
+        out[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return out
+
+
+def safe_path(root: Path, rel: str) -> Path:
+    """``root/rel`` if it stays inside ``root`` through no link; else BundleError."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+        raise BundleError(f"manifest path {rel!r} is not a relative path inside the bundle")
+    parts = Path(rel).parts
+    if ".." in parts:
+        raise BundleError(f"manifest path {rel!r} escapes the bundle folder")
+    cur = root
+    for part in parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise BundleError(f"manifest path {rel!r} goes through a link ({cur.name}); refused")
+    if not str(cur.resolve()).startswith(str(root.resolve()) + os.sep):
+        raise BundleError(f"manifest path {rel!r} escapes the bundle folder")
+    return cur
+
+
+# --- build -------------------------------------------------------------------
+
+
+def _compile_group(spec, backend: str, dest: Path, limits=None) -> None:
+    if backend == "onnx":
+        from ane_kernels.onnx import save_onnx
+
+        save_onnx(spec, dest)
+    elif backend == "coreml":
+        from ane_kernels.coreml import build_package
+
+        dest.mkdir(parents=True, exist_ok=True)
+        build_package(spec, dest / "program.mlpackage")
+    else:
+        raise ValueError(f"cannot compile programs for backend {backend!r}")
+
+
+def build(
+    model_path: str,
+    backend: str = "onnx",
+    out: Optional[str] = None,
+    *,
+    corpus: Sequence[str] = ("long-context", "qa", "code"),
+    tokens: int = 2048,
+    chunk_size: int = 512,
+    seed: int = 0,
+    cost: Optional[CostModel] = None,
+    tune: bool = True,
+    limits: Optional[PlanLimits] = None,
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path."""
+    from mlx_lm import utils as mlx_utils
+
+    from .calibrate import calibrate
+    from .fingerprint import model_fingerprint
+    from .programs import spec_from_switch_glu
+    from .workloads import corpus_documents
+
+    if backend not in ("onnx", "coreml"):
+        raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
+    t0 = time.perf_counter()
+    local = Path(mlx_utils._download(model_path))
+    model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
+    fingerprint = model_fingerprint(local)
+    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
+    if not blocks:
+        raise ValueError(f"{model_path}: no supported MoE expert blocks; nothing to offload (it runs on stock MLX)")
+
+    docs, desc = corpus_documents(list(corpus), tokens, seed)
+    log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
+    profile = calibrate(
+        model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
+        model_path=local, description=desc,
+    )
+    b0 = next(iter(blocks.values()))
+    if cost is None:
+        if tune:
+            from .tune import tune as run_tune
+
+            log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
+            cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3)
+        else:
+            cost = default_cost(backend)
+    log(f"      {describe_cost(cost)}")
+    limits = limits or PlanLimits.for_backend(backend)
+    shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
+    plan = make_plan(profile.to_json(), shapes, cost, limits)
+    log(f"[3/4] {format_plan(plan)}")
+
+    out = Path(out) if out else default_bundle_dir(local, backend, fingerprint)
+    n_prog = plan.num_programs
+    with folder(out) as tmp:
+        tmp = Path(tmp)
+        programs = []
+        done = 0
+        for lp in plan.layers:
+            for gi, g in enumerate(lp.groups):
+                rel = Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}"
+                spec = spec_from_switch_glu(
+                    blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers
+                )
+                _compile_group(spec, backend, tmp / rel)
+                files = _files_under(tmp, rel)
+                programs.append({"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers,
+                                 "dir": rel.as_posix(), "files": files})
+                done += 1
+                log(f"[4/4] programs {done}/{n_prog}: layer {lp.layer} group {gi} "
+                    f"({len(g.experts)} experts, tiers {g.tiers}, "
+                    f"{sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)")
+        profile.save(tmp / "profile.json")
+        plan.save(tmp / "plan.json")
+        cost.save(tmp / "cost.json")
+        meta = {}
+        for name in ("profile.json", "plan.json", "cost.json"):
+            meta[name] = _files_under(tmp, Path(name))[name]
+        write_json(tmp / "manifest.json", {
+            "kind": KIND,
+            "format": BUNDLE_FORMAT,
+            "npumoe_version": __version__,
+            "backend": backend,
+            "model_fingerprint": fingerprint,
+            "model_type": config.get("model_type"),
+            "limits": plan.limits.__dict__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "meta": meta,
+            "programs": programs,
+        })
+    total = sum(f["bytes"] for p in programs for f in p["files"].values())
+    log(f"bundle written to {out}: {len(plan.layers)} MoE layers, {n_prog} programs, "
+        f"{total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def describe_cost(cost: CostModel) -> str:
+    from .cost import describe
+
+    return describe(cost)
+
+
+# --- load --------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    plan: Plan
+    cost: CostModel
+
+
+def read(path, model_path=None, model_name: str = "MODEL") -> Bundle:
+    """Validate a bundle folder (and, given ``model_path``, its fingerprint)."""
+    root = Path(path)
+    mpath = root / "manifest.json"
+    backend = "onnx"
+    if not mpath.is_file():
+        raise BundleError(f"{root}: not an npumoe bundle (no manifest.json); build one with `npumoe build --model {model_name}`")
+    try:
+        man = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{mpath}: unreadable manifest ({e}); {_rebuild_hint(model_name, backend)}") from None
+    if not isinstance(man, dict) or man.get("kind") != KIND:
+        raise BundleError(f"{mpath}: not an npumoe bundle manifest; {_rebuild_hint(model_name, backend)}")
+    backend = man.get("backend", backend)
+    if man.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{root}: bundle format {man.get('format')} (npumoe {man.get('npumoe_version')}) is not "
+            f"format {BUNDLE_FORMAT} of npumoe {__version__}; {_rebuild_hint(model_name, backend)}"
+        )
+    if model_path is not None:
+        from .fingerprint import model_fingerprint
+
+        if man.get("model_fingerprint") != model_fingerprint(model_path):
+            raise BundleError(
+                f"{root}: built for other weights (model fingerprint differs: the model changed "
+                f"after the build); {_rebuild_hint(model_name, backend)}"
+            )
+    try:
+        for name, want in man["meta"].items():
+            _check_file(root, name, want, model_name, backend)
+        for prog in man["programs"]:
+            for rel, want in prog["files"].items():
+                _check_file(root, rel, want, model_name, backend)
+        plan = Plan.load(safe_path(root, "plan.json"))
+        cost = CostModel.load(safe_path(root, "cost.json"))
+    except BundleError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_rebuild_hint(model_name, backend)}") from None
+    if plan.backend != backend:
+        raise BundleError(f"{root}: plan is for {plan.backend}, manifest says {backend}; {_rebuild_hint(model_name, backend)}")
+    listed = {(p["layer"], p["group"]) for p in man["programs"]}
+    needed = {(lp.layer, gi) for lp in plan.layers for gi in range(len(lp.groups))}
+    if listed != needed:
+        raise BundleError(f"{root}: manifest programs do not match the plan; {_rebuild_hint(model_name, backend)}")
+    return Bundle(root, man, plan, cost)
+
+
+def _check_file(root: Path, rel: str, want: dict, model_name: str, backend: str) -> None:
+    p = safe_path(root, rel)
+    if not p.is_file():
+        raise BundleError(f"{root}: missing file {rel}; {_rebuild_hint(model_name, backend)}")
+    if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
+        raise BundleError(f"{root}: {rel} is corrupt (size or sha256 differs); {_rebuild_hint(model_name, backend)}")
+
+
+def _router_of(model, block_path: str):
+    parent_path = block_path.rsplit(".", 1)[0]
+    parent = dict(model.named_modules()).get(parent_path)
+    if parent is None:
+        return None
+    for name in ("gate", "router"):
+        m = parent.get(name) if isinstance(parent, dict) else None
+        if m is not None:
+            return m
+    return None
+
+
+def install(
+    bundle: Bundle,
+    model,
+    config: dict,
+    backend_opts: Optional[dict] = None,
+    overflow: str = "auto",
+    quiet: bool = False,
+) -> List:
+    """Check the plan against the model, load the programs and install the executors."""
+    from .backends import load_backend
+    from .executor import OffloadExecutor
+
+    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config)}
+    for lp in bundle.plan.layers:
+        b = blocks.get(lp.layer)
+        if b is None or not b.supported:
+            raise BundleError(f"{bundle.path}: plan names layer {lp.layer}, which has no offloadable expert block in this model")
+        if (b.num_experts, b.dims, b.hidden) != (lp.num_experts, lp.D, lp.H):
+            raise BundleError(
+                f"{bundle.path}: layer {lp.layer} is E={b.num_experts}, D={b.dims}, H={b.hidden} in the model "
+                f"but E={lp.num_experts}, D={lp.D}, H={lp.H} in the plan"
+            )
+        ids = [e for g in lp.groups for e in g.experts] + list(lp.cold)
+        if any(not 0 <= e < b.num_experts for e in ids):
+            raise BundleError(f"{bundle.path}: plan names experts the model's layer {lp.layer} lacks")
+    be = load_backend(bundle.plan.backend, **(backend_opts or {}))
+    progs = {(p["layer"], p["group"]): p for p in bundle.manifest["programs"]}
+    executors = {}
+    for lp in bundle.plan.layers:
+        programs = []
+        for gi in range(len(lp.groups)):
+            p = progs[(lp.layer, gi)]
+            files = sorted(safe_path(bundle.path, rel) for rel in p["files"])
+            src = safe_path(bundle.path, p["dir"]) if bundle.plan.backend == "coreml" else [str(f) for f in files]
+            if bundle.plan.backend == "coreml":
+                src = src / "program.mlpackage"
+            programs.append(be.load(src))
+        router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
+        executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
+    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet)
+    return list(executors.values())
+
+
+def main(argv=None) -> int:
+    """`npumoe build`: calibrate -> tune -> plan -> compile into a bundle."""
+    import argparse
+
+    from .cost import CostModel as _Cost
+    from .lock import build_lock
+
+    p = argparse.ArgumentParser(prog="npumoe build", description="Build the offload bundle of a model.")
+    p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
+    p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("--out", help="Bundle folder (default: <model>/npumoe-<backend>, or the cache for hub models).")
+    p.add_argument("--force", action="store_true", help="Rebuild even if an up-to-date bundle exists.")
+    p.add_argument("--corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",
+                   help="Calibration corpora: long-context, qa, code, or .txt/.jsonl files (default: all three built-ins).")
+    p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens (default 2048).")
+    p.add_argument("--chunk-size", type=int, default=512, help="Calibration prefill chunk (default 512).")
+    p.add_argument("--cost", help="A cost model JSON from `npumoe tune` (default: measure now).")
+    p.add_argument("--no-tune", action="store_true", help="Use parametric costs instead of measuring.")
+    p.add_argument("--max-tiers", type=int, help="Tiers per group (default 4).")
+    p.add_argument("--max-group", type=int, help="Experts per program (default 16).")
+    p.add_argument("--max-programs", type=int, help="Resident programs over all layers.")
+    p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier.")
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    from mlx_lm import utils as mlx_utils
+
+    local = Path(mlx_utils._download(args.model))
+    out = Path(args.out) if args.out else default_bundle_dir(local, args.backend)
+    if (out / "manifest.json").exists() and not args.force:
+        try:
+            read(out, local, args.model)
+            print(f"bundle {out} is up to date; nothing to do (--force rebuilds)")
+            return 0
+        except BundleError as e:
+            print(f"[npumoe] existing bundle is stale, rebuilding: {e}", file=sys.stderr)
+    limits = PlanLimits.for_backend(
+        args.backend, max_tiers=args.max_tiers, max_group=args.max_group, max_programs=args.max_programs
+    )
+    if args.max_capacity:
+        limits.capacities = [c for c in limits.capacities if c <= args.max_capacity] or limits.capacities[:1]
+    cost = _Cost.load(args.cost) if args.cost else None
+    with build_lock(out):
+        build(
+            str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
+            tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,
+            limits=limits, trust_remote_code=args.trust_remote_code,
+        )
+    return 0

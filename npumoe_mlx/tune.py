@@ -1,0 +1,159 @@
+"""`npumoe tune`: measure this machine's costs and fit the cost model.
+
+Measures, at the model's expert dims: per-call dispatch and per-tier run time of
+the chosen backend's programs, the host copy rate of gathering rows, the host
+sync of one layer call, and the stock MLX expert path as a function of routed
+pairs. Core ML cannot run off macOS: there it returns the parametric defaults.
+"""
+
+import argparse
+import platform
+import sys
+import time
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from .cost import CostModel, default_cost, flops_per_row
+from .experts import stock_experts
+
+
+def _median_s(fn, repeats: int) -> float:
+    fn()  # warm up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def _module(D: int, H: int, G: int, quant: Optional[dict]) -> SwitchGLU:
+    mx.random.seed(0)
+    m = SwitchGLU(D, H, G)
+    if quant:
+        nn.quantize(m, group_size=quant["group_size"], bits=quant["bits"])
+    mx.eval(m.parameters())
+    return m
+
+
+def measure(
+    backend: str,
+    D: int,
+    H: int,
+    quant: Optional[dict] = None,
+    groups: Sequence[int] = (1, 4),
+    tiers: Sequence[int] = (16, 64, 256),
+    pairs: Sequence[int] = (16, 128, 512),
+    repeats: int = 5,
+    backend_opts: Optional[dict] = None,
+) -> dict:
+    """Raw timings (seconds) at these dims; ``fit`` turns them into a CostModel."""
+    from .backends import load_backend
+    from .programs import spec_from_switch_glu
+
+    be = load_backend(backend, **(backend_opts or {}))
+    # Dispatch: a program so small that its compute is negligible.
+    tiny = be.load(spec_from_switch_glu(_module(32, 32, 1, None), layer=0, expert_ids=[0], tiers=[16]))
+    x_tiny = np.zeros((1, 16, 32), np.float32)
+    dispatch_s = _median_s(lambda: tiny.run(x_tiny, 16), 4 * repeats)
+    prog_rows = []
+    for G in groups:
+        m = _module(D, H, G, quant)
+        spec = spec_from_switch_glu(m, layer=0, expert_ids=range(G), tiers=tiers)
+        program = be.load(spec)
+        for C in tiers:
+            x = np.random.default_rng(C).standard_normal((G, C, D)).astype(np.float32)
+            prog_rows.append((G, C, _median_s(lambda: program.run(x, C), repeats)))
+
+    m = _module(D, H, 8, quant)
+    small, x1, e1 = _module(32, 32, 8, None), mx.zeros((1, 32)), mx.zeros((1, 1), mx.uint32)
+    mlx_fixed_s = _median_s(lambda: mx.eval(stock_experts(small, x1, e1)), 4 * repeats)
+    mlx_rows = []
+    for n in pairs:
+        x = mx.random.normal((n, D))
+        e = mx.random.randint(0, 8, (n, 1)).astype(mx.uint32)
+        mx.eval(x, e)
+        mlx_rows.append((n, _median_s(lambda: mx.eval(stock_experts(m, x, e)), repeats)))
+
+    n = max(pairs)
+    xs = mx.random.normal((n, D))
+    inds = mx.random.randint(0, 8, (n, 2)).astype(mx.uint32)
+
+    def sync():
+        flat = inds.reshape(-1)
+        order, counts = mx.argsort(flat), mx.zeros((8,), mx.int32).at[flat].add(1)
+        mx.eval(order, counts, xs)
+        np.array(order), np.array(counts), np.asarray(xs)
+
+    sync_s = _median_s(sync, repeats)
+    x_np = np.asarray(xs)
+    src = np.random.default_rng(0).integers(0, n, 4 * n)
+    copy_s = _median_s(lambda: mx.eval(mx.array(x_np[src])), repeats)
+    return {
+        "backend": backend, "D": D, "H": H, "quant": quant,
+        "dispatch_s": dispatch_s, "programs": prog_rows, "mlx_fixed_s": mlx_fixed_s, "mlx": mlx_rows,
+        "sync_s": sync_s, "copy_bytes": 2 * 4 * n * D * 4, "copy_s": 2 * copy_s,
+    }
+
+
+def fit_slope(xs, ys) -> float:
+    """Least-squares slope through the origin, floored so rates stay finite."""
+    xs, ys = np.asarray(xs, float), np.maximum(np.asarray(ys, float), 0.0)
+    return max(float((xs * ys).sum() / max((xs * xs).sum(), 1e-30)), 1e-16)
+
+
+def fit(raw: dict) -> CostModel:
+    D, H = raw["D"], raw["H"]
+    f = flops_per_row(D, H)
+    copy_bps = raw["copy_bytes"] / max(raw["copy_s"], 1e-9)
+    dispatch, mlx_fixed = raw["dispatch_s"], raw["mlx_fixed_s"]
+    per_flop = fit_slope([G * C * f for G, C, _ in raw["programs"]], [t - dispatch for _, _, t in raw["programs"]])
+    mlx_per_flop = fit_slope([n * f for n, _ in raw["mlx"]], [t - mlx_fixed for _, t in raw["mlx"]])
+    return CostModel(
+        backend=raw["backend"],
+        dispatch_s=dispatch,
+        program_flops=1.0 / per_flop,
+        copy_bps=copy_bps,
+        sync_s=raw["sync_s"],
+        mlx_fixed_s=mlx_fixed,
+        mlx_flops=1.0 / mlx_per_flop,
+        source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
+    )
+
+
+def tune(backend: str, D: int, H: int, quant: Optional[dict] = None, **kw) -> CostModel:
+    if backend == "coreml" and sys.platform != "darwin":
+        cost = default_cost("coreml")
+        cost.source = "parametric (Core ML programs run only on macOS; run `npumoe tune` on the Mac)"
+        return cost
+    return fit(measure(backend, D, H, quant, **kw))
+
+
+def main(argv=None) -> int:
+    from mlx_lm import utils as mlx_utils
+
+    from .atomic import write_json
+    from .cost import describe
+    from .experts import find_expert_blocks
+
+    p = argparse.ArgumentParser(prog="npumoe tune", description="Measure costs and fit the cost model.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--backend", choices=("onnx", "coreml", "mlx"), default="onnx")
+    p.add_argument("--out", help="Where to write the cost model JSON (default: ./npumoe-cost-<backend>.json)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    model, _, config = mlx_utils.load(args.model, lazy=True, return_config=True)
+    blocks = [b for b in find_expert_blocks(model, config) if b.supported]
+    if not blocks:
+        raise ValueError(f"{args.model}: no supported MoE expert blocks to tune for")
+    b = blocks[0]
+    cost = tune(args.backend, b.dims, b.hidden, b.quant, repeats=args.repeats)
+    print(describe(cost))
+    out = args.out or f"npumoe-cost-{args.backend}.json"
+    write_json(out, cost.to_dict())
+    print(f"wrote {out}")
+    return 0
