@@ -14,7 +14,9 @@ Graph for tier C: x (G, C, D) float32 -> y (G, C, D) float32.
   biases, so these are dequantized to float32 initializers.
 """
 
+import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -167,25 +169,66 @@ def onnx_path(out_dir, spec_name: str, tier: int) -> Path:
     return Path(out_dir) / f"{spec_name}.c{tier}.onnx"
 
 
+def weights_path(out_dir, spec_name: str) -> Path:
+    return Path(out_dir) / f"{spec_name}.weights"
+
+
 def save_onnx(spec: ProgramSpec, out_dir) -> Dict[int, Path]:
-    """Write one .onnx per tier into `out_dir` (temp file + rename); returns {tier: path}."""
+    """Write one .onnx graph per tier into `out_dir`; returns {tier: path}.
+
+    All tier graphs reference ONE external weight file `<name>.weights` (ONNX external
+    data: same location, offset and length for the same initializer), so the disk
+    holds one copy of the weights however many tiers there are. Files are written in a
+    temporary folder and renamed into place (weights first, then the graphs).
+    """
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for tier in spec.tiers:
-        path = onnx_path(out_dir, spec.name, tier)
-        data = build_onnx(spec, tier).SerializeToString()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        paths[tier] = path
-    return paths
+    wname = weights_path(out_dir, spec.name).name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out_dir))
+    try:
+        shared, digests, written = {}, {}, []
+        for tier in spec.tiers:
+            model = build_onnx(spec, tier)
+            for init in model.graph.initializer:
+                if init.name in digests:
+                    # same name, same bytes: the graphs differ only in the x / y shapes
+                    if digests[init.name] != _digest(init):
+                        raise AssertionError(f"initializer {init.name} differs across tiers")
+                    init.ClearField("raw_data")
+                    init.data_location = onnx.TensorProto.EXTERNAL
+                    del init.external_data[:]
+                    init.external_data.extend(shared[init.name])
+            if not shared:
+                digests = {i.name: _digest(i) for i in model.graph.initializer}
+                convert_model_to_external_data(
+                    model, all_tensors_to_one_file=True, location=wname, size_threshold=256
+                )
+            path = onnx_path(tmp, spec.name, tier)
+            onnx.save_model(model, str(path))
+            if not shared:
+                shared = {
+                    i.name: list(i.external_data)
+                    for i in model.graph.initializer
+                    if i.data_location == onnx.TensorProto.EXTERNAL
+                }
+                digests = {k: v for k, v in digests.items() if k in shared}
+            written.append((tier, path))
+        if (tmp / wname).exists():
+            os.replace(tmp / wname, out_dir / wname)
+        paths = {}
+        for tier, path in written:
+            paths[tier] = out_dir / path.name
+            os.replace(path, paths[tier])
+        return paths
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _digest(init) -> bytes:
+    return hashlib.sha1(init.raw_data).digest() + str(tuple(init.dims)).encode()
 
 
 def graph_tier(model) -> int:

@@ -224,10 +224,13 @@ def _build_onnx(spec, out, args):
     import onnx
 
     from ane_kernels.milrun import rel_err
-    from ane_kernels.onnx import op_counts, save_onnx
+    from ane_kernels.onnx import op_counts, save_onnx, weights_path
     from ane_kernels.spec import reference_ffn
 
     paths = save_onnx(spec, out)
+    w = weights_path(out, spec.name)
+    if w.exists():
+        print(f"wrote {w} ({w.stat().st_size / 1e6:.2f} MB weights shared by {len(paths)} graphs)")
     for tier, p in paths.items():
         counts = op_counts(onnx.load(str(p), load_external_data=False))
         print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB, {sum(counts.values())} nodes)")

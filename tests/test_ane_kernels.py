@@ -6,7 +6,7 @@ import pytest
 from ane_kernels.coreml import build_package, build_program, read_metadata
 from ane_kernels.limits import LimitError, Limits, check_program, check_spec
 from ane_kernels.milrun import UnsupportedOp, rel_err, run_function, verify_package
-from ane_kernels.onnx import build_onnx, save_onnx
+from ane_kernels.onnx import build_onnx, save_onnx, weights_path
 from ane_kernels.spec import (
     AffineWeight,
     ProgramSpec,
@@ -192,10 +192,24 @@ def test_onnx_matches_reference(act, bits):
         assert rel_err(y, reference_ffn(spec, x)) < 1e-5
 
 
-def test_onnx_save_one_file_per_tier(tmp_path):
-    spec = _spec("swiglu", 4, tiers=(32, 64))
+@pytest.mark.parametrize("bits", (None, 4))
+def test_onnx_save_one_graph_per_tier_shared_weights(tmp_path, bits):
+    import onnxruntime as ort
+
+    spec = _spec("swiglu_oai", bits, tiers=(32, 64, 128))
     paths = save_onnx(spec, tmp_path)
-    assert sorted(paths) == [32, 64]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
-    # 4-bit stays packed: far smaller than float32 weights
-    assert paths[32].stat().st_size < 0.4 * 4 * 3 * spec.G * spec.D * spec.H
+    assert sorted(paths) == [32, 64, 128]
+    wfile = weights_path(tmp_path, spec.name)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([p.name for p in paths.values()] + [wfile.name])  # no temp leftovers
+    # one copy of the weights on disk for all tiers; graphs themselves are small
+    raw = 4 * 3 * spec.G * spec.D * spec.H if bits is None else spec.weight_bytes
+    assert 0.8 * raw < wfile.stat().st_size < 1.2 * raw
+    assert all(p.stat().st_size < 16384 for p in paths.values())
+    x = np.random.default_rng(0).standard_normal((spec.G, 128, spec.D)).astype(np.float32)
+    for tier, p in paths.items():
+        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        (y,) = sess.run(None, {"x": x[:, :tier]})
+        assert rel_err(y, reference_ffn(spec, x[:, :tier])) < 1e-5
+    # rebuilding in place replaces the files
+    assert save_onnx(spec, tmp_path) == paths and len(list(tmp_path.iterdir())) == 4

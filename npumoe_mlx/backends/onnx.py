@@ -1,6 +1,8 @@
 """The onnx backend: the per-tier static graphs under onnxruntime.
 
-One InferenceSession per (program, tier). Execution providers are configurable
+One InferenceSession per (program, tier). On disk the tier graphs share one weight
+file; in memory each session holds its own (prepacked) copy, as onnxruntime's Python
+API offers no cross-session sharing of prepacked weights. Execution providers are configurable
 (CPUExecutionProvider by default; "CoreMLExecutionProvider", "QNNExecutionProvider",
 ... are passed through as given). Inputs and outputs go through IO binding with a
 preallocated output per tier, so a call copies nothing on the CPU provider: the
@@ -79,25 +81,25 @@ class Backend:
         import onnx
 
         if isinstance(src, ProgramSpec):
-            models = {t: build_onnx(src, t) for t in src.tiers}
+            models = {t: (m, m.SerializeToString()) for t in src.tiers for m in [build_onnx(src, t)]}
             name = src.name
         else:
             paths = self._paths(src)
             models = {}
             for p in paths:
-                m = onnx.load(str(p))
+                m = onnx.load(str(p), load_external_data=False)  # weights: read by ORT
                 t = graph_tier(m)
                 if t in models:
                     raise BackendError(f"two graphs for tier {t} in {src}")
-                models[t] = m
+                models[t] = (m, str(p))
             name = Path(paths[0]).name.split(".c")[0]
         shapes = set()
         sessions = {}
-        for t, m in models.items():
+        for t, (m, model) in models.items():
             x = next(i for i in m.graph.input if i.name == INPUT_NAME)
             dims = [d.dim_value for d in x.type.tensor_type.shape.dim]
             shapes.add((dims[0], dims[2]))
-            sessions[t] = self._session(m.SerializeToString())
+            sessions[t] = self._session(model)
         if len(shapes) != 1:
             raise BackendError(f"graphs of different programs mixed in {src}: (G, D) {shapes}")
         G, D = shapes.pop()
