@@ -257,20 +257,23 @@ def build_package(
         final = tmp / out_path.name
         ct.utils.save_multifunction(desc, str(final))
         _write_metadata(final, spec, layout)
+        # check again what Core ML will actually load (converter passes included)
+        from .milrun import load_package
+
+        saved = load_package(final)
+        if check:
+            require(check_program(saved, limits), f"saved program {spec.name}")
         replace_path(final, out_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    from .milrun import load_package  # the saved program, as Core ML will see it
+    from .limits import _const_bytes
 
-    saved = load_package(out_path)
     ops = {
         name: sum(op.op_type != "const" for op in f.operations)
         for name, f in saved.functions.items()
     }
     one = next(iter(saved.functions.values()))
-    from .limits import _const_bytes
-
     wbytes = sum(
         _const_bytes(op.outputs[0].val, op.outputs[0].dtype)
         for op in one.operations

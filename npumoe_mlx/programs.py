@@ -107,6 +107,40 @@ def spec_from_switch_glu(
     )
 
 
+def _dense_weight(lin):
+    """nn.Linear / nn.QuantizedLinear as a one-expert stack: (1, out, in)."""
+    if "scales" in lin:
+        if getattr(lin, "mode", "affine") != "affine" or lin.get("biases") is None:
+            raise ValueError(f"{getattr(lin, 'mode', '?')} quantization is not supported")
+        w = AffineWeight(
+            packed=_np(lin["weight"])[None],
+            scales=_np(lin["scales"], mx.float32)[None],
+            biases=_np(lin["biases"], mx.float32)[None],
+            bits=lin.bits,
+            group_size=lin.group_size,
+        )
+    else:
+        w = _np(lin["weight"], mx.float32)[None]
+    bias = _np(lin["bias"], mx.float32)[None] if "bias" in lin else None
+    return w, bias
+
+
+def spec_from_dense_mlp(
+    mlp, *, layer: int, tiers: Sequence[int], activation: str = "swiglu", expert_id: int = -1
+) -> ProgramSpec:
+    """ProgramSpec (G = 1) for a dense gated MLP with gate_proj/up_proj/down_proj
+    (a shared expert); `expert_id` -1 marks it as not a routed expert."""
+    gate, gate_b = _dense_weight(mlp.gate_proj)
+    up, up_b = _dense_weight(mlp.up_proj)
+    down, down_b = _dense_weight(mlp.down_proj)
+    _, H, D = gate.shape
+    return ProgramSpec(
+        layer=layer, expert_ids=(expert_id,), tiers=tuple(tiers), D=D, H=H,
+        activation=activation, gate=gate, up=up, down=down,
+        gate_bias=gate_b, up_bias=up_b, down_bias=down_b,
+    )
+
+
 def switch_glu_layers(model) -> dict:
     """{decoder layer index: (module path, SwitchGLU)} from `...layers.<L>...` paths."""
     found = {}

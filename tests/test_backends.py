@@ -14,7 +14,8 @@ from ane_kernels.milrun import rel_err
 from ane_kernels.onnx import save_onnx
 from ane_kernels.spec import random_spec, reference_ffn
 from npumoe_mlx.backends import BackendError, load_backend, pick_tier
-from npumoe_mlx.programs import main as build_programs, spec_from_switch_glu
+from npumoe_mlx.programs import main as build_programs
+from npumoe_mlx.programs import spec_from_dense_mlp, spec_from_switch_glu
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,7 +26,12 @@ GROUP = (1, 3, 4, 6)
 def _switch_glu(case):
     mx.random.seed(11)
     oai = case.startswith("oai")
-    m = SwitchGLU(D, H, E, activation=SwigluOAI(), bias=True) if oai else SwitchGLU(D, H, E)
+    if case.startswith("geglu"):
+        from mlx_lm.models.gemma4_text import GeGLU
+
+        m = SwitchGLU(D, H, E, activation=GeGLU())
+    else:
+        m = SwitchGLU(D, H, E, activation=SwigluOAI(), bias=True) if oai else SwitchGLU(D, H, E)
     if oai:  # SwitchLinear starts with zero biases; make them matter
         for lin in (m.gate_proj, m.up_proj, m.down_proj):
             lin.bias = mx.random.normal(lin.bias.shape) * 0.5
@@ -56,20 +62,38 @@ def _check_rows(Y, rows, y, tol):
         assert rel_err(got, want) < tol, (g, rel_err(got, want))
 
 
-CASES = ("float", "q4", "q8", "oai_float", "oai_q4")
+CASES = ("float", "q4", "q8", "oai_float", "oai_q4", "geglu_float")
+ACT = {"oai": "swiglu_oai", "geglu": "geglu"}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_spec_and_backends_equal_switch_glu(case):
     module = _switch_glu(case)
     spec = spec_from_switch_glu(module, layer=3, expert_ids=GROUP, tiers=(32,))
-    assert spec.activation == ("swiglu_oai" if case.startswith("oai") else "swiglu")
+    assert spec.activation == ACT.get(case.split("_")[0], "swiglu")
     assert spec.has_bias == case.startswith("oai")
-    assert spec.quantized == (case != "float" and case != "oai_float")
+    assert spec.quantized == (not case.endswith("float"))
     X, rows, y = _routed(module, scale=4.0 if case.startswith("oai") else 1.0)
     _check_rows(reference_ffn(spec, X), rows, y, 1e-5)
     _check_rows(load_backend("mlx").load(spec).run(X), rows, y, 1e-5)
     _check_rows(load_backend("onnx", threads=1).load(spec).run(X), rows, y, 1e-5)
+
+
+@pytest.mark.parametrize("bits", (None, 4))
+def test_shared_expert_mlp(bits):
+    from mlx_lm.models.qwen2_moe import MLP
+
+    mx.random.seed(2)
+    mlp = MLP(D, 96)
+    if bits:
+        nn.quantize(mlp, group_size=32, bits=bits)
+    spec = spec_from_dense_mlp(mlp, layer=0, tiers=(32,))
+    assert (spec.G, spec.H, spec.expert_ids) == (1, 96, (-1,))
+    x = mx.random.normal((20, D), key=mx.random.key(1))
+    want = np.array(mlp(x))
+    got = load_backend("onnx").load(spec).run(np.array(x)[None])[0]
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(reference_ffn(spec, np.array(x)[None])[0], want) < 1e-5
 
 
 def test_oai_clamps_are_exercised():
