@@ -322,8 +322,7 @@ def install(
         programs = []
         for gi in range(len(lp.groups)):
             p = progs[(lp.layer, gi)]
-            files = sorted(safe_path(bundle.path, rel) for rel in p["files"])
-            src = safe_path(bundle.path, p["dir"]) if bundle.plan.backend == "coreml" else [str(f) for f in files]
+            src = safe_path(bundle.path, p["dir"])  # every file in it was checked by read()
             if bundle.plan.backend == "coreml":
                 src = src / "program.mlpackage"
             programs.append(be.load(src))

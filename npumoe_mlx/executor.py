@@ -42,7 +42,7 @@ class LayerStats:
     spilled: int = 0  # pairs of offloaded calls run on MLX (cold experts + overflow)
     dropped: int = 0  # pairs dropped (--overflow drop only)
     program_s: float = 0.0
-    offload_call_s: float = 0.0  # wall time of offloaded calls up to the lazy result
+    offload_call_s: float = 0.0  # wall time of offloaded calls from the sync to the lazy result
     fallback: str = ""  # why the layer fell back to MLX for the rest of the run
 
     def to_dict(self) -> dict:
@@ -120,7 +120,6 @@ class OffloadExecutor:
         n_tokens = x.size // D
         if self.disabled or n_tokens < self.plan.min_tokens:
             return stock_experts(experts, x, inds)
-        t0 = time.perf_counter()
         k = inds.shape[-1]
         flat = inds.reshape(-1)  # (P,)
         drop = self.overflow == "drop"
@@ -132,6 +131,7 @@ class OffloadExecutor:
         counts = mx.zeros((self.plan.num_experts,), mx.int32).at[flat].add(1)
         x32 = x.reshape(-1, D).astype(mx.float32)
         mx.eval(order, counts, x32, *([score] if score is not None else []))  # the one host sync
+        t0 = time.perf_counter()  # upstream layers finished in that sync: time only our part
         order_np, counts_np = np.array(order), np.array(counts)
         if score is not None:  # paper's drop mode: within an expert, highest router score first
             order_np = np.lexsort((-np.array(score.astype(mx.float32)), np.array(flat)))
@@ -198,6 +198,13 @@ class OffloadExecutor:
 class _G:  # the shape calls_for wants: .experts, .tiers
     experts: np.ndarray
     tiers: list
+
+
+def offload_stats(model) -> List[LayerStats]:
+    """The LayerStats of every offloaded layer of ``model`` (empty when nothing is offloaded)."""
+    from .experts import installed_blocks
+
+    return [m.executor.stats for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
 
 
 def summarize(stats: Sequence[LayerStats]) -> dict:

@@ -8,9 +8,9 @@ drift from ``mlx_lm.generate``.
 import importlib
 import sys
 from contextlib import contextmanager
-from functools import partial
 
 
+from .executor import format_stats, offload_stats, summarize
 from .loading import load
 from .offload import MODES
 
@@ -27,6 +27,23 @@ def add_offload_args(parser):
         help="Where expert FFNs run: auto (Core ML on Apple Silicon, ONNX Runtime "
         "elsewhere, when built), coreml, onnx, mlx (static-tier reference on MLX), "
         "off (stock mlx_lm). Default: auto.",
+    )
+    parser.add_argument(
+        "--bundle",
+        default=None,
+        help="Offload bundle folder (default: <model>/npumoe-<backend>, or the cache for hub models).",
+    )
+    parser.add_argument(
+        "--overflow",
+        choices=("auto", "rerun", "spill", "drop"),
+        default="auto",
+        help="Pairs past a group's top tier: auto (cost model picks), rerun the ladder, spill to "
+        "MLX, or drop them (the paper's behaviour, for comparison; never the default).",
+    )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="Print offload statistics (program calls, padding, spill, time) after generating.",
     )
     return parser
 
@@ -54,17 +71,22 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    loaded = []
+
+    def _load(*a, **kw):
+        out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, **kw)
+        loaded.append(out[0])
+        return out
+
     saved_argv = sys.argv
     sys.argv = ["npumoe generate", *argv]
     try:
-        with _patched(
-            mlx_generate,
-            setup_arg_parser=setup_arg_parser,
-            load=partial(load, offload=args.offload),
-        ):
+        with _patched(mlx_generate, setup_arg_parser=setup_arg_parser, load=_load):
             mlx_generate.main()
     finally:
         sys.argv = saved_argv
+    if args.stats and loaded:
+        print(format_stats(summarize(offload_stats(loaded[0]))))
     return 0
 
 

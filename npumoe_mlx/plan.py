@@ -4,7 +4,7 @@ Per MoE layer:
 - experts are ranked by calibrated popularity and cut into groups of similar load
   (capacity is set by a group's busiest expert, so similar loads pad little);
 - each group gets a tier ladder chosen by a small dynamic program that minimises
-  the padded slots over the calibrated loads, scaled to the call sizes prefill uses;
+  the padded slots over the calibrated per-call loads (redrawn to show their spread);
 - a group is resident (gets a program) only if the cost model says its calls beat
   MLX; its experts are "cold" otherwise and run on MLX, as do calls smaller than
   ``min_tokens`` (decode, typically).
@@ -18,11 +18,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_json
-from .cost import CostModel, predicted_offload_s
+from .cost import CostModel, flops_per_row, predicted_offload_s
 from .reference import tier_for
 
 PLAN_FORMAT = 1
-CALL_SIZES = (128, 256, 512, 1024, 2048)  # tokens per prefill call the ladders cover
 NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
 
 
@@ -41,8 +40,8 @@ class PlanLimits:
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
         if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows)
             base = cls("coreml", list(range(32, 4096 + 1, 32)))
-        elif backend in ("onnx", "mlx"):  # no alignment rule; 16 keeps padding low
-            base = cls(backend, list(range(16, 4096 + 1, 16)), max_programs=4096)
+        elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little
+            base = cls(backend, list(range(8, 4096 + 1, 8)), max_programs=4096)
         else:
             raise ValueError(f"unknown backend {backend!r}")
         for k, v in overrides.items():
@@ -131,40 +130,46 @@ def calls_for(groups: Sequence[GroupPlan], counts: np.ndarray, cold: Sequence[in
     return calls, spill
 
 
-def choose_ladder(samples: np.ndarray, capacities: Sequence[int], max_tiers: int) -> List[int]:
-    """Up to ``max_tiers`` capacities minimising sum over samples of (chosen tier - sample).
+def choose_ladder(
+    samples: np.ndarray, capacities: Sequence[int], max_tiers: int, weights: Optional[np.ndarray] = None
+) -> List[int]:
+    """Up to ``max_tiers`` capacities minimising sum_i w_i * (tier(s_i) - s_i) over samples.
 
-    samples: group max-loads (one per calibrated call); the top tier covers the
+    samples: group max-loads (one per calibrated call); weights default to 1 (use
+    1/call size so small and large calls count alike). The top tier covers the
     largest sample (or is the largest allowed capacity). 1-D DP over candidates.
     """
-    samples = np.sort(np.asarray(samples, float)[np.asarray(samples) > 0])
+    samples = np.asarray(samples, float)
+    w = np.ones_like(samples) if weights is None else np.asarray(weights, float)
+    keep = samples > 0
+    samples, w = samples[keep], w[keep]
     caps = np.asarray(capacities)
     if samples.size == 0:
         return [int(caps[0])]
+    o = np.argsort(samples, kind="stable")
+    samples, w = samples[o], w[o]
     top = int(caps[min(np.searchsorted(caps, samples[-1]), caps.size - 1)])
     # Candidate tiers: the smallest capacity >= each sample (others never help).
     cand = np.unique(caps[np.minimum(np.searchsorted(caps, samples), caps.size - 1)])
     cand = cand[cand <= top]
     m = cand.size
-    # cost(i, j): samples in (cand[i-1], cand[j]] all served by cand[j]
+    # samples in (cand[i-1], cand[j]] are served by cand[j]: sum w*(cand[j] - s)
     lo = np.searchsorted(samples, np.concatenate([[-np.inf], cand]), side="right")
-    prefix = np.concatenate([[0.0], np.cumsum(samples)])
+    pw = np.concatenate([[0.0], np.cumsum(w)])
+    pws = np.concatenate([[0.0], np.cumsum(w * samples)])
 
-    def seg(i, j):  # samples with cand[i-1] < s <= cand[j], served at cand[j]
-        a, b = lo[i], lo[j + 1]
-        return cand[j] * (b - a) - (prefix[b] - prefix[a])
+    def seg(a, b, c):  # samples [a, b) served at capacity c
+        return c * (pw[b] - pw[a]) - (pws[b] - pws[a])
 
     T = min(max_tiers, m)
-    INF = float("inf")
-    best = np.full((T + 1, m), INF)
+    best = np.full((T + 1, m), np.inf)
     back = np.zeros((T + 1, m), dtype=int)
     for j in range(m):
-        best[1, j] = seg(0, j)
+        best[1, j] = seg(lo[0], lo[j + 1], cand[j])
     for t in range(2, T + 1):
         for j in range(1, m):
             i = np.arange(j)
-            a, b = lo[i + 1], lo[j + 1]
-            c = best[t - 1, :j] + cand[j] * (b - a) - (prefix[b] - prefix[a])
+            c = best[t - 1, :j] + seg(lo[i + 1], lo[j + 1], cand[j])
             i_best = int(np.argmin(c))
             if c[i_best] < best[t, j] - 1e-9:
                 best[t, j], back[t, j] = c[i_best], i_best
@@ -177,25 +182,54 @@ def choose_ladder(samples: np.ndarray, capacities: Sequence[int], max_tiers: int
     return sorted(set(tiers))
 
 
-def _samples(layer_profile: dict, sizes: Sequence[int]) -> np.ndarray:
-    """(S, E) per-expert loads of calibrated calls, rescaled to each call size."""
-    rows = []
+def _samples(layer_profile: dict, draws: int = 16):
+    """(S, E) plausible per-expert loads of prefill calls, and (S,) the calls' sizes.
+
+    Each calibrated call (chunk) is redrawn ``draws`` times: a multinomial over
+    its k*tokens pairs with its own expert shares. The ladders then see how loads
+    scatter around what calibration saw, at the call sizes calibration used (set
+    ``--chunk-size`` to your prefill step); larger calls run the top tier again.
+    Seeded: the same profile gives the same samples.
+    """
+    rng = np.random.default_rng(0)
+    k = max(layer_profile.get("top_k") or 1, 1)
+    rows, call = [], []
     for ch in layer_profile["chunks"]:
         c = np.asarray(ch["counts"], float)
         if ch["tokens"] <= 0 or c.sum() == 0:
             continue
-        for s in sizes:
-            rows.append(np.ceil(c * s / ch["tokens"]))
-    if not rows:
+        rows.append(rng.multinomial(int(c.sum()), c / c.sum(), size=draws).astype(float))
+        call += [ch["tokens"]] * draws
+    if not rows:  # a profile without per-call records: one call of the whole corpus
         c = np.asarray(layer_profile["counts"], float)
-        tokens = c.sum() / max(layer_profile.get("top_k") or 1, 1)
-        rows = [np.ceil(c * s / max(tokens, 1)) for s in sizes]
-    return np.stack(rows)
+        return c[None], np.asarray([max(c.sum() / k, 1.0)])
+    return np.concatenate(rows), np.asarray(call, float)
 
 
 def _expert_bytes(D: int, H: int, quant: Optional[dict]) -> int:
     bits = quant["bits"] if quant else 32
     return 3 * D * H * bits // 8
+
+
+def _segment_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H: int):
+    """Seconds over all samples for one candidate group: (on programs, on MLX).
+
+    loads: (S, G). Programs are costed at the ideal capacity per sample (the
+    smallest allowed one >= the group's max load, top-tier rounds beyond it);
+    the real ladder is chosen afterwards for the groups that win.
+    """
+    G = loads.shape[1]
+    top = float(caps[-1])
+    peak = loads.max(1)  # (S,)
+    busy = peak > 0
+    rounds = np.ceil(peak / top)
+    last = peak - np.maximum(rounds - 1, 0) * top
+    rows = np.maximum(rounds - 1, 0) * top + caps[np.minimum(np.searchsorted(caps, last), caps.size - 1)]
+    per_row = cost.program_s(1, 1, D, H) - cost.dispatch_s
+    t_prog = float((busy * (rounds * cost.dispatch_s + G * rows * per_row)).sum())
+    pairs = loads.sum(1)
+    t_mlx = float(((pairs > 0) * cost.mlx_fixed_s + pairs * flops_per_row(D, H) / cost.mlx_flops).sum())
+    return t_prog, t_mlx
 
 
 def plan_layer(
@@ -206,36 +240,48 @@ def plan_layer(
     limits: PlanLimits,
     quant: Optional[dict] = None,
     path: str = "",
-    call_sizes: Sequence[int] = CALL_SIZES,
 ) -> LayerPlan:
+    """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
+
+    A DP over the ranking picks the cut with the least predicted time; each run
+    goes to a program or stays on MLX (cold), whichever the cost model prefers.
+    Runs of similar load pad little, so hot experts tend to get small groups and
+    lukewarm ones larger groups (fewer dispatches), as the costs dictate.
+    """
     E = lp_profile["num_experts"]
     k = lp_profile.get("top_k") or 1
     counts = np.asarray(lp_profile["counts"], float)
     rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
-    samples = _samples(lp_profile, call_sizes)  # (S, E)
+    samples, call = _samples(lp_profile)  # (S, E), (S,)
+    ranked = samples[:, rank]
+    caps = np.asarray(limits.capacities)
     max_g = max(1, min(limits.max_group, E, limits.max_program_bytes // max(_expert_bytes(D, H, quant), 1)))
+    sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
 
-    best = None
-    for G in sorted({g for g in (1, 2, 4, 8, 16, 32, 64, max_g) if g <= max_g}):
-        groups, cold, t_total = [], [], 0.0
-        for s in range(0, E, G):
-            ids = rank[s : s + G]
-            loads = samples[:, ids]  # (S, G)
-            tiers = choose_ladder(loads.max(1), limits.capacities, limits.max_tiers)
-            g = GroupPlan(sorted(ids), tiers)
-            t_prog = sum(
-                sum(cost.program_s(len(ids), c, D, H) for c in _round_caps(row, tiers)) for row in loads
-            )
-            t_mlx = sum(cost.mlx_s(int(row.sum()), D, H) for row in loads)
-            if loads.max() == 0 or t_prog >= t_mlx:
-                cold.extend(ids)
-                t_total += t_mlx
-            else:
-                groups.append(g)
-                t_total += t_prog
-        if best is None or t_total < best[0] - 1e-12:
-            best = (t_total, groups, cold)
-    _, groups, cold = best
+    best = np.full(E + 1, np.inf)
+    best[0] = 0.0
+    choice = [None] * (E + 1)  # (start, on_programs)
+    for j in range(1, E + 1):
+        for G in sizes:
+            i = j - G
+            if i < 0:
+                break
+            t_prog, t_mlx = _segment_costs(ranked[:, i:j], caps, cost, D, H)
+            on_prog = ranked[:, i:j].max() > 0 and t_prog < t_mlx
+            c = best[i] + (t_prog if on_prog else t_mlx)
+            if c < best[j] - 1e-15:
+                best[j], choice[j] = c, (i, on_prog)
+    groups, cold, j = [], [], E
+    while j > 0:
+        i, on_prog = choice[j]
+        ids = rank[i:j]
+        if on_prog:
+            tiers = choose_ladder(ranked[:, i:j].max(1), limits.capacities, limits.max_tiers, 1.0 / call)
+            groups.append(GroupPlan(sorted(ids), tiers))
+        else:
+            cold.extend(ids)
+        j = i
+    groups.reverse()  # hottest group first
     lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold))
     lp.min_tokens = _min_tokens(lp, cost, counts)
     if lp.min_tokens == NEVER:
