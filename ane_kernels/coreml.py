@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -242,6 +242,11 @@ def build_package(
     for tier in spec.tiers:
         progs[function_name(tier)] = prog = build_program(spec, tier, layout)
         problems += check_program(prog, limits)
+    if layout == "conv" and any(" axis " in p for p in problems):
+        problems.append(
+            f"hint: the conv layout puts G*D={spec.G * spec.D} and G*2H={spec.G * 2 * spec.H} "
+            "on the channel axis; use layout='matmul' or fewer experts per group"
+        )
     if check:
         require(problems, f"program {spec.name}")
 

@@ -5,7 +5,7 @@ differ by chip, so everything here is a field a caller can override, e.g.
 `Limits(max_axis=65536)` on chips that accept larger axes.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import FrozenSet, List
 
 import numpy as np

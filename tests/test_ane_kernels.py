@@ -14,7 +14,6 @@ from ane_kernels.spec import (
     quantize_affine,
     random_spec,
     reference_ffn,
-    unpack_bits,
 )
 
 ACTS = ("swiglu", "swiglu_oai", "geglu")
