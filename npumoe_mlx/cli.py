@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "plan": ("npumoe_mlx.plan", "print the offload plan (groups, tiers, residency) of a model"),
     "build": ("npumoe_mlx.bundle", "calibrate -> tune -> plan -> compile into a bundle"),
     "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
+    "bench": ("npumoe_mlx.bench", "benchmarks: `bench layer` (one MoE layer), `bench e2e` (whole model)"),
 }
 
 

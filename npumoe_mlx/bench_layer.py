@@ -1,0 +1,232 @@
+"""`npumoe bench layer`: one MoE layer of a real model's shape, offload vs stock SwitchGLU.
+
+Random weights at the preset's real dims (shared/reference/model-shapes.json),
+skewed routing like real models (Zipf popularity, Gumbel top-k), a synthetic
+calibration of the same routing, the cost model measured in this run, the plan,
+the programs, then per token count: offload and stock time, the backend's dense
+GEMM rate at the same dims (one expert's FFN over as many rows as an active expert
+gets in that call, measured in the same run; ``gemm_fraction`` = that rate over
+the offload path's), padding, calls, spill, and the cost model's predicted time
+next to the measured one.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from .atomic import write_json
+from .cost import flops_per_row
+from .experts import stock_experts
+
+SHAPES_FILE = Path(__file__).parent / "data" / "model-shapes.json"
+
+
+def load_shapes() -> dict:
+    return {k: v for k, v in json.loads(SHAPES_FILE.read_text()).items() if not k.startswith("_")}
+
+
+def popularity(E: int, skew: float, rng) -> np.ndarray:
+    """(E,) expert shares: Zipf(skew) over a random ranking (skew 0 = uniform)."""
+    p = 1.0 / np.arange(1, E + 1) ** skew
+    return (p / p.sum())[rng.permutation(E)]
+
+
+def route(N: int, k: int, p: np.ndarray, rng) -> np.ndarray:
+    """(N, k) distinct experts per token, drawn by popularity (Gumbel top-k)."""
+    g = np.log(p)[None, :] + rng.gumbel(size=(N, p.size))
+    return np.argsort(-g, axis=1)[:, :k].astype(np.uint32)
+
+
+def _median_s(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def bench_shape(
+    name: str,
+    shape: dict,
+    tokens: Sequence[int],
+    backend: str = "onnx",
+    q_bits: Optional[int] = 4,
+    skew: float = 1.0,
+    repeats: int = 3,
+    log=print,
+) -> List[dict]:
+    from .backends import load_backend
+    from .executor import OffloadExecutor
+    from .plan import PlanLimits, plan_layer
+    from .programs import spec_from_switch_glu
+    from .tune import tune
+
+    D, H, E, k = shape["hidden"], shape["expert_intermediate"], shape["experts"], shape["top_k"]
+    quant = {"mode": "affine", "bits": q_bits, "group_size": 64} if q_bits else None
+    rng = np.random.default_rng(0)
+    mx.random.seed(0)
+    m = SwitchGLU(D, H, E)
+    if quant:
+        nn.quantize(m, group_size=64, bits=q_bits)
+    mx.eval(m.parameters())
+    p = popularity(E, skew, rng)
+
+    # synthetic calibration: 4 prefill calls of 512 tokens with this routing
+    chunks = [{"tokens": 512, "counts": np.bincount(route(512, k, p, rng).ravel(), minlength=E).tolist()} for _ in range(4)]
+    prof = {"layer": 0, "path": "bench", "num_experts": E, "top_k": k,
+            "counts": np.sum([c["counts"] for c in chunks], 0).tolist(), "chunks": chunks}
+    log(f"[{name}] D={D} H={H} E={E} k={k} {'q%d' % q_bits if q_bits else 'float32'}: measuring costs")
+    cost = tune(backend, D, H, quant, repeats=3)
+    lp = plan_layer(prof, D, H, cost, PlanLimits.for_backend(backend), quant)
+    log(f"[{name}] plan: {len(lp.groups)} groups {[len(g.experts) for g in lp.groups]}, {len(lp.cold)} cold, "
+        f"offload from {lp.min_tokens} tokens")
+    be = load_backend(backend)
+    with tempfile.TemporaryDirectory() as tmp:
+        programs = []
+        for gi, g in enumerate(lp.groups):
+            spec = spec_from_switch_glu(m, layer=0, expert_ids=g.experts, tiers=g.tiers)
+            if backend == "onnx":
+                from ane_kernels.onnx import save_onnx
+
+                save_onnx(spec, Path(tmp) / f"g{gi}")
+                programs.append(be.load(Path(tmp) / f"g{gi}"))
+            else:
+                programs.append(be.load(spec))
+        ex = OffloadExecutor(lp, programs, cost)
+        rows = []
+        f = flops_per_row(D, H)
+        for N in tokens:
+            x = mx.random.normal((N, D)) / D**0.5
+            inds = mx.array(route(N, k, p, rng))
+            mx.eval(x, inds)
+            reps = repeats if N * k * f < 2e10 else 1
+            stock_y = stock_experts(m, x, inds)
+            mx.eval(stock_y)
+            t_stock = _median_s(lambda: mx.eval(stock_experts(m, x, inds)), reps)
+            y = ex(m, x, inds)
+            mx.eval(y)  # warm-up (ORT first run)
+            before = _snapshot(ex.stats)
+            t_off = _median_s(lambda: mx.eval(ex(m, x, inds)), reps)
+            st = _delta(ex.stats, before)
+            err = float(mx.abs(y - stock_y).max() / mx.abs(stock_y).max())
+            counts = np.bincount(np.array(inds).ravel(), minlength=E)
+            pred = lp.predicted(cost, N, counts)
+            # dense reference: one expert's FFN over as many rows as an active expert gets here
+            rows_per_expert = max(1, int(round(N * k / max((counts > 0).sum(), 1))))
+            t_gemm = _gemm_s(be, m, D, rows_per_expert, reps) * (N * k) / rows_per_expert
+            flops = N * k * f
+            row = {
+                "shape": name, "tokens": N, "backend": backend, "weights": f"q{q_bits}" if q_bits else "float32",
+                "offload_tps": N / t_off, "stock_tps": N / t_stock, "speedup": t_stock / t_off,
+                "achieved_gflops": flops / t_off / 1e9, "gemm_gflops": flops / t_gemm / 1e9,
+                "gemm_rows": rows_per_expert, "gemm_fraction": t_gemm / t_off,
+                "padding_pct": 100.0 * st["padded"] / max(st["slots"], 1),
+                "calls": st["program_calls"] / max(st["offloaded"], 1),
+                "spill_pct": 100.0 * st["spilled"] / max(st["pairs"], 1),
+                "offloaded": st["offloaded"] > 0,
+                "predicted_s": pred["offload_s"] if st["offloaded"] else pred["mlx_s"],
+                "measured_s": t_off, "stock_s": t_stock, "max_rel_err": err,
+            }
+            rows.append(row)
+            log(f"[{name}] {N:>5} tokens: offload {row['offload_tps']:9.1f} tok/s  stock {row['stock_tps']:9.1f} tok/s  "
+                f"x{row['speedup']:.2f}  gemm_fraction {row['gemm_fraction']:.2f}  padding {row['padding_pct']:.1f}%  "
+                f"calls {row['calls']:.1f}  spill {row['spill_pct']:.1f}%  predicted {row['predicted_s'] * 1e3:.1f} ms "
+                f"measured {t_off * 1e3:.1f} ms")
+    return rows
+
+
+def _snapshot(st) -> dict:
+    return {f: getattr(st, f) for f in ("offloaded", "program_calls", "slots", "padded", "pairs", "spilled")}
+
+
+def _delta(st, before: dict) -> dict:
+    now = _snapshot(st)
+    return {f: now[f] - before[f] for f in now}
+
+
+def _gemm_s(be, m: SwitchGLU, D: int, N: int, reps: int) -> float:
+    """Seconds of one dense FFN program (one expert, N rows, D and H of the layer)."""
+    from .programs import spec_from_switch_glu
+
+    C = max(8, -(-N // 8) * 8)
+    prog = be.load(spec_from_switch_glu(m, layer=0, expert_ids=[0], tiers=[C]))
+    x = np.random.default_rng(1).standard_normal((1, C, D)).astype(np.float32)
+    prog.run(x, C)
+    return _median_s(lambda: prog.run(x, C), reps) * N / C
+
+
+def plot(rows: List[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.2), squeeze=False)
+    for ax, s in zip(axes[0], shapes):
+        rs = [r for r in rows if r["shape"] == s]
+        n = [r["tokens"] for r in rs]
+        ax.plot(n, [r["offload_tps"] for r in rs], "o-", label=f"offload ({rs[0]['backend']})")
+        ax.plot(n, [r["stock_tps"] for r in rs], "s--", label="stock MLX SwitchGLU")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(s)
+        ax.set_xlabel("tokens per call")
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = str(path) + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    Path(tmp).replace(path)
+
+
+def main(argv=None) -> int:
+    shapes = load_shapes()
+    p = argparse.ArgumentParser(prog="npumoe bench layer", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", nargs="+", action="extend", required=True, metavar="PRESET",
+                   help=f"Presets: {', '.join(shapes)}, or 'all'.")
+    p.add_argument("--tokens", default="1,128,512,2048", help="Tokens per call, comma-separated.")
+    p.add_argument("--backend", choices=("onnx", "mlx"), default="onnx")
+    p.add_argument("--q-bits", type=int, choices=(0, 4, 8), default=4, help="Expert weights: 4/8-bit affine, or 0 for float32.")
+    p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of expert popularity (0 = uniform).")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="Write the rows as JSON.")
+    p.add_argument("--plot", help="Write a PNG plot.")
+    args = p.parse_args(argv)
+    names = list(shapes) if args.shape == ["all"] else args.shape
+    bad = [n for n in names if n not in shapes]
+    if bad:
+        raise ValueError(f"unknown shape preset {bad[0]!r}; choose from {', '.join(shapes)}")
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+        assert all(t > 0 for t in tokens)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--tokens must be positive integers separated by commas, got {args.tokens!r}") from None
+    rows = []
+    for n in names:
+        rows += bench_shape(n, shapes[n], tokens, args.backend, args.q_bits or None, args.skew, args.repeats)
+        if args.json:  # keep what is measured so far
+            write_json(args.json, {"rows": rows, "machine": _machine()})
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "mlx_device": str(mx.default_device())}
