@@ -45,15 +45,35 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "npumoe")
 
 
-def default_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
-    """Beside a local model (``<model>/npumoe-<backend>``); in the cache for hub snapshots."""
-    model_path = Path(model_path)
-    if "snapshots" in model_path.parts or not os.access(model_path, os.W_OK):
-        from .fingerprint import model_fingerprint
+def cached_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
+    """``$NPUMOE_CACHE/bundles/<fingerprint>-<backend>``: where hub models' bundles live."""
+    from .fingerprint import model_fingerprint
 
-        fp = fingerprint or model_fingerprint(model_path)
-        return cache_root() / "bundles" / f"{fp[:16]}-{backend}"
+    fp = fingerprint or model_fingerprint(model_path)
+    return cache_root() / "bundles" / f"{fp[:16]}-{backend}"
+
+
+def _is_hub_snapshot(model_path: Path) -> bool:
+    return "snapshots" in model_path.parts or not os.access(model_path, os.W_OK)
+
+
+def default_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
+    """Where a new bundle goes: beside a local model (``<model>/npumoe-<backend>``),
+    in the cache (keyed by the weights' fingerprint) for hub snapshots."""
+    model_path = Path(model_path)
+    if _is_hub_snapshot(model_path):
+        return cached_bundle_dir(model_path, backend, fingerprint)
     return model_path / f"npumoe-{backend}"
+
+
+def find_bundle(model_path, backend: str) -> Optional[Path]:
+    """An existing bundle for this model: beside it first, then in the cache."""
+    model_path = Path(model_path)
+    beside = model_path / f"npumoe-{backend}"
+    if (beside / "manifest.json").exists():
+        return beside
+    cached = cached_bundle_dir(model_path, backend)
+    return cached if (cached / "manifest.json").exists() else None
 
 
 def _sha256(path: Path) -> str:

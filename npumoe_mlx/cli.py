@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "tune": ("npumoe_mlx.tune", "measure this machine's costs -> cost model"),
     "plan": ("npumoe_mlx.plan", "print the offload plan (groups, tiers, residency) of a model"),
     "build": ("npumoe_mlx.bundle", "calibrate -> tune -> plan -> compile into a bundle"),
+    "convert": ("npumoe_mlx.convert", "Hugging Face or MLX model -> MLX weights + offload bundle"),
     "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
     "bench": ("npumoe_mlx.bench", "benchmarks: `bench layer` (one MoE layer), `bench e2e` (whole model)"),
 }

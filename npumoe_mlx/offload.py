@@ -62,7 +62,7 @@ def apply(
     if not any(b.supported for b in experts.find_expert_blocks(model, config)):
         _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
         return "off"
-    path = Path(bundle) if bundle else (bundles.default_bundle_dir(model_path, want) if model_path else None)
+    path = Path(bundle) if bundle else (bundles.find_bundle(model_path, want) if model_path else None)
     if path is None or not (path / "manifest.json").exists():
         where = f" at {path}" if path else ""
         if mode == "auto" and not bundle:
