@@ -1,0 +1,69 @@
+"""`npumoe convert`: HF-layout and MLX sources -> MLX weights + bundle; generate finds it."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+from mlx_lm import load as stock_load
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+import npumoe_mlx
+from npumoe_mlx.convert import is_mlx_layout, main
+from npumoe_mlx.executor import offload_stats, summarize
+from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.workloads import prompt_of_tokens
+
+
+def _greedy(model, tok, ids, n=24):
+    return [r.token for r in stream_generate(model, tok, ids, max_tokens=n, sampler=make_sampler(0.0))]
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("hf") / "m", "qwen3_moe", hf_layout=True, seed=6, skew=1.0)
+
+
+@pytest.mark.parametrize("quant", [[], ["-q", "--q-bits", "4", "--q-group-size", "32"]], ids=["f32", "q4"])
+def test_convert_hf_layout_then_generate(hf_model, tmp_path, quant, capsys):
+    assert not is_mlx_layout(hf_model)
+    out = tmp_path / "mlx"
+    assert main(["--hf-path", str(hf_model), "--mlx-path", str(out), "--no-tune", "--tokens", "256", *quant]) == 0
+    assert is_mlx_layout(out) and (out / "npumoe-onnx" / "manifest.json").is_file()
+    assert "bundle written to" in capsys.readouterr().out
+
+    stock, tok = stock_load(str(out))
+    ours, tok2 = npumoe_mlx.load(str(out), quiet=True)  # offload auto finds the bundle beside it
+    ids = prompt_of_tokens(tok, 300, seed=2)
+    assert _greedy(ours, tok2, ids) == _greedy(stock, tok, ids)
+    assert summarize(offload_stats(ours))["offloaded_calls"] > 0
+
+
+def test_convert_mlx_model_is_cached_and_idempotent(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_model(tmp_path / "m", "mixtral", seed=8)
+    args = ["--model", str(model), "--no-tune", "--tokens", "256"]
+    assert main(args) == 0
+    bundles = list((tmp_path / "cache" / "bundles").iterdir())
+    assert len(bundles) == 1 and bundles[0].name.endswith("-onnx")
+    assert not (model / "npumoe-onnx").exists()  # an MLX model is left untouched
+    manifest = (bundles[0] / "manifest.json").read_text()
+    inode = bundles[0].stat().st_ino
+    capsys.readouterr()
+
+    assert main(args) == 0  # second run: nothing to do
+    assert "up to date; nothing to do" in capsys.readouterr().out
+    assert (bundles[0] / "manifest.json").read_text() == manifest
+
+    assert main(args + ["--force"]) == 0  # --force rebuilds
+    assert "bundle written to" in capsys.readouterr().out
+    assert bundles[0].stat().st_ino != inode  # a new folder was renamed into place
+
+    ours, _ = npumoe_mlx.load(str(model), quiet=True)  # found in the cache by fingerprint
+    from npumoe_mlx.experts import installed_blocks
+
+    assert installed_blocks(ours)
+
+    assert main(args + ["--in-place"]) == 0
+    assert (model / "npumoe-onnx" / "manifest.json").is_file()
