@@ -6,7 +6,6 @@ group's static-tier programs for one layer of a model and checks them.
 """
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -18,12 +17,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 from ane_kernels.spec import AffineWeight, ProgramSpec
 
-# Activation class name (as mlx_lm spells it) -> ProgramSpec.activation
-ACTIVATIONS = {
-    "SwiGLU": "swiglu",  # silu(gate) * up
-    "SwigluOAI": "swiglu_oai",  # gpt-oss clamped SwiGLU
-    "GeGLU": "geglu",  # gemma4: gelu_approx(gate) * up
-}
+from .experts import ACTIVATIONS, find_expert_blocks
 
 
 def _np(a: mx.array, dtype=None) -> np.ndarray:
@@ -142,16 +136,8 @@ def spec_from_dense_mlp(
 
 
 def switch_glu_layers(model) -> dict:
-    """{decoder layer index: (module path, SwitchGLU)} from `...layers.<L>...` paths."""
-    found = {}
-    for path, m in model.named_modules():
-        if isinstance(m, SwitchGLU):
-            idx = re.findall(r"layers\.(\d+)\.", path + ".")
-            layer = int(idx[-1]) if idx else -1
-            if layer in found:
-                raise ValueError(f"two SwitchGLU modules in layer {layer}: {found[layer][0]}, {path}")
-            found[layer] = (path, m)
-    return dict(sorted(found.items()))
+    """{decoder layer index: (module path, SwitchGLU)} of the model's offloadable blocks."""
+    return {b.layer: (b.path, b.module) for b in find_expert_blocks(model) if b.supported}
 
 
 def _ints(s: str):
