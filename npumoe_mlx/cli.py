@@ -13,7 +13,9 @@ SUBCOMMANDS = {
     "build": ("npumoe_mlx.bundle", "calibrate -> tune -> plan -> compile into a bundle"),
     "convert": ("npumoe_mlx.convert", "Hugging Face or MLX model -> MLX weights + offload bundle"),
     "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
+    "compare": ("npumoe_mlx.compare", "offload vs stock MLX: speed, CPU, memory, energy, agreement"),
     "bench": ("npumoe_mlx.bench", "benchmarks: `bench layer` (one MoE layer), `bench e2e` (whole model)"),
+    "demo": ("npumoe_mlx.demo", "build a demo MoE model and bundle, generate, compare"),
 }
 
 

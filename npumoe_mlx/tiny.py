@@ -600,7 +600,11 @@ def load_shape_presets() -> Dict[str, dict]:
 
 
 def _dims(
-    family: str, shape: Optional[str], num_layers: Optional[int], num_experts: Optional[int]
+    family: str,
+    shape: Optional[str],
+    num_layers: Optional[int],
+    num_experts: Optional[int],
+    dims: Optional[dict] = None,
 ) -> Dims:
     d = Dims(layers=_DEFAULT_LAYERS.get(family, 2))
     if shape is not None:
@@ -631,6 +635,11 @@ def _dims(
             head_dim=head_dim,
             first_dense=p.get("first_dense_layers", 0),
         )
+    if dims:  # explicit overrides, e.g. the demo's "small but not toy" model
+        unknown = set(dims) - set(Dims.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown dims {sorted(unknown)}; known: {', '.join(Dims.__dataclass_fields__)}")
+        d = replace(d, **dims)
     if num_layers is not None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -648,11 +657,12 @@ def tiny_config(
     shape: Optional[str] = None,
     num_layers: Optional[int] = None,
     num_experts: Optional[int] = None,
+    dims: Optional[dict] = None,
 ) -> dict:
     """The config.json dict ``make_tiny_model`` writes (before quantization)."""
     if family not in _CONFIGS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    return _CONFIGS[family](_dims(family, shape, num_layers, num_experts))
+    return _CONFIGS[family](_dims(family, shape, num_layers, num_experts, dims))
 
 
 # ---------------------------------------------------------------------------
@@ -817,6 +827,7 @@ def build_model(
     shape: Optional[str] = None,
     num_layers: Optional[int] = None,
     num_experts: Optional[int] = None,
+    dims: Optional[dict] = None,
 ) -> tuple:
     """(model, config): mlx_lm's own model class for ``family``, seeded float32 weights.
 
@@ -824,7 +835,7 @@ def build_model(
     """
     from mlx_lm.utils import _get_classes
 
-    config = tiny_config(family, shape=shape, num_layers=num_layers, num_experts=num_experts)
+    config = tiny_config(family, shape=shape, num_layers=num_layers, num_experts=num_experts, dims=dims)
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
@@ -1002,8 +1013,11 @@ def make_tiny_model(
     seed: int = 0,
     num_layers: Optional[int] = None,
     num_experts: Optional[int] = None,
+    dims: Optional[dict] = None,
 ) -> Path:
     """Write a random checkpoint loadable by ``mlx_lm.load(out)``; returns ``out``.
+
+    ``dims`` overrides any ``Dims`` field (hidden, moe_inter, experts, top_k, ...).
 
     The folder is built next to ``out`` and renamed into place, so a reader
     never sees a half-written model. An existing ``out`` is replaced only if it
@@ -1019,7 +1033,7 @@ def make_tiny_model(
         raise ValueError("hf_layout writes float checkpoints; quantize with mlx_lm.convert instead")
     if hf_layout and family not in _TO_HF:
         raise ValueError(f"hf_layout is not supported for family {family!r}: {HF_LAYOUT_UNSUPPORTED[family]}")
-    d = _dims(family, shape, num_layers, num_experts)  # validates shape / counts
+    d = _dims(family, shape, num_layers, num_experts, dims)  # validates shape / counts
     if q_bits is not None and (d.hidden % q_group_size or d.moe_inter % q_group_size):
         raise ValueError(
             f"q_group_size {q_group_size} must divide hidden {d.hidden} and expert width {d.moe_inter}"
@@ -1031,7 +1045,7 @@ def make_tiny_model(
         raise FileExistsError(f"{out} exists and is not an empty or tiny-model folder; refusing to overwrite")
 
     model, config = build_model(
-        family, seed=seed, skew=skew, shape=shape, num_layers=num_layers, num_experts=num_experts
+        family, seed=seed, skew=skew, shape=shape, num_layers=num_layers, num_experts=num_experts, dims=dims
     )
     moe_layers = [p for p, _ in _moe_blocks(model)]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1060,6 +1074,7 @@ def make_tiny_model(
             "shape": shape,
             "num_layers": d.layers,
             "num_experts": d.experts,
+            "dims": dims,
             "moe_layers": moe_layers,
             "tokenizer_size": n_tokens,
         }

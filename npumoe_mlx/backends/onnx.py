@@ -22,18 +22,32 @@ from . import BackendError, Program
 
 
 class OnnxProgram(Program):
-    def __init__(self, name: str, sessions: Dict[int, "object"], G: int, D: int):
+    """One program's tiers. Sessions open on a tier's first run (``lazy``): a bundle
+    has many tiers, most calls use a few, and each session costs tens of ms to open."""
+
+    def __init__(self, name: str, sources: Dict[int, "object"], G: int, D: int, open_session, lazy: bool = True):
         self.name, self.G, self.D = name, G, D
-        self.sessions = dict(sorted(sessions.items()))
-        self.tiers = tuple(self.sessions)
+        self._sources = dict(sorted(sources.items()))
+        self._open = open_session
+        self.tiers = tuple(self._sources)
+        self.sessions = {}
         self._bound = {}
+        if not lazy:
+            for t in self.tiers:
+                self.session(t)
+
+    def session(self, tier):
+        s = self.sessions.get(tier)
+        if s is None:
+            s = self.sessions[tier] = self._open(self._sources[tier])
+        return s
 
     def _binding(self, tier):
         b = self._bound.get(tier)
         if b is None:
             import onnxruntime as ort
 
-            sess = self.sessions[tier]
+            sess = self.session(tier)
             y = np.empty((self.G, tier, self.D), np.float32)
             io = sess.io_binding()
             io.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(y))
@@ -55,10 +69,12 @@ class Backend:
         providers: Optional[Sequence[Union[str, tuple]]] = None,
         threads: Optional[int] = None,
         provider_options: Optional[Sequence[dict]] = None,
+        lazy: bool = True,
     ):
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.threads = threads
         self.provider_options = provider_options
+        self.lazy = lazy
 
     def _session(self, model):
         import onnxruntime as ort
@@ -94,16 +110,15 @@ class Backend:
                 models[t] = (m, str(p))
             name = Path(paths[0]).name.split(".c")[0]
         shapes = set()
-        sessions = {}
         for t, (m, model) in models.items():
             x = next(i for i in m.graph.input if i.name == INPUT_NAME)
             dims = [d.dim_value for d in x.type.tensor_type.shape.dim]
             shapes.add((dims[0], dims[2]))
-            sessions[t] = self._session(model)
         if len(shapes) != 1:
             raise BackendError(f"graphs of different programs mixed in {src}: (G, D) {shapes}")
         G, D = shapes.pop()
-        return OnnxProgram(name, sessions, G, D)
+        sources = {t: model for t, (_, model) in models.items()}
+        return OnnxProgram(name, sources, G, D, self._session, lazy=self.lazy)
 
     @staticmethod
     def _paths(src) -> List[Path]:
