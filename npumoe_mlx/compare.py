@@ -1,0 +1,649 @@
+"""`npumoe compare`: the offload path against stock MLX on the same prompts.
+
+Both sides are measured the same way, one after the other in this process: load
+(``offload=<backend>`` or ``offload="off"``), a short warm-up (a 2-token generation
+of the first prompt's head, plus one call of every program tier) so one-time costs
+(onnxruntime / Core ML first runs, MLX kernel setup) are not counted, then per
+prompt one greedy ``stream_generate`` wrapped in wall, CPU, memory and energy
+meters (``meters.py``). Then the generated tokens are compared position by position
+and both models' logits over one prompt (same chunks as prefill).
+
+Writes ``compare.json``, ``compare.md`` and ``compare.png`` into ``--out``.
+"""
+
+import argparse
+import gc
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .atomic import write_json
+
+DEFAULT_PROMPT_TOKENS = (1024, 4096)
+PREFILL_STEP = 2048  # mlx_lm's default prefill_step_size
+WARMUP_TOKENS = 256  # prefix of the first prompt generated (2 tokens) before measuring
+LOGIT_BYTES = 1 << 28  # logits kept per side for the logit check (positions x vocab x 4)
+METRICS = ("ttft_s", "prefill_tps", "decode_tps", "cpu_s_per_token", "peak_mem_gb", "energy_j")
+
+
+class CompareError(ValueError):
+    """Cannot compare as asked; the message says what to do."""
+
+
+# --- labels ---------------------------------------------------------------------
+
+
+def mlx_device_label() -> str:
+    dev = mx.default_device()
+    if dev.type == mx.gpu:
+        return "GPU (MLX Metal)" if sys.platform == "darwin" else "GPU (MLX CUDA)"
+    return "MLX CPU"
+
+
+def offload_device_label(backend: str, model=None) -> str:
+    """The device the expert programs really ran on (from the loaded sessions when there are any)."""
+    if backend == "coreml":
+        return "ANE (Core ML)"
+    if backend == "onnx":
+        providers = []
+        for ex in _executors(model) if model is not None else []:
+            for prog in ex.programs:
+                for sess in getattr(prog, "sessions", {}).values():
+                    providers.append(sess.get_providers()[0])
+        name = providers[0] if providers else "CPUExecutionProvider"
+        return f"ONNX Runtime {name.replace('ExecutionProvider', '')}"
+    return mlx_device_label()
+
+
+def machine_info() -> dict:
+    import mlx_lm
+
+    cpu = platform.processor()
+    try:  # Linux: the CPU model name
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "system": platform.system(),
+        "release": platform.release(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "mlx_device": str(mx.default_device()),
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if hasattr(os, "getloadavg"):
+        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine
+    return info
+
+
+def loadavg_at_end() -> dict:
+    return {"loadavg_at_end": [round(x, 2) for x in os.getloadavg()]} if hasattr(os, "getloadavg") else {}
+
+
+# --- one side -------------------------------------------------------------------
+
+
+def _executors(model) -> List:
+    from .executor import OffloadExecutor
+    from .experts import installed_blocks
+
+    return [m.executor for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
+
+
+def _reset_stats(model) -> None:
+    from .executor import LayerStats
+
+    for ex in _executors(model):
+        ex.stats = LayerStats(ex.plan.layer)
+
+
+def warm_up(model, tokenizer, ids: Sequence[int], prefill_step: int) -> float:
+    """A 2-token generation of ``ids`` and one run of every program tier; returns seconds."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    t0 = time.perf_counter()
+    for ex in _executors(model):
+        for prog, g in zip(ex.programs, ex.plan.groups):
+            for tier in g.tiers:
+                prog.run(np.zeros((len(g.experts), tier, ex.plan.D), np.float32), tier)
+    for _ in stream_generate(model, tokenizer, list(ids), max_tokens=2, sampler=make_sampler(0.0),
+                             prefill_step_size=prefill_step):
+        pass
+    _reset_stats(model)
+    return time.perf_counter() - t0
+
+
+def measure_run(model, tokenizer, ids: Sequence[int], max_tokens: int, prefill_step: int, meters) -> dict:
+    """One greedy generation of ``ids`` under ``meters``: the metrics of one prompt on one side."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from .executor import offload_stats, summarize
+
+    _reset_stats(model)
+    tokens, ttft, last = [], None, None
+    gc.collect()
+    meters.start()
+    t0 = time.perf_counter()
+    for r in stream_generate(model, tokenizer, list(ids), max_tokens=max_tokens, sampler=make_sampler(0.0),
+                             prefill_step_size=prefill_step):
+        if ttft is None:
+            ttft = time.perf_counter() - t0
+        tokens.append(int(r.token))
+        last = r
+    reading = meters.stop()
+    n = len(ids) + len(tokens)
+    out = {
+        "prompt_tokens": len(ids),
+        "generated_tokens": len(tokens),
+        "ttft_s": ttft,
+        "prefill_tps": last.prompt_tps,
+        "decode_tps": last.generation_tps,
+        "wall_s": reading.wall_s,
+        "cpu_s": reading.cpu_s,
+        "cpu_s_per_token": reading.cpu_s / n,
+        "peak_mem_gb": reading.peak_rss_bytes / 1e9,
+        "mlx_peak_mem_gb": reading.mlx_peak_bytes / 1e9,
+        "energy_j": reading.energy_j,
+        "energy_j_per_token": None if reading.energy_j is None else reading.energy_j / n,
+        "tokens": tokens,
+    }
+    stats = offload_stats(model)
+    if stats:
+        out["offload_stats"] = summarize(stats)
+        out["layer_stats"] = [s.to_dict() for s in stats]
+    return out
+
+
+def prompt_logits(model, ids: Sequence[int], prefill_step: int, keep: int) -> np.ndarray:
+    """Logits (positions, vocab) of the last ``keep`` prompt positions, run in prefill chunks."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    x = mx.array(list(ids))[None]  # (1, T)
+    T, rows = x.shape[1], []
+    for i in range(0, T, prefill_step):
+        logits = model(x[:, i : i + prefill_step], cache=cache)  # (1, t, V)
+        lo = max(T - keep - i, 0)
+        if lo < logits.shape[1]:
+            rows.append(np.array(logits[0, lo:].astype(mx.float32)))
+        else:
+            mx.eval([c.state for c in cache])
+    return np.concatenate(rows, axis=0)
+
+
+def measure_side(
+    model_path: str,
+    offload: str,
+    prompts: Sequence[Tuple[str, List[int]]],
+    *,
+    max_tokens: int,
+    prefill_step: int = PREFILL_STEP,
+    bundle: Optional[str] = None,
+    logit_prompt: Optional[int] = 0,
+    repeats: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Load one side (``offload="off"`` is stock mlx_lm), warm up, measure every prompt.
+
+    Returns {"offload", "device", "warmup_s", "runs": [measure_run dicts], "logits",
+    "energy_note", "mem_note"}; the model is released before returning.
+    """
+    from .loading import load
+    from .meters import Meters
+
+    side = "stock" if offload == "off" else "offload"
+    t0 = time.perf_counter()
+    model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True)
+    log(f"[{side}] loaded in {time.perf_counter() - t0:.1f} s; warming up")
+    warm = warm_up(model, tokenizer, prompts[0][1][:WARMUP_TOKENS], prefill_step)
+    device = mlx_device_label() if offload == "off" else offload_device_label(offload, model)
+    meters = Meters()
+    runs = []
+    for name, ids in prompts:
+        tries = [measure_run(model, tokenizer, ids, max_tokens, prefill_step, meters) for _ in range(repeats)]
+        r = sorted(tries, key=lambda t: t["wall_s"])[(len(tries) - 1) // 2]  # the median run, whole
+        r["repeats_wall_s"] = [t["wall_s"] for t in tries]
+        runs.append(r)
+        log(f"[{side}] {name}: ttft {r['ttft_s']:.2f} s, prefill {r['prefill_tps']:.1f} tok/s, "
+            f"decode {r['decode_tps']:.1f} tok/s")
+    logits = None
+    if logit_prompt is not None:
+        ids = prompts[logit_prompt][1]
+        vocab = model.args.vocab_size if hasattr(model, "args") and hasattr(model.args, "vocab_size") else None
+        keep = len(ids) if not vocab else max(1, min(len(ids), LOGIT_BYTES // (4 * vocab)))
+        logits = prompt_logits(model, ids, prefill_step, keep)
+    out = {
+        "offload": offload, "device": device, "warmup_s": warm, "runs": runs, "logits": logits,
+        "energy_meter": meters.energy.name, "energy_note": meters.energy.note, "mem_note": meters.memory.note,
+    }
+    del model
+    gc.collect()
+    mx.clear_cache()
+    return out
+
+
+# --- comparing ------------------------------------------------------------------
+
+
+def token_agreement(a: Sequence[int], b: Sequence[int]) -> Tuple[float, Optional[int]]:
+    """Fraction of positions (over the longer output) with equal tokens, and the first differing position."""
+    n = max(len(a), len(b))
+    if n == 0:
+        return 1.0, None
+    same = [x == y for x, y in zip(a, b)]
+    first = next((i for i, s in enumerate(same) if not s), None)
+    if first is None and len(a) != len(b):
+        first = min(len(a), len(b))
+    return sum(same) / n, first
+
+
+def max_logit_diff_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """max|a - b| / max|b| (b is the stock side)."""
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def aggregate(runs: List[dict]) -> dict:
+    """Side summary: means over prompts; peak memory is the max, energy the sum (None if any is)."""
+    mean = lambda k: float(np.mean([r[k] for r in runs]))
+    energy = [r["energy_j"] for r in runs]
+    tokens = sum(r["prompt_tokens"] + r["generated_tokens"] for r in runs)
+    total = None if any(e is None for e in energy) else float(sum(energy))
+    return {
+        "ttft_s": mean("ttft_s"),
+        "prefill_tps": mean("prefill_tps"),
+        "decode_tps": mean("decode_tps"),
+        "cpu_s_per_token": mean("cpu_s_per_token"),
+        "peak_mem_gb": max(r["peak_mem_gb"] for r in runs),
+        "mlx_peak_mem_gb": max(r["mlx_peak_mem_gb"] for r in runs),
+        "energy_j": total,
+        "energy_j_per_token": None if total is None else total / tokens,
+    }
+
+
+def placement(bundle_dir: Path, runs: List[dict]) -> List[dict]:
+    """Per MoE layer: the plan (groups, cold experts, min_tokens) and what ran (summed over prompts)."""
+    from . import bundle as bundles
+    from .executor import LayerStats, summarize
+    from .plan import NEVER
+
+    plan = bundles.read(bundle_dir).plan
+    totals: Dict[int, LayerStats] = {}
+    for r in runs:
+        for d in r.get("layer_stats", []):
+            t = totals.setdefault(d["layer"], LayerStats(d["layer"]))
+            for k, v in d.items():
+                if k not in ("layer", "fallback"):
+                    setattr(t, k, getattr(t, k) + v)
+                elif k == "fallback" and v:
+                    t.fallback = v
+    out = []
+    for lp in plan.layers:
+        s = summarize([totals.get(lp.layer, LayerStats(lp.layer))])
+        out.append({
+            "layer": lp.layer,
+            "num_experts": lp.num_experts,
+            "groups": [{"experts": g.experts, "tiers": g.tiers} for g in lp.groups],
+            "experts_on_programs": sum(len(g.experts) for g in lp.groups),
+            "cold": list(lp.cold),
+            "min_tokens": None if lp.min_tokens >= NEVER else lp.min_tokens,
+            "layer_calls": s["layer_calls"],
+            "offloaded_calls": s["offloaded_calls"],
+            "program_calls": s["program_calls"],
+            "padding_pct": s["padding_pct"],
+            "spill_pct": s["spill_pct"],
+            "fallback": totals[lp.layer].fallback if lp.layer in totals else "",
+        })
+    return out
+
+
+def parse_token_list(text: str) -> Tuple[int, ...]:
+    """'1024,4096' -> (1024, 4096); raises ValueError with a one-line reason."""
+    try:
+        vals = tuple(int(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated positive integers like 1024,4096, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ValueError(f"expected comma-separated positive integers like 1024,4096, got {text!r}")
+    return vals
+
+
+def _prompts(model_path: str, prompt_tokens, prompts, seed: int) -> List[Tuple[str, List[int]]]:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from mlx_lm.utils import load_tokenizer
+
+    from .workloads import prompt_of_tokens
+
+    tok = load_tokenizer(Path(model_path))
+    if prompts:
+        out = []
+        for text in prompts:
+            w = tok if isinstance(tok, TokenizerWrapper) else TokenizerWrapper(tok)
+            special = w.bos_token is None or not text.startswith(w.bos_token)  # as stream_generate does
+            ids = list(w.encode(text, add_special_tokens=special))
+            if not ids:
+                raise CompareError("an empty --prompt has no tokens to compare")
+            short = text if len(text) <= 32 else text[:29] + "..."
+            out.append((f"{short!r} ({len(ids)} tokens)", ids))
+        return out
+    return [(f"{n} tokens", prompt_of_tokens(tok, n, seed)) for n in prompt_tokens]
+
+
+def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[str], build: bool,
+                  prefill_step: int, log) -> Path:
+    """The bundle folder to use; built when missing and ``build``, else a one-line error."""
+    from . import bundle as bundles
+    from .lock import build_lock
+
+    path = Path(bundle) if bundle else bundles.default_bundle_dir(local, backend)
+    if (path / "manifest.json").exists():
+        return path
+    if not build:
+        raise CompareError(
+            f"no {backend} bundle for {model_path} at {path}; build it with "
+            f"`npumoe build --model {model_path} --backend {backend}` (or pass --build)"
+        )
+    log(f"no {backend} bundle at {path}: building it (npumoe build --model {model_path} --backend {backend})")
+    with build_lock(path):
+        bundles.build(str(local), backend, str(path), chunk_size=min(prefill_step, 512), log=log)
+    return path
+
+
+def compare(
+    model_path: str,
+    *,
+    prompt_tokens: Sequence[int] = DEFAULT_PROMPT_TOKENS,
+    prompts: Optional[Sequence[str]] = None,
+    max_tokens: int = 32,
+    backend: str = "auto",
+    out_dir="npumoe-compare",
+    build: bool = False,
+    bundle: Optional[str] = None,
+    prefill_step: int = PREFILL_STEP,
+    seed: int = 0,
+    check_logits: bool = True,
+    repeats: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Measure the offload path and stock MLX on the same prompts; write compare.{json,md,png}.
+
+    Returns the compare.json dict. ``prompts`` (texts) replaces ``prompt_tokens``
+    (synthetic long-context prompts of exactly that many tokens).
+    """
+    from mlx_lm import utils as mlx_utils
+
+    from .offload import resolve
+
+    if backend not in ("auto", "onnx", "coreml"):
+        raise CompareError(f"--backend must be auto, onnx or coreml, got {backend!r}")
+    if max_tokens < 2:
+        raise CompareError("--max-tokens must be >= 2 (decode speed needs at least two generated tokens)")
+    if prefill_step < 1 or repeats < 1:
+        raise CompareError("--prefill-step and --repeats must be >= 1")
+    want = resolve(backend)
+    local = Path(mlx_utils._download(model_path))
+    bundle_dir = ensure_bundle(model_path, local, want, bundle, build, prefill_step, log)
+    ids = _prompts(str(local), prompt_tokens, prompts, seed)
+    logit_prompt = 0 if check_logits else None
+
+    machine = machine_info()
+    sides = {}
+    for side, mode in (("stock", "off"), ("offload", want)):
+        sides[side] = measure_side(str(local), mode, ids, max_tokens=max_tokens, prefill_step=prefill_step,
+                                   bundle=str(bundle_dir) if mode != "off" else None,
+                                   logit_prompt=logit_prompt, repeats=repeats, log=log)
+    off, stock = sides["offload"], sides["stock"]
+    machine.update(loadavg_at_end())
+
+    per_prompt = []
+    agreements = []
+    for (name, p), ro, rs in zip(ids, off["runs"], stock["runs"]):
+        agree, first = token_agreement(ro["tokens"], rs["tokens"])
+        agreements.append(agree)
+        pick = lambda r: {k: v for k, v in r.items() if k not in ("layer_stats",)}
+        per_prompt.append({
+            "name": name, "prompt_tokens": len(p), "token_agreement": agree, "first_divergence": first,
+            "offload": pick(ro), "stock": pick(rs),
+        })
+    logit_diff = None
+    if check_logits:
+        logit_diff = max_logit_diff_rel(off["logits"], stock["logits"])
+    devices = {"offload": off["device"], "stock": stock["device"], "offload_non_expert": mlx_device_label()}
+    result = {
+        "model": model_path,
+        "backend": want,
+        "bundle": str(bundle_dir),
+        "devices": devices,
+        "machine": machine,
+        "max_tokens": max_tokens,
+        "prefill_step": prefill_step,
+        "repeats": repeats,
+        "prompts": per_prompt,
+        "offload": {**aggregate(off["runs"]), "energy_note": off["energy_note"], "warmup_s": off["warmup_s"]},
+        "stock": {**aggregate(stock["runs"]), "energy_note": stock["energy_note"], "warmup_s": stock["warmup_s"]},
+        "energy_note": off["energy_note"],
+        "token_agreement": float(np.mean(agreements)),
+        "max_logit_diff_rel": logit_diff,
+        "logit_check": None if not check_logits else {
+            "prompt": ids[0][0], "positions": int(stock["logits"].shape[0]), "vocab": int(stock["logits"].shape[1]),
+        },
+        "placement": placement(bundle_dir, off["runs"]),
+        "notes": {
+            "method": "each side: load, warm-up (2-token generation of the first prompt's first "
+            f"{WARMUP_TOKENS} tokens + one run of every program tier; not counted), then one greedy "
+            "stream_generate per prompt; stock first, then offload, in one process",
+            "aggregate": "side values are means over prompts; peak_mem_gb is the max, energy_j the sum",
+            "ttft_s": "wall time from calling stream_generate to the first token (prefill + first sample)",
+            "prefill_tps": "mlx_lm GenerationResponse.prompt_tps",
+            "decode_tps": "mlx_lm GenerationResponse.generation_tps (last response)",
+            "cpu_s_per_token": "time.process_time() of the whole run (all threads) / (prompt + generated tokens)",
+            "memory": off["mem_note"],
+            "energy": off["energy_note"] if off["energy_meter"] != "none"
+            else f"unavailable, energy_j is null: {off['energy_note']}",
+            "token_agreement": "greedy (temp 0); equal positions / generated positions of the longer side",
+            "max_logit_diff_rel": "max|offload - stock| / max|stock| over the logit_check positions",
+        },
+    }
+    write_outputs(result, Path(out_dir))
+    return result
+
+
+# --- output ---------------------------------------------------------------------
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def _ratio(a, b) -> str:
+    if a is None or b is None or not b:
+        return ""
+    return f"{a / b:.2f}x"
+
+
+_ROWS = (
+    ("TTFT (s)", "ttft_s"),
+    ("prefill tok/s", "prefill_tps"),
+    ("decode tok/s", "decode_tps"),
+    ("CPU s / token", "cpu_s_per_token"),
+    ("peak RSS (GB)", "peak_mem_gb"),
+    ("MLX peak (GB)", "mlx_peak_mem_gb"),
+    ("energy (J)", "energy_j"),
+)
+
+
+def _table(off: dict, stock: dict, devices: dict) -> List[str]:
+    lines = [f"| metric | offload: {devices['offload']} | stock: {devices['stock']} | offload / stock |",
+             "|---|---:|---:|---:|"]
+    for label, k in _ROWS:
+        lines.append(f"| {label} | {_fmt(off.get(k))} | {_fmt(stock.get(k))} | {_ratio(off.get(k), stock.get(k))} |")
+    return lines
+
+
+def format_markdown(r: dict) -> str:
+    d = r["devices"]
+    lines = [f"# npumoe compare: {r['model']}", "",
+             f"Experts on **{d['offload']}** (attention, router and the rest on {d['offload_non_expert']}) "
+             f"vs stock mlx_lm on **{d['stock']}**. Backend `{r['backend']}`, {r['max_tokens']} generated "
+             f"tokens, prefill step {r['prefill_step']}. Machine: {r['machine']['cpu']} "
+             f"({r['machine']['cpu_count']} CPUs, {r['machine']['system']}).", ""]
+    lines += ["## Mean over prompts", ""] + _table(r["offload"], r["stock"], d) + [""]
+    diff = r["max_logit_diff_rel"]
+    lines.append(f"Greedy token agreement: **{r['token_agreement']:.3f}**; max relative logit difference: "
+                 f"**{_fmt(diff)}**" + (f" ({r['logit_check']['positions']} positions of {r['logit_check']['prompt']})"
+                                        if r["logit_check"] else ""))
+    lines.append("")
+    for p in r["prompts"]:
+        lines += [f"## {p['name']}", ""] + _table(p["offload"], p["stock"], d)
+        first = "" if p["first_divergence"] is None else f", first difference at token {p['first_divergence']}"
+        lines += ["", f"Token agreement {p['token_agreement']:.3f}{first}.", ""]
+    lines += ["## Placement (bundle plan) and what ran", "",
+              "| layer | experts on programs | groups (tiers) | cold | min_tokens | offloaded calls | padding % | spill % |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for lp in r["placement"]:
+        groups = "; ".join(f"{len(g['experts'])}x{g['tiers']}" for g in lp["groups"]) or "-"
+        lines.append(f"| {lp['layer']} | {lp['experts_on_programs']}/{lp['num_experts']} | {groups} | "
+                     f"{len(lp['cold'])} | {_fmt(lp['min_tokens'])} | {lp['offloaded_calls']}/{lp['layer_calls']} | "
+                     f"{lp['padding_pct']:.1f} | {lp['spill_pct']:.1f} |")
+    lines += ["", "## How it was measured", ""] + [f"- {k}: {v}" for k, v in r["notes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_figure(fig, path: Path) -> None:
+    """savefig to a temp file beside ``path``, then rename (no half-written PNG)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot(r: dict, path: Path) -> None:
+    """Grouped bars, offload vs stock, per prompt and the mean: prefill, decode, CPU s/token, TTFT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [p["name"] for p in r["prompts"]] + ["mean"]
+    sides = [("offload", r["devices"]["offload"], "tab:orange"), ("stock", r["devices"]["stock"], "tab:blue")]
+    panels = [("prefill tok/s", "prefill_tps"), ("decode tok/s", "decode_tps"),
+              ("CPU s / token", "cpu_s_per_token"), ("TTFT (s)", "ttft_s")]
+    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 4))
+    x = np.arange(len(labels))
+    for ax, (title, k) in zip(axes, panels):
+        for i, (side, dev, color) in enumerate(sides):
+            vals = [p[side][k] for p in r["prompts"]] + [r[side][k]]
+            ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=f"{side}: {dev}", color=color)
+        ax.set_title(title)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=9)
+    fig.suptitle(f"npumoe compare: {Path(r['model']).name} (greedy token agreement {r['token_agreement']:.2f})")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_outputs(r: dict, out_dir: Path) -> None:
+    write_json(out_dir / "compare.json", r)
+    _write_text(out_dir / "compare.md", format_markdown(r))
+    plot(r, out_dir / "compare.png")
+
+
+# --- CLI ------------------------------------------------------------------------
+
+
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _ArgError(message)
+
+
+def _token_list(text: str):
+    try:
+        return parse_token_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="npumoe compare",
+                description="Offload path vs stock MLX on the same prompts: speed, CPU, memory, energy, agreement.")
+    p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt-tokens", type=_token_list, default=DEFAULT_PROMPT_TOKENS, metavar="N[,N...]",
+                     help="Synthetic long-context prompts of exactly these lengths (default 1024,4096).")
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="A prompt text (repeatable).")
+    p.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per prompt (default 32).")
+    p.add_argument("--backend", choices=("auto", "onnx", "coreml"), default="auto",
+                   help="Offload backend (auto: coreml on Apple Silicon, onnx elsewhere).")
+    p.add_argument("--bundle", help="Bundle folder (default: <model>/npumoe-<backend>).")
+    p.add_argument("--build", action="store_true", help="Build the bundle first if it is missing.")
+    p.add_argument("--prefill-step", type=int, default=PREFILL_STEP, help="Prefill chunk (default 2048, as mlx_lm).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the synthetic prompts.")
+    p.add_argument("--repeats", type=int, default=1, help="Runs per prompt; the median-wall run is kept (default 1).")
+    p.add_argument("--no-logits", action="store_true", help="Skip the logit comparison (one extra prefill per side).")
+    p.add_argument("--out", default="npumoe-compare", help="Output folder (default ./npumoe-compare).")
+    try:
+        args = p.parse_args(argv)
+    except _ArgError as e:
+        print(f"npumoe compare: error: {e}", file=sys.stderr)
+        return 2
+    log = lambda m: print(m, file=sys.stderr)
+    try:
+        r = compare(args.model, prompt_tokens=args.prompt_tokens, prompts=args.prompt, max_tokens=args.max_tokens,
+                    backend=args.backend, out_dir=args.out, build=args.build, bundle=args.bundle,
+                    prefill_step=args.prefill_step, seed=args.seed, check_logits=not args.no_logits, repeats=args.repeats, log=log)
+    except ValueError as e:  # CompareError, a bad or stale bundle, a bad offload mode: one line
+        print(f"npumoe compare: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(format_markdown(r))
+    print(f"wrote {Path(args.out) / 'compare.json'}, compare.md, compare.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
