@@ -83,6 +83,9 @@ class Backend:
         if self.threads:
             so.intra_op_num_threads = int(self.threads)
         so.inter_op_num_threads = 1
+        # A bundle opens one session per (program, tier), each with its own pool:
+        # spinning threads of idle sessions would starve the busy one (and MLX).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         kw = {} if self.provider_options is None else {"provider_options": self.provider_options}
         try:
