@@ -32,6 +32,7 @@ class CostModel:
     mlx_fixed_s: float  # fixed cost of one stock MLX expert call
     mlx_flops: float  # achieved FLOP/s of the stock MLX expert path
     source: str = "parametric"  # "parametric" or "measured on <host>"
+    mlx_dense_flops: float = 0.0  # MLX on a dense MLP (shared experts); 0 = same as mlx_flops
 
     def program_s(self, G: int, C: int, D: int, H: int) -> float:
         rows = G * C
@@ -42,13 +43,19 @@ class CostModel:
             return 0.0
         return self.mlx_fixed_s + pairs * flops_per_row(D, H) / self.mlx_flops
 
+    def mlx_dense_s(self, rows: int, D: int, H: int) -> float:
+        """MLX time of a dense gated MLP (a shared expert) over ``rows`` tokens."""
+        if rows <= 0:
+            return 0.0
+        return self.mlx_fixed_s + rows * flops_per_row(D, H) / (self.mlx_dense_flops or self.mlx_flops)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"source"}
+        missing = names - set(d) - {"source", "mlx_dense_flops"}
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
         return cls(**{k: d[k] for k in names if k in d})
@@ -68,9 +75,9 @@ class CostModel:
 # TFLOPS on gather_mm). onnx/mlx: this kind of 2-core x86 machine (measured once
 # with `npumoe tune`; run it on yours).
 DEFAULTS: Dict[str, CostModel] = {
-    "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12),
-    "onnx": CostModel("onnx", 5e-5, 6.0e10, 5e9, 5e-5, 1e-4, 8.0e9),
-    "mlx": CostModel("mlx", 1e-4, 8.0e9, 5e9, 5e-5, 1e-4, 8.0e9),
+    "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12, mlx_dense_flops=5.0e12),
+    "onnx": CostModel("onnx", 5e-5, 6.0e10, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9),
+    "mlx": CostModel("mlx", 1e-4, 8.0e9, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9),
 }
 
 

@@ -53,6 +53,10 @@ class ProgramError(RuntimeError):
     pass
 
 
+def _warn(msg: str) -> None:
+    print(f"[npumoe] {msg}", file=sys.stderr)
+
+
 def _router_logits(router: Optional[nn.Module], x: mx.array, num_experts: int) -> Optional[mx.array]:
     if router is None:
         return None
@@ -74,14 +78,14 @@ class OffloadExecutor:
         cost: CostModel,
         overflow: str = "auto",
         router: Optional[nn.Module] = None,
-        warn: Callable[[str], None] = lambda m: print(f"[npumoe] {m}", file=sys.stderr),
+        warn: Callable[[str], None] = None,
     ):
         if overflow not in OVERFLOW_MODES:
             raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
         if len(programs) != len(plan.groups):
             raise ValueError(f"layer {plan.layer}: {len(programs)} programs for {len(plan.groups)} groups")
         self.plan, self.programs, self.cost = plan, list(programs), cost
-        self.overflow, self.router, self.warn = overflow, router, warn
+        self.overflow, self.router, self.warn = overflow, router, warn or _warn
         self.stats = LayerStats(plan.layer)
         self.disabled = not plan.groups
         self._groups = [np.asarray(g.experts) for g in plan.groups]
@@ -194,6 +198,60 @@ class OffloadExecutor:
         return y.reshape(*inds.shape, D).astype(x.dtype)
 
 
+class SharedExecutor:
+    """Executor for a shared expert (dense MLP): ``executor(mlp, x (..., D)) -> (..., D)``.
+
+    Every token goes through it, so a call is rounds of the top tier and one last
+    round at the smallest tier that fits; below ``min_tokens`` it stays on MLX.
+    """
+
+    def __init__(self, layer: int, plan, program, warn: Callable[[str], None] = None):
+        self.plan, self.program, self.warn = plan, program, warn or _warn
+        self.stats = LayerStats(layer)
+        self.disabled = False
+
+    def __call__(self, mlp, x: mx.array) -> mx.array:
+        from .experts import stock_dense
+        from .reference import tier_for
+
+        st = self.stats
+        st.calls += 1
+        D = x.shape[-1]
+        n = x.size // D
+        if self.disabled or n < self.plan.min_tokens:
+            return stock_dense(mlp, x)
+        x32 = x.reshape(-1, D).astype(mx.float32)
+        mx.eval(x32)  # the one host sync of this call
+        t0 = time.perf_counter()
+        x_np = np.asarray(x32)
+        out = np.empty((n, D), np.float32)
+        top = self.plan.tiers[-1]
+        calls = slots = 0
+        try:
+            for start in range(0, n, top):
+                rows = x_np[start : start + top]
+                cap = tier_for(rows.shape[0], self.plan.tiers)
+                y = self.program.run(rows[None], cap)  # pads to the tier, crops back
+                if getattr(y, "shape", None) != (1, rows.shape[0], D) or not np.isfinite(y).all():
+                    raise ProgramError(f"returned shape {getattr(y, 'shape', None)} or non-finite values")
+                out[start : start + rows.shape[0]] = y[0]
+                calls += 1
+                slots += cap
+        except Exception as err:
+            self.disabled = True
+            st.fallback = f"{type(err).__name__}: {err}"
+            self.warn(f"layer {st.layer} shared expert: program failed ({st.fallback}); it falls back to MLX for the rest of the run")
+            return stock_dense(mlp, x)
+        st.offloaded += 1
+        st.program_calls += calls
+        st.slots += slots
+        st.padded += slots - n
+        st.pairs += n
+        st.program_s += time.perf_counter() - t0
+        st.offload_call_s += time.perf_counter() - t0
+        return mx.array(out).reshape(x.shape).astype(x.dtype)
+
+
 @dataclass
 class _G:  # the shape calls_for wants: .experts, .tiers
     experts: np.ndarray
@@ -201,10 +259,15 @@ class _G:  # the shape calls_for wants: .experts, .tiers
 
 
 def offload_stats(model) -> List[LayerStats]:
-    """The LayerStats of every offloaded layer of ``model`` (empty when nothing is offloaded)."""
+    """LayerStats of every offloaded expert block, then of every offloaded shared expert."""
     from .experts import installed_blocks
 
-    return [m.executor.stats for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
+    routed = [m.executor.stats for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
+    shared = [
+        m.executor.stats for _, m in model.named_modules()
+        if isinstance(getattr(m, "executor", None), SharedExecutor)
+    ]
+    return routed + sorted(shared, key=lambda s: s.layer)
 
 
 def summarize(stats: Sequence[LayerStats]) -> dict:

@@ -221,6 +221,43 @@ def install(
     return installed
 
 
+_DENSE_CLASSES = {}
+
+
+def _offloaded_dense_class(cls):
+    """A subclass of a family's dense MLP class whose call goes to ``self.executor``."""
+    if cls not in _DENSE_CLASSES:
+        _DENSE_CLASSES[cls] = type(
+            f"Offloaded{cls.__name__}", (cls,),
+            {"__call__": lambda self, x: self.executor(self, x), "stock_class": cls},
+        )
+    return _DENSE_CLASSES[cls]
+
+
+def is_swiglu_mlp(mlp: nn.Module) -> bool:
+    """True if ``mlp(x) == down(silu(gate(x)) * up(x))``: checked on numbers, not names,
+    so a shared expert is offloaded only when a program computes exactly what it does."""
+    if not all(isinstance(mlp.get(n), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    stock = getattr(type(mlp), "stock_class", type(mlp))
+    up = mlp.up_proj
+    D = up.weight.shape[-1] * 32 // up.bits if hasattr(up, "bits") else up.weight.shape[-1]
+    x = mx.random.normal((3, D), key=mx.random.key(0))
+    want = mlp.down_proj(nn.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    got = stock.__call__(mlp, x)
+    return got.shape == want.shape and bool(mx.allclose(got, want, rtol=1e-5, atol=1e-6).item())
+
+
+def install_dense(mlp: nn.Module, executor) -> None:
+    """Route a dense MLP (a shared expert) through ``executor(mlp, x) -> y``; same keys."""
+    mlp.__class__ = _offloaded_dense_class(type(mlp))
+    object.__setattr__(mlp, "executor", executor)
+
+
+def stock_dense(mlp: nn.Module, x: mx.array) -> mx.array:
+    return type(mlp).stock_class.__call__(mlp, x)
+
+
 def remove(model: nn.Module) -> int:
     """Put every offloaded block back on stock MLX. Returns how many were removed."""
     n = 0
@@ -228,6 +265,10 @@ def remove(model: nn.Module) -> int:
         if isinstance(m, OffloadedSwitchGLU):
             object.__delattr__(m, "executor")
             m.__class__ = SwitchGLU
+            n += 1
+        elif type(m) in _DENSE_CLASSES.values():
+            object.__delattr__(m, "executor")
+            m.__class__ = type(m).stock_class
             n += 1
     return n
 

@@ -57,6 +57,16 @@ class GroupPlan:
 
 
 @dataclass
+class SharedPlan:
+    """A shared expert (dense gated MLP beside the routed ones): one program, G = 1."""
+
+    path: str
+    H: int
+    tiers: List[int]
+    min_tokens: int = NEVER  # calls with fewer tokens run on MLX
+
+
+@dataclass
 class LayerPlan:
     layer: int
     path: str
@@ -67,6 +77,7 @@ class LayerPlan:
     groups: List[GroupPlan] = field(default_factory=list)  # resident groups
     cold: List[int] = field(default_factory=list)  # experts that stay on MLX
     min_tokens: int = NEVER  # calls with fewer tokens run on MLX
+    shared: List[SharedPlan] = field(default_factory=list)  # offloaded shared experts
 
     def predicted(self, cost: CostModel, tokens: int, counts: Optional[np.ndarray] = None) -> dict:
         """Predicted seconds of one call on the plan's path and on MLX alone."""
@@ -101,7 +112,12 @@ class Plan:
         if d.get("format") != PLAN_FORMAT:
             raise ValueError(f"plan format {d.get('format')} is not {PLAN_FORMAT}")
         layers = [
-            LayerPlan(**{**lp, "groups": [GroupPlan(**g) for g in lp["groups"]]}) for lp in d["layers"]
+            LayerPlan(**{
+                **lp,
+                "groups": [GroupPlan(**g) for g in lp["groups"]],
+                "shared": [SharedPlan(**sp) for sp in lp.get("shared", [])],
+            })
+            for lp in d["layers"]
         ]
         return cls(d["backend"], PlanLimits(**d["limits"]), layers, d["format"])
 
@@ -115,7 +131,7 @@ class Plan:
 
     @property
     def num_programs(self) -> int:
-        return sum(len(lp.groups) for lp in self.layers)
+        return sum(len(lp.groups) + len(lp.shared) for lp in self.layers)
 
 
 def calls_for(groups: Sequence[GroupPlan], counts: np.ndarray, cold: Sequence[int]):
@@ -313,14 +329,36 @@ def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:
     return NEVER
 
 
+def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, limits: PlanLimits) -> Optional[SharedPlan]:
+    """A shared expert sees every token of a call: its ladder covers the calibrated call
+    sizes, and it is offloaded from the smallest call size where a program beats MLX."""
+    sizes = np.asarray([ch["tokens"] for ch in lp_profile["chunks"] if ch["tokens"] > 0], float)
+    if sizes.size == 0:
+        return None
+    tiers = choose_ladder(sizes, limits.capacities, limits.max_tiers, 1.0 / sizes)
+    n = 1
+    while n <= 1 << 16:
+        prog = cost.sync_s + sum(cost.program_s(1, c, D, H) for c in _round_caps(np.array([n]), tiers))
+        if prog < cost.mlx_dense_s(n, D, H):
+            return SharedPlan(path, H, tiers, n)
+        n *= 2
+    return None
+
+
 def make_plan(profile: dict, blocks: Dict[int, dict], cost: CostModel, limits: PlanLimits) -> Plan:
-    """profile: calibration profile dict; blocks: layer -> {"D", "H", "path", "quant"}."""
+    """profile: calibration profile dict; blocks: layer -> {"D", "H", "path", "quant",
+    "shared": [{"path", "hidden"}] (shared experts that compute a plain SwiGLU MLP)}."""
     layers = []
     for lp in sorted(profile["layers"], key=lambda x: x["layer"]):
         b = blocks.get(lp["layer"])
         if b is None:
             raise ValueError(f"profile names layer {lp['layer']} that the model has no expert block for")
-        layers.append(plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", "")))
+        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""))
+        for s in b.get("shared", []):
+            sp = plan_shared(lp, s["path"], b["D"], s["hidden"], cost, limits)
+            if sp is not None:
+                plan.shared.append(sp)
+        layers.append(plan)
     _apply_budget(layers, limits.max_programs, cost)
     return Plan(limits.backend, limits, layers)
 
@@ -345,12 +383,13 @@ def _apply_budget(layers: List[LayerPlan], max_programs: int, cost: CostModel) -
 def format_plan(plan: Plan) -> str:
     lines = [f"plan for backend {plan.backend}: {len(plan.layers)} MoE layers, {plan.num_programs} programs"]
     for lp in plan.layers:
-        if not lp.groups:
+        if not lp.groups and not lp.shared:
             lines.append(f"  layer {lp.layer}: stays on MLX")
             continue
         groups = "; ".join(f"{g.experts} tiers {g.tiers}" for g in lp.groups)
         cold = f", cold {lp.cold}" if lp.cold else ""
-        lines.append(f"  layer {lp.layer}: offload from {lp.min_tokens} tokens; groups {groups}{cold}")
+        shared = "".join(f"; shared expert tiers {sp.tiers} from {sp.min_tokens} tokens" for sp in lp.shared)
+        lines.append(f"  layer {lp.layer}: offload from {lp.min_tokens} tokens; groups {groups}{cold}{shared}")
     return "\n".join(lines)
 
 

@@ -40,6 +40,17 @@ def _module(D: int, H: int, G: int, quant: Optional[dict]) -> SwitchGLU:
     return m
 
 
+def _dense_mlp(D: int, H: int, quant: Optional[dict]):
+    from mlx_lm.models.qwen2_moe import MLP  # the plain gated MLP shared experts use
+
+    mx.random.seed(0)
+    mlp = MLP(D, H)
+    if quant:
+        nn.quantize(mlp, group_size=quant["group_size"], bits=quant["bits"])
+    mx.eval(mlp.parameters())
+    return mlp
+
+
 def measure(
     backend: str,
     D: int,
@@ -85,6 +96,13 @@ def measure(
         mx.eval(x, e)
         mlx_rows.append((n, _median_s(lambda: mx.eval(stock_experts(m, x, e)), repeats)))
 
+    mlp = _dense_mlp(D, H, quant)
+    dense_rows = []
+    for n in pairs:
+        x = mx.random.normal((n, D))
+        mx.eval(x)
+        dense_rows.append((n, _median_s(lambda: mx.eval(mlp(x)), repeats)))
+
     n = max(pairs)
     xs = mx.random.normal((n, D))
     inds = mx.random.randint(0, 8, (n, 2)).astype(mx.uint32)
@@ -102,6 +120,7 @@ def measure(
     return {
         "backend": backend, "D": D, "H": H, "quant": quant,
         "dispatch_s": dispatch_s, "programs": prog_rows, "mlx_fixed_s": mlx_fixed_s, "mlx": mlx_rows,
+        "mlx_dense": dense_rows,
         "sync_s": sync_s, "copy_bytes": 2 * 4 * n * D * 4, "copy_s": 2 * copy_s,
     }
 
@@ -119,6 +138,7 @@ def fit(raw: dict) -> CostModel:
     dispatch, mlx_fixed = raw["dispatch_s"], raw["mlx_fixed_s"]
     per_flop = fit_slope([G * C * f for G, C, _ in raw["programs"]], [t - dispatch for _, _, t in raw["programs"]])
     mlx_per_flop = fit_slope([n * f for n, _ in raw["mlx"]], [t - mlx_fixed for _, t in raw["mlx"]])
+    dense_per_flop = fit_slope([n * f for n, _ in raw["mlx_dense"]], [t - mlx_fixed for _, t in raw["mlx_dense"]])
     return CostModel(
         backend=raw["backend"],
         dispatch_s=dispatch,
@@ -127,6 +147,7 @@ def fit(raw: dict) -> CostModel:
         sync_s=raw["sync_s"],
         mlx_fixed_s=mlx_fixed,
         mlx_flops=1.0 / mlx_per_flop,
+        mlx_dense_flops=1.0 / dense_per_flop,
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
 
