@@ -1,5 +1,6 @@
 """Write files and folders so that nothing is ever half-written: temp path, then rename."""
 
+import glob
 import json
 import os
 import shutil
@@ -25,7 +26,8 @@ def folder(path):
     """Yield a temp folder beside ``path``; on success it replaces ``path`` whole.
 
     An interrupted or failed build leaves ``path`` as it was (old bundle intact)
-    and only a hidden ``.tmp-*`` folder that the next build ignores and removes.
+    and only a hidden ``.tmp-*`` folder that readers never look at and the next
+    build removes (``clean_stale``).
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
@@ -44,3 +46,20 @@ def folder(path):
     os.replace(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(path) -> None:
+    """Remove the hidden ``.tmp-*``/``.old-*`` siblings that killed writes of ``path`` left.
+
+    Call it only while holding ``path``'s build lock (no live writer then). A
+    write killed between its two renames leaves ``path`` missing and the
+    previous folder as ``.old-*``: that one is put back first.
+    """
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    pattern = lambda kind: os.path.join(glob.escape(parent), f".{kind}-{glob.escape(name)}-*")
+    olds = sorted(glob.glob(pattern("old")), key=os.path.getmtime)
+    if olds and not os.path.exists(path):
+        os.replace(olds.pop(), path)
+    for p in glob.glob(pattern("tmp")) + olds:
+        shutil.rmtree(p, ignore_errors=True)

@@ -24,8 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import experts
 from ._version import __version__
-from .atomic import folder, write_json
+from .atomic import clean_stale, folder, write_json
 from .cost import CostModel, default_cost
+from .lock import build_lock
 from .plan import Plan, PlanLimits, format_plan, make_plan
 
 BUNDLE_FORMAT = 1
@@ -146,6 +147,7 @@ def build(
     from mlx_lm import utils as mlx_utils
 
     from .calibrate import calibrate
+    from .checks import explain_load_errors, resolve_model
     from .fingerprint import model_fingerprint
     from .programs import spec_from_switch_glu
     from .workloads import corpus_documents
@@ -153,76 +155,79 @@ def build(
     if backend not in ("onnx", "coreml"):
         raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
     t0 = time.perf_counter()
-    local = Path(mlx_utils._download(model_path))
-    model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
+    local = resolve_model(model_path)
+    with explain_load_errors(model_path):
+        model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
     fingerprint = model_fingerprint(local)
-    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
-    if not blocks:
-        raise ValueError(f"{model_path}: no supported MoE expert blocks; nothing to offload (it runs on stock MLX)")
-
-    docs, desc = corpus_documents(list(corpus), tokens, seed)
-    log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
-    profile = calibrate(
-        model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-        model_path=local, description=desc,
-    )
-    b0 = next(iter(blocks.values()))
-    if cost is None:
-        if tune:
-            from .tune import tune as run_tune
-
-            log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
-            cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3)
-        else:
-            cost = default_cost(backend)
-    log(f"      {describe_cost(cost)}")
-    limits = limits or PlanLimits.for_backend(backend)
-    shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
-    plan = make_plan(profile.to_json(), shapes, cost, limits)
-    log(f"[3/4] {format_plan(plan)}")
-
     out = Path(out) if out else default_bundle_dir(local, backend, fingerprint)
-    n_prog = plan.num_programs
-    with folder(out) as tmp:
-        tmp = Path(tmp)
-        programs = []
-        done = 0
-        for lp in plan.layers:
-            for gi, g in enumerate(lp.groups):
-                rel = Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}"
-                spec = spec_from_switch_glu(
-                    blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers
-                )
-                _compile_group(spec, backend, tmp / rel)
-                files = _files_under(tmp, rel)
-                programs.append({"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers,
-                                 "dir": rel.as_posix(), "files": files})
-                done += 1
-                log(f"[4/4] programs {done}/{n_prog}: layer {lp.layer} group {gi} "
-                    f"({len(g.experts)} experts, tiers {g.tiers}, "
-                    f"{sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)")
-        profile.save(tmp / "profile.json")
-        plan.save(tmp / "plan.json")
-        cost.save(tmp / "cost.json")
-        meta = {}
-        for name in ("profile.json", "plan.json", "cost.json"):
-            meta[name] = _files_under(tmp, Path(name))[name]
-        write_json(tmp / "manifest.json", {
-            "kind": KIND,
-            "format": BUNDLE_FORMAT,
-            "npumoe_version": __version__,
-            "backend": backend,
-            "model_fingerprint": fingerprint,
-            "model_type": config.get("model_type"),
-            "limits": plan.limits.__dict__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "meta": meta,
-            "programs": programs,
-        })
-    total = sum(f["bytes"] for p in programs for f in p["files"].values())
-    log(f"bundle written to {out}: {len(plan.layers)} MoE layers, {n_prog} programs, "
-        f"{total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
-    return out
+    with build_lock(out):  # one build of a bundle at a time; clears what a dead one left
+        clean_stale(out)
+        blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
+        if not blocks:
+            raise ValueError(f"{model_path}: no supported MoE expert blocks; nothing to offload (it runs on stock MLX)")
+
+        docs, desc = corpus_documents(list(corpus), tokens, seed)
+        log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
+        profile = calibrate(
+            model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
+            model_path=local, description=desc,
+        )
+        b0 = next(iter(blocks.values()))
+        if cost is None:
+            if tune:
+                from .tune import tune as run_tune
+
+                log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
+                cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3)
+            else:
+                cost = default_cost(backend)
+        log(f"      {describe_cost(cost)}")
+        limits = limits or PlanLimits.for_backend(backend)
+        shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
+        plan = make_plan(profile.to_json(), shapes, cost, limits)
+        log(f"[3/4] {format_plan(plan)}")
+
+        n_prog = plan.num_programs
+        with folder(out) as tmp:
+            tmp = Path(tmp)
+            programs = []
+            done = 0
+            for lp in plan.layers:
+                for gi, g in enumerate(lp.groups):
+                    rel = Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}"
+                    spec = spec_from_switch_glu(
+                        blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers
+                    )
+                    _compile_group(spec, backend, tmp / rel)
+                    files = _files_under(tmp, rel)
+                    programs.append({"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers,
+                                     "dir": rel.as_posix(), "files": files})
+                    done += 1
+                    log(f"[4/4] programs {done}/{n_prog}: layer {lp.layer} group {gi} "
+                        f"({len(g.experts)} experts, tiers {g.tiers}, "
+                        f"{sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)")
+            profile.save(tmp / "profile.json")
+            plan.save(tmp / "plan.json")
+            cost.save(tmp / "cost.json")
+            meta = {}
+            for name in ("profile.json", "plan.json", "cost.json"):
+                meta[name] = _files_under(tmp, Path(name))[name]
+            write_json(tmp / "manifest.json", {
+                "kind": KIND,
+                "format": BUNDLE_FORMAT,
+                "npumoe_version": __version__,
+                "backend": backend,
+                "model_fingerprint": fingerprint,
+                "model_type": config.get("model_type"),
+                "limits": plan.limits.__dict__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "meta": meta,
+                "programs": programs,
+            })
+        total = sum(f["bytes"] for p in programs for f in p["files"].values())
+        log(f"bundle written to {out}: {len(plan.layers)} MoE layers, {n_prog} programs, "
+            f"{total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+        return out
 
 
 def describe_cost(cost: CostModel) -> str:
@@ -240,6 +245,7 @@ class Bundle:
     manifest: dict
     plan: Plan
     cost: CostModel
+    model_name: str = "MODEL"
 
 
 def read(path, model_path=None, model_name: str = "MODEL") -> Bundle:
@@ -283,11 +289,15 @@ def read(path, model_path=None, model_name: str = "MODEL") -> Bundle:
         raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_rebuild_hint(model_name, backend)}") from None
     if plan.backend != backend:
         raise BundleError(f"{root}: plan is for {plan.backend}, manifest says {backend}; {_rebuild_hint(model_name, backend)}")
-    listed = {(p["layer"], p["group"]) for p in man["programs"]}
-    needed = {(lp.layer, gi) for lp in plan.layers for gi in range(len(lp.groups))}
+    try:
+        listed = {(p["layer"], p["group"]): ([int(e) for e in p["experts"]], [int(t) for t in p["tiers"]])
+                  for p in man["programs"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_rebuild_hint(model_name, backend)}") from None
+    needed = {(lp.layer, gi): (list(g.experts), list(g.tiers)) for lp in plan.layers for gi, g in enumerate(lp.groups)}
     if listed != needed:
         raise BundleError(f"{root}: manifest programs do not match the plan; {_rebuild_hint(model_name, backend)}")
-    return Bundle(root, man, plan, cost)
+    return Bundle(root, man, plan, cost, model_name)
 
 
 def _check_file(root: Path, rel: str, want: dict, model_name: str, backend: str) -> None:
@@ -322,19 +332,28 @@ def install(
     from .backends import load_backend
     from .executor import OffloadExecutor
 
+    hint = _rebuild_hint(bundle.model_name, bundle.plan.backend)
     blocks = {b.layer: b for b in experts.find_expert_blocks(model, config)}
     for lp in bundle.plan.layers:
         b = blocks.get(lp.layer)
         if b is None or not b.supported:
-            raise BundleError(f"{bundle.path}: plan names layer {lp.layer}, which has no offloadable expert block in this model")
+            raise BundleError(
+                f"{bundle.path}: plan names layer {lp.layer}, which has no offloadable expert block in this model; {hint}"
+            )
         if (b.num_experts, b.dims, b.hidden) != (lp.num_experts, lp.D, lp.H):
             raise BundleError(
                 f"{bundle.path}: layer {lp.layer} is E={b.num_experts}, D={b.dims}, H={b.hidden} in the model "
-                f"but E={lp.num_experts}, D={lp.D}, H={lp.H} in the plan"
+                f"but E={lp.num_experts}, D={lp.D}, H={lp.H} in the plan; {hint}"
             )
         ids = [e for g in lp.groups for e in g.experts] + list(lp.cold)
-        if any(not 0 <= e < b.num_experts for e in ids):
-            raise BundleError(f"{bundle.path}: plan names experts the model's layer {lp.layer} lacks")
+        bad = sorted({e for e in ids if not 0 <= e < b.num_experts})
+        if bad:
+            raise BundleError(
+                f"{bundle.path}: plan names expert {bad[0]}, which the model's layer {lp.layer} "
+                f"(E={b.num_experts}) lacks; {hint}"
+            )
+        if len(ids) != len(set(ids)):
+            raise BundleError(f"{bundle.path}: plan names an expert of layer {lp.layer} twice; {hint}")
     be = load_backend(bundle.plan.backend, **(backend_opts or {}))
     progs = {(p["layer"], p["group"]): p for p in bundle.manifest["programs"]}
     executors = {}
@@ -345,11 +364,33 @@ def install(
             src = safe_path(bundle.path, p["dir"])  # every file in it was checked by read()
             if bundle.plan.backend == "coreml":
                 src = src / "program.mlpackage"
-            programs.append(be.load(src))
+            try:
+                prog = be.load(src)
+            except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
+            _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
+            programs.append(prog)
         router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
         executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
     experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet)
     return list(executors.values())
+
+
+def _check_program(prog, lp, gi: int, rel: str, root: Path, hint: str) -> None:
+    """The loaded program is the one the plan wants: its name carries layer and expert ids."""
+    from types import SimpleNamespace
+
+    from ane_kernels.spec import ProgramSpec
+
+    g = lp.groups[gi]
+    want = ProgramSpec.name.fget(SimpleNamespace(layer=lp.layer, expert_ids=tuple(g.experts)))
+    got = (prog.name, prog.G, prog.D)
+    if got != (want, len(g.experts), lp.D) or not set(g.tiers) <= set(prog.tiers):
+        raise BundleError(
+            f"{root}: {rel} holds program {prog.name} (G={prog.G}, D={prog.D}, tiers {list(prog.tiers)}) but the "
+            f"plan wants {want} (G={len(g.experts)}, D={lp.D}, tiers {list(g.tiers)}); {hint}"
+        )
 
 
 def main(argv=None) -> int:
@@ -357,7 +398,6 @@ def main(argv=None) -> int:
     import argparse
 
     from .cost import CostModel as _Cost
-    from .lock import build_lock
 
     p = argparse.ArgumentParser(prog="npumoe build", description="Build the offload bundle of a model.")
     p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
@@ -376,9 +416,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier.")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
-    from mlx_lm import utils as mlx_utils
+    from .checks import resolve_model
 
-    local = Path(mlx_utils._download(args.model))
+    local = resolve_model(args.model)
     out = Path(args.out) if args.out else default_bundle_dir(local, args.backend)
     if (out / "manifest.json").exists() and not args.force:
         try:
@@ -393,10 +433,9 @@ def main(argv=None) -> int:
     if args.max_capacity:
         limits.capacities = [c for c in limits.capacities if c <= args.max_capacity] or limits.capacities[:1]
     cost = _Cost.load(args.cost) if args.cost else None
-    with build_lock(out):
-        build(
-            str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
-            tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,
-            limits=limits, trust_remote_code=args.trust_remote_code,
-        )
+    build(
+        str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
+        tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,
+        limits=limits, trust_remote_code=args.trust_remote_code,
+    )
     return 0

@@ -6,6 +6,7 @@ import sys
 from mlx_lm import utils as mlx_utils
 
 from .atomic import write_json
+from .checks import explain_load_errors, resolve_model
 from .experts import find_expert_blocks
 
 
@@ -37,9 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="Also write the description as JSON.")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
-    model, _, config = mlx_utils.load(
-        args.model, lazy=True, return_config=True, trust_remote_code=args.trust_remote_code
-    )
+    local = resolve_model(args.model)
+    with explain_load_errors(args.model):
+        model, _, config = mlx_utils.load(
+            str(local), lazy=True, return_config=True, trust_remote_code=args.trust_remote_code
+        )
     blocks = find_expert_blocks(model, config)
     print(f"model: {args.model}  model_type: {config.get('model_type')}  MoE layers: {len(blocks)}")
     if blocks:

@@ -4,6 +4,7 @@ from typing import Any, Dict, Optional
 
 from mlx_lm import utils as mlx_utils
 
+from . import checks
 from . import offload as _offload
 
 
@@ -34,16 +35,17 @@ def load(
     Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
     _offload.resolve(offload)  # fail on a bad mode before the (slow) load
-    model_path = mlx_utils._download(path_or_hf_repo, revision=revision)
-    model, tokenizer, config = mlx_utils.load(
-        str(model_path),
-        tokenizer_config=tokenizer_config,
-        model_config=model_config,
-        adapter_path=adapter_path,
-        lazy=lazy,
-        return_config=True,
-        trust_remote_code=trust_remote_code,
-    )
+    model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
+    with checks.explain_load_errors(path_or_hf_repo):
+        model, tokenizer, config = mlx_utils.load(
+            str(model_path),
+            tokenizer_config=tokenizer_config,
+            model_config=model_config,
+            adapter_path=adapter_path,
+            lazy=lazy,
+            return_config=True,
+            trust_remote_code=trust_remote_code,
+        )
     _offload.apply(
         model, config, offload, model_path=model_path, bundle=bundle, overflow=overflow,
         backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet,

@@ -1,6 +1,8 @@
 """One build of a bundle at a time: an exclusive lock file beside the bundle folder."""
 
 import os
+import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -9,33 +11,68 @@ class BuildInProgress(RuntimeError):
     pass
 
 
+_held = {}  # lock path -> [thread id, depth] of the locks this process holds
+
+
 @contextmanager
 def build_lock(bundle_dir):
-    """Hold ``<bundle>.lock`` (O_EXCL) for the build; a stale lock of a dead process is taken over."""
+    """Hold ``<bundle>.lock`` for the build; a stale lock of a dead process is taken over.
+
+    The lock file is written whole under a temp name and hard-linked into place
+    (atomic, fails if it exists), so no one ever reads a lock without its pid.
+    """
     lock = Path(str(Path(bundle_dir).absolute()) + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+    held = _held.get(lock)
+    if held is not None:  # this process holds it: re-entry by the same thread (e.g. convert wraps build)
+        if held[0] != threading.get_ident():
+            raise BuildInProgress(f"build in progress for {bundle_dir} (another thread of this process)")
+        held[1] += 1
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
-                raise BuildInProgress(
-                    f"build in progress for {bundle_dir} (pid {pid}); wait for it, or remove {lock} if it is stale"
-                ) from None
-            lock.unlink(missing_ok=True)  # the process that held it is gone
-    else:
-        raise BuildInProgress(f"could not take the build lock {lock}")
+            yield
+        finally:
+            held[1] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=lock.parent, prefix=f".{lock.name}-")
     try:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
+        for _ in range(3):
+            try:
+                _link(tmp, lock)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise BuildInProgress(
+                        f"build in progress for {bundle_dir} (pid {pid}); wait for it to finish, "
+                        f"or remove {lock} if no build is running"
+                    ) from None
+                lock.unlink(missing_ok=True)  # the process that held it is gone
+        else:
+            raise BuildInProgress(f"could not take the build lock {lock}")
+    finally:
+        os.unlink(tmp)
+    _held[lock] = [threading.get_ident(), 1]
+    try:
         yield
     finally:
+        del _held[lock]
         lock.unlink(missing_ok=True)
+
+
+def _link(src: str, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (e.g. exFAT): O_EXCL create, then write
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Path(src).read_bytes())
 
 
 def _alive(pid: int) -> bool:
