@@ -12,7 +12,6 @@ next to the measured one.
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -149,7 +149,7 @@ def build(
     from .calibrate import calibrate
     from .checks import explain_load_errors, resolve_model
     from .fingerprint import model_fingerprint
-    from .programs import spec_from_switch_glu
+    from .programs import spec_from_dense_mlp, spec_from_switch_glu
     from .workloads import corpus_documents
 
     if backend not in ("onnx", "coreml"):
@@ -183,7 +183,12 @@ def build(
                 cost = default_cost(backend)
         log(f"      {describe_cost(cost)}")
         limits = limits or PlanLimits.for_backend(backend)
-        shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
+        mods = dict(model.named_modules())
+        shapes = {
+            l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant,
+                "shared": [{"path": s.path, "hidden": s.hidden} for s in b.shared if _offloadable_shared(mods.get(s.path), s)]}
+            for l, b in blocks.items()
+        }
         plan = make_plan(profile.to_json(), shapes, cost, limits)
         log(f"[3/4] {format_plan(plan)}")
 
@@ -206,6 +211,15 @@ def build(
                     log(f"[4/4] programs {done}/{n_prog}: layer {lp.layer} group {gi} "
                         f"({len(g.experts)} experts, tiers {g.tiers}, "
                         f"{sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)")
+                for si, sp in enumerate(lp.shared):
+                    rel = Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}"
+                    _compile_group(spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers), backend, tmp / rel)
+                    files = _files_under(tmp, rel)
+                    programs.append({"layer": lp.layer, "group": f"s{si}", "experts": [-1], "tiers": sp.tiers,
+                                     "dir": rel.as_posix(), "files": files})
+                    done += 1
+                    log(f"[4/4] programs {done}/{n_prog}: layer {lp.layer} shared expert {sp.path} "
+                        f"(tiers {sp.tiers}, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)")
             profile.save(tmp / "profile.json")
             plan.save(tmp / "plan.json")
             cost.save(tmp / "cost.json")
@@ -295,6 +309,7 @@ def read(path, model_path=None, model_name: str = "MODEL") -> Bundle:
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_rebuild_hint(model_name, backend)}") from None
     needed = {(lp.layer, gi): (list(g.experts), list(g.tiers)) for lp in plan.layers for gi, g in enumerate(lp.groups)}
+    needed.update({(lp.layer, f"s{si}"): ([-1], list(sp.tiers)) for lp in plan.layers for si, sp in enumerate(lp.shared)})
     if listed != needed:
         raise BundleError(f"{root}: manifest programs do not match the plan; {_rebuild_hint(model_name, backend)}")
     return Bundle(root, man, plan, cost, model_name)
@@ -373,8 +388,42 @@ def install(
             programs.append(prog)
         router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
         executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
+    shared = _load_shared(bundle, model, be, progs, hint)
     experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet)
-    return list(executors.values())
+    for mlp, ex in shared:
+        experts.install_dense(mlp, ex)
+    return list(executors.values()) + [ex for _, ex in shared]
+
+
+def _offloadable_shared(mlp, shared) -> bool:
+    """A shared expert gets a program only if it is a plain SwiGLU MLP in a format programs take."""
+    if mlp is None or (shared.quant is not None and shared.quant.get("mode", "affine") != "affine"):
+        return False
+    return experts.is_swiglu_mlp(mlp)
+
+
+def _load_shared(bundle: Bundle, model, be, progs: dict, hint: str) -> List:
+    """(mlp, SharedExecutor) for every shared expert the plan offloads, checked against the model."""
+    from .executor import SharedExecutor
+
+    mods = dict(model.named_modules())
+    out = []
+    for lp in bundle.plan.layers:
+        for si, sp in enumerate(lp.shared):
+            mlp = mods.get(sp.path)
+            if mlp is None or not experts.is_swiglu_mlp(mlp):
+                raise BundleError(f"{bundle.path}: plan offloads shared expert {sp.path}, which this model lacks; {hint}")
+            p = progs[(lp.layer, f"s{si}")]
+            try:
+                prog = be.load(safe_path(bundle.path, p["dir"]) / ("program.mlpackage" if bundle.plan.backend == "coreml" else ""))
+            except Exception as e:
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
+            H = mlp.up_proj.weight.shape[0]
+            if (prog.G, prog.D) != (1, lp.D) or sp.H != H or not set(sp.tiers) <= set(prog.tiers):
+                raise BundleError(f"{bundle.path}: {p['dir']} does not fit shared expert {sp.path}; {hint}")
+            out.append((mlp, SharedExecutor(lp.layer, sp, prog)))
+    return out
 
 
 def _check_program(prog, lp, gi: int, rel: str, root: Path, hint: str) -> None:

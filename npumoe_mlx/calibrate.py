@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -21,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import experts
+from .atomic import write_json
 from .workloads import corpus_documents
 
 FORMAT = 1
@@ -62,16 +62,7 @@ class Profile:
 
     def save(self, path) -> None:
         """Write atomically: a temp file beside ``path``, then rename."""
-        path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_json(path, self.to_json())
 
     @classmethod
     def from_json(cls, obj, where: str = "profile") -> "Profile":
@@ -343,11 +334,9 @@ def format_table(profile: Profile) -> str:
 
 
 def _resolve_model_path(model: str) -> Path:
-    if os.path.isdir(model):
-        return Path(model)
-    from mlx_lm.utils import _download
+    from .checks import resolve_model
 
-    return Path(_download(model))
+    return resolve_model(model)
 
 
 def main(argv=None) -> int:

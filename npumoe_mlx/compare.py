@@ -13,7 +13,6 @@ Writes ``compare.json``, ``compare.md`` and ``compare.png`` into ``--out``.
 
 import argparse
 import gc
-import math
 import os
 import platform
 import sys
@@ -388,8 +387,6 @@ def compare(
     Returns the compare.json dict. ``prompts`` (texts) replaces ``prompt_tokens``
     (synthetic long-context prompts of exactly that many tokens).
     """
-    from mlx_lm import utils as mlx_utils
-
     from .offload import resolve
 
     if backend not in ("auto", "onnx", "coreml"):
@@ -399,7 +396,9 @@ def compare(
     if prefill_step < 1 or repeats < 1:
         raise CompareError("--prefill-step and --repeats must be >= 1")
     want = resolve(backend)
-    local = Path(mlx_utils._download(model_path))
+    from .checks import resolve_model
+
+    local = resolve_model(model_path)
     bundle_dir = ensure_bundle(model_path, local, want, bundle, build, prefill_step, log)
     ids = _prompts(str(local), prompt_tokens, prompts, seed)
     logit_prompt = 0 if check_logits else None

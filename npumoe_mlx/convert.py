@@ -18,6 +18,7 @@ from mlx_lm.convert import configure_parser as mlx_convert_parser
 from mlx_lm.convert import convert as mlx_convert
 
 from . import bundle as bundles
+from .checks import resolve_model
 from .lock import build_lock
 
 CONVERSION_FLAGS = ("quantize", "dequantize", "dtype", "q_bits", "q_group_size", "quant_predicate")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     if not args.hf_path:
         raise ValueError("give the model to convert with --hf-path (or --model)")
     backend = args.backend or resolve("auto")
-    src = Path(mlx_utils._download(args.hf_path))
+    src = resolve_model(args.hf_path)
     convert_now = any(getattr(args, f) for f in CONVERSION_FLAGS) or not is_mlx_layout(src)
 
     if convert_now:

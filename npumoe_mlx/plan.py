@@ -413,7 +413,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens when calibrating now.")
     p.add_argument("--json", metavar="PATH", help="Also write the plan as JSON.")
     args = p.parse_args(argv)
-    local = mlx_utils._download(args.model)
+    from .checks import resolve_model
+
+    local = resolve_model(args.model)
     model, tokenizer, config = mlx_utils.load(str(local), return_config=True)
     blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
     if not blocks:

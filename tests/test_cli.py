@@ -63,10 +63,11 @@ def test_generate_help_has_every_mlx_lm_flag():
     assert "--offload" in ours
 
 
-def test_generate_unbuilt_backend_and_bad_mode_fail_clearly(model):
+def test_generate_without_bundle_and_bad_mode_fail_clearly(model):
     p = _npumoe("generate", "--model", model, "--offload", "onnx", check=False)
     assert p.returncode != 0
-    assert p.stderr.strip().count("\n") == 0 and "not built yet" in p.stderr
+    assert p.stderr.strip().count("\n") == 0
+    assert "no onnx bundle for this model" in p.stderr and "npumoe build --model" in p.stderr
     p = _npumoe("generate", "--model", model, "--offload", "gpu", check=False)
     assert p.returncode == 2 and "invalid choice" in p.stderr
 

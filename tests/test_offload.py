@@ -16,7 +16,8 @@ from mlx_lm.sample_utils import make_sampler
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import offload_stats, summarize
+from npumoe_mlx.executor import SharedExecutor, offload_stats, summarize
+from npumoe_mlx.experts import find_expert_blocks
 from npumoe_mlx.plan import PlanLimits
 from npumoe_mlx.tiny import FAMILIES, make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
@@ -49,6 +50,12 @@ def test_full_path_matches_mlx_lm(tmp_path, family, q_bits):
     assert _greedy(ours, tok2, PROMPT) == want
     s = summarize(offload_stats(ours))
     assert s["offloaded_calls"] > 0 and s["program_calls"] > 0 and s["drop_pct"] == 0
+    # shared experts (dense MLPs beside the routed ones) run on programs too
+    with_shared = [b for b in find_expert_blocks(stock, {}) if b.shared]
+    plan = bundles.read(out).plan
+    assert sum(len(lp.shared) for lp in plan.layers) == len(with_shared)
+    shared_ex = [m.executor for _, m in ours.named_modules() if isinstance(getattr(m, "executor", None), SharedExecutor)]
+    assert len(shared_ex) == len(with_shared) and all(e.stats.offloaded > 0 for e in shared_ex)
     if q_bits is None:
         ids = mx.array(tok.encode(PROMPT * 4)[:64])[None]
         a, b = np.array(ours(ids)), np.array(stock(ids))
