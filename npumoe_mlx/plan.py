@@ -40,8 +40,9 @@ class PlanLimits:
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
         if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows)
             base = cls("coreml", list(range(32, 4096 + 1, 32)))
-        elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little
-            base = cls(backend, list(range(8, 4096 + 1, 8)), max_programs=4096)
+        elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little;
+            # sessions open on first use, so more tiers cost little until a call needs them
+            base = cls(backend, list(range(8, 4096 + 1, 8)), max_tiers=6, max_programs=4096)
         else:
             raise ValueError(f"unknown backend {backend!r}")
         for k, v in overrides.items():
