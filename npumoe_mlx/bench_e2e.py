@@ -11,7 +11,6 @@ dims, which is what the tests use. ``npumoe bench layer`` is a separate module;
 ``main`` here is what ``npumoe bench e2e`` calls.
 """
 
-import argparse
 import json
 import shutil
 import sys
@@ -22,7 +21,9 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_json
-from .compare import loadavg_at_end, measure_side, parse_token_list, save_figure, token_agreement
+from .compare import (
+    _ArgError, _Parser, _token_list, loadavg_at_end, measure_side, save_figure, token_agreement,
+)
 
 SKEW = 1.5  # a few hot experts, like trained routers
 
@@ -226,22 +227,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     save_figure(fig, path)
     plt.close(fig)
-
-
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _ArgError(message)
-
-
-def _token_list(text: str):
-    try:
-        return parse_token_list(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> int:

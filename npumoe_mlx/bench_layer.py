@@ -13,7 +13,6 @@ measured one.
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -25,6 +24,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from .atomic import write_json
 from .cost import flops_per_row
 from .experts import stock_experts
+from .tune import median_s
 
 SHAPES_FILE = Path(__file__).parent / "data" / "model-shapes.json"
 
@@ -43,15 +43,6 @@ def route(N: int, k: int, p: np.ndarray, rng) -> np.ndarray:
     """(N, k) distinct experts per token, drawn by popularity (Gumbel top-k)."""
     g = np.log(p)[None, :] + rng.gumbel(size=(N, p.size))
     return np.argsort(-g, axis=1)[:, :k].astype(np.uint32)
-
-
-def _median_s(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def bench_shape(
@@ -113,11 +104,11 @@ def bench_shape(
             reps = repeats if N * k * f < 2e10 else 1
             stock_y = stock_experts(m, x, inds)
             mx.eval(stock_y)
-            t_stock = _median_s(lambda: mx.eval(stock_experts(m, x, inds)), reps)
+            t_stock = median_s(lambda: mx.eval(stock_experts(m, x, inds)), reps, warm_up=False)
             y = ex(m, x, inds)
             mx.eval(y)  # warm-up (ORT first run)
             before = _snapshot(ex.stats)
-            t_off = _median_s(lambda: mx.eval(ex(m, x, inds)), reps)
+            t_off = median_s(lambda: mx.eval(ex(m, x, inds)), reps, warm_up=False)
             st = _delta(ex.stats, before)
             err = float(mx.abs(y - stock_y).max() / mx.abs(stock_y).max())
             counts = np.bincount(np.array(inds).ravel(), minlength=E)
@@ -163,7 +154,7 @@ def _gemm_s(be, m: SwitchGLU, D: int, N: int, reps: int) -> float:
     prog = be.load(spec_from_switch_glu(m, layer=0, expert_ids=[0], tiers=[C]))
     x = np.random.default_rng(1).standard_normal((1, C, D)).astype(np.float32)
     prog.run(x, C)
-    return _median_s(lambda: prog.run(x, C), reps) * N / C
+    return median_s(lambda: prog.run(x, C), reps, warm_up=False) * N / C
 
 
 def plot(rows: List[dict], path: str) -> None:

@@ -3,7 +3,8 @@
 A small linear model, fitted by ``npumoe tune`` on this machine or taken from
 parametric defaults for targets that cannot be measured here (Core ML on a Mac):
 
-    program call (G experts, capacity C):  dispatch_s + G*C*flops_per_row / program_flops
+    program call (G experts, capacity C):  dispatch_s + G*expert_s            (per expert: its weights stream in)
+                                            + G*C*flops_per_row / program_flops
                                             + G*C*D*bytes / copy_bps   (gather in, scatter out)
     MLX on n pairs:                         mlx_fixed_s + n*flops_per_row / mlx_flops
     offloaded layer call:                   sync_s + the program calls (+ MLX spill, overlapped)
@@ -33,10 +34,15 @@ class CostModel:
     mlx_flops: float  # achieved FLOP/s of the stock MLX expert path
     source: str = "parametric"  # "parametric" or "measured on <host>"
     mlx_dense_flops: float = 0.0  # MLX on a dense MLP (shared experts); 0 = same as mlx_flops
+    expert_s: float = 0.0  # per expert per program call, whatever C (weights read once)
 
     def program_s(self, G: int, C: int, D: int, H: int) -> float:
         rows = G * C
-        return self.dispatch_s + rows * flops_per_row(D, H) / self.program_flops + rows * D * 8 / self.copy_bps
+        return self.dispatch_s + G * self.expert_s + rows * self.row_s(D, H)
+
+    def row_s(self, D: int, H: int) -> float:
+        """Seconds per program row (compute plus the host copies in and out)."""
+        return flops_per_row(D, H) / self.program_flops + D * 8 / self.copy_bps
 
     def mlx_s(self, pairs: int, D: int, H: int) -> float:
         if pairs <= 0:
@@ -55,7 +61,7 @@ class CostModel:
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"source", "mlx_dense_flops"}
+        missing = names - set(d) - {"source", "mlx_dense_flops", "expert_s"}
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
         return cls(**{k: d[k] for k in names if k in d})
@@ -97,7 +103,8 @@ def describe(cost: Optional[CostModel]) -> str:
     if cost is None:
         return "none"
     return (
-        f"{cost.backend} ({cost.source}): dispatch {cost.dispatch_s * 1e3:.3f} ms, "
+        f"{cost.backend} ({cost.source}): dispatch {cost.dispatch_s * 1e3:.3f} ms "
+        f"+ {cost.expert_s * 1e3:.3f} ms per expert, "
         f"programs {cost.program_flops / 1e9:.1f} GFLOP/s, MLX {cost.mlx_flops / 1e9:.1f} GFLOP/s "
         f"+ {cost.mlx_fixed_s * 1e3:.3f} ms, sync {cost.sync_s * 1e3:.3f} ms"
     )

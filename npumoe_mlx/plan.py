@@ -242,8 +242,8 @@ def _segment_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int,
     rounds = np.ceil(peak / top)
     last = peak - np.maximum(rounds - 1, 0) * top
     rows = np.maximum(rounds - 1, 0) * top + caps[np.minimum(np.searchsorted(caps, last), caps.size - 1)]
-    per_row = cost.program_s(1, 1, D, H) - cost.dispatch_s
-    t_prog = float((busy * (rounds * cost.dispatch_s + G * rows * per_row)).sum())
+    per_call = cost.dispatch_s + G * cost.expert_s
+    t_prog = float((busy * (rounds * per_call + G * rows * cost.row_s(D, H))).sum())
     pairs = loads.sum(1)
     t_mlx = float(((pairs > 0) * cost.mlx_fixed_s + pairs * flops_per_row(D, H) / cost.mlx_flops).sum())
     return t_prog, t_mlx

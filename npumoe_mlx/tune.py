@@ -21,8 +21,10 @@ from .cost import CostModel, default_cost, flops_per_row
 from .experts import stock_experts
 
 
-def _median_s(fn, repeats: int) -> float:
-    fn()  # warm up
+def median_s(fn, repeats: int, warm_up: bool = True) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs (after one unmeasured run)."""
+    if warm_up:
+        fn()
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -76,7 +78,7 @@ def measure(
     def one_call():
         out[:] = tiny.run(x_rows[src].reshape(1, 16, 32), 16).reshape(-1, 32)
 
-    dispatch_s = _median_s(one_call, 8 * repeats)
+    dispatch_s = median_s(one_call, 8 * repeats)
     prog_rows = []
     for G in groups:
         m = _module(D, H, G, quant)
@@ -84,24 +86,24 @@ def measure(
         program = be.load(spec)
         for C in tiers:
             x = np.random.default_rng(C).standard_normal((G, C, D)).astype(np.float32)
-            prog_rows.append((G, C, _median_s(lambda: program.run(x, C), repeats)))
+            prog_rows.append((G, C, median_s(lambda: program.run(x, C), repeats)))
 
     m = _module(D, H, 8, quant)
     small, x1, e1 = _module(32, 32, 8, None), mx.zeros((1, 32)), mx.zeros((1, 1), mx.uint32)
-    mlx_fixed_s = _median_s(lambda: mx.eval(stock_experts(small, x1, e1)), 4 * repeats)
+    mlx_fixed_s = median_s(lambda: mx.eval(stock_experts(small, x1, e1)), 4 * repeats)
     mlx_rows = []
     for n in pairs:
         x = mx.random.normal((n, D))
         e = mx.random.randint(0, 8, (n, 1)).astype(mx.uint32)
         mx.eval(x, e)
-        mlx_rows.append((n, _median_s(lambda: mx.eval(stock_experts(m, x, e)), repeats)))
+        mlx_rows.append((n, median_s(lambda: mx.eval(stock_experts(m, x, e)), repeats)))
 
     mlp = _dense_mlp(D, H, quant)
     dense_rows = []
     for n in pairs:
         x = mx.random.normal((n, D))
         mx.eval(x)
-        dense_rows.append((n, _median_s(lambda: mx.eval(mlp(x)), repeats)))
+        dense_rows.append((n, median_s(lambda: mx.eval(mlp(x)), repeats)))
 
     n = max(pairs)
     xs = mx.random.normal((n, D))
@@ -113,10 +115,10 @@ def measure(
         mx.eval(order, counts, xs)
         np.array(order), np.array(counts), np.asarray(xs)
 
-    sync_s = _median_s(sync, repeats)
+    sync_s = median_s(sync, repeats)
     x_np = np.asarray(xs)
     src = np.random.default_rng(0).integers(0, n, 4 * n)
-    copy_s = _median_s(lambda: mx.eval(mx.array(x_np[src])), repeats)
+    copy_s = median_s(lambda: mx.eval(mx.array(x_np[src])), repeats)
     return {
         "backend": backend, "D": D, "H": H, "quant": quant,
         "dispatch_s": dispatch_s, "programs": prog_rows, "mlx_fixed_s": mlx_fixed_s, "mlx": mlx_rows,
@@ -131,17 +133,31 @@ def fit_slope(xs, ys) -> float:
     return max(float((xs * ys).sum() / max((xs * xs).sum(), 1e-30)), 1e-16)
 
 
+def fit_two(xs, ys) -> tuple:
+    """Non-negative least squares ``y = a*x0 + b*x1`` (2 unknowns: solve, clamp, refit)."""
+    X, y = np.asarray(xs, float), np.maximum(np.asarray(ys, float), 0.0)
+    (a, b), *_ = np.linalg.lstsq(X, y, rcond=None)
+    if a < 0:
+        a, b = 0.0, fit_slope(X[:, 1], y)
+    elif b <= 0:
+        a, b = max(fit_slope(X[:, 0], y), 0.0), 1e-16
+    return float(a), max(float(b), 1e-16)
+
+
 def fit(raw: dict) -> CostModel:
     D, H = raw["D"], raw["H"]
     f = flops_per_row(D, H)
     copy_bps = raw["copy_bytes"] / max(raw["copy_s"], 1e-9)
     dispatch, mlx_fixed = raw["dispatch_s"], raw["mlx_fixed_s"]
-    per_flop = fit_slope([G * C * f for G, C, _ in raw["programs"]], [t - dispatch for _, _, t in raw["programs"]])
+    expert_s, per_flop = fit_two(
+        [(G, G * C * f) for G, C, _ in raw["programs"]], [t - dispatch for _, _, t in raw["programs"]]
+    )
     mlx_per_flop = fit_slope([n * f for n, _ in raw["mlx"]], [t - mlx_fixed for _, t in raw["mlx"]])
     dense_per_flop = fit_slope([n * f for n, _ in raw["mlx_dense"]], [t - mlx_fixed for _, t in raw["mlx_dense"]])
     return CostModel(
         backend=raw["backend"],
         dispatch_s=dispatch,
+        expert_s=expert_s,
         program_flops=1.0 / per_flop,
         copy_bps=copy_bps,
         sync_s=raw["sync_s"],
