@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from tqdm import tqdm
+
 from . import experts
 from ._version import __version__
 from .atomic import clean_stale, folder, write_json
@@ -142,6 +144,7 @@ def build(
     limits: Optional[PlanLimits] = None,
     trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> Path:
     """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path."""
     from mlx_lm import utils as mlx_utils
@@ -170,7 +173,7 @@ def build(
         log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
         profile = calibrate(
             model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-            model_path=local, description=desc,
+            model_path=local, description=desc, progress=progress,
         )
         b0 = next(iter(blocks.values()))
         if cost is None:
@@ -178,7 +181,7 @@ def build(
                 from .tune import tune as run_tune
 
                 log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
-                cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3)
+                cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress)
             else:
                 cost = default_cost(backend)
         log(f"      {describe_cost(cost)}")
@@ -195,31 +198,25 @@ def build(
         n_prog = plan.num_programs
         with folder(out) as tmp:
             tmp = Path(tmp)
-            programs = []
-            done = 0
+            jobs = []  # (rel, make_spec, manifest entry): routed groups, then shared experts
             for lp in plan.layers:
                 for gi, g in enumerate(lp.groups):
-                    rel = Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}"
-                    spec = spec_from_switch_glu(
-                        blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers
-                    )
-                    _compile_group(spec, backend, tmp / rel)
-                    files = _files_under(tmp, rel)
-                    programs.append({"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers,
-                                     "dir": rel.as_posix(), "files": files})
-                    done += 1
-                    log(f"[4/4] programs {done}/{n_prog}: layer {lp.layer} group {gi} "
-                        f"({len(g.experts)} experts, tiers {g.tiers}, "
-                        f"{sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)")
+                    jobs.append((
+                        Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}",
+                        lambda lp=lp, g=g: spec_from_switch_glu(
+                            blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers),
+                        {"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers},
+                    ))
                 for si, sp in enumerate(lp.shared):
-                    rel = Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}"
-                    _compile_group(spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers), backend, tmp / rel)
-                    files = _files_under(tmp, rel)
-                    programs.append({"layer": lp.layer, "group": f"s{si}", "experts": [-1], "tiers": sp.tiers,
-                                     "dir": rel.as_posix(), "files": files})
-                    done += 1
-                    log(f"[4/4] programs {done}/{n_prog}: layer {lp.layer} shared expert {sp.path} "
-                        f"(tiers {sp.tiers}, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)")
+                    jobs.append((
+                        Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}",
+                        lambda lp=lp, sp=sp: spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers),
+                        {"layer": lp.layer, "group": f"s{si}", "experts": [-1], "tiers": sp.tiers},
+                    ))
+            programs = []
+            for rel, make_spec, entry in tqdm(jobs, desc="[4/4] programs", unit="prog", disable=not progress):
+                _compile_group(make_spec(), backend, tmp / rel)
+                programs.append({**entry, "dir": rel.as_posix(), "files": _files_under(tmp, rel)})
             profile.save(tmp / "profile.json")
             plan.save(tmp / "plan.json")
             cost.save(tmp / "cost.json")
@@ -239,8 +236,10 @@ def build(
                 "programs": programs,
             })
         total = sum(f["bytes"] for p in programs for f in p["files"].values())
-        log(f"bundle written to {out}: {len(plan.layers)} MoE layers, {n_prog} programs, "
-            f"{total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+        offloaded = sum(1 for lp in plan.layers if lp.groups or lp.shared)
+        tiers = sum(len(p["tiers"]) for p in programs)
+        log(f"bundle written to {out}: {offloaded}/{len(plan.layers)} MoE layers offloaded, {n_prog} programs "
+            f"({tiers} tiers), {total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
         return out
 
 
@@ -485,6 +484,6 @@ def main(argv=None) -> int:
     build(
         str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
         tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,
-        limits=limits, trust_remote_code=args.trust_remote_code,
+        limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
     )
     return 0

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from . import experts
 from .atomic import write_json
@@ -249,6 +250,7 @@ def calibrate(
     max_tokens: Optional[int] = None,
     model_path=None,
     description: str = "",
+    progress: bool = False,
 ) -> Profile:
     """Prefill ``docs`` through ``model`` in chunks and count routed pairs per layer x expert.
 
@@ -279,6 +281,7 @@ def calibrate(
 
     installed = experts.install(model, executor_for, config, quiet=True)
     try:
+        bar = tqdm(total=sum(lengths), desc="calibrating", unit="tok", disable=not progress, leave=False)
         for ids, n in zip(docs_ids, lengths):
             if n == 0:
                 continue
@@ -289,7 +292,9 @@ def calibrate(
                 mx.eval([c.state for c in cache] + [c for r in recorders.values() for _, c in r.pending])
                 for r in recorders.values():
                     r.flush()
+                bar.update(min(chunk_size, n - start))
             mx.clear_cache()
+        bar.close()
     finally:
         experts.remove(model)
 

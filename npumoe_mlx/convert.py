@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     with build_lock(out):
         bundles.build(
             str(model_path), backend, str(out), tokens=args.tokens, chunk_size=args.chunk_size,
-            tune=not args.no_tune, trust_remote_code=args.trust_remote_code,
+            tune=not args.no_tune, trust_remote_code=args.trust_remote_code, progress=True,
         )
     print(f"generate with: npumoe generate --model {model_path} --offload {backend}")
     return 0

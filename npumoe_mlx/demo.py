@@ -36,7 +36,8 @@ def run(out: str = "npumoe-demo", small: bool = False, prompt_tokens: int = 512,
     make_tiny_model(model_dir, "qwen3_moe", skew=1.5, seed=0, num_layers=layers, dims=dims)
 
     log(f"[demo] 2/4 bundle ({backend}): calibrate -> tune -> plan -> compile")
-    bundles.build(str(model_dir), backend, tokens=1024, chunk_size=prompt_tokens, tune=True, log=lambda m: log("       " + m))
+    bundles.build(str(model_dir), backend, tokens=1024, chunk_size=prompt_tokens, tune=True,
+                  log=lambda m: log("       " + m), progress=True)
 
     log("[demo] 3/4 generate with the experts offloaded")
     model, tok = load(str(model_dir), offload=backend, quiet=True)

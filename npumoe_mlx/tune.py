@@ -63,8 +63,11 @@ def measure(
     pairs: Sequence[int] = (16, 128, 512),
     repeats: int = 5,
     backend_opts: Optional[dict] = None,
+    progress: bool = False,
 ) -> dict:
     """Raw timings (seconds) at these dims; ``fit`` turns them into a CostModel."""
+    from tqdm import tqdm
+
     from .backends import load_backend
     from .programs import spec_from_switch_glu
 
@@ -80,6 +83,7 @@ def measure(
 
     dispatch_s = median_s(one_call, 8 * repeats)
     prog_rows = []
+    bar = tqdm(total=len(groups) * len(tiers) + 2 * len(pairs), desc="tuning", disable=not progress, leave=False)
     for G in groups:
         m = _module(D, H, G, quant)
         spec = spec_from_switch_glu(m, layer=0, expert_ids=range(G), tiers=tiers)
@@ -87,6 +91,7 @@ def measure(
         for C in tiers:
             x = np.random.default_rng(C).standard_normal((G, C, D)).astype(np.float32)
             prog_rows.append((G, C, median_s(lambda: program.run(x, C), repeats)))
+            bar.update()
 
     m = _module(D, H, 8, quant)
     small, x1, e1 = _module(32, 32, 8, None), mx.zeros((1, 32)), mx.zeros((1, 1), mx.uint32)
@@ -97,6 +102,7 @@ def measure(
         e = mx.random.randint(0, 8, (n, 1)).astype(mx.uint32)
         mx.eval(x, e)
         mlx_rows.append((n, median_s(lambda: mx.eval(stock_experts(m, x, e)), repeats)))
+        bar.update()
 
     mlp = _dense_mlp(D, H, quant)
     dense_rows = []
@@ -104,6 +110,8 @@ def measure(
         x = mx.random.normal((n, D))
         mx.eval(x)
         dense_rows.append((n, median_s(lambda: mx.eval(mlp(x)), repeats)))
+        bar.update()
+    bar.close()
 
     n = max(pairs)
     xs = mx.random.normal((n, D))
