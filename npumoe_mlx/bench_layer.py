@@ -157,6 +157,20 @@ def _gemm_s(be, m: SwitchGLU, D: int, N: int, reps: int) -> float:
     return median_s(lambda: prog.run(x, C), reps, warm_up=False) * N / C
 
 
+def format_table(rows: List[dict]) -> str:
+    """Markdown: one row per (shape, tokens)."""
+    head = ("shape", "tokens", "offload tok/s", "stock tok/s", "speedup", "gemm_fraction", "padding %",
+            "calls", "spill %", "predicted ms", "measured ms")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['offload_tps']:.1f} | {r['stock_tps']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['gemm_fraction']:.2f} | {r['padding_pct']:.1f} | {r['calls']:.0f} | {r['spill_pct']:.1f} | "
+            f"{r['predicted_s'] * 1e3:.0f} | {r['measured_s'] * 1e3:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(rows: List[dict], path: str) -> None:
     import matplotlib
 
@@ -209,6 +223,7 @@ def main(argv=None) -> int:
         rows += bench_shape(n, shapes[n], tokens, args.backend, args.q_bits or None, args.skew, args.repeats)
         if args.json:  # keep what is measured so far
             write_json(args.json, {"rows": rows, "machine": _machine()})
+    print(format_table(rows))
     if args.json:
         print(f"wrote {args.json}")
     if args.plot:
