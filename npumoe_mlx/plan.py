@@ -381,16 +381,24 @@ def _apply_budget(layers: List[LayerPlan], max_programs: int, cost: CostModel) -
                 lp.min_tokens = NEVER
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: Plan, verbose: bool = False) -> str:
+    """One line per layer; ``verbose`` lists every group with its ladder."""
     lines = [f"plan for backend {plan.backend}: {len(plan.layers)} MoE layers, {plan.num_programs} programs"]
     for lp in plan.layers:
         if not lp.groups and not lp.shared:
             lines.append(f"  layer {lp.layer}: stays on MLX")
             continue
-        groups = "; ".join(f"{g.experts} tiers {g.tiers}" for g in lp.groups)
-        cold = f", cold {lp.cold}" if lp.cold else ""
+        if verbose:
+            groups = "; ".join(f"{g.experts} tiers {g.tiers}" for g in lp.groups)
+            cold = f", cold {lp.cold}" if lp.cold else ""
+        else:
+            sizes = sorted({len(g.experts) for g in lp.groups})
+            tiers = [t for g in lp.groups for t in g.tiers] or [0]
+            groups = (f"{len(lp.groups)} groups of {'/'.join(map(str, sizes))} experts, "
+                      f"tiers {min(tiers)}..{max(tiers)}")
+            cold = f", {len(lp.cold)} cold experts on MLX" if lp.cold else ""
         shared = "".join(f"; shared expert tiers {sp.tiers} from {sp.min_tokens} tokens" for sp in lp.shared)
-        lines.append(f"  layer {lp.layer}: offload from {lp.min_tokens} tokens; groups {groups}{cold}{shared}")
+        lines.append(f"  layer {lp.layer}: offload from {lp.min_tokens} tokens; {groups}{cold}{shared}")
     return "\n".join(lines)
 
 
@@ -430,7 +438,7 @@ def main(argv=None) -> int:
     cost = CostModel.load(args.cost) if args.cost else default_cost(args.backend)
     shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
     plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend))
-    print(format_plan(plan))
+    print(format_plan(plan, verbose=True))
     if args.json:
         plan.save(args.json)
         print(f"wrote {args.json}")
