@@ -1,9 +1,10 @@
 """npumoe-mlx: MoE LLMs on MLX with expert FFNs on static-tier programs (ANE / ONNX Runtime).
 
 A drop-in for ``mlx_lm``: ``load`` takes everything ``mlx_lm.load`` takes plus
-``offload=``; ``generate``, ``stream_generate`` and ``batch_generate`` are
-mlx_lm's own functions (the offload lives inside the model's expert blocks, so
-mlx_lm's generation loop runs unchanged).
+``offload=``; ``convert`` makes MLX weights (via mlx_lm.convert) and the offload
+bundle; ``generate``, ``stream_generate`` and ``batch_generate`` are mlx_lm's own
+functions (the offload lives inside the model's expert blocks, so mlx_lm's
+generation loop runs unchanged).
 """
 
 from mlx_lm.generate import (
@@ -15,6 +16,7 @@ from mlx_lm.generate import (
 )
 
 from ._version import __version__
+from .convert import convert
 from .loading import load
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "generate",
     "stream_generate",
     "batch_generate",
+    "convert",
     "GenerationResponse",
     "BatchResponse",
     "__version__",

@@ -12,6 +12,7 @@ Re-running with an up-to-date bundle does nothing and says so; ``--force`` rebui
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from mlx_lm import utils as mlx_utils
 from mlx_lm.convert import configure_parser as mlx_convert_parser
@@ -56,44 +57,64 @@ def _parser():
     return p
 
 
-def main(argv=None) -> int:
+def convert(
+    source: str,
+    mlx_path: str = "mlx_model",
+    *,
+    backend: Optional[str] = None,
+    force: bool = False,
+    in_place: bool = False,
+    tokens: int = 2048,
+    chunk_size: int = 512,
+    tune: bool = True,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+    **mlx_convert_kwargs,
+) -> Path:
+    """``source`` -> MLX weights (if needed, via ``mlx_lm.convert(**mlx_convert_kwargs)``)
+    + an up-to-date offload bundle. Returns the model folder to load."""
     from .offload import resolve
 
-    args = _parser().parse_args(argv)
-    if not args.hf_path:
-        raise ValueError("give the model to convert with --hf-path (or --model)")
-    backend = args.backend or resolve("auto")
-    src = resolve_model(args.hf_path)
-    convert_now = any(getattr(args, f) for f in CONVERSION_FLAGS) or not is_mlx_layout(src)
-
+    backend = backend or resolve("auto")
+    src = resolve_model(source)
+    convert_now = any(mlx_convert_kwargs.get(f) for f in CONVERSION_FLAGS) or not is_mlx_layout(src)
     if convert_now:
-        mlx_path = Path(args.mlx_path)
-        if mlx_path.exists():
-            print(f"[npumoe] {mlx_path} exists: using it as the converted model (remove it to convert again)")
+        model_path = Path(mlx_path)
+        if model_path.exists():
+            print(f"[npumoe] {model_path} exists: using it as the converted model (remove it to convert again)")
         else:
-            print(f"[npumoe] converting {args.hf_path} -> {mlx_path} with mlx_lm.convert")
-            mlx_convert(
-                args.hf_path, str(mlx_path), quantize=args.quantize, q_group_size=args.q_group_size,
-                q_bits=args.q_bits, q_mode=args.q_mode, dtype=args.dtype, dequantize=args.dequantize,
-                quant_predicate=args.quant_predicate, trust_remote_code=args.trust_remote_code,
-            )
-        model_path = mlx_path
+            print(f"[npumoe] converting {source} -> {model_path} with mlx_lm.convert")
+            mlx_convert(source, str(model_path), trust_remote_code=trust_remote_code, **mlx_convert_kwargs)
         out = bundles.default_bundle_dir(model_path, backend)
     else:
         model_path = src
-        out = model_path / f"npumoe-{backend}" if args.in_place else bundles.cached_bundle_dir(model_path, backend)
+        out = model_path / f"npumoe-{backend}" if in_place else bundles.cached_bundle_dir(model_path, backend)
 
-    if (out / "manifest.json").exists() and not args.force:
+    if (out / "manifest.json").exists() and not force:
         try:
-            bundles.read(out, model_path, args.hf_path)
+            bundles.read(out, model_path, source)
             print(f"bundle {out} is up to date; nothing to do (--force rebuilds)")
-            return 0
+            return model_path
         except bundles.BundleError as e:
             print(f"[npumoe] rebuilding a stale bundle: {e}", file=sys.stderr)
     with build_lock(out):
         bundles.build(
-            str(model_path), backend, str(out), tokens=args.tokens, chunk_size=args.chunk_size,
-            tune=not args.no_tune, trust_remote_code=args.trust_remote_code, progress=True,
+            str(model_path), backend, str(out), tokens=tokens, chunk_size=chunk_size,
+            tune=tune, trust_remote_code=trust_remote_code, progress=progress,
         )
     print(f"generate with: npumoe generate --model {model_path} --offload {backend}")
+    return model_path
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.hf_path:
+        raise ValueError("give the model to convert with --hf-path (or --model)")
+    convert(
+        args.hf_path, args.mlx_path, backend=args.backend, force=args.force, in_place=args.in_place,
+        tokens=args.tokens, chunk_size=args.chunk_size, tune=not args.no_tune,
+        trust_remote_code=args.trust_remote_code, progress=True,
+        quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits, q_mode=args.q_mode,
+        dtype=args.dtype, dequantize=args.dequantize, quant_predicate=args.quant_predicate,
+    )
     return 0

@@ -67,3 +67,9 @@ def test_convert_mlx_model_is_cached_and_idempotent(tmp_path, monkeypatch, capsy
 
     assert main(args + ["--in-place"]) == 0
     assert (model / "npumoe-onnx" / "manifest.json").is_file()
+
+
+def test_convert_python_api(tmp_path):
+    model = make_tiny_model(tmp_path / "m", "olmoe", seed=9)
+    out = npumoe_mlx.convert(str(model), in_place=True, tune=False, tokens=256)
+    assert out == model and (model / "npumoe-onnx" / "manifest.json").is_file()
