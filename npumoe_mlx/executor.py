@@ -94,27 +94,27 @@ class OffloadExecutor:
         self._cold[plan.cold] = True
 
     # --- the decision -----------------------------------------------------
-    def _rounds(self, counts: np.ndarray) -> List[int]:
-        """Per group: ladder rounds to run; extra rounds only where they beat MLX."""
-        out = []
-        D, H = self.plan.D, self.plan.H
-        for ids, tiers in zip(self._groups, self._tiers):
-            calls, _ = calls_for([_G(ids, tiers)], counts, [])
-            if len(calls) <= 1 or self.overflow == "rerun":
-                out.append(max(len(calls), 1))
-                continue
-            if self.overflow in ("spill", "drop"):
-                out.append(1)
-                continue
-            extra = sum(self.cost.program_s(G, C, D, H) for G, C in calls[1:])
-            remainder = int(np.maximum(counts[ids] - calls[0][1], 0).sum())
-            out.append(len(calls) if extra < self.cost.mlx_s(remainder, D, H) else 1)
-        return out
+    def _decide(self, counts: np.ndarray):
+        """(worth offloading?, ladder rounds per group): each group's rounds computed once.
 
-    def _worth_it(self, counts: np.ndarray, rounds: List[int]) -> bool:
-        calls, spill = calls_for([_G(i, t) for i, t in zip(self._groups, self._tiers)], counts, self.plan.cold)
+        Extra rounds past the top tier run only where they beat spilling to MLX.
+        """
         D, H = self.plan.D, self.plan.H
-        return predicted_offload_s(self.cost, calls, spill, D, H) < self.cost.mlx_s(int(counts.sum()), D, H)
+        per_group = [calls_for([_G(ids, tiers)], counts, [])[0] for ids, tiers in zip(self._groups, self._tiers)]
+        spill = int(counts[self._cold].sum())
+        worth = predicted_offload_s(self.cost, [c for calls in per_group for c in calls], spill, D, H) < \
+            self.cost.mlx_s(int(counts.sum()), D, H)
+        rounds = []
+        for ids, calls in zip(self._groups, per_group):
+            if len(calls) <= 1 or self.overflow == "rerun":
+                rounds.append(max(len(calls), 1))
+            elif self.overflow in ("spill", "drop"):
+                rounds.append(1)
+            else:
+                extra = sum(self.cost.program_s(G, C, D, H) for G, C in calls[1:])
+                remainder = int(np.maximum(counts[ids] - calls[0][1], 0).sum())
+                rounds.append(len(calls) if extra < self.cost.mlx_s(remainder, D, H) else 1)
+        return worth, rounds
 
     # --- the call ---------------------------------------------------------
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
@@ -139,10 +139,10 @@ class OffloadExecutor:
         order_np, counts_np = np.array(order), np.array(counts)
         if score is not None:  # paper's drop mode: within an expert, highest router score first
             order_np = np.lexsort((-np.array(score.astype(mx.float32)), np.array(flat)))
-        if not drop and not self._worth_it(counts_np, []):
+        worth, rounds = self._decide(counts_np)
+        if not drop and not worth:
             return stock_experts(experts, x, inds)
 
-        rounds = self._rounds(counts_np)
         s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, rounds)
         flat_np = np.array(flat)
         left = np.nonzero(s.loc < 0)[0]  # pairs no program took: cold experts, overflow
