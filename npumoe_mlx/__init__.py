@@ -17,10 +17,13 @@ from mlx_lm.generate import (
 
 from ._version import __version__
 from .convert import convert
-from .loading import load
+from .loading import install, load, remove, stats
 
 __all__ = [
     "load",
+    "install",
+    "remove",
+    "stats",
     "generate",
     "stream_generate",
     "batch_generate",

@@ -1,11 +1,14 @@
-"""``load``: mlx_lm.load plus the offload seam."""
+"""``load``: mlx_lm.load plus the offload seam; ``install``/``remove``/``stats`` for models built elsewhere."""
 
+import dataclasses
 from typing import Any, Dict, Optional
 
+import mlx.nn as nn
 from mlx_lm import utils as mlx_utils
 
-from . import checks
+from . import checks, experts
 from . import offload as _offload
+from .executor import OVERFLOW_MODES, SharedExecutor, offload_stats, summarize
 
 
 def load(
@@ -53,3 +56,75 @@ def load(
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
+
+
+def _config_of(model, model_path) -> dict:
+    """The model's config: config.json beside the weights, else the model's own args."""
+    if model_path is not None:
+        return checks.check_model_dir(model_path)
+    args = getattr(model, "args", None)
+    if dataclasses.is_dataclass(args):
+        return dataclasses.asdict(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def install(
+    model: nn.Module,
+    offload: str = "auto",
+    bundle: Optional[str] = None,
+    config: Optional[Dict[str, Any]] = None,
+    model_path: Optional[str] = None,
+    overflow: str = "auto",
+    backend_options: Optional[Dict[str, Any]] = None,
+    quiet: bool = False,
+) -> str:
+    """Put the offload on a model built elsewhere (a server, a notebook, ``mlx_lm.load``).
+
+    Same modes and bundle rules as ``load``: the bundle is ``bundle`` or the one
+    found for ``model_path`` (a local folder or a hub repo id; its fingerprint is
+    checked). Without either, ``auto`` leaves the model on stock MLX and ``onnx``/
+    ``coreml`` raise. Installing again replaces what was installed. Returns the
+    mode in effect: "coreml", "onnx", "mlx" or "off".
+    """
+    _offload.resolve(offload)
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"unknown overflow {overflow!r}; choose one of {', '.join(OVERFLOW_MODES)}")
+    name = str(model_path) if model_path is not None else "MODEL"
+    local = checks.resolve_model(model_path) if model_path is not None else None
+    if config is None:
+        config = _config_of(model, local)
+    experts.remove(model)
+    return _offload.apply(
+        model, config, offload, model_path=local, bundle=bundle, overflow=overflow,
+        backend_options=backend_options, model_name=name, quiet=quiet,
+    )
+
+
+def remove(model: nn.Module) -> int:
+    """Put every offloaded block back on stock MLX (same parameters). Returns how many."""
+    return experts.remove(model)
+
+
+def stats(model: nn.Module) -> Dict[str, Any]:
+    """What ran where so far: the numbers ``npumoe generate --stats`` prints, per MoE layer.
+
+    ``{"layers": [{layer, kind ("routed" | "shared"), calls, offloaded,
+    program_calls, slots, padded, padding_pct, pairs, spilled, spill_pct,
+    dropped, program_s, offload_call_s, fallback}], "total": summarize(...)}``;
+    JSON-ready. A model without offload has no layers.
+    """
+    layer_stats = offload_stats(model)
+    shared = {
+        id(m.executor.stats) for _, m in model.named_modules()
+        if isinstance(getattr(m, "executor", None), SharedExecutor)
+    }
+    layers = []
+    for s in layer_stats:
+        d = s.to_dict()
+        d["kind"] = "shared" if id(s) in shared else "routed"
+        d["padding_pct"] = 100.0 * s.padded / max(s.slots, 1)
+        d["spill_pct"] = 100.0 * s.spilled / max(s.pairs, 1)
+        layers.append(d)
+    total = summarize(layer_stats)
+    total["fallbacks"] = {str(k): v for k, v in total["fallbacks"].items()}  # JSON object keys
+    return {"layers": layers, "total": total}
