@@ -19,7 +19,7 @@ mlx_generate = importlib.import_module("mlx_lm.generate")
 _stock_arg_parser = mlx_generate.setup_arg_parser
 
 
-def add_offload_args(parser):
+def add_offload_args(parser, stats: bool = True):
     parser.add_argument(
         "--offload",
         choices=MODES,
@@ -40,6 +40,8 @@ def add_offload_args(parser):
         help="Pairs past a group's top tier: auto (cost model picks), rerun the ladder, spill to "
         "MLX, or drop them (the paper's behaviour, for comparison; never the default).",
     )
+    if not stats:
+        return parser
     parser.add_argument(
         "--stats",
         action="store_true",
