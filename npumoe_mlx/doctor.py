@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
@@ -329,6 +330,12 @@ def _table(rows: List[tuple]) -> List[str]:
     return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _groups(sizes: List[int]) -> str:
+    """[1, 1, 1, 4] -> "3x1 + 1x4" (groups x experts each)."""
+    counts = sorted(Counter(sizes).items())
+    return " + ".join(f"{n}x{size}" for size, n in counts) or "-"
+
+
 def format_report(r: dict) -> str:
     m = r["machine"]
     lines = [f"npumoe {r['npumoe_version']} doctor",
@@ -359,10 +366,10 @@ def format_report(r: dict) -> str:
             else:
                 lines.append(f"bundle {name}: {b['path']}: current (format {b['format']}, npumoe {b['npumoe_version']}, "
                              f"fingerprint {b['fingerprint'][:12]}, {b['programs']} programs, {_gb(b['program_bytes'])})")
-                rows = [("layer", "on programs", "on MLX", "groups", "tiers", "from tokens")]
+                rows = [("layer", "experts on programs", "on MLX", "groups x experts", "tiers", "from tokens")]
                 for lp in b["plan"]["layers"]:
                     rows.append((lp["layer"], str(lp["on_programs"]) + (f" + {lp['shared_on_programs']} shared" if lp["shared_on_programs"] else ""),
-                                 lp["on_mlx"], "/".join(map(str, lp["groups"])) or "-",
+                                 lp["on_mlx"], _groups(lp["groups"]),
                                  f"{lp['tiers'][0]}..{lp['tiers'][-1]}" if lp["tiers"] else "-",
                                  lp["min_tokens"] if lp["min_tokens"] is not None else "never"))
                 lines += _table(rows)

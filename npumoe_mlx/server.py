@@ -182,7 +182,10 @@ def _run_http_server(host, port, response_generator, **kw):
     if provider.default_error is not None:
         response_generator.stop_and_join()
         raise provider.default_error
-    logging.info(f"npumoe offload: {provider.cli_args.offload}; stats at http://{host}:{port}{STATS_PATH}")
+    layers = server_stats(provider)["layers"]
+    where = (f"{sum(l['kind'] == 'routed' for l in layers)} expert blocks and "
+             f"{sum(l['kind'] == 'shared' for l in layers)} shared experts on programs") if layers else "experts on stock MLX"
+    logging.info(f"npumoe offload {provider.cli_args.offload}: {where}; stats at http://{host}:{port}{STATS_PATH}")
     _stock_run_http_server(host, port, response_generator, handler_class=OffloadAPIHandler)
 
 
