@@ -26,9 +26,11 @@ import numpy as np
 import openai
 import pytest
 
+import npumoe_mlx
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx import server
 from npumoe_mlx.cost import CostModel
+from npumoe_mlx.offload import OffloadError
 from npumoe_mlx.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,3 +294,18 @@ def test_cli_errors_are_one_line_and_stop_the_server(models, tmp_path):
     last = err.strip().splitlines()[-1]
     assert rc == 1 and last.startswith("npumoe server: error: no onnx bundle for this model"), err
     assert f"`npumoe build --model {bare} --backend onnx`" in last and "Traceback" not in err
+
+
+def test_bundle_flag_belongs_to_the_model_flag(models, tmp_path):
+    """--bundle is the --model model's bundle; a model named per request gets its own (or none)."""
+    path, _ = models
+    main = tmp_path / "main"
+    shutil.copytree(path, main, ignore=shutil.ignore_patterns("npumoe-*"))
+    other = tmp_path / "other"
+    shutil.copytree(path, other, ignore=shutil.ignore_patterns("npumoe-*"))
+    elsewhere = shutil.copytree(path / "npumoe-onnx", tmp_path / "bundles" / "main-onnx")
+    args = server.setup_arg_parser().parse_args(["--model", str(main), "--offload", "onnx", "--bundle", str(elsewhere)])
+    model, _, _ = server._offload_load(args, str(main), return_config=True)
+    assert [l["layer"] for l in npumoe_mlx.stats(model)["layers"]] == [0, 1]
+    with pytest.raises(OffloadError, match=re.escape(f"build it with `npumoe build --model {other} --backend onnx`")):
+        server._offload_load(args, str(other))
