@@ -4,7 +4,8 @@ A drop-in for ``mlx_lm``: ``load`` takes everything ``mlx_lm.load`` takes plus
 ``offload=``; ``convert`` makes MLX weights (via mlx_lm.convert) and the offload
 bundle; ``generate``, ``stream_generate`` and ``batch_generate`` are mlx_lm's own
 functions (the offload lives inside the model's expert blocks, so mlx_lm's
-generation loop runs unchanged).
+generation loop runs unchanged). ``install``/``remove`` put the offload on (or
+take it off) a model loaded elsewhere; ``stats`` says what ran where per layer.
 """
 
 from mlx_lm.generate import (

@@ -35,7 +35,7 @@ from .offload import resolve
 from .tune import _module, median_s
 
 COREML_MIN_MACOS = (15, 0)  # iOS18 opset programs (DESIGN.md: macOS 15+)
-MEMORY_HEADROOM = 0.8  # weights + programs may take this share of the machine's memory
+MEMORY_HEADROOM = 0.8  # without a GPU working-set limit: weights + programs may take this share of RAM
 BENCH_G, BENCH_C = 4, 64  # one program call of the benchmark: 4 experts x 64 rows
 BENCH_DIMS = (1024, 512)  # D, H without a model
 
@@ -205,15 +205,17 @@ def model_report(name: str, backend: str, problems: list, trust_remote_code: boo
     b0 = supported[0]
     rep["bench_dims"] = {"D": b0.dims, "H": b0.hidden, "quant": b0.quant}
     mem = memory_bytes()
+    # On a Mac the GPU may wire at most the recommended working set; elsewhere a share of RAM.
+    budget = int(mx.device_info().get("max_recommended_working_set_size") or MEMORY_HEADROOM * mem)
     used = rep["bundles"].get(backend, {})
     prog = used.get("resident_bytes", 0)
-    fits = mem == 0 or model_bytes + prog <= MEMORY_HEADROOM * mem
+    fits = mem == 0 or model_bytes + prog <= budget
     rep["memory"] = {"model_bytes": model_bytes, "program_bytes": prog, "total_bytes": model_bytes + prog,
-                     "machine_bytes": mem, "headroom": MEMORY_HEADROOM, "fits": fits}
+                     "machine_bytes": mem, "budget_bytes": budget, "fits": fits}
     if not fits:
         problems.append({
-            "problem": f"model ({model_bytes / 1e9:.1f} GB) + {backend} programs ({prog / 1e9:.1f} GB) exceed "
-                       f"{MEMORY_HEADROOM:.0%} of this machine's {mem / 1e9:.1f} GB",
+            "problem": f"model ({_gb(model_bytes)}) + {backend} programs ({_gb(prog)}) exceed "
+                       f"the {_gb(budget)} this machine ({_gb(mem)}) can hold for them",
             "fix": f"npumoe build --model {name} --backend {backend} --force --max-programs "
                    f"{max(1, used.get('plan', {}).get('programs', 2) // 2)}",
         })
@@ -376,7 +378,7 @@ def format_report(r: dict) -> str:
         mem = mo.get("memory")
         if mem:
             lines.append(f"memory: model {_gb(mem['model_bytes'])} + programs {_gb(mem['program_bytes'])} = "
-                         f"{_gb(mem['total_bytes'])} of {_gb(mem['machine_bytes'])}: "
+                         f"{_gb(mem['total_bytes'])} of {_gb(mem['budget_bytes'])} usable ({_gb(mem['machine_bytes'])} RAM): "
                          + ("fits" if mem["fits"] else "DOES NOT FIT"))
     if r["bench"]:
         lines.append("micro-benchmark (measured vs the cost model in use):")

@@ -134,3 +134,16 @@ def test_bad_model_one_line_error(tmp_path, capsys):
     assert rc == 1 and len(err) == 1
     assert err[0].startswith(f"npumoe doctor: error: no such model folder {tmp_path / 'nope'}")
     assert err[0].endswith("(rerun with --debug for details)")
+
+
+def test_model_and_programs_that_do_not_fit(built, monkeypatch):
+    monkeypatch.setattr(doctor, "memory_bytes", lambda: 3_000_000)  # a 3 MB machine
+    r = doctor.run(str(built), run_bench=False)
+    mem = r["model"]["memory"]
+    assert mem["budget_bytes"] == int(doctor.MEMORY_HEADROOM * 3_000_000) < mem["total_bytes"] and not mem["fits"]
+    p = _problem(r, "programs")
+    assert "exceed the 2.4 MB this machine (3.0 MB) can hold" in p["problem"]
+    assert p["fix"].startswith(f"npumoe build --model {built} --backend onnx --force --max-programs ")
+    assert "DOES NOT FIT" in doctor.format_report(r)
+    monkeypatch.setattr(doctor, "memory_bytes", lambda: 30_000_000)
+    assert doctor.run(str(built), run_bench=False)["model"]["memory"]["fits"]
