@@ -29,6 +29,7 @@ from huggingface_hub.errors import CacheNotFound
 
 from . import checks
 from .executor import format_stats
+from .experts import installed_blocks
 from .generate import add_offload_args
 from .loading import load, stats
 
@@ -182,9 +183,9 @@ def _run_http_server(host, port, response_generator, **kw):
     if provider.default_error is not None:
         response_generator.stop_and_join()
         raise provider.default_error
-    layers = server_stats(provider)["layers"]
-    where = (f"{sum(l['kind'] == 'routed' for l in layers)} expert blocks and "
-             f"{sum(l['kind'] == 'shared' for l in layers)} shared experts on programs") if layers else "experts on stock MLX"
+    blocks = len(installed_blocks(provider.model)) if provider.model is not None else 0
+    shared = sum(l["kind"] == "shared" for l in server_stats(provider)["layers"])
+    where = f"{blocks} expert blocks and {shared} shared experts offloaded" if blocks else "experts on stock MLX"
     logging.info(f"npumoe offload {provider.cli_args.offload}: {where}; stats at http://{host}:{port}{STATS_PATH}")
     _stock_run_http_server(host, port, response_generator, handler_class=OffloadAPIHandler)
 

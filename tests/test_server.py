@@ -197,7 +197,7 @@ def test_usage_models_health_and_log(servers):
     # the stats endpoint is read-only: POST is refused like any unknown path
     assert ours.post_raw(server.STATS_PATH, b"{}")[0] == 404
     log = ours.text()
-    assert (f"npumoe offload onnx: 2 expert blocks and 0 shared experts on programs; "
+    assert (f"npumoe offload onnx: 2 expert blocks and 0 shared experts offloaded; "
             f"stats at http://127.0.0.1:{ours.port}{server.STATS_PATH}") in log
     line = [l for l in log.splitlines() if "npumoe offload:" in l and "per layer:" in l][-1]
     assert re.search(r"MoE layer calls ran programs .* per layer: L0 \d+/\d+ calls \d+ prog", line), line
