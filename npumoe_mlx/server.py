@@ -1,6 +1,6 @@
 """`npumoe server`: mlx_lm.server (OpenAI-compatible HTTP API) with the expert offload.
 
-Nothing of mlx_lm's server is copied: its own ``main`` runs, with four names in
+Nothing of mlx_lm's server is copied: its own ``main`` runs, with five names in
 its module pointed at ours while it runs:
 - ``argparse``: its parser (every flag it has) gets --offload/--bundle/--overflow;
 - ``load``: ``npumoe_mlx.load``, so every model it loads, the --model one and any
@@ -23,14 +23,13 @@ import os
 import sys
 import threading
 import types
-from contextlib import contextmanager
 
-from huggingface_hub.errors import CacheNotFound
+from huggingface_hub.utils import CacheNotFound  # also there in the oldest hub we allow
 
 from . import checks
 from .executor import format_stats
 from .experts import installed_blocks
-from .generate import add_offload_args
+from .generate import _patched, add_offload_args
 from .loading import load, stats
 
 # `mlx_lm.server` is the module (mlx_lm has no attribute of that name to shadow it).
@@ -53,18 +52,6 @@ def _parser_module(parse_args):
 
     ArgumentParser.parse_args = parse_args
     return types.SimpleNamespace(ArgumentParser=ArgumentParser, Namespace=argparse.Namespace)
-
-
-@contextmanager
-def _patched(module, **attrs):
-    old = {k: getattr(module, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(module, k, v)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
