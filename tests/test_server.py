@@ -215,7 +215,12 @@ def test_concurrent_requests_all_complete_with_the_right_text(servers):
     assert len(set(t for t, _ in got)) > 1  # different prompts, different answers
 
 
-def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(servers):
+def _bare_copy(path, dest):
+    shutil.copytree(path, dest, ignore=shutil.ignore_patterns("npumoe-*"))
+    return dest
+
+
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(servers, models, tmp_path):
     ours, stock = servers
     body = b'{"model": "default_model", "messages": [{"role": "user", "content": "hi"}'
     for srv in (ours, stock):  # malformed JSON: 400 with a JSON error, as mlx_lm answers
@@ -234,6 +239,12 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(servers):
         assert e.value.status_code == 404 and e.value.response.json()["error"]
     assert "no such model folder no/such-model" in ours.post_raw(
         "/v1/completions", json.dumps({"model": "no/such-model", "prompt": "hi"}).encode())[1].decode()
+    # a model named per request without a bundle, --offload onnx asked for explicitly: refused
+    # with the build command (stock mlx_lm, which knows no bundles, serves it)
+    bare = _bare_copy(models[0], tmp_path / "bare")
+    status, raw = ours.post_raw("/v1/completions", json.dumps({"model": str(bare), "prompt": "hi"}).encode())
+    assert status == 404 and f"build it with `npumoe build --model {bare} --backend onnx`" in json.loads(raw)["error"]
+    assert stock.post_raw("/v1/completions", json.dumps({"model": str(bare), "prompt": "hi", "max_tokens": 2}).encode())[0] == 200
     # ...and both still serve, with the same text
     assert _ask(ours.client(), "completion", False) == _ask(stock.client(), "completion", False)
     assert ours.get("/health") == (200, {"status": "ok"})
