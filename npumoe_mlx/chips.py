@@ -149,6 +149,16 @@ def detect_chip() -> Optional[str]:
     return normalize_name(m.group(1)) if m else None
 
 
+def profile_entry(p: ChipProfile) -> dict:
+    """One chip as it is written in a chips file (what ``load_chips`` reads back)."""
+    out = {}
+    for f in FIELDS:
+        out[f] = {"value": getattr(p, f), "source": p.sources[f]}
+        if f in p.notes:
+            out[f]["note"] = p.notes[f]
+    return out
+
+
 def _fmt(v: float) -> str:
     return f"{v:.3g}" if v >= 1e-3 else f"{v * 1e6:.3g}u"
 
@@ -183,9 +193,7 @@ def main(argv=None) -> int:
     if here:
         print(f"\nthis machine: {here}")
     if args.json:
-        write_json(args.json, {"format": FORMAT, "chips": {r.name: {
-            f: {"value": getattr(r, f), "source": r.sources[f], **({"note": r.notes[f]} if f in r.notes else {})}
-            for f in FIELDS} for r in rows}})
+        write_json(args.json, {"format": FORMAT, "chips": {r.name: profile_entry(r) for r in rows}})
     return 0
 
 
