@@ -1,7 +1,9 @@
 """Apple chip profiles: the shipped table, its loader's checks, name handling, detection."""
 
 import copy
+import importlib.util
 import json
+import os
 import subprocess
 
 import pytest
@@ -244,3 +246,12 @@ def test_cli_prints_the_table_and_one_chip_with_sources(tmp_path, capsys):
 def test_cli_unknown_chip_raises_one_line_error():
     with pytest.raises(ValueError, match="unknown chip 'M0'; known chips: m1, "):
         chips.main(["--chip", "M0"])
+
+
+def test_shipped_file_is_what_the_build_script_produces():
+    """chips.json is generated from benchmarks/build_chips.py (numbers + derivation rules)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "build_chips.py")
+    spec = importlib.util.spec_from_file_location("build_chips", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.build() == _shipped()
