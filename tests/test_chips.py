@@ -82,6 +82,8 @@ def _corrupt(tmp_path, mutate):
         (lambda d: d["chips"]["m4-max"]["sync_s"].update(value=-1e-4), ["m4-max", "sync_s", "positive"]),
         (lambda d: d["chips"]["m2"]["gpu_bw_gbs"].update(value="100"), ["'m2'", "gpu_bw_gbs", "positive"]),
         (lambda d: d["chips"]["m2"]["gpu_bw_gbs"].update(value=True), ["'m2'", "gpu_bw_gbs", "positive"]),
+        (lambda d: d["chips"]["m5"]["gpu_power_w"].update(value=float("inf")), ["'m5'", "gpu_power_w", "positive"]),
+        (lambda d: d["chips"]["m5"]["gpu_power_w"].update(value=float("nan")), ["'m5'", "gpu_power_w", "positive"]),
         (lambda d: d["chips"]["m4"]["ane_bw_gbs"].update(source="  "), ["'m4'", "ane_bw_gbs", "no source"]),
         (lambda d: d["chips"]["m4"]["ane_bw_gbs"].pop("source"), ["'m4'", "ane_bw_gbs", "no source"]),
         (lambda d: d["chips"]["m1-max"].update(gpu_tflop=1.0), ["m1-max", "unknown field", "gpu_tflop"]),
