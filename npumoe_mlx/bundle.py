@@ -79,6 +79,25 @@ def find_bundle(model_path, backend: str) -> Optional[Path]:
     return cached if (cached / "manifest.json").exists() else None
 
 
+BUNDLE_ENTRIES = ("manifest.json", "profile.json", "plan.json", "cost.json", "programs")
+
+
+def check_target(out: Path) -> None:
+    """A build replaces ``out`` whole: refuse unless it is missing, empty or a bundle
+    (holds nothing but what a build writes), so a wrong ``--out`` never deletes a folder."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BundleError(f"{out} exists and is not a folder; nothing was changed: choose another --out")
+    other = sorted(p.name for p in out.iterdir() if p.name not in BUNDLE_ENTRIES)
+    if other:
+        raise BundleError(
+            f"{out} is not an npumoe bundle folder (it holds {', '.join(other[:3])}); a build replaces its "
+            f"folder whole, so nothing was changed: choose a new or empty --out"
+        )
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -165,6 +184,7 @@ def build(
     out = Path(out) if out else default_bundle_dir(local, backend, fingerprint)
     with build_lock(out):  # one build of a bundle at a time; clears what a dead one left
         clean_stale(out)
+        check_target(out)
         blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
         if not blocks:
             raise ValueError(f"{model_path}: no supported MoE expert blocks; nothing to offload (it runs on stock MLX)")

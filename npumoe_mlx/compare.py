@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .atomic import write_json
+from .atomic import honour_umask, write_json
 
 DEFAULT_PROMPT_TOKENS = (1024, 4096)
 PREFILL_STEP = 2048  # mlx_lm's default prefill_step_size
@@ -534,6 +534,7 @@ def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
+        honour_umask(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -548,6 +549,7 @@ def save_figure(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
     os.close(fd)
     try:
+        honour_umask(tmp)
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)
     except BaseException:
