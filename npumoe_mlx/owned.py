@@ -121,7 +121,7 @@ def publish(tmp, root, old: Optional[List[str]]) -> None:
     if old is None:
         raise FolderInUse(f"{root} was filled while writing it; nothing was changed: choose a new folder")
     if not unowned(root, old):
-        parked = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
+        parked = root.with_name(f".old-{root.name}-{uuid.uuid4().hex[:8]}")  # clean_stale restores it
         os.replace(root, parked)
         os.replace(tmp, root)
         shutil.rmtree(parked, ignore_errors=True)

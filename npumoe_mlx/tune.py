@@ -66,7 +66,7 @@ def measure(
     progress: bool = False,
 ) -> dict:
     """Raw timings (seconds) at these dims; ``fit`` turns them into a CostModel."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     from .backends import load_backend
     from .programs import spec_from_switch_glu
@@ -83,7 +83,7 @@ def measure(
 
     dispatch_s = median_s(one_call, 8 * repeats)
     prog_rows = []
-    bar = tqdm(total=len(groups) * len(tiers) + 2 * len(pairs), desc="tuning", disable=not progress, leave=False)
+    bar = progress_bar(total=len(groups) * len(tiers) + 2 * len(pairs), desc="tuning", disable=not progress, leave=False)
     for G in groups:
         m = _module(D, H, G, quant)
         spec = spec_from_switch_glu(m, layer=0, expert_ids=range(G), tiers=tiers)
