@@ -393,10 +393,10 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False)
     backend = man.get("backend", backend)
     fmt = man.get("format")
     if type(fmt) is not int or fmt != BUNDLE_FORMAT:
-        got = f"{fmt!r} (a {type(fmt).__name__}, not an integer)" if type(fmt) is not int else str(fmt)
+        got = f"{json.dumps(fmt)} (a JSON {type(fmt).__name__}, not an integer)" if type(fmt) is not int else str(fmt)
         raise BundleError(
-            f"{root}: manifest format is {got}; npumoe {__version__} reads bundle format {BUNDLE_FORMAT} "
-            f"(this one says it was written by npumoe {man.get('npumoe_version')}); {_hint(backend)}"
+            f"{root}: bundle format {got} (written by npumoe {man.get('npumoe_version')}) is not format "
+            f"{BUNDLE_FORMAT}, the one npumoe {__version__} reads; {_hint(backend)}"
         )
     if model_path is not None:
         from .fingerprint import model_fingerprint

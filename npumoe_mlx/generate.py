@@ -31,7 +31,14 @@ def add_offload_args(parser):
     parser.add_argument(
         "--bundle",
         default=None,
-        help="Offload bundle folder (default: <model>/npumoe-<backend>, or the cache for hub models).",
+        help="Offload bundle folder (default: <model>/npumoe-<backend> if one is there, else the "
+        "cache's, $NPUMOE_CACHE/bundles/<fingerprint>-<backend>).",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="At load, check every program tier against the model's experts and every bundle file's "
+        "whole sha256 (default: a sample of programs, and sampled hashes).",
     )
     parser.add_argument(
         "--overflow",
@@ -74,7 +81,7 @@ def main(argv=None):
     loaded = []
 
     def _load(*a, **kw):
-        out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, **kw)
+        out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify, **kw)
         loaded.append(out[0])
         return out
 
