@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import experts, verify
 from ._version import __version__
-from .atomic import clean_stale, folder, write_json
+from .atomic import clean_stale, folder, honour_umask, write_json
 from .cost import CostModel, default_cost
 from .lock import build_lock
 from .plan import Plan, PlanLimits, format_plan, make_plan
@@ -324,6 +324,8 @@ def build(
             for rel, make_spec, entry, (module, want) in progress_bar(
                     jobs, desc="[4/4] programs", unit="prog", disable=not progress):
                 _compile_group(make_spec(), backend, tmp / rel)
+                for f in (tmp / rel).rglob("*"):
+                    honour_umask(f)  # writers of program files may use 0600 temp files
                 _verify_built(checker, backend, tmp / rel, rel, entry, module, want)
                 programs.append({**entry, "dir": rel.as_posix(), "files": _files_under(tmp, rel)})
             profile.save(tmp / "profile.json")
@@ -408,7 +410,7 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False)
             )
     try:
         for name, want in man["meta"].items():
-            _check_file(root, name, want, _hint(backend), verify)
+            _check_file(root, name, want, _hint(backend), True)  # small, and they define the plan
         for prog in man["programs"]:
             for rel, want in prog["files"].items():
                 _check_file(root, rel, want, _hint(backend), verify)
@@ -505,7 +507,7 @@ def install(
     for key, (mlp, _, prog) in shared.items():
         loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
     _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
-    pinned = {k: verify.Pinned(prog, [safe_path(bundle.path, f) for f in progs[k]["files"]])
+    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]])  # read() checked the paths
               for k, (prog, _, _) in loaded.items()}
     executors = {}
     for lp in bundle.plan.layers:

@@ -26,7 +26,7 @@ from . import experts
 TOLERANCE = {"onnx": 1e-4, "mlx": 1e-4, "coreml": 1e-2}
 DTYPE_TOLERANCE = {mx.float16: 1e-2, mx.bfloat16: 3e-2}  # the model's own rounding
 PROBE_ROWS = 8
-LOAD_SAMPLE = 4  # programs checked at load besides each layer's first (hottest) group
+LOAD_LAYERS, LOAD_OTHERS = 8, 2  # programs checked at a (non --verify) load, see pick()
 
 
 class ProgramMismatch(ValueError):
@@ -84,12 +84,15 @@ def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, whe
 
 
 def pick(keys: Sequence[Tuple], everything: bool, first_of_layer: Dict[int, Tuple]) -> List[Tuple]:
-    """The programs to check at load: all, or each layer's first group plus a random few."""
+    """The programs to check at load: all; or the first (hottest) group of up to LOAD_LAYERS
+    layers plus LOAD_OTHERS other programs, drawn afresh at every load."""
     if everything:
         return list(keys)
-    chosen = set(first_of_layer.values())
+    rng = random.Random(os.urandom(8))
+    firsts = list(first_of_layer.values())
+    chosen = set(rng.sample(firsts, min(LOAD_LAYERS, len(firsts))))
     rest = [k for k in keys if k not in chosen]
-    chosen.update(random.Random(os.urandom(8)).sample(rest, min(LOAD_SAMPLE, len(rest))))
+    chosen.update(rng.sample(rest, min(LOAD_OTHERS, len(rest))))
     return [k for k in keys if k in chosen]
 
 

@@ -119,3 +119,232 @@ def test_created_files_honour_umask(tmp_path):
     assert stat.S_IMODE(m.stat().st_mode) == 0o755
     assert stat.S_IMODE(b.stat().st_mode) == 0o755
     assert stat.S_IMODE((b / "manifest.json").stat().st_mode) == 0o644
+
+
+# --- 2. the wrong model ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    a = make_tiny_model(root / "A", "qwen3_moe", hf_layout=True, seed=6)
+    b = make_tiny_model(root / "B", "qwen3_moe", hf_layout=True, seed=7)
+    return a, b
+
+
+def test_convert_never_uses_the_wrong_model(hf_pair, tmp_path, capsys):
+    from npumoe_mlx.convert import convert
+
+    a, b = hf_pair
+    p = tmp_path / "P"
+    common = ["--no-tune", "--tokens", "64"]
+    rc, out, err = _run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, *common)
+    assert rc == 0, err
+    weights = (p / "model.safetensors").read_bytes()
+    (p / "notes.txt").write_text("mine")
+
+    rc, out, err = _run_cli(capsys, "convert", "--hf-path", b, "--mlx-path", p, *common)
+    assert rc == 1 and f"{p} holds a conversion of another model (from {a})" in err
+    assert "nothing was changed" in err and (p / "model.safetensors").read_bytes() == weights
+
+    rc, out, err = _run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, "-q", "--q-bits", "4", *common)
+    assert rc == 1 and "holds a conversion of other settings" in err and "quantize False -> True" in err
+
+    rc, out, err = _run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, *common)  # same source and settings
+    assert rc == 0 and "converted with the same settings: using it" in out and "up to date" in out
+
+    r = convert(str(b), str(p), force=True, tune=False, tokens=64)  # --force converts again, keeps the user's file
+    assert (p / "model.safetensors").read_bytes() != weights and (p / "notes.txt").read_text() == "mine"
+    assert r == p and r.model == p and r.bundle == p / "npumoe-onnx" and r.converted  # the result names both
+    assert (r.bundle / "manifest.json").is_file() and os.fspath(r) == str(p)
+
+    foreign = tmp_path / "F"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    rc, out, err = _run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", foreign, "--force", *common)
+    assert rc == 1 and "already exists and was not written by npumoe convert" in err
+    assert (foreign / "config.json").read_text() == "{}"
+
+
+def test_killed_conversion_leaves_no_partial_model(hf_pair, tmp_path):
+    a, _ = hf_pair
+    p = tmp_path / "P"
+    code = (
+        "import os, signal, sys; from npumoe_mlx import owned; "
+        "owned.publish = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+        "from npumoe_mlx.convert import main; main(sys.argv[1:])"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code, "--hf-path", str(a), "--mlx-path", str(p), "--no-tune"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    assert not p.exists()  # killed after converting, before publishing: nothing at P
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".tmp-P-")]  # only a hidden temp folder
+    from npumoe_mlx.convert import convert
+
+    out = convert(str(a), str(p), tune=False, tokens=64)
+    assert out.model == p and (p / "config.json").is_file()
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".")]  # the next run cleaned up
+
+
+# --- 3. one bundle lookup ----------------------------------------------------------
+
+
+def _hint_cmd(err: str) -> list:
+    """The `npumoe build ...` command an error message prints, as argv."""
+    m = re.search(r"`npumoe (build [^`]+)`", err)
+    assert m, err
+    return m.group(1).split()
+
+
+def test_compare_finds_the_bundle_generate_uses(tmp_path, monkeypatch):
+    from npumoe_mlx.compare import ensure_bundle
+    from npumoe_mlx.convert import convert
+
+    monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
+    m = make_tiny_model(tmp_path / "m", "mixtral", seed=8)
+    r = convert(str(m), tune=False, tokens=64)  # an MLX model: its bundle goes to the cache
+    assert r.bundle.parent == tmp_path / "cache" / "bundles" and not (m / "npumoe-onnx").exists()
+    assert bundles.locate_bundle(m, "onnx") == r.bundle
+    assert ensure_bundle(str(m), m, "onnx", None, False, 512, print) == r.bundle  # no second copy, no error
+    model, _ = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
+    assert model.npumoe_bundle == str(r.bundle)
+
+
+def test_bad_bundle_error_names_path_and_its_fix_fixes_it(moe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
+    m = tmp_path / "m"
+    shutil.copytree(moe, m)
+    (m / "npumoe-onnx" / "cost.json").write_text("{}")  # corrupt the bundle beside the model
+    rc, out, err = _run_cli(capsys, "generate", "--model", m, "--offload", "onnx", "--prompt", "hi", "--max-tokens", "2")
+    assert rc == 1 and f"{m / 'npumoe-onnx'}: cost.json is corrupt" in err
+    cmd = _hint_cmd(err)
+    assert cmd == ["build", "--model", str(m), "--backend", "onnx", "--force"]
+    assert _run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0
+    assert npumoe_mlx.load(str(m), offload="onnx", quiet=True)[0].npumoe_bundle == str(m / "npumoe-onnx")
+
+    # an explicit --bundle: the fix names that folder
+    other = tmp_path / "other"
+    shutil.copytree(moe / "npumoe-onnx", other)
+    (other / "plan.json").write_text("{}")
+    rc, out, err = _run_cli(capsys, "generate", "--model", m, "--bundle", other, "--offload", "onnx",
+                            "--prompt", "hi", "--max-tokens", "2")
+    cmd = _hint_cmd(err)
+    assert rc == 1 and cmd[-3:] == ["--out", str(other), "--force"]
+    assert _run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0
+    npumoe_mlx.load(str(m), offload="onnx", bundle=str(other), quiet=True)
+
+
+def test_read_only_model_folder_fix_is_one_that_works(moe, tmp_path, capsys, monkeypatch):
+    """Tests run as root (permissions are not enforced), so the folder is made read-only
+    by telling npumoe it is not writable, as os.access would for a user."""
+    monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
+    m = tmp_path / "ro"
+    shutil.copytree(moe, m)
+    (m / "npumoe-onnx" / "cost.json").write_text("{}")
+    real = bundles._writable
+    monkeypatch.setattr(bundles, "_writable", lambda p: real(p) and m not in [Path(p), *Path(p).absolute().parents])
+    rc, out, err = _run_cli(capsys, "generate", "--model", m, "--offload", "onnx", "--prompt", "hi", "--max-tokens", "2")
+    assert rc == 1 and "cannot be rebuilt in place (its folder is read-only)" in err
+    # build --force without --out must not silently build a cache copy that loads never use
+    rc, _, err2 = _run_cli(capsys, "build", "--model", m, "--force", "--no-tune", "--tokens", "64")
+    assert rc == 1 and f"cannot write the bundle {m / 'npumoe-onnx'}: its folder is read-only" in err2
+    assert not (tmp_path / "cache").exists()
+    cmd = [str(tmp_path / "fixed") if a == "DIR" else a for a in _hint_cmd(err)]
+    assert _run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0
+    assert "load it with `--bundle DIR`" in err
+    model, _ = npumoe_mlx.load(str(m), offload="onnx", bundle=str(tmp_path / "fixed"), quiet=True)
+    assert model.npumoe_bundle == str(tmp_path / "fixed")
+
+
+# --- 4. programs verified against the model ------------------------------------------
+
+
+def _tamper(d: Path, program: int) -> str:
+    """Scale part of one program's weights and fix the manifest's hashes, as an attacker would."""
+    import numpy as np
+
+    man = json.loads((d / "manifest.json").read_text())
+    prog = man["programs"][program]
+    rel = next(f for f in prog["files"] if f.endswith(".weights"))
+    w = np.fromfile(d / rel, np.float32)
+    w[: w.size // 4] *= 1.5
+    w.tofile(d / rel)
+    prog["files"][rel] = {"bytes": (d / rel).stat().st_size, "sha256": bundles._sha256(d / rel),
+                          "sample_sha256": bundles._sample_sha256(d / rel)}
+    (d / "manifest.json").write_text(json.dumps(man))
+    return prog["dir"]
+
+
+def test_program_weights_changed_are_refused(moe, tmp_path, capsys):
+    d = tmp_path / "b"
+    shutil.copytree(moe / "npumoe-onnx", d)
+    rel = _tamper(d, 0)  # layer 0's first (hottest) group: checked at every load
+    msg = rf"{re.escape(rel)} \(layer0_e[\d-]+\) does not compute the model's experts \(tier \d+: relative error"
+    with pytest.raises(bundles.BundleError, match=msg):
+        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)
+    rc, out, err = _run_cli(capsys, "generate", "--model", moe, "--bundle", d, "--offload", "onnx",
+                            "--prompt", "hi", "--max-tokens", "2")
+    assert rc == 1 and re.search(msg, err) and len(err.strip().splitlines()) == 1
+
+    e = tmp_path / "c"
+    shutil.copytree(moe / "npumoe-onnx", e)
+    man = json.loads((e / "manifest.json").read_text())
+    last = max(i for i, p in enumerate(man["programs"]) if p["group"] != 0)
+    rel = _tamper(e, last)  # any program: every one is checked with --verify
+    rc, out, err = _run_cli(capsys, "generate", "--model", moe, "--bundle", e, "--offload", "onnx", "--verify",
+                            "--prompt", "hi", "--max-tokens", "2")
+    assert rc == 1 and f"{rel} (" in err and "does not compute the model's experts" in err
+
+
+def test_verify_checks_whole_file_hashes(moe, tmp_path, monkeypatch):
+    monkeypatch.setattr(bundles, "SAMPLES", 2)  # tiny files: sample them as big ones are
+    monkeypatch.setattr(bundles, "SAMPLE_BYTES", 1024)
+    d = tmp_path / "b"
+    shutil.copytree(moe / "npumoe-onnx", d)
+    man = json.loads((d / "manifest.json").read_text())
+    for p in man["programs"]:
+        for f, v in p["files"].items():
+            v["sample_sha256"] = bundles._sample_sha256(d / f)
+    (d / "manifest.json").write_text(json.dumps(man))
+    rel = next(f for p in man["programs"] for f, v in p["files"].items() if f.endswith(".weights"))
+    raw = bytearray((d / rel).read_bytes())
+    raw[len(raw) // 2 // 4 * 4] ^= 0x01  # a float's lowest mantissa bit, between the samples
+    (d / rel).write_bytes(bytes(raw))
+    npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)  # a sample: not seen (fast load)
+    with pytest.raises(bundles.BundleError, match=re.escape(f"{rel} is corrupt (size or sha256 differs)")):
+        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True, verify=True)
+
+
+def test_program_file_replaced_after_load_is_not_used(moe, tmp_path):
+    from mlx_lm import load as stock_load
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from npumoe_mlx.executor import offload_stats, summarize
+
+    m = tmp_path / "m"
+    shutil.copytree(moe, m)
+    ours, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
+    _tamper(m / "npumoe-onnx", 0)  # after load: sessions not yet opened read the new file
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    greedy = lambda model: [r.token for r in stream_generate(model, tok, prompt, max_tokens=12, sampler=make_sampler(0.0))]
+    stock, _ = stock_load(str(m))
+    assert greedy(ours) == greedy(stock)
+    s = summarize(offload_stats(ours))
+    assert any("changed after the bundle was checked at load" in why for why in s["fallbacks"].values())
+
+
+def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch):
+    from npumoe_mlx import programs
+
+    real = programs.spec_from_switch_glu
+
+    def shifted(module, layer, expert_ids, tiers):  # a builder bug: the weights of the next experts
+        E = module.gate_proj.weight.shape[0]
+        return real(module, layer=layer, expert_ids=[(e + 1) % E for e in expert_ids], tiers=tiers)
+
+    monkeypatch.setattr(programs, "spec_from_switch_glu", shifted)
+    with pytest.raises(bundles.BundleError, match=r"build refused: program programs/L000/g00 .* does not compute"):
+        _build(moe, tmp_path / "b", tokens=64)
+    assert not (tmp_path / "b").exists()
