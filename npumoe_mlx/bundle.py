@@ -256,6 +256,10 @@ def build(
 
     if backend not in ("onnx", "coreml"):
         raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
+    from .args import at_least
+
+    at_least("--tokens", tokens, 1, "calibration tokens")
+    at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     t0 = time.perf_counter()
     local = resolve_model(model_path)
     with explain_load_errors(model_path):
@@ -595,8 +599,6 @@ def main(argv=None) -> int:
     """`npumoe build`: calibrate -> tune -> plan -> compile into a bundle."""
     import argparse
 
-    from .cost import CostModel as _Cost
-
     p = argparse.ArgumentParser(prog="npumoe build", description="Build the offload bundle of a model.")
     p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
     p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
@@ -608,14 +610,20 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=512, help="Calibration prefill chunk (default 512).")
     p.add_argument("--cost", help="A cost model JSON from `npumoe tune` (default: measure now).")
     p.add_argument("--no-tune", action="store_true", help="Use parametric costs instead of measuring.")
-    p.add_argument("--max-tiers", type=int, help="Tiers per group (default 4).")
+    p.add_argument("--max-tiers", type=int, help="Tiers per group (default: 6 for onnx, 4 for coreml).")
     p.add_argument("--max-group", type=int, help="Experts per program (default 16).")
-    p.add_argument("--max-programs", type=int, help="Resident programs over all layers.")
-    p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier.")
+    p.add_argument("--max-programs", type=int, help="Resident programs over all layers (default: 4096 for onnx, 120 for coreml).")
+    p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier (at least the smallest tier: 8 for onnx, 32 for coreml).")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
+    from .args import at_least, limits_from_flags, load_cost
     from .checks import resolve_model
 
+    at_least("--tokens", args.tokens, 1, "calibration tokens")
+    at_least("--chunk-size", args.chunk_size, 1, "tokens per calibration chunk")
+    limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    if args.cost:
+        load_cost(args.cost)  # a bad file fails before the model loads
     local = resolve_model(args.model)
     out = locate_bundle(local, args.backend, args.out)
     if (out / "manifest.json").exists() and not args.force:
@@ -625,12 +633,8 @@ def main(argv=None) -> int:
             return 0
         except BundleError as e:
             print(f"[npumoe] existing bundle is stale, rebuilding: {e}", file=sys.stderr)
-    limits = PlanLimits.for_backend(
-        args.backend, max_tiers=args.max_tiers, max_group=args.max_group, max_programs=args.max_programs
-    )
-    if args.max_capacity:
-        limits.capacities = [c for c in limits.capacities if c <= args.max_capacity] or limits.capacities[:1]
-    cost = _Cost.load(args.cost) if args.cost else None
+    limits = limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    cost = load_cost(args.cost) if args.cost else None
     build(
         str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
         tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,

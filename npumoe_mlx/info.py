@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="Also write the description as JSON.")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
-    local = resolve_model(args.model)
+    local = resolve_model(args.model, need_tokenizer=False)
     with explain_load_errors(args.model):
         model, _, config = mlx_utils.load(
             str(local), lazy=True, return_config=True, trust_remote_code=args.trust_remote_code
