@@ -40,9 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     local = resolve_model(args.model, need_tokenizer=False)
     with explain_load_errors(args.model):
-        model, _, config = mlx_utils.load(
-            str(local), lazy=True, return_config=True, trust_remote_code=args.trust_remote_code
-        )
+        model, config = mlx_utils.load_model(local, lazy=True, trust_remote_code=args.trust_remote_code)  # no tokenizer needed
     blocks = find_expert_blocks(model, config)
     print(f"model: {args.model}  model_type: {config.get('model_type')}  MoE layers: {len(blocks)}")
     if blocks:

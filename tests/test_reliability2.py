@@ -348,3 +348,132 @@ def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch
     with pytest.raises(bundles.BundleError, match=r"build refused: program programs/L000/g00 .* does not compute"):
         _build(moe, tmp_path / "b", tokens=64)
     assert not (tmp_path / "b").exists()
+
+
+# --- 5./6. errors that say what is wrong; inputs refused ----------------------------
+
+
+def _edit_config(d, **kw):
+    p = d / "config.json"
+    c = json.loads(p.read_text())
+    c.update(kw)
+    p.write_text(json.dumps(c))
+
+
+CONFIG_FAULTS = {
+    "top-k-string": ({"num_experts_per_tok": "2"},
+                     'num_experts_per_tok is "2" (a string), but it must be an integer >= 1 (experts per token)'),
+    "top-k-above-experts": ({"num_experts_per_tok": 24},
+                            "num_experts_per_tok is 24 (an integer), but it must be <= the number of experts (8)"),
+    "layers-null": ({"num_hidden_layers": None}, "num_hidden_layers is null, but it must be an integer >= 1"),
+    "experts-float": ({"num_experts": 8.5}, "num_experts is 8.5 (a number), but it must be an integer >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FAULTS))
+def test_config_error_names_field_value_and_rule(moe, tmp_path, capsys, case):
+    edit, msg = CONFIG_FAULTS[case]
+    m = tmp_path / "m"
+    shutil.copytree(moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    _edit_config(m, **edit)
+    for cmd in (["generate", "--model", m, "--prompt", "hi", "--max-tokens", "2"], ["info", "--model", m]):
+        rc, out, err = _run_cli(capsys, *cmd)
+        assert rc == 1 and f"{m / 'config.json'}: {msg}; fix config.json" in err, err
+
+
+def test_missing_expert_tensor_and_tokenizer_are_named(tmp_path, capsys):
+    import mlx.core as mx
+
+    m = make_tiny_model(tmp_path / "hf", "qwen3_moe", hf_layout=True)
+    w = mx.load(str(m / "model.safetensors"))
+    del w["model.layers.0.mlp.experts.3.up_proj.weight"]
+    mx.save_safetensors(str(m / "model.safetensors"), w, metadata={"format": "pt"})
+    rc, _, err = _run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "2")
+    assert rc == 1 and "tensor model.layers.0.mlp.experts.3.up_proj.weight is missing from model*.safetensors" in err
+
+    t = make_tiny_model(tmp_path / "t", "mixtral")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (t / f).unlink()
+    rc, _, err = _run_cli(capsys, "generate", "--model", t, "--prompt", "hi", "--max-tokens", "2")
+    assert rc == 1 and f"{t}: no tokenizer (none of tokenizer.json" in err
+    assert _run_cli(capsys, "info", "--model", t)[0] == 0  # info needs no tokenizer
+
+
+FLAG_FAULTS = {
+    "prefill-step-0": (["generate", "--prompt", "hi", "--prefill-step-size", "0"],
+                       "--prefill-step-size must be an integer >= 1 (tokens per prefill chunk), got 0"),
+    "max-tiers-0": (["build", "--max-tiers", "0"], "--max-tiers must be an integer >= 1 (tiers per group), got 0"),
+    "tokens-negative": (["build", "--tokens", "-5", "--force"], "--tokens must be an integer >= 1 (calibration tokens), got -5"),
+    "max-capacity-1": (["build", "--max-capacity", "1", "--force"],
+                       "--max-capacity must be an integer >= 8 (the smallest tier onnx programs have), got 1"),
+    "coreml-off-macos": (["generate", "--prompt", "hi", "--offload", "coreml"], "Core ML runs only on macOS"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_FAULTS))
+def test_bad_flag_is_refused_before_anything_changes(moe, capsys, case):
+    if case == "coreml-off-macos" and sys.platform == "darwin":
+        pytest.skip("Core ML runs here")
+    argv, msg = FLAG_FAULTS[case]
+    before = _tree(moe / "npumoe-onnx")
+    rc, out, err = _run_cli(capsys, argv[0], "--model", moe, *argv[1:])
+    assert rc == 1 and f"error: {msg}" in err and len(err.strip().splitlines()) == 1, err
+    assert _tree(moe / "npumoe-onnx") == before  # the good bundle is untouched
+
+
+def test_cost_file_not_json_names_the_file(moe, tmp_path, capsys):
+    bad = tmp_path / "cost.txt"
+    bad.write_text("hello")
+    rc, _, err = _run_cli(capsys, "build", "--model", moe, "--cost", bad, "--force")
+    assert rc == 1 and f"--cost {bad}: not JSON (Expecting value" in err
+
+
+def test_bundle_format_string_says_the_type(moe, tmp_path):
+    d = tmp_path / "b"
+    shutil.copytree(moe / "npumoe-onnx", d)
+    man = json.loads((d / "manifest.json").read_text())
+    man["format"] = "1"
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(bundles.BundleError, match=r'bundle format "1" \(a JSON str, not an integer\)'):
+        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)
+
+
+# --- 7. easier to read -----------------------------------------------------------------
+
+
+def test_stats_say_which_bundle_and_why_calls_stayed_on_mlx(tmp_path, capsys):
+    m = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1)
+    bundles.build(str(m), "onnx", corpus=["qa"], tokens=128, chunk_size=64, tune=False, log=lambda s: None)
+    rc, out, err = _run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "3", "--stats")
+    assert rc == 0, err
+    assert f"bundle: {m / 'npumoe-onnx'}" in out
+    assert re.search(r"\d+ MoE layer calls stayed on MLX: the plan runs programs only for calls of at least \d+ tokens", out)
+
+
+def test_plan_prints_the_bundles_plan(moe, tmp_path, capsys):
+    want = bundles.format_plan(bundles.read(moe / "npumoe-onnx").plan, verbose=True)
+    rc, out, _ = _run_cli(capsys, "plan", "--model", moe)
+    assert rc == 0 and f"plan of the onnx bundle {moe / 'npumoe-onnx'} (the one generate uses):" in out
+    assert want in out
+    m = tmp_path / "m"
+    shutil.copytree(moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    rc, out, _ = _run_cli(capsys, "plan", "--model", m, "--tokens", "64")
+    assert rc == 0 and "no onnx bundle for" in out and "parametric costs" in out
+
+
+def test_progress_is_line_per_step_off_a_terminal(capsys):
+    import io
+
+    from npumoe_mlx.progress import progress_bar
+
+    buf = io.StringIO()
+    for _ in progress_bar(range(3), desc="programs", unit="prog", file=buf):
+        pass
+    text = buf.getvalue()
+    assert "\r" not in text and text.splitlines()[-1].startswith("programs: 3/3 prog")
+    bar = progress_bar(total=10, desc="calibrating", unit="tok", file=buf)
+    for _ in range(10):
+        bar.update(1)
+    bar.close()
+    assert "\r" not in buf.getvalue() and "calibrating: 10/10 tok" in buf.getvalue()
+    assert len(buf.getvalue().splitlines()) <= 4  # throttled: not one line per update
