@@ -48,14 +48,17 @@ def _writable(path: Path) -> bool:
 
 
 def rebuild_hint(model: str, backend: str, path=None, model_path=None) -> str:
-    """The command that rebuilds exactly the bundle at ``path`` (the one this model's loads use)."""
-    if path is not None and not _writable(Path(path)):
+    """The command that rebuilds the bundle at ``path`` so that loads of ``model`` then use it."""
+    if path is None or (model_path is not None and Path(path).absolute() == locate_bundle(model_path, backend).absolute()):
+        if path is not None and model_path is not None and _read_only(Path(model_path)):
+            where = f" (the model folder is read-only: it goes to the cache, {cached_bundle_dir(model_path, backend)}, which loads then use)"
+        else:
+            where = ""
+        return f"rebuild it with `npumoe build --model {model} --backend {backend} --force`{where}"
+    if not _writable(Path(path)):
         return (f"{path} cannot be rebuilt in place (its folder is read-only): build one elsewhere with "
                 f"`npumoe build --model {model} --backend {backend} --out DIR` and load it with `--bundle DIR`")
-    out = ""
-    if path is not None and (model_path is None or Path(path).absolute() != locate_bundle(model_path, backend).absolute()):
-        out = f" --out {path}"
-    return f"rebuild it with `npumoe build --model {model} --backend {backend}{out} --force`"
+    return f"rebuild it with `npumoe build --model {model} --backend {backend} --out {path} --force`"
 
 
 _rebuild_hint = rebuild_hint
@@ -73,33 +76,49 @@ def cached_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = Non
     return cache_root() / "bundles" / f"{fp[:16]}-{backend}"
 
 
-def _is_hub_snapshot(model_path: Path) -> bool:
-    return "snapshots" in model_path.parts or not os.access(model_path, os.W_OK)
+def _read_only(model_path: Path) -> bool:
+    """A model folder npumoe must not (hub snapshot) or cannot write a bundle into."""
+    return "snapshots" in Path(model_path).parts or not os.access(model_path, os.W_OK)
+
+
+_is_hub_snapshot = _read_only
 
 
 def locate_bundle(model_path, backend: str, explicit=None, new_in_cache: Optional[bool] = None) -> Path:
-    """The bundle folder every command uses for this model (whether or not it exists yet).
+    """The bundle folder loaders use for this model (whether or not it exists yet).
 
-    1. ``explicit`` (``--bundle`` / ``--out``) wins;
-    2. else ``<model>/npumoe-<backend>`` if a bundle is there;
-    3. else ``$NPUMOE_CACHE/bundles/<fingerprint>-<backend>`` if a bundle is there;
-    4. else where a new one goes: beside a writable local model, in the cache for hub
-       snapshots and read-only folders (``new_in_cache`` forces either).
-    Loaders read the bundle this returns and builds write there, so the fix an error
-    prints (``npumoe build --force``) rebuilds the very bundle that failed.
+    1. ``explicit`` (``--bundle``) wins;
+    2. else the first that holds a bundle of ``<model>/npumoe-<backend>`` and
+       ``$NPUMOE_CACHE/bundles/<fingerprint>-<backend>``: beside first, but the cache
+       first for a read-only model folder (or a hub snapshot), where builds write;
+    3. else where a new one goes: beside a writable local model, else the cache
+       (``new_in_cache`` forces either).
+    Builds write to ``build_target``, which is this path or, for a read-only model
+    folder, the cache's (then first in line), so the fix an error prints
+    (``npumoe build --force``) always replaces the bundle the next load uses.
     """
     if explicit:
         return Path(explicit)
     model_path = Path(model_path)
     beside = model_path / f"npumoe-{backend}"
-    if (beside / "manifest.json").exists():
-        return beside
     cached = cached_bundle_dir(model_path, backend)
-    if (cached / "manifest.json").exists():
-        return cached
+    read_only = _read_only(model_path)
+    for path in ((cached, beside) if read_only else (beside, cached)):
+        if (path / "manifest.json").exists():
+            return path
     if new_in_cache is None:
-        new_in_cache = _is_hub_snapshot(model_path)
+        new_in_cache = read_only
     return cached if new_in_cache else beside
+
+
+def build_target(model_path, backend: str, explicit=None) -> Path:
+    """Where ``npumoe build`` writes (``--out`` wins): the bundle loads use, or the
+    cache's for a read-only model folder (loads look there first)."""
+    if explicit:
+        return Path(explicit)
+    if _read_only(Path(model_path)):
+        return cached_bundle_dir(model_path, backend)
+    return locate_bundle(model_path, backend)
 
 
 def default_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
@@ -265,9 +284,10 @@ def build(
     with explain_load_errors(model_path):
         model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
     fingerprint = model_fingerprint(local)
-    out = locate_bundle(local, backend, out)
+    out = build_target(local, backend, out)
     if not _writable(out):
-        raise BundleError(f"cannot write the bundle {out}: its folder is read-only; pass --out DIR (a writable folder) and load it with --bundle DIR")
+        raise BundleError(f"cannot write the bundle {out}: its folder is read-only; pass --out DIR (a writable "
+                          f"folder) and load it with --bundle DIR")
     with build_lock(out):  # one build of a bundle at a time; clears what a dead one left
         clean_stale(out)
         check_target(out)
@@ -625,7 +645,7 @@ def main(argv=None) -> int:
     if args.cost:
         load_cost(args.cost)  # a bad file fails before the model loads
     local = resolve_model(args.model)
-    out = locate_bundle(local, args.backend, args.out)
+    out = build_target(local, args.backend, args.out)
     if (out / "manifest.json").exists() and not args.force:
         try:
             read(out, local, args.model)

@@ -361,6 +361,7 @@ def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[s
             f"no {backend} bundle for {model_path} at {path}; build it with "
             f"`npumoe build --model {model_path} --backend {backend}` (or pass --build)"
         )
+    path = bundles.build_target(local, backend, bundle)
     log(f"no {backend} bundle at {path}: building it (npumoe build --model {model_path} --backend {backend})")
     with build_lock(path):
         bundles.build(str(local), backend, str(path), chunk_size=min(prefill_step, 512), log=log)

@@ -186,7 +186,12 @@ def convert(
         out = bundles.locate_bundle(model_path, backend)
     else:
         model_path = src
-        out = model_path / f"npumoe-{backend}" if in_place else bundles.locate_bundle(model_path, backend, new_in_cache=True)
+        if in_place:
+            out = model_path / f"npumoe-{backend}"
+        elif bundles._read_only(model_path):
+            out = bundles.build_target(model_path, backend)
+        else:  # an existing bundle (beside, else cached), else a new one in the cache
+            out = bundles.locate_bundle(model_path, backend, new_in_cache=True)
 
     if (out / "manifest.json").exists() and not force:
         try:

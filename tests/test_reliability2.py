@@ -241,20 +241,27 @@ def test_read_only_model_folder_fix_is_one_that_works(moe, tmp_path, capsys, mon
     monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
     m = tmp_path / "ro"
     shutil.copytree(moe, m)
-    (m / "npumoe-onnx" / "cost.json").write_text("{}")
-    real = bundles._writable
-    monkeypatch.setattr(bundles, "_writable", lambda p: real(p) and m not in [Path(p), *Path(p).absolute().parents])
-    rc, out, err = _run_cli(capsys, "generate", "--model", m, "--offload", "onnx", "--prompt", "hi", "--max-tokens", "2")
-    assert rc == 1 and "cannot be rebuilt in place (its folder is read-only)" in err
-    # build --force without --out must not silently build a cache copy that loads never use
-    rc, _, err2 = _run_cli(capsys, "build", "--model", m, "--force", "--no-tune", "--tokens", "64")
-    assert rc == 1 and f"cannot write the bundle {m / 'npumoe-onnx'}: its folder is read-only" in err2
-    assert not (tmp_path / "cache").exists()
-    cmd = [str(tmp_path / "fixed") if a == "DIR" else a for a in _hint_cmd(err)]
-    assert _run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0
-    assert "load it with `--bundle DIR`" in err
-    model, _ = npumoe_mlx.load(str(m), offload="onnx", bundle=str(tmp_path / "fixed"), quiet=True)
-    assert model.npumoe_bundle == str(tmp_path / "fixed")
+    (m / "npumoe-onnx" / "cost.json").write_text("{}")  # a broken bundle in a folder we cannot write
+    inside = lambda p: m in [Path(p), *Path(p).absolute().parents]
+    real_w, real_ro = bundles._writable, bundles._read_only
+    monkeypatch.setattr(bundles, "_writable", lambda p: real_w(p) and not inside(p))
+    monkeypatch.setattr(bundles, "_read_only", lambda p: real_ro(p) or Path(p) == m)
+    gen = ["generate", "--model", m, "--offload", "onnx", "--prompt", "hi", "--max-tokens", "2"]
+    rc, out, err = _run_cli(capsys, *gen)
+    assert rc == 1 and f"{m / 'npumoe-onnx'}: cost.json is corrupt" in err
+    assert "the model folder is read-only: it goes to the cache" in err
+    cmd = _hint_cmd(err)
+    assert cmd == ["build", "--model", str(m), "--backend", "onnx", "--force"]
+    assert _run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0  # the printed fix...
+    cached = bundles.cached_bundle_dir(m, "onnx")
+    assert (cached / "manifest.json").is_file()
+    rc, out, err = _run_cli(capsys, *gen, "--stats")  # ...fixes what generate uses: the cache's bundle
+    assert rc == 0 and f"bundle: {cached}" in out, err
+    # an explicit bundle in a read-only place: build one elsewhere and pass it
+    rc, _, err = _run_cli(capsys, *gen, "--bundle", m / "npumoe-onnx")
+    assert rc == 1 and "cannot be rebuilt in place (its folder is read-only)" in err and "`--bundle DIR`" in err
+    rc, _, err = _run_cli(capsys, "build", "--model", m, "--out", m / "npumoe-onnx", "--force", "--no-tune")
+    assert rc == 1 and f"cannot write the bundle {m / 'npumoe-onnx'}: its folder is read-only" in err
 
 
 # --- 4. programs verified against the model ------------------------------------------
