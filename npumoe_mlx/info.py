@@ -47,6 +47,16 @@ def main(argv=None) -> int:
         print(format_table(blocks))
     else:
         print("no MoE expert blocks found: this model runs on stock MLX")
+    if any(b.supported for b in blocks):
+        from . import bundle as bundles
+        from .offload import resolve
+
+        backend = resolve("auto")
+        path = bundles.locate_bundle(local, backend)
+        if (path / "manifest.json").is_file():
+            print(f"{backend} bundle: {path} (the one generate uses)")
+        else:
+            print(f"no {backend} bundle yet (`npumoe build --model {args.model} --backend {backend}` writes it to {bundles.build_target(local, backend)})")
     if args.json:
         write_json(
             args.json,

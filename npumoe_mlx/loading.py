@@ -1,5 +1,6 @@
 """``load``: mlx_lm.load plus the offload seam."""
 
+import os
 from typing import Any, Dict, Optional
 
 from mlx_lm import utils as mlx_utils
@@ -37,6 +38,8 @@ def load(
     bundle file's whole sha256 (default: a sample, and sampled hashes).
     Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
+    if isinstance(path_or_hf_repo, os.PathLike):  # a Path, or convert()'s result
+        path_or_hf_repo = os.fspath(path_or_hf_repo)
     _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
     model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
     with checks.explain_load_errors(path_or_hf_repo):

@@ -124,7 +124,9 @@ class Pinned:
             self._seen.add(key)
         return self.program.run(x, tier)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # anything else a caller reads comes from the program
+        if name.startswith("__") or name in ("program", "_files", "_seen"):
+            raise AttributeError(name)  # (not set yet, e.g. while unpickling)
         return getattr(self.program, name)
 
 

@@ -342,7 +342,8 @@ def test_program_file_replaced_after_load_is_not_used(moe, tmp_path):
     assert any("changed after the bundle was checked at load" in why for why in s["fallbacks"].values())
 
 
-def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["onnx", "coreml"])
+def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch, backend):
     from npumoe_mlx import programs
 
     real = programs.spec_from_switch_glu
@@ -353,7 +354,8 @@ def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch
 
     monkeypatch.setattr(programs, "spec_from_switch_glu", shifted)
     with pytest.raises(bundles.BundleError, match=r"build refused: program programs/L000/g00 .* does not compute"):
-        _build(moe, tmp_path / "b", tokens=64)
+        bundles.build(str(moe), backend, str(tmp_path / "b"), corpus=["qa"], tokens=64, chunk_size=64,
+                      cost=CostModel(backend, 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test"), log=lambda m: None)
     assert not (tmp_path / "b").exists()
 
 
@@ -484,3 +486,11 @@ def test_progress_is_line_per_step_off_a_terminal(capsys):
     bar.close()
     assert "\r" not in buf.getvalue() and "calibrating: 10/10 tok" in buf.getvalue()
     assert len(buf.getvalue().splitlines()) <= 4  # throttled: not one line per update
+
+
+def test_convert_result_loads_like_a_path(tmp_path):
+    m = make_tiny_model(tmp_path / "m", "olmoe", seed=9)
+    r = npumoe_mlx.convert(str(m), in_place=True, tune=False, tokens=64)
+    assert r.bundle == m / "npumoe-onnx" and r.backend == "onnx" and not r.converted
+    model, _ = npumoe_mlx.load(r, quiet=True)
+    assert model.npumoe_bundle == str(r.bundle)
