@@ -101,9 +101,11 @@ def locate_bundle(model_path, backend: str, explicit=None, new_in_cache: Optiona
         return Path(explicit)
     model_path = Path(model_path)
     beside = model_path / f"npumoe-{backend}"
-    cached = cached_bundle_dir(model_path, backend)
     read_only = _read_only(model_path)
-    for path in ((cached, beside) if read_only else (beside, cached)):
+    if not read_only and (beside / "manifest.json").exists():
+        return beside  # (without fingerprinting the weights for the cache's name)
+    cached = cached_bundle_dir(model_path, backend)
+    for path in ((cached, beside) if read_only else (cached,)):
         if (path / "manifest.json").exists():
             return path
     if new_in_cache is None:
@@ -163,11 +165,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-SAMPLES, SAMPLE_BYTES = 8, 64 * 1024
+SAMPLES, SAMPLE_BYTES = 4, 16 * 1024
+SAMPLE_KEY = "sha256_4x16KiB"  # the manifest key of _sample_sha256 (names the scheme: a new one gets a new key)
 
 
 def _sample_sha256(path: Path) -> str:
-    """sha256 of a file's size and 8 evenly spaced 64 KiB samples (all of a file up to 512 KiB):
+    """sha256 of a file's size and 4 evenly spaced 16 KiB samples (all of a file up to 64 KiB):
     what every load checks; the whole-file sha256 is checked with ``verify``."""
     size = path.stat().st_size
     h = hashlib.sha256(f"{size}\0".encode())
@@ -188,7 +191,7 @@ def _files_under(root: Path, rel: Path) -> Dict[str, dict]:
     paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
     for p in paths:
         out[p.relative_to(root).as_posix()] = {
-            "bytes": p.stat().st_size, "sha256": _sha256(p), "sample_sha256": _sample_sha256(p)}
+            "bytes": p.stat().st_size, "sha256": _sha256(p), SAMPLE_KEY: _sample_sha256(p)}
     return out
 
 
@@ -407,7 +410,7 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False)
     root = Path(path)
     mpath = root / "manifest.json"
     backend = "coreml" if root.name.endswith("coreml") else "onnx"
-    _hint = lambda b: rebuild_hint(model_name, b, root, model_path)
+    _hint = lambda b: _LazyHint(model_name, b, root, model_path)
     if not mpath.is_file():
         raise BundleError(f"{root}: not an npumoe bundle (no manifest.json); build one with `npumoe build --model {model_name}`")
     try:
@@ -458,11 +461,23 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False)
     return Bundle(root, man, plan, cost, model_name, model_path)
 
 
-def _check_file(root: Path, rel: str, want: dict, hint: str, full: bool) -> None:
+class _LazyHint:
+    """rebuild_hint's text, computed only when an error prints it (it fingerprints the model)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __str__(self) -> str:
+        return rebuild_hint(*self.args)
+
+    __format__ = lambda self, spec: format(str(self), spec)
+
+
+def _check_file(root: Path, rel: str, want: dict, hint, full: bool) -> None:
     p = safe_path(root, rel)
     if not p.is_file():
         raise BundleError(f"{root}: missing file {rel}; {hint}")
-    sampled = want.get("sample_sha256") if not full else None
+    sampled = want.get(SAMPLE_KEY) if not full else None
     if p.stat().st_size != want["bytes"] or (
         _sample_sha256(p) != sampled if sampled else _sha256(p) != want["sha256"]
     ):
@@ -495,7 +510,7 @@ def install(
     from .backends import load_backend
     from .executor import OffloadExecutor, SharedExecutor
 
-    hint = rebuild_hint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
+    hint = _LazyHint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
     blocks = {b.layer: b for b in experts.find_expert_blocks(model, config)}
     for lp in bundle.plan.layers:
         b = blocks.get(lp.layer)

@@ -278,7 +278,7 @@ def _tamper(d: Path, program: int) -> str:
     w[: w.size // 4] *= 1.5
     w.tofile(d / rel)
     prog["files"][rel] = {"bytes": (d / rel).stat().st_size, "sha256": bundles._sha256(d / rel),
-                          "sample_sha256": bundles._sample_sha256(d / rel)}
+                          bundles.SAMPLE_KEY: bundles._sample_sha256(d / rel)}
     (d / "manifest.json").write_text(json.dumps(man))
     return prog["dir"]
 
@@ -312,7 +312,7 @@ def test_verify_checks_whole_file_hashes(moe, tmp_path, monkeypatch):
     man = json.loads((d / "manifest.json").read_text())
     for p in man["programs"]:
         for f, v in p["files"].items():
-            v["sample_sha256"] = bundles._sample_sha256(d / f)
+            v[bundles.SAMPLE_KEY] = bundles._sample_sha256(d / f)
     (d / "manifest.json").write_text(json.dumps(man))
     rel = next(f for p in man["programs"] for f, v in p["files"].items() if f.endswith(".weights"))
     raw = bytearray((d / rel).read_bytes())
