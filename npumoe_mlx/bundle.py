@@ -314,6 +314,9 @@ def build(
             else:
                 cost = default_cost(backend)
         log(f"      {describe_cost(cost)}")
+        if backend == "coreml" and sys.platform != "darwin":
+            log("      note: Core ML runs only on macOS; this bundle is for a Mac (its programs are "
+                "checked here with the numpy MIL interpreter)")
         limits = limits or PlanLimits.for_backend(backend)
         mods = dict(model.named_modules())
         shapes = {

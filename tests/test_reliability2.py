@@ -83,6 +83,7 @@ def test_demo_rerun_keeps_user_files(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "random weights" in printed and "gibberish" in printed  # says the model is random
+    assert main(args) == 0  # a rerun over its own output needs no --force
     (d / "model" / "notes.txt").write_text("mine")
     (d / "notes.txt").write_text("mine too")
     before = _tree(d)
