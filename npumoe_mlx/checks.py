@@ -93,11 +93,12 @@ def check_model_dir(path, need_tokenizer: bool = True) -> dict:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json", "tokenizer_config.json")
-# Fields the seam and the planner read, and what each must be (checked before mlx_lm sees them).
+# Fields the seam and the planner read (checked before mlx_lm sees them). ``top_k`` is left out:
+# many configs carry a sampling default (top_k: 50) under that name.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "moe_k")
-POSITIVE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
-COUNT_KEYS = ("intermediate_size", "moe_intermediate_size") + EXPERT_COUNT_KEYS  # 0 is a dense model's
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k")
+POSITIVE_KEYS = ("num_hidden_layers", "hidden_size")
+COUNT_KEYS = ("moe_intermediate_size",) + EXPERT_COUNT_KEYS  # 0 is a dense model's
 
 
 def _kind(v) -> str:
