@@ -172,6 +172,10 @@ def convert(
     from .fingerprint import model_fingerprint
     from .offload import resolve
 
+    from .args import at_least
+
+    at_least("--tokens", tokens, 1, "calibration tokens")
+    at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     backend = backend or resolve("auto")
     src = resolve_model(source)
     convert_now = any(mlx_convert_kwargs.get(f) for f in CONVERSION_FLAGS) or not is_mlx_layout(src)

@@ -417,6 +417,8 @@ FLAG_FAULTS = {
     "max-capacity-1": (["build", "--max-capacity", "1", "--force"],
                        "--max-capacity must be an integer >= 8 (the smallest tier onnx programs have), got 1"),
     "coreml-off-macos": (["generate", "--prompt", "hi", "--offload", "coreml"], "Core ML runs only on macOS"),
+    "convert-tokens-0": (["convert", "--tokens", "0", "--force"], "--tokens must be an integer >= 1 (calibration tokens), got 0"),
+    "tune-repeats-0": (["tune", "--repeats", "0"], "--repeats must be an integer >= 1 (timed runs per shape), got 0"),
 }
 
 
