@@ -127,9 +127,9 @@ def _fix_of(message: str) -> Optional[str]:
 
 
 def _bundle_info(local: Path, name: str, backend: str, problems: list, preferred: bool) -> dict:
-    path = bundles.find_bundle(local, backend)
-    info = {"backend": backend, "path": str(path or bundles.default_bundle_dir(local, backend)), "exists": path is not None}
-    if path is None:
+    path = bundles.locate_bundle(local, backend)  # the one loads use, or where a build would put it
+    info = {"backend": backend, "path": str(path), "exists": (path / "manifest.json").exists()}
+    if not info["exists"]:
         if preferred:
             problems.append({"problem": f"no {backend} bundle for this model: its experts run on stock MLX",
                              "fix": f"npumoe build --model {name} --backend {backend}"})
