@@ -101,17 +101,9 @@ class Server:
         self._out.close()
 
 
-def _nan_weights(bundle: Path, layer: int, group: int) -> None:
-    """Make one program compute NaN (weights all 0xFF) and re-hash it, as a careful hand edit
-    would: the bundle passes every check at load, and the program fails when it runs."""
+def _layer_files(bundle: Path, layer: int):
     man = json.loads((bundle / "manifest.json").read_text())
-    prog = next(p for p in man["programs"] if p["layer"] == layer and p["group"] == group)
-    for rel, entry in prog["files"].items():
-        if rel.endswith(".weights"):
-            p = bundle / rel
-            p.write_bytes(b"\xff" * p.stat().st_size)
-            entry.update(bytes=p.stat().st_size, sha256=bundles._sha256(p))
-    (bundle / "manifest.json").write_text(json.dumps(man))
+    return [bundle / rel for p in man["programs"] if p["layer"] == layer for rel in p["files"]]
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +111,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("srv")
     path = make_tiny_model(root / "m", "qwen3_moe", seed=1)
     bundles.build(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
-    faulty = root / "faulty"  # the same weights (same fingerprint), a program that returns NaN
+    faulty = root / "faulty"  # the same weights (same fingerprint); its layer-0 programs change under the server
     shutil.copytree(path, faulty)
-    _nan_weights(faulty / "npumoe-onnx", layer=0, group=1)
     return path, faulty
 
 
@@ -253,14 +244,28 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(servers, models,
 def test_model_named_per_request_gets_its_bundle_and_a_program_fault_falls_back(servers, models):
     ours, stock = servers
     _, faulty = models
-    want = _ask(stock.client(), "chat", False, model=str(faulty), max_tokens=16)
-    got = _ask(ours.client(), "chat", False, model=str(faulty), max_tokens=16)
-    assert got == want  # the faulty call reran on MLX; nothing wrong came out
+    # 1. a model named per request loads with its own bundle; a short request runs small tiers
+    assert _ask(ours.client(), "chat", False, model=str(faulty)) == _ask(stock.client(), "chat", False, model=str(faulty))
     st = _offloaded(ours)
-    assert st["model"] == str(faulty)
+    assert st["model"] == str(faulty) and all(l["offloaded"] == l["calls"] > 0 and not l["fallback"] for l in st["layers"])
+    before = {l["layer"]: l["offloaded"] for l in st["layers"]}
+    # 2. layer 0's program files change under the running server (a rebuild in place): a program
+    # that next opens a tier it has not run yet fails (the files are not the ones checked at load)
+    files = _layer_files(faulty / "npumoe-onnx", 0)
+    plan = bundles.read(faulty / "npumoe-onnx").plan
+    assert files and all(len(g.tiers) > 1 for g in plan.layers[0].groups)  # larger tiers not run yet
+    for f in files:
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    # 3. a long prompt needs the larger tiers: the fault happens inside this request's prefill
+    long_prompt = "Once upon a time, in a land far away, there lived a fox. " * 12
+    want = _ask(stock.client(), "completion", False, model=str(faulty), prompt=long_prompt, max_tokens=16)
+    got = _ask(ours.client(), "completion", False, model=str(faulty), prompt=long_prompt, max_tokens=16)
+    assert got == want  # the failed call reran on MLX; nothing wrong came out
+    st = _offloaded(ours)
     layers = {l["layer"]: l for l in st["layers"]}
-    assert "NaN" in layers[0]["fallback"] and layers[0]["offloaded"] < layers[0]["calls"]
-    assert layers[1]["fallback"] == "" and layers[1]["offloaded"] == layers[1]["calls"] > 0  # still on programs
+    assert "changed after the bundle was checked at load" in layers[0]["fallback"]
+    assert layers[0]["offloaded"] == before[0] < layers[0]["calls"]  # programs ran before the fault, MLX after
+    assert layers[1]["fallback"] == "" and layers[1]["offloaded"] == layers[1]["calls"] > before[1]  # still on programs
     assert st["total"]["fallbacks"] == {"0": layers[0]["fallback"]}
     # the next request on that model: still right, no second warning
     assert _ask(ours.client(), "completion", True, model=str(faulty)) == _ask(stock.client(), "completion", True, model=str(faulty))
