@@ -2,7 +2,7 @@
 
 Nothing of mlx_lm's server is copied: its own ``main`` runs, with five names in
 its module pointed at ours while it runs:
-- ``argparse``: its parser (every flag it has) gets --offload/--bundle/--overflow;
+- ``argparse``: its parser (every flag it has) gets --offload/--bundle/--overflow/--verify;
 - ``load``: ``npumoe_mlx.load``, so every model it loads, the --model one and any
   named per request, gets its bundle the way ``load`` finds it;
 - ``ModelProvider``: a bad model name in a request fails before the loaded model is
@@ -77,7 +77,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def _offload_load(args, model_path, **kw):
     """mlx_lm.server's ``load``, through npumoe_mlx.load: --bundle belongs to the --model model."""
     bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
-    return load(model_path, offload=args.offload, bundle=bundle, overflow=args.overflow, **kw)
+    return load(model_path, offload=args.offload, bundle=bundle, overflow=args.overflow, verify=args.verify, **kw)
 
 
 def _skip_native_teardown():

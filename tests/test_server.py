@@ -289,7 +289,7 @@ def test_parser_has_every_mlx_lm_server_flag():
     parser = server.setup_arg_parser()
     ours = {s for a in parser._actions for s in a.option_strings}
     assert len(stock_flags) > 20 and stock_flags <= ours
-    assert {"--offload", "--bundle", "--overflow"} <= ours and "--stats" not in ours
+    assert {"--offload", "--bundle", "--overflow", "--verify"} <= ours and "--stats" not in ours
     args = parser.parse_args(["--model", "m", "--offload", "mlx", "--decode-concurrency", "4"])
     assert (args.offload, args.decode_concurrency, args.port, args.bundle) == ("mlx", 4, 8080, None)
 
@@ -311,7 +311,7 @@ def test_cli_errors_are_one_line_and_stop_the_server(models, tmp_path):
     assert f"`npumoe build --model {bare} --backend onnx`" in last and "Traceback" not in err
 
 
-def test_bundle_flag_belongs_to_the_model_flag(models, tmp_path):
+def test_bundle_flag_belongs_to_the_model_flag(models, tmp_path, monkeypatch):
     """--bundle is the --model model's bundle; a model named per request gets its own (or none)."""
     path, _ = models
     main = tmp_path / "main"
@@ -321,6 +321,12 @@ def test_bundle_flag_belongs_to_the_model_flag(models, tmp_path):
     elsewhere = shutil.copytree(path / "npumoe-onnx", tmp_path / "bundles" / "main-onnx")
     args = server.setup_arg_parser().parse_args(["--model", str(main), "--offload", "onnx", "--bundle", str(elsewhere)])
     model, _, _ = server._offload_load(args, str(main), return_config=True)
+    assert model.npumoe_bundle == str(elsewhere)
+    seen = {}  # --verify and the other flags reach npumoe_mlx.load
+    monkeypatch.setattr(server, "load", lambda path, **kw: seen.update(kw, path=path))
+    server._offload_load(server.setup_arg_parser().parse_args(["--model", str(main), "--verify", "--overflow", "spill"]), str(main))
+    assert seen == {"path": str(main), "offload": "auto", "bundle": None, "overflow": "spill", "verify": True}
+    monkeypatch.undo()
     assert [l["layer"] for l in npumoe_mlx.stats(model)["layers"]] == [0, 1]
     with pytest.raises(OffloadError, match=re.escape(f"build it with `npumoe build --model {other} --backend onnx`")):
         server._offload_load(args, str(other))
