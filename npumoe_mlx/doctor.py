@@ -29,6 +29,7 @@ from . import bundle as bundles
 from ._version import __version__
 from .atomic import write_json
 from .checks import explain_load_errors, resolve_model
+from .chips import chip_profile, detect_chip
 from .cost import CostModel, default_cost, flops_per_row
 from .experts import find_expert_blocks, stock_experts
 from .offload import resolve
@@ -80,8 +81,20 @@ def memory_bytes() -> int:
         return 0
 
 
+def _chip_profile() -> Optional[str]:
+    """The chips.json profile of this Mac's chip (what the planner's Apple numbers come from)."""
+    name = detect_chip()
+    if name is None:
+        return None
+    try:
+        return chip_profile(name).name
+    except ValueError:
+        return None
+
+
 def machine() -> dict:
     return {
+        "chip_profile": _chip_profile(),
         "system": platform.system(),
         "machine": platform.machine(),
         "chip": _chip(),
@@ -342,7 +355,7 @@ def format_report(r: dict) -> str:
     m = r["machine"]
     lines = [f"npumoe {r['npumoe_version']} doctor",
              f"machine: {m['chip']} ({m['machine']}), {m['os']}, {m['cpus']} CPUs, {_gb(m['memory_bytes'])}, "
-             f"MLX on {m['mlx_device']}",
+             f"MLX on {m['mlx_device']}" + (f", chip profile {m['chip_profile']}" if m["chip_profile"] else ""),
              f"backends (--offload auto = {r['offload_auto']}):"]
     rows = [("backend", "runs here", "why not / details")]
     for name, b in r["backends"].items():
