@@ -18,6 +18,7 @@ from mlx_lm.generate import (
 from ._version import __version__
 from .convert import convert
 from .loading import load
+from .sharded import sharded_load
 
 __all__ = [
     "load",

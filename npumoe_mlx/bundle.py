@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import mlx.nn as nn
 from tqdm import tqdm
 
 from . import experts
@@ -145,8 +146,15 @@ def build(
     trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    loaded: Optional[tuple] = None,
+    fingerprint: Optional[str] = None,
 ) -> Path:
-    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path."""
+    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
+
+    ``loaded``: an already loaded ``(model, tokenizer, config)`` (e.g. one rank's shard,
+    see sharded.py) instead of loading ``model_path``; ``fingerprint``: the weights'
+    fingerprint to record (default: that of the files in ``model_path``).
+    """
     from mlx_lm import utils as mlx_utils
 
     from .calibrate import calibrate
@@ -159,9 +167,12 @@ def build(
         raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
     t0 = time.perf_counter()
     local = resolve_model(model_path)
-    with explain_load_errors(model_path):
-        model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
-    fingerprint = model_fingerprint(local)
+    if loaded is None:
+        with explain_load_errors(model_path):
+            model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
+    else:
+        model, tokenizer, config = loaded
+    fingerprint = fingerprint or model_fingerprint(local)
     out = Path(out) if out else default_bundle_dir(local, backend, fingerprint)
     with build_lock(out):  # one build of a bundle at a time; clears what a dead one left
         clean_stale(out)
@@ -173,8 +184,9 @@ def build(
         log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
         profile = calibrate(
             model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-            model_path=local, description=desc, progress=progress,
+            model_path=None, description=desc, progress=progress,
         )
+        profile.model_fingerprint = fingerprint
         b0 = next(iter(blocks.values()))
         if cost is None:
             if tune:
@@ -261,8 +273,8 @@ class Bundle:
     model_name: str = "MODEL"
 
 
-def read(path, model_path=None, model_name: str = "MODEL") -> Bundle:
-    """Validate a bundle folder (and, given ``model_path``, its fingerprint)."""
+def read(path, model_path=None, model_name: str = "MODEL", fingerprint: Optional[str] = None) -> Bundle:
+    """Validate a bundle folder (and, given ``model_path`` or ``fingerprint``, the weights it was built for)."""
     root = Path(path)
     mpath = root / "manifest.json"
     backend = "onnx"
@@ -280,10 +292,10 @@ def read(path, model_path=None, model_name: str = "MODEL") -> Bundle:
             f"{root}: bundle format {man.get('format')} (npumoe {man.get('npumoe_version')}) is not "
             f"format {BUNDLE_FORMAT} of npumoe {__version__}; {_rebuild_hint(model_name, backend)}"
         )
-    if model_path is not None:
+    if model_path is not None or fingerprint is not None:
         from .fingerprint import model_fingerprint
 
-        if man.get("model_fingerprint") != model_fingerprint(model_path):
+        if man.get("model_fingerprint") != (fingerprint or model_fingerprint(model_path)):
             raise BundleError(
                 f"{root}: built for other weights (model fingerprint differs: the model changed "
                 f"after the build); {_rebuild_hint(model_name, backend)}"
@@ -394,10 +406,15 @@ def install(
     return list(executors.values()) + [ex for _, ex in shared]
 
 
+_DISTRIBUTED = (nn.AllToShardedLinear, nn.ShardedToAllLinear, nn.QuantizedAllToShardedLinear, nn.QuantizedShardedToAllLinear)
+
+
 def _offloadable_shared(mlp, shared) -> bool:
     """A shared expert gets a program only if it is a plain SwiGLU MLP in a format programs take."""
     if mlp is None or (shared.quant is not None and shared.quant.get("mode", "affine") != "affine"):
         return False
+    if any(isinstance(c, _DISTRIBUTED) for c in mlp.children().values()):
+        return False  # a tensor-parallel linear sums across ranks inside; a program would skip that
     return experts.is_swiglu_mlp(mlp)
 
 
