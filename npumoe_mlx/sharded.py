@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_utils
+from mlx_lm.generate import generation_stream
 
 from . import bundle as bundles
 from . import checks, experts
@@ -291,13 +292,21 @@ def install(
                           backend_options=backend_options, model_name=model_name, quiet=quiet, fingerprint=fp)
 
 
+def settle() -> None:
+    """Wait for the step mlx_lm's generation leaves in flight (``generation_stream``): its
+    all_sums must finish before any other collective starts, or before the process exits
+    (else the peers' sockets break mid-sum)."""
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
 def rank_stats(model, group: Optional[mx.distributed.Group] = None) -> List[dict]:
     """Every rank's ``summarize(offload_stats(model))`` (plus ``rank``), on every rank.
 
     Collective: call it on all ranks. A single process gets a list of one.
     """
     group = group or _world()
-    mx.synchronize()  # generation may leave a step in flight; its all_sums must not interleave with ours
+    settle()
     mine = summarize(offload_stats(model))
     mine["rank"] = group.rank()
     raw = np.frombuffer(json.dumps(mine).encode(), np.uint8).astype(np.int32)
@@ -327,3 +336,31 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="Under mlx.launch: first build every rank's missing or stale offload bundle (all ranks calibrate together).",
     )
     return parser
+
+
+def cli_load(args, path_or_hf_repo: str, adapter_path=None, tokenizer_config=None, model_config=None,
+             return_config: bool = False, trust_remote_code: bool = False, **_):
+    """The ``load`` mlx_lm's generate CLI calls, for ``npumoe generate`` under mlx.launch
+    (or with ``--build``): ``sharded_load`` over the world group, tensor parallel unless
+    ``args.pipeline``; one process loads the whole model (and, with --build, builds its bundle)."""
+    if adapter_path:
+        raise ValueError("adapters are not supported with sharding or --build (as in mlx_lm's distributed mode)")
+    if (model_config or {}).get("quantize_activations"):
+        raise ValueError("--quantize-activations is not supported with sharding or --build")
+    group = _world()
+    if group.size() > 1:
+        out = sharded_load(
+            path_or_hf_repo, group if args.pipeline else None, None if args.pipeline else group, True,
+            tokenizer_config=tokenizer_config, trust_remote_code=trust_remote_code, offload=args.offload,
+            build=args.build, bundle=args.bundle, overflow=args.overflow,
+        )
+    else:
+        from .loading import load
+
+        model_path = checks.resolve_model(path_or_hf_repo)
+        model, tokenizer, config = load(str(model_path), tokenizer_config=tokenizer_config, return_config=True,
+                                        trust_remote_code=trust_remote_code, offload="off")
+        install(model, tokenizer, config, model_path, args.offload, build=args.build, bundle=args.bundle,
+                overflow=args.overflow, model_name=str(path_or_hf_repo))
+        out = (model, tokenizer, config)
+    return out if return_config else out[:2]
