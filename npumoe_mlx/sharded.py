@@ -156,15 +156,21 @@ def _build_defaults() -> Dict[str, Any]:
     return {k: sig[k].default for k in ("corpus", "tokens", "chunk_size", "seed")}
 
 
-def _follow(model, tokenizer, corpus, tokens: int, chunk_size: int, seed: int) -> None:
-    """Run the forward passes calibration runs, recording nothing: a rank whose bundle is
-    fine (or that holds no MoE layer) keeps the collectives of the others' calibration matched."""
+def _follow(model, tokenizer, config, holds: bool, corpus, tokens: int, chunk_size: int, seed: int) -> None:
+    """Run the forward passes a build's calibration runs, for a rank that builds nothing: its
+    collectives must match the building ranks' one for one. A rank with MoE blocks calibrates
+    and drops the profile (calibration evaluates the blocks' inputs, so the last layer's
+    attention all_sum too); a pipeline rank without any evaluates what calibration would:
+    its caches (which, through mx.depends, carry the send to the next stage)."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from .calibrate import _cap
+    from .calibrate import _cap, calibrate
     from .workloads import corpus_documents
 
     docs, _ = corpus_documents(list(corpus), tokens, seed)
+    if holds:
+        calibrate(model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens)
+        return
     ids = [list(tokenizer.encode(d)) for d in docs]
     for doc, n in zip(ids, _cap([len(i) for i in ids], tokens)):
         if n == 0:
@@ -271,7 +277,7 @@ def install(
                 except Exception as e:  # tell the other ranks before raising
                     failed = e
             else:
-                _follow(model, tokenizer, opts["corpus"], opts["tokens"], opts["chunk_size"], opts["seed"])
+                _follow(model, tokenizer, config, holds, opts["corpus"], opts["tokens"], opts["chunk_size"], opts["seed"])
             if _count(failed is not None):
                 raise failed or _offload.OffloadError("building a per-rank bundle failed on another rank")
             why = _check(path, fp, model_name) if holds else None
