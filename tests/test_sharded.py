@@ -22,6 +22,7 @@ from mlx_lm.sample_utils import make_sampler
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx import sharded
+from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.executor import offload_stats, summarize
 from npumoe_mlx.fingerprint import model_fingerprint
 from npumoe_mlx.tiny import make_tiny_model
@@ -139,6 +140,10 @@ def test_tensor_parallel_two_ranks(models):
         for plan in plans:
             assert plan.layers and all(lp.H == 32 and lp.D == 64 for lp in plan.layers)
         assert [lp.layer for lp in plans[0].layers] == [lp.layer for lp in plans[1].layers]
+        # calibration saw the routing each rank sees: under tensor parallel, the same on both
+        profiles = [Profile.load(m[name] / f"npumoe-onnx-tp2-r{r}" / "profile.json") for r in (0, 1)]
+        assert [l.counts for l in profiles[0].layers] == [l.counts for l in profiles[1].layers]
+        assert sum(sum(l.counts) for l in profiles[0].layers) > 0
     # deepseek's shared expert is split the same way and runs on programs on both ranks
     for r in (0, 1):
         plan = bundles.read(m["ds"] / f"npumoe-onnx-tp2-r{r}").plan
@@ -160,6 +165,9 @@ def test_pipeline_two_ranks(models):
         for r, layers in by_rank.items():
             plan = bundles.read(m[name] / f"npumoe-onnx-pp2-r{r}").plan
             assert [lp.layer for lp in plan.layers] == layers
+            # calibration recorded only the layers this rank holds
+            profile = Profile.load(m[name] / f"npumoe-onnx-pp2-r{r}" / "profile.json")
+            assert [l.layer for l in profile.layers] == layers and all(sum(l.counts) > 0 for l in profile.layers)
             assert all(lp.H == 64 for lp in plan.layers)  # pipeline ranks keep whole experts
 
 
