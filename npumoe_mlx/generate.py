@@ -80,6 +80,8 @@ def main(argv=None):
     # Under mlx.launch (more than one rank): mlx_lm's sharded_load, tensor parallel unless
     # --pipeline, as mlx_lm's chat/server/benchmark do; only rank 0 prints.
     distributed = mx.distributed.init().size() > 1
+    if distributed and args.seed is None:  # every rank must sample the same token
+        argv = [*argv, "--seed", str(sharded.shared_seed())]
 
     def _load(*a, **kw):
         if distributed or args.build:

@@ -298,6 +298,14 @@ def install(
                           backend_options=backend_options, model_name=model_name, quiet=quiet, fingerprint=fp)
 
 
+def shared_seed() -> int:
+    """A fresh seed, the same on every rank (rank 0's, summed with zeros): sampling at
+    temperature > 0 must pick the same token everywhere, as mlx_lm's server ensures."""
+    world = _world()
+    mine = int(np.random.SeedSequence().entropy % (2**31 - 1)) if world.rank() == 0 else 0
+    return int(mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=world, stream=mx.cpu).item())
+
+
 def settle() -> None:
     """Wait for the step mlx_lm's generation leaves in flight (``generation_stream``): its
     all_sums must finish before any other collective starts, or before the process exits
