@@ -124,11 +124,19 @@ def _manifest(path):
     return json.loads((Path(path) / "manifest.json").read_text())
 
 
-def test_tensor_parallel_two_ranks(models):
+TENSOR = ("ds", "qw4", "deepseek_v2", "glm4_moe", "gpt_oss", "minimax")
+
+
+@pytest.fixture(scope="module")
+def tensor_run(models):
+    """One launch: build, generate and stats for every tensor-parallel model (bundles stay)."""
+    m, _ = models
+    return _rows(_launch(str(HERE / "sharded_worker.py"), "tensor", *(str(m[n]) for n in TENSOR)).stdout)
+
+
+def test_tensor_parallel_two_ranks(models, tensor_run):
     m, want = models
-    names = ("ds", "qw4", "deepseek_v2", "glm4_moe", "gpt_oss", "minimax")
-    res = _launch(str(HERE / "sharded_worker.py"), "tensor", *(str(m[n]) for n in names))
-    rows = _rows(res.stdout)
+    names, rows = TENSOR, tensor_run
     _check_scheme(rows, models, want, names, lambda r: f"tp2-r{r}")
     for name in ("ds", "qw4"):
         mans = [_manifest(m[name] / f"npumoe-onnx-tp2-r{r}") for r in (0, 1)]
@@ -171,12 +179,10 @@ def test_pipeline_two_ranks(models):
             assert all(lp.H == 64 for lp in plan.layers)  # pipeline ranks keep whole experts
 
 
-def test_generate_cli_under_mlx_launch(models):
-    """`npumoe generate` under mlx.launch: tensor parallel with the per-rank bundles the test
-    above built; only rank 0 prints; --stats lists every rank's program calls."""
+def test_generate_cli_under_mlx_launch(models, tensor_run):
+    """`npumoe generate` under mlx.launch: tensor parallel with the per-rank bundles tensor_run
+    built; only rank 0 prints; --stats lists every rank's program calls."""
     m, _ = models
-    if not (m["ds"] / "npumoe-onnx-tp2-r1" / "manifest.json").exists():
-        pytest.skip("needs the bundles of test_tensor_parallel_two_ranks")
     prompt = "The quick brown fox jumps over the lazy dog."
     res = _launch("-m", "npumoe_mlx.cli", "generate", "--model", str(m["ds"]), "--prompt", prompt,
                   "--max-tokens", "8", "--offload", "onnx", "--stats", "--ignore-chat-template")
