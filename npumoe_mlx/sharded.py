@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -36,6 +37,7 @@ from . import bundle as bundles
 from . import checks, experts
 from . import offload as _offload
 from .executor import format_stats, offload_stats, summarize
+from .lock import BuildInProgress, build_lock
 
 _CONFIG_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
 SAMPLES = 16  # slices hashed per large tensor
@@ -269,15 +271,23 @@ def install(
         if _count(why is not None):
             opts = {**_build_defaults(), **(build_options or {})}
             failed = None
-            if why is not None:
-                log(f"building the {want} bundle of shard {shard.key} at {path} ({why})")
-                try:
-                    bundles.build(str(model_path), want, str(path), loaded=(model, tokenizer, config),
-                                  fingerprint=fp, log=log, **opts)
-                except Exception as e:  # tell the other ranks before raising
-                    failed = e
-            else:
-                _follow(model, tokenizer, config, holds, opts["corpus"], opts["tokens"], opts["chunk_size"], opts["seed"])
+            with ExitStack() as held:
+                if why is not None:  # take this rank's lock before the collective calibration starts
+                    try:
+                        held.enter_context(build_lock(path))
+                    except BuildInProgress as e:
+                        failed = e
+                if _count(failed is not None):
+                    raise failed or _offload.OffloadError("another rank's bundle is being built by another process")
+                if why is not None:
+                    log(f"building the {want} bundle of shard {shard.key} at {path} ({why})")
+                    try:  # build re-enters the lock held above
+                        bundles.build(str(model_path), want, str(path), loaded=(model, tokenizer, config),
+                                      fingerprint=fp, log=log, **opts)
+                    except Exception as e:  # tell the other ranks before raising
+                        failed = e
+                else:
+                    _follow(model, tokenizer, config, holds, opts["corpus"], opts["tokens"], opts["chunk_size"], opts["seed"])
             if _count(failed is not None):
                 raise failed or _offload.OffloadError("building a per-rank bundle failed on another rank")
             why = _check(path, fp, model_name) if holds else None

@@ -2,14 +2,15 @@
 
     python sharded_worker.py {tensor,pipeline} MODEL [MODEL ...]
 
-Per model: a bundle missing on the ranks is a clear error on every rank (first model
-only), sharded_load(build=True) builds each rank's bundle, greedy tokens are generated,
+Per model: a bundle missing on the ranks, or one whose build lock another process holds,
+is a clear error on every rank (first model only), sharded_load(build=True) builds each rank's bundle, greedy tokens are generated,
 a second build=True load reuses the bundles and a bundle lost on rank 1 is rebuilt
 there alone (first model only), and every rank prints
 one JSON line: its rank, shard, tokens, bundle and every rank's offload stats.
 """
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -40,6 +41,16 @@ def main(scheme: str, paths) -> None:
                 out["missing_error"] = None
             except OffloadError as e:
                 out["missing_error"] = str(e)
+            # another live process builds rank 1's bundle: both ranks fail at once, none hangs
+            lock = Path(path) / f"npumoe-onnx-{'pp' if scheme == 'pipeline' else 'tp'}2-r1.lock"
+            if world.rank() == 1:
+                lock.write_text(str(os.getppid()))  # the launcher: alive
+            try:
+                sharded.sharded_load(path, *groups, offload="onnx", build=True, build_options=BUILD, quiet=True)
+                out["locked_error"] = None
+            except Exception as e:
+                out["locked_error"] = f"{type(e).__name__}: {e}"
+            lock.unlink(missing_ok=True)
         model, tok = sharded.sharded_load(path, *groups, offload="onnx", build=True, build_options=BUILD, quiet=True)
         shard = sharded.shard_of(model)
         out["shard"] = shard.key

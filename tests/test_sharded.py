@@ -115,6 +115,8 @@ def _check_scheme(rows, models, want, names, key_of, stock_ranks=()):
     name = next(n for n in names if str(m[n]) == first[0]["model"])
     for r in first:  # an explicit backend with no bundle fails on every rank, with the rank's shard named
         assert r["missing_error"] and "build=True" in r["missing_error"]
+        # rank 1's build lock is held by a live process: rank 1 says so, rank 0 fails with it
+        assert r["locked_error"].startswith("BuildInProgress: build in progress" if r["rank"] == 1 else "OffloadError: another rank")
         assert not r["rebuilt"]
         assert r["tokens_after_rebuild"] == want[name]
     assert [r["rebuilt_alone"] for r in first] == [False, True]  # only rank 1 lost (and rebuilt) its bundle
