@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
     "compare": ("npumoe_mlx.compare", "offload vs stock MLX: speed, CPU, memory, energy, agreement"),
     "bench": ("npumoe_mlx.bench", "benchmarks: `bench layer` (one MoE layer), `bench e2e` (whole model)"),
+    "chips": ("npumoe_mlx.chips", "Apple chip profiles the planner predicts with (each number with its source)"),
     "demo": ("npumoe_mlx.demo", "build a demo MoE model and bundle, generate, compare"),
 }
 

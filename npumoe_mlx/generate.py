@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext, redirect_stdout
 import mlx.core as mx
 
 from . import sharded
+from .args import at_least
 from .executor import format_stats, offload_stats, summarize
 from .loading import load
 from .offload import MODES
@@ -36,7 +37,14 @@ def add_offload_args(parser):
     parser.add_argument(
         "--bundle",
         default=None,
-        help="Offload bundle folder (default: <model>/npumoe-<backend>, or the cache for hub models).",
+        help="Offload bundle folder (default: <model>/npumoe-<backend> if one is there, else the "
+        "cache's, $NPUMOE_CACHE/bundles/<fingerprint>-<backend>).",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="At load, check every program tier against the model's experts and every bundle file's "
+        "whole sha256 (default: a sample of programs, and sampled hashes).",
     )
     parser.add_argument(
         "--overflow",
@@ -72,10 +80,34 @@ def _patched(module, **attrs):
             setattr(module, k, v)
 
 
+def explain_stats(model) -> str:
+    """Which bundle ran, and why calls stayed on MLX (each layer's plan sets min_tokens)."""
+    from .experts import installed_blocks
+    from .plan import NEVER
+
+    bundle = getattr(model, "npumoe_bundle", None)
+    lines = [f"bundle: {bundle}" if bundle else "bundle: none (no programs installed)"]
+    s = summarize(offload_stats(model))
+    stayed = s["layer_calls"] - s["offloaded_calls"]
+    mins = [m.executor.plan.min_tokens for m in installed_blocks(model)
+            if hasattr(getattr(m, "executor", None), "plan")]
+    mins = [t for t in mins if t < NEVER]
+    spread = f" ({min(mins)}-{max(mins)} by layer)" if mins and min(mins) != max(mins) else ""
+    if stayed and mins:
+        lines.append(
+            f"{stayed} MoE layer calls stayed on MLX: the plan runs programs only for calls of at least "
+            f"{min(mins)} tokens{spread} (each decode step is 1 token); smaller calls are faster on MLX"
+        )
+    elif stayed:
+        lines.append(f"{stayed} MoE layer calls stayed on MLX: the plan offloads no layer at any call size")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    at_least("--prefill-step-size", args.prefill_step_size, 1, "tokens per prefill chunk")
     loaded = []
     # Under mlx.launch (more than one rank): mlx_lm's sharded_load, tensor parallel unless
     # --pipeline, as mlx_lm's chat/server/benchmark do; only rank 0 prints.
@@ -87,7 +119,7 @@ def main(argv=None):
         if distributed or args.build:
             out = sharded.cli_load(args, *a, **kw)
         else:
-            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, **kw)
+            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify, **kw)
         loaded.append(out[0])
         return out
 
@@ -109,6 +141,7 @@ def main(argv=None):
                 print(sharded.format_rank_stats(per_rank))
         else:
             print(format_stats(summarize(offload_stats(loaded[0]))))
+            print(explain_stats(loaded[0]))
     return 0
 
 

@@ -1,5 +1,6 @@
 """``load``: mlx_lm.load plus the offload seam."""
 
+import os
 from typing import Any, Dict, Optional
 
 from mlx_lm import utils as mlx_utils
@@ -22,6 +23,7 @@ def load(
     overflow: str = "auto",
     backend_options: Optional[Dict[str, Any]] = None,
     quiet: bool = False,
+    verify: bool = False,
 ):
     """Load like ``mlx_lm.load`` and install the expert executor for ``offload``.
 
@@ -32,9 +34,13 @@ def load(
     overflow: "auto" (cost model picks rerun or spill), "rerun", "spill", or
     "drop" (the paper's behaviour, for comparison only).
     backend_options: e.g. {"providers": [...], "threads": 2} for onnx.
+    verify: check every program tier against the model's experts and every
+    bundle file's whole sha256 (default: a sample, and sampled hashes).
     Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
-    _offload.resolve(offload)  # fail on a bad mode before the (slow) load
+    if isinstance(path_or_hf_repo, os.PathLike):  # a Path, or convert()'s result
+        path_or_hf_repo = os.fspath(path_or_hf_repo)
+    _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
     model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
     with checks.explain_load_errors(path_or_hf_repo):
         model, tokenizer, config = mlx_utils.load(
@@ -48,7 +54,7 @@ def load(
         )
     _offload.apply(
         model, config, offload, model_path=model_path, bundle=bundle, overflow=overflow,
-        backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet,
+        backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet, verify=verify,
     )
     if return_config:
         return model, tokenizer, config

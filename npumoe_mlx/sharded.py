@@ -199,6 +199,7 @@ def sharded_load(
     overflow: str = "auto",
     backend_options: Optional[Dict[str, Any]] = None,
     build_options: Optional[Dict[str, Any]] = None,
+    verify: bool = False,
     quiet: bool = False,
 ):
     """Load like ``mlx_lm.utils.sharded_load`` and offload the expert blocks this rank holds.
@@ -220,7 +221,7 @@ def sharded_load(
     install(
         model, tokenizer, config, model_path, want, tensor_group=tensor_group, build=build, bundle=bundle,
         overflow=overflow, backend_options=backend_options, build_options=build_options,
-        model_name=str(path_or_hf_repo), quiet=quiet,
+        model_name=str(path_or_hf_repo), verify=verify, quiet=quiet,
     )
     if return_config:
         return model, tokenizer, config
@@ -241,6 +242,7 @@ def install(
     backend_options: Optional[Dict[str, Any]] = None,
     build_options: Optional[Dict[str, Any]] = None,
     model_name: str = "MODEL",
+    verify: bool = False,
     quiet: bool = False,
 ) -> str:
     """Offload a sharded model's blocks on this rank (collective); returns the mode in effect."""
@@ -254,14 +256,14 @@ def install(
 
     if want in ("off", "mlx") or not shard.sharded:  # one process: the model's own bundle
         if want in ("onnx", "coreml") and build:
-            path = Path(bundle) if bundle else bundles.default_bundle_dir(model_path, want)
+            path = bundles.build_target(model_path, want, bundle)  # the bundle the load below uses
             try:
                 bundles.read(path, model_path, model_name)
             except bundles.BundleError:
                 bundles.build(str(model_path), want, str(path), loaded=(model, tokenizer, config), log=log,
                               **(build_options or {}))
         return _offload.apply(model, config, want, model_path=model_path, bundle=bundle, overflow=overflow,
-                              backend_options=backend_options, model_name=model_name, quiet=quiet)
+                              backend_options=backend_options, model_name=model_name, quiet=quiet, verify=verify)
 
     holds = any(b.supported for b in experts.find_expert_blocks(model, config))
     fp = shard_fingerprint(model, config, shard)
@@ -305,7 +307,8 @@ def install(
         log(f"shard {shard.key} holds no supported MoE expert block: it runs on stock MLX")
         return "off"
     return _offload.apply(model, config, want, model_path=model_path, bundle=str(path), overflow=overflow,
-                          backend_options=backend_options, model_name=model_name, quiet=quiet, fingerprint=fp)
+                          backend_options=backend_options, model_name=model_name, quiet=quiet, verify=verify,
+                          fingerprint=fp)
 
 
 def shared_seed() -> int:
@@ -376,7 +379,7 @@ def cli_load(args, path_or_hf_repo: str, adapter_path=None, tokenizer_config=Non
         out = sharded_load(
             path_or_hf_repo, group if args.pipeline else None, None if args.pipeline else group, True,
             tokenizer_config=tokenizer_config, trust_remote_code=trust_remote_code, offload=args.offload,
-            build=args.build, bundle=args.bundle, overflow=args.overflow,
+            build=args.build, bundle=args.bundle, overflow=args.overflow, verify=getattr(args, "verify", False),
         )
     else:
         from .loading import load
@@ -385,6 +388,6 @@ def cli_load(args, path_or_hf_repo: str, adapter_path=None, tokenizer_config=Non
         model, tokenizer, config = load(str(model_path), tokenizer_config=tokenizer_config, return_config=True,
                                         trust_remote_code=trust_remote_code, offload="off")
         install(model, tokenizer, config, model_path, args.offload, build=args.build, bundle=args.bundle,
-                overflow=args.overflow, model_name=str(path_or_hf_repo))
+                overflow=args.overflow, model_name=str(path_or_hf_repo), verify=getattr(args, "verify", False))
         out = (model, tokenizer, config)
     return out if return_config else out[:2]
