@@ -41,8 +41,8 @@ from .lock import BuildInProgress, build_lock
 
 _CONFIG_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
 SAMPLES = 16  # slices hashed per large tensor
-SAMPLE_ELEMS = 4096
-FULL_ELEMS = SAMPLES * SAMPLE_ELEMS  # tensors up to this size are hashed whole
+SAMPLE_ELEMS = 1024
+FULL_ELEMS = 4 * SAMPLES * SAMPLE_ELEMS  # tensors up to this size are hashed whole
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ def shard_fingerprint(model, config: dict, shard: Shard) -> str:
     """sha256 over the config, the shard and this rank's parameters.
 
     Like fingerprint.py samples files, large tensors are sampled: name, dtype, shape and
-    16 evenly spaced slices of 4096 elements; tensors up to 64K elements are hashed whole.
+    16 evenly spaced slices of 1024 elements; tensors up to 64K elements are hashed whole
+    (about 64 KB per large tensor: a few hundred MB for a 600B model's thousands of tensors).
     """
     h = hashlib.sha256()
     h.update(b"npumoe-shard-fingerprint-1\0")

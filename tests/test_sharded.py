@@ -212,3 +212,18 @@ def test_shard_keys():
     assert sharded.Shard(tensor_size=2, tensor_rank=1).key == "tp2-r1"
     assert sharded.Shard(pipeline_size=4, pipeline_rank=3).key == "pp4-r3"
     assert sharded.Shard(2, 0, 2, 1).key == "pp2-r1-tp2-r0"
+
+
+def test_shard_fingerprint_follows_the_rank_weights_and_shard(models, monkeypatch):
+    """The key of a rank's bundle changes with its weights (a sampled slice) and with the shard."""
+    m, _ = models
+    monkeypatch.setattr(sharded, "FULL_ELEMS", 4096)  # tiny tensors: sample them like large ones
+    model, _, config = stock_load(str(m["qw"]), return_config=True)
+    one = sharded.Shard(tensor_size=2, tensor_rank=0)
+    fp = sharded.shard_fingerprint(model, config, one)
+    assert fp == sharded.shard_fingerprint(model, config, one)
+    assert fp != sharded.shard_fingerprint(model, config, sharded.Shard(tensor_size=2, tensor_rank=1))
+    w = model.model.layers[1].mlp.switch_mlp.down_proj.weight  # (E, D, H): sampled, not whole
+    assert w.size > sharded.FULL_ELEMS
+    model.model.layers[1].mlp.switch_mlp.down_proj.weight = w.at[0, 0, 0].add(1.0)
+    assert fp != sharded.shard_fingerprint(model, config, one)
