@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import mlx.nn as nn
+
 from . import experts, verify
 from ._version import __version__
 from .atomic import clean_stale, folder, honour_umask, write_json
@@ -266,8 +268,15 @@ def build(
     trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    loaded: Optional[tuple] = None,
+    fingerprint: Optional[str] = None,
 ) -> Path:
-    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path."""
+    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
+
+    ``loaded``: an already loaded ``(model, tokenizer, config)`` (e.g. one rank's shard,
+    see sharded.py) instead of loading ``model_path``; ``fingerprint``: the weights'
+    fingerprint to record (default: that of the files in ``model_path``).
+    """
     from mlx_lm import utils as mlx_utils
 
     from .calibrate import calibrate
@@ -284,9 +293,12 @@ def build(
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     t0 = time.perf_counter()
     local = resolve_model(model_path)
-    with explain_load_errors(model_path):
-        model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
-    fingerprint = model_fingerprint(local)
+    if loaded is None:
+        with explain_load_errors(model_path):
+            model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
+    else:
+        model, tokenizer, config = loaded
+    fingerprint = fingerprint or model_fingerprint(local)
     out = build_target(local, backend, out)
     if not _writable(out):
         raise BundleError(f"cannot write the bundle {out}: its folder is read-only; pass --out DIR (a writable "
@@ -302,8 +314,9 @@ def build(
         log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
         profile = calibrate(
             model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-            model_path=local, description=desc, progress=progress,
+            model_path=None, description=desc, progress=progress,
         )
+        profile.model_fingerprint = fingerprint
         b0 = next(iter(blocks.values()))
         if cost is None:
             if tune:
@@ -403,12 +416,14 @@ class Bundle:
     model_path: Optional[Path] = None
 
 
-def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False) -> Bundle:
-    """Validate a bundle folder (and, given ``model_path``, its fingerprint).
+def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
+         fingerprint: Optional[str] = None) -> Bundle:
+    """Validate a bundle folder (and, given ``model_path`` or ``fingerprint``, the weights it was built for).
 
     Every listed file is checked for size and a sampled sha256 (whole sha256 with
     ``verify``, or for bundles that list no sampled hash). Errors name the folder
-    and the command that rebuilds that very folder.
+    and the command that rebuilds that very folder. ``fingerprint``: the expected one
+    (a shard's, see sharded.py) instead of the fingerprint of ``model_path``'s files.
     """
     root = Path(path)
     mpath = root / "manifest.json"
@@ -430,10 +445,10 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False)
             f"{root}: bundle format {got} (written by npumoe {man.get('npumoe_version')}) is not format "
             f"{BUNDLE_FORMAT}, the one npumoe {__version__} reads; {_hint(backend)}"
         )
-    if model_path is not None:
+    if model_path is not None or fingerprint is not None:
         from .fingerprint import model_fingerprint
 
-        if man.get("model_fingerprint") != model_fingerprint(model_path):
+        if man.get("model_fingerprint") != (fingerprint or model_fingerprint(model_path)):
             raise BundleError(
                 f"{root}: built for other weights (model fingerprint differs: the model changed "
                 f"after the build); {_hint(backend)}"
@@ -591,10 +606,15 @@ def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, 
             raise BundleError(f"{bundle.path}: {e}; {hint}") from None
 
 
+_DISTRIBUTED = (nn.AllToShardedLinear, nn.ShardedToAllLinear, nn.QuantizedAllToShardedLinear, nn.QuantizedShardedToAllLinear)
+
+
 def _offloadable_shared(mlp, shared) -> bool:
     """A shared expert gets a program only if it is a plain SwiGLU MLP in a format programs take."""
     if mlp is None or (shared.quant is not None and shared.quant.get("mode", "affine") != "affine"):
         return False
+    if any(isinstance(c, _DISTRIBUTED) for c in mlp.children().values()):
+        return False  # a tensor-parallel linear sums across ranks inside; a program would skip that
     return experts.is_swiglu_mlp(mlp)
 
 

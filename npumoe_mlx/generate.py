@@ -2,14 +2,19 @@
 
 The parser is mlx_lm's own plus our flags, and the run is mlx_lm's own ``main``
 with its ``load`` pointed at ours, so flags, output format and behaviour cannot
-drift from ``mlx_lm.generate``.
+drift from ``mlx_lm.generate``. Under ``mlx.launch`` (more than one rank) the model is
+loaded with ``npumoe_mlx.sharded_load`` (tensor parallel, or ``--pipeline``; ``--build``
+builds missing per-rank bundles first) and only rank 0 prints, as in mlx_lm's chat/server.
 """
 
 import importlib
+import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 
+import mlx.core as mx
 
+from . import sharded
 from .args import at_least
 from .executor import format_stats, offload_stats, summarize
 from .loading import load
@@ -62,7 +67,7 @@ def setup_arg_parser():
     parser = _stock_arg_parser()
     parser.prog = "npumoe generate"
     parser.description = "MoE LLM inference with expert offload (mlx_lm.generate flags plus --offload)"
-    return add_offload_args(parser)
+    return sharded.add_distributed_args(add_offload_args(parser))
 
 
 @contextmanager
@@ -106,22 +111,39 @@ def main(argv=None):
     args = parser.parse_args(argv)
     at_least("--prefill-step-size", args.prefill_step_size, 1, "tokens per prefill chunk")
     loaded = []
+    # Under mlx.launch (more than one rank): mlx_lm's sharded_load, tensor parallel unless
+    # --pipeline, as mlx_lm's chat/server/benchmark do; only rank 0 prints.
+    distributed = mx.distributed.init().size() > 1
+    if distributed and args.seed is None:  # every rank must sample the same token
+        argv = [*argv, "--seed", str(sharded.shared_seed())]
 
     def _load(*a, **kw):
-        out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify, **kw)
+        if distributed or args.build:
+            out = sharded.cli_load(args, *a, **kw)
+        else:
+            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify, **kw)
         loaded.append(out[0])
         return out
 
     saved_argv = sys.argv
     sys.argv = ["npumoe generate", *argv]
+    quiet_rank = distributed and mx.distributed.init().rank() != 0
     try:
-        with _patched(mlx_generate, setup_arg_parser=setup_arg_parser, load=_load):
+        with _patched(mlx_generate, setup_arg_parser=setup_arg_parser, load=_load), \
+                redirect_stdout(open(os.devnull, "w")) if quiet_rank else nullcontext():
             mlx_generate.main()
     finally:
         sys.argv = saved_argv
+    if distributed:
+        sharded.settle()
     if args.stats and loaded:
-        print(format_stats(summarize(offload_stats(loaded[0]))))
-        print(explain_stats(loaded[0]))
+        if distributed:  # collective: every rank sends its numbers to rank 0
+            per_rank = sharded.rank_stats(loaded[0])
+            if not quiet_rank:
+                print(sharded.format_rank_stats(per_rank))
+        else:
+            print(format_stats(summarize(offload_stats(loaded[0]))))
+            print(explain_stats(loaded[0]))
     return 0
 
 

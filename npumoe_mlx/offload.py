@@ -49,6 +49,7 @@ def apply(
     model_name: str = "MODEL",
     quiet: bool = False,
     verify: bool = False,
+    fingerprint: Optional[str] = None,
 ) -> str:
     """Install the executors for ``mode``; returns the mode in effect.
 
@@ -86,7 +87,7 @@ def apply(
             f"no {want} bundle for this model{where}; build it with "
             f"`npumoe build --model {model_name} --backend {want}`"
         )
-    b = bundles.read(path, model_path, model_name, verify=verify)
+    b = bundles.read(path, model_path, model_name, verify=verify, fingerprint=fingerprint)  # fingerprint: a shard's (sharded.py)
     if b.plan.backend != want:
         raise OffloadError(f"bundle {path} is for {b.plan.backend}, not {want}")
     bundles.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify)
