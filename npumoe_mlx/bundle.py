@@ -28,6 +28,7 @@ from . import experts
 from ._version import __version__
 from .atomic import clean_stale, folder, write_json
 from .cost import CostModel, default_cost
+from .guard import Notice
 from .lock import build_lock
 from .plan import Plan, PlanLimits, format_plan, make_plan
 
@@ -388,9 +389,10 @@ def install(
         router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
         executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
     shared = _load_shared(bundle, model, be, progs, hint)
-    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet)
+    notice = Notice(f"npumoe build --model {bundle.model_name} --backend {bundle.plan.backend} --force")
+    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice)
     for mlp, ex in shared:
-        experts.install_dense(mlp, ex)
+        experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
     return list(executors.values()) + [ex for _, ex in shared]
 
 
