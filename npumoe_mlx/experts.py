@@ -196,8 +196,7 @@ def stock_experts(experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
 
 
 def _where(m) -> str:
-    baked = m.__dict__.get("_npumoe_weights")
-    return baked.where if baked is not None else type(m).__name__
+    return m.__dict__.get("_npumoe_where", type(m).__name__)
 
 
 def _guarded_call(m, stock, x, *rest):
@@ -264,6 +263,7 @@ def install(
 
 
 def _record_weights(m: nn.Module, executor, where: str, notice: guard.Notice) -> None:
+    object.__setattr__(m, "_npumoe_where", where)
     if getattr(executor, "bakes_weights", False):
         object.__setattr__(m, "_npumoe_weights", guard.BakedWeights.record(m, where, notice))
     elif "_npumoe_weights" in m.__dict__:
@@ -333,7 +333,7 @@ def remove(model: nn.Module) -> int:
             m.__class__ = type(m).stock_class
         else:
             continue
-        for name in ("executor", "_npumoe_weights"):
+        for name in ("executor", "_npumoe_weights", "_npumoe_where"):
             m.__dict__.pop(name, None)
         n += 1
     return n

@@ -68,8 +68,8 @@ class Notice:
             return
         self.shown = True
         print(
-            f"[npumoe] expert weights changed since the programs were built ({where}: arrays or layers "
-            f"replaced, e.g. update/load_weights/quantize/set_dtype/LoRA); the offloaded layers run on "
+            f"[npumoe] {where}: expert weights changed since the programs were built (update, "
+            f"load_weights, quantize, set_dtype or LoRA replaced them); the offloaded layers run on "
             f"stock MLX from now on; rebuild the programs with `{self.rebuild}`",
             file=sys.stderr,
         )
@@ -179,7 +179,8 @@ def with_mlx_grad(module, traced: List, stock: Callable, y: mx.array, x: mx.arra
                 for (c, k), p in zip(slots, old):
                     c[k] = p
 
-        _, grads = mx.vjp(g, list(primals), [cotangent])
-        return tuple(grads)
+        one = isinstance(primals, mx.array)  # MLX passes and wants a bare array for one input
+        _, grads = mx.vjp(g, [primals] if one else list(primals), [cotangent])
+        return grads[0] if one else tuple(grads)
 
     return f(x, *[c[k] for c, k in slots])
