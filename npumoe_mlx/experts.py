@@ -6,6 +6,9 @@ routing weights are applied. That call is the seam: we swap the class of each
 ``SwitchGLU`` instance for :class:`OffloadedSwitchGLU`, which keeps the very same
 ``gate_proj/up_proj/down_proj`` children (so load/save keys do not change) and
 hands the call to a pluggable executor. Swapping the class back removes it.
+Before each call the block runs guard.py's checks: programs only while the weights
+are the ones they were built from, MLX's backward under gradients, stock MLX inside
+compile/vmap, and a clear message for half-precision experts on MLX's CPU.
 """
 
 import re
