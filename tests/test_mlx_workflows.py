@@ -219,6 +219,19 @@ def test_compile_forward_equals_stock(tiny):
     assert _offloaded(ours) > 0
 
 
+def test_compile_with_the_state_as_inputs_keeps_the_programs(tiny, capsys):
+    """Inside the trace the weights are placeholders (not a weight change); afterwards the
+    state holds new arrays over the same memory: the programs keep running, no notice."""
+    stock, tok = stock_load(str(tiny))
+    ours, _ = _ours(tiny)
+    ids = _ids(tok)
+    fwd = mx.compile(lambda ids: ours(ids), inputs=ours.state, outputs=ours.state)
+    assert _close(fwd(ids), stock(ids))
+    before = _offloaded(ours)
+    assert _close(ours(ids), stock(ids), 1e-4)
+    assert _offloaded(ours) > before and _changed_notices(capsys.readouterr().err) == []
+
+
 def test_compiled_training_step_with_state_inputs(tiny, capsys):
     """mlx_lm's trainer compiles its step with the model state as inputs and outputs."""
     ids = _ids(stock_load(str(tiny))[1])
