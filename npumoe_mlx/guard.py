@@ -93,6 +93,18 @@ def _buffer(a: mx.array):
     return n.__array_interface__["data"][0], n.strides
 
 
+def _same_data(c, k, old) -> bool:
+    """True if ``c[k]`` is an array over the very memory of ``old`` (kept alive by the record)."""
+    if k is None or not isinstance(old, mx.array):
+        return False
+    try:
+        new = c[k]
+    except (KeyError, IndexError):
+        return False
+    return (isinstance(new, mx.array) and new.shape == old.shape and new.dtype == old.dtype
+            and _buffer(new) == _buffer(old))
+
+
 @dataclass
 class BakedWeights:
     """The arrays and submodules a block's programs were built from, by identity."""
@@ -134,12 +146,8 @@ class BakedWeights:
         changed = self._changed()
         if not changed:
             return True
-        same = all(
-            k is not None and isinstance(v, mx.array) and isinstance(c[k], mx.array)
-            and c[k].shape == v.shape and c[k].dtype == v.dtype and _buffer(c[k]) == _buffer(v)
-            for c, k, v in changed
-        )
-        if same:  # copies of the same data (a transform's tracers, compile's state): keep going
+        if all(_same_data(c, k, v) for c, k, v in changed):
+            # copies over the same memory (a transform's tracers, compile's state): keep going
             for c, k, _ in changed:
                 if not any(c is c2 and k == k2 for c2, k2 in self.traced):
                     self.traced.append((c, k))
