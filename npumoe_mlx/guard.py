@@ -175,20 +175,26 @@ def with_mlx_grad(module, traced: List, stock: Callable, y: mx.array, x: mx.arra
     def f(x, *params):
         return y
 
+    def g(x, *ps):  # the block on stock MLX, with the traced arrays set to ``ps``
+        old = [c[k] for c, k in slots]
+        try:
+            for (c, k), p in zip(slots, ps):
+                c[k] = p
+            return stock(module, x, *rest)
+        finally:
+            for (c, k), p in zip(slots, old):
+                c[k] = p
+
     @f.vjp
     def f_vjp(primals, cotangent, output):
-        def g(x, *ps):
-            old = [c[k] for c, k in slots]
-            try:
-                for (c, k), p in zip(slots, ps):
-                    c[k] = p
-                return stock(module, x, *rest)
-            finally:
-                for (c, k), p in zip(slots, old):
-                    c[k] = p
-
         one = isinstance(primals, mx.array)  # MLX passes and wants a bare array for one input
         _, grads = mx.vjp(g, [primals] if one else list(primals), [cotangent])
         return grads[0] if one else tuple(grads)
+
+    @f.jvp
+    def f_jvp(primals, tangents):
+        one = isinstance(primals, mx.array)
+        _, (out,) = mx.jvp(g, [primals] if one else list(primals), [tangents] if one else list(tangents))
+        return out
 
     return f(x, *[c[k] for c, k in slots])

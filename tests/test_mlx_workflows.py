@@ -181,6 +181,28 @@ def test_grad_and_vjp_wrt_input_of_an_offloaded_block(tiny):
     assert _close(vjp_x, want)
 
 
+def test_jvp_like_stock_never_a_silent_zero(tiny):
+    """Forward-mode derivatives: MLX has none for gather_mm (the same error as stock);
+    a shared expert's (plain matmuls) equals stock's."""
+    ours, _ = _ours(tiny)
+    blk = installed_blocks(ours)[0]
+    D = blk.gate_proj.weight.shape[-1]
+    x = mx.random.normal((8, D), key=mx.random.key(4))
+    t = mx.random.normal((8, D), key=mx.random.key(5))
+    inds = mx.array(np.arange(16).reshape(8, 2) % 4, dtype=mx.uint32)
+    with pytest.raises(ValueError) as want:
+        mx.jvp(lambda x: stock_experts(blk, x, inds), [x], [t])
+    with pytest.raises(ValueError) as got:
+        mx.jvp(lambda x: blk(x, inds), [x], [t])
+    assert str(got.value) == str(want.value)
+    for _, mlp in ours.named_modules():
+        if hasattr(mlp, "stock_class"):
+            before = mlp.executor.stats.offloaded
+            (_,), (got,) = mx.jvp(mlp, [x], [t])
+            (_,), (want,) = mx.jvp(lambda x: mlp.stock_class.__call__(mlp, x), [x], [t])
+            assert mlp.executor.stats.offloaded > before and _close(got, want)
+
+
 def test_lora_step_with_mlx_lm_tuner_equals_stock(tiny, capsys):
     """One optimizer step of mlx_lm's LoRA recipe: the last layer's experts get adapters
     (they run on MLX from then on), the first layer's frozen experts keep their programs."""
