@@ -322,6 +322,22 @@ def test_copy_after_a_call_generates_the_same_tokens(tiny, how):
     assert dict(tree_flatten(twin.parameters())).keys() == dict(tree_flatten(ours.parameters())).keys()
 
 
+@pytest.mark.parametrize("backend", ["onnx", "mlx"])
+def test_programs_copy_and_pickle_after_a_run(backend):
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    from npumoe_mlx.backends import load_backend
+    from npumoe_mlx.programs import spec_from_switch_glu
+
+    spec = spec_from_switch_glu(SwitchGLU(32, 16, 4), layer=0, expert_ids=[0, 1], tiers=[4, 8])
+    p = load_backend(backend).load(spec)  # onnx: graphs in memory, no files
+    x = np.random.default_rng(0).random((2, 4, 32), np.float32)
+    want = p.run(x, 4).copy()
+    for twin in (copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+        assert getattr(twin, "sessions", {}) == {}  # handles are reopened, never copied
+        assert np.allclose(twin.run(x, 4), want, rtol=1e-6, atol=1e-7)
+
+
 def test_coreml_program_copies_reopen_their_models(monkeypatch, tmp_path):
     """Core ML runs only on macOS: the reopen path is checked with a stand-in model class."""
     import coremltools as ct
