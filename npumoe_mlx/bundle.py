@@ -28,6 +28,7 @@ from . import experts, verify
 from ._version import __version__
 from .atomic import clean_stale, folder, honour_umask, write_json
 from .cost import CostModel, default_cost
+from .guard import Notice
 from .lock import build_lock
 from .plan import Plan, PlanLimits, format_plan, make_plan
 from .progress import progress_bar
@@ -572,9 +573,10 @@ def install(
         router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
         executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
     shared_ex = [(mlp, SharedExecutor(key[0], sp, pinned[key])) for key, (mlp, sp, _) in shared.items()]
-    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet)
+    notice = Notice(f"npumoe build --model {bundle.model_name} --backend {bundle.plan.backend} --force")
+    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice)
     for mlp, ex in shared_ex:
-        experts.install_dense(mlp, ex)
+        experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
     return list(executors.values()) + [ex for _, ex in shared_ex]
 
 

@@ -71,6 +71,8 @@ def _router_logits(router: Optional[nn.Module], x: mx.array, num_experts: int) -
 class OffloadExecutor:
     """Executor for one layer: ``executor(experts, x, inds) -> (..., k, D)``."""
 
+    bakes_weights = True  # programs hold the weights: experts.py checks them before each call
+
     def __init__(
         self,
         plan: LayerPlan,
@@ -204,6 +206,8 @@ class SharedExecutor:
     Every token goes through it, so a call is rounds of the top tier and one last
     round at the smallest tier that fits; below ``min_tokens`` it stays on MLX.
     """
+
+    bakes_weights = True
 
     def __init__(self, layer: int, plan, program, warn: Callable[[str], None] = None):
         self.plan, self.program, self.warn = plan, program, warn or _warn

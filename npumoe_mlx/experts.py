@@ -6,6 +6,9 @@ routing weights are applied. That call is the seam: we swap the class of each
 ``SwitchGLU`` instance for :class:`OffloadedSwitchGLU`, which keeps the very same
 ``gate_proj/up_proj/down_proj`` children (so load/save keys do not change) and
 hands the call to a pluggable executor. Swapping the class back removes it.
+Before each call the block runs guard.py's checks: programs only while the weights
+are the ones they were built from, MLX's backward under gradients, stock MLX inside
+compile/vmap, and a clear message for half-precision experts on MLX's CPU.
 """
 
 import re
@@ -22,6 +25,8 @@ from mlx_lm.models.switch_layers import (
     SwitchMLP,
 )
 
+from . import guard
+
 # Activation class name (as mlx_lm spells it) -> the kind a program implements.
 ACTIVATIONS = {
     "SwiGLU": "swiglu",  # silu(gate) * up
@@ -35,6 +40,7 @@ _SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 
 # An executor computes ``experts(x, inds)``: (SwitchGLU, x (..., D), inds (..., k)) -> (..., k, D).
 Executor = Callable[[SwitchGLU, mx.array, mx.array], mx.array]
+DEFAULT_REBUILD = "npumoe build --model MODEL --force"
 
 
 @dataclass
@@ -181,7 +187,10 @@ class OffloadedSwitchGLU(SwitchGLU):
     """
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        return self.executor(self, x, indices)
+        msg = guard.cpu_half_error(_where(self), (self.get("gate_proj"), self.get("up_proj"), self.get("down_proj")))
+        if msg:
+            raise ValueError(msg)
+        return _guarded_call(self, stock_experts, x, indices)
 
 
 def stock_experts(experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
@@ -189,18 +198,52 @@ def stock_experts(experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
     return SwitchGLU.__call__(experts, x, inds)
 
 
+def _where(m) -> str:
+    return m.__dict__.get("_npumoe_where", type(m).__name__)
+
+
+def _guarded_call(m, stock, x, *rest):
+    """``m.executor(m, x, *rest)`` unless that would be wrong, else ``stock(m, x, *rest)``.
+
+    Programs (executors with ``bakes_weights``) run only while the block still
+    holds the weights they were built from, and always with stock MLX's backward;
+    inside compile/vmap, where reading arrays is refused, the call runs on MLX.
+    """
+    executor = m.executor
+    baked = m.__dict__.get("_npumoe_weights")
+    try:
+        if baked is None:
+            return executor(m, x, *rest)
+        if not baked.check(m, executor):
+            return stock(m, x, *rest)
+        stats = getattr(executor, "stats", None)
+        before = getattr(stats, "offloaded", None)
+        y = executor(m, x, *rest)
+        if before is not None and stats.offloaded == before:
+            return y  # the executor kept this call on MLX: MLX's graph, MLX's gradient
+        return guard.with_mlx_grad(m, baked.traced, stock, y, x, *rest)
+    except ValueError as err:
+        if not guard.is_transform_refusal(err):
+            raise
+        return stock(m, x, *rest)
+
+
 def install(
     model: nn.Module,
     executor_for: Callable[[ExpertBlock], Optional[Executor]],
     config: Optional[dict] = None,
     quiet: bool = False,
+    notice: Optional[guard.Notice] = None,
 ) -> List[ExpertBlock]:
     """Route every supported expert block through ``executor_for(block)``.
 
     Unsupported blocks (and blocks for which ``executor_for`` returns None) stay
     on stock MLX; each unsupported one gets a one-line notice on stderr.
+    Executors that bake the weights in (``bakes_weights``) get the block's weights
+    recorded; ``notice`` (shared by the blocks of one model) names the rebuild.
     Returns the blocks that were installed.
     """
+    notice = notice or guard.Notice(DEFAULT_REBUILD)
     installed = []
     for blk in find_expert_blocks(model, config):
         if not blk.supported:
@@ -217,8 +260,17 @@ def install(
         m.__class__ = OffloadedSwitchGLU
         # A plain attribute, never a parameter: parameters() and keys are unchanged.
         object.__setattr__(m, "executor", executor)
+        _record_weights(m, executor, f"layer {blk.layer} ({blk.path})", notice)
         installed.append(blk)
     return installed
+
+
+def _record_weights(m: nn.Module, executor, where: str, notice: guard.Notice) -> None:
+    object.__setattr__(m, "_npumoe_where", where)
+    if getattr(executor, "bakes_weights", False):
+        object.__setattr__(m, "_npumoe_weights", guard.BakedWeights.record(m, where, notice))
+    elif "_npumoe_weights" in m.__dict__:
+        object.__delattr__(m, "_npumoe_weights")
 
 
 _DENSE_CLASSES = {}
@@ -229,9 +281,24 @@ def _offloaded_dense_class(cls):
     if cls not in _DENSE_CLASSES:
         _DENSE_CLASSES[cls] = type(
             f"Offloaded{cls.__name__}", (cls,),
-            {"__call__": lambda self, x: self.executor(self, x), "stock_class": cls},
+            {
+                "__call__": lambda self, x: _guarded_call(self, stock_dense, x),
+                "__reduce_ex__": _reduce_dense,
+                "stock_class": cls,
+            },
         )
     return _DENSE_CLASSES[cls]
+
+
+def _new_dense(stock_class):
+    cls = _offloaded_dense_class(stock_class)
+    return cls.__new__(cls)
+
+
+def _reduce_dense(self, protocol):
+    """Pickle by the stock class: the offloaded subclass is made at run time, not importable."""
+    _, _, *rest = nn.Module.__reduce_ex__(self, protocol)
+    return (_new_dense, (type(self).stock_class,), *rest)
 
 
 def is_swiglu_mlp(mlp: nn.Module) -> bool:
@@ -248,10 +315,11 @@ def is_swiglu_mlp(mlp: nn.Module) -> bool:
     return got.shape == want.shape and bool(mx.allclose(got, want, rtol=1e-5, atol=1e-6).item())
 
 
-def install_dense(mlp: nn.Module, executor) -> None:
+def install_dense(mlp: nn.Module, executor, where: str = "shared expert", notice: Optional[guard.Notice] = None) -> None:
     """Route a dense MLP (a shared expert) through ``executor(mlp, x) -> y``; same keys."""
     mlp.__class__ = _offloaded_dense_class(type(mlp))
     object.__setattr__(mlp, "executor", executor)
+    _record_weights(mlp, executor, where, notice or guard.Notice(DEFAULT_REBUILD))
 
 
 def stock_dense(mlp: nn.Module, x: mx.array) -> mx.array:
@@ -263,13 +331,14 @@ def remove(model: nn.Module) -> int:
     n = 0
     for _, m in model.named_modules():
         if isinstance(m, OffloadedSwitchGLU):
-            object.__delattr__(m, "executor")
             m.__class__ = SwitchGLU
-            n += 1
         elif type(m) in _DENSE_CLASSES.values():
-            object.__delattr__(m, "executor")
             m.__class__ = type(m).stock_class
-            n += 1
+        else:
+            continue
+        for name in ("executor", "_npumoe_weights", "_npumoe_where"):
+            m.__dict__.pop(name, None)
+        n += 1
     return n
 
 

@@ -13,7 +13,7 @@ output cropped back to C rows; ``tier=None`` picks the smallest tier >= C.
 """
 
 import importlib
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,6 +50,18 @@ class Program:
     G: int = 0
     D: int = 0
     tiers: Tuple[int, ...] = ()
+    # Attributes holding runtime handles (sessions, compiled models), each with the
+    # factory of its empty value: a copy or unpickled program drops them and reopens
+    # them lazily from what it keeps (paths, model bytes).
+    transient: Dict[str, Callable[[], object]] = {}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self.transient}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for k, empty in self.transient.items():
+            setattr(self, k, empty())
 
     def run(self, x: np.ndarray, tier: Optional[int] = None) -> np.ndarray:
         """y: (G, C, D) float32 for x: (G, C, D), each row through its expert's FFN."""

@@ -64,14 +64,33 @@ def _package_key(pkg: Path) -> str:
 
 
 class CoreMLProgram(Program):
-    def __init__(self, name, models: Dict[int, object], G: int, D: int, compiled: Path):
+    """One package's tier functions. Copies and pickles drop the loaded models and
+    reopen each tier's function from the compiled package on its first run."""
+
+    transient = {"models": dict}
+
+    def __init__(self, name, models: Dict[int, object], G: int, D: int, compiled: Path,
+                 functions: Optional[Dict[int, str]] = None, compute_units: str = "CPU_AND_NE"):
         self.name, self.G, self.D = name, G, D
         self.models = dict(sorted(models.items()))
         self.tiers = tuple(self.models)
         self.compiled = compiled
+        self.functions = dict(functions or {})  # tier -> function name in the package
+        self.compute_units = compute_units
+
+    def model(self, tier: int):
+        m = self.models.get(tier)
+        if m is None:
+            import coremltools as ct
+
+            m = self.models[tier] = ct.models.CompiledMLModel(
+                str(self.compiled), compute_units=getattr(ct.ComputeUnit, self.compute_units),
+                function_name=self.functions[tier],
+            )
+        return m
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
-        out = self.models[tier].predict({INPUT_NAME: x.astype(np.float16)})
+        out = self.model(tier).predict({INPUT_NAME: x.astype(np.float16)})
         return np.asarray(out[OUTPUT_NAME], dtype=np.float32)
 
 
@@ -94,6 +113,7 @@ class Backend:
         import coremltools as ct
 
         self.ct = ct
+        self.compute_units_name = compute_units
         self.compute_units = getattr(ct.ComputeUnit, compute_units)
         self.cache = Path(cache) if cache else cache_dir()
         self.check_placement = check_placement and compute_units == "CPU_AND_NE"
@@ -132,7 +152,10 @@ class Backend:
             )
         if self.check_placement and macos_version() >= (14, 4):
             self._require_ane(compiled, functions)
-        return CoreMLProgram(meta["name"], models, meta["G"], meta["D"], compiled)
+        return CoreMLProgram(
+            meta["name"], models, meta["G"], meta["D"], compiled,
+            functions={tier_of(fn): fn for fn in functions}, compute_units=self.compute_units_name,
+        )
 
     def _require_ane(self, compiled: Path, functions) -> None:
         """Raise unless every compute op of every function prefers the Neural Engine."""

@@ -52,6 +52,12 @@ class MLXProgram(Program):
         self.up = _Linear(spec.up, spec.up_bias, dtype)
         self.down = _Linear(spec.down, spec.down_bias, dtype)
 
+    def __getstate__(self) -> dict:  # mx.Dtype does not pickle: keep its name
+        return {**super().__getstate__(), "dtype": str(self.dtype).split(".")[-1]}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**state, "dtype": getattr(mx, state["dtype"])})
+
     def _act(self, up, gate):
         a = self.spec.activation
         if a == "swiglu":

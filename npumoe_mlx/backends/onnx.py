@@ -23,7 +23,10 @@ from . import BackendError, Program
 
 class OnnxProgram(Program):
     """One program's tiers. Sessions open on a tier's first run (``lazy``): a bundle
-    has many tiers, most calls use a few, and each session costs tens of ms to open."""
+    has many tiers, most calls use a few, and each session costs tens of ms to open.
+    Copies and pickles drop the sessions; they reopen from the sources on first run."""
+
+    transient = {"sessions": dict, "_bound": dict}
 
     def __init__(self, name: str, sources: Dict[int, "object"], G: int, D: int, open_session, lazy: bool = True):
         self.name, self.G, self.D = name, G, D
