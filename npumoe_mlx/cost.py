@@ -93,12 +93,6 @@ def default_cost(backend: str) -> CostModel:
     return CostModel.from_dict(DEFAULTS[backend].to_dict())
 
 
-def predicted_offload_s(cost: CostModel, calls, spill_pairs: int, D: int, H: int) -> float:
-    """calls: [(G, C)]; spill runs on MLX concurrently, so the call costs the larger side."""
-    prog = cost.sync_s + sum(cost.program_s(G, C, D, H) for G, C in calls)
-    return max(prog, cost.mlx_s(spill_pairs, D, H))
-
-
 def describe(cost: Optional[CostModel]) -> str:
     if cost is None:
         return "none"

@@ -22,12 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cost import CostModel, predicted_offload_s
-from .experts import SwitchGLU, stock_experts
-from .plan import LayerPlan, calls_for
-from .reference import plan_slots
-
-OVERFLOW_MODES = ("auto", "rerun", "spill", "drop")
+from .cost import CostModel
+from .experts import SwitchGLU, stock_dense, stock_experts
+from .plan import LayerPlan
+from .tiers import OVERFLOW_MODES, CallDecision, decide_call, ladder_rounds, plan_slots
 
 
 @dataclass
@@ -93,28 +91,8 @@ class OffloadExecutor:
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
 
-    # --- the decision -----------------------------------------------------
-    def _decide(self, counts: np.ndarray):
-        """(worth offloading?, ladder rounds per group): each group's rounds computed once.
-
-        Extra rounds past the top tier run only where they beat spilling to MLX.
-        """
-        D, H = self.plan.D, self.plan.H
-        per_group = [calls_for([_G(ids, tiers)], counts, [])[0] for ids, tiers in zip(self._groups, self._tiers)]
-        spill = int(counts[self._cold].sum())
-        worth = predicted_offload_s(self.cost, [c for calls in per_group for c in calls], spill, D, H) < \
-            self.cost.mlx_s(int(counts.sum()), D, H)
-        rounds = []
-        for ids, calls in zip(self._groups, per_group):
-            if len(calls) <= 1 or self.overflow == "rerun":
-                rounds.append(max(len(calls), 1))
-            elif self.overflow in ("spill", "drop"):
-                rounds.append(1)
-            else:
-                extra = sum(self.cost.program_s(G, C, D, H) for G, C in calls[1:])
-                remainder = int(np.maximum(counts[ids] - calls[0][1], 0).sum())
-                rounds.append(len(calls) if extra < self.cost.mlx_s(remainder, D, H) else 1)
-        return worth, rounds
+    def _decide(self, counts: np.ndarray) -> CallDecision:
+        return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H, self.overflow)
 
     # --- the call ---------------------------------------------------------
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
@@ -139,11 +117,11 @@ class OffloadExecutor:
         order_np, counts_np = np.array(order), np.array(counts)
         if score is not None:  # paper's drop mode: within an expert, highest router score first
             order_np = np.lexsort((-np.array(score.astype(mx.float32)), np.array(flat)))
-        worth, rounds = self._decide(counts_np)
-        if not drop and not worth:
+        d = self._decide(counts_np)
+        if not drop and not d.offload:
             return stock_experts(experts, x, inds)
 
-        s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, rounds)
+        s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, d.rounds)
         flat_np = np.array(flat)
         left = np.nonzero(s.loc < 0)[0]  # pairs no program took: cold experts, overflow
         if drop:
@@ -211,9 +189,6 @@ class SharedExecutor:
         self.disabled = False
 
     def __call__(self, mlp, x: mx.array) -> mx.array:
-        from .experts import stock_dense
-        from .reference import tier_for
-
         st = self.stats
         st.calls += 1
         D = x.shape[-1]
@@ -225,16 +200,15 @@ class SharedExecutor:
         t0 = time.perf_counter()
         x_np = np.asarray(x32)
         out = np.empty((n, D), np.float32)
-        top = self.plan.tiers[-1]
-        calls = slots = 0
+        calls = slots = start = 0
         try:
-            for start in range(0, n, top):
-                rows = x_np[start : start + top]
-                cap = tier_for(rows.shape[0], self.plan.tiers)
+            for cap in ladder_rounds(np.array([n]), self.plan.tiers):
+                rows = x_np[start : start + cap]
                 y = self.program.run(rows[None], cap)  # pads to the tier, crops back
                 if getattr(y, "shape", None) != (1, rows.shape[0], D) or not np.isfinite(y).all():
                     raise ProgramError(f"returned shape {getattr(y, 'shape', None)} or non-finite values")
                 out[start : start + rows.shape[0]] = y[0]
+                start += rows.shape[0]
                 calls += 1
                 slots += cap
         except Exception as err:
@@ -250,12 +224,6 @@ class SharedExecutor:
         st.program_s += time.perf_counter() - t0
         st.offload_call_s += time.perf_counter() - t0
         return mx.array(out).reshape(x.shape).astype(x.dtype)
-
-
-@dataclass
-class _G:  # the shape calls_for wants: .experts, .tiers
-    experts: np.ndarray
-    tiers: list
 
 
 def offload_stats(model) -> List[LayerStats]:

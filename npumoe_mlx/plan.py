@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_json
-from .cost import CostModel, flops_per_row, predicted_offload_s
-from .reference import tier_for
+from .cost import CostModel, flops_per_row
+from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds
 
 PLAN_FORMAT = 1
 NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
@@ -85,11 +85,15 @@ class LayerPlan:
         pairs = tokens * self.top_k
         if counts is None:
             counts = np.full(self.num_experts, pairs / self.num_experts)
-        calls, spill = calls_for(self.groups, counts, self.cold)
-        return {
-            "offload_s": predicted_offload_s(cost, calls, spill, self.D, self.H),
-            "mlx_s": cost.mlx_s(pairs, self.D, self.H),
-        }
+        d = self.decide(cost, counts)
+        return {"offload_s": max(d.program_s, d.mlx_side_s), "mlx_s": d.mlx_only_s}
+
+    def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto") -> CallDecision:
+        """The executor's decision for a call with these per-expert counts (E,)."""
+        cold = np.zeros(self.num_experts, bool)
+        cold[list(self.cold)] = True
+        groups = [np.asarray(g.experts) for g in self.groups]
+        return decide_call(counts, groups, [g.tiers for g in self.groups], cold, cost, self.D, self.H, overflow)
 
 
 @dataclass
@@ -135,70 +139,6 @@ class Plan:
         return sum(len(lp.groups) + len(lp.shared) for lp in self.layers)
 
 
-def calls_for(groups: Sequence[GroupPlan], counts: np.ndarray, cold: Sequence[int]):
-    """[(G, C)] program calls for ``counts`` (E,), and the pairs left to MLX.
-
-    Overflow past a group's top tier runs the ladder again (counted as calls).
-    """
-    calls = []
-    for g in groups:
-        calls += [(len(g.experts), c) for c in _round_caps(np.asarray(counts, float)[g.experts], g.tiers)]
-    spill = int(np.ceil(np.asarray(counts, float)[list(cold)].sum())) if len(cold) else 0
-    return calls, spill
-
-
-def choose_ladder(
-    samples: np.ndarray, capacities: Sequence[int], max_tiers: int, weights: Optional[np.ndarray] = None
-) -> List[int]:
-    """Up to ``max_tiers`` capacities minimising sum_i w_i * (tier(s_i) - s_i) over samples.
-
-    samples: group max-loads (one per calibrated call); weights default to 1 (use
-    1/call size so small and large calls count alike). The top tier covers the
-    largest sample (or is the largest allowed capacity). 1-D DP over candidates.
-    """
-    samples = np.asarray(samples, float)
-    w = np.ones_like(samples) if weights is None else np.asarray(weights, float)
-    keep = samples > 0
-    samples, w = samples[keep], w[keep]
-    caps = np.asarray(capacities)
-    if samples.size == 0:
-        return [int(caps[0])]
-    o = np.argsort(samples, kind="stable")
-    samples, w = samples[o], w[o]
-    top = int(caps[min(np.searchsorted(caps, samples[-1]), caps.size - 1)])
-    # Candidate tiers: the smallest capacity >= each sample (others never help).
-    cand = np.unique(caps[np.minimum(np.searchsorted(caps, samples), caps.size - 1)])
-    cand = cand[cand <= top]
-    m = cand.size
-    # samples in (cand[i-1], cand[j]] are served by cand[j]: sum w*(cand[j] - s)
-    lo = np.searchsorted(samples, np.concatenate([[-np.inf], cand]), side="right")
-    pw = np.concatenate([[0.0], np.cumsum(w)])
-    pws = np.concatenate([[0.0], np.cumsum(w * samples)])
-
-    def seg(a, b, c):  # samples [a, b) served at capacity c
-        return c * (pw[b] - pw[a]) - (pws[b] - pws[a])
-
-    T = min(max_tiers, m)
-    best = np.full((T + 1, m), np.inf)
-    back = np.zeros((T + 1, m), dtype=int)
-    for j in range(m):
-        best[1, j] = seg(lo[0], lo[j + 1], cand[j])
-    for t in range(2, T + 1):
-        for j in range(1, m):
-            i = np.arange(j)
-            c = best[t - 1, :j] + seg(lo[i + 1], lo[j + 1], cand[j])
-            i_best = int(np.argmin(c))
-            if c[i_best] < best[t, j] - 1e-9:
-                best[t, j], back[t, j] = c[i_best], i_best
-    t = int(np.argmin(best[1:, m - 1])) + 1  # fewest tiers on ties
-    tiers, j = [], m - 1
-    while t >= 1:
-        tiers.append(int(cand[j]))
-        j = back[t, j]
-        t -= 1
-    return sorted(set(tiers))
-
-
 def _samples(layer_profile: dict, draws: int = 16):
     """(S, E) plausible per-expert loads of prefill calls, and (S,) the calls' sizes.
 
@@ -236,12 +176,9 @@ def _segment_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int,
     the real ladder is chosen afterwards for the groups that win.
     """
     G = loads.shape[1]
-    top = float(caps[-1])
     peak = loads.max(1)  # (S,)
     busy = peak > 0
-    rounds = np.ceil(peak / top)
-    last = peak - np.maximum(rounds - 1, 0) * top
-    rows = np.maximum(rounds - 1, 0) * top + caps[np.minimum(np.searchsorted(caps, last), caps.size - 1)]
+    rounds, rows = ladder_cover(peak, caps)
     per_call = cost.dispatch_s + G * cost.expert_s
     t_prog = float((busy * (rounds * per_call + G * rows * cost.row_s(D, H))).sum())
     pairs = loads.sum(1)
@@ -306,16 +243,6 @@ def plan_layer(
     return lp
 
 
-def _round_caps(row: np.ndarray, tiers: Sequence[int]) -> List[int]:
-    """Capacities of the ladder rounds that serve per-expert loads ``row`` (G,)."""
-    caps, left = [], np.ceil(row.astype(float))
-    while left.max(initial=0) > 0:
-        c = tier_for(left.max(), tiers)
-        caps.append(c)
-        left = np.maximum(left - c, 0)
-    return caps
-
-
 def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:
     """Smallest power-of-two call size where the plan beats MLX on calibrated shares."""
     if not lp.groups:
@@ -339,7 +266,7 @@ def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, li
     tiers = choose_ladder(sizes, limits.capacities, limits.max_tiers, 1.0 / sizes)
     n = 1
     while n <= 1 << 16:
-        prog = cost.sync_s + sum(cost.program_s(1, c, D, H) for c in _round_caps(np.array([n]), tiers))
+        prog = cost.sync_s + sum(cost.program_s(1, c, D, H) for c in ladder_rounds(np.array([n]), tiers))
         if prog < cost.mlx_dense_s(n, D, H):
             return SharedPlan(path, H, tiers, n)
         n *= 2
