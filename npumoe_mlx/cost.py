@@ -35,6 +35,11 @@ class CostModel:
     source: str = "parametric"  # "parametric" or "measured on <host>"
     mlx_dense_flops: float = 0.0  # MLX on a dense MLP (shared experts); 0 = same as mlx_flops
     expert_s: float = 0.0  # per expert per program call, whatever C (weights read once)
+    # Energy of each unit (0 = unknown): joules per FLOP computed and per call made.
+    program_j_per_flop: float = 0.0
+    program_j_per_call: float = 0.0
+    mlx_j_per_flop: float = 0.0
+    mlx_j_per_call: float = 0.0
 
     def program_s(self, G: int, C: int, D: int, H: int) -> float:
         rows = G * C
@@ -55,13 +60,28 @@ class CostModel:
             return 0.0
         return self.mlx_fixed_s + rows * flops_per_row(D, H) / (self.mlx_dense_flops or self.mlx_flops)
 
+    def program_j(self, G: int, C: int, D: int, H: int) -> float:
+        """Joules of one program call (padded rows compute too)."""
+        return self.program_j_per_call + G * C * flops_per_row(D, H) * self.program_j_per_flop
+
+    def mlx_j(self, pairs: int, D: int, H: int) -> float:
+        if pairs <= 0:
+            return 0.0
+        return self.mlx_j_per_call + pairs * flops_per_row(D, H) * self.mlx_j_per_flop
+
+    @property
+    def has_energy(self) -> bool:
+        return self.program_j_per_flop > 0 and self.mlx_j_per_flop > 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"source", "mlx_dense_flops", "expert_s"}
+        optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
+                    "mlx_j_per_flop", "mlx_j_per_call"}
+        missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
         return cls(**{k: d[k] for k in names if k in d})

@@ -92,7 +92,8 @@ class OffloadExecutor:
         self._cold[plan.cold] = True
 
     def _decide(self, counts: np.ndarray) -> CallDecision:
-        return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H, self.overflow)
+        return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
+                           self.overflow, self.plan.objective, self.plan.max_calls)
 
     # --- the call ---------------------------------------------------------
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
@@ -121,7 +122,7 @@ class OffloadExecutor:
         if not drop and not d.offload:
             return stock_experts(experts, x, inds)
 
-        s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, d.rounds)
+        s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
         flat_np = np.array(flat)
         left = np.nonzero(s.loc < 0)[0]  # pairs no program took: cold experts, overflow
         if drop:

@@ -35,6 +35,7 @@ class PlanLimits:
     max_group: int = 16  # experts per program
     max_program_bytes: int = 1 << 30  # baked weights per program
     max_programs: int = 120  # resident programs per process (all layers)
+    call_ratio: float = 1.2  # program calls per layer call (x resident groups) that tier splits may reach
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
@@ -79,6 +80,8 @@ class LayerPlan:
     cold: List[int] = field(default_factory=list)  # experts that stay on MLX
     min_tokens: int = NEVER  # calls with fewer tokens run on MLX
     shared: List[SharedPlan] = field(default_factory=list)  # offloaded shared experts
+    objective: str = "time"  # what a call's offload decision minimises: "time" or "energy"
+    max_calls: int = 0  # program calls per layer call that tier splits may use (0: no splits)
 
     def predicted(self, cost: CostModel, tokens: int, counts: Optional[np.ndarray] = None) -> dict:
         """Predicted seconds of one call on the plan's path and on MLX alone."""
@@ -93,7 +96,8 @@ class LayerPlan:
         cold = np.zeros(self.num_experts, bool)
         cold[list(self.cold)] = True
         groups = [np.asarray(g.experts) for g in self.groups]
-        return decide_call(counts, groups, [g.tiers for g in self.groups], cold, cost, self.D, self.H, overflow)
+        return decide_call(counts, groups, [g.tiers for g in self.groups], cold, cost, self.D, self.H, overflow,
+                           self.objective, self.max_calls)
 
 
 @dataclass
@@ -139,21 +143,30 @@ class Plan:
         return sum(len(lp.groups) + len(lp.shared) for lp in self.layers)
 
 
-def _samples(layer_profile: dict, draws: int = 16):
-    """(S, E) plausible per-expert loads of prefill calls, and (S,) the calls' sizes.
+def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws: int = 16):
+    """(S, E) per-expert loads of plausible prefill calls, and (S,) the calls' sizes.
 
-    Each calibrated call (chunk) is redrawn ``draws`` times: a multinomial over
-    its k*tokens pairs with its own expert shares. The ladders then see how loads
-    scatter around what calibration saw, at the call sizes calibration used (set
-    ``--chunk-size`` to your prefill step); larger calls run the top tier again.
+    A profile that records per-block counts with their sequence (``"seq"``, as
+    ``calibrate`` and ``replay`` write) gives real calls of every size in ``sizes``:
+    consecutive blocks of one sequence, summed, never crossing a sequence.
+    Each size class then weighs the same in tokens. Otherwise (or when that
+    gives few calls) each recorded call is redrawn ``draws`` times: a multinomial
+    over its pairs with its own expert shares, so ladders see how loads scatter.
     Seeded: the same profile gives the same samples.
     """
+    chunks = [ch for ch in layer_profile["chunks"] if ch["tokens"] > 0]
+    if sizes and chunks and all("seq" in ch for ch in chunks):
+        rows, call = _block_calls(chunks, sizes)
+        if len(rows) >= 64:
+            return np.asarray(rows, float), np.asarray(call, float)
+        if rows:
+            chunks = [{"tokens": t, "counts": r} for r, t in zip(rows, call)]
     rng = np.random.default_rng(0)
     k = max(layer_profile.get("top_k") or 1, 1)
     rows, call = [], []
-    for ch in layer_profile["chunks"]:
+    for ch in chunks:
         c = np.asarray(ch["counts"], float)
-        if ch["tokens"] <= 0 or c.sum() == 0:
+        if c.sum() == 0:
             continue
         rows.append(rng.multinomial(int(c.sum()), c / c.sum(), size=draws).astype(float))
         call += [ch["tokens"]] * draws
@@ -161,6 +174,26 @@ def _samples(layer_profile: dict, draws: int = 16):
         c = np.asarray(layer_profile["counts"], float)
         return c[None], np.asarray([max(c.sum() / k, 1.0)])
     return np.concatenate(rows), np.asarray(call, float)
+
+
+def _block_calls(chunks: List[dict], sizes: Sequence[int]):
+    """Calls of each size made of consecutive blocks of one sequence (full calls only)."""
+    seqs: Dict[int, List[dict]] = {}
+    for ch in chunks:
+        seqs.setdefault(ch["seq"], []).append(ch)
+    rows, call = [], []
+    for n in sorted(set(int(x) for x in sizes)):
+        for blocks in seqs.values():
+            acc, t = None, 0
+            for ch in blocks:
+                c = np.asarray(ch["counts"], float)
+                acc, t = (c.copy(), ch["tokens"]) if acc is None else (acc + c, t + ch["tokens"])
+                if t >= n:
+                    if t == n:
+                        rows.append(acc)
+                        call.append(n)
+                    acc, t = None, 0
+    return rows, call
 
 
 def _expert_bytes(D: int, H: int, quant: Optional[dict]) -> int:
@@ -194,6 +227,7 @@ def plan_layer(
     limits: PlanLimits,
     quant: Optional[dict] = None,
     path: str = "",
+    call_sizes: Optional[Sequence[int]] = None,
 ) -> LayerPlan:
     """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
 
@@ -206,11 +240,14 @@ def plan_layer(
     k = lp_profile.get("top_k") or 1
     counts = np.asarray(lp_profile["counts"], float)
     rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
-    samples, call = _samples(lp_profile)  # (S, E), (S,)
+    samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
     ranked = samples[:, rank]
     caps = np.asarray(limits.capacities)
     max_g = max(1, min(limits.max_group, E, limits.max_program_bytes // max(_expert_bytes(D, H, quant), 1)))
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
+    # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
+    # largest call size never overflows on calls of that size, whatever the domain.
+    top = int(min(call.max(), caps[-1]))
 
     best = np.full(E + 1, np.inf)
     best[0] = 0.0
@@ -230,13 +267,15 @@ def plan_layer(
         i, on_prog = choice[j]
         ids = rank[i:j]
         if on_prog:
-            tiers = choose_ladder(ranked[:, i:j].max(1), limits.capacities, limits.max_tiers, 1.0 / call)
+            # every padded row costs the same, whatever the call size: unweighted
+            tiers = choose_ladder(ranked[:, i:j].max(1), limits.capacities, limits.max_tiers, None, top)
             groups.append(GroupPlan(sorted(ids), tiers))
         else:
             cold.extend(ids)
         j = i
     groups.reverse()  # hottest group first
     lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold))
+    lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)
     lp.min_tokens = _min_tokens(lp, cost, counts)
     if lp.min_tokens == NEVER:
         lp.groups, lp.cold = [], list(range(E))
@@ -273,15 +312,23 @@ def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, li
     return None
 
 
-def make_plan(profile: dict, blocks: Dict[int, dict], cost: CostModel, limits: PlanLimits) -> Plan:
+def make_plan(
+    profile: dict,
+    blocks: Dict[int, dict],
+    cost: CostModel,
+    limits: PlanLimits,
+    call_sizes: Optional[Sequence[int]] = None,
+    objective: str = "time",
+) -> Plan:
     """profile: calibration profile dict; blocks: layer -> {"D", "H", "path", "quant",
-    "shared": [{"path", "hidden"}] (shared experts that compute a plain SwiGLU MLP)}."""
+    "shared": [{"path", "hidden"}] (shared experts that compute a plain SwiGLU MLP)};
+    call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls)."""
     layers = []
     for lp in sorted(profile["layers"], key=lambda x: x["layer"]):
         b = blocks.get(lp["layer"])
         if b is None:
             raise ValueError(f"profile names layer {lp['layer']} that the model has no expert block for")
-        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""))
+        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""), call_sizes)
         for s in b.get("shared", []):
             sp = plan_shared(lp, s["path"], b["D"], s["hidden"], cost, limits)
             if sp is not None:

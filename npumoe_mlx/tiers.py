@@ -140,6 +140,12 @@ class CallDecision:
     program_s: float = 0.0  # predicted, programs side (sync included)
     mlx_side_s: float = 0.0  # predicted, MLX side running at the same time
     mlx_only_s: float = 0.0  # predicted, the whole call on MLX
+    offload_j: float = 0.0  # predicted energy, both sides (0 when the cost model has none)
+    mlx_only_j: float = 0.0
+
+    @property
+    def offload_s(self) -> float:
+        return max(self.program_s, self.mlx_side_s)
 
 
 def decide_call(
@@ -151,12 +157,19 @@ def decide_call(
     D: int,
     H: int,
     overflow: str = "auto",
+    objective: str = "time",
+    max_calls: int = 0,
 ) -> CallDecision:
     """Programs or MLX for this call (counts (E,)), and each group's rounds.
 
     The two sides run at the same time, so the call costs sync + max(programs, MLX
     side); it is offloaded when that beats MLX alone. Extra rounds past the top
     tier run only where they beat sending the remainder to MLX (``auto``).
+    ``objective="energy"`` offloads when that spends fewer joules instead.
+    ``max_calls`` > 0 lets a group cover its load with two smaller tiers instead
+    of the next tier up (e.g. 256 + 64 for 300 rather than 512) where the padding
+    saved pays for the extra call, the largest savings first, while the layer call
+    stays within ``max_calls`` program calls.
     """
     counts = np.asarray(counts)
     caps = [ladder_rounds(counts[ids], tiers) for ids, tiers in zip(groups, ladders)]
@@ -170,13 +183,45 @@ def decide_call(
             extra = sum(cost.program_s(len(ids), c, D, H) for c in cs[1:])
             remainder = int(np.maximum(counts[ids] - cs[0], 0).sum())
             rounds.append(len(cs) if extra < cost.mlx_s(remainder, D, H) else 1)
-    prog = cost.sync_s + sum(cost.program_s(len(ids), c, D, H) for ids, cs, r in zip(groups, caps, rounds) for c in cs[:r])
+    if max_calls > 0:
+        _split_rounds(counts, groups, ladders, caps, rounds, cost, D, H, max_calls - sum(
+            r for cs, r in zip(caps, rounds) if cs))
+    run = [(len(ids), c) for ids, cs, r in zip(groups, caps, rounds) for c in cs[:r]]
+    prog = cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run)
     left = int(counts[cold].sum()) if np.any(cold) else 0
     for ids, cs, r in zip(groups, caps, rounds):
         left += int(np.maximum(counts[ids] - sum(cs[:r]), 0).sum())
-    side = cost.mlx_s(left, D, H)
-    alone = cost.mlx_s(int(counts.sum()), D, H)
-    return CallDecision(max(prog, side) < alone, rounds, caps, prog, side, alone)
+    pairs = int(counts.sum())
+    d = CallDecision(False, rounds, caps, prog, cost.mlx_s(left, D, H), cost.mlx_s(pairs, D, H),
+                     sum(cost.program_j(G, c, D, H) for G, c in run) + cost.mlx_j(left, D, H), cost.mlx_j(pairs, D, H))
+    if objective == "energy" and cost.has_energy:
+        d.offload = bool(run) and d.offload_j < d.mlx_only_j
+    else:
+        d.offload = bool(run) and d.offload_s < d.mlx_only_s
+    return d
+
+
+def _split_rounds(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, budget: int) -> None:
+    """In place: groups served by one round get two smaller ones where that saves most rows."""
+    if budget <= 0:
+        return
+    row_s = cost.row_s(D, H)
+    best = []  # (rows saved, group, new caps)
+    for gi, (ids, tiers, cs, r) in enumerate(zip(groups, ladders, caps, rounds)):
+        if len(cs) != 1 or r != 1:
+            continue
+        peak, C, G = int(counts[ids].max()), cs[0], len(ids)
+        top = (0, None)
+        for c1 in tiers:
+            if c1 >= min(C, peak):
+                break
+            c2 = tier_for(peak - c1, tiers)
+            if peak - c1 <= c2 and C - c1 - c2 > top[0]:
+                top = (C - c1 - c2, [c1, c2])
+        if top[1] is not None and G * top[0] * row_s > cost.dispatch_s + G * cost.expert_s:
+            best.append((G * top[0], gi, top[1]))
+    for _, gi, new in sorted(best, key=lambda t: (-t[0], t[1]))[:budget]:
+        caps[gi], rounds[gi] = new, 2
 
 
 # --- slots -------------------------------------------------------------------
@@ -204,13 +249,15 @@ def plan_slots(
     groups: Sequence[Sequence[int]],
     tiers: Sequence,
     max_rounds: Optional[Sequence[int]] = None,
+    caps: Optional[Sequence[Sequence[int]]] = None,
 ) -> Slots:
     """Vectorised slot assignment from the sorted order and the per-expert counts.
 
     order: (P,) pair indices sorted by expert; counts: (E,) pairs per expert.
     tiers: one ladder for all groups, or one ladder per group. ``max_rounds[i]``
     caps how often group i's ladder runs; pairs left over (and pairs of experts
-    in no group) keep ``loc == -1`` for the caller to run elsewhere.
+    in no group) keep ``loc == -1`` for the caller to run elsewhere. ``caps[i]``,
+    when given, are group i's rounds as ``decide_call`` chose them.
     A Python loop runs over groups and ladder rounds only, never over tokens.
     """
     starts = np.cumsum(counts) - counts  # (E,) first sorted position of each expert
@@ -222,7 +269,8 @@ def plan_slots(
         ids = np.asarray(ids)
         n = counts[ids]  # (G,)
         done = np.zeros_like(n)
-        for cap in ladder_rounds(n, ladder, max_rounds[gi] if max_rounds is not None else None):
+        rounds = caps[gi] if caps is not None else ladder_rounds(n, ladder, max_rounds[gi] if max_rounds is not None else None)
+        for cap in rounds:
             left = n - done
             col = np.arange(cap)
             take = np.minimum(left, cap)  # (G,)
