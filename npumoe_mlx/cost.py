@@ -101,7 +101,11 @@ class CostModel:
 # TFLOPS on gather_mm). onnx/mlx: this kind of 2-core x86 machine (measured once
 # with `npumoe tune`; run it on yours).
 DEFAULTS: Dict[str, CostModel] = {
-    "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12, mlx_dense_flops=5.0e12),
+    # Energy: ANE ~2-2.8 W busy, GPU ~20 W on LLM work (maderix/ANE; ANEForge, in
+    # ane-constraints.md), per FLOP at the throughputs above.
+    "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12, mlx_dense_flops=5.0e12,
+                        program_j_per_flop=2.5 / 2.0e12, program_j_per_call=2.5 * 3e-4,
+                        mlx_j_per_flop=20.0 / 3.0e12, mlx_j_per_call=20.0 * 5e-5),
     "onnx": CostModel("onnx", 5e-5, 6.0e10, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9),
     "mlx": CostModel("mlx", 1e-4, 8.0e9, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9),
 }
@@ -111,6 +115,39 @@ def default_cost(backend: str) -> CostModel:
     if backend not in DEFAULTS:
         raise ValueError(f"no cost model for backend {backend!r}")
     return CostModel.from_dict(DEFAULTS[backend].to_dict())
+
+
+def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
+    """Predicted costs on an Apple chip (``chips.py`` profiles): Core ML programs on the
+    ANE, MLX on the GPU, running at the same time.
+
+    Program call: ANE dispatch + per expert its weights streamed at the ANE's bandwidth
+    (3*D*H*bits/8 bytes, when D and H are given) + rows at the ANE's FLOP/s. MLX: the
+    GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
+    per FLOP, and power x its fixed time per call. Host copies keep the coreml default.
+    """
+    from .chips import chip_profile
+
+    if backend != "coreml":
+        raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend coreml, not {backend!r}")
+    c = chip_profile(name)
+    base = DEFAULTS["coreml"]
+    return CostModel(
+        backend="coreml",
+        dispatch_s=c.ane_dispatch_s,
+        program_flops=c.ane_tflops * 1e12,
+        copy_bps=base.copy_bps,
+        sync_s=c.sync_s,
+        mlx_fixed_s=c.gpu_dispatch_s,
+        mlx_flops=c.gpu_tflops * 1e12,
+        source=f"chip profile {c.name} (npumoe_mlx/data/chips.json)",
+        mlx_dense_flops=c.gpu_tflops * 1e12,
+        expert_s=(3 * D * H * bits / 8) / (c.ane_bw_gbs * 1e9) if D and H else 0.0,
+        program_j_per_flop=c.ane_power_w / (c.ane_tflops * 1e12),
+        program_j_per_call=c.ane_power_w * c.ane_dispatch_s,
+        mlx_j_per_flop=c.gpu_power_w / (c.gpu_tflops * 1e12),
+        mlx_j_per_call=c.gpu_power_w * c.gpu_dispatch_s,
+    )
 
 
 def describe(cost: Optional[CostModel]) -> str:

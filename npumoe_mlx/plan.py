@@ -31,7 +31,7 @@ class PlanLimits:
 
     backend: str
     capacities: List[int]  # allowed tiers (token capacities), ascending
-    max_tiers: int = 4  # tiers per group (functions of one package)
+    max_tiers: int = 12  # tiers per group (functions of one package)
     max_group: int = 16  # experts per program
     max_program_bytes: int = 1 << 30  # baked weights per program
     max_programs: int = 120  # resident programs per process (all layers)
@@ -39,11 +39,14 @@ class PlanLimits:
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
-        if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows)
-            base = cls("coreml", list(range(32, 4096 + 1, 32)))
+        if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows); the tiers
+            # are functions of one multifunction package sharing its weights, so 12 cost little
+            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12)
         elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little;
-            # sessions open on first use, so more tiers cost little until a call needs them
-            base = cls(backend, list(range(8, 4096 + 1, 8)), max_tiers=6, max_programs=4096)
+            # sessions open on first use, so more tiers cost little until a call needs them.
+            # 12 tiers hold padding <= 15% on real routing at 512- and 2048-token calls
+            # (benchmarks/replay.md); 6 did not.
+            base = cls(backend, list(range(8, 4096 + 1, 8)), max_tiers=12, max_programs=4096)
         else:
             raise ValueError(f"unknown backend {backend!r}")
         for k, v in overrides.items():
@@ -176,13 +179,38 @@ def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws
     return np.concatenate(rows), np.asarray(call, float)
 
 
+def prefill_call_sizes(layer_profile: dict, step: int) -> List[int]:
+    """The call sizes a prefill in ``step``-token chunks makes on the calibrated documents:
+    the step, and each document's remainder (in whole blocks; smaller ones are too few
+    tokens to size for)."""
+    per_seq: Dict[int, int] = {}
+    block = 0
+    for ch in layer_profile["chunks"]:
+        per_seq[ch["seq"]] = per_seq.get(ch["seq"], 0) + ch["tokens"]
+        block = max(block, ch["tokens"])
+    sizes = {int(step)}
+    for t in per_seq.values():
+        rest = (t % step) // max(block, 1) * block
+        if rest > 0:
+            sizes.add(rest)
+    return sorted(sizes)
+
+
+MIN_CALLS = 8  # fewer real calls of a size than this: add calls of consecutive blocks across documents
+
+
 def _block_calls(chunks: List[dict], sizes: Sequence[int]):
-    """Calls of each size made of consecutive blocks of one sequence (full calls only)."""
+    """Calls of each size made of consecutive blocks of one sequence (full calls only).
+
+    A size that the corpus's documents are too short to give ``MIN_CALLS`` of also
+    gets calls of consecutive blocks across documents (a stream of the corpus).
+    """
     seqs: Dict[int, List[dict]] = {}
     for ch in chunks:
         seqs.setdefault(ch["seq"], []).append(ch)
     rows, call = [], []
     for n in sorted(set(int(x) for x in sizes)):
+        before = len(rows)
         for blocks in seqs.values():
             acc, t = None, 0
             for ch in blocks:
@@ -193,6 +221,15 @@ def _block_calls(chunks: List[dict], sizes: Sequence[int]):
                         rows.append(acc)
                         call.append(n)
                     acc, t = None, 0
+        if len(rows) - before < MIN_CALLS:  # the stream: blocks of every document in order
+            acc, t = None, 0
+            for ch in chunks:
+                c = np.asarray(ch["counts"], float)
+                acc, t = (c.copy(), ch["tokens"]) if acc is None else (acc + c, t + ch["tokens"])
+                if t >= n:
+                    rows.append(acc * (n / t))
+                    call.append(n)
+                    acc, t = None, 0
     return rows, call
 
 
@@ -201,22 +238,66 @@ def _expert_bytes(D: int, H: int, quant: Optional[dict]) -> int:
     return 3 * D * H * bits // 8
 
 
-def _segment_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H: int):
-    """Seconds over all samples for one candidate group: (on programs, on MLX).
+def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H: int):
+    """Per sample, one candidate group's (program s, MLX s, program J, MLX J): each (S,).
 
     loads: (S, G). Programs are costed at the ideal capacity per sample (the
     smallest allowed one >= the group's max load, top-tier rounds beyond it);
-    the real ladder is chosen afterwards for the groups that win.
+    the real ladder is chosen afterwards. MLX costs leave out its fixed cost
+    (paid once per layer call, whatever the number of cold experts).
     """
     G = loads.shape[1]
     peak = loads.max(1)  # (S,)
-    busy = peak > 0
     rounds, rows = ladder_cover(peak, caps)
-    per_call = cost.dispatch_s + G * cost.expert_s
-    t_prog = float((busy * (rounds * per_call + G * rows * cost.row_s(D, H))).sum())
+    f = flops_per_row(D, H)
+    t_prog = rounds * (cost.dispatch_s + G * cost.expert_s) + G * rows * cost.row_s(D, H)
     pairs = loads.sum(1)
-    t_mlx = float(((pairs > 0) * cost.mlx_fixed_s + pairs * flops_per_row(D, H) / cost.mlx_flops).sum())
-    return t_prog, t_mlx
+    t_mlx = pairs * f / cost.mlx_flops
+    j_prog = rounds * cost.program_j_per_call + G * rows * f * cost.program_j_per_flop
+    j_mlx = pairs * f * cost.mlx_j_per_flop
+    return t_prog, t_mlx, j_prog, j_mlx
+
+
+def partition(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel,
+              objective: str = "time", slack: float = 1.2):
+    """Which groups run on programs, the others on MLX, both sides at once.
+
+    tp, tm, jp, jm: (n_groups, S) per group and sample, program / MLX seconds and
+    joules. A layer call costs sync + max(programs, MLX side) in time and the sum
+    of both sides in energy. Groups are ranked by how much cheaper they are on
+    programs than on MLX; programs take the best m of them, m chosen for the least
+    mean makespan (``time``) or the least energy within ``slack`` x that makespan
+    (``energy``). Returns (on_programs (n_groups,) bool, makespan s, energy J).
+    """
+    n = tp.shape[0]
+    busy = tm.sum(0) > 0  # (S,) calls with work at all
+    order = np.argsort(tp.sum(1) / np.maximum(tm.sum(1), 1e-30), kind="stable")
+    cands = []
+    for m in range(n + 1):
+        on = np.zeros(n, bool)
+        on[order[:m]] = True
+        side_t = tm[~on].sum(0)
+        t_mlx = np.where(side_t > 0, cost.mlx_fixed_s + side_t, 0.0)
+        t_prog = np.where(tp[on].sum(0) > 0, cost.sync_s + tp[on].sum(0), 0.0)
+        span = float(np.where(busy, np.maximum(t_prog, t_mlx), 0.0).mean())
+        energy = float((jp[on].sum(0) + jm[~on].sum(0) + (side_t > 0) * cost.mlx_j_per_call).mean())
+        cands.append((on, span, energy))
+    best_t = min(c[1] for c in cands)
+    if objective == "energy" and cost.has_energy:
+        ok = [c for c in cands if c[1] <= slack * best_t + 1e-15]
+        return min(ok, key=lambda c: (c[2], c[1]))
+    return min(cands, key=lambda c: (c[1], -int(c[0].sum())))
+
+
+SPREAD = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
+
+
+def _spread(peaks: np.ndarray, top: int) -> np.ndarray:
+    """Calibrated group max-loads, each also scaled by +-5..15% (never past ``top``, the
+    largest call): the ladder then fits where loads of unseen calls fall, not exactly
+    the calibrated values (every padded row costs the same whatever the call size,
+    so samples are unweighted)."""
+    return np.minimum(np.concatenate([peaks * f for f in SPREAD]), top)
 
 
 def plan_layer(
@@ -228,13 +309,15 @@ def plan_layer(
     quant: Optional[dict] = None,
     path: str = "",
     call_sizes: Optional[Sequence[int]] = None,
+    objective: str = "time",
 ) -> LayerPlan:
     """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
 
-    A DP over the ranking picks the cut with the least predicted time; each run
-    goes to a program or stays on MLX (cold), whichever the cost model prefers.
-    Runs of similar load pad little, so hot experts tend to get small groups and
-    lukewarm ones larger groups (fewer dispatches), as the costs dictate.
+    A DP over the ranking picks the cut with the least program time (runs of
+    similar load pad little: hot experts tend to get small groups, lukewarm
+    ones larger groups, as dispatch and padding costs dictate). Then ``partition``
+    splits the groups between programs and MLX, which run at the same time:
+    least makespan, or least energy within 1.2x of it (``objective``).
     """
     E = lp_profile["num_experts"]
     k = lp_profile.get("top_k") or 1
@@ -247,34 +330,37 @@ def plan_layer(
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
     # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
     # largest call size never overflows on calls of that size, whatever the domain.
-    top = int(min(call.max(), caps[-1]))
+    top = int(min(max(call_sizes) if call_sizes else call.max(), caps[-1]))
 
     best = np.full(E + 1, np.inf)
     best[0] = 0.0
-    choice = [None] * (E + 1)  # (start, on_programs)
+    choice = [0] * (E + 1)  # start of the last run
     for j in range(1, E + 1):
         for G in sizes:
             i = j - G
             if i < 0:
                 break
-            t_prog, t_mlx = _segment_costs(ranked[:, i:j], caps, cost, D, H)
-            on_prog = ranked[:, i:j].max() > 0 and t_prog < t_mlx
-            c = best[i] + (t_prog if on_prog else t_mlx)
+            c = best[i] + float(_group_costs(ranked[:, i:j], caps, cost, D, H)[0].sum())
             if c < best[j] - 1e-15:
-                best[j], choice[j] = c, (i, on_prog)
-    groups, cold, j = [], [], E
+                best[j], choice[j] = c, i
+    runs, j = [], E
     while j > 0:
-        i, on_prog = choice[j]
+        runs.append((choice[j], j))
+        j = choice[j]
+    runs.reverse()  # hottest run first
+    costs = [_group_costs(ranked[:, i:j], caps, cost, D, H) for i, j in runs]
+    tp, tm, jp, jm = (np.stack([c[x] for c in costs]) for x in range(4))
+    on, _, _ = partition(tp, tm, jp, jm, cost, objective)
+    groups, cold = [], []
+    for (i, j), resident in zip(runs, on):
         ids = rank[i:j]
-        if on_prog:
-            # every padded row costs the same, whatever the call size: unweighted
-            tiers = choose_ladder(ranked[:, i:j].max(1), limits.capacities, limits.max_tiers, None, top)
+        if resident and ranked[:, i:j].max() > 0:
+            tiers = choose_ladder(_spread(ranked[:, i:j].max(1), top), limits.capacities, limits.max_tiers, None, top)
             groups.append(GroupPlan(sorted(ids), tiers))
         else:
             cold.extend(ids)
-        j = i
-    groups.reverse()  # hottest group first
-    lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold))
+    lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold),
+                   objective=objective)
     lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)
     lp.min_tokens = _min_tokens(lp, cost, counts)
     if lp.min_tokens == NEVER:
@@ -283,14 +369,13 @@ def plan_layer(
 
 
 def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:
-    """Smallest power-of-two call size where the plan beats MLX on calibrated shares."""
+    """Smallest power-of-two call size where the plan beats MLX (in its objective) on calibrated shares."""
     if not lp.groups:
         return NEVER
     share = counts / max(counts.sum(), 1)
     n = 1
     while n <= 1 << 16:
-        p = lp.predicted(cost, n, np.ceil(share * n * lp.top_k))
-        if p["offload_s"] < p["mlx_s"]:
+        if lp.decide(cost, np.ceil(share * n * lp.top_k)).offload:
             return n
         n *= 2
     return NEVER
@@ -325,10 +410,13 @@ def make_plan(
     call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls)."""
     layers = []
     for lp in sorted(profile["layers"], key=lambda x: x["layer"]):
+        sizes = call_sizes
+        if sizes is None and profile.get("chunk_size") and lp["chunks"] and all("seq" in ch for ch in lp["chunks"]):
+            sizes = prefill_call_sizes(lp, profile["chunk_size"])
         b = blocks.get(lp["layer"])
         if b is None:
             raise ValueError(f"profile names layer {lp['layer']} that the model has no expert block for")
-        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""), call_sizes)
+        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""), sizes, objective)
         for s in b.get("shared", []):
             sp = plan_shared(lp, s["path"], b["D"], s["hidden"], cost, limits)
             if sp is not None:
@@ -393,6 +481,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
     p.add_argument("--profile", help="Profile JSON (default: <model>/npumoe-profile.json, else calibrate now).")
     p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs).")
+    p.add_argument("--chip", help="Plan with the predicted costs of this Apple chip (coreml; see `npumoe chips`).")
+    p.add_argument("--objective", choices=("time", "energy"), default="time")
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens when calibrating now.")
     p.add_argument("--json", metavar="PATH", help="Also write the plan as JSON.")
     args = p.parse_args(argv)
@@ -409,9 +499,15 @@ def main(argv=None) -> int:
     else:
         docs, desc = corpus_documents(["long-context", "qa", "code"], args.tokens, 0)
         profile = calibrate(model, tokenizer, config, docs, max_tokens=args.tokens, model_path=local, description=desc)
-    cost = CostModel.load(args.cost) if args.cost else default_cost(args.backend)
+    b0 = next(iter(blocks.values()))
+    if args.chip and not args.cost:
+        from .cost import chip_cost
+
+        cost = chip_cost(args.chip, args.backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
+    else:
+        cost = CostModel.load(args.cost) if args.cost else default_cost(args.backend)
     shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
-    plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend))
+    plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
     print(format_plan(plan, verbose=True))
     if args.json:
         plan.save(args.json)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_json
-from .cost import CostModel, default_cost
+from .cost import CostModel, chip_cost, default_cost
 from .plan import LayerPlan, PlanLimits, make_plan
 
 ROW_FIELDS = (
@@ -35,15 +36,18 @@ ROW_FIELDS = (
 def load_trace(path) -> Dict[int, np.ndarray]:
     """layer -> (T, k) expert ids of one trace file."""
     path = Path(path)
-    try:
-        z = np.load(path)
-    except (OSError, ValueError) as e:
+    arrays = {}
+    try:  # an .npz is a zip of .npy files; read them with pickles refused
+        with zipfile.ZipFile(path) as z:
+            for member in z.namelist():
+                name = member[:-4] if member.endswith(".npy") else member
+                if name.startswith("layer") and name[5:].isdigit():
+                    with z.open(member) as f:
+                        arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"cannot read routing trace {path}: {e}") from None
     out = {}
-    for name in z.files:
-        if not (name.startswith("layer") and name[5:].isdigit()):
-            continue
-        a = z[name]
+    for name, a in arrays.items():
         if a.ndim != 2 or a.shape[1] < 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and a.min() < 0):
             raise ValueError(f"{path}: {name} must be (tokens, k) non-negative expert ids, got {a.shape} {a.dtype}")
         out[int(name[5:])] = a
@@ -283,7 +287,7 @@ def main(argv=None) -> int:
     except ValueError:
         raise ValueError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
     shape = preset_shape(args.shape)
-    cost = cost_for(args.backend, args.chip, args.cost)
+    cost = cost_for(args.backend, args.chip, args.cost, shape["D"], shape["H"])
     cal = [load_trace(f) for f in args.calibrate]
     rep = [load_trace(f) for f in (args.routes or args.calibrate)]
     out = replay(cal, rep, shape["D"], shape["H"], cost, PlanLimits.for_backend(args.backend), tokens,
@@ -302,11 +306,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def cost_for(backend: str, chip: Optional[str], cost_path: Optional[str]) -> CostModel:
+def cost_for(backend: str, chip: Optional[str], cost_path: Optional[str], D: int = 0, H: int = 0) -> CostModel:
+    """--cost FILE, else --chip's predicted costs, else the backend's parametric ones."""
     if cost_path:
+        if chip:
+            raise ValueError("give --cost or --chip, not both")
         return CostModel.load(cost_path)
     if chip:
-        from .cost import chip_cost
-
-        return chip_cost(chip, backend)
+        return chip_cost(chip, backend, D, H)
     return default_cost(backend)

@@ -166,6 +166,9 @@ def decide_call(
     side); it is offloaded when that beats MLX alone. Extra rounds past the top
     tier run only where they beat sending the remainder to MLX (``auto``).
     ``objective="energy"`` offloads when that spends fewer joules instead.
+    Both sides run at once, so when this call's programs would finish last, the
+    groups that use them worst (seconds per pair) move to MLX while that shortens
+    the call (time objective).
     ``max_calls`` > 0 lets a group cover its load with two smaller tiers instead
     of the next tier up (e.g. 256 + 64 for 300 rather than 512) where the padding
     saved pays for the extra call, the largest savings first, while the layer call
@@ -186,6 +189,8 @@ def decide_call(
     if max_calls > 0:
         _split_rounds(counts, groups, ladders, caps, rounds, cost, D, H, max_calls - sum(
             r for cs, r in zip(caps, rounds) if cs))
+    if objective != "energy":
+        _rebalance(counts, groups, caps, rounds, cold, cost, D, H)
     run = [(len(ids), c) for ids, cs, r in zip(groups, caps, rounds) for c in cs[:r]]
     prog = cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run)
     left = int(counts[cold].sum()) if np.any(cold) else 0
@@ -199,6 +204,21 @@ def decide_call(
     else:
         d.offload = bool(run) and d.offload_s < d.mlx_only_s
     return d
+
+
+def _rebalance(counts, groups, caps, rounds, cold, cost: CostModel, D: int, H: int) -> None:
+    """In place: rounds = 0 for groups that finish the call sooner on MLX, worst first."""
+    t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
+    served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
+    prog = cost.sync_s + sum(t)
+    left = int(counts.sum()) - sum(served)
+    span = max(prog, cost.mlx_s(left, D, H))
+    for gi in sorted((g for g in range(len(groups)) if served[g]), key=lambda g: (-t[g] / served[g], g)):
+        new = max(prog - t[gi], cost.mlx_s(left + served[gi], D, H))
+        if new >= span:
+            break
+        prog, left, span = prog - t[gi], left + served[gi], new
+        rounds[gi] = 0
 
 
 def _split_rounds(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, budget: int) -> None:
