@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional
 
+import numpy as np
+
 from .atomic import write_json
 
 
@@ -40,10 +42,20 @@ class CostModel:
     program_j_per_call: float = 0.0
     mlx_j_per_flop: float = 0.0
     mlx_j_per_call: float = 0.0
+    # True: a program streams its weights while it computes (roofline: the larger of the
+    # two counts); False: the fitted sum (what ``tune`` measures on CPU backends).
+    weights_overlap: bool = False
 
     def program_s(self, G: int, C: int, D: int, H: int) -> float:
-        rows = G * C
-        return self.dispatch_s + G * self.expert_s + rows * self.row_s(D, H)
+        return float(self.programs_s(G, 1, C, D, H))
+
+    def programs_s(self, G: int, rounds, rows, D: int, H: int):
+        """Seconds of ``rounds`` program calls of G experts with ``rows`` rows per expert in all
+        (scalars or arrays): dispatch per call, weights per expert per call, compute and copies."""
+        weights = rounds * G * self.expert_s
+        compute = G * rows * flops_per_row(D, H) / self.program_flops
+        body = np.maximum(weights, compute) if self.weights_overlap else weights + compute
+        return rounds * self.dispatch_s + body + G * rows * D * 8 / self.copy_bps
 
     def row_s(self, D: int, H: int) -> float:
         """Seconds per program row (compute plus the host copies in and out)."""
@@ -80,7 +92,7 @@ class CostModel:
     def from_dict(cls, d: dict) -> "CostModel":
         names = {f.name for f in fields(cls)}
         optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
-                    "mlx_j_per_flop", "mlx_j_per_call"}
+                    "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap"}
         missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
@@ -121,8 +133,9 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
     """Predicted costs on an Apple chip (``chips.py`` profiles): Core ML programs on the
     ANE, MLX on the GPU, running at the same time.
 
-    Program call: ANE dispatch + per expert its weights streamed at the ANE's bandwidth
-    (3*D*H*bits/8 bytes, when D and H are given) + rows at the ANE's FLOP/s. MLX: the
+    Program call: ANE dispatch + the larger of its weights streamed at the ANE's bandwidth
+    (3*D*H*bits/8 bytes per expert, when D and H are given) and its rows at the ANE's
+    FLOP/s (roofline). MLX: the
     GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
     per FLOP, and power x its fixed time per call. Host copies keep the coreml default.
     """
@@ -143,6 +156,7 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
         source=f"chip profile {c.name} (npumoe_mlx/data/chips.json)",
         mlx_dense_flops=c.gpu_tflops * 1e12,
         expert_s=(3 * D * H * bits / 8) / (c.ane_bw_gbs * 1e9) if D and H else 0.0,
+        weights_overlap=True,
         program_j_per_flop=c.ane_power_w / (c.ane_tflops * 1e12),
         program_j_per_call=c.ane_power_w * c.ane_dispatch_s,
         mlx_j_per_flop=c.gpu_power_w / (c.gpu_tflops * 1e12),

@@ -250,12 +250,30 @@ def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H
     peak = loads.max(1)  # (S,)
     rounds, rows = ladder_cover(peak, caps)
     f = flops_per_row(D, H)
-    t_prog = rounds * (cost.dispatch_s + G * cost.expert_s) + G * rows * cost.row_s(D, H)
+    t_prog = cost.programs_s(G, rounds, rows, D, H)
     pairs = loads.sum(1)
     t_mlx = pairs * f / cost.mlx_flops
     j_prog = rounds * cost.program_j_per_call + G * rows * f * cost.program_j_per_flop
     j_mlx = pairs * f * cost.mlx_j_per_flop
     return t_prog, t_mlx, j_prog, j_mlx
+
+
+def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel):
+    """(mean makespan s, mean energy J) of calls whose programs side costs tp (S,) s / jp J
+    and whose MLX side costs tm (S,) s / jm J (fixed costs added here), both at once."""
+    t_mlx = np.where(tm > 0, cost.mlx_fixed_s + tm, 0.0)
+    t_prog = np.where(tp > 0, cost.sync_s + tp, 0.0)
+    span = float(np.maximum(t_prog, t_mlx).mean())
+    return span, float((jp + jm + (tm > 0) * cost.mlx_j_per_call).mean())
+
+
+def pick(cands: list, cost: CostModel, objective: str = "time", slack: float = 1.2):
+    """cands: [(choice, makespan, energy)]; the least makespan (ties: the earlier), or with
+    ``energy``, the least energy among those within ``slack`` x the least makespan."""
+    best_t = min(c[1] for c in cands)
+    if objective == "energy" and cost.has_energy:
+        return min((c for c in cands if c[1] <= slack * best_t + 1e-15), key=lambda c: (c[2], c[1]))
+    return min(cands, key=lambda c: c[1])
 
 
 def partition(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel,
@@ -270,23 +288,36 @@ def partition(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, co
     (``energy``). Returns (on_programs (n_groups,) bool, makespan s, energy J).
     """
     n = tp.shape[0]
-    busy = tm.sum(0) > 0  # (S,) calls with work at all
     order = np.argsort(tp.sum(1) / np.maximum(tm.sum(1), 1e-30), kind="stable")
     cands = []
     for m in range(n + 1):
         on = np.zeros(n, bool)
         on[order[:m]] = True
-        side_t = tm[~on].sum(0)
-        t_mlx = np.where(side_t > 0, cost.mlx_fixed_s + side_t, 0.0)
-        t_prog = np.where(tp[on].sum(0) > 0, cost.sync_s + tp[on].sum(0), 0.0)
-        span = float(np.where(busy, np.maximum(t_prog, t_mlx), 0.0).mean())
-        energy = float((jp[on].sum(0) + jm[~on].sum(0) + (side_t > 0) * cost.mlx_j_per_call).mean())
-        cands.append((on, span, energy))
-    best_t = min(c[1] for c in cands)
-    if objective == "energy" and cost.has_energy:
-        ok = [c for c in cands if c[1] <= slack * best_t + 1e-15]
-        return min(ok, key=lambda c: (c[2], c[1]))
-    return min(cands, key=lambda c: (c[1], -int(c[0].sum())))
+        cands.append((on, *split_cost(tp[on].sum(0), tm[~on].sum(0), jp[on].sum(0), jm[~on].sum(0), cost)))
+    return pick(cands, cost, objective, slack)
+
+
+def co_occurrence_order(samples: np.ndarray, counts: np.ndarray) -> List[int]:
+    """Experts in a chain where neighbours have similar per-call loads (samples (S, E)).
+
+    A group pads each call to its busiest expert, i.e. by sum |load_a - load_b| over
+    calls for two experts: experts that are busy in the same calls (same documents,
+    same topics) and equally popular pad little together. The chain starts at the
+    most popular expert and steps to the nearest unplaced one (L1 over calls, ties
+    by popularity then id), so runs of it make good groups. Deterministic.
+    """
+    E = samples.shape[1]
+    left = set(range(E))
+    cur = min(left, key=lambda e: (-counts[e], e))
+    order = [cur]
+    left.remove(cur)
+    while left:
+        cand = np.array(sorted(left))
+        dist = np.abs(samples[:, cand] - samples[:, [cur]]).sum(0)
+        cur = int(min(zip(dist, -counts[cand], cand))[2])
+        order.append(cur)
+        left.remove(cur)
+    return order
 
 
 SPREAD = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
@@ -313,17 +344,19 @@ def plan_layer(
 ) -> LayerPlan:
     """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
 
-    A DP over the ranking picks the cut with the least program time (runs of
-    similar load pad little: hot experts tend to get small groups, lukewarm
-    ones larger groups, as dispatch and padding costs dictate). Then ``partition``
-    splits the groups between programs and MLX, which run at the same time:
-    least makespan, or least energy within 1.2x of it (``objective``).
+    Experts are chained so that neighbours have similar per-call loads
+    (``co_occurrence_order``); a DP over the chain picks, for every prefix, the cut
+    with the least program time (runs of similar load pad little: hot experts tend
+    to get small groups, lukewarm ones larger groups, as dispatch and padding costs
+    dictate). Programs and MLX run at the same time, so the plan takes the prefix
+    whose calls finish soonest (sync + max of the two sides), or with
+    ``objective="energy"`` spend the least energy within 1.2x of that.
     """
     E = lp_profile["num_experts"]
     k = lp_profile.get("top_k") or 1
     counts = np.asarray(lp_profile["counts"], float)
-    rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
     samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
+    rank = co_occurrence_order(samples, counts)
     ranked = samples[:, rank]
     caps = np.asarray(limits.capacities)
     max_g = max(1, min(limits.max_group, E, limits.max_program_bytes // max(_expert_bytes(D, H, quant), 1)))
@@ -332,33 +365,64 @@ def plan_layer(
     # largest call size never overflows on calls of that size, whatever the domain.
     top = int(min(max(call_sizes) if call_sizes else call.max(), caps[-1]))
 
+    # best[j]: the least program time of the chain's first j experts, cut into runs
     best = np.full(E + 1, np.inf)
     best[0] = 0.0
     choice = [0] * (E + 1)  # start of the last run
+    run_cost = {}  # (i, j) -> (t_prog, t_mlx, j_prog, j_mlx), each (S,)
     for j in range(1, E + 1):
         for G in sizes:
             i = j - G
             if i < 0:
                 break
-            c = best[i] + float(_group_costs(ranked[:, i:j], caps, cost, D, H)[0].sum())
+            run_cost[(i, j)] = _group_costs(ranked[:, i:j], caps, cost, D, H)
+            c = best[i] + float(run_cost[(i, j)][0].sum())
             if c < best[j] - 1e-15:
                 best[j], choice[j] = c, i
-    runs, j = [], E
-    while j > 0:
-        runs.append((choice[j], j))
-        j = choice[j]
-    runs.reverse()  # hottest run first
-    costs = [_group_costs(ranked[:, i:j], caps, cost, D, H) for i, j in runs]
-    tp, tm, jp, jm = (np.stack([c[x] for c in costs]) for x in range(4))
-    on, _, _ = partition(tp, tm, jp, jm, cost, objective)
-    groups, cold = [], []
-    for (i, j), resident in zip(runs, on):
-        ids = rank[i:j]
-        if resident and ranked[:, i:j].max() > 0:
+
+    def runs_of(m):  # the best cut of the first m experts
+        out, j = [], m
+        while j > 0:
+            out.append((choice[j], j))
+            j = choice[j]
+        return out[::-1]
+
+    # The first m experts of the chain on programs, the rest on MLX, both at once:
+    # m for the least makespan, or the least energy within 1.2x of it.
+    mlx_t = ranked * (flops_per_row(D, H) / cost.mlx_flops)  # (S, E) seconds per expert on MLX
+    mlx_j = ranked * (flops_per_row(D, H) * cost.mlx_j_per_flop)
+    tail_t = np.concatenate([np.cumsum(mlx_t[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)  # (S, E+1)
+    tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)
+    cands = []
+    for m in range(E + 1):
+        runs = runs_of(m)
+        tp = np.stack([run_cost[r][0] for r in runs], 1) if runs else np.zeros((len(ranked), 0))  # (S, R)
+        jp = np.stack([run_cost[r][2] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
+        if objective == "energy" and cost.has_energy:  # calls run the plan as it is
+            cands.append((m, *split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost)))
+            continue
+        # Each call moves its worst-used groups to MLX while that ends it sooner (decide_call):
+        # try moving the k worst (by calibrated seconds per MLX second), per sample the best k.
+        tm = np.stack([run_cost[r][1] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
+        jm = np.stack([run_cost[r][3] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
+        worst = np.argsort(-(tp.sum(0) / np.maximum(tm.sum(0), 1e-30)), kind="stable")
+        z = np.zeros((len(ranked), 1))
+        ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
+        prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
+        side = tail_t[:, m : m + 1] + ctm
+        span = np.maximum(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
+        kb = span.argmin(1)
+        rows = np.arange(len(ranked))
+        energy = jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb] + (side[rows, kb] > 0) * cost.mlx_j_per_call
+        cands.append((m, float(span[rows, kb].mean()), float(energy.mean())))
+    m = pick(cands, cost, objective)[0]
+    groups = []
+    for i, j in sorted(runs_of(m), key=lambda r: (-ranked[:, r[0]:r[1]].sum(), r[0])):  # hottest run first
+        if ranked[:, i:j].max() > 0:
             tiers = choose_ladder(_spread(ranked[:, i:j].max(1), top), limits.capacities, limits.max_tiers, None, top)
-            groups.append(GroupPlan(sorted(ids), tiers))
-        else:
-            cold.extend(ids)
+            groups.append(GroupPlan(sorted(rank[i:j]), tiers))
+    resident = {e for g in groups for e in g.experts}
+    cold = [e for e in range(E) if e not in resident]
     lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold),
                    objective=objective)
     lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)

@@ -168,7 +168,7 @@ def decide_call(
     ``objective="energy"`` offloads when that spends fewer joules instead.
     Both sides run at once, so when this call's programs would finish last, the
     groups that use them worst (seconds per pair) move to MLX while that shortens
-    the call (time objective).
+    the call (time objective, ``auto``: ``rerun``/``spill`` keep every group on programs).
     ``max_calls`` > 0 lets a group cover its load with two smaller tiers instead
     of the next tier up (e.g. 256 + 64 for 300 rather than 512) where the padding
     saved pays for the extra call, the largest savings first, while the layer call
@@ -189,8 +189,8 @@ def decide_call(
     if max_calls > 0:
         _split_rounds(counts, groups, ladders, caps, rounds, cost, D, H, max_calls - sum(
             r for cs, r in zip(caps, rounds) if cs))
-    if objective != "energy":
-        _rebalance(counts, groups, caps, rounds, cold, cost, D, H)
+    if objective != "energy" and overflow == "auto":
+        _rebalance(counts, groups, ladders, caps, rounds, cost, D, H)
     run = [(len(ids), c) for ids, cs, r in zip(groups, caps, rounds) for c in cs[:r]]
     prog = cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run)
     left = int(counts[cold].sum()) if np.any(cold) else 0
@@ -206,8 +206,10 @@ def decide_call(
     return d
 
 
-def _rebalance(counts, groups, caps, rounds, cold, cost: CostModel, D: int, H: int) -> None:
-    """In place: rounds = 0 for groups that finish the call sooner on MLX, worst first."""
+def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, trims: int = 4) -> None:
+    """In place, while the programs side would finish last: rounds = 0 for groups that end
+    the call sooner on MLX (worst seconds per pair first), then a busy group's last round
+    cut to a smaller tier of its ladder, the rest of its pairs to MLX (``trims`` times)."""
     t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
     served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
     prog = cost.sync_s + sum(t)
@@ -218,7 +220,27 @@ def _rebalance(counts, groups, caps, rounds, cold, cost: CostModel, D: int, H: i
         if new >= span:
             break
         prog, left, span = prog - t[gi], left + served[gi], new
-        rounds[gi] = 0
+        rounds[gi], t[gi], served[gi] = 0, 0.0, 0
+    for _ in range(trims):
+        if prog <= cost.mlx_s(left, D, H):
+            return
+        best = None  # (span, group, caps, time, served)
+        for gi in sorted((g for g in range(len(groups)) if rounds[g]), key=lambda g: -t[g])[:4]:
+            ids, cs = groups[gi], caps[gi][: rounds[gi]]
+            for c in ladders[gi]:
+                if c >= cs[-1]:
+                    break
+                new_caps = cs[:-1] + [c]
+                nt = sum(cost.program_s(len(ids), x, D, H) for x in new_caps)
+                ns = int(np.minimum(counts[ids], sum(new_caps)).sum())
+                new = max(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H))
+                if new < span - 1e-12 and (best is None or new < best[0]):
+                    best = (new, gi, new_caps, nt, ns)
+        if best is None:
+            return
+        span, gi, new_caps, nt, ns = best
+        prog, left = prog - t[gi] + nt, left + served[gi] - ns
+        caps[gi], rounds[gi], t[gi], served[gi] = new_caps, len(new_caps), nt, ns
 
 
 def _split_rounds(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, budget: int) -> None:
@@ -236,7 +258,7 @@ def _split_rounds(counts, groups, ladders, caps, rounds, cost: CostModel, D: int
             if c1 >= min(C, peak):
                 break
             c2 = tier_for(peak - c1, tiers)
-            if peak - c1 <= c2 and C - c1 - c2 > top[0]:
+            if peak - c1 <= c2 and C - c1 - c2 >= max(top[0], 1):  # ties: the larger first round
                 top = (C - c1 - c2, [c1, c2])
         if top[1] is not None and G * top[0] * row_s > cost.dispatch_s + G * cost.expert_s:
             best.append((G * top[0], gi, top[1]))
