@@ -93,7 +93,7 @@ class OffloadExecutor:
 
     def _decide(self, counts: np.ndarray) -> CallDecision:
         return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
-                           self.overflow, self.plan.objective, self.plan.max_calls)
+                           self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
 
     # --- the call ---------------------------------------------------------
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:

@@ -85,6 +85,7 @@ class LayerPlan:
     shared: List[SharedPlan] = field(default_factory=list)  # offloaded shared experts
     objective: str = "time"  # what a call's offload decision minimises: "time" or "energy"
     max_calls: int = 0  # program calls per layer call that tier splits may use (0: no splits)
+    energy_bound: str = "time"  # energy objective: within 1.2x of the least time ("time") or of MLX alone ("gpu")
 
     def predicted(self, cost: CostModel, tokens: int, counts: Optional[np.ndarray] = None) -> dict:
         """Predicted seconds of one call on the plan's path and on MLX alone."""
@@ -100,7 +101,7 @@ class LayerPlan:
         cold[list(self.cold)] = True
         groups = [np.asarray(g.experts) for g in self.groups]
         return decide_call(counts, groups, [g.tiers for g in self.groups], cold, cost, self.D, self.H, overflow,
-                           self.objective, self.max_calls)
+                           self.objective, self.max_calls, self.energy_bound)
 
 
 @dataclass
@@ -259,42 +260,11 @@ def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H
 
 
 def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel):
-    """(mean makespan s, mean energy J) of calls whose programs side costs tp (S,) s / jp J
+    """Per sample (makespan s, energy J) of calls whose programs side costs tp (S,) s / jp J
     and whose MLX side costs tm (S,) s / jm J (fixed costs added here), both at once."""
     t_mlx = np.where(tm > 0, cost.mlx_fixed_s + tm, 0.0)
     t_prog = np.where(tp > 0, cost.sync_s + tp, 0.0)
-    span = float(np.maximum(t_prog, t_mlx).mean())
-    return span, float((jp + jm + (tm > 0) * cost.mlx_j_per_call).mean())
-
-
-def pick(cands: list, cost: CostModel, objective: str = "time", slack: float = 1.2):
-    """cands: [(choice, makespan, energy)]; the least makespan (ties: the earlier), or with
-    ``energy``, the least energy among those within ``slack`` x the least makespan."""
-    best_t = min(c[1] for c in cands)
-    if objective == "energy" and cost.has_energy:
-        return min((c for c in cands if c[1] <= slack * best_t + 1e-15), key=lambda c: (c[2], c[1]))
-    return min(cands, key=lambda c: c[1])
-
-
-def partition(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel,
-              objective: str = "time", slack: float = 1.2):
-    """Which groups run on programs, the others on MLX, both sides at once.
-
-    tp, tm, jp, jm: (n_groups, S) per group and sample, program / MLX seconds and
-    joules. A layer call costs sync + max(programs, MLX side) in time and the sum
-    of both sides in energy. Groups are ranked by how much cheaper they are on
-    programs than on MLX; programs take the best m of them, m chosen for the least
-    mean makespan (``time``) or the least energy within ``slack`` x that makespan
-    (``energy``). Returns (on_programs (n_groups,) bool, makespan s, energy J).
-    """
-    n = tp.shape[0]
-    order = np.argsort(tp.sum(1) / np.maximum(tm.sum(1), 1e-30), kind="stable")
-    cands = []
-    for m in range(n + 1):
-        on = np.zeros(n, bool)
-        on[order[:m]] = True
-        cands.append((on, *split_cost(tp[on].sum(0), tm[~on].sum(0), jp[on].sum(0), jm[~on].sum(0), cost)))
-    return pick(cands, cost, objective, slack)
+    return np.maximum(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
 
 
 def co_occurrence_order(samples: np.ndarray, counts: np.ndarray) -> List[int]:
@@ -341,6 +311,7 @@ def plan_layer(
     path: str = "",
     call_sizes: Optional[Sequence[int]] = None,
     objective: str = "time",
+    energy_bound: str = "time",
 ) -> LayerPlan:
     """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
 
@@ -393,18 +364,16 @@ def plan_layer(
     mlx_j = ranked * (flops_per_row(D, H) * cost.mlx_j_per_flop)
     tail_t = np.concatenate([np.cumsum(mlx_t[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)  # (S, E+1)
     tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)
-    cands = []
+    alone_t, alone_j = split_cost(np.zeros(len(ranked)), tail_t[:, 0], np.zeros(len(ranked)), tail_j[:, 0], cost)
+    energy = objective == "energy" and cost.has_energy
+    cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls)
     for m in range(E + 1):
         runs = runs_of(m)
-        tp = np.stack([run_cost[r][0] for r in runs], 1) if runs else np.zeros((len(ranked), 0))  # (S, R)
-        jp = np.stack([run_cost[r][2] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
-        if objective == "energy" and cost.has_energy:  # calls run the plan as it is
-            cands.append((m, *split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost)))
-            continue
+        tp, tm, jp, jm = (np.stack([run_cost[r][x] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
+                          for x in range(4))  # (S, R) each
+        st_t, st_j = split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost)  # the plan as it is
         # Each call moves its worst-used groups to MLX while that ends it sooner (decide_call):
         # try moving the k worst (by calibrated seconds per MLX second), per sample the best k.
-        tm = np.stack([run_cost[r][1] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
-        jm = np.stack([run_cost[r][3] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
         worst = np.argsort(-(tp.sum(0) / np.maximum(tm.sum(0), 1e-30)), kind="stable")
         z = np.zeros((len(ranked), 1))
         ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
@@ -413,9 +382,24 @@ def plan_layer(
         span = np.maximum(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
         kb = span.argmin(1)
         rows = np.arange(len(ranked))
-        energy = jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb] + (side[rows, kb] > 0) * cost.mlx_j_per_call
-        cands.append((m, float(span[rows, kb].mean()), float(energy.mean())))
-    m = pick(cands, cost, objective)[0]
+        tb_t = np.minimum(span[rows, kb], alone_t)
+        tb_j = np.where(span[rows, kb] < alone_t, jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb]
+                        + (side[rows, kb] > 0) * cost.mlx_j_per_call, alone_j)
+        if not energy:
+            cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean())))
+            continue
+        # per call, as decide_call: the least energy of (as planned, balanced, MLX alone) within the bound
+        ref = np.minimum(np.minimum(st_t, tb_t), alone_t) if energy_bound == "time" else alone_t
+        opts_t, opts_j = np.stack([st_t, tb_t, alone_t]), np.stack([st_j, tb_j, alone_j])  # (3, S)
+        j_ok = np.where(opts_t <= 1.2 * ref + 1e-15, opts_j, np.inf)
+        pick = j_ok.argmin(0)
+        cands.append((m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean())))
+    best_t = min(c[3] for c in cands)
+    if energy:
+        bound = 1.2 * (best_t if energy_bound == "time" else float(alone_t.mean())) + 1e-15
+        m = min((c for c in cands if c[1] <= bound), key=lambda c: (c[2], c[1]), default=cands[0])[0]
+    else:
+        m = min(cands, key=lambda c: c[1])[0]
     groups = []
     for i, j in sorted(runs_of(m), key=lambda r: (-ranked[:, r[0]:r[1]].sum(), r[0])):  # hottest run first
         if ranked[:, i:j].max() > 0:
@@ -424,7 +408,7 @@ def plan_layer(
     resident = {e for g in groups for e in g.experts}
     cold = [e for e in range(E) if e not in resident]
     lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold),
-                   objective=objective)
+                   objective=objective, energy_bound=energy_bound)
     lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)
     lp.min_tokens = _min_tokens(lp, cost, counts)
     if lp.min_tokens == NEVER:
@@ -468,6 +452,7 @@ def make_plan(
     limits: PlanLimits,
     call_sizes: Optional[Sequence[int]] = None,
     objective: str = "time",
+    energy_bound: str = "time",
 ) -> Plan:
     """profile: calibration profile dict; blocks: layer -> {"D", "H", "path", "quant",
     "shared": [{"path", "hidden"}] (shared experts that compute a plain SwiGLU MLP)};
@@ -480,7 +465,7 @@ def make_plan(
         b = blocks.get(lp["layer"])
         if b is None:
             raise ValueError(f"profile names layer {lp['layer']} that the model has no expert block for")
-        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""), sizes, objective)
+        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""), sizes, objective, energy_bound)
         for s in b.get("shared", []):
             sp = plan_shared(lp, s["path"], b["D"], s["hidden"], cost, limits)
             if sp is not None:

@@ -214,6 +214,7 @@ def replay(
     split: Optional[str] = None,
     objective: str = "time",
     overflow: str = "auto",
+    energy_bound: str = "time",
 ) -> dict:
     """Plan on ``calibrate`` traces, replay ``routes`` traces: {"plan", "rows", "summary"}."""
     layers = sorted(set.intersection(*[set(t) for t in list(calibrate) + list(routes)]))
@@ -236,7 +237,8 @@ def replay(
         profile_layers.append(trace_profile(cal, l, E, seq_len, block))
         shapes[l] = {"D": D, "H": H, "path": f"layer{l}"}
         replay_sets[l] = rep
-    plan = make_plan({"layers": profile_layers}, shapes, cost, limits, call_sizes=tokens, objective=objective)
+    plan = make_plan({"layers": profile_layers}, shapes, cost, limits, call_sizes=tokens, objective=objective,
+                     energy_bound=energy_bound)
     rows = []
     for lp in plan.layers:
         for n in tokens:
@@ -276,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
     p.add_argument("--chip", help="Predict for this Apple chip profile (see npumoe_mlx/data/chips.json).")
     p.add_argument("--objective", choices=("time", "energy"), default="time")
+    p.add_argument("--energy-bound", choices=("time", "gpu"), default="time",
+                   help="Energy objective: stay within 1.2x of the least time (default) or of all-on-GPU's time.")
     p.add_argument("--overflow", choices=("auto", "rerun", "spill"), default="auto")
     p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs, or --chip's).")
     p.add_argument("--json", metavar="PATH", help="Write rows and summary as JSON.")
@@ -291,7 +295,7 @@ def main(argv=None) -> int:
     cal = [load_trace(f) for f in args.calibrate]
     rep = [load_trace(f) for f in (args.routes or args.calibrate)]
     out = replay(cal, rep, shape["D"], shape["H"], cost, PlanLimits.for_backend(args.backend), tokens,
-                 args.seq_len, args.split, args.objective, args.overflow)
+                 args.seq_len, args.split, args.objective, args.overflow, args.energy_bound)
     print(f"replay: shape {args.shape} (D={shape['D']}, H={shape['H']}), backend {args.backend}, "
           f"cost {cost.source}, objective {args.objective}, split {args.split or 'none'}")
     print(format_rows(out["rows"], out["summary"]))
@@ -299,7 +303,7 @@ def main(argv=None) -> int:
         write_json(args.json, {
             "command": "npumoe replay " + " ".join(argv if argv is not None else []),
             "shape": args.shape, "D": shape["D"], "H": shape["H"], "backend": args.backend, "chip": args.chip,
-            "objective": args.objective, "split": args.split, "cost": cost.to_dict(),
+            "objective": args.objective, "energy_bound": args.energy_bound, "split": args.split, "cost": cost.to_dict(),
             "rows": out["rows"], "summary": out["summary"],
         })
         print(f"wrote {args.json}")

@@ -142,6 +142,7 @@ class CallDecision:
     mlx_only_s: float = 0.0  # predicted, the whole call on MLX
     offload_j: float = 0.0  # predicted energy, both sides (0 when the cost model has none)
     mlx_only_j: float = 0.0
+    program_calls: int = 0
 
     @property
     def offload_s(self) -> float:
@@ -159,13 +160,17 @@ def decide_call(
     overflow: str = "auto",
     objective: str = "time",
     max_calls: int = 0,
+    energy_bound: str = "time",
+    slack: float = 1.2,
 ) -> CallDecision:
     """Programs or MLX for this call (counts (E,)), and each group's rounds.
 
     The two sides run at the same time, so the call costs sync + max(programs, MLX
     side); it is offloaded when that beats MLX alone. Extra rounds past the top
     tier run only where they beat sending the remainder to MLX (``auto``).
-    ``objective="energy"`` offloads when that spends fewer joules instead.
+    ``objective="energy"`` takes the least joules among the plan as it is, the
+    time-balanced call and MLX alone, within ``slack`` x the least of their times
+    (``energy_bound="time"``) or of MLX alone's time (``"gpu"``).
     Both sides run at once, so when this call's programs would finish last, the
     groups that use them worst (seconds per pair) move to MLX while that shortens
     the call (time objective, ``auto``: ``rerun``/``spill`` keep every group on programs).
@@ -189,21 +194,40 @@ def decide_call(
     if max_calls > 0:
         _split_rounds(counts, groups, ladders, caps, rounds, cost, D, H, max_calls - sum(
             r for cs, r in zip(caps, rounds) if cs))
-    if objective != "energy" and overflow == "auto":
+    energy = objective == "energy" and cost.has_energy
+    if not energy:
+        if overflow == "auto":
+            _rebalance(counts, groups, ladders, caps, rounds, cost, D, H)
+        d = _tally(counts, groups, cold, caps, rounds, cost, D, H)
+        d.offload = d.program_calls > 0 and d.offload_s < d.mlx_only_s
+        return d
+    # energy: the least joules among the plan as it is, the time-balanced call and MLX alone,
+    # within ``slack`` x the least time (``energy_bound="time"``) or MLX alone's time ("gpu")
+    static = _tally(counts, groups, cold, [list(c) for c in caps], list(rounds), cost, D, H)
+    if overflow == "auto":
         _rebalance(counts, groups, ladders, caps, rounds, cost, D, H)
+    timed = _tally(counts, groups, cold, caps, rounds, cost, D, H)
+    alone = CallDecision(False, [0] * len(groups), caps, 0.0, timed.mlx_only_s, timed.mlx_only_s,
+                         timed.mlx_only_j, timed.mlx_only_j)
+    runs = [c for c in (static, timed) if c.program_calls > 0]
+    ref = min([c.offload_s for c in runs] + [alone.offload_s]) if energy_bound == "time" else alone.offload_s
+    ok = [c for c in runs + [alone] if c.offload_s <= slack * ref + 1e-12] or [min(runs + [alone], key=lambda c: c.offload_s)]
+    d = min(ok, key=lambda c: (c.offload_j, c.offload_s))
+    d.offload = d is not alone
+    return d
+
+
+def _tally(counts, groups, cold, caps, rounds, cost: CostModel, D: int, H: int) -> CallDecision:
+    """Predicted time and energy of a call run with these rounds (offload left False)."""
     run = [(len(ids), c) for ids, cs, r in zip(groups, caps, rounds) for c in cs[:r]]
-    prog = cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run)
     left = int(counts[cold].sum()) if np.any(cold) else 0
     for ids, cs, r in zip(groups, caps, rounds):
         left += int(np.maximum(counts[ids] - sum(cs[:r]), 0).sum())
     pairs = int(counts.sum())
-    d = CallDecision(False, rounds, caps, prog, cost.mlx_s(left, D, H), cost.mlx_s(pairs, D, H),
-                     sum(cost.program_j(G, c, D, H) for G, c in run) + cost.mlx_j(left, D, H), cost.mlx_j(pairs, D, H))
-    if objective == "energy" and cost.has_energy:
-        d.offload = bool(run) and d.offload_j < d.mlx_only_j
-    else:
-        d.offload = bool(run) and d.offload_s < d.mlx_only_s
-    return d
+    return CallDecision(False, rounds, caps, cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run),
+                        cost.mlx_s(left, D, H), cost.mlx_s(pairs, D, H),
+                        sum(cost.program_j(G, c, D, H) for G, c in run) + cost.mlx_j(left, D, H), cost.mlx_j(pairs, D, H),
+                        len(run))
 
 
 def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, trims: int = 4) -> None:
