@@ -35,19 +35,20 @@ ROUTING = Path(__file__).resolve().parents[1] / ".." / "shared" / "routing"
 
 
 def _run(job):
-    kind, routing, cal, rep, shape, backend, chip, objective, tokens, split = job
+    kind, routing, cal, rep, shape, backend, chip, objective, tokens, split, bound = job
     sh = rp.preset_shape(shape)
     cost = chip_cost(chip, backend, sh["D"], sh["H"]) if chip else default_cost(backend)
     load = lambda names: [rp.load_trace(Path(routing) / f"{n}.npz") for n in names]  # noqa: E731
     out = rp.replay(load(cal), load(rep), sh["D"], sh["H"], cost, PlanLimits.for_backend(backend), tokens,
-                    split=split, objective=objective)
+                    split=split, objective=objective, energy_bound=bound)
     args = f"--shape {shape} --calibrate {' '.join(n + '.npz' for n in cal)}"
     if rep != cal:
         args += f" --routes {' '.join(n + '.npz' for n in rep)}"
     args += f"{' --split half' if split else ''} --tokens {','.join(map(str, tokens))} --backend {backend}"
     args += f"{' --chip ' + chip if chip else ''}{' --objective ' + objective if objective != 'time' else ''}"
+    args += f"{' --energy-bound ' + bound if objective == 'energy' and bound != 'time' else ''}"
     return {"kind": kind, "calibrate": cal, "routes": rep, "shape": shape, "backend": backend, "chip": chip,
-            "objective": objective, "split": split, "command": f"npumoe replay {args}",
+            "objective": objective, "energy_bound": bound, "split": split, "command": f"npumoe replay {args}",
             "rows": out["rows"], "summary": out["summary"]}
 
 
@@ -61,13 +62,13 @@ def main():
     jobs = []
     for be in ("onnx", "coreml"):
         for f in OLMOE + MIXTRAL:
-            jobs.append(("split", a.routing, [f], [f], f.split(".")[0], be, None, "time", (128, 512, 2048), "half"))
+            jobs.append(("split", a.routing, [f], [f], f.split(".")[0], be, None, "time", (128, 512, 2048), "half", "time"))
         for cal, rep in CROSS:
-            jobs.append(("cross", a.routing, cal, rep, cal[0].split(".")[0], be, None, "time", (128, 512, 2048), None))
+            jobs.append(("cross", a.routing, cal, rep, cal[0].split(".")[0], be, None, "time", (128, 512, 2048), None, "time"))
     for chip in a.chips.split(","):
         for shape, f in CHIP_CASES:
-            for obj in ("time", "energy"):
-                jobs.append(("chip", a.routing, [f], [f], shape, "coreml", chip, obj, (2048,), "half"))
+            for obj, bound in (("time", "time"), ("energy", "time"), ("energy", "gpu")):
+                jobs.append(("chip", a.routing, [f], [f], shape, "coreml", chip, obj, (2048,), "half", bound))
     t0 = time.time()
     with ProcessPoolExecutor(a.jobs) as ex:
         results = list(ex.map(_run, jobs))

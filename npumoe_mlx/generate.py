@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 
 
-from .executor import format_stats, offload_stats, summarize
+from .executor import format_stats, offload_stats, stats_profile, summarize
 from .loading import load
 from .offload import MODES
 
@@ -42,8 +42,12 @@ def add_offload_args(parser):
     )
     parser.add_argument(
         "--stats",
-        action="store_true",
-        help="Print offload statistics (program calls, padding, spill, time) after generating.",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="Print offload statistics (program calls, padding, spill, time) after generating; with FILE, "
+        "also save the per-call expert loads there (re-plan with `npumoe plan --from-stats FILE`).",
     )
     return parser
 
@@ -85,8 +89,11 @@ def main(argv=None):
             mlx_generate.main()
     finally:
         sys.argv = saved_argv
-    if args.stats and loaded:
+    if args.stats is not None and loaded:
         print(format_stats(summarize(offload_stats(loaded[0]))))
+        if args.stats:
+            stats_profile(loaded[0]).save(args.stats)
+            print(f"per-call loads written to {args.stats}")
     return 0
 
 

@@ -529,6 +529,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
     p.add_argument("--profile", help="Profile JSON (default: <model>/npumoe-profile.json, else calibrate now).")
+    p.add_argument("--from-stats", metavar="FILE",
+                   help="Plan for the per-call loads `npumoe generate --stats FILE` saved (your own workload).")
     p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs).")
     p.add_argument("--chip", help="Plan with the predicted costs of this Apple chip (coreml; see `npumoe chips`).")
     p.add_argument("--objective", choices=("time", "energy"), default="time")
@@ -542,7 +544,7 @@ def main(argv=None) -> int:
     blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
     if not blocks:
         raise ValueError(f"{args.model}: no supported MoE expert blocks; it runs on stock MLX")
-    prof_path = args.profile or os.path.join(local, "npumoe-profile.json")
+    prof_path = args.from_stats or args.profile or os.path.join(local, "npumoe-profile.json")
     if os.path.exists(prof_path):
         profile = Profile.load(prof_path)
     else:

@@ -249,7 +249,7 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
         if prog <= cost.mlx_s(left, D, H):
             return
         best = None  # (span, group, caps, time, served)
-        for gi in sorted((g for g in range(len(groups)) if rounds[g]), key=lambda g: -t[g])[:4]:
+        for gi in sorted((g for g in range(len(groups)) if rounds[g] and caps[g]), key=lambda g: -t[g])[:4]:
             ids, cs = groups[gi], caps[gi][: rounds[gi]]
             for c in ladders[gi]:
                 if c >= cs[-1]:

@@ -149,3 +149,23 @@ def test_cross_domain_drops_nothing_and_overflows_little():
     for r in rows:
         assert r["dropped_pct"] == 0 and r["overflow_pct"] <= 5.0, r
         assert r["offloaded_pct"] > 50, r
+
+
+@needs_traces
+def test_default_build_calibration_does_not_overflow_2048_token_calls():
+    """What `npumoe build` does by default: 2048 calibration tokens (three ~680-token documents)
+    prefilled at mlx_lm's 2048-token step. The old default (512-token chunks, ladders sized
+    for them) overflowed 54% of the pairs of 2048-token calls on OLMoE (issue 10)."""
+    from npumoe_mlx.plan import make_plan
+
+    t = rp.load_trace(ROUTING / "olmoe-1b-7b.arxiv.npz")[7]
+    docs = [t[i * 2048 : i * 2048 + 683] for i in range(3)]  # three documents, as the default corpus
+    lp = rp.trace_profile(docs, 7, 64, 683, 128)
+    plan = make_plan({"layers": [lp], "chunk_size": 2048}, {7: {"D": 2048, "H": 1024}}, default_cost("onnx"),
+                     PlanLimits.for_backend("onnx"))
+    layer = plan.layers[0]
+    assert max(g.tiers[-1] for g in layer.groups) == 2048  # headroom for the prefill step
+    calls = rp.call_counts(t[20 * 2048 : 40 * 2048], 64, 2048, 2048)
+    r = rp.row_of(7, 2048, rp.replay_calls(layer, default_cost("onnx"), calls, 2048), len(layer.groups))
+    assert r["overflow_pct"] <= 2.0 and r["offloaded_pct"] == 100, r
+    assert r["program_calls_per_call"] <= 1.2 * r["groups"], r

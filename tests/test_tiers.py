@@ -93,6 +93,11 @@ def test_rebalance_trims_a_busy_group_to_a_smaller_tier():
     d = decide_call(counts, [np.array([0])], [[64, 256, 512]], cold, _cost(program_flops=2 * F), D, H)
     assert d.caps == [[256]] and d.rounds == [1]
     assert (d.program_s, d.mlx_side_s) == pytest.approx((128, 44))
+    # a resident group with no pair this call is left alone
+    counts = np.array([300, 0, 0])
+    d = decide_call(counts, [np.array([0]), np.array([1])], [[64, 256, 512], [64]], np.array([False, False, True]),
+                    _cost(program_flops=2 * F), D, H)
+    assert d.caps[0] == [256] and d.caps[1] == []
 
 
 def test_energy_objective_decides_on_joules():
