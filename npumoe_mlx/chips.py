@@ -12,6 +12,7 @@ File format (SI units)::
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -99,7 +100,7 @@ def load_chips(path: Optional[str] = None) -> Dict[str, ChipProfile]:
             if not isinstance(item, dict):
                 raise ValueError(f"{where}: field {fname!r} is missing")
             value = item.get("value")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{where}: field {fname!r} value must be a positive number, got {value!r}")
             source = item.get("source")
             if not isinstance(source, str) or not source.strip():

@@ -1,7 +1,9 @@
 """Apple chip profiles: the shipped table, its loader's checks, name handling, detection."""
 
 import copy
+import importlib.util
 import json
+import os
 import subprocess
 
 import pytest
@@ -80,6 +82,8 @@ def _corrupt(tmp_path, mutate):
         (lambda d: d["chips"]["m4-max"]["sync_s"].update(value=-1e-4), ["m4-max", "sync_s", "positive"]),
         (lambda d: d["chips"]["m2"]["gpu_bw_gbs"].update(value="100"), ["'m2'", "gpu_bw_gbs", "positive"]),
         (lambda d: d["chips"]["m2"]["gpu_bw_gbs"].update(value=True), ["'m2'", "gpu_bw_gbs", "positive"]),
+        (lambda d: d["chips"]["m5"]["gpu_power_w"].update(value=float("inf")), ["'m5'", "gpu_power_w", "positive"]),
+        (lambda d: d["chips"]["m5"]["gpu_power_w"].update(value=float("nan")), ["'m5'", "gpu_power_w", "positive"]),
         (lambda d: d["chips"]["m4"]["ane_bw_gbs"].update(source="  "), ["'m4'", "ane_bw_gbs", "no source"]),
         (lambda d: d["chips"]["m4"]["ane_bw_gbs"].pop("source"), ["'m4'", "ane_bw_gbs", "no source"]),
         (lambda d: d["chips"]["m1-max"].update(gpu_tflop=1.0), ["m1-max", "unknown field", "gpu_tflop"]),
@@ -244,3 +248,12 @@ def test_cli_prints_the_table_and_one_chip_with_sources(tmp_path, capsys):
 def test_cli_unknown_chip_raises_one_line_error():
     with pytest.raises(ValueError, match="unknown chip 'M0'; known chips: m1, "):
         chips.main(["--chip", "M0"])
+
+
+def test_shipped_file_is_what_the_build_script_produces():
+    """chips.json is generated from benchmarks/build_chips.py (numbers + derivation rules)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "build_chips.py")
+    spec = importlib.util.spec_from_file_location("build_chips", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.build() == _shipped()
