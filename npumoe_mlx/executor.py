@@ -93,6 +93,7 @@ class OffloadExecutor:
         self.loads: List[tuple] = []  # (tokens, k, counts (E,)) of synced calls, for `--stats FILE`
         self._tops = [(ids, t[-1]) for ids, t in zip((np.asarray(g.experts) for g in plan.groups), (g.tiers for g in plan.groups))]
         self._noticed = False
+        self.notice = _warn  # advice (not a fault): the re-plan notice
         self.disabled = not plan.groups
         self._groups = [np.asarray(g.experts) for g in plan.groups]
         self._tiers = [list(g.tiers) for g in plan.groups]
@@ -112,7 +113,7 @@ class OffloadExecutor:
         st.overflow += sum(int(np.maximum(counts[ids] - top, 0).sum()) for ids, top in self._tops)
         if not self._noticed and st.synced_pairs >= 64 * k and st.overflow > OVERFLOW_NOTICE * st.synced_pairs:
             self._noticed = True
-            self.warn(f"layer {self.plan.layer}: {100 * st.overflow / st.synced_pairs:.0f}% of routed pairs overflow "
+            self.notice(f"layer {self.plan.layer}: {100 * st.overflow / st.synced_pairs:.0f}% of routed pairs overflow "
                       f"their group's top tier (the plan expects ~0); save this workload with `npumoe generate "
                       f"--stats FILE` and re-plan with `npumoe plan --from-stats FILE`")
 

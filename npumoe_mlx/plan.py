@@ -267,29 +267,6 @@ def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, c
     return np.maximum(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
 
 
-def co_occurrence_order(samples: np.ndarray, counts: np.ndarray) -> List[int]:
-    """Experts in a chain where neighbours have similar per-call loads (samples (S, E)).
-
-    A group pads each call to its busiest expert, i.e. by sum |load_a - load_b| over
-    calls for two experts: experts that are busy in the same calls (same documents,
-    same topics) and equally popular pad little together. The chain starts at the
-    most popular expert and steps to the nearest unplaced one (L1 over calls, ties
-    by popularity then id), so runs of it make good groups. Deterministic.
-    """
-    E = samples.shape[1]
-    left = set(range(E))
-    cur = min(left, key=lambda e: (-counts[e], e))
-    order = [cur]
-    left.remove(cur)
-    while left:
-        cand = np.array(sorted(left))
-        dist = np.abs(samples[:, cand] - samples[:, [cur]]).sum(0)
-        cur = int(min(zip(dist, -counts[cand], cand))[2])
-        order.append(cur)
-        left.remove(cur)
-    return order
-
-
 SPREAD = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
 
 
@@ -315,19 +292,18 @@ def plan_layer(
 ) -> LayerPlan:
     """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
 
-    Experts are chained so that neighbours have similar per-call loads
-    (``co_occurrence_order``); a DP over the chain picks, for every prefix, the cut
-    with the least program time (runs of similar load pad little: hot experts tend
-    to get small groups, lukewarm ones larger groups, as dispatch and padding costs
-    dictate). Programs and MLX run at the same time, so the plan takes the prefix
+    Experts are ranked by calibrated popularity; a DP over the ranking picks, for
+    every prefix, the cut with the least program time (runs of similar load pad
+    little: hot experts tend to get small groups, lukewarm ones larger groups, as
+    dispatch and padding costs dictate). Programs and MLX run at the same time, so the plan takes the prefix
     whose calls finish soonest (sync + max of the two sides), or with
     ``objective="energy"`` spend the least energy within 1.2x of that.
     """
     E = lp_profile["num_experts"]
     k = lp_profile.get("top_k") or 1
     counts = np.asarray(lp_profile["counts"], float)
+    rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
     samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
-    rank = co_occurrence_order(samples, counts)
     ranked = samples[:, rank]
     caps = np.asarray(limits.capacities)
     max_g = max(1, min(limits.max_group, E, limits.max_program_bytes // max(_expert_bytes(D, H, quant), 1)))
@@ -336,7 +312,7 @@ def plan_layer(
     # largest call size never overflows on calls of that size, whatever the domain.
     top = int(min(max(call_sizes) if call_sizes else call.max(), caps[-1]))
 
-    # best[j]: the least program time of the chain's first j experts, cut into runs
+    # best[j]: the least program time of the ranking's first j experts, cut into runs
     best = np.full(E + 1, np.inf)
     best[0] = 0.0
     choice = [0] * (E + 1)  # start of the last run
@@ -358,7 +334,7 @@ def plan_layer(
             j = choice[j]
         return out[::-1]
 
-    # The first m experts of the chain on programs, the rest on MLX, both at once:
+    # The first m experts of the ranking on programs, the rest on MLX, both at once:
     # m for the least makespan, or the least energy within 1.2x of it.
     mlx_t = ranked * (flops_per_row(D, H) / cost.mlx_flops)  # (S, E) seconds per expert on MLX
     mlx_j = ranked * (flops_per_row(D, H) * cost.mlx_j_per_flop)
@@ -401,7 +377,7 @@ def plan_layer(
     else:
         m = min(cands, key=lambda c: c[1])[0]
     groups = []
-    for i, j in sorted(runs_of(m), key=lambda r: (-ranked[:, r[0]:r[1]].sum(), r[0])):  # hottest run first
+    for i, j in runs_of(m):  # hottest run first
         if ranked[:, i:j].max() > 0:
             tiers = choose_ladder(_spread(ranked[:, i:j].max(1), top), limits.capacities, limits.max_tiers, None, top)
             groups.append(GroupPlan(sorted(rank[i:j]), tiers))

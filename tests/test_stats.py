@@ -29,7 +29,7 @@ def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
     notes = []
     for m in installed_blocks(model):
-        m.executor.warn = notes.append
+        m.executor.notice = notes.append
     ids = mx.array(prompt_of_tokens(tok, 300, seed=3))[None]
     mx.eval(model(ids))
     s = summarize(offload_stats(model))
