@@ -3,11 +3,12 @@
 Per MoE layer:
 - experts are ranked by calibrated popularity and cut into groups of similar load
   (capacity is set by a group's busiest expert, so similar loads pad little);
-- each group gets a tier ladder chosen by a small dynamic program that minimises
-  the padded slots over the calibrated per-call loads (redrawn to show their spread);
-- a group is resident (gets a program) only if the cost model says its calls beat
-  MLX; its experts are "cold" otherwise and run on MLX, as do calls smaller than
-  ``min_tokens`` (decode, typically).
+- each group gets a tier ladder (``tiers.choose_ladder``) over the calibrated loads of
+  the calls the user's prefill makes (``call_loads``), its top tier the largest call;
+- programs and MLX run at the same time: the most popular experts get programs up to
+  the point where calls finish soonest (``objective="time"``: sync + max of the two
+  sides) or spend least energy within 1.2x of that (``"energy"``); the rest are
+  "cold" and run on MLX, as do calls smaller than ``min_tokens`` (decode, typically).
 Deterministic: the same inputs give the same plan.
 """
 

@@ -12,7 +12,6 @@ writes the same from a real model.
 """
 
 import argparse
-import json
 import math
 import os
 import tempfile

@@ -114,6 +114,13 @@ def test_calibrate_records_blocks_and_routes(tmp_path):
         assert sizes[-1] == 256 and all(s % 64 == 0 for s in sizes)
     rp.save_routes(tmp_path / "r.npz", routes)
     assert sorted(rp.load_trace(tmp_path / "r.npz")) == sorted(routes)
+    # the CLI flag: the same trace format, one row per calibrated token
+    assert cal.main(["--model", str(path), "--tokens", "200", "--corpus", "qa", "--out", str(tmp_path / "p.json"),
+                     "--save-routes", str(tmp_path / "cli.npz")]) == 0
+    trace = rp.load_trace(tmp_path / "cli.npz")
+    saved = cal.Profile.load(tmp_path / "p.json")
+    assert sorted(trace) == [l.layer for l in saved.layers]
+    assert all(trace[l.layer].shape == (200, l.top_k) for l in saved.layers)
 
 
 def _replay(cal_files, rep_files, shape, backend, layers, split="half", tokens=(128, 512, 2048)):
