@@ -365,11 +365,16 @@ def plan_layer(
         if not energy:
             cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean())))
             continue
-        # per call, as decide_call: the least energy of (as planned, balanced, MLX alone) within the bound
+        # per call, as decide_call: the least energy of (as planned, balanced just enough to end
+        # within the bound (interpolated), fully balanced, MLX alone) within the bound
         ref = np.minimum(np.minimum(st_t, tb_t), alone_t) if energy_bound == "time" else alone_t
-        opts_t, opts_j = np.stack([st_t, tb_t, alone_t]), np.stack([st_j, tb_j, alone_j])  # (3, S)
-        j_ok = np.where(opts_t <= 1.2 * ref + 1e-15, opts_j, np.inf)
-        pick = j_ok.argmin(0)
+        lim = 1.2 * ref
+        frac = np.clip((st_t - lim) / np.maximum(st_t - tb_t, 1e-30), 0, 1)
+        part_t, part_j = np.where(st_t > lim, np.maximum(lim, tb_t), st_t), st_j + frac * (tb_j - st_j)
+        opts_t = np.stack([st_t, part_t, tb_t, alone_t])  # (4, S)
+        opts_j = np.stack([st_j, part_j, tb_j, alone_j])
+        j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
+        pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
         cands.append((m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean())))
     best_t = min(c[3] for c in cands)
     if energy:

@@ -201,19 +201,24 @@ def decide_call(
         d = _tally(counts, groups, cold, caps, rounds, cost, D, H)
         d.offload = d.program_calls > 0 and d.offload_s < d.mlx_only_s
         return d
-    # energy: the least joules among the plan as it is, the time-balanced call and MLX alone,
-    # within ``slack`` x the least time (``energy_bound="time"``) or MLX alone's time ("gpu")
+    # energy: MLX alone, or the plan with just enough of the time-balancing moves to end
+    # within ``slack`` x the least time (``energy_bound="time"``) or x MLX alone's ("gpu")
     static = _tally(counts, groups, cold, [list(c) for c in caps], list(rounds), cost, D, H)
+    fast_caps, fast_rounds = [list(c) for c in caps], list(rounds)
     if overflow == "auto":
-        _rebalance(counts, groups, ladders, caps, rounds, cost, D, H)
-    timed = _tally(counts, groups, cold, caps, rounds, cost, D, H)
+        _rebalance(counts, groups, ladders, fast_caps, fast_rounds, cost, D, H)
+    timed = _tally(counts, groups, cold, fast_caps, fast_rounds, cost, D, H)
     alone = CallDecision(False, [0] * len(groups), caps, 0.0, timed.mlx_only_s, timed.mlx_only_s,
                          timed.mlx_only_j, timed.mlx_only_j)
     runs = [c for c in (static, timed) if c.program_calls > 0]
     ref = min([c.offload_s for c in runs] + [alone.offload_s]) if energy_bound == "time" else alone.offload_s
-    ok = [c for c in runs + [alone] if c.offload_s <= slack * ref + 1e-12] or [min(runs + [alone], key=lambda c: c.offload_s)]
+    opts = runs + [alone]
+    if overflow == "auto" and static.program_calls and static.offload_s > slack * ref:
+        _rebalance(counts, groups, ladders, caps, rounds, cost, D, H, target=slack * ref)
+        opts.append(_tally(counts, groups, cold, caps, rounds, cost, D, H))
+    ok = [c for c in opts if c.offload_s <= slack * ref + 1e-12] or [min(opts, key=lambda c: c.offload_s)]
     d = min(ok, key=lambda c: (c.offload_j, c.offload_s))
-    d.offload = d is not alone
+    d.offload = d is not alone and d.program_calls > 0
     return d
 
 
@@ -230,23 +235,28 @@ def _tally(counts, groups, cold, caps, rounds, cost: CostModel, D: int, H: int) 
                         len(run))
 
 
-def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, trims: int = 4) -> None:
+def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, trims: int = 4,
+               target: float = 0.0) -> None:
     """In place, while the programs side would finish last: rounds = 0 for groups that end
     the call sooner on MLX (worst seconds per pair first), then a busy group's last round
-    cut to a smaller tier of its ladder, the rest of its pairs to MLX (``trims`` times)."""
+    cut to a smaller tier of its ladder, the rest of its pairs to MLX (``trims`` times).
+    With ``target`` > 0, stop as soon as the call ends within it (the energy objective
+    keeps as much work on the frugal unit as its time bound allows)."""
     t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
     served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
     prog = cost.sync_s + sum(t)
     left = int(counts.sum()) - sum(served)
     span = max(prog, cost.mlx_s(left, D, H))
     for gi in sorted((g for g in range(len(groups)) if served[g]), key=lambda g: (-t[g] / served[g], g)):
+        if span <= target:
+            return
         new = max(prog - t[gi], cost.mlx_s(left + served[gi], D, H))
         if new >= span:
             break
         prog, left, span = prog - t[gi], left + served[gi], new
         rounds[gi], t[gi], served[gi] = 0, 0.0, 0
     for _ in range(trims):
-        if prog <= cost.mlx_s(left, D, H):
+        if prog <= cost.mlx_s(left, D, H) or span <= target:
             return
         best = None  # (span, group, caps, time, served)
         for gi in sorted((g for g in range(len(groups)) if rounds[g] and caps[g]), key=lambda g: -t[g])[:4]:
