@@ -8,11 +8,25 @@ import tempfile
 from contextlib import contextmanager
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path) -> None:
+    """Give a ``mkstemp`` file or ``mkdtemp`` folder (always 0600/0700) the mode that
+    ``open``/``mkdir`` would have given it under the user's umask."""
+    mode = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, mode & ~_umask())
+
+
 def write_json(path, obj) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
     try:
+        honour_umask(tmp)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
@@ -33,6 +47,7 @@ def folder(path):
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
+    honour_umask(tmp)
     try:
         yield tmp
     except BaseException:

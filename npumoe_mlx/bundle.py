@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from tqdm import tqdm
+import mlx.nn as nn
 
-from . import experts
+from . import experts, verify
 from ._version import __version__
-from .atomic import clean_stale, folder, write_json
+from .atomic import clean_stale, folder, honour_umask, write_json
 from .cost import CostModel, default_cost
 from .lock import build_lock
 from .plan import Plan, PlanLimits, format_plan, make_plan
+from .progress import progress_bar
 
 BUNDLE_FORMAT = 1
 KIND = "npumoe-bundle"
@@ -40,8 +41,29 @@ class BundleError(ValueError):
     """A bundle that cannot be used for this model; the message says what to do."""
 
 
-def _rebuild_hint(model: str, backend: str) -> str:
-    return f"rebuild it with `npumoe build --model {model} --backend {backend} --force`"
+def _writable(path: Path) -> bool:
+    """Can a build put a folder at ``path`` (rename into its parent)?"""
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return os.access(parent, os.W_OK)
+
+
+def rebuild_hint(model: str, backend: str, path=None, model_path=None) -> str:
+    """The command that rebuilds the bundle at ``path`` so that loads of ``model`` then use it."""
+    if path is None or (model_path is not None and Path(path).absolute() == locate_bundle(model_path, backend).absolute()):
+        if path is not None and model_path is not None and _read_only(Path(model_path)):
+            where = f" (the model folder is read-only: it goes to the cache, {cached_bundle_dir(model_path, backend)}, which loads then use)"
+        else:
+            where = ""
+        return f"rebuild it with `npumoe build --model {model} --backend {backend} --force`{where}"
+    if not _writable(Path(path)):
+        return (f"{path} cannot be rebuilt in place (its folder is read-only): build one elsewhere with "
+                f"`npumoe build --model {model} --backend {backend} --out DIR` and load it with `--bundle DIR`")
+    return f"rebuild it with `npumoe build --model {model} --backend {backend} --out {path} --force`"
+
+
+_rebuild_hint = rebuild_hint
 
 
 def cache_root() -> Path:
@@ -56,8 +78,51 @@ def cached_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = Non
     return cache_root() / "bundles" / f"{fp[:16]}-{backend}"
 
 
-def _is_hub_snapshot(model_path: Path) -> bool:
-    return "snapshots" in model_path.parts or not os.access(model_path, os.W_OK)
+def _read_only(model_path: Path) -> bool:
+    """A model folder npumoe must not (hub snapshot) or cannot write a bundle into."""
+    return "snapshots" in Path(model_path).parts or not os.access(model_path, os.W_OK)
+
+
+_is_hub_snapshot = _read_only
+
+
+def locate_bundle(model_path, backend: str, explicit=None, new_in_cache: Optional[bool] = None) -> Path:
+    """The bundle folder loaders use for this model (whether or not it exists yet).
+
+    1. ``explicit`` (``--bundle``) wins;
+    2. else the first that holds a bundle of ``<model>/npumoe-<backend>`` and
+       ``$NPUMOE_CACHE/bundles/<fingerprint>-<backend>``: beside first, but the cache
+       first for a read-only model folder (or a hub snapshot), where builds write;
+    3. else where a new one goes: beside a writable local model, else the cache
+       (``new_in_cache`` forces either).
+    Builds write to ``build_target``, which is this path or, for a read-only model
+    folder, the cache's (then first in line), so the fix an error prints
+    (``npumoe build --force``) always replaces the bundle the next load uses.
+    """
+    if explicit:
+        return Path(explicit)
+    model_path = Path(model_path)
+    beside = model_path / f"npumoe-{backend}"
+    read_only = _read_only(model_path)
+    if not read_only and (beside / "manifest.json").exists():
+        return beside  # (without fingerprinting the weights for the cache's name)
+    cached = cached_bundle_dir(model_path, backend)
+    for path in ((cached, beside) if read_only else (cached,)):
+        if (path / "manifest.json").exists():
+            return path
+    if new_in_cache is None:
+        new_in_cache = read_only
+    return cached if new_in_cache else beside
+
+
+def build_target(model_path, backend: str, explicit=None) -> Path:
+    """Where ``npumoe build`` writes (``--out`` wins): the bundle loads use, or the
+    cache's for a read-only model folder (loads look there first)."""
+    if explicit:
+        return Path(explicit)
+    if _read_only(Path(model_path)):
+        return cached_bundle_dir(model_path, backend)
+    return locate_bundle(model_path, backend)
 
 
 def default_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
@@ -70,13 +135,28 @@ def default_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = No
 
 
 def find_bundle(model_path, backend: str) -> Optional[Path]:
-    """An existing bundle for this model: beside it first, then in the cache."""
-    model_path = Path(model_path)
-    beside = model_path / f"npumoe-{backend}"
-    if (beside / "manifest.json").exists():
-        return beside
-    cached = cached_bundle_dir(model_path, backend)
-    return cached if (cached / "manifest.json").exists() else None
+    """An existing bundle for this model (``locate_bundle``'s), or None."""
+    path = locate_bundle(model_path, backend)
+    return path if (path / "manifest.json").exists() else None
+
+
+BUNDLE_ENTRIES = ("manifest.json", "profile.json", "plan.json", "cost.json", "programs")
+
+
+def check_target(out: Path) -> None:
+    """A build replaces ``out`` whole: refuse unless it is missing, empty or a bundle
+    (holds nothing but what a build writes), so a wrong ``--out`` never deletes a folder."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BundleError(f"{out} exists and is not a folder; nothing was changed: choose another --out")
+    other = sorted(p.name for p in out.iterdir() if p.name not in BUNDLE_ENTRIES)
+    if other:
+        raise BundleError(
+            f"{out} is not an npumoe bundle folder (it holds {', '.join(other[:3])}); a build replaces its "
+            f"folder whole, so nothing was changed: choose a new or empty --out"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -87,12 +167,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+SAMPLES, SAMPLE_BYTES = 4, 16 * 1024
+SAMPLE_KEY = "sha256_4x16KiB"  # the manifest key of _sample_sha256 (names the scheme: a new one gets a new key)
+
+
+def _sample_sha256(path: Path) -> str:
+    """sha256 of a file's size and 4 evenly spaced 16 KiB samples (all of a file up to 64 KiB):
+    what every load checks; the whole-file sha256 is checked with ``verify``."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{size}\0".encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLES * SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            step = (size - SAMPLE_BYTES) // (SAMPLES - 1)
+            for i in range(SAMPLES):
+                f.seek(i * step)
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def _files_under(root: Path, rel: Path) -> Dict[str, dict]:
     out = {}
     base = root / rel
     paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
     for p in paths:
-        out[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        out[p.relative_to(root).as_posix()] = {
+            "bytes": p.stat().st_size, "sha256": _sha256(p), SAMPLE_KEY: _sample_sha256(p)}
     return out
 
 
@@ -114,6 +215,28 @@ def safe_path(root: Path, rel: str) -> Path:
 
 
 # --- build -------------------------------------------------------------------
+
+
+def _build_checker(backend: str):
+    """program folder -> a Program to check right after compiling it: onnx runs every tier
+    under onnxruntime; Core ML runs its smallest tier (all tiers share the weights) in the
+    numpy MIL interpreter, which works off macOS too."""
+    if backend == "onnx":
+        from .backends import load_backend
+
+        be = load_backend("onnx")
+        return be.load
+    return lambda d: verify.milrun_program(Path(d) / "program.mlpackage")
+
+
+def _verify_built(checker, backend: str, path: Path, rel: Path, entry: dict, module, want) -> None:
+    prog = checker(path)
+    tiers = sorted(prog.tiers) if backend == "onnx" else [min(prog.tiers)]
+    x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=entry["layer"])
+    try:
+        verify.check(prog, tiers, want, x, verify.tolerance(backend, module), f"{rel.as_posix()} ({prog.name})")
+    except verify.ProgramMismatch as e:
+        raise BundleError(f"build refused: {e}; this is a bug in npumoe or the model's format, please report it") from None
 
 
 def _compile_group(spec, backend: str, dest: Path, limits=None) -> None:
@@ -147,8 +270,15 @@ def build(
     trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    loaded: Optional[tuple] = None,
+    fingerprint: Optional[str] = None,
 ) -> Path:
-    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path."""
+    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
+
+    ``loaded``: an already loaded ``(model, tokenizer, config)`` (e.g. one rank's shard,
+    see sharded.py) instead of loading ``model_path``; ``fingerprint``: the weights'
+    fingerprint to record (default: that of the files in ``model_path``).
+    """
     from mlx_lm import utils as mlx_utils
 
     from .calibrate import calibrate
@@ -159,14 +289,25 @@ def build(
 
     if backend not in ("onnx", "coreml"):
         raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
+    from .args import at_least
+
+    at_least("--tokens", tokens, 1, "calibration tokens")
+    at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     t0 = time.perf_counter()
     local = resolve_model(model_path)
-    with explain_load_errors(model_path):
-        model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
-    fingerprint = model_fingerprint(local)
-    out = Path(out) if out else default_bundle_dir(local, backend, fingerprint)
+    if loaded is None:
+        with explain_load_errors(model_path):
+            model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
+    else:
+        model, tokenizer, config = loaded
+    fingerprint = fingerprint or model_fingerprint(local)
+    out = build_target(local, backend, out)
+    if not _writable(out):
+        raise BundleError(f"cannot write the bundle {out}: its folder is read-only; pass --out DIR (a writable "
+                          f"folder) and load it with --bundle DIR")
     with build_lock(out):  # one build of a bundle at a time; clears what a dead one left
         clean_stale(out)
+        check_target(out)
         blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
         if not blocks:
             raise ValueError(f"{model_path}: no supported MoE expert blocks; nothing to offload (it runs on stock MLX)")
@@ -175,8 +316,9 @@ def build(
         log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
         profile = calibrate(
             model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-            model_path=local, description=desc, progress=progress,
+            model_path=None, description=desc, progress=progress,
         )
+        profile.model_fingerprint = fingerprint
         b0 = next(iter(blocks.values()))
         if cost is None and chip:
             from .cost import chip_cost
@@ -191,6 +333,9 @@ def build(
             else:
                 cost = default_cost(backend)
         log(f"      {describe_cost(cost)}")
+        if backend == "coreml" and sys.platform != "darwin":
+            log("      note: Core ML runs only on macOS; this bundle is for a Mac (its programs are "
+                "checked here with the numpy MIL interpreter)")
         limits = limits or PlanLimits.for_backend(backend)
         mods = dict(model.named_modules())
         shapes = {
@@ -207,21 +352,30 @@ def build(
             jobs = []  # (rel, make_spec, manifest entry): routed groups, then shared experts
             for lp in plan.layers:
                 for gi, g in enumerate(lp.groups):
+                    mod = blocks[lp.layer].module
                     jobs.append((
                         Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}",
                         lambda lp=lp, g=g: spec_from_switch_glu(
                             blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers),
                         {"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers},
+                        (mod, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x)),
                     ))
                 for si, sp in enumerate(lp.shared):
+                    mlp = mods[sp.path]
                     jobs.append((
                         Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}",
                         lambda lp=lp, sp=sp: spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers),
                         {"layer": lp.layer, "group": f"s{si}", "experts": [-1], "tiers": sp.tiers},
+                        (mlp, lambda x, m=mlp: verify.model_dense(m, x)),
                     ))
             programs = []
-            for rel, make_spec, entry in tqdm(jobs, desc="[4/4] programs", unit="prog", disable=not progress):
+            checker = _build_checker(backend)
+            for rel, make_spec, entry, (module, want) in progress_bar(
+                    jobs, desc="[4/4] programs", unit="prog", disable=not progress):
                 _compile_group(make_spec(), backend, tmp / rel)
+                for f in (tmp / rel).rglob("*"):
+                    honour_umask(f)  # writers of program files may use 0600 temp files
+                _verify_built(checker, backend, tmp / rel, rel, entry, module, want)
                 programs.append({**entry, "dir": rel.as_posix(), "files": _files_under(tmp, rel)})
             profile.save(tmp / "profile.json")
             plan.save(tmp / "plan.json")
@@ -265,67 +419,93 @@ class Bundle:
     plan: Plan
     cost: CostModel
     model_name: str = "MODEL"
+    model_path: Optional[Path] = None
 
 
-def read(path, model_path=None, model_name: str = "MODEL") -> Bundle:
-    """Validate a bundle folder (and, given ``model_path``, its fingerprint)."""
+def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
+         fingerprint: Optional[str] = None) -> Bundle:
+    """Validate a bundle folder (and, given ``model_path`` or ``fingerprint``, the weights it was built for).
+
+    Every listed file is checked for size and a sampled sha256 (whole sha256 with
+    ``verify``, or for bundles that list no sampled hash). Errors name the folder
+    and the command that rebuilds that very folder. ``fingerprint``: the expected one
+    (a shard's, see sharded.py) instead of the fingerprint of ``model_path``'s files.
+    """
     root = Path(path)
     mpath = root / "manifest.json"
-    backend = "onnx"
+    backend = "coreml" if root.name.endswith("coreml") else "onnx"
+    _hint = lambda b: _LazyHint(model_name, b, root, model_path)
     if not mpath.is_file():
         raise BundleError(f"{root}: not an npumoe bundle (no manifest.json); build one with `npumoe build --model {model_name}`")
     try:
         man = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
-        raise BundleError(f"{mpath}: unreadable manifest ({e}); {_rebuild_hint(model_name, backend)}") from None
+        raise BundleError(f"{mpath}: unreadable manifest ({e}); {_hint(backend)}") from None
     if not isinstance(man, dict) or man.get("kind") != KIND:
-        raise BundleError(f"{mpath}: not an npumoe bundle manifest; {_rebuild_hint(model_name, backend)}")
+        raise BundleError(f"{mpath}: not an npumoe bundle manifest; {_hint(backend)}")
     backend = man.get("backend", backend)
-    if man.get("format") != BUNDLE_FORMAT:
+    fmt = man.get("format")
+    if type(fmt) is not int or fmt != BUNDLE_FORMAT:
+        got = f"{json.dumps(fmt)} (a JSON {type(fmt).__name__}, not an integer)" if type(fmt) is not int else str(fmt)
         raise BundleError(
-            f"{root}: bundle format {man.get('format')} (npumoe {man.get('npumoe_version')}) is not "
-            f"format {BUNDLE_FORMAT} of npumoe {__version__}; {_rebuild_hint(model_name, backend)}"
+            f"{root}: bundle format {got} (written by npumoe {man.get('npumoe_version')}) is not format "
+            f"{BUNDLE_FORMAT}, the one npumoe {__version__} reads; {_hint(backend)}"
         )
-    if model_path is not None:
+    if model_path is not None or fingerprint is not None:
         from .fingerprint import model_fingerprint
 
-        if man.get("model_fingerprint") != model_fingerprint(model_path):
+        if man.get("model_fingerprint") != (fingerprint or model_fingerprint(model_path)):
             raise BundleError(
                 f"{root}: built for other weights (model fingerprint differs: the model changed "
-                f"after the build); {_rebuild_hint(model_name, backend)}"
+                f"after the build); {_hint(backend)}"
             )
     try:
         for name, want in man["meta"].items():
-            _check_file(root, name, want, model_name, backend)
+            _check_file(root, name, want, _hint(backend), True)  # small, and they define the plan
         for prog in man["programs"]:
             for rel, want in prog["files"].items():
-                _check_file(root, rel, want, model_name, backend)
+                _check_file(root, rel, want, _hint(backend), verify)
         plan = Plan.load(safe_path(root, "plan.json"))
         cost = CostModel.load(safe_path(root, "cost.json"))
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_rebuild_hint(model_name, backend)}") from None
+        raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_hint(backend)}") from None
     if plan.backend != backend:
-        raise BundleError(f"{root}: plan is for {plan.backend}, manifest says {backend}; {_rebuild_hint(model_name, backend)}")
+        raise BundleError(f"{root}: plan is for {plan.backend}, manifest says {backend}; {_hint(backend)}")
     try:
         listed = {(p["layer"], p["group"]): ([int(e) for e in p["experts"]], [int(t) for t in p["tiers"]])
                   for p in man["programs"]}
     except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_rebuild_hint(model_name, backend)}") from None
+        raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_hint(backend)}") from None
     needed = {(lp.layer, gi): (list(g.experts), list(g.tiers)) for lp in plan.layers for gi, g in enumerate(lp.groups)}
     needed.update({(lp.layer, f"s{si}"): ([-1], list(sp.tiers)) for lp in plan.layers for si, sp in enumerate(lp.shared)})
     if listed != needed:
-        raise BundleError(f"{root}: manifest programs do not match the plan; {_rebuild_hint(model_name, backend)}")
-    return Bundle(root, man, plan, cost, model_name)
+        raise BundleError(f"{root}: manifest programs do not match the plan; {_hint(backend)}")
+    return Bundle(root, man, plan, cost, model_name, model_path)
 
 
-def _check_file(root: Path, rel: str, want: dict, model_name: str, backend: str) -> None:
+class _LazyHint:
+    """rebuild_hint's text, computed only when an error prints it (it fingerprints the model)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __str__(self) -> str:
+        return rebuild_hint(*self.args)
+
+    __format__ = lambda self, spec: format(str(self), spec)
+
+
+def _check_file(root: Path, rel: str, want: dict, hint, full: bool) -> None:
     p = safe_path(root, rel)
     if not p.is_file():
-        raise BundleError(f"{root}: missing file {rel}; {_rebuild_hint(model_name, backend)}")
-    if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
-        raise BundleError(f"{root}: {rel} is corrupt (size or sha256 differs); {_rebuild_hint(model_name, backend)}")
+        raise BundleError(f"{root}: missing file {rel}; {hint}")
+    sampled = want.get(SAMPLE_KEY) if not full else None
+    if p.stat().st_size != want["bytes"] or (
+        _sample_sha256(p) != sampled if sampled else _sha256(p) != want["sha256"]
+    ):
+        raise BundleError(f"{root}: {rel} is corrupt (size or sha256 differs); {hint}")
 
 
 def _router_of(model, block_path: str):
@@ -347,12 +527,14 @@ def install(
     backend_opts: Optional[dict] = None,
     overflow: str = "auto",
     quiet: bool = False,
+    verify_all: bool = False,
 ) -> List:
-    """Check the plan against the model, load the programs and install the executors."""
+    """Check the plan against the model, load the programs, check them against the
+    model's experts (a sample; all tiers of all with ``verify_all``), install the executors."""
     from .backends import load_backend
-    from .executor import OffloadExecutor
+    from .executor import OffloadExecutor, SharedExecutor
 
-    hint = _rebuild_hint(bundle.model_name, bundle.plan.backend)
+    hint = _LazyHint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
     blocks = {b.layer: b for b in experts.find_expert_blocks(model, config)}
     for lp in bundle.plan.layers:
         b = blocks.get(lp.layer)
@@ -376,58 +558,88 @@ def install(
             raise BundleError(f"{bundle.path}: plan names an expert of layer {lp.layer} twice; {hint}")
     be = load_backend(bundle.plan.backend, **(backend_opts or {}))
     progs = {(p["layer"], p["group"]): p for p in bundle.manifest["programs"]}
+    loaded = {}  # (layer, group) -> (program, want_fn, module): groups, then shared experts
+    for lp in bundle.plan.layers:
+        for gi, g in enumerate(lp.groups):
+            p = progs[(lp.layer, gi)]
+            prog = _load_program(be, bundle, p, hint)
+            _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
+            mod = blocks[lp.layer].module
+            loaded[(lp.layer, gi)] = (prog, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x), mod)
+    shared = _load_shared(bundle, model, be, progs, hint)
+    for key, (mlp, _, prog) in shared.items():
+        loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
+    _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
+    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]])  # read() checked the paths
+              for k, (prog, _, _) in loaded.items()}
     executors = {}
     for lp in bundle.plan.layers:
-        programs = []
-        for gi in range(len(lp.groups)):
-            p = progs[(lp.layer, gi)]
-            src = safe_path(bundle.path, p["dir"])  # every file in it was checked by read()
-            if bundle.plan.backend == "coreml":
-                src = src / "program.mlpackage"
-            try:
-                prog = be.load(src)
-            except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
-                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
-            _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
-            programs.append(prog)
+        programs = [pinned[(lp.layer, gi)] for gi in range(len(lp.groups))]
         router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
         executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
-    shared = _load_shared(bundle, model, be, progs, hint)
+    shared_ex = [(mlp, SharedExecutor(key[0], sp, pinned[key])) for key, (mlp, sp, _) in shared.items()]
     experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet)
-    for mlp, ex in shared:
+    for mlp, ex in shared_ex:
         experts.install_dense(mlp, ex)
-    return list(executors.values()) + [ex for _, ex in shared]
+    return list(executors.values()) + [ex for _, ex in shared_ex]
+
+
+def _load_program(be, bundle: Bundle, p: dict, hint: str):
+    src = safe_path(bundle.path, p["dir"])  # every file in it was checked by read()
+    if bundle.plan.backend == "coreml":
+        src = src / "program.mlpackage"
+    try:
+        return be.load(src)
+    except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
+
+
+def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, hint: str) -> None:
+    """Run a seeded probe through the programs (a sample, or all tiers of all with ``everything``)
+    and compare with the model's experts on stock MLX; a mismatch refuses the bundle."""
+    firsts = {}
+    for key in loaded:
+        firsts.setdefault(key[0], key)
+    for key in verify.pick(list(loaded), everything, firsts):
+        prog, want, module = loaded[key]
+        tiers = sorted(prog.tiers) if everything else [min(prog.tiers)]
+        x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=key[0])
+        try:
+            verify.check(prog, tiers, want, x, verify.tolerance(bundle.plan.backend, module),
+                         f"{progs[key]['dir']} ({prog.name})")
+        except verify.ProgramMismatch as e:
+            raise BundleError(f"{bundle.path}: {e}; {hint}") from None
+
+
+_DISTRIBUTED = (nn.AllToShardedLinear, nn.ShardedToAllLinear, nn.QuantizedAllToShardedLinear, nn.QuantizedShardedToAllLinear)
 
 
 def _offloadable_shared(mlp, shared) -> bool:
     """A shared expert gets a program only if it is a plain SwiGLU MLP in a format programs take."""
     if mlp is None or (shared.quant is not None and shared.quant.get("mode", "affine") != "affine"):
         return False
+    if any(isinstance(c, _DISTRIBUTED) for c in mlp.children().values()):
+        return False  # a tensor-parallel linear sums across ranks inside; a program would skip that
     return experts.is_swiglu_mlp(mlp)
 
 
-def _load_shared(bundle: Bundle, model, be, progs: dict, hint: str) -> List:
-    """(mlp, SharedExecutor) for every shared expert the plan offloads, checked against the model."""
-    from .executor import SharedExecutor
-
+def _load_shared(bundle: Bundle, model, be, progs: dict, hint: str) -> dict:
+    """(layer, "s<i>") -> (mlp, plan entry, program) for every shared expert the plan offloads,
+    checked against the model."""
     mods = dict(model.named_modules())
-    out = []
+    out = {}
     for lp in bundle.plan.layers:
         for si, sp in enumerate(lp.shared):
             mlp = mods.get(sp.path)
             if mlp is None or not experts.is_swiglu_mlp(mlp):
                 raise BundleError(f"{bundle.path}: plan offloads shared expert {sp.path}, which this model lacks; {hint}")
             p = progs[(lp.layer, f"s{si}")]
-            try:
-                prog = be.load(safe_path(bundle.path, p["dir"]) / ("program.mlpackage" if bundle.plan.backend == "coreml" else ""))
-            except Exception as e:
-                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
+            prog = _load_program(be, bundle, p, hint)
             H = mlp.up_proj.weight.shape[0]
             if (prog.G, prog.D) != (1, lp.D) or sp.H != H or not set(sp.tiers) <= set(prog.tiers):
                 raise BundleError(f"{bundle.path}: {p['dir']} does not fit shared expert {sp.path}; {hint}")
-            out.append((mlp, SharedExecutor(lp.layer, sp, prog)))
+            out[(lp.layer, f"s{si}")] = (mlp, sp, prog)
     return out
 
 
@@ -451,8 +663,6 @@ def main(argv=None) -> int:
     """`npumoe build`: calibrate -> tune -> plan -> compile into a bundle."""
     import argparse
 
-    from .cost import CostModel as _Cost
-
     p = argparse.ArgumentParser(prog="npumoe build", description="Build the offload bundle of a model.")
     p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
     p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
@@ -470,14 +680,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-tune", action="store_true", help="Use parametric costs instead of measuring.")
     p.add_argument("--max-tiers", type=int, help="Tiers per group (default 12).")
     p.add_argument("--max-group", type=int, help="Experts per program (default 16).")
-    p.add_argument("--max-programs", type=int, help="Resident programs over all layers.")
-    p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier.")
+    p.add_argument("--max-programs", type=int, help="Resident programs over all layers (default: 4096 for onnx, 120 for coreml).")
+    p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier (at least the smallest tier: 8 for onnx, 32 for coreml).")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
+    from .args import at_least, limits_from_flags, load_cost
     from .checks import resolve_model
 
+    at_least("--tokens", args.tokens, 1, "calibration tokens")
+    at_least("--chunk-size", args.chunk_size, 1, "tokens per calibration chunk")
+    limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    if args.cost:
+        load_cost(args.cost)  # a bad file fails before the model loads
     local = resolve_model(args.model)
-    out = Path(args.out) if args.out else default_bundle_dir(local, args.backend)
+    out = build_target(local, args.backend, args.out)
     if (out / "manifest.json").exists() and not args.force:
         try:
             read(out, local, args.model)
@@ -485,12 +701,8 @@ def main(argv=None) -> int:
             return 0
         except BundleError as e:
             print(f"[npumoe] existing bundle is stale, rebuilding: {e}", file=sys.stderr)
-    limits = PlanLimits.for_backend(
-        args.backend, max_tiers=args.max_tiers, max_group=args.max_group, max_programs=args.max_programs
-    )
-    if args.max_capacity:
-        limits.capacities = [c for c in limits.capacities if c <= args.max_capacity] or limits.capacities[:1]
-    cost = _Cost.load(args.cost) if args.cost else None
+    limits = limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    cost = load_cost(args.cost) if args.cost else None
     build(
         str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
         tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,

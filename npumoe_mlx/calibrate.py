@@ -18,10 +18,10 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
 from . import experts
 from .atomic import write_json
+from .progress import progress_bar
 from .replay import save_routes
 from .workloads import corpus_documents
 
@@ -313,7 +313,7 @@ def calibrate(
 
     installed = experts.install(model, executor_for, config, quiet=True)
     try:
-        bar = tqdm(total=sum(lengths), desc="calibrating", unit="tok", disable=not progress, leave=False)
+        bar = progress_bar(total=sum(lengths), desc="calibrating", unit="tok", disable=not progress, leave=False)
         for seq, (ids, n) in enumerate(zip(docs_ids, lengths)):
             if n == 0:
                 continue

@@ -31,16 +31,16 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def resolve_model(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
+def resolve_model(path_or_hf_repo, revision: Optional[str] = None, need_tokenizer: bool = True) -> Path:
     """The checked local folder of a model: a folder as is, a repo id through the hub (cache)."""
     from mlx_lm import utils as mlx_utils
 
-    name = str(path_or_hf_repo)
+    name = os.fspath(path_or_hf_repo) if isinstance(path_or_hf_repo, os.PathLike) else str(path_or_hf_repo)
     p = Path(name)
     if p.exists():
         if not p.is_dir():
             raise ModelError(f"{p} is a file, not a model folder; pass the folder that holds config.json")
-        check_model_dir(p)
+        check_model_dir(p, need_tokenizer)
         return p
     offline = _offline()
     if not _REPO_ID.match(name):
@@ -62,11 +62,11 @@ def resolve_model(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
             f"no such model folder {name}, and the Hugging Face hub did not give it ({first}); "
             f"check the path or repo id and your network"
         ) from None
-    check_model_dir(local)
+    check_model_dir(local, need_tokenizer)
     return local
 
 
-def check_model_dir(path) -> dict:
+def check_model_dir(path, need_tokenizer: bool = True) -> dict:
     """Raise ModelError unless ``path`` looks loadable by mlx_lm; returns its config."""
     root = Path(path)
     cfg_path = root / "config.json"
@@ -82,8 +82,63 @@ def check_model_dir(path) -> dict:
     if not isinstance(config, dict):
         raise ModelError(f"{cfg_path}: not a JSON object; restore or re-download config.json")
     _check_model_type(cfg_path, config)
+    check_config(cfg_path, config)
     _check_weights(root)
+    if need_tokenizer and not (any((root / f).is_file() for f in TOKENIZER_FILES) or any(root.glob("*.tiktoken"))):
+        raise ModelError(
+            f"{root}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files from the "
+            f"original model, or convert it again with `mlx_lm.convert`, which writes them"
+        )
     return config
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json", "tokenizer_config.json")
+# Fields the seam and the planner read (checked before mlx_lm sees them). ``top_k`` is left out:
+# many configs carry a sampling default (top_k: 50) under that name.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k")
+POSITIVE_KEYS = ("num_hidden_layers", "hidden_size")
+COUNT_KEYS = ("moe_intermediate_size",) + EXPERT_COUNT_KEYS  # 0 is a dense model's
+
+
+def _kind(v) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
+            dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _bad(cfg_path, key, value, constraint) -> ModelError:
+    kind = "" if value is None else f" ({_kind(value)})"
+    return ModelError(f"{cfg_path}: {key} is {json.dumps(value)}{kind}, but it must be {constraint}; fix config.json")
+
+
+def _is_pos_int(v) -> bool:
+    return type(v) is int and v >= 1
+
+
+def check_config(cfg_path, config: dict) -> None:
+    """Every MoE field npumoe and mlx_lm's MoE blocks read: a positive integer, top-k <= experts.
+
+    A nested ``text_config`` (multimodal checkpoints) is checked the same way.
+    """
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        for key in POSITIVE_KEYS:
+            if key in cfg and not _is_pos_int(cfg[key]) and (key == "num_hidden_layers" or cfg[key] is not None):
+                raise _bad(cfg_path, key, cfg[key], "an integer >= 1")
+        for key in COUNT_KEYS:
+            if cfg.get(key) is not None and not (type(cfg[key]) is int and cfg[key] >= 0):
+                raise _bad(cfg_path, key, cfg[key], "an integer >= 0")
+        experts = next((cfg[k] for k in EXPERT_COUNT_KEYS if _is_pos_int(cfg.get(k))), None)
+        for key in TOP_K_KEYS:
+            if cfg.get(key) is None:
+                continue
+            v = cfg[key]
+            ks = v if isinstance(v, list) and v else [v]  # per-layer lists (hunyuan)
+            if not all(type(k) is int and k >= 0 for k in ks) or (experts is not None and min(ks) < 1):
+                raise _bad(cfg_path, key, v, "an integer >= 1 (experts per token)")
+            if experts is not None and max(ks) > experts:
+                raise _bad(cfg_path, key, v, f"<= the number of experts ({experts})")
 
 
 def _check_model_type(cfg_path: Path, config: dict) -> None:
@@ -180,6 +235,12 @@ def explain_load_errors(path):
     """Turn mlx_lm's weight/config mismatch and custom-code errors into ones that say what to do."""
     try:
         yield
+    except KeyError as e:  # a family's sanitize() pops each tensor it needs by name
+        key = e.args[0] if e.args else "?"
+        raise ModelError(
+            f"{path}: tensor {key} is missing from model*.safetensors (the model's code needs it); the checkpoint "
+            f"is incomplete or from another model: re-download or re-convert it"
+        ) from None
     except ValueError as e:
         msg = str(e).strip()
         first = msg.splitlines()[0] if msg else ""

@@ -5,6 +5,8 @@ import sys
 
 SUBCOMMANDS = {
     "generate": ("npumoe_mlx.generate", "generate text (mlx_lm.generate flags plus --offload)"),
+    "server": ("npumoe_mlx.server", "OpenAI-compatible server (mlx_lm.server flags plus --offload)"),
+    "doctor": ("npumoe_mlx.doctor", "what runs here, and whether a model and its bundle fit and are current"),
     "info": ("npumoe_mlx.info", "list a model's MoE expert blocks"),
     "tiny-model": ("npumoe_mlx.tiny", "write a random tiny MoE checkpoint (offline)"),
     "calibrate": ("npumoe_mlx.calibrate", "count tokens per layer x expert on a corpus -> profile"),
@@ -16,6 +18,7 @@ SUBCOMMANDS = {
     "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
     "compare": ("npumoe_mlx.compare", "offload vs stock MLX: speed, CPU, memory, energy, agreement"),
     "bench": ("npumoe_mlx.bench", "benchmarks: `bench layer` (one MoE layer), `bench e2e` (whole model)"),
+    "chips": ("npumoe_mlx.chips", "Apple chip profiles the planner predicts with (each number with its source)"),
     "demo": ("npumoe_mlx.demo", "build a demo MoE model and bundle, generate, compare"),
 }
 

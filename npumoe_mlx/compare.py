@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .atomic import write_json
+from .atomic import honour_umask, write_json
 
 DEFAULT_PROMPT_TOKENS = (1024, 4096)
 PREFILL_STEP = 2048  # mlx_lm's default prefill_step_size
@@ -200,6 +200,7 @@ def measure_side(
     logit_prompt: Optional[int] = 0,
     repeats: int = 1,
     log: Callable[[str], None] = print,
+    verify: bool = False,
 ) -> dict:
     """Load one side (``offload="off"`` is stock mlx_lm), warm up, measure every prompt.
 
@@ -211,7 +212,7 @@ def measure_side(
 
     side = "stock" if offload == "off" else "offload"
     t0 = time.perf_counter()
-    model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True)
+    model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True, verify=verify)
     log(f"[{side}] loaded in {time.perf_counter() - t0:.1f} s; warming up")
     warm = warm_up(model, tokenizer, prompts[0][1][:WARMUP_TOKENS], prefill_step)
     device = mlx_device_label() if offload == "off" else offload_device_label(offload, model)
@@ -352,7 +353,7 @@ def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[s
     from . import bundle as bundles
     from .lock import build_lock
 
-    path = Path(bundle) if bundle else bundles.default_bundle_dir(local, backend)
+    path = bundles.locate_bundle(local, backend, bundle)  # the one generate/load use
     if (path / "manifest.json").exists():
         return path
     if not build:
@@ -360,6 +361,7 @@ def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[s
             f"no {backend} bundle for {model_path} at {path}; build it with "
             f"`npumoe build --model {model_path} --backend {backend}` (or pass --build)"
         )
+    path = bundles.build_target(local, backend, bundle)
     log(f"no {backend} bundle at {path}: building it (npumoe build --model {model_path} --backend {backend})")
     with build_lock(path):
         bundles.build(str(local), backend, str(path), chunk_size=min(prefill_step, 512), log=log)
@@ -381,6 +383,7 @@ def compare(
     check_logits: bool = True,
     repeats: int = 1,
     log: Callable[[str], None] = print,
+    verify: bool = False,
 ) -> dict:
     """Measure the offload path and stock MLX on the same prompts; write compare.{json,md,png}.
 
@@ -395,7 +398,7 @@ def compare(
         raise CompareError("--max-tokens must be >= 2 (decode speed needs at least two generated tokens)")
     if prefill_step < 1 or repeats < 1:
         raise CompareError("--prefill-step and --repeats must be >= 1")
-    want = resolve(backend)
+    want = resolve(backend, check_runs=True)
     from .checks import resolve_model
 
     local = resolve_model(model_path)
@@ -408,7 +411,8 @@ def compare(
     for side, mode in (("stock", "off"), ("offload", want)):
         sides[side] = measure_side(str(local), mode, ids, max_tokens=max_tokens, prefill_step=prefill_step,
                                    bundle=str(bundle_dir) if mode != "off" else None,
-                                   logit_prompt=logit_prompt, repeats=repeats, log=log)
+                                   logit_prompt=logit_prompt, repeats=repeats, log=log,
+                                   verify=verify and mode != "off")
     off, stock = sides["offload"], sides["stock"]
     machine.update(loadavg_at_end())
 
@@ -534,6 +538,7 @@ def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
+        honour_umask(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -548,6 +553,7 @@ def save_figure(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
     os.close(fd)
     try:
+        honour_umask(tmp)
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)
     except BaseException:
@@ -619,13 +625,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per prompt (default 32).")
     p.add_argument("--backend", choices=("auto", "onnx", "coreml"), default="auto",
                    help="Offload backend (auto: coreml on Apple Silicon, onnx elsewhere).")
-    p.add_argument("--bundle", help="Bundle folder (default: <model>/npumoe-<backend>).")
+    p.add_argument("--bundle", help="Bundle folder (default: the one generate uses: <model>/npumoe-<backend> if "
+                   "there, else the cache's).")
     p.add_argument("--build", action="store_true", help="Build the bundle first if it is missing.")
     p.add_argument("--prefill-step", type=int, default=PREFILL_STEP, help="Prefill chunk (default 2048, as mlx_lm).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the synthetic prompts.")
     p.add_argument("--repeats", type=int, default=1, help="Runs per prompt; the median-wall run is kept (default 1).")
     p.add_argument("--no-logits", action="store_true", help="Skip the logit comparison (one extra prefill per side).")
     p.add_argument("--out", default="npumoe-compare", help="Output folder (default ./npumoe-compare).")
+    p.add_argument("--verify", action="store_true",
+                   help="Check every program tier against the model's experts and every bundle file's whole "
+                   "sha256 at load (default: a sample, and sampled hashes).")
     try:
         args = p.parse_args(argv)
     except _ArgError as e:
@@ -635,7 +645,8 @@ def main(argv=None) -> int:
     try:
         r = compare(args.model, prompt_tokens=args.prompt_tokens, prompts=args.prompt, max_tokens=args.max_tokens,
                     backend=args.backend, out_dir=args.out, build=args.build, bundle=args.bundle,
-                    prefill_step=args.prefill_step, seed=args.seed, check_logits=not args.no_logits, repeats=args.repeats, log=log)
+                    prefill_step=args.prefill_step, seed=args.seed, check_logits=not args.no_logits, repeats=args.repeats, log=log,
+                    verify=args.verify)
     except ValueError as e:  # CompareError, a bad or stale bundle, a bad offload mode: one line
         print(f"npumoe compare: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1

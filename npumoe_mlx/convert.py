@@ -10,7 +10,11 @@ Re-running with an up-to-date bundle does nothing and says so; ``--force`` rebui
 """
 
 import json
+import os
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +23,8 @@ from mlx_lm.convert import configure_parser as mlx_convert_parser
 from mlx_lm.convert import convert as mlx_convert
 
 from . import bundle as bundles
+from . import owned
+from .atomic import clean_stale, honour_umask, write_json
 from .checks import resolve_model
 from .lock import build_lock
 
@@ -49,13 +55,103 @@ def _parser():
     p.description = __doc__.splitlines()[0]
     p.add_argument("--backend", choices=("onnx", "coreml"), default=None,
                    help="Program backend (default: coreml on Apple Silicon, onnx elsewhere).")
-    p.add_argument("--force", action="store_true", help="Rebuild the bundle even if it is up to date.")
+    p.add_argument("--force", action="store_true",
+                   help="Rebuild the bundle even if it is up to date; convert again into an --mlx-path that holds "
+                   "another npumoe conversion (only what npumoe convert wrote there is replaced).")
     p.add_argument("--in-place", action="store_true", help="Put an MLX model's bundle beside it, not in the cache.")
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens (default 2048).")
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="Calibration prefill chunk: your mlx_lm prefill_step_size (default 2048, mlx_lm's).")
     p.add_argument("--no-tune", action="store_true", help="Use parametric costs instead of measuring.")
     return p
+
+
+CONVERT_MARKER = "npumoe_convert.json"
+SETTINGS = ("quantize", "q_group_size", "q_bits", "q_mode", "dtype", "dequantize", "quant_predicate")
+
+
+class ConvertError(ValueError):
+    pass
+
+
+@dataclass(eq=False)
+class Converted:
+    """What ``convert`` made: the model folder to load and its offload bundle.
+
+    It stands for the model folder (``os.fspath``, ``==`` a path), so
+    ``load(convert(...))`` works as before.
+    """
+
+    model: Path
+    bundle: Path
+    backend: str
+    converted: bool  # True if mlx_lm.convert wrote ``model`` (else it is the source itself)
+
+    def __fspath__(self) -> str:
+        return str(self.model)
+
+    def __eq__(self, other):
+        if isinstance(other, Converted):
+            return (self.model, self.bundle, self.backend) == (other.model, other.bundle, other.backend)
+        if isinstance(other, (str, os.PathLike)):
+            return Path(self.model) == Path(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(Path(self.model))
+
+
+def _settings(kwargs: dict) -> dict:
+    return {k: kwargs.get(k) if not callable(kwargs.get(k)) else repr(kwargs.get(k)) for k in SETTINGS}
+
+
+def _reuse_or_refuse(model_path: Path, source: str, fingerprint: str, settings: dict, force: bool) -> bool:
+    """True if ``model_path`` is a finished conversion of this very source with these settings."""
+    if not model_path.exists():
+        return False
+    info = owned.read_marker(model_path, CONVERT_MARKER)
+    if info is None:
+        raise ConvertError(
+            f"{model_path} already exists and was not written by npumoe convert; nothing was changed: "
+            f"remove it or choose another --mlx-path (mlx_lm.convert refuses an existing path too)"
+        )
+    same_source = info.get("source_fingerprint") == fingerprint
+    if same_source and info.get("settings") == settings:
+        return True
+    if force:
+        return False  # convert again; only what convert wrote there is replaced
+    what = "another model" if not same_source else "other settings"
+    diff = "" if not same_source else ": " + ", ".join(
+        f"{k} {info.get('settings', {}).get(k)!r} -> {v!r}" for k, v in settings.items()
+        if info.get("settings", {}).get(k) != v)
+    raise ConvertError(
+        f"{model_path} holds a conversion of {what} (from {info.get('source')}{diff}); nothing was changed: "
+        f"choose another --mlx-path, or pass --force to convert again into it"
+    )
+
+
+def _convert_into(source: str, model_path: Path, fingerprint: str, settings: dict, force: bool,
+                  trust_remote_code: bool, kwargs: dict) -> None:
+    """mlx_lm.convert into a temp folder beside ``model_path``, then rename it into place:
+    a killed conversion leaves no partial ``model_path`` for a later run to use."""
+    old = owned.check(model_path, CONVERT_MARKER, "convert", force)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(model_path):
+        clean_stale(model_path)  # what a killed conversion left
+        tmp = Path(tempfile.mkdtemp(dir=model_path.parent, prefix=f".tmp-{model_path.name}-"))
+        try:
+            honour_umask(tmp)
+            work = tmp / "model"
+            print(f"[npumoe] converting {source} -> {model_path} with mlx_lm.convert")
+            mlx_convert(source, str(work), trust_remote_code=trust_remote_code, **kwargs)
+            files = sorted(os.listdir(work)) + ["npumoe-onnx", "npumoe-coreml", CONVERT_MARKER]
+            write_json(work / CONVERT_MARKER, {
+                "tool": "npumoe convert", "source": source, "source_fingerprint": fingerprint,
+                "settings": settings, "files": files,
+            })
+            owned.publish(work, model_path, old)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert(
@@ -71,31 +167,42 @@ def convert(
     trust_remote_code: bool = False,
     progress: bool = False,
     **mlx_convert_kwargs,
-) -> Path:
+) -> Converted:
     """``source`` -> MLX weights (if needed, via ``mlx_lm.convert(**mlx_convert_kwargs)``)
-    + an up-to-date offload bundle. Returns the model folder to load."""
+    + an up-to-date offload bundle. Returns ``Converted(model, bundle, backend, converted)``."""
+    from .fingerprint import model_fingerprint
     from .offload import resolve
 
+    from .args import at_least
+
+    at_least("--tokens", tokens, 1, "calibration tokens")
+    at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     backend = backend or resolve("auto")
     src = resolve_model(source)
     convert_now = any(mlx_convert_kwargs.get(f) for f in CONVERSION_FLAGS) or not is_mlx_layout(src)
     if convert_now:
         model_path = Path(mlx_path)
-        if model_path.exists():
-            print(f"[npumoe] {model_path} exists: using it as the converted model (remove it to convert again)")
+        fingerprint, settings = model_fingerprint(src), _settings(mlx_convert_kwargs)
+        if _reuse_or_refuse(model_path, source, fingerprint, settings, force):
+            print(f"[npumoe] {model_path} is {source} converted with the same settings: using it "
+                  f"(--force converts again)")
         else:
-            print(f"[npumoe] converting {source} -> {model_path} with mlx_lm.convert")
-            mlx_convert(source, str(model_path), trust_remote_code=trust_remote_code, **mlx_convert_kwargs)
-        out = bundles.default_bundle_dir(model_path, backend)
+            _convert_into(source, model_path, fingerprint, settings, force, trust_remote_code, mlx_convert_kwargs)
+        out = bundles.locate_bundle(model_path, backend)
     else:
         model_path = src
-        out = model_path / f"npumoe-{backend}" if in_place else bundles.cached_bundle_dir(model_path, backend)
+        if in_place:
+            out = model_path / f"npumoe-{backend}"
+        elif bundles._read_only(model_path):
+            out = bundles.build_target(model_path, backend)
+        else:  # an existing bundle (beside, else cached), else a new one in the cache
+            out = bundles.locate_bundle(model_path, backend, new_in_cache=True)
 
     if (out / "manifest.json").exists() and not force:
         try:
             bundles.read(out, model_path, source)
             print(f"bundle {out} is up to date; nothing to do (--force rebuilds)")
-            return model_path
+            return Converted(model_path, out, backend, convert_now)
         except bundles.BundleError as e:
             print(f"[npumoe] rebuilding a stale bundle: {e}", file=sys.stderr)
     with build_lock(out):
@@ -104,7 +211,7 @@ def convert(
             tune=tune, trust_remote_code=trust_remote_code, progress=progress,
         )
     print(f"generate with: npumoe generate --model {model_path} --offload {backend}")
-    return model_path
+    return Converted(model_path, out, backend, convert_now)
 
 
 def main(argv=None) -> int:

@@ -11,13 +11,28 @@ import sys
 import time
 from pathlib import Path
 
+from . import owned
+from .atomic import write_json
+
 # Small but not toy: expert matmuls big enough that where they run matters.
 DEMO_DIMS = {"hidden": 256, "moe_inter": 512, "experts": 32, "top_k": 4, "heads": 4, "kv_heads": 2, "head_dim": 64}
 SMALL_DIMS = {"hidden": 64, "moe_inter": 64, "experts": 8, "top_k": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}
 
 
+MARKER = "npumoe_demo.json"
+
+
+def _claim(out: Path, backend: str, force: bool) -> None:
+    """Check ``out`` is ours to write (see owned.py), then list what the demo writes there."""
+    from .tiny import TINY_FILES
+
+    owned.check(out, MARKER, "demo", force)
+    files = [MARKER, "compare", f"model/npumoe-{backend}"] + [f"model/{f}" for f in TINY_FILES]
+    write_json(out / MARKER, {"tool": "npumoe demo", "files": files})
+
+
 def run(out: str = "npumoe-demo", small: bool = False, prompt_tokens: int = 512, max_tokens: int = 16,
-        layers: int = 4, log=print) -> dict:
+        layers: int = 4, log=print, force: bool = False) -> dict:
     from . import bundle as bundles
     from . import load, stream_generate
     from .compare import compare
@@ -29,11 +44,16 @@ def run(out: str = "npumoe-demo", small: bool = False, prompt_tokens: int = 512,
     t0 = time.perf_counter()
     out = Path(out)
     backend = resolve("auto")
+    _claim(out, backend, force)
     model_dir = out / "model"
     dims = SMALL_DIMS if small else DEMO_DIMS
     log(f"[demo] 1/4 model: qwen3_moe, {layers} layers, {dims['experts']} experts (top-{dims['top_k']}), "
         f"D={dims['hidden']}, H={dims['moe_inter']}, skewed routers -> {model_dir}")
-    make_tiny_model(model_dir, "qwen3_moe", skew=1.5, seed=0, num_layers=layers, dims=dims)
+    log("       random weights (a synthetic model: its text is gibberish; the demo shows where the work runs "
+        "and that offload matches stock MLX token for token)")
+    # The demo's folder check passed, so anything else in model/ is the demo's own bundle: keep it
+    # (rebuilt next) rather than refuse; with --force, the user's files there are kept too.
+    make_tiny_model(model_dir, "qwen3_moe", skew=1.5, seed=0, num_layers=layers, dims=dims, force=True)
 
     log(f"[demo] 2/4 bundle ({backend}): calibrate -> tune -> plan -> compile")
     bundles.build(str(model_dir), backend, tokens=1024, chunk_size=prompt_tokens, tune=True,
@@ -43,7 +63,7 @@ def run(out: str = "npumoe-demo", small: bool = False, prompt_tokens: int = 512,
     model, tok = load(str(model_dir), offload=backend, quiet=True)
     ids = prompt_of_tokens(tok, prompt_tokens, seed=1)
     text = "".join(r.text for r in stream_generate(model, tok, ids, max_tokens=max_tokens))
-    log(f"       {len(ids)} prompt tokens -> {text!r}")
+    log(f"       {len(ids)} prompt tokens -> {text!r} (random model: gibberish expected)")
     for line in format_stats(summarize(offload_stats(model))).splitlines():
         log(f"       {line}")
     del model
@@ -64,8 +84,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--force", action="store_true",
+                   help="Rerun into a demo folder that also holds other files: only the demo's own files "
+                   "(listed in its npumoe_demo.json) are replaced, the rest is kept.")
     args = p.parse_args(argv)
-    run(args.out, args.small, args.prompt_tokens, args.max_tokens, args.layers)
+    run(args.out, args.small, args.prompt_tokens, args.max_tokens, args.layers, force=args.force)
     return 0
 
 

@@ -2,14 +2,20 @@
 
 The parser is mlx_lm's own plus our flags, and the run is mlx_lm's own ``main``
 with its ``load`` pointed at ours, so flags, output format and behaviour cannot
-drift from ``mlx_lm.generate``.
+drift from ``mlx_lm.generate``. Under ``mlx.launch`` (more than one rank) the model is
+loaded with ``npumoe_mlx.sharded_load`` (tensor parallel, or ``--pipeline``; ``--build``
+builds missing per-rank bundles first) and only rank 0 prints, as in mlx_lm's chat/server.
 """
 
 import importlib
+import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 
+import mlx.core as mx
 
+from . import sharded
+from .args import at_least
 from .executor import format_stats, offload_stats, stats_profile, summarize
 from .loading import load
 from .offload import MODES
@@ -19,7 +25,7 @@ mlx_generate = importlib.import_module("mlx_lm.generate")
 _stock_arg_parser = mlx_generate.setup_arg_parser
 
 
-def add_offload_args(parser):
+def add_offload_args(parser, stats: bool = True):
     parser.add_argument(
         "--offload",
         choices=MODES,
@@ -31,7 +37,14 @@ def add_offload_args(parser):
     parser.add_argument(
         "--bundle",
         default=None,
-        help="Offload bundle folder (default: <model>/npumoe-<backend>, or the cache for hub models).",
+        help="Offload bundle folder (default: <model>/npumoe-<backend> if one is there, else the "
+        "cache's, $NPUMOE_CACHE/bundles/<fingerprint>-<backend>).",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="At load, check every program tier against the model's experts and every bundle file's "
+        "whole sha256 (default: a sample of programs, and sampled hashes).",
     )
     parser.add_argument(
         "--overflow",
@@ -40,6 +53,8 @@ def add_offload_args(parser):
         help="Pairs past a group's top tier: auto (cost model picks), rerun the ladder, spill to "
         "MLX, or drop them (the paper's behaviour, for comparison; never the default).",
     )
+    if not stats:
+        return parser
     parser.add_argument(
         "--stats",
         nargs="?",
@@ -56,7 +71,7 @@ def setup_arg_parser():
     parser = _stock_arg_parser()
     parser.prog = "npumoe generate"
     parser.description = "MoE LLM inference with expert offload (mlx_lm.generate flags plus --offload)"
-    return add_offload_args(parser)
+    return sharded.add_distributed_args(add_offload_args(parser))
 
 
 @contextmanager
@@ -71,29 +86,71 @@ def _patched(module, **attrs):
             setattr(module, k, v)
 
 
+def explain_stats(model) -> str:
+    """Which bundle ran, and why calls stayed on MLX (each layer's plan sets min_tokens)."""
+    from .experts import installed_blocks
+    from .plan import NEVER
+
+    bundle = getattr(model, "npumoe_bundle", None)
+    lines = [f"bundle: {bundle}" if bundle else "bundle: none (no programs installed)"]
+    s = summarize(offload_stats(model))
+    stayed = s["layer_calls"] - s["offloaded_calls"]
+    mins = [m.executor.plan.min_tokens for m in installed_blocks(model)
+            if hasattr(getattr(m, "executor", None), "plan")]
+    mins = [t for t in mins if t < NEVER]
+    spread = f" ({min(mins)}-{max(mins)} by layer)" if mins and min(mins) != max(mins) else ""
+    if stayed and mins:
+        lines.append(
+            f"{stayed} MoE layer calls stayed on MLX: the plan runs programs only for calls of at least "
+            f"{min(mins)} tokens{spread} (each decode step is 1 token); smaller calls are faster on MLX"
+        )
+    elif stayed:
+        lines.append(f"{stayed} MoE layer calls stayed on MLX: the plan offloads no layer at any call size")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    at_least("--prefill-step-size", args.prefill_step_size, 1, "tokens per prefill chunk")
     loaded = []
+    # Under mlx.launch (more than one rank): mlx_lm's sharded_load, tensor parallel unless
+    # --pipeline, as mlx_lm's chat/server/benchmark do; only rank 0 prints.
+    distributed = mx.distributed.init().size() > 1
+    if distributed and args.seed is None:  # every rank must sample the same token
+        argv = [*argv, "--seed", str(sharded.shared_seed())]
 
     def _load(*a, **kw):
-        out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, **kw)
+        if distributed or args.build:
+            out = sharded.cli_load(args, *a, **kw)
+        else:
+            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify, **kw)
         loaded.append(out[0])
         return out
 
     saved_argv = sys.argv
     sys.argv = ["npumoe generate", *argv]
+    quiet_rank = distributed and mx.distributed.init().rank() != 0
     try:
-        with _patched(mlx_generate, setup_arg_parser=setup_arg_parser, load=_load):
+        with _patched(mlx_generate, setup_arg_parser=setup_arg_parser, load=_load), \
+                redirect_stdout(open(os.devnull, "w")) if quiet_rank else nullcontext():
             mlx_generate.main()
     finally:
         sys.argv = saved_argv
-    if args.stats is not None and loaded:
-        print(format_stats(summarize(offload_stats(loaded[0]))))
-        if args.stats:
-            stats_profile(loaded[0]).save(args.stats)
-            print(f"per-call loads written to {args.stats}")
+    if distributed:
+        sharded.settle()
+    if args.stats is not None and loaded:  # --stats, or --stats FILE
+        if distributed:  # collective: every rank sends its numbers to rank 0
+            per_rank = sharded.rank_stats(loaded[0])
+            if not quiet_rank:
+                print(sharded.format_rank_stats(per_rank))
+        else:
+            print(format_stats(summarize(offload_stats(loaded[0]))))
+            print(explain_stats(loaded[0]))
+            if args.stats:  # the per-call loads, for `npumoe plan --from-stats FILE`
+                stats_profile(loaded[0]).save(args.stats)
+                print(f"per-call loads written to {args.stats}")
     return 0
 
 

@@ -38,17 +38,25 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="Also write the description as JSON.")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
-    local = resolve_model(args.model)
+    local = resolve_model(args.model, need_tokenizer=False)
     with explain_load_errors(args.model):
-        model, _, config = mlx_utils.load(
-            str(local), lazy=True, return_config=True, trust_remote_code=args.trust_remote_code
-        )
+        model, config = mlx_utils.load_model(local, lazy=True, trust_remote_code=args.trust_remote_code)  # no tokenizer needed
     blocks = find_expert_blocks(model, config)
     print(f"model: {args.model}  model_type: {config.get('model_type')}  MoE layers: {len(blocks)}")
     if blocks:
         print(format_table(blocks))
     else:
         print("no MoE expert blocks found: this model runs on stock MLX")
+    if any(b.supported for b in blocks):
+        from . import bundle as bundles
+        from .offload import resolve
+
+        backend = resolve("auto")
+        path = bundles.locate_bundle(local, backend)
+        if (path / "manifest.json").is_file():
+            print(f"{backend} bundle: {path} (the one generate uses)")
+        else:
+            print(f"no {backend} bundle yet (`npumoe build --model {args.model} --backend {backend}` writes it to {bundles.build_target(local, backend)})")
     if args.json:
         write_json(
             args.json,

@@ -1,11 +1,15 @@
-"""``load``: mlx_lm.load plus the offload seam."""
+"""``load``: mlx_lm.load plus the offload seam; ``install``/``remove``/``stats`` for models built elsewhere."""
 
+import dataclasses
+import os
 from typing import Any, Dict, Optional
 
+import mlx.nn as nn
 from mlx_lm import utils as mlx_utils
 
-from . import checks
+from . import checks, experts
 from . import offload as _offload
+from .executor import OVERFLOW_MODES, SharedExecutor, offload_stats, summarize
 
 
 def load(
@@ -22,6 +26,7 @@ def load(
     overflow: str = "auto",
     backend_options: Optional[Dict[str, Any]] = None,
     quiet: bool = False,
+    verify: bool = False,
 ):
     """Load like ``mlx_lm.load`` and install the expert executor for ``offload``.
 
@@ -32,9 +37,13 @@ def load(
     overflow: "auto" (cost model picks rerun or spill), "rerun", "spill", or
     "drop" (the paper's behaviour, for comparison only).
     backend_options: e.g. {"providers": [...], "threads": 2} for onnx.
+    verify: check every program tier against the model's experts and every
+    bundle file's whole sha256 (default: a sample, and sampled hashes).
     Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
-    _offload.resolve(offload)  # fail on a bad mode before the (slow) load
+    if isinstance(path_or_hf_repo, os.PathLike):  # a Path, or convert()'s result
+        path_or_hf_repo = os.fspath(path_or_hf_repo)
+    _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
     model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
     with checks.explain_load_errors(path_or_hf_repo):
         model, tokenizer, config = mlx_utils.load(
@@ -48,8 +57,82 @@ def load(
         )
     _offload.apply(
         model, config, offload, model_path=model_path, bundle=bundle, overflow=overflow,
-        backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet,
+        backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet, verify=verify,
     )
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
+
+
+def _config_of(model, model_path) -> dict:
+    """The model's config: config.json beside the weights, else the model's own args."""
+    if model_path is not None:
+        return checks.check_model_dir(model_path)
+    args = getattr(model, "args", None)
+    if dataclasses.is_dataclass(args):
+        return dataclasses.asdict(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def install(
+    model: nn.Module,
+    offload: str = "auto",
+    bundle: Optional[str] = None,
+    config: Optional[Dict[str, Any]] = None,
+    model_path: Optional[str] = None,
+    overflow: str = "auto",
+    backend_options: Optional[Dict[str, Any]] = None,
+    quiet: bool = False,
+    verify: bool = False,
+) -> str:
+    """Put the offload on a model built elsewhere (a server, a notebook, ``mlx_lm.load``).
+
+    Same modes and bundle rules as ``load``: the bundle is ``bundle`` or the one
+    found for ``model_path`` (a local folder or a hub repo id; its fingerprint is
+    checked). Without either, ``auto`` leaves the model on stock MLX and ``onnx``/
+    ``coreml`` raise. Installing again replaces what was installed. Returns the
+    mode in effect: "coreml", "onnx", "mlx" or "off". ``verify`` as in ``load``.
+    """
+    _offload.resolve(offload, check_runs=True)
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"unknown overflow {overflow!r}; choose one of {', '.join(OVERFLOW_MODES)}")
+    name = str(model_path) if model_path is not None else "MODEL"
+    local = checks.resolve_model(model_path) if model_path is not None else None
+    if config is None:
+        config = _config_of(model, local)
+    remove(model)
+    return _offload.apply(
+        model, config, offload, model_path=local, bundle=bundle, overflow=overflow,
+        backend_options=backend_options, model_name=name, quiet=quiet, verify=verify,
+    )
+
+
+def remove(model: nn.Module) -> int:
+    """Put every offloaded block back on stock MLX (same parameters). Returns how many."""
+    model.__dict__.pop("npumoe_bundle", None)  # set by offload.apply for --stats
+    return experts.remove(model)
+
+
+def stats(model: nn.Module) -> Dict[str, Any]:
+    """What ran where so far: the numbers ``npumoe generate --stats`` prints, per MoE layer.
+
+    ``{"layers": [{layer, kind ("routed" | "shared"), calls, offloaded,
+    program_calls, slots, padded, padding_pct, pairs, spilled, spill_pct,
+    dropped, program_s, offload_call_s, fallback}], "total": summarize(...)}``;
+    JSON-ready. A model without offload has no layers.
+    """
+    layer_stats = offload_stats(model)
+    shared = {
+        id(m.executor.stats) for _, m in model.named_modules()
+        if isinstance(getattr(m, "executor", None), SharedExecutor)
+    }
+    layers = []
+    for s in layer_stats:
+        d = s.to_dict()
+        d["kind"] = "shared" if id(s) in shared else "routed"
+        d["padding_pct"] = 100.0 * s.padded / max(s.slots, 1)
+        d["spill_pct"] = 100.0 * s.spilled / max(s.pairs, 1)
+        layers.append(d)
+    total = summarize(layer_stats)
+    total["fallbacks"] = {str(k): v for k, v in total["fallbacks"].items()}  # JSON object keys
+    return {"layers": layers, "total": total}

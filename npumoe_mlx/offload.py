@@ -17,10 +17,16 @@ class OffloadError(ValueError):
     pass
 
 
-def resolve(mode: str) -> str:
-    """Map ``auto`` to the backend this machine prefers."""
+def resolve(mode: str, check_runs: bool = False) -> str:
+    """Map ``auto`` to the backend this machine prefers; with ``check_runs``, refuse a
+    backend that cannot run here (before anything slow happens)."""
     if mode not in MODES:
         raise OffloadError(f"unknown offload mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "coreml" and check_runs and sys.platform != "darwin":
+        raise OffloadError(
+            f"Core ML runs only on macOS (this is {platform.system() or sys.platform}); "
+            f"use --offload onnx (or auto) here: Core ML bundles can be built here but run only on a Mac"
+        )
     if mode != "auto":
         return mode
     is_apple = sys.platform == "darwin" and platform.machine() == "arm64"
@@ -42,16 +48,21 @@ def apply(
     backend_options: Optional[dict] = None,
     model_name: str = "MODEL",
     quiet: bool = False,
+    verify: bool = False,
+    fingerprint: Optional[str] = None,
 ) -> str:
     """Install the executors for ``mode``; returns the mode in effect.
 
     coreml/onnx run the programs of a built bundle (``bundle`` or the default
     place for this model); asked for explicitly, a missing bundle is an error.
     ``auto`` uses the preferred backend's bundle when one exists, else stock MLX.
+    The bundle is the one ``bundle.locate_bundle`` names (``bundle`` wins); its
+    programs are checked against the model's experts on a probe (a sample of
+    them; all of them, and whole-file hashes, with ``verify``).
     """
     from . import bundle as bundles
 
-    want = resolve(mode)
+    want = resolve(mode, check_runs=True)
     if want == "off":
         return "off"
     if want == "mlx":
@@ -62,7 +73,7 @@ def apply(
     if not any(b.supported for b in experts.find_expert_blocks(model, config)):
         _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
         return "off"
-    path = Path(bundle) if bundle else (bundles.find_bundle(model_path, want) if model_path else None)
+    path = bundles.locate_bundle(model_path, want, bundle) if (bundle or model_path) else None
     if path is None or not (path / "manifest.json").exists():
         where = f" at {path}" if path else ""
         if mode == "auto" and not bundle:
@@ -76,8 +87,9 @@ def apply(
             f"no {want} bundle for this model{where}; build it with "
             f"`npumoe build --model {model_name} --backend {want}`"
         )
-    b = bundles.read(path, model_path, model_name)
+    b = bundles.read(path, model_path, model_name, verify=verify, fingerprint=fingerprint)  # fingerprint: a shard's (sharded.py)
     if b.plan.backend != want:
         raise OffloadError(f"bundle {path} is for {b.plan.backend}, not {want}")
-    bundles.install(b, model, config, backend_options, overflow=overflow, quiet=quiet)
+    bundles.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify)
+    model.npumoe_bundle = str(path)  # a plain attribute (not a parameter): --stats names it
     return want

@@ -518,10 +518,29 @@ def main(argv=None) -> int:
     p.add_argument("--objective", choices=("time", "energy"), default="time")
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens when calibrating now.")
     p.add_argument("--json", metavar="PATH", help="Also write the plan as JSON.")
+    p.add_argument("--bundle", help="Bundle whose plan to print (default: the model's, as generate finds it).")
     args = p.parse_args(argv)
+    from . import bundle as bundles
+    from .args import at_least, load_cost
     from .checks import resolve_model
 
+    at_least("--tokens", args.tokens, 1, "calibration tokens")
     local = resolve_model(args.model)
+    found = bundles.locate_bundle(local, args.backend, args.bundle)
+    if (found / "manifest.json").exists() and not (args.profile or args.cost or args.from_stats or args.chip):
+        plan = bundles.read(found, local, args.model).plan  # the plan generate runs
+        print(f"plan of the {args.backend} bundle {found} (the one generate uses):")
+        print(format_plan(plan, verbose=True))
+        if args.json:
+            plan.save(args.json)
+            print(f"wrote {args.json}")
+        return 0
+    if args.bundle:
+        raise ValueError(f"{found}: not an npumoe bundle (no manifest.json)")
+    print(f"no {args.backend} bundle for {args.model}: computing a plan from "
+          f"{'the profile ' + (args.from_stats or args.profile) if (args.from_stats or args.profile) else 'a calibration'} and "
+          f"{'the costs in ' + args.cost if args.cost else 'parametric costs'} (`npumoe build` measures "
+          f"this machine's costs, so its plan may differ)")
     model, tokenizer, config = mlx_utils.load(str(local), return_config=True)
     blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
     if not blocks:
@@ -538,7 +557,7 @@ def main(argv=None) -> int:
 
         cost = chip_cost(args.chip, args.backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
     else:
-        cost = CostModel.load(args.cost) if args.cost else default_cost(args.backend)
+        cost = load_cost(args.cost) if args.cost else default_cost(args.backend)
     shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
     plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
     print(format_plan(plan, verbose=True))

@@ -55,7 +55,6 @@ import math
 import shutil
 import sys
 import tempfile
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
@@ -64,6 +63,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+
+from . import owned
+from .atomic import honour_umask
 
 FAMILIES = (
     "mixtral",
@@ -980,25 +982,11 @@ def hf_weights(family: str, model: nn.Module, config: dict) -> Dict[str, mx.arra
 # Writing
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; replace only empty or factory folders."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if not any(out.iterdir()):
-        out.rmdir()
-        tmp.rename(out)
-        return
-    if not (out / MARKER).is_file():
-        raise FileExistsError(
-            f"{out} is not empty and not a tiny-model folder (no {MARKER}); refusing to overwrite"
-        )
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+# What the factory writes (glob patterns; its marker lists them, see owned.py).
+TINY_FILES = (
+    "config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", MARKER,
+)
 
 
 def make_tiny_model(
@@ -1014,6 +1002,7 @@ def make_tiny_model(
     num_layers: Optional[int] = None,
     num_experts: Optional[int] = None,
     dims: Optional[dict] = None,
+    force: bool = False,
 ) -> Path:
     """Write a random checkpoint loadable by ``mlx_lm.load(out)``; returns ``out``.
 
@@ -1021,7 +1010,9 @@ def make_tiny_model(
 
     The folder is built next to ``out`` and renamed into place, so a reader
     never sees a half-written model. An existing ``out`` is replaced only if it
-    is empty or a previous factory output.
+    is empty or holds nothing but a previous factory output; a factory folder
+    that also holds other files (notes, a built bundle) is refused, or with
+    ``force`` gets only the factory's own files replaced (see owned.py).
     """
     from mlx_lm.utils import quantize_model, save_config, save_model
 
@@ -1041,8 +1032,7 @@ def make_tiny_model(
     if not math.isfinite(skew) or skew < 0:
         raise ValueError(f"skew must be a finite number >= 0, got {skew}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
-        raise FileExistsError(f"{out} exists and is not an empty or tiny-model folder; refusing to overwrite")
+    owned.check(out, MARKER, "tiny-model", force, legacy=TINY_FILES)  # fail before the slow part
 
     model, config = build_model(
         family, seed=seed, skew=skew, shape=shape, num_layers=num_layers, num_experts=num_experts, dims=dims
@@ -1077,9 +1067,11 @@ def make_tiny_model(
             "dims": dims,
             "moe_layers": moe_layers,
             "tokenizer_size": n_tokens,
+            "files": list(TINY_FILES),
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
-        _publish(tmp, out)
+        honour_umask(tmp)
+        owned.publish(tmp, out, owned.check(out, MARKER, "tiny-model", force, legacy=TINY_FILES))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1116,6 +1108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--experts", type=int, default=None, help="override the expert count")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a previous factory output even if the folder holds other files "
+                        "(only the factory's own files are replaced; the rest is kept)")
     try:
         args = parser.parse_args(argv)
         out = make_tiny_model(
@@ -1129,6 +1124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seed=args.seed,
             num_layers=args.layers,
             num_experts=args.experts,
+            force=args.force,
         )
     except SystemExit as e:  # --help
         return e.code or 0

@@ -66,7 +66,7 @@ def measure(
     progress: bool = False,
 ) -> dict:
     """Raw timings (seconds) at these dims; ``fit`` turns them into a CostModel."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     from .backends import load_backend
     from .programs import spec_from_switch_glu
@@ -83,7 +83,7 @@ def measure(
 
     dispatch_s = median_s(one_call, 8 * repeats)
     prog_rows = []
-    bar = tqdm(total=len(groups) * len(tiers) + 2 * len(pairs), desc="tuning", disable=not progress, leave=False)
+    bar = progress_bar(total=len(groups) * len(tiers) + 2 * len(pairs), desc="tuning", disable=not progress, leave=False)
     for G in groups:
         m = _module(D, H, G, quant)
         spec = spec_from_switch_glu(m, layer=0, expert_ids=range(G), tiers=tiers)
@@ -197,7 +197,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="Where to write the cost model JSON (default: ./npumoe-cost-<backend>.json)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    model, _, config = mlx_utils.load(args.model, lazy=True, return_config=True)
+    from .args import at_least
+    from .checks import explain_load_errors, resolve_model
+
+    at_least("--repeats", args.repeats, 1, "timed runs per shape")
+    local = resolve_model(args.model, need_tokenizer=False)
+    with explain_load_errors(args.model):
+        model, config = mlx_utils.load_model(local, lazy=True)  # shapes only: no tokenizer
     blocks = [b for b in find_expert_blocks(model, config) if b.supported]
     if not blocks:
         raise ValueError(f"{args.model}: no supported MoE expert blocks to tune for")

@@ -396,13 +396,14 @@ def test_killed_build_keeps_previous_bundle_and_next_build_cleans_up(wide, capsy
     _build(path, limits=PlanLimits.for_backend("onnx", max_group=1))
     manifest = (bundle / "manifest.json").read_bytes()
     visible = _visible(path)
-    for when in ("after 1.5 s", "when the temp folder appears"):
+    lock = path / "npumoe-onnx.lock"
+    for when in ("when it holds the lock", "when the temp folder appears"):
         p = subprocess.Popen(_build_cmd(path, cost), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 60:
-            if when.startswith("after") and time.monotonic() - t0 >= 1.5:
+        while time.monotonic() - t0 < 60:  # a fixed delay raced a fast build: wait for a state instead
+            if when.endswith("lock") and lock.exists() and lock.read_text() == str(p.pid):
                 break
-            if when.startswith("when") and list(path.glob(".tmp-npumoe-onnx-*/programs")):
+            if when.endswith("appears") and list(path.glob(".tmp-npumoe-onnx-*/programs")):
                 break
             time.sleep(0.005)
         p.send_signal(signal.SIGKILL)

@@ -1,0 +1,150 @@
+"""Programs checked against the model they claim to compute.
+
+A bundle's hashes prove its files are the ones its manifest lists, not that they
+compute this model's experts. So at build (every tier of every program) and at load
+(a sample; every tier with ``verify``), each program runs a small seeded probe
+through ``program.run(x, tier)`` and its output is compared with the model's own
+experts computed by stock MLX. A mismatch refuses the bundle, naming the program.
+
+Program files are also pinned at load: ``Pinned`` wraps a program and, the first
+time each tier runs, checks that its files are still the ones checked at load
+(inode, size, mtime, ctime); a file replaced since then makes the run fail, and the
+executor keeps that layer on MLX (see executor.py) instead of running unchecked code.
+"""
+
+import os
+import random
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from . import experts
+
+# Largest relative error (max |got - want| / max |want|) a backend may show.
+TOLERANCE = {"onnx": 1e-4, "mlx": 1e-4, "coreml": 1e-2}
+DTYPE_TOLERANCE = {mx.float16: 1e-2, mx.bfloat16: 3e-2}  # the model's own rounding
+PROBE_ROWS = 8
+LOAD_LAYERS, LOAD_OTHERS = 8, 2  # programs checked at a (non --verify) load, see pick()
+
+
+class ProgramMismatch(ValueError):
+    """A program does not compute what the model's experts compute."""
+
+
+def probe(G: int, D: int, rows: int, seed: int) -> np.ndarray:
+    """x: (G, rows, D) float32, seeded."""
+    return np.random.default_rng(seed).standard_normal((G, rows, D)).astype(np.float32)
+
+
+def model_group(module, expert_ids: Sequence[int], x: np.ndarray) -> np.ndarray:
+    """y: (G, rows, D): row block g through expert ``expert_ids[g]`` of a SwitchGLU, stock MLX."""
+    G, rows, D = x.shape
+    dtype = module.down_proj.scales.dtype if hasattr(module.down_proj, "scales") else module.down_proj.weight.dtype
+    xs = mx.array(x.reshape(G * rows, D)).astype(dtype)
+    inds = mx.array(np.repeat(np.asarray(expert_ids, np.uint32), rows)[:, None])  # (G*rows, 1)
+    y = experts.stock_experts(module, xs, inds)  # (G*rows, 1, D)
+    return np.array(y.astype(mx.float32)).reshape(G, rows, D)
+
+
+def model_dense(mlp, x: np.ndarray) -> np.ndarray:
+    """y: (1, rows, D): a shared expert (dense SwiGLU MLP) on stock MLX."""
+    stock = getattr(type(mlp), "stock_class", type(mlp))
+    dtype = mlp.down_proj.scales.dtype if hasattr(mlp.down_proj, "scales") else mlp.down_proj.weight.dtype
+    y = stock.__call__(mlp, mx.array(x[0]).astype(dtype))
+    return np.array(y.astype(mx.float32))[None]
+
+
+def tolerance(backend: str, module) -> float:
+    lin = module.down_proj
+    dtype = lin.scales.dtype if hasattr(lin, "scales") else lin.weight.dtype
+    return max(TOLERANCE.get(backend, 1e-2), DTYPE_TOLERANCE.get(dtype, 0.0))
+
+
+def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, where: str) -> None:
+    """Run ``program`` at each tier on ``x`` and compare with ``want_fn(x)``; ProgramMismatch if off."""
+    want = want_fn(x)
+    scale = max(float(np.abs(want).max()), 1e-6)
+    for tier in tiers:
+        rows = min(x.shape[1], tier)
+        try:
+            got = np.asarray(program.run(x[:, :rows], tier), np.float32)
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ProgramMismatch(f"program {where} failed on the probe at tier {tier} ({why})") from e
+        if got.shape != want[:, :rows].shape or not np.all(np.isfinite(got)):
+            raise ProgramMismatch(f"program {where} gave a bad output at tier {tier} (shape {got.shape} or non-finite)")
+        err = float(np.abs(got - want[:, :rows]).max()) / scale
+        if err > tol:
+            raise ProgramMismatch(
+                f"program {where} does not compute the model's experts (tier {tier}: relative error "
+                f"{err:.2g} > {tol:g} on a seeded probe)"
+            )
+
+
+def pick(keys: Sequence[Tuple], everything: bool, first_of_layer: Dict[int, Tuple]) -> List[Tuple]:
+    """The programs to check at load: all; or the first (hottest) group of up to LOAD_LAYERS
+    layers plus LOAD_OTHERS other programs, drawn afresh at every load."""
+    if everything:
+        return list(keys)
+    rng = random.Random(os.urandom(8))
+    firsts = list(first_of_layer.values())
+    chosen = set(rng.sample(firsts, min(LOAD_LAYERS, len(firsts))))
+    rest = [k for k in keys if k not in chosen]
+    chosen.update(rng.sample(rest, min(LOAD_OTHERS, len(rest))))
+    return [k for k in keys if k in chosen]
+
+
+def stat_sig(path: Path) -> Tuple[int, int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Pinned:
+    """A program whose files must stay the ones checked at load (see the module docstring)."""
+
+    def __init__(self, program, files: Sequence[Path]):
+        self.program = program
+        self.name, self.G, self.D, self.tiers = program.name, program.G, program.D, program.tiers
+        self._files = {Path(f): stat_sig(Path(f)) for f in files}
+        self._seen = set()
+
+    def run(self, x, tier=None):
+        key = tier
+        if key not in self._seen:
+            for f, sig in self._files.items():
+                try:
+                    now = stat_sig(f)
+                except OSError:
+                    now = None
+                if now != sig:
+                    raise RuntimeError(f"program file {f} changed after the bundle was checked at load; "
+                                       f"reload the model to use the new bundle")
+            self._seen.add(key)
+        return self.program.run(x, tier)
+
+    def __getattr__(self, name):  # anything else a caller reads comes from the program
+        if name.startswith("__") or name in ("program", "_files", "_seen"):
+            raise AttributeError(name)  # (not set yet, e.g. while unpickling)
+        return getattr(self.program, name)
+
+
+def milrun_program(package: Path):
+    """A Core ML package run by the numpy MIL interpreter (build-time checks off macOS)."""
+    from ane_kernels.coreml import INPUT_NAME, function_name, read_metadata
+    from ane_kernels.milrun import load_package, run_function
+
+    from .backends import Program
+
+    meta = read_metadata(package)
+    prog = load_package(package)
+
+    class MilProgram(Program):
+        def _run(self, x, tier):
+            (y,) = run_function(prog, function_name(tier), {INPUT_NAME: x.astype(np.float16)}).values()
+            return np.asarray(y, np.float32)
+
+    p = MilProgram()
+    p.name, p.G, p.D, p.tiers = meta["name"], int(meta["G"]), int(meta["D"]), tuple(int(t) for t in meta["tiers"])
+    return p
