@@ -261,9 +261,11 @@ def build(
     *,
     corpus: Sequence[str] = ("long-context", "qa", "code"),
     tokens: int = 2048,
-    chunk_size: int = 512,
+    chunk_size: int = 2048,
     seed: int = 0,
     cost: Optional[CostModel] = None,
+    objective: str = "time",
+    chip: Optional[str] = None,
     tune: bool = True,
     limits: Optional[PlanLimits] = None,
     trust_remote_code: bool = False,
@@ -319,6 +321,10 @@ def build(
         )
         profile.model_fingerprint = fingerprint
         b0 = next(iter(blocks.values()))
+        if cost is None and chip:
+            from .cost import chip_cost
+
+            cost = chip_cost(chip, backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
         if cost is None:
             if tune:
                 from .tune import tune as run_tune
@@ -338,7 +344,7 @@ def build(
                 "shared": [{"path": s.path, "hidden": s.hidden} for s in b.shared if _offloadable_shared(mods.get(s.path), s)]}
             for l, b in blocks.items()
         }
-        plan = make_plan(profile.to_json(), shapes, cost, limits)
+        plan = make_plan(profile.to_json(), shapes, cost, limits, objective=objective)
         log(f"[3/4] {format_plan(plan)}")
 
         n_prog = plan.num_programs
@@ -667,10 +673,14 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",
                    help="Calibration corpora: long-context, qa, code, or .txt/.jsonl files (default: all three built-ins).")
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens (default 2048).")
-    p.add_argument("--chunk-size", type=int, default=512, help="Calibration prefill chunk (default 512).")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="Calibration prefill chunk: your mlx_lm prefill_step_size (default 2048, mlx_lm's).")
     p.add_argument("--cost", help="A cost model JSON from `npumoe tune` (default: measure now).")
+    p.add_argument("--chip", help="Plan with the predicted costs of this Apple chip (coreml; see `npumoe chips`).")
+    p.add_argument("--objective", choices=("time", "energy"), default="time",
+                   help="Minimise each layer call's time, or its energy within 1.2x of the least time.")
     p.add_argument("--no-tune", action="store_true", help="Use parametric costs instead of measuring.")
-    p.add_argument("--max-tiers", type=int, help="Tiers per group (default: 6 for onnx, 4 for coreml).")
+    p.add_argument("--max-tiers", type=int, help="Tiers per group (default 12).")
     p.add_argument("--max-group", type=int, help="Experts per program (default 16).")
     p.add_argument("--max-programs", type=int, help="Resident programs over all layers (default: 4096 for onnx, 120 for coreml).")
     p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier (at least the smallest tier: 8 for onnx, 32 for coreml).")
@@ -698,6 +708,7 @@ def main(argv=None) -> int:
     build(
         str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
         tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,
+        objective=args.objective, chip=args.chip,
         limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
     )
     return 0

@@ -22,6 +22,7 @@ import numpy as np
 from . import experts
 from .atomic import write_json
 from .progress import progress_bar
+from .replay import save_routes
 from .workloads import corpus_documents
 
 FORMAT = 1
@@ -99,6 +100,8 @@ class Profile:
             for j, c in enumerate(chunks):
                 if not (isinstance(c, dict) and isinstance(c.get("tokens"), int) and _is_counts(c.get("counts"), E)):
                     raise bad(f"layers[{i}].chunks[{j}]: needs 'tokens' and {E} 'counts'")
+                if "seq" in c and not (isinstance(c["seq"], int) and c["seq"] >= 0):
+                    raise bad(f"layers[{i}].chunks[{j}]: 'seq' must be a non-negative integer")
                 total += c["counts"]
             if chunks and total.tolist() != l["counts"]:
                 raise bad(f"layers[{i}]: chunk counts do not add up to the layer counts")
@@ -202,25 +205,43 @@ def rank_correlation(profile_a: Profile, profile_b: Profile) -> Dict[int, float]
 
 
 class Recorder:
-    """Executor that counts routed pairs per expert and computes the stock output."""
+    """Executor that counts routed pairs per expert and computes the stock output.
 
-    def __init__(self, num_experts: int):
+    Counts are kept per block of ``block`` consecutive tokens of a call, tagged with
+    the document (``seq``): the planner sums consecutive blocks into calls of any
+    size the user's prefill will make, without crossing a document.
+    """
+
+    def __init__(self, num_experts: int, block: int = 128):
         self.num_experts = num_experts
+        self.block = block
         self.top_k = None
-        self.pending: List[tuple] = []  # (tokens, counts mx [E]) not yet evaluated
+        self.seq = 0  # the document being prefilled
+        self.pending: List[tuple] = []  # (tokens, counts mx [blocks * E], seq, inds) not yet evaluated
         self.chunks: List[dict] = []
+        self.routes: Optional[List[np.ndarray]] = None  # [(N, k)] expert ids per call, when kept
 
     def __call__(self, module, x: mx.array, inds: mx.array) -> mx.array:
-        self.top_k = inds.shape[-1]
-        flat = inds.reshape(-1)  # [N * k]
-        counts = mx.zeros((self.num_experts,), dtype=mx.int32).at[flat].add(1)  # bincount, [E]
-        self.pending.append((flat.size // max(1, self.top_k), counts))
+        k = self.top_k = inds.shape[-1]
+        E = self.num_experts
+        n = inds.size // max(1, k)  # tokens of this call
+        nb = -(-n // self.block)
+        blk = (mx.arange(n) // self.block)[:, None] * E  # (N, 1) block offset of each token
+        idx = (blk + inds.reshape(n, k).astype(mx.int32)).reshape(-1)
+        counts = mx.zeros((nb * E,), dtype=mx.int32).at[idx].add(1)  # per-block bincount, [nb * E]
+        self.pending.append((n, counts, self.seq, inds.reshape(n, k) if self.routes is not None else None))
         return experts.stock_experts(module, x, inds)
 
     def flush(self) -> None:
         """Move evaluated counts to the host (call after mx.eval of the chunk)."""
-        for tokens, counts in self.pending:
-            self.chunks.append({"tokens": int(tokens), "counts": np.array(counts).astype(int).tolist()})
+        E = self.num_experts
+        for n, counts, seq, inds in self.pending:
+            if inds is not None:
+                self.routes.append(np.array(inds))
+            c = np.array(counts).astype(int).reshape(-1, E)
+            for b, row in enumerate(c):
+                tokens = min(self.block, n - b * self.block)
+                self.chunks.append({"tokens": int(tokens), "counts": row.tolist(), "seq": int(seq)})
         self.pending = []
 
 
@@ -246,21 +267,30 @@ def calibrate(
     config: dict,
     docs: List[str],
     *,
-    chunk_size: int = 512,
+    chunk_size: int = 2048,
+    block_size: int = 128,
     max_tokens: Optional[int] = None,
     model_path=None,
     description: str = "",
     progress: bool = False,
+    routes: Optional[Dict[int, np.ndarray]] = None,
 ) -> Profile:
     """Prefill ``docs`` through ``model`` in chunks and count routed pairs per layer x expert.
 
-    With ``max_tokens`` every document is cut proportionally so the total fits.
+    Chunks of ``chunk_size`` tokens plus a remainder per document, as mlx_lm prefills
+    (``prefill_step_size``, 2048 by default); counts are recorded per ``block_size``
+    tokens of each chunk with the document index (``"seq"``). With ``max_tokens``
+    every document is cut proportionally so the total fits.
     ``model_path`` (a local folder) adds the weights' fingerprint to the profile.
+    ``routes``, a dict, receives layer -> (T, k) expert ids of every token (a routing
+    trace for ``npumoe replay``).
     """
     from mlx_lm.models.cache import make_prompt_cache
 
     if chunk_size < 1:
         raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+    if block_size < 1:
+        raise ValueError(f"block size must be >= 1, got {block_size}")
     if experts.installed_blocks(model):
         raise ValueError("calibrate needs a stock model: load it without offload (offload='off')")
     blocks = experts.find_expert_blocks(model, config)
@@ -276,20 +306,24 @@ def calibrate(
     recorders: Dict[str, Recorder] = {}
 
     def executor_for(blk):
-        recorders[blk.path] = Recorder(blk.num_experts)
+        recorders[blk.path] = Recorder(blk.num_experts, min(block_size, chunk_size))
+        if routes is not None:
+            recorders[blk.path].routes = []
         return recorders[blk.path]
 
     installed = experts.install(model, executor_for, config, quiet=True)
     try:
         bar = progress_bar(total=sum(lengths), desc="calibrating", unit="tok", disable=not progress, leave=False)
-        for ids, n in zip(docs_ids, lengths):
+        for seq, (ids, n) in enumerate(zip(docs_ids, lengths)):
             if n == 0:
                 continue
+            for r in recorders.values():
+                r.seq = seq
             tokens = mx.array(ids[:n])
             cache = make_prompt_cache(model)
             for start in range(0, n, chunk_size):
                 model(tokens[start : start + chunk_size][None], cache=cache)  # [1, L] -> logits
-                mx.eval([c.state for c in cache] + [c for r in recorders.values() for _, c in r.pending])
+                mx.eval([c.state for c in cache] + [p[1] for r in recorders.values() for p in r.pending])
                 for r in recorders.values():
                     r.flush()
                 bar.update(min(chunk_size, n - start))
@@ -306,6 +340,8 @@ def calibrate(
             total += c["counts"]
         top_k = r.top_k or blk.top_k or 0
         layers.append(LayerCounts(blk.layer, blk.path, blk.num_experts, int(top_k), total.tolist(), r.chunks))
+        if routes is not None and r.routes:
+            routes[blk.layer] = np.concatenate(r.routes)
     fingerprint = None
     if model_path is not None and Path(model_path).is_dir():
         from .fingerprint import model_fingerprint
@@ -355,13 +391,16 @@ def main(argv=None) -> int:
         help="Built-in corpus (long-context, qa, code) or a .txt/.jsonl file. Default: long-context.",
     )
     p.add_argument("--tokens", type=int, default=2048, help="Token budget over the corpus (default 2048).")
-    p.add_argument("--chunk-size", type=int, default=512, help="Prefill chunk size (default 512).")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="Prefill chunk size: your mlx_lm prefill_step_size (default 2048, mlx_lm's).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the built-in corpora.")
     p.add_argument("--out", help="Profile path (default <model>/npumoe-profile.json for a local model).")
     p.add_argument(
         "--compare-corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",
         help="Also calibrate on this corpus and print the per-layer rank correlation.",
     )
+    p.add_argument("--save-routes", metavar="FILE.npz",
+                   help="Also write every token's experts per layer (a routing trace for `npumoe replay`).")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
     if args.tokens < 1:
@@ -383,8 +422,12 @@ def main(argv=None) -> int:
         str(model_path), return_config=True, trust_remote_code=args.trust_remote_code
     )
     kw = dict(chunk_size=args.chunk_size, max_tokens=args.tokens, model_path=model_path)
-    profile = calibrate(model, tokenizer, config, docs, description=desc, **kw)
+    routes = {} if args.save_routes else None
+    profile = calibrate(model, tokenizer, config, docs, description=desc, routes=routes, **kw)
     profile.save(out)
+    if routes is not None:
+        save_routes(args.save_routes, routes)
+        print(f"routes of {profile.tokens} tokens x {len(routes)} layers written to {args.save_routes}")
     print(f"model: {args.model}  model_type: {profile.model_type}  MoE layers: {len(profile.layers)}")
     print(f"corpus: {desc}  tokens: {profile.tokens}  chunk size: {profile.chunk_size}")
     print(format_table(profile))

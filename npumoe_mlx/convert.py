@@ -60,7 +60,8 @@ def _parser():
                    "another npumoe conversion (only what npumoe convert wrote there is replaced).")
     p.add_argument("--in-place", action="store_true", help="Put an MLX model's bundle beside it, not in the cache.")
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens (default 2048).")
-    p.add_argument("--chunk-size", type=int, default=512, help="Calibration prefill chunk (default 512).")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="Calibration prefill chunk: your mlx_lm prefill_step_size (default 2048, mlx_lm's).")
     p.add_argument("--no-tune", action="store_true", help="Use parametric costs instead of measuring.")
     return p
 
@@ -161,7 +162,7 @@ def convert(
     force: bool = False,
     in_place: bool = False,
     tokens: int = 2048,
-    chunk_size: int = 512,
+    chunk_size: int = 2048,
     tune: bool = True,
     trust_remote_code: bool = False,
     progress: bool = False,

@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional
 
+import numpy as np
+
 from .atomic import write_json
 
 
@@ -35,10 +37,25 @@ class CostModel:
     source: str = "parametric"  # "parametric" or "measured on <host>"
     mlx_dense_flops: float = 0.0  # MLX on a dense MLP (shared experts); 0 = same as mlx_flops
     expert_s: float = 0.0  # per expert per program call, whatever C (weights read once)
+    # Energy of each unit (0 = unknown): joules per FLOP computed and per call made.
+    program_j_per_flop: float = 0.0
+    program_j_per_call: float = 0.0
+    mlx_j_per_flop: float = 0.0
+    mlx_j_per_call: float = 0.0
+    # True: a program streams its weights while it computes (roofline: the larger of the
+    # two counts); False: the fitted sum (what ``tune`` measures on CPU backends).
+    weights_overlap: bool = False
 
     def program_s(self, G: int, C: int, D: int, H: int) -> float:
-        rows = G * C
-        return self.dispatch_s + G * self.expert_s + rows * self.row_s(D, H)
+        return float(self.programs_s(G, 1, C, D, H))
+
+    def programs_s(self, G: int, rounds, rows, D: int, H: int):
+        """Seconds of ``rounds`` program calls of G experts with ``rows`` rows per expert in all
+        (scalars or arrays): dispatch per call, weights per expert per call, compute and copies."""
+        weights = rounds * G * self.expert_s
+        compute = G * rows * flops_per_row(D, H) / self.program_flops
+        body = np.maximum(weights, compute) if self.weights_overlap else weights + compute
+        return rounds * self.dispatch_s + body + G * rows * D * 8 / self.copy_bps
 
     def row_s(self, D: int, H: int) -> float:
         """Seconds per program row (compute plus the host copies in and out)."""
@@ -55,13 +72,28 @@ class CostModel:
             return 0.0
         return self.mlx_fixed_s + rows * flops_per_row(D, H) / (self.mlx_dense_flops or self.mlx_flops)
 
+    def program_j(self, G: int, C: int, D: int, H: int) -> float:
+        """Joules of one program call (padded rows compute too)."""
+        return self.program_j_per_call + G * C * flops_per_row(D, H) * self.program_j_per_flop
+
+    def mlx_j(self, pairs: int, D: int, H: int) -> float:
+        if pairs <= 0:
+            return 0.0
+        return self.mlx_j_per_call + pairs * flops_per_row(D, H) * self.mlx_j_per_flop
+
+    @property
+    def has_energy(self) -> bool:
+        return self.program_j_per_flop > 0 and self.mlx_j_per_flop > 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"source", "mlx_dense_flops", "expert_s"}
+        optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
+                    "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap"}
+        missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
         return cls(**{k: d[k] for k in names if k in d})
@@ -81,7 +113,11 @@ class CostModel:
 # TFLOPS on gather_mm). onnx/mlx: this kind of 2-core x86 machine (measured once
 # with `npumoe tune`; run it on yours).
 DEFAULTS: Dict[str, CostModel] = {
-    "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12, mlx_dense_flops=5.0e12),
+    # Energy: ANE ~2-2.8 W busy, GPU ~20 W on LLM work (maderix/ANE; ANEForge, in
+    # ane-constraints.md), per FLOP at the throughputs above.
+    "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12, mlx_dense_flops=5.0e12,
+                        program_j_per_flop=2.5 / 2.0e12, program_j_per_call=2.5 * 3e-4,
+                        mlx_j_per_flop=20.0 / 3.0e12, mlx_j_per_call=20.0 * 5e-5),
     "onnx": CostModel("onnx", 5e-5, 6.0e10, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9),
     "mlx": CostModel("mlx", 1e-4, 8.0e9, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9),
 }
@@ -93,10 +129,39 @@ def default_cost(backend: str) -> CostModel:
     return CostModel.from_dict(DEFAULTS[backend].to_dict())
 
 
-def predicted_offload_s(cost: CostModel, calls, spill_pairs: int, D: int, H: int) -> float:
-    """calls: [(G, C)]; spill runs on MLX concurrently, so the call costs the larger side."""
-    prog = cost.sync_s + sum(cost.program_s(G, C, D, H) for G, C in calls)
-    return max(prog, cost.mlx_s(spill_pairs, D, H))
+def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
+    """Predicted costs on an Apple chip (``chips.py`` profiles): Core ML programs on the
+    ANE, MLX on the GPU, running at the same time.
+
+    Program call: ANE dispatch + the larger of its weights streamed at the ANE's bandwidth
+    (3*D*H*bits/8 bytes per expert, when D and H are given) and its rows at the ANE's
+    FLOP/s (roofline). MLX: the
+    GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
+    per FLOP, and power x its fixed time per call. Host copies keep the coreml default.
+    """
+    from .chips import chip_profile
+
+    if backend != "coreml":
+        raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend coreml, not {backend!r}")
+    c = chip_profile(name)
+    base = DEFAULTS["coreml"]
+    return CostModel(
+        backend="coreml",
+        dispatch_s=c.ane_dispatch_s,
+        program_flops=c.ane_tflops * 1e12,
+        copy_bps=base.copy_bps,
+        sync_s=c.sync_s,
+        mlx_fixed_s=c.gpu_dispatch_s,
+        mlx_flops=c.gpu_tflops * 1e12,
+        source=f"chip profile {c.name} (npumoe_mlx/data/chips.json)",
+        mlx_dense_flops=c.gpu_tflops * 1e12,
+        expert_s=(3 * D * H * bits / 8) / (c.ane_bw_gbs * 1e9) if D and H else 0.0,
+        weights_overlap=True,
+        program_j_per_flop=c.ane_power_w / (c.ane_tflops * 1e12),
+        program_j_per_call=c.ane_power_w * c.ane_dispatch_s,
+        mlx_j_per_flop=c.gpu_power_w / (c.gpu_tflops * 1e12),
+        mlx_j_per_call=c.gpu_power_w * c.gpu_dispatch_s,
+    )
 
 
 def describe(cost: Optional[CostModel]) -> str:

@@ -22,12 +22,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cost import CostModel, predicted_offload_s
-from .experts import SwitchGLU, stock_experts
-from .plan import LayerPlan, calls_for
-from .reference import plan_slots
+from .cost import CostModel
+from .experts import SwitchGLU, stock_dense, stock_experts
+from .plan import LayerPlan
+from .tiers import OVERFLOW_MODES, CallDecision, decide_call, ladder_rounds, plan_slots
 
-OVERFLOW_MODES = ("auto", "rerun", "spill", "drop")
+MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
+OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class LayerStats:
     pairs: int = 0  # routed pairs in offloaded calls
     spilled: int = 0  # pairs of offloaded calls run on MLX (cold experts + overflow)
     dropped: int = 0  # pairs dropped (--overflow drop only)
+    overflow: int = 0  # pairs of synced calls past their group's top tier
+    synced_pairs: int = 0  # pairs of calls that reached the host sync (the overflow rate's base)
     program_s: float = 0.0
     offload_call_s: float = 0.0  # wall time of offloaded calls from the sync to the lazy result
     fallback: str = ""  # why the layer fell back to MLX for the rest of the run
@@ -89,34 +92,32 @@ class OffloadExecutor:
         self.plan, self.programs, self.cost = plan, list(programs), cost
         self.overflow, self.router, self.warn = overflow, router, warn or _warn
         self.stats = LayerStats(plan.layer)
+        self.loads: List[tuple] = []  # (tokens, k, counts (E,)) of synced calls, for `--stats FILE`
+        self._tops = [(ids, t[-1]) for ids, t in zip((np.asarray(g.experts) for g in plan.groups), (g.tiers for g in plan.groups))]
+        self._noticed = False
+        self.notice = _warn  # advice (not a fault): the re-plan notice
         self.disabled = not plan.groups
         self._groups = [np.asarray(g.experts) for g in plan.groups]
         self._tiers = [list(g.tiers) for g in plan.groups]
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
 
-    # --- the decision -----------------------------------------------------
-    def _decide(self, counts: np.ndarray):
-        """(worth offloading?, ladder rounds per group): each group's rounds computed once.
+    def _decide(self, counts: np.ndarray) -> CallDecision:
+        return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
+                           self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
 
-        Extra rounds past the top tier run only where they beat spilling to MLX.
-        """
-        D, H = self.plan.D, self.plan.H
-        per_group = [calls_for([_G(ids, tiers)], counts, [])[0] for ids, tiers in zip(self._groups, self._tiers)]
-        spill = int(counts[self._cold].sum())
-        worth = predicted_offload_s(self.cost, [c for calls in per_group for c in calls], spill, D, H) < \
-            self.cost.mlx_s(int(counts.sum()), D, H)
-        rounds = []
-        for ids, calls in zip(self._groups, per_group):
-            if len(calls) <= 1 or self.overflow == "rerun":
-                rounds.append(max(len(calls), 1))
-            elif self.overflow in ("spill", "drop"):
-                rounds.append(1)
-            else:
-                extra = sum(self.cost.program_s(G, C, D, H) for G, C in calls[1:])
-                remainder = int(np.maximum(counts[ids] - calls[0][1], 0).sum())
-                rounds.append(len(calls) if extra < self.cost.mlx_s(remainder, D, H) else 1)
-        return worth, rounds
+    def _record(self, n_tokens: int, k: int, counts: np.ndarray) -> None:
+        """Keep the call's loads (the last MAX_LOADS) and notice overflow well above the plan's."""
+        st = self.stats
+        self.loads.append((n_tokens, k, counts))
+        del self.loads[:-MAX_LOADS]
+        st.synced_pairs += int(counts.sum())
+        st.overflow += sum(int(np.maximum(counts[ids] - top, 0).sum()) for ids, top in self._tops)
+        if not self._noticed and st.synced_pairs >= 64 * k and st.overflow > OVERFLOW_NOTICE * st.synced_pairs:
+            self._noticed = True
+            self.notice(f"layer {self.plan.layer}: {100 * st.overflow / st.synced_pairs:.0f}% of routed pairs overflow "
+                      f"their group's top tier (the plan expects ~0); save this workload with `npumoe generate "
+                      f"--stats FILE` and re-plan with `npumoe plan --from-stats FILE`")
 
     # --- the call ---------------------------------------------------------
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
@@ -141,11 +142,12 @@ class OffloadExecutor:
         order_np, counts_np = np.array(order), np.array(counts)
         if score is not None:  # paper's drop mode: within an expert, highest router score first
             order_np = np.lexsort((-np.array(score.astype(mx.float32)), np.array(flat)))
-        worth, rounds = self._decide(counts_np)
-        if not drop and not worth:
+        self._record(n_tokens, k, counts_np)
+        d = self._decide(counts_np)
+        if not drop and not d.offload:
             return stock_experts(experts, x, inds)
 
-        s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, rounds)
+        s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
         flat_np = np.array(flat)
         left = np.nonzero(s.loc < 0)[0]  # pairs no program took: cold experts, overflow
         if drop:
@@ -215,9 +217,6 @@ class SharedExecutor:
         self.disabled = False
 
     def __call__(self, mlp, x: mx.array) -> mx.array:
-        from .experts import stock_dense
-        from .reference import tier_for
-
         st = self.stats
         st.calls += 1
         D = x.shape[-1]
@@ -229,16 +228,15 @@ class SharedExecutor:
         t0 = time.perf_counter()
         x_np = np.asarray(x32)
         out = np.empty((n, D), np.float32)
-        top = self.plan.tiers[-1]
-        calls = slots = 0
+        calls = slots = start = 0
         try:
-            for start in range(0, n, top):
-                rows = x_np[start : start + top]
-                cap = tier_for(rows.shape[0], self.plan.tiers)
+            for cap in ladder_rounds(np.array([n]), self.plan.tiers):
+                rows = x_np[start : start + cap]
                 y = self.program.run(rows[None], cap)  # pads to the tier, crops back
                 if getattr(y, "shape", None) != (1, rows.shape[0], D) or not np.isfinite(y).all():
                     raise ProgramError(f"returned shape {getattr(y, 'shape', None)} or non-finite values")
                 out[start : start + rows.shape[0]] = y[0]
+                start += rows.shape[0]
                 calls += 1
                 slots += cap
         except Exception as err:
@@ -256,10 +254,26 @@ class SharedExecutor:
         return mx.array(out).reshape(x.shape).astype(x.dtype)
 
 
-@dataclass
-class _G:  # the shape calls_for wants: .experts, .tiers
-    experts: np.ndarray
-    tiers: list
+def stats_profile(model, model_type: str = "") -> "Profile":
+    """The per-call loads the offloaded layers saw, as a calibration profile (``--stats FILE``):
+    ``npumoe plan --from-stats FILE`` re-sizes the ladders for this workload."""
+    from .calibrate import LayerCounts, Profile
+    from .experts import installed_blocks
+
+    layers, tokens = [], 0
+    for m in installed_blocks(model):
+        ex = m.executor
+        if not isinstance(ex, OffloadExecutor) or not ex.loads:
+            continue
+        lp = ex.plan
+        chunks = [{"tokens": int(n), "counts": [int(x) for x in c]} for n, _, c in ex.loads]
+        total = np.sum([c for _, _, c in ex.loads], axis=0)
+        layers.append(LayerCounts(lp.layer, lp.path, lp.num_experts, int(ex.loads[-1][1]), [int(x) for x in total], chunks))
+        tokens = max(tokens, sum(int(n) for n, _, _ in ex.loads))
+    if not layers:
+        raise ValueError("no offloaded layer call reached the programs' sync: nothing to save (prompts too short?)")
+    step = max(ch["tokens"] for l in layers for ch in l.chunks)
+    return Profile(None, model_type, "npumoe generate --stats (per-call loads)", tokens, step, layers)
 
 
 def offload_stats(model) -> List[LayerStats]:
@@ -277,7 +291,8 @@ def offload_stats(model) -> List[LayerStats]:
 def summarize(stats: Sequence[LayerStats]) -> dict:
     tot = LayerStats(-1)
     for s in stats:
-        for f in ("calls", "offloaded", "program_calls", "slots", "padded", "pairs", "spilled", "dropped"):
+        for f in ("calls", "offloaded", "program_calls", "slots", "padded", "pairs", "spilled", "dropped",
+                  "overflow", "synced_pairs"):
             setattr(tot, f, getattr(tot, f) + getattr(s, f))
         tot.program_s += s.program_s
         tot.offload_call_s += s.offload_call_s
@@ -290,6 +305,7 @@ def summarize(stats: Sequence[LayerStats]) -> dict:
         "padding_pct": 100.0 * tot.padded / max(tot.slots, 1),
         "spill_pct": 100.0 * tot.spilled / max(tot.pairs, 1),
         "drop_pct": 100.0 * tot.dropped / max(tot.pairs, 1),
+        "overflow_pct": 100.0 * tot.overflow / max(tot.synced_pairs, 1),
         "program_s": tot.program_s,
         "offload_call_s": tot.offload_call_s,
         "fallbacks": {s.layer: s.fallback for s in stats if s.fallback},
@@ -301,7 +317,8 @@ def format_stats(summary: dict) -> str:
     lines = [
         f"offload: {s['offloaded_calls']}/{s['layer_calls']} MoE layer calls ran programs "
         f"({s['program_calls']} program calls, {s['program_calls_per_offloaded_call']:.2f} per offloaded call)",
-        f"padding {s['padding_pct']:.1f}% of slots, spill to MLX {s['spill_pct']:.1f}% of pairs"
+        f"padding {s['padding_pct']:.1f}% of slots, spill to MLX {s['spill_pct']:.1f}% of pairs, "
+        f"past top tiers {s.get('overflow_pct', 0.0):.1f}%"
         + (f", dropped {s['drop_pct']:.1f}% of pairs" if s["drop_pct"] else ""),
         f"time: programs {s['program_s']:.3f} s, offloaded calls {s['offload_call_s']:.3f} s",
     ]

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from . import sharded
 from .args import at_least
-from .executor import format_stats, offload_stats, summarize
+from .executor import format_stats, offload_stats, stats_profile, summarize
 from .loading import load
 from .offload import MODES
 
@@ -57,8 +57,12 @@ def add_offload_args(parser, stats: bool = True):
         return parser
     parser.add_argument(
         "--stats",
-        action="store_true",
-        help="Print offload statistics (program calls, padding, spill, time) after generating.",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="Print offload statistics (program calls, padding, spill, time) after generating; with FILE, "
+        "also save the per-call expert loads there (re-plan with `npumoe plan --from-stats FILE`).",
     )
     return parser
 
@@ -136,7 +140,7 @@ def main(argv=None):
         sys.argv = saved_argv
     if distributed:
         sharded.settle()
-    if args.stats and loaded:
+    if args.stats is not None and loaded:  # --stats, or --stats FILE
         if distributed:  # collective: every rank sends its numbers to rank 0
             per_rank = sharded.rank_stats(loaded[0])
             if not quiet_rank:
@@ -144,6 +148,9 @@ def main(argv=None):
         else:
             print(format_stats(summarize(offload_stats(loaded[0]))))
             print(explain_stats(loaded[0]))
+            if args.stats:  # the per-call loads, for `npumoe plan --from-stats FILE`
+                stats_profile(loaded[0]).save(args.stats)
+                print(f"per-call loads written to {args.stats}")
     return 0
 
 

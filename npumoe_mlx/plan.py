@@ -3,11 +3,12 @@
 Per MoE layer:
 - experts are ranked by calibrated popularity and cut into groups of similar load
   (capacity is set by a group's busiest expert, so similar loads pad little);
-- each group gets a tier ladder chosen by a small dynamic program that minimises
-  the padded slots over the calibrated per-call loads (redrawn to show their spread);
-- a group is resident (gets a program) only if the cost model says its calls beat
-  MLX; its experts are "cold" otherwise and run on MLX, as do calls smaller than
-  ``min_tokens`` (decode, typically).
+- each group gets a tier ladder (``tiers.choose_ladder``) over the calibrated loads of
+  the calls the user's prefill makes (``call_loads``), its top tier the largest call;
+- programs and MLX run at the same time: the most popular experts get programs up to
+  the point where calls finish soonest (``objective="time"``: sync + max of the two
+  sides) or spend least energy within 1.2x of that (``"energy"``); the rest are
+  "cold" and run on MLX, as do calls smaller than ``min_tokens`` (decode, typically).
 Deterministic: the same inputs give the same plan.
 """
 
@@ -18,8 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_json
-from .cost import CostModel, flops_per_row, predicted_offload_s
-from .reference import tier_for
+from .cost import CostModel, flops_per_row
+from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds
 
 PLAN_FORMAT = 1
 NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
@@ -31,18 +32,22 @@ class PlanLimits:
 
     backend: str
     capacities: List[int]  # allowed tiers (token capacities), ascending
-    max_tiers: int = 4  # tiers per group (functions of one package)
+    max_tiers: int = 12  # tiers per group (functions of one package)
     max_group: int = 16  # experts per program
     max_program_bytes: int = 1 << 30  # baked weights per program
     max_programs: int = 120  # resident programs per process (all layers)
+    call_ratio: float = 1.2  # program calls per layer call (x resident groups) that tier splits may reach
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
-        if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows)
-            base = cls("coreml", list(range(32, 4096 + 1, 32)))
+        if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows); the tiers
+            # are functions of one multifunction package sharing its weights, so 12 cost little
+            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12)
         elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little;
-            # sessions open on first use, so more tiers cost little until a call needs them
-            base = cls(backend, list(range(8, 4096 + 1, 8)), max_tiers=6, max_programs=4096)
+            # sessions open on first use, so more tiers cost little until a call needs them.
+            # 12 tiers hold padding <= 15% on real routing at 512- and 2048-token calls
+            # (benchmarks/replay.md); 6 did not.
+            base = cls(backend, list(range(8, 4096 + 1, 8)), max_tiers=12, max_programs=4096)
         else:
             raise ValueError(f"unknown backend {backend!r}")
         for k, v in overrides.items():
@@ -79,17 +84,25 @@ class LayerPlan:
     cold: List[int] = field(default_factory=list)  # experts that stay on MLX
     min_tokens: int = NEVER  # calls with fewer tokens run on MLX
     shared: List[SharedPlan] = field(default_factory=list)  # offloaded shared experts
+    objective: str = "time"  # what a call's offload decision minimises: "time" or "energy"
+    max_calls: int = 0  # program calls per layer call that tier splits may use (0: no splits)
+    energy_bound: str = "time"  # energy objective: within 1.2x of the least time ("time") or of MLX alone ("gpu")
 
     def predicted(self, cost: CostModel, tokens: int, counts: Optional[np.ndarray] = None) -> dict:
         """Predicted seconds of one call on the plan's path and on MLX alone."""
         pairs = tokens * self.top_k
         if counts is None:
             counts = np.full(self.num_experts, pairs / self.num_experts)
-        calls, spill = calls_for(self.groups, counts, self.cold)
-        return {
-            "offload_s": predicted_offload_s(cost, calls, spill, self.D, self.H),
-            "mlx_s": cost.mlx_s(pairs, self.D, self.H),
-        }
+        d = self.decide(cost, counts)
+        return {"offload_s": max(d.program_s, d.mlx_side_s), "mlx_s": d.mlx_only_s}
+
+    def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto") -> CallDecision:
+        """The executor's decision for a call with these per-expert counts (E,)."""
+        cold = np.zeros(self.num_experts, bool)
+        cold[list(self.cold)] = True
+        groups = [np.asarray(g.experts) for g in self.groups]
+        return decide_call(counts, groups, [g.tiers for g in self.groups], cold, cost, self.D, self.H, overflow,
+                           self.objective, self.max_calls, self.energy_bound)
 
 
 @dataclass
@@ -135,85 +148,30 @@ class Plan:
         return sum(len(lp.groups) + len(lp.shared) for lp in self.layers)
 
 
-def calls_for(groups: Sequence[GroupPlan], counts: np.ndarray, cold: Sequence[int]):
-    """[(G, C)] program calls for ``counts`` (E,), and the pairs left to MLX.
+def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws: int = 16):
+    """(S, E) per-expert loads of plausible prefill calls, and (S,) the calls' sizes.
 
-    Overflow past a group's top tier runs the ladder again (counted as calls).
-    """
-    calls = []
-    for g in groups:
-        calls += [(len(g.experts), c) for c in _round_caps(np.asarray(counts, float)[g.experts], g.tiers)]
-    spill = int(np.ceil(np.asarray(counts, float)[list(cold)].sum())) if len(cold) else 0
-    return calls, spill
-
-
-def choose_ladder(
-    samples: np.ndarray, capacities: Sequence[int], max_tiers: int, weights: Optional[np.ndarray] = None
-) -> List[int]:
-    """Up to ``max_tiers`` capacities minimising sum_i w_i * (tier(s_i) - s_i) over samples.
-
-    samples: group max-loads (one per calibrated call); weights default to 1 (use
-    1/call size so small and large calls count alike). The top tier covers the
-    largest sample (or is the largest allowed capacity). 1-D DP over candidates.
-    """
-    samples = np.asarray(samples, float)
-    w = np.ones_like(samples) if weights is None else np.asarray(weights, float)
-    keep = samples > 0
-    samples, w = samples[keep], w[keep]
-    caps = np.asarray(capacities)
-    if samples.size == 0:
-        return [int(caps[0])]
-    o = np.argsort(samples, kind="stable")
-    samples, w = samples[o], w[o]
-    top = int(caps[min(np.searchsorted(caps, samples[-1]), caps.size - 1)])
-    # Candidate tiers: the smallest capacity >= each sample (others never help).
-    cand = np.unique(caps[np.minimum(np.searchsorted(caps, samples), caps.size - 1)])
-    cand = cand[cand <= top]
-    m = cand.size
-    # samples in (cand[i-1], cand[j]] are served by cand[j]: sum w*(cand[j] - s)
-    lo = np.searchsorted(samples, np.concatenate([[-np.inf], cand]), side="right")
-    pw = np.concatenate([[0.0], np.cumsum(w)])
-    pws = np.concatenate([[0.0], np.cumsum(w * samples)])
-
-    def seg(a, b, c):  # samples [a, b) served at capacity c
-        return c * (pw[b] - pw[a]) - (pws[b] - pws[a])
-
-    T = min(max_tiers, m)
-    best = np.full((T + 1, m), np.inf)
-    back = np.zeros((T + 1, m), dtype=int)
-    for j in range(m):
-        best[1, j] = seg(lo[0], lo[j + 1], cand[j])
-    for t in range(2, T + 1):
-        for j in range(1, m):
-            i = np.arange(j)
-            c = best[t - 1, :j] + seg(lo[i + 1], lo[j + 1], cand[j])
-            i_best = int(np.argmin(c))
-            if c[i_best] < best[t, j] - 1e-9:
-                best[t, j], back[t, j] = c[i_best], i_best
-    t = int(np.argmin(best[1:, m - 1])) + 1  # fewest tiers on ties
-    tiers, j = [], m - 1
-    while t >= 1:
-        tiers.append(int(cand[j]))
-        j = back[t, j]
-        t -= 1
-    return sorted(set(tiers))
-
-
-def _samples(layer_profile: dict, draws: int = 16):
-    """(S, E) plausible per-expert loads of prefill calls, and (S,) the calls' sizes.
-
-    Each calibrated call (chunk) is redrawn ``draws`` times: a multinomial over
-    its k*tokens pairs with its own expert shares. The ladders then see how loads
-    scatter around what calibration saw, at the call sizes calibration used (set
-    ``--chunk-size`` to your prefill step); larger calls run the top tier again.
+    A profile that records per-block counts with their sequence (``"seq"``, as
+    ``calibrate`` and ``replay`` write) gives real calls of every size in ``sizes``:
+    consecutive blocks of one sequence, summed, never crossing a sequence.
+    Each size class then weighs the same in tokens. Otherwise (or when that
+    gives few calls) each recorded call is redrawn ``draws`` times: a multinomial
+    over its pairs with its own expert shares, so ladders see how loads scatter.
     Seeded: the same profile gives the same samples.
     """
+    chunks = [ch for ch in layer_profile["chunks"] if ch["tokens"] > 0]
+    if sizes and chunks and all("seq" in ch for ch in chunks):
+        rows, call = _block_calls(chunks, sizes)
+        if len(rows) >= 64:
+            return np.asarray(rows, float), np.asarray(call, float)
+        if rows:
+            chunks = [{"tokens": t, "counts": r} for r, t in zip(rows, call)]
     rng = np.random.default_rng(0)
     k = max(layer_profile.get("top_k") or 1, 1)
     rows, call = [], []
-    for ch in layer_profile["chunks"]:
+    for ch in chunks:
         c = np.asarray(ch["counts"], float)
-        if ch["tokens"] <= 0 or c.sum() == 0:
+        if c.sum() == 0:
             continue
         rows.append(rng.multinomial(int(c.sum()), c / c.sum(), size=draws).astype(float))
         call += [ch["tokens"]] * draws
@@ -223,30 +181,102 @@ def _samples(layer_profile: dict, draws: int = 16):
     return np.concatenate(rows), np.asarray(call, float)
 
 
+def prefill_call_sizes(layer_profile: dict, step: int) -> List[int]:
+    """The call sizes a prefill in ``step``-token chunks makes on the calibrated documents:
+    the step, and each document's remainder (in whole blocks; smaller ones are too few
+    tokens to size for)."""
+    per_seq: Dict[int, int] = {}
+    block = 0
+    for ch in layer_profile["chunks"]:
+        per_seq[ch["seq"]] = per_seq.get(ch["seq"], 0) + ch["tokens"]
+        block = max(block, ch["tokens"])
+    sizes = {int(step)}
+    for t in per_seq.values():
+        rest = (t % step) // max(block, 1) * block
+        if rest > 0:
+            sizes.add(rest)
+    return sorted(sizes)
+
+
+MIN_CALLS = 8  # fewer real calls of a size than this: add calls of consecutive blocks across documents
+
+
+def _block_calls(chunks: List[dict], sizes: Sequence[int]):
+    """Calls of each size made of consecutive blocks of one sequence (full calls only).
+
+    A size that the corpus's documents are too short to give ``MIN_CALLS`` of also
+    gets calls of consecutive blocks across documents (a stream of the corpus).
+    """
+    seqs: Dict[int, List[dict]] = {}
+    for ch in chunks:
+        seqs.setdefault(ch["seq"], []).append(ch)
+    rows, call = [], []
+    for n in sorted(set(int(x) for x in sizes)):
+        before = len(rows)
+        for blocks in seqs.values():
+            acc, t = None, 0
+            for ch in blocks:
+                c = np.asarray(ch["counts"], float)
+                acc, t = (c.copy(), ch["tokens"]) if acc is None else (acc + c, t + ch["tokens"])
+                if t >= n:
+                    if t == n:
+                        rows.append(acc)
+                        call.append(n)
+                    acc, t = None, 0
+        if len(rows) - before < MIN_CALLS:  # the stream: blocks of every document in order
+            acc, t = None, 0
+            for ch in chunks:
+                c = np.asarray(ch["counts"], float)
+                acc, t = (c.copy(), ch["tokens"]) if acc is None else (acc + c, t + ch["tokens"])
+                if t >= n:
+                    rows.append(acc * (n / t))
+                    call.append(n)
+                    acc, t = None, 0
+    return rows, call
+
+
 def _expert_bytes(D: int, H: int, quant: Optional[dict]) -> int:
     bits = quant["bits"] if quant else 32
     return 3 * D * H * bits // 8
 
 
-def _segment_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H: int):
-    """Seconds over all samples for one candidate group: (on programs, on MLX).
+def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H: int):
+    """Per sample, one candidate group's (program s, MLX s, program J, MLX J): each (S,).
 
     loads: (S, G). Programs are costed at the ideal capacity per sample (the
     smallest allowed one >= the group's max load, top-tier rounds beyond it);
-    the real ladder is chosen afterwards for the groups that win.
+    the real ladder is chosen afterwards. MLX costs leave out its fixed cost
+    (paid once per layer call, whatever the number of cold experts).
     """
     G = loads.shape[1]
-    top = float(caps[-1])
     peak = loads.max(1)  # (S,)
-    busy = peak > 0
-    rounds = np.ceil(peak / top)
-    last = peak - np.maximum(rounds - 1, 0) * top
-    rows = np.maximum(rounds - 1, 0) * top + caps[np.minimum(np.searchsorted(caps, last), caps.size - 1)]
-    per_call = cost.dispatch_s + G * cost.expert_s
-    t_prog = float((busy * (rounds * per_call + G * rows * cost.row_s(D, H))).sum())
+    rounds, rows = ladder_cover(peak, caps)
+    f = flops_per_row(D, H)
+    t_prog = cost.programs_s(G, rounds, rows, D, H)
     pairs = loads.sum(1)
-    t_mlx = float(((pairs > 0) * cost.mlx_fixed_s + pairs * flops_per_row(D, H) / cost.mlx_flops).sum())
-    return t_prog, t_mlx
+    t_mlx = pairs * f / cost.mlx_flops
+    j_prog = rounds * cost.program_j_per_call + G * rows * f * cost.program_j_per_flop
+    j_mlx = pairs * f * cost.mlx_j_per_flop
+    return t_prog, t_mlx, j_prog, j_mlx
+
+
+def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel):
+    """Per sample (makespan s, energy J) of calls whose programs side costs tp (S,) s / jp J
+    and whose MLX side costs tm (S,) s / jm J (fixed costs added here), both at once."""
+    t_mlx = np.where(tm > 0, cost.mlx_fixed_s + tm, 0.0)
+    t_prog = np.where(tp > 0, cost.sync_s + tp, 0.0)
+    return np.maximum(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
+
+
+SPREAD = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
+
+
+def _spread(peaks: np.ndarray, top: int) -> np.ndarray:
+    """Calibrated group max-loads, each also scaled by +-5..15% (never past ``top``, the
+    largest call): the ladder then fits where loads of unseen calls fall, not exactly
+    the calibrated values (every padded row costs the same whatever the call size,
+    so samples are unweighted)."""
+    return np.minimum(np.concatenate([peaks * f for f in SPREAD]), top)
 
 
 def plan_layer(
@@ -257,74 +287,125 @@ def plan_layer(
     limits: PlanLimits,
     quant: Optional[dict] = None,
     path: str = "",
+    call_sizes: Optional[Sequence[int]] = None,
+    objective: str = "time",
+    energy_bound: str = "time",
 ) -> LayerPlan:
     """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
 
-    A DP over the ranking picks the cut with the least predicted time; each run
-    goes to a program or stays on MLX (cold), whichever the cost model prefers.
-    Runs of similar load pad little, so hot experts tend to get small groups and
-    lukewarm ones larger groups (fewer dispatches), as the costs dictate.
+    Experts are ranked by calibrated popularity; a DP over the ranking picks, for
+    every prefix, the cut with the least program time (runs of similar load pad
+    little: hot experts tend to get small groups, lukewarm ones larger groups, as
+    dispatch and padding costs dictate). Programs and MLX run at the same time, so the plan takes the prefix
+    whose calls finish soonest (sync + max of the two sides), or with
+    ``objective="energy"`` spend the least energy within 1.2x of that.
     """
     E = lp_profile["num_experts"]
     k = lp_profile.get("top_k") or 1
     counts = np.asarray(lp_profile["counts"], float)
     rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
-    samples, call = _samples(lp_profile)  # (S, E), (S,)
+    samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
     ranked = samples[:, rank]
     caps = np.asarray(limits.capacities)
     max_g = max(1, min(limits.max_group, E, limits.max_program_bytes // max(_expert_bytes(D, H, quant), 1)))
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
+    # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
+    # largest call size never overflows on calls of that size, whatever the domain.
+    top = int(min(max(call_sizes) if call_sizes else call.max(), caps[-1]))
 
+    # best[j]: the least program time of the ranking's first j experts, cut into runs
     best = np.full(E + 1, np.inf)
     best[0] = 0.0
-    choice = [None] * (E + 1)  # (start, on_programs)
+    choice = [0] * (E + 1)  # start of the last run
+    run_cost = {}  # (i, j) -> (t_prog, t_mlx, j_prog, j_mlx), each (S,)
     for j in range(1, E + 1):
         for G in sizes:
             i = j - G
             if i < 0:
                 break
-            t_prog, t_mlx = _segment_costs(ranked[:, i:j], caps, cost, D, H)
-            on_prog = ranked[:, i:j].max() > 0 and t_prog < t_mlx
-            c = best[i] + (t_prog if on_prog else t_mlx)
+            run_cost[(i, j)] = _group_costs(ranked[:, i:j], caps, cost, D, H)
+            c = best[i] + float(run_cost[(i, j)][0].sum())
             if c < best[j] - 1e-15:
-                best[j], choice[j] = c, (i, on_prog)
-    groups, cold, j = [], [], E
-    while j > 0:
-        i, on_prog = choice[j]
-        ids = rank[i:j]
-        if on_prog:
-            tiers = choose_ladder(ranked[:, i:j].max(1), limits.capacities, limits.max_tiers, 1.0 / call)
-            groups.append(GroupPlan(sorted(ids), tiers))
-        else:
-            cold.extend(ids)
-        j = i
-    groups.reverse()  # hottest group first
-    lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold))
+                best[j], choice[j] = c, i
+
+    def runs_of(m):  # the best cut of the first m experts
+        out, j = [], m
+        while j > 0:
+            out.append((choice[j], j))
+            j = choice[j]
+        return out[::-1]
+
+    # The first m experts of the ranking on programs, the rest on MLX, both at once:
+    # m for the least makespan, or the least energy within 1.2x of it.
+    mlx_t = ranked * (flops_per_row(D, H) / cost.mlx_flops)  # (S, E) seconds per expert on MLX
+    mlx_j = ranked * (flops_per_row(D, H) * cost.mlx_j_per_flop)
+    tail_t = np.concatenate([np.cumsum(mlx_t[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)  # (S, E+1)
+    tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)
+    alone_t, alone_j = split_cost(np.zeros(len(ranked)), tail_t[:, 0], np.zeros(len(ranked)), tail_j[:, 0], cost)
+    energy = objective == "energy" and cost.has_energy
+    cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls)
+    for m in range(E + 1):
+        runs = runs_of(m)
+        tp, tm, jp, jm = (np.stack([run_cost[r][x] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
+                          for x in range(4))  # (S, R) each
+        st_t, st_j = split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost)  # the plan as it is
+        # Each call moves its worst-used groups to MLX while that ends it sooner (decide_call):
+        # try moving the k worst (by calibrated seconds per MLX second), per sample the best k.
+        worst = np.argsort(-(tp.sum(0) / np.maximum(tm.sum(0), 1e-30)), kind="stable")
+        z = np.zeros((len(ranked), 1))
+        ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
+        prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
+        side = tail_t[:, m : m + 1] + ctm
+        span = np.maximum(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
+        kb = span.argmin(1)
+        rows = np.arange(len(ranked))
+        tb_t = np.minimum(span[rows, kb], alone_t)
+        tb_j = np.where(span[rows, kb] < alone_t, jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb]
+                        + (side[rows, kb] > 0) * cost.mlx_j_per_call, alone_j)
+        if not energy:
+            cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean())))
+            continue
+        # per call, as decide_call: the least energy of (as planned, balanced just enough to end
+        # within the bound (interpolated), fully balanced, MLX alone) within the bound
+        ref = np.minimum(np.minimum(st_t, tb_t), alone_t) if energy_bound == "time" else alone_t
+        lim = 1.2 * ref
+        frac = np.clip((st_t - lim) / np.maximum(st_t - tb_t, 1e-30), 0, 1)
+        part_t, part_j = np.where(st_t > lim, np.maximum(lim, tb_t), st_t), st_j + frac * (tb_j - st_j)
+        opts_t = np.stack([st_t, part_t, tb_t, alone_t])  # (4, S)
+        opts_j = np.stack([st_j, part_j, tb_j, alone_j])
+        j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
+        pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
+        cands.append((m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean())))
+    best_t = min(c[3] for c in cands)
+    if energy:
+        bound = 1.2 * (best_t if energy_bound == "time" else float(alone_t.mean())) + 1e-15
+        m = min((c for c in cands if c[1] <= bound), key=lambda c: (c[2], c[1]), default=cands[0])[0]
+    else:
+        m = min(cands, key=lambda c: c[1])[0]
+    groups = []
+    for i, j in runs_of(m):  # hottest run first
+        if ranked[:, i:j].max() > 0:
+            tiers = choose_ladder(_spread(ranked[:, i:j].max(1), top), limits.capacities, limits.max_tiers, None, top)
+            groups.append(GroupPlan(sorted(rank[i:j]), tiers))
+    resident = {e for g in groups for e in g.experts}
+    cold = [e for e in range(E) if e not in resident]
+    lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold),
+                   objective=objective, energy_bound=energy_bound)
+    lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)
     lp.min_tokens = _min_tokens(lp, cost, counts)
     if lp.min_tokens == NEVER:
         lp.groups, lp.cold = [], list(range(E))
     return lp
 
 
-def _round_caps(row: np.ndarray, tiers: Sequence[int]) -> List[int]:
-    """Capacities of the ladder rounds that serve per-expert loads ``row`` (G,)."""
-    caps, left = [], np.ceil(row.astype(float))
-    while left.max(initial=0) > 0:
-        c = tier_for(left.max(), tiers)
-        caps.append(c)
-        left = np.maximum(left - c, 0)
-    return caps
-
-
 def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:
-    """Smallest power-of-two call size where the plan beats MLX on calibrated shares."""
+    """Smallest power-of-two call size where the plan beats MLX (in its objective) on calibrated shares."""
     if not lp.groups:
         return NEVER
     share = counts / max(counts.sum(), 1)
     n = 1
     while n <= 1 << 16:
-        p = lp.predicted(cost, n, np.ceil(share * n * lp.top_k))
-        if p["offload_s"] < p["mlx_s"]:
+        if lp.decide(cost, np.ceil(share * n * lp.top_k)).offload:
             return n
         n *= 2
     return NEVER
@@ -339,22 +420,34 @@ def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, li
     tiers = choose_ladder(sizes, limits.capacities, limits.max_tiers, 1.0 / sizes)
     n = 1
     while n <= 1 << 16:
-        prog = cost.sync_s + sum(cost.program_s(1, c, D, H) for c in _round_caps(np.array([n]), tiers))
+        prog = cost.sync_s + sum(cost.program_s(1, c, D, H) for c in ladder_rounds(np.array([n]), tiers))
         if prog < cost.mlx_dense_s(n, D, H):
             return SharedPlan(path, H, tiers, n)
         n *= 2
     return None
 
 
-def make_plan(profile: dict, blocks: Dict[int, dict], cost: CostModel, limits: PlanLimits) -> Plan:
+def make_plan(
+    profile: dict,
+    blocks: Dict[int, dict],
+    cost: CostModel,
+    limits: PlanLimits,
+    call_sizes: Optional[Sequence[int]] = None,
+    objective: str = "time",
+    energy_bound: str = "time",
+) -> Plan:
     """profile: calibration profile dict; blocks: layer -> {"D", "H", "path", "quant",
-    "shared": [{"path", "hidden"}] (shared experts that compute a plain SwiGLU MLP)}."""
+    "shared": [{"path", "hidden"}] (shared experts that compute a plain SwiGLU MLP)};
+    call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls)."""
     layers = []
     for lp in sorted(profile["layers"], key=lambda x: x["layer"]):
+        sizes = call_sizes
+        if sizes is None and profile.get("chunk_size") and lp["chunks"] and all("seq" in ch for ch in lp["chunks"]):
+            sizes = prefill_call_sizes(lp, profile["chunk_size"])
         b = blocks.get(lp["layer"])
         if b is None:
             raise ValueError(f"profile names layer {lp['layer']} that the model has no expert block for")
-        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""))
+        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""), sizes, objective, energy_bound)
         for s in b.get("shared", []):
             sp = plan_shared(lp, s["path"], b["D"], s["hidden"], cost, limits)
             if sp is not None:
@@ -418,7 +511,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
     p.add_argument("--profile", help="Profile JSON (default: <model>/npumoe-profile.json, else calibrate now).")
+    p.add_argument("--from-stats", metavar="FILE",
+                   help="Plan for the per-call loads `npumoe generate --stats FILE` saved (your own workload).")
     p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs).")
+    p.add_argument("--chip", help="Plan with the predicted costs of this Apple chip (coreml; see `npumoe chips`).")
+    p.add_argument("--objective", choices=("time", "energy"), default="time")
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens when calibrating now.")
     p.add_argument("--json", metavar="PATH", help="Also write the plan as JSON.")
     p.add_argument("--bundle", help="Bundle whose plan to print (default: the model's, as generate finds it).")
@@ -430,7 +527,7 @@ def main(argv=None) -> int:
     at_least("--tokens", args.tokens, 1, "calibration tokens")
     local = resolve_model(args.model)
     found = bundles.locate_bundle(local, args.backend, args.bundle)
-    if (found / "manifest.json").exists() and not (args.profile or args.cost):
+    if (found / "manifest.json").exists() and not (args.profile or args.cost or args.from_stats or args.chip):
         plan = bundles.read(found, local, args.model).plan  # the plan generate runs
         print(f"plan of the {args.backend} bundle {found} (the one generate uses):")
         print(format_plan(plan, verbose=True))
@@ -441,22 +538,28 @@ def main(argv=None) -> int:
     if args.bundle:
         raise ValueError(f"{found}: not an npumoe bundle (no manifest.json)")
     print(f"no {args.backend} bundle for {args.model}: computing a plan from "
-          f"{'the profile ' + args.profile if args.profile else 'a calibration'} and "
+          f"{'the profile ' + (args.from_stats or args.profile) if (args.from_stats or args.profile) else 'a calibration'} and "
           f"{'the costs in ' + args.cost if args.cost else 'parametric costs'} (`npumoe build` measures "
           f"this machine's costs, so its plan may differ)")
     model, tokenizer, config = mlx_utils.load(str(local), return_config=True)
     blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
     if not blocks:
         raise ValueError(f"{args.model}: no supported MoE expert blocks; it runs on stock MLX")
-    prof_path = args.profile or os.path.join(local, "npumoe-profile.json")
+    prof_path = args.from_stats or args.profile or os.path.join(local, "npumoe-profile.json")
     if os.path.exists(prof_path):
         profile = Profile.load(prof_path)
     else:
         docs, desc = corpus_documents(["long-context", "qa", "code"], args.tokens, 0)
         profile = calibrate(model, tokenizer, config, docs, max_tokens=args.tokens, model_path=local, description=desc)
-    cost = load_cost(args.cost) if args.cost else default_cost(args.backend)
+    b0 = next(iter(blocks.values()))
+    if args.chip and not args.cost:
+        from .cost import chip_cost
+
+        cost = chip_cost(args.chip, args.backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
+    else:
+        cost = load_cost(args.cost) if args.cost else default_cost(args.backend)
     shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
-    plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend))
+    plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
     print(format_plan(plan, verbose=True))
     if args.json:
         plan.save(args.json)

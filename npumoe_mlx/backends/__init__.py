@@ -17,6 +17,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..tiers import tier_for
+
 BACKENDS = ("coreml", "onnx", "mlx")
 
 
@@ -33,11 +35,8 @@ def load_backend(name: str, **opts):
 
 
 def pick_tier(tiers: Sequence[int], rows: int) -> int:
-    """Smallest tier >= rows."""
-    for t in sorted(tiers):
-        if t >= rows:
-            return t
-    raise ValueError(f"{rows} rows exceed the largest tier {max(tiers)}")
+    """Smallest tier >= rows, or the top tier (the tier rule of ``tiers.py``; ``run`` refuses rows past it)."""
+    return tier_for(rows, sorted(tiers))
 
 
 class Program:

@@ -1,0 +1,320 @@
+"""`npumoe replay`: plan from routing traces and replay them through the executor's decisions.
+
+No compute: for every call of N consecutive tokens of a trace (never crossing a
+``--seq-len`` sequence), the per-expert counts go through the same functions the
+executor calls (``LayerPlan.decide`` -> ``tiers.decide_call``, the tier rule of
+``tiers.py``), and the rows, padding, overflow, spill and predicted time/energy
+are tallied per layer x call size.
+
+Trace format (``../shared/routing/README.md``): an ``.npz`` with ``layerN`` ->
+(T, k) expert ids of every token, in order; ``npumoe calibrate --save-routes``
+writes the same from a real model.
+"""
+
+import argparse
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .atomic import write_json
+from .cost import CostModel, chip_cost, default_cost
+from .plan import LayerPlan, PlanLimits, make_plan
+
+ROW_FIELDS = (
+    "layer", "tokens", "calls", "padding_pct", "overflow_pct", "dropped_pct", "spill_pct", "cold_pct",
+    "offloaded_pct", "program_calls_per_call", "groups", "predicted_s", "mlx_only_s", "predicted_j", "mlx_only_j",
+)
+
+
+def load_trace(path) -> Dict[int, np.ndarray]:
+    """layer -> (T, k) expert ids of one trace file."""
+    path = Path(path)
+    arrays = {}
+    try:  # an .npz is a zip of .npy files; read them with pickles refused
+        with zipfile.ZipFile(path) as z:
+            for member in z.namelist():
+                name = member[:-4] if member.endswith(".npy") else member
+                if name.startswith("layer") and name[5:].isdigit():
+                    with z.open(member) as f:
+                        arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read routing trace {path}: {e}") from None
+    out = {}
+    for name, a in arrays.items():
+        if a.ndim != 2 or a.shape[1] < 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and a.min() < 0):
+            raise ValueError(f"{path}: {name} must be (tokens, k) non-negative expert ids, got {a.shape} {a.dtype}")
+        out[int(name[5:])] = a
+    if not out:
+        raise ValueError(f"{path}: no layerN arrays; not a routing trace")
+    return out
+
+
+def save_routes(path, routes: Dict[int, np.ndarray]) -> None:
+    """Write ``layerN`` -> (T, k) expert ids as a trace (temp file, then rename)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **{f"layer{l}": np.asarray(a, np.uint8 if np.max(a, initial=0) < 256 else np.uint16)
+                                      for l, a in sorted(routes.items())})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def split_half(routes: np.ndarray, seq_len: int):
+    """(first half of the sequences, second half)."""
+    n_seq = max(routes.shape[0] // seq_len, 1)
+    cut = (n_seq // 2) * seq_len if n_seq > 1 else routes.shape[0] // 2
+    return routes[:cut], routes[cut:]
+
+
+def call_counts(routes: np.ndarray, E: int, n: int, seq_len: int) -> np.ndarray:
+    """(S, E) per-expert pair counts of every full n-token call inside each sequence."""
+    T, k = routes.shape
+    per_seq = seq_len // n
+    if per_seq == 0:
+        return np.zeros((0, E), np.int64)
+    n_seq = T // seq_len
+    rows = []
+    if n_seq:
+        a = routes[: n_seq * seq_len].reshape(n_seq, seq_len, k)[:, : per_seq * n].reshape(n_seq * per_seq, n * k)
+        rows.append(a)
+    rest = routes[n_seq * seq_len:]  # a last, shorter sequence
+    m = rest.shape[0] // n
+    if m:
+        rows.append(rest[: m * n].reshape(m, n * k))
+    if not rows:
+        return np.zeros((0, E), np.int64)
+    a = np.concatenate(rows).astype(np.int64)
+    idx = np.arange(a.shape[0])[:, None] * E + a
+    return np.bincount(idx.ravel(), minlength=a.shape[0] * E).reshape(a.shape[0], E)
+
+
+def trace_profile(parts: Sequence[np.ndarray], layer: int, E: int, seq_len: int, block: int) -> dict:
+    """A layer profile (as ``calibrate`` writes) from routes: ``block``-token counts with their sequence."""
+    chunks, seq = [], 0
+    k = parts[0].shape[1]
+    for routes in parts:
+        for s0 in range(0, routes.shape[0], seq_len):
+            c = call_counts(routes[s0 : s0 + seq_len], E, block, seq_len)
+            chunks += [{"tokens": block, "counts": r.tolist(), "seq": seq} for r in c]
+            seq += 1
+    total = np.sum([ch["counts"] for ch in chunks], axis=0) if chunks else np.zeros(E, int)
+    return {"layer": layer, "path": f"layer{layer}", "num_experts": E, "top_k": k,
+            "counts": [int(x) for x in total], "chunks": chunks}
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    offloaded: int = 0
+    program_calls: int = 0
+    slots: int = 0
+    padded: int = 0
+    pairs: int = 0  # pairs of offloaded calls
+    overflow: int = 0  # pairs past a group's top tier
+    spill: int = 0  # resident pairs left to MLX after the rounds
+    cold: int = 0  # pairs of cold experts
+    predicted_s: float = 0.0
+    mlx_only_s: float = 0.0
+    predicted_j: float = 0.0
+    mlx_only_j: float = 0.0
+
+
+def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, overflow: str = "auto") -> Tally:
+    """Run the executor's decisions on (S, E) call counts of n tokens each."""
+    t = Tally()
+    groups = [np.asarray(g.experts) for g in lp.groups]
+    cold = np.zeros(lp.num_experts, bool)
+    cold[list(lp.cold)] = True
+    for c in counts:
+        t.calls += 1
+        pairs = int(c.sum())
+        alone_s, alone_j = cost.mlx_s(pairs, lp.D, lp.H), cost.mlx_j(pairs, lp.D, lp.H)
+        t.mlx_only_s += alone_s
+        t.mlx_only_j += alone_j
+        d = lp.decide(cost, c, overflow) if lp.groups and n >= lp.min_tokens else None
+        if d is None or not d.offload:
+            t.predicted_s += alone_s
+            t.predicted_j += alone_j
+            continue
+        t.offloaded += 1
+        t.pairs += pairs
+        t.cold += int(c[cold].sum())
+        for ids, g, caps, r in zip(groups, lp.groups, d.caps, d.rounds):
+            load = c[ids]
+            run = caps[:r]
+            served = np.minimum(load, sum(run))
+            t.program_calls += len(run)
+            t.slots += len(ids) * sum(run)
+            t.padded += len(ids) * sum(run) - int(served.sum())
+            t.overflow += int(np.maximum(load - g.tiers[-1], 0).sum())
+            t.spill += int((load - served).sum())
+        t.predicted_s += d.offload_s
+        t.predicted_j += d.offload_j
+    return t
+
+
+def row_of(layer: int, n: int, t: Tally, groups: int) -> dict:
+    pct = lambda a, b: 100.0 * a / b if b else 0.0  # noqa: E731
+    return {
+        "layer": layer, "tokens": n, "calls": t.calls,
+        "padding_pct": pct(t.padded, t.slots), "overflow_pct": pct(t.overflow, t.pairs), "dropped_pct": 0.0,
+        "spill_pct": pct(t.spill, t.pairs), "cold_pct": pct(t.cold, t.pairs), "offloaded_pct": pct(t.offloaded, t.calls),
+        "program_calls_per_call": t.program_calls / t.offloaded if t.offloaded else 0.0, "groups": groups,
+        "predicted_s": t.predicted_s / max(t.calls, 1), "mlx_only_s": t.mlx_only_s / max(t.calls, 1),
+        "predicted_j": t.predicted_j / max(t.calls, 1), "mlx_only_j": t.mlx_only_j / max(t.calls, 1),
+    }
+
+
+def summarize(rows: List[dict]) -> Dict[str, dict]:
+    """Per call size: every numeric field averaged over layers (``groups`` too), worst overflow and padding."""
+    out = {}
+    for n in sorted({r["tokens"] for r in rows}):
+        rs = [r for r in rows if r["tokens"] == n]
+        s = {f: float(np.mean([r[f] for r in rs])) for f in ROW_FIELDS if f not in ("layer", "tokens")}
+        s["max_padding_pct"] = max(r["padding_pct"] for r in rs)
+        s["max_overflow_pct"] = max(r["overflow_pct"] for r in rs)
+        s["max_calls_over_groups"] = max(r["program_calls_per_call"] / max(r["groups"], 1) for r in rs)
+        s["time_ratio"] = s["predicted_s"] / s["mlx_only_s"] if s["mlx_only_s"] else 1.0
+        s["energy_ratio"] = s["predicted_j"] / s["mlx_only_j"] if s["mlx_only_j"] else 1.0
+        out[str(n)] = s
+    return out
+
+
+def preset_shape(name: str) -> dict:
+    from .tiny import load_shape_presets
+
+    presets = load_shape_presets()
+    if name not in presets:
+        raise ValueError(f"unknown shape preset {name!r}; choose from {', '.join(presets)}")
+    p = presets[name]
+    return {"D": int(p["hidden"]), "H": int(p["expert_intermediate"])}
+
+
+def replay(
+    calibrate: Sequence[Dict[int, np.ndarray]],
+    routes: Sequence[Dict[int, np.ndarray]],
+    D: int,
+    H: int,
+    cost: CostModel,
+    limits: PlanLimits,
+    tokens: Sequence[int] = (128, 512, 2048),
+    seq_len: int = 2048,
+    split: Optional[str] = None,
+    objective: str = "time",
+    overflow: str = "auto",
+    energy_bound: str = "time",
+) -> dict:
+    """Plan on ``calibrate`` traces, replay ``routes`` traces: {"plan", "rows", "summary"}."""
+    layers = sorted(set.intersection(*[set(t) for t in list(calibrate) + list(routes)]))
+    if not layers:
+        raise ValueError("the traces share no layer")
+    if split not in (None, "half"):
+        raise ValueError(f"--split must be 'half', got {split!r}")
+    tokens = sorted({int(n) for n in tokens})
+    if not tokens or tokens[0] < 1 or tokens[-1] > seq_len:
+        raise ValueError(f"--tokens must be call sizes between 1 and --seq-len {seq_len}, got {tokens}")
+    block = math.gcd(*tokens) if len(tokens) > 1 else tokens[0]
+    profile_layers, shapes, replay_sets = [], {}, {}
+    for l in layers:
+        ks = {t[l].shape[1] for t in list(calibrate) + list(routes)}
+        if len(ks) != 1:
+            raise ValueError(f"layer {l}: the traces disagree on top-k ({sorted(ks)})")
+        E = int(max(int(t[l].max(initial=0)) for t in list(calibrate) + list(routes))) + 1
+        cal = [split_half(t[l], seq_len)[0] if split else t[l] for t in calibrate]
+        rep = [split_half(t[l], seq_len)[1] if split else t[l] for t in routes]
+        profile_layers.append(trace_profile(cal, l, E, seq_len, block))
+        shapes[l] = {"D": D, "H": H, "path": f"layer{l}"}
+        replay_sets[l] = rep
+    plan = make_plan({"layers": profile_layers}, shapes, cost, limits, call_sizes=tokens, objective=objective,
+                     energy_bound=energy_bound)
+    rows = []
+    for lp in plan.layers:
+        for n in tokens:
+            counts = np.concatenate([call_counts(r, lp.num_experts, n, seq_len) for r in replay_sets[lp.layer]])
+            rows.append(row_of(lp.layer, n, replay_calls(lp, cost, counts, n, overflow), len(lp.groups)))
+    return {"plan": plan, "rows": rows, "summary": summarize(rows)}
+
+
+def format_rows(rows: List[dict], summary: Dict[str, dict]) -> str:
+    head = ("layer", "tokens", "pad%", "ovf%", "spill%", "cold%", "offl%", "calls/call", "groups", "time/MLX", "J/MLX")
+    lines = ["  ".join(f"{h:>10}" for h in head)]
+
+    def line(layer, r):
+        tr = r["predicted_s"] / r["mlx_only_s"] if r["mlx_only_s"] else 1.0
+        jr = r["predicted_j"] / r["mlx_only_j"] if r["mlx_only_j"] else float("nan")
+        vals = (layer, r["tokens"] if "tokens" in r else "", f"{r['padding_pct']:.1f}", f"{r['overflow_pct']:.2f}",
+                f"{r['spill_pct']:.2f}", f"{r['cold_pct']:.1f}", f"{r['offloaded_pct']:.0f}",
+                f"{r['program_calls_per_call']:.1f}", f"{r['groups']:.1f}", f"{tr:.3f}", f"{jr:.3f}")
+        return "  ".join(f"{v:>10}" for v in vals)
+
+    for r in rows:
+        lines.append(line(r["layer"], r))
+    for n, s in summary.items():
+        lines.append(line("mean", {**s, "tokens": int(n)}))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="npumoe replay", description=(
+        "Plan from routing traces and replay traces through the executor's decisions (no compute)."))
+    p.add_argument("--shape", required=True, help="Expert shape preset (D, H), e.g. qwen3-30b-a3b, mixtral-8x7b.")
+    p.add_argument("--calibrate", nargs="+", required=True, metavar="NPZ", help="Traces to plan from.")
+    p.add_argument("--routes", nargs="+", metavar="NPZ", help="Traces to replay (default: the --calibrate ones).")
+    p.add_argument("--split", choices=("half",), help="Plan on the first half of each file's sequences, replay the second.")
+    p.add_argument("--seq-len", type=int, default=2048, help="Tokens per sequence in the traces (default 2048).")
+    p.add_argument("--tokens", default="128,512,2048", help="Call sizes to replay (default 128,512,2048).")
+    p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("--chip", help="Predict for this Apple chip profile (see npumoe_mlx/data/chips.json).")
+    p.add_argument("--objective", choices=("time", "energy"), default="time")
+    p.add_argument("--energy-bound", choices=("time", "gpu"), default="time",
+                   help="Energy objective: stay within 1.2x of the least time (default) or of all-on-GPU's time.")
+    p.add_argument("--overflow", choices=("auto", "rerun", "spill"), default="auto")
+    p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs, or --chip's).")
+    p.add_argument("--json", metavar="PATH", help="Write rows and summary as JSON.")
+    args = p.parse_args(argv)
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+    try:
+        tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+    shape = preset_shape(args.shape)
+    cost = cost_for(args.backend, args.chip, args.cost, shape["D"], shape["H"])
+    cal = [load_trace(f) for f in args.calibrate]
+    rep = [load_trace(f) for f in (args.routes or args.calibrate)]
+    out = replay(cal, rep, shape["D"], shape["H"], cost, PlanLimits.for_backend(args.backend), tokens,
+                 args.seq_len, args.split, args.objective, args.overflow, args.energy_bound)
+    print(f"replay: shape {args.shape} (D={shape['D']}, H={shape['H']}), backend {args.backend}, "
+          f"cost {cost.source}, objective {args.objective}, split {args.split or 'none'}")
+    print(format_rows(out["rows"], out["summary"]))
+    if args.json:
+        write_json(args.json, {
+            "command": "npumoe replay " + " ".join(argv if argv is not None else []),
+            "shape": args.shape, "D": shape["D"], "H": shape["H"], "backend": args.backend, "chip": args.chip,
+            "objective": args.objective, "energy_bound": args.energy_bound, "split": args.split, "cost": cost.to_dict(),
+            "rows": out["rows"], "summary": out["summary"],
+        })
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cost_for(backend: str, chip: Optional[str], cost_path: Optional[str], D: int = 0, H: int = 0) -> CostModel:
+    """--cost FILE, else --chip's predicted costs, else the backend's parametric ones."""
+    if cost_path:
+        if chip:
+            raise ValueError("give --cost or --chip, not both")
+        return CostModel.load(cost_path)
+    if chip:
+        return chip_cost(chip, backend, D, H)
+    return default_cost(backend)

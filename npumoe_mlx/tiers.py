@@ -1,0 +1,364 @@
+"""Tier ladders and slot planning: the one home of static-tier arithmetic.
+
+A resident group of G experts runs as program calls of a fixed token capacity C
+(a *tier*), each expert's rows padded to C. One rule, used by the planner, both
+executors and replay alike: a round runs at the smallest tier >= the largest load
+left in the group, or at the top tier when that load is larger; what is left goes
+round again, as many rounds as the call's decision allows, then to MLX. Nothing
+here drops a pair.
+
+- ``tier_for``, ``ladder_rounds``, ``ladder_cover``: the rule (one call, many calls);
+- ``choose_ladder``: a group's tiers from calibrated loads (planner);
+- ``decide_call``: per layer call, programs or MLX, and each group's rounds
+  (executor and replay, fed the same counts);
+- ``plan_slots``: where each routed pair sits in the padded program inputs.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .cost import CostModel
+
+OVERFLOW_MODES = ("auto", "rerun", "spill", "drop")
+
+
+def tier_for(load: int, tiers: Sequence[int]) -> int:
+    """Smallest tier >= load, or the top tier when the load overflows it (the rest goes round again)."""
+    for t in tiers:
+        if t >= load:
+            return int(t)
+    return int(tiers[-1])
+
+
+def ladder_rounds(loads: np.ndarray, tiers: Sequence[int], max_rounds: Optional[int] = None) -> List[int]:
+    """Capacities of the rounds that serve per-expert loads ``loads`` (G,), at most ``max_rounds``."""
+    caps, left = [], np.ceil(np.asarray(loads, float))
+    while left.max(initial=0) > 0 and (max_rounds is None or len(caps) < max_rounds):
+        c = tier_for(left.max(), tiers)
+        caps.append(c)
+        left = np.maximum(left - c, 0)
+    return caps
+
+
+def ladder_cover(peak: np.ndarray, tiers: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """``ladder_rounds`` for many calls at once: peak (S,) group max-loads -> (rounds (S,), rows per expert (S,))."""
+    t = np.asarray(sorted(tiers), float)
+    peak = np.ceil(np.asarray(peak, float))
+    rounds = np.where(peak > 0, np.maximum(np.ceil(peak / t[-1]), 1), 0)
+    last = peak - np.maximum(rounds - 1, 0) * t[-1]
+    rows = np.maximum(rounds - 1, 0) * t[-1] + np.where(peak > 0, t[np.minimum(np.searchsorted(t, last), t.size - 1)], 0)
+    return rounds, rows
+
+
+def choose_ladder(
+    samples: np.ndarray,
+    capacities: Sequence[int],
+    max_tiers: int,
+    weights: Optional[np.ndarray] = None,
+    top: Optional[int] = None,
+) -> List[int]:
+    """Up to ``max_tiers`` capacities minimising sum_i w_i * (tier(s_i) - s_i) over samples.
+
+    samples: group max-loads (one per calibrated call); weights default to 1. The
+    top tier covers the largest sample, or is ``top`` (headroom for loads that
+    calibration never saw) when given and larger. 1-D DP over candidate tiers.
+    """
+    samples = np.asarray(samples, float)
+    w = np.ones_like(samples) if weights is None else np.asarray(weights, float)
+    keep = samples > 0
+    samples, w = samples[keep], w[keep]
+    caps = np.asarray(capacities)
+    if samples.size == 0:
+        return [int(caps[0])] if top is None else [int(caps[min(np.searchsorted(caps, top), caps.size - 1)])]
+    o = np.argsort(samples, kind="stable")
+    samples, w = samples[o], w[o]
+    hi = int(caps[min(np.searchsorted(caps, samples[-1]), caps.size - 1)])
+    forced = None
+    if top is not None:
+        forced = int(caps[min(np.searchsorted(caps, top), caps.size - 1)])
+        if forced > hi:
+            max_tiers -= 1  # one tier is the headroom; the DP places the rest
+        else:
+            forced = None
+    if max_tiers < 1:
+        return [forced]
+    # Candidate tiers: the smallest capacity >= each sample (others never help).
+    cand = np.unique(caps[np.minimum(np.searchsorted(caps, samples), caps.size - 1)])
+    cand = cand[cand <= hi]
+    m = cand.size
+    # samples in (cand[i-1], cand[j]] are served by cand[j]: sum w*(cand[j] - s)
+    lo = np.searchsorted(samples, np.concatenate([[-np.inf], cand]), side="right")
+    pw = np.concatenate([[0.0], np.cumsum(w)])
+    pws = np.concatenate([[0.0], np.cumsum(w * samples)])
+
+    def seg(a, b, c):  # samples [a, b) served at capacity c
+        return c * (pw[b] - pw[a]) - (pws[b] - pws[a])
+
+    T = min(max_tiers, m)
+    best = np.full((T + 1, m), np.inf)
+    back = np.zeros((T + 1, m), dtype=int)
+    for j in range(m):
+        best[1, j] = seg(lo[0], lo[j + 1], cand[j])
+    for t in range(2, T + 1):
+        for j in range(1, m):
+            i = np.arange(j)
+            c = best[t - 1, :j] + seg(lo[i + 1], lo[j + 1], cand[j])
+            i_best = int(np.argmin(c))
+            if c[i_best] < best[t, j] - 1e-9:
+                best[t, j], back[t, j] = c[i_best], i_best
+    t = int(np.argmin(best[1:, m - 1])) + 1  # fewest tiers on ties
+    tiers, j = [], m - 1
+    while t >= 1:
+        tiers.append(int(cand[j]))
+        j = back[t, j]
+        t -= 1
+    if forced is not None:
+        tiers.append(forced)
+    return sorted(set(tiers))
+
+
+def contiguous_groups(num_experts: int, group_size: int) -> List[Tuple[int, ...]]:
+    return [tuple(range(s, min(s + group_size, num_experts))) for s in range(0, num_experts, group_size)]
+
+
+# --- the per-call decision ---------------------------------------------------
+
+
+@dataclass
+class CallDecision:
+    """What one layer call does, decided from its per-expert counts alone.
+
+    ``caps[i]`` are group i's ladder rounds (all of them); ``rounds[i]`` how many
+    run on its program; pairs past them, and cold experts' pairs, go to MLX.
+    """
+
+    offload: bool
+    rounds: List[int]
+    caps: List[List[int]]
+    program_s: float = 0.0  # predicted, programs side (sync included)
+    mlx_side_s: float = 0.0  # predicted, MLX side running at the same time
+    mlx_only_s: float = 0.0  # predicted, the whole call on MLX
+    offload_j: float = 0.0  # predicted energy, both sides (0 when the cost model has none)
+    mlx_only_j: float = 0.0
+    program_calls: int = 0
+
+    @property
+    def offload_s(self) -> float:
+        return max(self.program_s, self.mlx_side_s)
+
+
+def decide_call(
+    counts: np.ndarray,
+    groups: Sequence[np.ndarray],
+    ladders: Sequence[Sequence[int]],
+    cold: np.ndarray,
+    cost: CostModel,
+    D: int,
+    H: int,
+    overflow: str = "auto",
+    objective: str = "time",
+    max_calls: int = 0,
+    energy_bound: str = "time",
+    slack: float = 1.2,
+) -> CallDecision:
+    """Programs or MLX for this call (counts (E,)), and each group's rounds.
+
+    The two sides run at the same time, so the call costs sync + max(programs, MLX
+    side); it is offloaded when that beats MLX alone. Extra rounds past the top
+    tier run only where they beat sending the remainder to MLX (``auto``).
+    ``objective="energy"`` takes the least joules among the plan as it is, the
+    time-balanced call and MLX alone, within ``slack`` x the least of their times
+    (``energy_bound="time"``) or of MLX alone's time (``"gpu"``).
+    Both sides run at once, so when this call's programs would finish last, the
+    groups that use them worst (seconds per pair) move to MLX while that shortens
+    the call (time objective, ``auto``: ``rerun``/``spill`` keep every group on programs).
+    ``max_calls`` > 0 lets a group cover its load with two smaller tiers instead
+    of the next tier up (e.g. 256 + 64 for 300 rather than 512) where the padding
+    saved pays for the extra call, the largest savings first, while the layer call
+    stays within ``max_calls`` program calls.
+    """
+    counts = np.asarray(counts)
+    caps = [ladder_rounds(counts[ids], tiers) for ids, tiers in zip(groups, ladders)]
+    rounds = []
+    for ids, cs in zip(groups, caps):
+        if len(cs) <= 1 or overflow == "rerun":
+            rounds.append(max(len(cs), 1))
+        elif overflow in ("spill", "drop"):
+            rounds.append(1)
+        else:
+            extra = sum(cost.program_s(len(ids), c, D, H) for c in cs[1:])
+            remainder = int(np.maximum(counts[ids] - cs[0], 0).sum())
+            rounds.append(len(cs) if extra < cost.mlx_s(remainder, D, H) else 1)
+    if max_calls > 0:
+        _split_rounds(counts, groups, ladders, caps, rounds, cost, D, H, max_calls - sum(
+            r for cs, r in zip(caps, rounds) if cs))
+    energy = objective == "energy" and cost.has_energy
+    if not energy:
+        if overflow == "auto":
+            _rebalance(counts, groups, ladders, caps, rounds, cost, D, H)
+        d = _tally(counts, groups, cold, caps, rounds, cost, D, H)
+        d.offload = d.program_calls > 0 and d.offload_s < d.mlx_only_s
+        return d
+    # energy: MLX alone, or the plan with just enough of the time-balancing moves to end
+    # within ``slack`` x the least time (``energy_bound="time"``) or x MLX alone's ("gpu")
+    static = _tally(counts, groups, cold, [list(c) for c in caps], list(rounds), cost, D, H)
+    fast_caps, fast_rounds = [list(c) for c in caps], list(rounds)
+    if overflow == "auto":
+        _rebalance(counts, groups, ladders, fast_caps, fast_rounds, cost, D, H)
+    timed = _tally(counts, groups, cold, fast_caps, fast_rounds, cost, D, H)
+    alone = CallDecision(False, [0] * len(groups), caps, 0.0, timed.mlx_only_s, timed.mlx_only_s,
+                         timed.mlx_only_j, timed.mlx_only_j)
+    runs = [c for c in (static, timed) if c.program_calls > 0]
+    ref = min([c.offload_s for c in runs] + [alone.offload_s]) if energy_bound == "time" else alone.offload_s
+    opts = runs + [alone]
+    if overflow == "auto" and static.program_calls and static.offload_s > slack * ref:
+        _rebalance(counts, groups, ladders, caps, rounds, cost, D, H, target=slack * ref)
+        opts.append(_tally(counts, groups, cold, caps, rounds, cost, D, H))
+    ok = [c for c in opts if c.offload_s <= slack * ref + 1e-12] or [min(opts, key=lambda c: c.offload_s)]
+    d = min(ok, key=lambda c: (c.offload_j, c.offload_s))
+    d.offload = d is not alone and d.program_calls > 0
+    return d
+
+
+def _tally(counts, groups, cold, caps, rounds, cost: CostModel, D: int, H: int) -> CallDecision:
+    """Predicted time and energy of a call run with these rounds (offload left False)."""
+    run = [(len(ids), c) for ids, cs, r in zip(groups, caps, rounds) for c in cs[:r]]
+    left = int(counts[cold].sum()) if np.any(cold) else 0
+    for ids, cs, r in zip(groups, caps, rounds):
+        left += int(np.maximum(counts[ids] - sum(cs[:r]), 0).sum())
+    pairs = int(counts.sum())
+    return CallDecision(False, rounds, caps, cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run),
+                        cost.mlx_s(left, D, H), cost.mlx_s(pairs, D, H),
+                        sum(cost.program_j(G, c, D, H) for G, c in run) + cost.mlx_j(left, D, H), cost.mlx_j(pairs, D, H),
+                        len(run))
+
+
+def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, trims: int = 4,
+               target: float = 0.0) -> None:
+    """In place, while the programs side would finish last: rounds = 0 for groups that end
+    the call sooner on MLX (worst seconds per pair first), then a busy group's last round
+    cut to a smaller tier of its ladder, the rest of its pairs to MLX (``trims`` times).
+    With ``target`` > 0, stop as soon as the call ends within it (the energy objective
+    keeps as much work on the frugal unit as its time bound allows)."""
+    t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
+    served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
+    prog = cost.sync_s + sum(t)
+    left = int(counts.sum()) - sum(served)
+    span = max(prog, cost.mlx_s(left, D, H))
+    for gi in sorted((g for g in range(len(groups)) if served[g]), key=lambda g: (-t[g] / served[g], g)):
+        if span <= target:
+            return
+        new = max(prog - t[gi], cost.mlx_s(left + served[gi], D, H))
+        if new >= span:
+            break
+        prog, left, span = prog - t[gi], left + served[gi], new
+        rounds[gi], t[gi], served[gi] = 0, 0.0, 0
+    for _ in range(trims):
+        if prog <= cost.mlx_s(left, D, H) or span <= target:
+            return
+        best = None  # (span, group, caps, time, served)
+        for gi in sorted((g for g in range(len(groups)) if rounds[g] and caps[g]), key=lambda g: -t[g])[:4]:
+            ids, cs = groups[gi], caps[gi][: rounds[gi]]
+            for c in ladders[gi]:
+                if c >= cs[-1]:
+                    break
+                new_caps = cs[:-1] + [c]
+                nt = sum(cost.program_s(len(ids), x, D, H) for x in new_caps)
+                ns = int(np.minimum(counts[ids], sum(new_caps)).sum())
+                new = max(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H))
+                if new < span - 1e-12 and (best is None or new < best[0]):
+                    best = (new, gi, new_caps, nt, ns)
+        if best is None:
+            return
+        span, gi, new_caps, nt, ns = best
+        prog, left = prog - t[gi] + nt, left + served[gi] - ns
+        caps[gi], rounds[gi], t[gi], served[gi] = new_caps, len(new_caps), nt, ns
+
+
+def _split_rounds(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, budget: int) -> None:
+    """In place: groups served by one round get two smaller ones where that saves most rows."""
+    if budget <= 0:
+        return
+    row_s = cost.row_s(D, H)
+    best = []  # (rows saved, group, new caps)
+    for gi, (ids, tiers, cs, r) in enumerate(zip(groups, ladders, caps, rounds)):
+        if len(cs) != 1 or r != 1:
+            continue
+        peak, C, G = int(counts[ids].max()), cs[0], len(ids)
+        top = (0, None)
+        for c1 in tiers:
+            if c1 >= min(C, peak):
+                break
+            c2 = tier_for(peak - c1, tiers)
+            if peak - c1 <= c2 and C - c1 - c2 >= max(top[0], 1):  # ties: the larger first round
+                top = (C - c1 - c2, [c1, c2])
+        if top[1] is not None and G * top[0] * row_s > cost.dispatch_s + G * cost.expert_s:
+            best.append((G * top[0], gi, top[1]))
+    for _, gi, new in sorted(best, key=lambda t: (-t[0], t[1]))[:budget]:
+        caps[gi], rounds[gi] = new, 2
+
+
+# --- slots -------------------------------------------------------------------
+
+
+@dataclass
+class Slots:
+    """Where each routed pair sits in the padded program inputs of one call.
+
+    ``calls`` lists (group_index, expert_ids, capacity, src_tokens (G*C,)) per
+    program call; ``loc`` maps every pair (in ``inds.reshape(-1)`` order) to its
+    row in the concatenation of all calls' outputs, or -1 if no call took it.
+    """
+
+    calls: list = field(default_factory=list)
+    loc: np.ndarray = None
+    padded: int = 0
+    slots: int = 0
+
+
+def plan_slots(
+    order: np.ndarray,
+    counts: np.ndarray,
+    k: int,
+    groups: Sequence[Sequence[int]],
+    tiers: Sequence,
+    max_rounds: Optional[Sequence[int]] = None,
+    caps: Optional[Sequence[Sequence[int]]] = None,
+) -> Slots:
+    """Vectorised slot assignment from the sorted order and the per-expert counts.
+
+    order: (P,) pair indices sorted by expert; counts: (E,) pairs per expert.
+    tiers: one ladder for all groups, or one ladder per group. ``max_rounds[i]``
+    caps how often group i's ladder runs; pairs left over (and pairs of experts
+    in no group) keep ``loc == -1`` for the caller to run elsewhere. ``caps[i]``,
+    when given, are group i's rounds as ``decide_call`` chose them.
+    A Python loop runs over groups and ladder rounds only, never over tokens.
+    """
+    starts = np.cumsum(counts) - counts  # (E,) first sorted position of each expert
+    out = Slots(loc=np.full(order.shape[0], -1, dtype=np.int64))
+    offset = 0
+    per_group = len(tiers) > 0 and not np.isscalar(tiers[0])
+    for gi, ids in enumerate(groups):
+        ladder = tiers[gi] if per_group else tiers
+        ids = np.asarray(ids)
+        n = counts[ids]  # (G,)
+        done = np.zeros_like(n)
+        rounds = caps[gi] if caps is not None else ladder_rounds(n, ladder, max_rounds[gi] if max_rounds is not None else None)
+        for cap in rounds:
+            left = n - done
+            col = np.arange(cap)
+            take = np.minimum(left, cap)  # (G,)
+            valid = col[None, :] < take[:, None]  # (G, C)
+            pos = starts[ids][:, None] + done[:, None] + col[None, :]  # (G, C)
+            pos = np.where(valid, pos, 0)
+            src = np.where(valid, order[pos] // k, 0)  # (G, C) token rows
+            slot = offset + np.arange(ids.size * cap).reshape(ids.size, cap)
+            out.loc[order[pos[valid]]] = slot[valid]
+            out.calls.append((gi, ids, cap, src.reshape(-1)))
+            out.padded += int((~valid).sum())
+            out.slots += valid.size
+            offset += ids.size * cap
+            done = done + take
+    return out

@@ -1,0 +1,178 @@
+"""`npumoe replay`: traces in and out, calls inside sequences, the executor's decisions on
+real routing, and the tier targets of issue 10 on the shared traces."""
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from npumoe_mlx import replay as rp
+from npumoe_mlx.cost import CostModel, default_cost
+from npumoe_mlx.plan import GroupPlan, LayerPlan, PlanLimits
+
+# ../shared/routing beside the repository (CI checks shared/ out beside the clone);
+# NPUMOE_ROUTING points elsewhere (e.g. a worktree).
+ROUTING = Path(os.environ.get("NPUMOE_ROUTING") or Path(__file__).parents[1] / ".." / "shared" / "routing")
+needs_traces = pytest.mark.skipif(
+    not (ROUTING / "olmoe-1b-7b.arxiv.npz").is_file(),
+    reason=f"shared routing traces not found at {ROUTING} (set NPUMOE_ROUTING to their folder)",
+)
+
+
+def test_trace_round_trip_and_bad_files(tmp_path):
+    routes = {0: np.array([[0, 1], [2, 3]]), 7: np.array([[1, 0], [3, 2]])}
+    rp.save_routes(tmp_path / "t.npz", routes)
+    back = rp.load_trace(tmp_path / "t.npz")
+    assert sorted(back) == [0, 7] and all((back[l] == routes[l]).all() for l in routes)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]  # no temp file left
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot read routing trace"):
+        rp.load_trace(tmp_path / "bad.npz")
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match="no layerN arrays"):
+        rp.load_trace(tmp_path / "other.npz")
+    np.savez(tmp_path / "flat.npz", layer0=np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match=r"must be \(tokens, k\)"):
+        rp.load_trace(tmp_path / "flat.npz")
+
+
+def test_calls_never_cross_a_sequence():
+    # two sequences of 4 tokens: the first all on expert 0, the second all on expert 1
+    routes = np.array([[0]] * 4 + [[1]] * 4)
+    c4 = rp.call_counts(routes, 2, 4, 4)
+    assert c4.tolist() == [[4, 0], [0, 4]]
+    c3 = rp.call_counts(routes, 2, 3, 4)  # one 3-token call per sequence, none across
+    assert c3.tolist() == [[3, 0], [0, 3]]
+    a, b = rp.split_half(routes, 4)
+    assert (a == 0).all() and (b == 1).all()
+
+
+def test_replay_tallies_follow_the_decisions():
+    lp = LayerPlan(0, "p", 4, 1, 64, 32, [GroupPlan([0], [4, 8]), GroupPlan([1, 2], [4])], [3], min_tokens=8)
+    eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0)
+    counts = np.array([[5, 2, 1, 0], [6, 9, 0, 1]])  # 8 and 16 pairs
+    t = rp.replay_calls(lp, eager, counts, 8)
+    assert (t.calls, t.offloaded, t.pairs) == (2, 2, 24)
+    # call 1: g0 5 -> 8 (3 pad), g1 [2,1] -> 4 (5 pad); call 2: g0 6 -> 8 (2), g1 [9,0] -> 4,4,4 (12+3 pad... )
+    assert t.slots - t.padded == 24 - t.cold - t.spill
+    assert t.cold == 1 and t.overflow == 9 - 4 and t.program_calls == 2 + 1 + 3
+    assert rp.replay_calls(lp, eager, counts, 4).offloaded == 0  # below min_tokens: MLX
+
+
+def _write_trace(path, T=4096, E=8, k=2, seed=0):
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, E + 1)
+    routes = {l: np.stack([rng.choice(E, k, replace=False, p=p / p.sum()) for _ in range(T)]) for l in (0, 1)}
+    rp.save_routes(path, routes)
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    from npumoe_mlx import cli
+
+    _write_trace(tmp_path / "a.npz")
+    _write_trace(tmp_path / "b.npz", seed=1)
+    out = tmp_path / "r.json"
+    rc = cli.main(["replay", "--shape", "mixtral-8x7b", "--calibrate", str(tmp_path / "a.npz"),
+                   "--routes", str(tmp_path / "b.npz"), "--seq-len", "1024", "--tokens", "128,512",
+                   "--backend", "coreml", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "pad%" in text and "mean" in text and str(out) in text
+    d = json.loads(out.read_text())
+    assert {r["tokens"] for r in d["rows"]} == {128, 512} and {r["layer"] for r in d["rows"]} == {0, 1}
+    assert set(rp.ROW_FIELDS) <= set(d["rows"][0])
+    assert set(d["summary"]) == {"128", "512"} and d["D"] == 4096 and d["H"] == 14336
+    assert all(r["calls"] == 4096 // n for r in d["rows"] for n in [r["tokens"]])
+    assert cli.main(["replay", "--shape", "mixtral-8x7b", "--calibrate", str(tmp_path / "a.npz"),
+                     "--tokens", "4096", "--seq-len", "1024"]) == 1
+    assert "--tokens must be call sizes between 1 and --seq-len 1024" in capsys.readouterr().err
+    assert cli.main(["replay", "--shape", "nope", "--calibrate", str(tmp_path / "a.npz")]) == 1
+    assert "unknown shape preset 'nope'" in capsys.readouterr().err
+
+
+def test_calibrate_records_blocks_and_routes(tmp_path):
+    import mlx_lm
+
+    from npumoe_mlx import calibrate as cal
+    from npumoe_mlx.plan import prefill_call_sizes
+    from npumoe_mlx.tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=3, num_experts=8)
+    model, tok, config = mlx_lm.load(str(path), return_config=True)
+    routes = {}
+    prof = cal.calibrate(model, tok, config, ["word " * 400, "other " * 300], chunk_size=256, block_size=64,
+                         max_tokens=600, routes=routes)
+    for l in prof.layers:
+        assert routes[l.layer].shape == (prof.tokens, l.top_k)
+        assert np.bincount(routes[l.layer].ravel(), minlength=l.num_experts).tolist() == l.counts
+        assert {c["seq"] for c in l.chunks} == {0, 1} and max(c["tokens"] for c in l.chunks) == 64
+        sizes = prefill_call_sizes(l.__dict__, prof.chunk_size)
+        assert sizes[-1] == 256 and all(s % 64 == 0 for s in sizes)
+    rp.save_routes(tmp_path / "r.npz", routes)
+    assert sorted(rp.load_trace(tmp_path / "r.npz")) == sorted(routes)
+    # the CLI flag: the same trace format, one row per calibrated token
+    assert cal.main(["--model", str(path), "--tokens", "200", "--corpus", "qa", "--out", str(tmp_path / "p.json"),
+                     "--save-routes", str(tmp_path / "cli.npz")]) == 0
+    trace = rp.load_trace(tmp_path / "cli.npz")
+    saved = cal.Profile.load(tmp_path / "p.json")
+    assert sorted(trace) == [l.layer for l in saved.layers]
+    assert all(trace[l.layer].shape == (200, l.top_k) for l in saved.layers)
+
+
+def _replay(cal_files, rep_files, shape, backend, layers, split="half", tokens=(128, 512, 2048)):
+    cal = [{l: rp.load_trace(ROUTING / f)[l] for l in layers} for f in cal_files]
+    rep = [{l: rp.load_trace(ROUTING / f)[l] for l in layers} for f in rep_files]
+    sh = rp.preset_shape(shape)
+    return rp.replay(cal, rep, sh["D"], sh["H"], default_cost(backend), PlanLimits.for_backend(backend),
+                     tokens, split=split)["rows"]
+
+
+@needs_traces
+@pytest.mark.parametrize("backend", ["onnx", "coreml"])
+@pytest.mark.parametrize("trace,shape,layer", [
+    ("olmoe-1b-7b.arxiv.npz", "olmoe-1b-7b", 7), ("mixtral-8x7b.wikipedia.npz", "mixtral-8x7b", 15),
+])
+def test_tiers_hold_on_real_routing(trace, shape, layer, backend):
+    """Plan on the first half of a trace's sequences, replay the second half (one layer)."""
+    for r in _replay([trace], [trace], shape, backend, [layer]):
+        assert r["offloaded_pct"] > 50, r
+        assert r["overflow_pct"] <= 2.0 and r["dropped_pct"] == 0, r
+        assert r["program_calls_per_call"] <= 1.2 * r["groups"], r
+        if r["tokens"] >= 512:
+            assert r["padding_pct"] <= 15.0, r
+        elif backend == "onnx":  # 128-token calls: Core ML's 32-row granularity pads more (benchmarks/replay.md)
+            assert r["padding_pct"] <= 25.0, r
+        assert r["predicted_s"] < r["mlx_only_s"], r
+
+
+@needs_traces
+def test_cross_domain_drops_nothing_and_overflows_little():
+    """OLMoE's expert ranking changes between domains: plan on arxiv, run on book."""
+    rows = _replay(["olmoe-1b-7b.arxiv.npz"], ["olmoe-1b-7b.book.npz"], "olmoe-1b-7b", "onnx", [15], None, (512, 2048))
+    for r in rows:
+        assert r["dropped_pct"] == 0 and r["overflow_pct"] <= 5.0, r
+        assert r["offloaded_pct"] > 50, r
+
+
+@needs_traces
+def test_default_build_calibration_does_not_overflow_2048_token_calls():
+    """What `npumoe build` does by default: 2048 calibration tokens (three ~680-token documents)
+    prefilled at mlx_lm's 2048-token step. The old default (512-token chunks, ladders sized
+    for them) overflowed 54% of the pairs of 2048-token calls on OLMoE (issue 10)."""
+    from npumoe_mlx.plan import make_plan
+
+    t = rp.load_trace(ROUTING / "olmoe-1b-7b.arxiv.npz")[7]
+    docs = [t[i * 2048 : i * 2048 + 683] for i in range(3)]  # three documents, as the default corpus
+    lp = rp.trace_profile(docs, 7, 64, 683, 128)
+    plan = make_plan({"layers": [lp], "chunk_size": 2048}, {7: {"D": 2048, "H": 1024}}, default_cost("onnx"),
+                     PlanLimits.for_backend("onnx"))
+    layer = plan.layers[0]
+    assert max(g.tiers[-1] for g in layer.groups) == 2048  # headroom for the prefill step
+    calls = rp.call_counts(t[20 * 2048 : 40 * 2048], 64, 2048, 2048)
+    r = rp.row_of(7, 2048, rp.replay_calls(layer, default_cost("onnx"), calls, 2048), len(layer.groups))
+    assert r["overflow_pct"] <= 2.0 and r["offloaded_pct"] == 100, r
+    assert r["program_calls_per_call"] <= 1.2 * r["groups"], r

@@ -1,0 +1,56 @@
+"""Adapt to the user's workload: per-call loads saved, a re-plan from them, a run-time notice."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import mlx.core as mx
+import numpy as np
+
+import npumoe_mlx
+from npumoe_mlx import bundle as bundles
+from npumoe_mlx import plan as plans
+from npumoe_mlx.calibrate import Profile
+from npumoe_mlx.cost import CostModel
+from npumoe_mlx.executor import OffloadExecutor, offload_stats, stats_profile, summarize
+from npumoe_mlx.experts import installed_blocks
+from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.workloads import prompt_of_tokens
+
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+
+
+def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
+    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
+    tight.capacities = [16]  # a plan made for tiny calls: 300-token prompts overflow it
+    out = bundles.build(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
+                        cost=EAGER, limits=tight, log=lambda m: None)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    notes = []
+    for m in installed_blocks(model):
+        m.executor.notice = notes.append
+    ids = mx.array(prompt_of_tokens(tok, 300, seed=3))[None]
+    mx.eval(model(ids))
+    s = summarize(offload_stats(model))
+    assert s["overflow_pct"] > 5 and len(notes) >= 1
+    assert "overflow their group's top tier" in notes[0] and "npumoe plan --from-stats" in notes[0]
+    mx.eval(model(ids))
+    assert len(notes) == len({n.split(":")[0] for n in notes})  # once per layer, not per call
+
+    f = tmp_path / "stats.json"
+    stats_profile(model, "qwen3_moe").save(f)
+    prof = Profile.load(f)
+    execs = [m.executor for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
+    assert [l.layer for l in prof.layers] == [e.plan.layer for e in execs]
+    assert all([c["tokens"] for c in l.chunks] == [300, 300] for l in prof.layers)
+
+    # re-planned for this workload: the new top tiers hold the calls that overflowed
+    blocks = {e.plan.layer: {"D": e.plan.D, "H": e.plan.H} for e in execs}
+    plan = plans.make_plan(prof.to_json(), blocks, EAGER, plans.PlanLimits.for_backend("onnx"))
+    for lp, ex in zip(plan.layers, execs):
+        for n, k, counts in ex.loads:
+            assert sum(int(np.maximum(counts[g.experts] - g.tiers[-1], 0).sum()) for g in lp.groups) == 0
+
+    assert plans.main(["--model", str(path), "--from-stats", str(f), "--backend", "onnx"]) == 0
+    assert "tiers" in capsys.readouterr().out

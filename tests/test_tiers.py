@@ -1,0 +1,216 @@
+"""Tier rule, per-call decisions and planner decisions: each test fails if its decision is wrong."""
+
+import numpy as np
+import pytest
+
+from npumoe_mlx.cost import CostModel, chip_cost, default_cost, flops_per_row
+from npumoe_mlx.plan import NEVER, GroupPlan, LayerPlan, PlanLimits, make_plan, plan_layer
+from npumoe_mlx.tiers import choose_ladder, decide_call, ladder_cover, ladder_rounds, plan_slots, tier_for
+
+D, H = 64, 32
+F = flops_per_row(D, H)
+
+
+def _cost(**kw) -> CostModel:
+    """Round numbers: a program row costs row_s, MLX a pair F/mlx_flops."""
+    base = dict(backend="onnx", dispatch_s=0.0, program_flops=F, copy_bps=1e30, sync_s=0.0,
+                mlx_fixed_s=0.0, mlx_flops=F)  # 1 s per program row, 1 s per MLX pair
+    base.update(kw)
+    return CostModel(**base)
+
+
+def test_one_rule_scalar_and_vectorised():
+    tiers = [8, 24, 64]
+    assert [tier_for(x, tiers) for x in (1, 8, 9, 64, 65, 500)] == [8, 8, 24, 64, 64, 64]
+    assert ladder_rounds(np.array([150, 3]), tiers) == [64, 64, 24]  # top tier twice, then the rest
+    rng = np.random.default_rng(0)
+    peaks = rng.integers(0, 300, 200)
+    rounds, rows = ladder_cover(peaks, tiers)
+    for p, r, n in zip(peaks, rounds, rows):
+        caps = ladder_rounds(np.array([p]), tiers)
+        assert (len(caps), sum(caps)) == (r, n)
+
+
+def test_ladder_top_is_headroom_for_the_largest_call():
+    samples = np.array([10, 12, 30, 31, 60])
+    t = choose_ladder(samples, list(range(8, 4097, 8)), 3, None, top=2048)
+    assert t[-1] == 2048 and len(t) <= 3
+    assert choose_ladder(samples, list(range(8, 4097, 8)), 3)[-1] == 64  # no headroom asked: the largest sample
+
+
+def test_sides_overlap_not_summed():
+    """Programs 10 s, MLX side 9 s, MLX alone 15 s: offload (max 10 < 15); a sum (19) would not."""
+    cost = _cost()
+    counts = np.array([10, 9, 0, 0])  # expert 0 resident (tier 10), expert 1 cold
+    cold = np.array([False, True, True, True])
+    d = decide_call(counts, [np.array([0])], [[10]], cold, cost, D, H)
+    assert (d.program_s, d.mlx_side_s, d.mlx_only_s) == pytest.approx((10, 9, 19))
+    assert d.offload and d.offload_s == pytest.approx(10)
+
+
+def test_overflow_modes_and_auto_rounds():
+    counts = np.array([30, 0])
+    cold = np.array([False, True])
+    g, t = [np.array([0])], [[8]]
+    cheap = _cost(program_flops=2 * F)  # a program row costs half an MLX pair: rerunning 8-row rounds pays
+    assert decide_call(counts, g, t, cold, cheap, D, H, "rerun").rounds == [4]
+    assert decide_call(counts, g, t, cold, cheap, D, H, "spill").rounds == [1]
+    assert decide_call(counts, g, t, cold, cheap, D, H, "auto").rounds == [4]
+    dear = _cost(program_flops=2 * F, dispatch_s=10.0)  # 3 extra rounds (42 s) cost more than 22 pairs on MLX
+    d = decide_call(counts, g, t, cold, dear, D, H, "auto")
+    assert d.rounds == [1] and d.offload and d.mlx_side_s == pytest.approx(22)
+
+
+def test_two_tier_cover_within_call_budget():
+    counts = np.array([300, 0, 0])
+    cold = np.array([False, True, True])
+    g, t = [np.array([0])], [[64, 256, 512]]
+    fast = _cost(program_flops=2 * F)  # "rerun": every pair on programs (no rebalancing with MLX)
+    assert decide_call(counts, g, t, cold, fast, D, H, "rerun").caps == [[512]]  # no budget: next tier up
+    d = decide_call(counts, g, t, cold, fast, D, H, "rerun", max_calls=2)
+    assert d.caps == [[256, 64]] and d.rounds == [2]
+    assert decide_call(counts, g, t, cold, _cost(dispatch_s=1e6), D, H, "rerun", max_calls=2).caps == [[512]]  # does not pay
+    # slots follow the decision: 320 rows, every pair placed once
+    order = np.arange(300)
+    s = plan_slots(order, counts, 1, g, t, caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
+    assert (s.slots, s.padded, len(s.calls)) == (320, 20, 2) and (s.loc >= 0).all()
+
+
+def test_rebalance_moves_worst_groups_to_mlx_when_programs_finish_last():
+    """Group 1 pads 1 pair to 64 rows: on MLX it costs 1 s instead of 32 s (rows at 0.5 s)."""
+    counts = np.array([60, 1, 0])
+    cold = np.array([False, False, True])
+    d = decide_call(counts, [np.array([0]), np.array([1])], [[64], [64]], cold, _cost(program_flops=2 * F), D, H)
+    assert d.rounds == [1, 0] and d.offload
+    assert d.program_s == pytest.approx(32) and d.mlx_side_s == pytest.approx(1)
+
+
+def test_rebalance_trims_a_busy_group_to_a_smaller_tier():
+    """One group, programs twice MLX's speed: 300 pairs at tier 512 take 256 s; cut to its
+    256 tier (128 s) the other 44 pairs finish on MLX meanwhile (44 s): the call ends at 128 s."""
+    counts = np.array([300, 0])
+    cold = np.array([False, True])
+    d = decide_call(counts, [np.array([0])], [[64, 256, 512]], cold, _cost(program_flops=2 * F), D, H)
+    assert d.caps == [[256]] and d.rounds == [1]
+    assert (d.program_s, d.mlx_side_s) == pytest.approx((128, 44))
+    # a resident group with no pair this call is left alone
+    counts = np.array([300, 0, 0])
+    d = decide_call(counts, [np.array([0]), np.array([1])], [[64, 256, 512], [64]], np.array([False, False, True]),
+                    _cost(program_flops=2 * F), D, H)
+    assert d.caps[0] == [256] and d.caps[1] == []
+
+
+def test_energy_objective_decides_on_joules():
+    """Programs slower (11 s vs MLX alone 10 s) but 10x more frugal: energy offloads (within
+    1.2x of the least time), time does not; 20 s would be past 1.2x: MLX alone."""
+    cost = _cost(program_flops=F / 1.1, mlx_flops=F, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    counts = np.array([10, 0])
+    cold = np.array([False, True])
+    g, t = [np.array([0])], [[10]]
+    assert not decide_call(counts, g, t, cold, cost, D, H, objective="time").offload
+    e = decide_call(counts, g, t, cold, cost, D, H, objective="energy")
+    assert e.offload and e.offload_j == pytest.approx(1.0) and e.mlx_only_j == pytest.approx(10.0)
+    assert e.offload_s == pytest.approx(11.0)
+    slow = _cost(program_flops=F / 2, mlx_flops=F, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    assert not decide_call(counts, g, t, cold, slow, D, H, objective="energy").offload
+
+
+def _profile(E=8, k=2, calls=40, n=128, seed=0, skew=1.0):
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, E + 1) ** skew
+    chunks = []
+    for i in range(calls):
+        c = np.zeros(E, int)
+        for _ in range(n):
+            c[rng.choice(E, k, replace=False, p=p / p.sum())] += 1
+        chunks.append({"tokens": n, "counts": c.tolist(), "seq": i})
+    total = np.sum([c["counts"] for c in chunks], axis=0)
+    return {"layer": 0, "path": "p", "num_experts": E, "top_k": k, "counts": total.tolist(), "chunks": chunks}
+
+
+def test_concurrent_partition_uses_a_slower_unit():
+    """Programs at half MLX's speed: "only where they beat MLX" keeps everything on MLX;
+    running both at once puts about a third of the work on programs and shortens the call."""
+    cost = _cost(program_flops=F / 2, dispatch_s=0.01, mlx_fixed_s=0.01)
+    lp = plan_layer(_profile(), D, H, cost, PlanLimits.for_backend("onnx", max_group=1), call_sizes=[128])
+    assert lp.groups and lp.cold, (lp.groups, lp.cold)
+    share = sum(np.asarray(_profile()["counts"])[g.experts].sum() for g in lp.groups) / sum(_profile()["counts"])
+    assert 0.15 < share < 0.5, share
+    counts = np.asarray(_profile(seed=1)["chunks"][0]["counts"])
+    p = lp.predicted(cost, 128, counts)
+    assert p["offload_s"] < 0.85 * p["mlx_s"]
+
+
+def test_energy_plan_puts_more_on_the_frugal_unit_within_its_time_bound():
+    """Programs 1.5x slower but 10x cheaper per FLOP: the energy plan spends less energy than
+    the time plan, within 1.2x of its time (or, energy_bound="gpu", of MLX alone's time, with
+    more experts resident)."""
+    cost = _cost(program_flops=F / 1.5, dispatch_s=0.01, mlx_fixed_s=0.01,
+                 program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    prof = _profile(E=16, calls=60)
+    lim = PlanLimits.for_backend("onnx", max_group=1)
+    res = {}
+    for obj, bound in (("time", "time"), ("energy", "time"), ("energy", "gpu")):
+        lp = plan_layer(prof, D, H, cost, lim, call_sizes=[128], objective=obj, energy_bound=bound)
+        ds = [lp.decide(cost, np.asarray(c["counts"])) for c in _profile(E=16, calls=20, seed=5)["chunks"]]
+        res[obj, bound] = (len(lp.cold), np.mean([d.offload_s if d.offload else d.mlx_only_s for d in ds]),
+                           np.mean([d.offload_j if d.offload else d.mlx_only_j for d in ds]),
+                           np.mean([d.mlx_only_s for d in ds]))
+    (cold_t, t_t, j_t, gpu), (cold_e, t_e, j_e, _), (cold_g, t_g, j_g, _) = res.values()
+    assert t_t < 0.7 * gpu, res  # the two units at once beat MLX alone
+    assert j_e < 0.98 * j_t and t_e <= 1.2 * t_t, res  # a tight bound leaves little room ...
+    assert cold_g < cold_t and j_g < 0.7 * j_t and t_g <= 1.2 * gpu, res  # ... 1.2x of MLX alone leaves more
+
+
+def test_program_budget_is_respected_hottest_first():
+    prof = {"layers": [dict(_profile(E=8), layer=l) for l in range(3)], "chunk_size": 128}
+    shapes = {l: {"D": D, "H": H} for l in range(3)}
+    eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0)
+    lim = PlanLimits.for_backend("onnx", max_group=1, max_programs=4)
+    plan = make_plan(prof, shapes, eager, lim)
+    assert plan.num_programs == 4
+    free = make_plan(prof, shapes, eager, PlanLimits.for_backend("onnx", max_group=1))
+    assert free.num_programs > 4
+    for lp in plan.layers:  # what is kept is each layer's hottest groups; the rest went cold
+        assert sorted([e for g in lp.groups for e in g.experts] + lp.cold) == list(range(8))
+        if lp.groups:
+            assert lp.groups[0].experts == free.layers[lp.layer].groups[0].experts
+
+
+def test_min_tokens_keeps_decode_on_mlx():
+    """A 5 ms dispatch never pays for a 1-token call: min_tokens > 1, and a decode call stays on MLX."""
+    cost = CostModel("onnx", 5e-3, 1e13, 1e12, 1e-4, 1e-4, 1e10)
+    lp = plan_layer(_profile(), 512, 1024, cost, PlanLimits.for_backend("onnx"), call_sizes=[128])
+    assert 1 < lp.min_tokens < NEVER
+    counts = np.zeros(8)
+    counts[:2] = 1
+    assert not lp.decide(cost, counts).offload
+
+
+def test_chip_cost_energy_per_flop_and_call():
+    from npumoe_mlx.chips import chip_profile
+
+    c = chip_profile("m2-max")
+    cost = chip_cost("m2-max", "coreml", 2048, 768)
+    assert cost.program_flops == pytest.approx(c.ane_tflops * 1e12) and cost.mlx_flops == pytest.approx(c.gpu_tflops * 1e12)
+    assert cost.program_j_per_flop == pytest.approx(c.ane_power_w / (c.ane_tflops * 1e12))
+    assert cost.mlx_j_per_flop == pytest.approx(c.gpu_power_w / (c.gpu_tflops * 1e12))
+    assert cost.program_j_per_call == pytest.approx(c.ane_power_w * c.ane_dispatch_s)
+    assert cost.expert_s == pytest.approx(3 * 2048 * 768 * 2 / (c.ane_bw_gbs * 1e9))
+    assert cost.mlx_j(100, 2048, 768) == pytest.approx(cost.mlx_j_per_call + 100 * flops_per_row(2048, 768) * cost.mlx_j_per_flop)
+    with pytest.raises(ValueError, match="coreml"):
+        chip_cost("m2-max", "onnx")
+    assert not default_cost("onnx").has_energy and default_cost("coreml").has_energy
+
+
+def test_old_plans_still_load():
+    """Plans written before objective / max_calls / call_ratio existed load with the old behaviour."""
+    from npumoe_mlx.plan import Plan
+
+    lp = LayerPlan(0, "p", 4, 2, D, H, [GroupPlan([0, 1], [8, 16])], [2, 3], min_tokens=4)
+    d = Plan("onnx", PlanLimits.for_backend("onnx"), [lp]).to_dict()
+    for k in ("objective", "max_calls"):
+        del d["layers"][0][k]
+    del d["limits"]["call_ratio"]
+    back = Plan.from_dict(d)
+    assert back.layers[0].objective == "time" and back.layers[0].max_calls == 0
