@@ -31,7 +31,7 @@ from .cost import CostModel, default_cost
 from .lock import build_lock
 from .plan import Plan, PlanLimits, format_plan, make_plan
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: quantized programs without zero points (fast kernel), one session per program
 KIND = "npumoe-bundle"
 CACHE_ENV = "NPUMOE_CACHE"
 
