@@ -15,8 +15,8 @@ providers that take dynamic shapes (one session, one resident copy, every tier).
   uint8 layout MatMulNBits reads. 8-bit codes are split into two nibble planes,
   q = 16*hi + lo, run as one MatMulNBits over [x, x] (K doubled): onnxruntime's 8-bit
   float kernel takes ~6 ms per 1-row call at K=2048, N=1536, the 4-bit one ~0.3 ms.
-  Scales and biases are stored in float16 when that is lossless (MLX bf16/fp16
-  models) and cast at load: the weight file holds the quantized model's bytes.
+  Scales and biases are stored in float16 or bfloat16 when that is lossless (MLX
+  bf16/fp16 models) and cast at load: the weight file holds the quantized model's bytes.
 """
 
 import hashlib
@@ -62,22 +62,36 @@ class _Graph:
         return outs if n_out > 1 else outs[0]
 
 
-def _compact(arr: np.ndarray) -> np.ndarray:
-    """float16 if that holds every value exactly (MLX bf16/fp16 scales do), else float32.
-
-    The graph casts it back (a constant the session folds at load): the file keeps the
-    quantized model's bytes, the kernels get float32.
-    """
+def _compact(arr: np.ndarray):
+    """(dtype tag, array): the smallest of float16 / bfloat16 / float32 that holds every
+    value exactly. MLX stores scales and biases in the model's dtype (bf16 or fp16 in
+    most checkpoints, float32 in tiny ones); the graph casts them back to float32 (a
+    constant the session folds at load), so the file keeps the quantized model's bytes.
+    bfloat16 goes as its upper 16 bits (numpy has no bfloat16)."""
     a = np.ascontiguousarray(arr, np.float32)
     with np.errstate(over="ignore"):
         h = a.astype(np.float16)
-    return h if np.array_equal(h.astype(np.float32), a) else a
+    if np.array_equal(h.astype(np.float32), a):
+        return "float16", h
+    bits = a.view(np.uint32)
+    if not (bits & 0xFFFF).any():
+        return "bfloat16", (bits >> 16).astype(np.uint16)
+    return "float32", a
 
 
 def _const_f32(g: _Graph, base: str, arr: np.ndarray) -> str:
-    a = _compact(arr)
-    name = g.init(base, a)
-    return g.node("Cast", [name], to=1) if a.dtype == np.float16 else name  # 1: FLOAT
+    """A float32 constant stored compactly (see `_compact`)."""
+    from onnx import TensorProto, helper
+
+    kind, a = _compact(arr)
+    if kind == "float32":
+        return g.init(base, a)
+    if kind == "float16":
+        name = g.init(base, a)
+    else:
+        name = g.name(base)
+        g.inits.append(helper.make_tensor(name, TensorProto.BFLOAT16, a.shape, a.tobytes(), raw=True))
+    return g.node("Cast", [name], to=TensorProto.FLOAT)
 
 
 def nibble_planes(w: AffineWeight):

@@ -214,11 +214,17 @@ def test_onnx_save_one_graph_per_tier_shared_weights(tmp_path, bits):
     assert save_onnx(spec, tmp_path) == paths and len(list(tmp_path.iterdir())) == 4
 
 
-def _f16_scales(spec):
-    """The spec with scales and biases rounded to float16, as MLX bf16/fp16 models store them."""
+def _half_scales(spec, dtype="float16"):
+    """The spec with scales and biases rounded to float16 or bfloat16 (scaled down into
+    float16's subnormal range, where only bfloat16 is exact), as MLX fp16/bf16 models store them."""
+    def r(a):
+        if dtype == "float16":
+            return a.astype(np.float16).astype(np.float32)
+        a = (a * np.float32(1e-3)).astype(np.float32)
+        return (a.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+
     for name in ("gate", "up", "down"):
         w = getattr(spec, name)
-        r = lambda a: a.astype(np.float16).astype(np.float32)
         setattr(spec, name, AffineWeight(w.packed, r(w.scales), r(w.biases), w.bits, w.group_size))
     return spec
 
@@ -244,13 +250,14 @@ def test_onnx_quantized_fast_kernel_exact(bits):
     assert rel_err(y, reference_ffn(spec, x)) < 3e-6
 
 
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
 @pytest.mark.parametrize("bits", (4, 8))
-def test_onnx_weight_file_is_the_quantized_bytes(tmp_path, bits):
-    """On disk: codes packed (8-bit too), float16 scales/biases kept float16 (cast at
+def test_onnx_weight_file_is_the_quantized_bytes(tmp_path, bits, dtype):
+    """On disk: codes packed (8-bit too), 16-bit scales/biases kept 16-bit (cast at
     load), so the shared weight file is ~1.0x the MLX quantized bytes, <= 1.1x in all."""
     import onnxruntime as ort
 
-    spec = _f16_scales(_spec("swiglu", bits, G=2, D=256, H=128, group_size=64, tiers=(8, 32)))
+    spec = _half_scales(_spec("swiglu", bits, G=2, D=256, H=128, group_size=64, tiers=(8, 32)), dtype)
     mlx_bytes = sum(w.packed.nbytes + 2 * 2 * w.scales.size for w in (spec.gate, spec.up, spec.down))
     paths = save_onnx(spec, tmp_path)
     total = sum(p.stat().st_size for p in tmp_path.iterdir())

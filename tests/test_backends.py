@@ -219,3 +219,19 @@ def test_onnx_one_session_per_program_on_dynamic_providers(tmp_path):
             assert rel_err(y8, ref[:, :8]) < 3e-6 and y32.shape == (2, 32, 64)
     with pytest.raises(ValueError, match="shapes must be one of"):
         load_backend("onnx", shapes="ragged")
+
+
+def test_bench_layer_reports_one_row_call_and_pairs_on_mlx():
+    """bench layer on a small shape: exact vs stock, the 1-row call measured against dense
+    float32, and pairs left on MLX = 100% when a call stays on MLX."""
+    from npumoe_mlx.bench_layer import bench_shape, format_table
+
+    shape = {"hidden": 64, "expert_intermediate": 64, "experts": 8, "top_k": 2}
+    rows = bench_shape("tiny", shape, [1, 64], q_bits=4, repeats=1, log=lambda *_: None)
+    assert [r["tokens"] for r in rows] == [1, 64]
+    for r in rows:
+        assert r["max_rel_err"] < 1e-5
+        assert r["one_row_program_ms"] > 0 and r["one_row_dense_ms"] > 0
+        assert r["one_row_ratio"] == pytest.approx(r["one_row_program_ms"] / r["one_row_dense_ms"])
+        assert r["mlx_pairs_pct"] == (r["spill_pct"] if r["offloaded"] else 100.0)
+    assert "pairs on MLX %" in format_table(rows)
