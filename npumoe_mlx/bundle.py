@@ -30,6 +30,7 @@ from .atomic import clean_stale, folder, write_json
 from .cost import CostModel, default_cost
 from .lock import build_lock
 from .plan import Plan, PlanLimits, format_plan, make_plan
+from .residency import check_budget, default_memory_budget, describe, plan_resident
 
 BUNDLE_FORMAT = 2  # 2: quantized programs without zero points (fast kernel), one session per program
 KIND = "npumoe-bundle"
@@ -145,8 +146,12 @@ def build(
     trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    memory_budget: Optional[int] = -1,
 ) -> Path:
-    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path."""
+    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
+
+    ``memory_budget``: bytes the plan may keep resident (MLX + programs); -1 = 80% of
+    this machine's RAM, None = no check."""
     from mlx_lm import utils as mlx_utils
 
     from .calibrate import calibrate
@@ -194,6 +199,9 @@ def build(
         }
         plan = make_plan(profile.to_json(), shapes, cost, limits)
         log(f"[3/4] {format_plan(plan)}")
+        resident = plan_resident(plan, model, blocks)
+        log(f"      {describe(resident)}")
+        check_budget(resident, default_memory_budget() if memory_budget == -1 else memory_budget)
 
         n_prog = plan.num_programs
         with folder(out) as tmp:
@@ -462,8 +470,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-group", type=int, help="Experts per program (default 16).")
     p.add_argument("--max-programs", type=int, help="Resident programs over all layers.")
     p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier.")
+    p.add_argument("--memory-budget", type=float, metavar="GB",
+                   help="Resident bytes the plan may use, MLX + programs (default: 80%% of this machine's RAM; 0 = no check).")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
+    if args.memory_budget is not None and args.memory_budget < 0:
+        raise ValueError(f"--memory-budget must be >= 0 GB, got {args.memory_budget}")
     from .checks import resolve_model
 
     local = resolve_model(args.model)
@@ -485,5 +497,6 @@ def main(argv=None) -> int:
         str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
         tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,
         limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
+        memory_budget=-1 if args.memory_budget is None else (int(args.memory_budget * 1e9) or None),
     )
     return 0
