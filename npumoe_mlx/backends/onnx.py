@@ -8,7 +8,8 @@ Core ML, or ``shapes="static"``) get one session per (program, tier) from the st
 tier graphs, each with its own copy. On disk the tier graphs share one weight file.
 Inputs and outputs go through IO binding with a preallocated output per tier, so a
 call copies nothing on the CPU provider: the returned array is that buffer and is
-overwritten by the next run of the same tier.
+overwritten by the next run of the same tier. All sessions of the process share one
+CPU arena for their activations.
 """
 
 import glob
@@ -24,6 +25,24 @@ from ane_kernels.spec import ProgramSpec
 from . import BackendError, Program
 
 SHAPES = ("auto", "dynamic", "static")
+_SHARED_ARENA = []  # [True] once this process registered onnxruntime's shared CPU arena
+
+
+def _shared_arena() -> bool:
+    """Register one CPU arena for every session of this process (once). Each session's
+    own arena keeps its largest activations for good; a bundle has tens of sessions,
+    so a shared one holds the largest call's activations once (measured: 12 one-expert
+    OLMoE-dims programs after tiers 8/32/128, +59 MB RSS shared vs +131 MB own arenas)."""
+    import onnxruntime as ort
+
+    if not _SHARED_ARENA:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, None)
+            _SHARED_ARENA.append(True)
+        except Exception:  # an older onnxruntime, or registered by someone else: own arenas
+            _SHARED_ARENA.append(False)
+    return _SHARED_ARENA[0]
 # providers that run a graph with a symbolic dimension at full speed
 DYNAMIC_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
@@ -126,6 +145,8 @@ class Backend:
         # spinning threads of idle sessions would starve the busy one (and MLX).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if _shared_arena():
+            so.add_session_config_entry("session.use_env_allocators", "1")
         if isinstance(model, DynamicGraph):
             folder = str(Path(model.path).resolve().parent)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
