@@ -31,6 +31,7 @@ from .executor import format_stats
 from .experts import installed_blocks
 from .generate import _patched, add_offload_args
 from .loading import load, stats
+from .sharded import sharded_load
 
 # `mlx_lm.server` is the module (mlx_lm has no attribute of that name to shadow it).
 mlx_server = importlib.import_module("mlx_lm.server")
@@ -78,6 +79,14 @@ def _offload_load(args, model_path, **kw):
     """mlx_lm.server's ``load``, through npumoe_mlx.load: --bundle belongs to the --model model."""
     bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
     return load(model_path, offload=args.offload, bundle=bundle, overflow=args.overflow, verify=args.verify, **kw)
+
+
+def _offload_sharded_load(args, model_path, pipeline_group=None, tensor_group=None, return_config=False, **kw):
+    """mlx_lm.server's ``sharded_load`` (under mlx.launch): each rank offloads the expert
+    blocks it holds with its own per-rank bundle (see sharded.py); --bundle may hold ``{shard}``."""
+    bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
+    return sharded_load(model_path, pipeline_group, tensor_group, return_config=return_config, offload=args.offload,
+                        bundle=bundle, overflow=args.overflow, verify=args.verify, **kw)
 
 
 def _skip_native_teardown():
@@ -203,6 +212,7 @@ def main(argv=None) -> int:
             mlx_server,
             argparse=_parser_module(given),
             load=functools.partial(_offload_load, args),
+            sharded_load=functools.partial(_offload_sharded_load, args),
             ModelProvider=OffloadModelProvider,
             _run_http_server=_run_http_server,
             scan_cache_dir=_scan_cache_dir,

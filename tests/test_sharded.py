@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -227,3 +228,50 @@ def test_shard_fingerprint_follows_the_rank_weights_and_shard(models, monkeypatc
     assert w.size > sharded.FULL_ELEMS
     model.model.layers[1].mlp.switch_mlp.down_proj.weight = w.at[0, 0, 0].add(1.0)
     assert fp != sharded.shard_fingerprint(model, config, one)
+
+
+def test_server_under_mlx_launch(models, tensor_run, tmp_path):
+    """`npumoe server` under mlx.launch: mlx_lm.server's distributed mode (rank 0 serves HTTP)
+    with each rank's experts on its own per-rank programs (built by tensor_run); the text at
+    temperature 0 equals single-process stock mlx_lm, and rank 0's programs ran."""
+    import urllib.request
+
+    m, _ = models
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [LAUNCH, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port", str(_free_port_pair()),
+            "--python", sys.executable, "--", "-m", "npumoe_mlx.server", "--model", str(m["ds"]), "--offload", "onnx",
+            "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def get(path):
+        with urllib.request.urlopen(url + path, timeout=10) as r:
+            return json.loads(r.read() or b"null")
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text(errors="replace")[-4000:]
+            try:
+                get("/health")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text(errors="replace")[-4000:]
+                time.sleep(0.3)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 8, "temperature": 0.0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            text = json.loads(r.read())["choices"][0]["text"]
+        st = get("/v1/npumoe/stats")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.wait(timeout=30)
+        log.close()
+    model, tok = stock_load(str(m["ds"]))
+    assert text == stock_generate(model, tok, PROMPT, max_tokens=8)
+    assert st["total"]["program_calls"] > 0 and not st["total"]["fallbacks"], st
