@@ -160,20 +160,17 @@ def _bundle_info(local: Path, name: str, backend: str, problems: list, preferred
         current=True, format=man.get("format"), npumoe_version=man.get("npumoe_version"),
         fingerprint=man.get("model_fingerprint"), created=man.get("created"),
         programs=len(man["programs"]), program_bytes=sum(n for _, n in files),
-        resident_bytes=_resident_bytes(man, backend), cost=b.cost.to_dict(), plan=_plan_info(b.plan),
+        resident_bytes=_resident_bytes(man), cost=b.cost.to_dict(), plan=_plan_info(b.plan),
     )
     info["_bundle"] = b
     return info
 
 
-def _resident_bytes(man: dict, backend: str) -> int:
-    """Program memory once every tier is open: onnxruntime keeps a copy of a group's weights
-    per tier session; a Core ML package shares them between its functions."""
-    total = 0
-    for p in man["programs"]:
-        size = sum(f["bytes"] for f in p["files"].values())
-        total += size * (len(p["tiers"]) if backend == "onnx" else 1)
-    return total
+def _resident_bytes(man: dict) -> int:
+    """Program memory once every tier is open: one copy of a program's files (since bundle
+    format 2 one onnxruntime session serves every tier on the CPU/CUDA providers; a Core ML
+    package shares its weights between its functions)."""
+    return sum(f["bytes"] for p in man["programs"] for f in p["files"].values())
 
 
 def _plan_info(plan) -> dict:
