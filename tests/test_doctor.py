@@ -79,7 +79,7 @@ def test_machine_backends_model_bundle_plan_memory_and_bench(built, capsys, tmp_
         p = _problem(r, f"{unit}: measured")
         assert "the cost model is off by" in p["problem"]
         assert p["fix"] == f"npumoe build --model {built} --backend onnx --force"
-    assert "bundle onnx: " in screen and ": current (format 1" in screen and "memory: model" in screen
+    assert "bundle onnx: " in screen and f": current (format {bundles.BUNDLE_FORMAT}" in screen and "memory: model" in screen
     assert "fix: npumoe build --model" in screen
 
 
@@ -137,10 +137,10 @@ def test_bad_model_one_line_error(tmp_path, capsys):
 
 
 def test_model_and_programs_that_do_not_fit(built, monkeypatch):
-    monkeypatch.setattr(doctor, "memory_bytes", lambda: 3_000_000)  # a 3 MB machine
+    monkeypatch.setattr(doctor, "memory_bytes", lambda: 1_000_000)  # a 1 MB machine
     r = doctor.run(str(built), run_bench=False)
     mem = r["model"]["memory"]
-    assert mem["budget_bytes"] == int(doctor.MEMORY_HEADROOM * 3_000_000) < mem["total_bytes"] and not mem["fits"]
+    assert mem["budget_bytes"] == int(doctor.MEMORY_HEADROOM * 1_000_000) < mem["total_bytes"] and not mem["fits"]
     p = _problem(r, "programs")
     assert "exceed the 2.4 MB this machine (3.0 MB) can hold" in p["problem"]
     assert p["fix"].startswith(f"npumoe build --model {built} --backend onnx --force --max-programs ")
