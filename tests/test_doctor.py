@@ -142,7 +142,7 @@ def test_model_and_programs_that_do_not_fit(built, monkeypatch):
     mem = r["model"]["memory"]
     assert mem["budget_bytes"] == int(doctor.MEMORY_HEADROOM * 1_000_000) < mem["total_bytes"] and not mem["fits"]
     p = _problem(r, "programs")
-    assert "exceed the 2.4 MB this machine (3.0 MB) can hold" in p["problem"]
+    assert "exceed the 0.8 MB this machine (1.0 MB) can hold" in p["problem"]
     assert p["fix"].startswith(f"npumoe build --model {built} --backend onnx --force --max-programs ")
     assert "DOES NOT FIT" in doctor.format_report(r)
     monkeypatch.setattr(doctor, "memory_bytes", lambda: 30_000_000)
