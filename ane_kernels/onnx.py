@@ -1,17 +1,22 @@
-"""ProgramSpec -> static-shape ONNX graphs, one .onnx per tier (runs anywhere onnxruntime does).
+"""ProgramSpec -> ONNX graphs, one .onnx per tier (runs anywhere onnxruntime does).
 
-Graph for tier C: x (G, C, D) float32 -> y (G, C, D) float32.
+Graph for tier C: x (G, C, D) float32 -> y (G, C, D) float32. The graph never depends
+on C: `build_onnx(spec, None)` / `make_dynamic` give it a symbolic row count, for
+providers that take dynamic shapes (one session, one resident copy, every tier).
 - float weights: batched MatMul with one [G, D, 2H] initializer (gate and up fused,
   per expert [gate | up] along the last axis) and one [G, H, D] for down.
-- 4-bit MLX affine weights: per expert `com.microsoft.MatMulNBits` (bits=4,
-  block_size=group size) on x[g], concatenated over experts. MLX packs codes low bits
-  first into little-endian uint32, which is byte for byte the low-nibble-first uint8
-  layout MatMulNBits reads; FLOAT zero points -bias/scale make (q - zp) * scale equal
-  q * scale + bias exactly in real arithmetic.
-- 8-bit (and 2-bit): onnxruntime's CPU MatMulNBits refuses 8-bit weights with float
-  zero points (checked with onnxruntime 1.32: "does not support 8-bit weights with
-  floating-point zero points"), and integer zero points cannot express MLX's float
-  biases, so these are dequantized to float32 initializers.
+- MLX affine weights (2, 4, 8 bits): per expert `com.microsoft.MatMulNBits` (bits=4,
+  block_size=group size, NO zero points: onnxruntime's fast kernel; float zero points
+  cost ~4 ms more per call in onnxruntime 1.32, and 8-bit with float zero points is
+  refused) plus an exact correction. With the kernel's implicit zero point 8,
+  s*q + b = s*(q - z) + (z*s + b), so y = MatMulNBits(x) + (per-group sums of x) @ c^T,
+  c = z*s + b: exact in real arithmetic, ~1/group_size extra FLOPs. MLX packs 4-bit
+  codes low bits first into little-endian uint32, byte for byte the low-nibble-first
+  uint8 layout MatMulNBits reads. 8-bit codes are split into two nibble planes,
+  q = 16*hi + lo, run as one MatMulNBits over [x, x] (K doubled): onnxruntime's 8-bit
+  float kernel takes ~6 ms per 1-row call at K=2048, N=1536, the 4-bit one ~0.3 ms.
+  Scales and biases are stored in float16 or bfloat16 when that is lossless (MLX
+  bf16/fp16 models) and cast at load: the weight file holds the quantized model's bytes.
 """
 
 import hashlib
@@ -23,12 +28,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .spec import AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows
+from .spec import AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, pack_bits
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
 OPSET = 17
-NBITS_FOR_MATMULNBITS = (4,)
+ROWS = "C"  # the symbolic row dimension of a dynamic graph
 
 
 class _Graph:
@@ -45,7 +50,7 @@ class _Graph:
         from onnx import numpy_helper
 
         nm = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), nm))
+        self.inits.append(numpy_helper.from_array(np.array(arr, order="C"), nm))  # 0-d stays 0-d
         return nm
 
     def node(self, op, inputs, n_out=1, base=None, domain=None, **attrs):
@@ -57,37 +62,112 @@ class _Graph:
         return outs if n_out > 1 else outs[0]
 
 
+def _compact(arr: np.ndarray):
+    """(dtype tag, array): the smallest of float16 / bfloat16 / float32 that holds every
+    value exactly. MLX stores scales and biases in the model's dtype (bf16 or fp16 in
+    most checkpoints, float32 in tiny ones); the graph casts them back to float32 (a
+    constant the session folds at load), so the file keeps the quantized model's bytes.
+    bfloat16 goes as its upper 16 bits (numpy has no bfloat16)."""
+    a = np.ascontiguousarray(arr, np.float32)
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    if np.array_equal(h.astype(np.float32), a):
+        return "float16", h
+    bits = a.view(np.uint32)
+    if not (bits & 0xFFFF).any():
+        return "bfloat16", (bits >> 16).astype(np.uint16)
+    return "float32", a
+
+
+def _const_f32(g: _Graph, base: str, arr: np.ndarray) -> str:
+    """A float32 constant stored compactly (see `_compact`)."""
+    from onnx import TensorProto, helper
+
+    kind, a = _compact(arr)
+    if kind == "float32":
+        return g.init(base, a)
+    if kind == "float16":
+        name = g.init(base, a)
+    else:
+        name = g.name(base)
+        g.inits.append(helper.make_tensor(name, TensorProto.BFLOAT16, a.shape, a.tobytes(), raw=True))
+    return g.node("Cast", [name], to=TensorProto.FLOAT)
+
+
+def nibble_planes(w: AffineWeight):
+    """MLX affine codes as 4-bit planes: ``([(plane (G, out, in) in 0..15, m)], z)`` with
+    ``sum(m * (plane - 8)) == q - z``, so ``s*q + b = s * sum(m * (plane - 8)) + (z*s + b)``.
+
+    4-bit codes are one plane (z = 8); 8-bit codes split into nibbles, q = 16*hi + lo
+    (z = 136); 2-bit codes sit centred in one plane, q + 6 (z = 2, small so the
+    correction cancels little). Each plane is a 4-bit MatMulNBits without zero points
+    (onnxruntime's fast kernel); every format keeps its codes packed. ``None``: 4-bit,
+    whose packed words already are the plane's bytes.
+    """
+    if w.bits == 4:
+        return None, 8
+    q = w.unpack()
+    if w.bits == 8:
+        return [(q >> 4, 16), (q & 15, 1)], 136
+    return [(q + 6, 1)], 2
+
+
+def _nbits_operands(w: AffineWeight):
+    """(blobs (G, out, P * in/gs, gs/2) uint8, plane multipliers, z) for MatMulNBits."""
+    G, out, inp = w.shape
+    planes, z = nibble_planes(w)
+    if planes is None:
+        blobs = w.packed.view(np.uint8).reshape(G, out, inp // w.group_size, w.group_size // 2)
+        return blobs, [1], z
+    q = np.concatenate([p for p, _ in planes], axis=2)  # (G, out, P * in)
+    blobs = pack_bits(q, 4).view(np.uint8).reshape(G, out, -1, w.group_size // 2)
+    return blobs, [m for _, m in planes], z
+
+
 def _linear(g: _Graph, x: str, w: Weight, bias: Optional[np.ndarray], G: int, base: str):
-    """x: (G, C, in) -> (G, C, out) with per-expert weight w: (G, out, in) (+ bias (G, out))."""
-    Gw, out, inp = w.shape if isinstance(w, AffineWeight) else w.shape
-    if isinstance(w, AffineWeight) and w.bits in NBITS_FOR_MATMULNBITS:
-        n_blocks = inp // w.group_size
-        blob = w.group_size * w.bits // 8
-        # (G, out, in*bits/32) uint32 -> (G, out, in/bs, bs*bits/8) uint8, low nibble first
-        B = w.packed.view(np.uint8).reshape(G, out, n_blocks, blob)
-        scales = w.scales.astype(np.float32)
-        zp = (-w.biases.astype(np.float64) / scales.astype(np.float64)).astype(np.float32)
-        xs = g.node("Split", [x, g.init("split_ones", np.ones(G, np.int64))], n_out=G, axis=0) if G > 1 else [x]
+    """x: (G, C, in) -> (G, C, out) with per-expert weight w: (G, out, in) (+ bias (G, out)).
+
+    MLX affine weights: the 4-bit MatMulNBits planes with no zero points (the fast
+    kernel; float zero points cost ~4 ms more per call in onnxruntime 1.32), one node per
+    expert, plus the exact correction (per-group sums of x) @ c^T with c = z*s + b
+    (G, out, in/gs): ~1/group_size extra FLOPs.
+    """
+    if isinstance(w, AffineWeight):
+        _, out, inp = w.shape
+        gs, nb = w.group_size, inp // w.group_size
+        blobs, mults, z = _nbits_operands(w)
+        xk = x if len(mults) == 1 else g.node("Concat", [x] * len(mults), axis=2)  # (G, C, P*in)
+        xs = g.node("Split", [xk, g.init("split_ones", np.ones(G, np.int64))], n_out=G, axis=0) if G > 1 else [xk]
+        s_all = _const_f32(g, f"{base}_s", w.scales)  # (G, out, nb), stored once
         ys = []
         for e in range(G):
+            s = g.node("Gather", [s_all, g.init("e", np.array(e, np.int64))], axis=0)  # (out, nb)
+            if len(mults) > 1:
+                s = g.node("Concat", [g.node("Mul", [s, _scalar(g, m)]) for m in mults], axis=1)
+            s = g.node("Reshape", [s, g.init("flat", np.array([-1], np.int64))])  # (out * P*nb,)
             ys.append(
                 g.node(
                     "MatMulNBits",
-                    [
-                        xs[e],
-                        g.init(f"{base}_q", B[e]),
-                        g.init(f"{base}_scales", scales[e].reshape(-1)),
-                        g.init(f"{base}_zp", zp[e].reshape(-1)),
-                    ],
+                    [xs[e], g.init(f"{base}_q", blobs[e]), s],
                     base=f"{base}_e",
                     domain="com.microsoft",
-                    K=inp,
+                    K=len(mults) * inp,
                     N=out,
-                    bits=w.bits,
-                    block_size=w.group_size,
+                    bits=4,
+                    block_size=gs,
                 )
             )
         y = g.node("Concat", ys, axis=0) if G > 1 else ys[0]
+        # correction: x (G, C, in) -> per-group sums (G, C, nb) @ c^T (G, nb, out)
+        sums = g.node(
+            "ReduceSum",
+            [g.node("Reshape", [x, g.init("groups", np.array([0, 0, nb, gs], np.int64))]),
+             g.init("last", np.array([-1], np.int64))],
+            keepdims=0,
+        )
+        c = g.node("Add", [g.node("Mul", [s_all, _scalar(g, z)]), _const_f32(g, f"{base}_zb", w.biases)])
+        cT = g.node("Transpose", [c], perm=[0, 2, 1])  # (G, nb, out)
+        y = g.node("Add", [y, g.node("MatMul", [sums, cT])])
     else:
         wt = dequantize(w, np.float32).transpose(0, 2, 1)  # (G, in, out)
         y = g.node("MatMul", [x, g.init(f"{base}_w", wt)], base=base)
@@ -109,11 +189,16 @@ def _scalar(g: _Graph, v: float) -> str:
     return g.init("c", np.asarray(v, np.float32))
 
 
-def build_onnx(spec: ProgramSpec, tier: int):
-    """The ONNX ModelProto for one tier: x (G, C, D) float32 -> y (G, C, D) float32."""
+def build_onnx(spec: ProgramSpec, tier: Optional[int]):
+    """The ONNX ModelProto for one tier: x (G, C, D) float32 -> y (G, C, D) float32.
+
+    ``tier=None``: the same graph with a symbolic row count C (the graph never depends
+    on C), for providers that take dynamic shapes: one session serves every tier.
+    """
     from onnx import TensorProto, checker, helper
 
-    G, C, D, H = spec.G, int(tier), spec.D, spec.H
+    G, D, H = spec.G, spec.D, spec.H
+    C = ROWS if tier is None else int(tier)
     g = _Graph()
     try:
         w_gu = fuse_rows(spec.gate, spec.up)  # (G, 2H, D)
@@ -235,6 +320,18 @@ def graph_tier(model) -> int:
     """The tier C of a graph built here, read from the x (G, C, D) input shape."""
     x = next(i for i in model.graph.input if i.name == INPUT_NAME)
     return int(x.type.tensor_type.shape.dim[1].dim_value)
+
+
+def make_dynamic(model):
+    """A tier graph built here with its row count made symbolic (in place; returns it).
+
+    Every tier graph is the same graph but for the declared x / y shapes, so this is the
+    graph `build_onnx(spec, None)` gives, without a file of its own in the bundle.
+    """
+    for v in list(model.graph.input) + list(model.graph.output):
+        if v.name in (INPUT_NAME, OUTPUT_NAME):
+            v.type.tensor_type.shape.dim[1].dim_param = ROWS  # clears dim_value (oneof)
+    return model
 
 
 def op_counts(model) -> Dict[str, int]:

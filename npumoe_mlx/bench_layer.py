@@ -95,6 +95,9 @@ def bench_shape(
             else:
                 programs.append(be.load(spec))
         ex = OffloadExecutor(lp, programs, cost)
+        one_row = one_row_call(be, m, D, H, repeats=max(repeats, 5) * 4)
+        log(f"[{name}] 1-row call: program {one_row['one_row_program_ms']:.3f} ms, dense float32 MatMul "
+            f"{one_row['one_row_dense_ms']:.3f} ms (x{one_row['one_row_ratio']:.2f})")
         rows = []
         f = flops_per_row(D, H)
         for N in tokens:
@@ -129,6 +132,8 @@ def bench_shape(
                 "predicted_s": pred["offload_s"] if st["offloaded"] else pred["mlx_s"],
                 "measured_s": t_off, "stock_s": t_stock, "max_rel_err": err, "fallback": ex.stats.fallback,
             }
+            row["mlx_pairs_pct"] = row["spill_pct"] if row["offloaded"] else 100.0
+            row.update(one_row)
             rows.append(row)
             log(f"[{name}] {N:>5} tokens: offload {row['offload_tps']:9.1f} tok/s  stock {row['stock_tps']:9.1f} tok/s  "
                 f"x{row['speedup']:.2f}  gemm_fraction {row['gemm_fraction']:.2f}  padding {row['padding_pct']:.1f}%  "
@@ -157,15 +162,37 @@ def _gemm_s(be, m: SwitchGLU, D: int, N: int, reps: int) -> float:
     return median_s(lambda: prog.run(x, C), reps, warm_up=False) * N / C
 
 
+def one_row_call(be, m: SwitchGLU, D: int, H: int, repeats: int = 20) -> dict:
+    """A 1-row call of a one-expert program (the layer's weight format) vs the same FFN
+    as dense float32 MatMuls, both through the backend the same way: the program's fixed
+    cost per call, which decides whether decode-sized calls can go to programs."""
+    from ane_kernels.spec import ProgramSpec, dequantize
+
+    from .programs import spec_from_switch_glu
+
+    spec = spec_from_switch_glu(m, layer=0, expert_ids=[0], tiers=[1])
+    dense = ProgramSpec(layer=0, expert_ids=(0,), tiers=(1,), D=D, H=H, activation=spec.activation,
+                        gate=dequantize(spec.gate), up=dequantize(spec.up), down=dequantize(spec.down))
+    x = np.random.default_rng(2).standard_normal((1, 1, D)).astype(np.float32)
+    t = {}
+    for key, sp in (("program", spec), ("dense", dense)):
+        prog = be.load(sp)
+        prog.run(x, 1)
+        t[key] = median_s(lambda: prog.run(x, 1), repeats, warm_up=False)
+    return {"one_row_program_ms": t["program"] * 1e3, "one_row_dense_ms": t["dense"] * 1e3,
+            "one_row_ratio": t["program"] / t["dense"]}
+
+
 def format_table(rows: List[dict]) -> str:
     """Markdown: one row per (shape, tokens)."""
     head = ("shape", "tokens", "offload tok/s", "stock tok/s", "speedup", "gemm_fraction", "padding %",
-            "calls", "spill %", "predicted ms", "measured ms")
+            "calls", "spill %", "pairs on MLX %", "predicted ms", "measured ms")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['tokens']} | {r['offload_tps']:.1f} | {r['stock_tps']:.1f} | {r['speedup']:.2f}x | "
             f"{r['gemm_fraction']:.2f} | {r['padding_pct']:.1f} | {r['calls']:.0f} | {r['spill_pct']:.1f} | "
+            f"{r.get('mlx_pairs_pct', r['spill_pct']):.1f} | "
             f"{r['predicted_s'] * 1e3:.0f} | {r['measured_s'] * 1e3:.0f} |"
         )
     return "\n".join(lines)

@@ -32,8 +32,9 @@ from .guard import Notice
 from .lock import build_lock
 from .plan import Plan, PlanLimits, format_plan, make_plan
 from .progress import progress_bar
+from .residency import check_budget, default_memory_budget, describe, plan_resident
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: quantized programs without zero points (fast kernel), one session per program
 KIND = "npumoe-bundle"
 CACHE_ENV = "NPUMOE_CACHE"
 
@@ -273,12 +274,15 @@ def build(
     progress: bool = False,
     loaded: Optional[tuple] = None,
     fingerprint: Optional[str] = None,
+    memory_budget: Optional[int] = -1,
 ) -> Path:
     """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
 
     ``loaded``: an already loaded ``(model, tokenizer, config)`` (e.g. one rank's shard,
     see sharded.py) instead of loading ``model_path``; ``fingerprint``: the weights'
-    fingerprint to record (default: that of the files in ``model_path``).
+    fingerprint to record (default: that of the files in ``model_path``);
+    ``memory_budget``: bytes the plan may keep resident (MLX + programs); -1 = 80% of
+    this machine's RAM, None = no check.
     """
     from mlx_lm import utils as mlx_utils
 
@@ -346,6 +350,9 @@ def build(
         }
         plan = make_plan(profile.to_json(), shapes, cost, limits, objective=objective)
         log(f"[3/4] {format_plan(plan)}")
+        resident = plan_resident(plan, model, blocks)
+        log(f"      {describe(resident)}")
+        check_budget(resident, default_memory_budget() if memory_budget == -1 else memory_budget)
 
         n_prog = plan.num_programs
         with folder(out) as tmp:
@@ -684,8 +691,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-group", type=int, help="Experts per program (default 16).")
     p.add_argument("--max-programs", type=int, help="Resident programs over all layers (default: 4096 for onnx, 120 for coreml).")
     p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier (at least the smallest tier: 8 for onnx, 32 for coreml).")
+    p.add_argument("--memory-budget", type=float, metavar="GB",
+                   help="Resident bytes the plan may use, MLX + programs (default: 80%% of this machine's RAM; 0 = no check).")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
+    if args.memory_budget is not None and args.memory_budget < 0:
+        raise ValueError(f"--memory-budget must be >= 0 GB, got {args.memory_budget}")
     from .args import at_least, limits_from_flags, load_cost
     from .checks import resolve_model
 
@@ -710,5 +721,6 @@ def main(argv=None) -> int:
         tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,
         objective=args.objective, chip=args.chip,
         limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
+        memory_budget=-1 if args.memory_budget is None else (int(args.memory_budget * 1e9) or None),
     )
     return 0

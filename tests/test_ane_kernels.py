@@ -6,7 +6,7 @@ import pytest
 from ane_kernels.coreml import build_package, build_program, read_metadata
 from ane_kernels.limits import LimitError, Limits, check_program, check_spec
 from ane_kernels.milrun import UnsupportedOp, rel_err, run_function, verify_package
-from ane_kernels.onnx import build_onnx, save_onnx, weights_path
+from ane_kernels.onnx import build_onnx, make_dynamic, op_counts, save_onnx, weights_path
 from ane_kernels.spec import (
     AffineWeight,
     ProgramSpec,
@@ -212,3 +212,75 @@ def test_onnx_save_one_graph_per_tier_shared_weights(tmp_path, bits):
         assert rel_err(y, reference_ffn(spec, x[:, :tier])) < 1e-5
     # rebuilding in place replaces the files
     assert save_onnx(spec, tmp_path) == paths and len(list(tmp_path.iterdir())) == 4
+
+
+def _half_scales(spec, dtype="float16"):
+    """The spec with scales and biases rounded to float16 or bfloat16 (scaled down into
+    float16's subnormal range, where only bfloat16 is exact), as MLX fp16/bf16 models store them."""
+    def r(a):
+        if dtype == "float16":
+            return a.astype(np.float16).astype(np.float32)
+        a = (a * np.float32(1e-3)).astype(np.float32)
+        return (a.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+
+    for name in ("gate", "up", "down"):
+        w = getattr(spec, name)
+        setattr(spec, name, AffineWeight(w.packed, r(w.scales), r(w.biases), w.bits, w.group_size))
+    return spec
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_onnx_quantized_fast_kernel_exact(bits):
+    """Every quantized format runs 4-bit MatMulNBits WITHOUT zero points (the fast kernel)
+    plus the exact correction, and matches the dequantized reference to float32 rounding."""
+    import onnxruntime as ort
+
+    spec = _spec("swiglu", bits, G=2, D=128, H=32, group_size=32)
+    model = build_onnx(spec, 16)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * spec.G
+    for n in nbits:
+        attrs = {a.name: a.i for a in n.attribute}
+        assert len(n.input) == 3 and attrs["bits"] == 4  # no zero points
+        assert attrs["K"] == (2 if bits == 8 else 1) * (spec.D if attrs["N"] == 2 * spec.H else spec.H)
+    assert not any(i.data_type == 1 and np.prod(i.dims) >= spec.H * spec.D for i in model.graph.initializer)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = (np.random.default_rng(bits).standard_normal((spec.G, 16, spec.D)) * 3).astype(np.float32)
+    (y,) = sess.run(None, {"x": x})
+    assert rel_err(y, reference_ffn(spec, x)) < 3e-6
+
+
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+@pytest.mark.parametrize("bits", (4, 8))
+def test_onnx_weight_file_is_the_quantized_bytes(tmp_path, bits, dtype):
+    """On disk: codes packed (8-bit too), 16-bit scales/biases kept 16-bit (cast at
+    load), so the shared weight file is ~1.0x the MLX quantized bytes, <= 1.1x in all."""
+    import onnxruntime as ort
+
+    spec = _half_scales(_spec("swiglu", bits, G=2, D=256, H=128, group_size=64, tiers=(8, 32)), dtype)
+    mlx_bytes = sum(w.packed.nbytes + 2 * 2 * w.scales.size for w in (spec.gate, spec.up, spec.down))
+    paths = save_onnx(spec, tmp_path)
+    total = sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert weights_path(tmp_path, spec.name).stat().st_size <= 1.01 * mlx_bytes
+    assert total <= 1.1 * mlx_bytes
+    x = np.random.default_rng(0).standard_normal((spec.G, 8, spec.D)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(paths[8]), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert rel_err(y, reference_ffn(spec, x)) < 3e-6
+
+
+def test_onnx_dynamic_graph_serves_every_tier():
+    """The graph does not depend on C: one symbolic-row graph runs any row count."""
+    import onnxruntime as ort
+
+    spec = _spec("swiglu_oai", 4, tiers=(8, 32))
+    dyn = build_onnx(spec, None)
+    assert dyn.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "C"
+    made = make_dynamic(build_onnx(spec, 32))
+    assert made.graph.input[0].type.tensor_type.shape == dyn.graph.input[0].type.tensor_type.shape
+    assert op_counts(made) == op_counts(dyn)
+    sess = ort.InferenceSession(dyn.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for rows in (1, 8, 33):
+        x = rng.standard_normal((spec.G, rows, spec.D)).astype(np.float32)
+        (y,) = sess.run(None, {"x": x})
+        assert rel_err(y, reference_ffn(spec, x)) < 3e-6

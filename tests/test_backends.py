@@ -197,3 +197,41 @@ def test_build_programs_cli_missing_model(tmp_path, capsys):
     argv = ["--model", str(tmp_path / "none"), "--layer", "0", "--experts", "0", "--out", str(tmp_path)]
     assert build_programs(argv) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+def test_onnx_one_session_per_program_on_dynamic_providers(tmp_path):
+    """CPU: one session (one resident copy of the weights) serves every tier of a
+    program, from disk and in memory; static mode (NPU/Core ML providers) one per tier."""
+    spec = random_spec(G=2, D=64, H=32, tiers=(8, 32, 64), bits=8, seed=4)
+    paths = save_onnx(spec, tmp_path)
+    x = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
+    ref = reference_ffn(spec, x)
+    assert load_backend("onnx").dynamic and not load_backend("onnx", providers=["QNNExecutionProvider"]).dynamic
+    for src in (paths, spec):
+        for shapes, n_sessions in (("auto", 1), ("static", 3)):
+            prog = load_backend("onnx", shapes=shapes, threads=1).load(src)
+            for t in prog.tiers:
+                assert rel_err(prog.run(x[:, :t], t), ref[:, :t]) < 3e-6
+            assert len({id(s) for s in prog.sessions.values()}) == n_sessions
+            assert prog.dynamic == (n_sessions == 1)
+            # each tier keeps its own output buffer even when the session is shared
+            y8, y32 = prog.run(x[:, :8], 8), prog.run(x[:, :32], 32)
+            assert rel_err(y8, ref[:, :8]) < 3e-6 and y32.shape == (2, 32, 64)
+    with pytest.raises(ValueError, match="shapes must be one of"):
+        load_backend("onnx", shapes="ragged")
+
+
+def test_bench_layer_reports_one_row_call_and_pairs_on_mlx():
+    """bench layer on a small shape: exact vs stock, the 1-row call measured against dense
+    float32, and pairs left on MLX = 100% when a call stays on MLX."""
+    from npumoe_mlx.bench_layer import bench_shape, format_table
+
+    shape = {"hidden": 64, "expert_intermediate": 64, "experts": 8, "top_k": 2}
+    rows = bench_shape("tiny", shape, [1, 64], q_bits=4, repeats=1, log=lambda *_: None)
+    assert [r["tokens"] for r in rows] == [1, 64]
+    for r in rows:
+        assert r["max_rel_err"] < 1e-5
+        assert r["one_row_program_ms"] > 0 and r["one_row_dense_ms"] > 0
+        assert r["one_row_ratio"] == pytest.approx(r["one_row_program_ms"] / r["one_row_dense_ms"])
+        assert r["mlx_pairs_pct"] == (r["spill_pct"] if r["offloaded"] else 100.0)
+    assert "pairs on MLX %" in format_table(rows)

@@ -306,8 +306,8 @@ BUNDLE_FAULTS = {
                                bundles.BundleError, "manifest programs do not match the plan"),
     "manifest-other-tiers": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"][0]["tiers"].append(4096)),
                              bundles.BundleError, "manifest programs do not match the plan"),
-    "other-format": (lambda d: _edit_json(d, "manifest.json", lambda m: m.update(format=2)),
-                     bundles.BundleError, "bundle format 2 .* is not format 1"),
+    "other-format": (lambda d: _edit_json(d, "manifest.json", lambda m: m.update(format=1)),
+                     bundles.BundleError, "bundle format 1 .* is not format 2 .*; rebuild it with .*--force"),
 }
 
 
