@@ -177,8 +177,3 @@ def require(problems: List[str], what: str = "program") -> None:
     """Raise `LimitError` listing every problem, if any."""
     if problems:
         raise LimitError(problems, what)
-
-
-def require_program(prog, limits: Limits = DEFAULT_LIMITS, what: str = "program") -> None:
-    """The raising variant of `check_program`, run by every build."""
-    require(check_program(prog, limits), what)

@@ -75,13 +75,6 @@ class AffineWeight:
         b = self.biases.astype(dtype)[..., None]
         return (q.astype(dtype) * s + b).reshape(G, out, n)
 
-    def take(self, rows: slice) -> "AffineWeight":
-        """The same experts restricted to output rows `rows`."""
-        return AffineWeight(
-            self.packed[:, rows], self.scales[:, rows], self.biases[:, rows],
-            self.bits, self.group_size,
-        )
-
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
@@ -231,10 +224,6 @@ class ProgramSpec:
             if w is not None:
                 n += w.nbytes
         return n
-
-    @property
-    def flops_per_token(self) -> int:
-        return 2 * 3 * self.D * self.H
 
     def describe(self) -> dict:
         """Plain-JSON description (no weights)."""

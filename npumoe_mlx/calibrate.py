@@ -119,12 +119,6 @@ class Profile:
             raise ValueError(f"{path}: not a valid npumoe profile: bad JSON ({e})") from None
         return cls.from_json(obj, str(path))
 
-    def layer(self, index: int) -> LayerCounts:
-        for l in self.layers:
-            if l.layer == index:
-                return l
-        raise KeyError(index)
-
 
 def _is_counts(v, n: int) -> bool:
     return (

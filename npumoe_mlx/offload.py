@@ -2,7 +2,6 @@
 
 import platform
 import sys
-from pathlib import Path
 from typing import Optional
 
 import mlx.nn as nn

@@ -112,12 +112,6 @@ class Plan:
     layers: List[LayerPlan]
     format: int = PLAN_FORMAT
 
-    def layer(self, index: int) -> Optional[LayerPlan]:
-        for lp in self.layers:
-            if lp.layer == index:
-                return lp
-        return None
-
     def to_dict(self) -> dict:
         return asdict(self)
 

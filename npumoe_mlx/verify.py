@@ -15,7 +15,7 @@ executor keeps that layer on MLX (see executor.py) instead of running unchecked 
 import os
 import random
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
