@@ -187,6 +187,19 @@ def test_min_tokens_keeps_decode_on_mlx():
     assert not lp.decide(cost, counts).offload
 
 
+def test_decode_stays_on_mlx_even_when_programs_look_free():
+    """Programs far cheaper than MLX per call still leave 1-token calls (decode) on MLX: the
+    host sync stalls mlx_lm's pipelined loop, which the per-call model does not see."""
+    from npumoe_mlx.plan import FIRST_OFFLOAD_TOKENS, plan_shared
+
+    cost = _cost(program_flops=F * 1e6)  # a program row a million times cheaper than an MLX pair
+    lp = plan_layer(_profile(), 512, 1024, cost, PlanLimits.for_backend("onnx"), call_sizes=[128])
+    assert lp.groups and lp.min_tokens == FIRST_OFFLOAD_TOKENS == 2
+    sp = plan_shared({"chunks": [{"tokens": 128}]}, "p", D, H, _cost(program_flops=F * 1e6, mlx_dense_flops=F),
+                     PlanLimits.for_backend("onnx"))
+    assert sp is not None and sp.min_tokens == 2
+
+
 def test_chip_cost_energy_per_flop_and_call():
     from npumoe_mlx.chips import chip_profile
 
