@@ -173,7 +173,9 @@ def decide_call(
     (``energy_bound="time"``) or of MLX alone's time (``"gpu"``).
     Both sides run at once, so when this call's programs would finish last, the
     groups that use them worst (seconds per pair) move to MLX while that shortens
-    the call (time objective, ``auto``: ``rerun``/``spill`` keep every group on programs).
+    the call (time objective, ``auto``: ``rerun``/``spill`` keep every group on programs);
+    when MLX finishes last, padded rounds are cut where the call still ends within MLX's
+    fixed cost of its makespan, for no extra joules (``_trim_padding``).
     ``max_calls`` > 0 lets a group cover its load with two smaller tiers instead
     of the next tier up (e.g. 256 + 64 for 300 rather than 512) where the padding
     saved pays for the extra call, the largest savings first, while the layer call
@@ -198,6 +200,7 @@ def decide_call(
     if not energy:
         if overflow == "auto":
             _rebalance(counts, groups, ladders, caps, rounds, cost, D, H)
+            _trim_padding(counts, groups, ladders, caps, rounds, cost, D, H)
         d = _tally(counts, groups, cold, caps, rounds, cost, D, H)
         d.offload = d.program_calls > 0 and d.offload_s < d.mlx_only_s
         return d
@@ -275,6 +278,59 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
         span, gi, new_caps, nt, ns = best
         prog, left = prog - t[gi] + nt, left + served[gi] - ns
         caps[gi], rounds[gi], t[gi], served[gi] = new_caps, len(new_caps), nt, ns
+
+
+def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int,
+                  slack: Optional[float] = None) -> None:
+    """In place, when MLX finishes last: cut padded rounds while the call ends within
+    ``slack`` seconds of its makespan (default MLX's fixed cost per call, the model's
+    smallest term) and, with a cost model that has energy, each cut spends no more joules.
+
+    The programs' padded rows then cost no time, yet they are wasted work: a group's last
+    round goes to MLX, or down to a smaller tier of its ladder (the rest of its pairs to
+    MLX), the most padded rows saved per second added first. Small calls of flat routing
+    pad most (a 128-token OLMoE call gives an expert ~16 pairs; Core ML tiers are
+    multiples of 32 rows).
+    """
+    t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
+    served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
+    rows = [len(ids) * sum(cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
+    prog = cost.sync_s + sum(t)
+    left = int(counts.sum()) - sum(served)
+    span = cost.mlx_s(left, D, H)
+    if prog > span:  # programs finish last: _rebalance's case
+        return
+    limit = span + (cost.mlx_fixed_s if slack is None else slack)
+    while True:
+        best = None  # (score, span, group, caps, rounds, time, served, rows)
+        for gi, (ids, cs, r) in enumerate(zip(groups, caps, rounds)):
+            run = cs[:r]
+            if not run:
+                continue
+            opts = [(list(cs), r - 1)] + [(run[:-1] + [c], r) for c in ladders[gi] if c < run[-1]]
+            for new_caps, nr in opts:
+                nrun = new_caps[:nr]
+                nrows = len(ids) * sum(nrun)
+                ns = int(np.minimum(counts[ids], sum(nrun)).sum())
+                saved = (rows[gi] - served[gi]) - (nrows - ns)
+                if saved <= 0:
+                    continue
+                nt = sum(cost.program_s(len(ids), c, D, H) for c in nrun)
+                new = max(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H))
+                if new > limit + 1e-15:
+                    continue
+                if cost.has_energy:  # joules of the group's rounds + the MLX side, after vs before
+                    after = sum(cost.program_j(len(ids), c, D, H) for c in nrun) + cost.mlx_j(left + served[gi] - ns, D, H)
+                    if after > sum(cost.program_j(len(ids), c, D, H) for c in run) + cost.mlx_j(left, D, H):
+                        continue
+                score = saved / max(new - span, 1e-12)
+                if best is None or score > best[0]:
+                    best = (score, new, gi, new_caps, nr, nt, ns, nrows)
+        if best is None:
+            return
+        _, span, gi, new_caps, nr, nt, ns, nrows = best
+        prog, left = prog - t[gi] + nt, left + served[gi] - ns
+        caps[gi], rounds[gi], t[gi], served[gi], rows[gi] = new_caps, nr, nt, ns, nrows
 
 
 def _split_rounds(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, budget: int) -> None:

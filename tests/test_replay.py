@@ -142,11 +142,25 @@ def test_tiers_hold_on_real_routing(trace, shape, layer, backend):
         assert r["offloaded_pct"] > 50, r
         assert r["overflow_pct"] <= 2.0 and r["dropped_pct"] == 0, r
         assert r["program_calls_per_call"] <= 1.2 * r["groups"], r
+        assert r["padding_pct"] <= (15.0 if r["tokens"] >= 512 else 25.0), r
+        assert r["predicted_s"] < r["mlx_only_s"], r
+
+
+@needs_traces
+def test_core_ml_pads_at_most_a_quarter_of_128_token_calls_on_flat_routing():
+    """OLMoE on books routes flatly: a 128-token call gives a resident expert ~20-60 pairs
+    against Core ML's 32-row tiers, and MLX (cold experts) finishes last. Issue 10's target,
+    mean over the trace's layers: padding <= 25 % (25.9 % before padded rounds were cut
+    when MLX finishes last), without costing time."""
+    rows = _replay(["olmoe-1b-7b.book.npz"], ["olmoe-1b-7b.book.npz"], "olmoe-1b-7b", "coreml", [0, 7, 15])
+    small = [r for r in rows if r["tokens"] == 128]
+    assert len(small) == 3 and all(r["offloaded_pct"] > 50 for r in small), small
+    assert np.mean([r["padding_pct"] for r in small]) <= 25.0, small
+    assert sum(r["predicted_s"] for r in small) <= 0.775 * sum(r["mlx_only_s"] for r in small), small
+    for r in rows:
         if r["tokens"] >= 512:
             assert r["padding_pct"] <= 15.0, r
-        elif backend == "onnx":  # 128-token calls: Core ML's 32-row granularity pads more (benchmarks/replay.md)
-            assert r["padding_pct"] <= 25.0, r
-        assert r["predicted_s"] < r["mlx_only_s"], r
+        assert r["overflow_pct"] <= 2.0 and r["program_calls_per_call"] <= 1.2 * r["groups"], r
 
 
 @needs_traces

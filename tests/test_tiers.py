@@ -100,6 +100,29 @@ def test_rebalance_trims_a_busy_group_to_a_smaller_tier():
     assert d.caps[0] == [256] and d.caps[1] == []
 
 
+def test_padded_round_cut_when_mlx_finishes_last():
+    """Expert 0 (tiers 8/16) has 9 pairs, cold expert 1 has 30: MLX ends the call (1 s fixed
+    + 30 s) and the 16-row round pads 7 rows for free. Cut to 8 rows, its 9th pair makes MLX
+    end 1 s later: taken when that is within MLX's fixed cost (1 s), not when it is 0.5 s,
+    and not when the 8 padded rows cost less energy than the pair on MLX."""
+    counts = np.array([9, 30])
+    cold = np.array([False, True])
+    g, t = [np.array([0])], [[8, 16]]
+    d = decide_call(counts, g, t, cold, _cost(mlx_fixed_s=1.0), D, H)
+    assert d.caps == [[8]] and d.rounds == [1] and d.offload
+    assert (d.program_s, d.mlx_side_s) == pytest.approx((8, 32))
+    s = plan_slots(np.arange(39), counts, 1, g, t, caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
+    assert (s.slots, s.padded) == (8, 0) and (s.loc >= 0).sum() == 8  # the 9th pair runs on MLX
+    d = decide_call(counts, g, t, cold, _cost(mlx_fixed_s=0.5), D, H)
+    assert d.caps == [[16]] and (d.program_s, d.mlx_side_s) == pytest.approx((16, 30.5))
+    assert decide_call(counts, g, t, cold, _cost(mlx_fixed_s=1.0), D, H, "rerun").caps == [[16]]
+    # energy: 8 rows at 0.1 J save less than 1 pair on MLX costs (1 J); at 0.2 J they save more
+    frugal = _cost(mlx_fixed_s=1.0, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    assert decide_call(counts, g, t, cold, frugal, D, H).caps == [[16]]
+    assert decide_call(counts, g, t, cold, _cost(mlx_fixed_s=1.0, program_j_per_flop=0.2 / F,
+                                                   mlx_j_per_flop=1.0 / F), D, H).caps == [[8]]
+
+
 def test_energy_objective_decides_on_joules():
     """Programs slower (11 s vs MLX alone 10 s) but 10x more frugal: energy offloads (within
     1.2x of the least time), time does not; 20 s would be past 1.2x: MLX alone."""
