@@ -8,7 +8,7 @@ SUBCOMMANDS = {
     "server": ("npumoe_mlx.server", "OpenAI-compatible server (mlx_lm.server flags plus --offload)"),
     "doctor": ("npumoe_mlx.doctor", "what runs here, and whether a model and its bundle fit and are current"),
     "info": ("npumoe_mlx.info", "list a model's MoE expert blocks"),
-    "tiny-model": ("npumoe_mlx.tiny", "write a random tiny MoE checkpoint (offline)"),
+    "tiny-model": ("npumoe_mlx.tools.tiny", "write a random tiny MoE checkpoint (offline)"),
     "calibrate": ("npumoe_mlx.calibrate", "count tokens per layer x expert on a corpus -> profile"),
     "tune": ("npumoe_mlx.tune", "measure this machine's costs -> cost model"),
     "plan": ("npumoe_mlx.plan", "print the offload plan (groups, tiers, residency) of a model"),
@@ -16,10 +16,10 @@ SUBCOMMANDS = {
     "build": ("npumoe_mlx.bundle", "calibrate -> tune -> plan -> compile into a bundle"),
     "convert": ("npumoe_mlx.convert", "Hugging Face or MLX model -> MLX weights + offload bundle"),
     "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
-    "compare": ("npumoe_mlx.compare", "offload vs stock MLX: speed, CPU, memory, energy, agreement"),
-    "bench": ("npumoe_mlx.bench", "benchmarks: `bench layer` (one MoE layer), `bench e2e` (whole model)"),
+    "compare": ("npumoe_mlx.tools.compare", "offload vs stock MLX: speed, CPU, memory, energy, agreement"),
+    "bench": ("npumoe_mlx.tools.bench", "benchmarks: `bench layer` (one MoE layer), `bench e2e` (whole model)"),
     "chips": ("npumoe_mlx.chips", "Apple chip profiles the planner predicts with (each number with its source)"),
-    "demo": ("npumoe_mlx.demo", "build a demo MoE model and bundle, generate, compare"),
+    "demo": ("npumoe_mlx.tools.demo", "build a demo MoE model and bundle, generate, compare"),
 }
 
 

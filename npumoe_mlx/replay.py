@@ -12,6 +12,7 @@ writes the same from a real model.
 """
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -191,9 +192,16 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
     return out
 
 
-def preset_shape(name: str) -> dict:
-    from .tiny import load_shape_presets
+SHAPES_FILE = Path(__file__).parent / "data" / "model-shapes.json"
 
+
+def load_shape_presets() -> Dict[str, dict]:
+    """Expert-block shapes of real MoE models (``data/model-shapes.json``)."""
+    data = json.loads(SHAPES_FILE.read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def preset_shape(name: str) -> dict:
     presets = load_shape_presets()
     if name not in presets:
         raise ValueError(f"unknown shape preset {name!r}; choose from {', '.join(presets)}")

@@ -16,7 +16,7 @@ from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import format_stats, offload_stats, summarize
 from npumoe_mlx.experts import OffloadedSwitchGLU, installed_blocks
 from npumoe_mlx.offload import OffloadError
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 # Programs always win: every call, decode included, goes through the programs.
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")

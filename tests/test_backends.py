@@ -161,7 +161,7 @@ def test_coreml_backend_runs_on_ane(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    tiny = pytest.importorskip("npumoe_mlx.tiny")
+    tiny = pytest.importorskip("npumoe_mlx.tools.tiny")
     return tiny.make_tiny_model(tmp_path_factory.mktemp("m") / "qwen3q4", "qwen3_moe", q_bits=4)
 
 
@@ -224,7 +224,7 @@ def test_onnx_one_session_per_program_on_dynamic_providers(tmp_path):
 def test_bench_layer_reports_one_row_call_and_pairs_on_mlx():
     """bench layer on a small shape: exact vs stock, the 1-row call measured against dense
     float32, and pairs left on MLX = 100% when a call stays on MLX."""
-    from npumoe_mlx.bench_layer import bench_shape, format_table
+    from npumoe_mlx.tools.bench_layer import bench_shape, format_table
 
     shape = {"hidden": 64, "expert_intermediate": 64, "experts": 8, "top_k": 2}
     rows = bench_shape("tiny", shape, [1, 64], q_bits=4, repeats=1, log=lambda *_: None)

@@ -16,7 +16,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from npumoe_mlx import calibrate as cal
 from npumoe_mlx import experts, workloads
 from npumoe_mlx.fingerprint import model_fingerprint
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 NPUMOE = shutil.which("npumoe", path=os.path.dirname(sys.executable)) or shutil.which("npumoe")

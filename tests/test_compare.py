@@ -9,11 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from npumoe_mlx import bench_e2e
+from npumoe_mlx.tools import bench_e2e
 from npumoe_mlx import bundle as bundles
-from npumoe_mlx import compare as cmp
+from npumoe_mlx.tools import compare as cmp
 from npumoe_mlx.cost import CostModel
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 # Programs always win, so even short prompts (and decode) run through them.
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test")

@@ -12,7 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 import npumoe_mlx
 from npumoe_mlx.convert import is_mlx_layout, main
 from npumoe_mlx.executor import offload_stats, summarize
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
 

@@ -5,7 +5,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from npumoe_mlx.demo import main
+from npumoe_mlx.tools.demo import main
 
 
 def test_demo_small(tmp_path, capsys):

@@ -15,7 +15,7 @@ from npumoe_mlx import bundle as bundles
 from npumoe_mlx import cli, doctor
 from npumoe_mlx.cost import CostModel, default_cost
 from npumoe_mlx.fingerprint import model_fingerprint
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 # Programs always win, and absurdly so: the benchmark must call this cost model wrong.
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")

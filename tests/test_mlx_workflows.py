@@ -27,7 +27,7 @@ from npumoe_mlx import guard
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import offload_stats
 from npumoe_mlx.experts import installed_blocks, stock_experts
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 # Programs always win: every call, decode included, goes through the programs.
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")

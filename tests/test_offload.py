@@ -19,7 +19,7 @@ from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import SharedExecutor, offload_stats, summarize
 from npumoe_mlx.experts import find_expert_blocks
 from npumoe_mlx.plan import PlanLimits
-from npumoe_mlx.tiny import FAMILIES, make_tiny_model
+from npumoe_mlx.tools.tiny import FAMILIES, make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import npumoe_mlx
 from npumoe_mlx import experts
-from npumoe_mlx.tiny import FAMILIES, make_tiny_model
+from npumoe_mlx.tools.tiny import FAMILIES, make_tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 

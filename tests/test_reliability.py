@@ -31,7 +31,7 @@ from npumoe_mlx.executor import OffloadExecutor, offload_stats, summarize
 from npumoe_mlx.experts import installed_blocks
 from npumoe_mlx.lock import BuildInProgress
 from npumoe_mlx.plan import PlanLimits
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
 REPO = Path(__file__).resolve().parents[1]

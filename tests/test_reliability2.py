@@ -18,7 +18,7 @@ import npumoe_mlx
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx import cli
 from npumoe_mlx.cost import CostModel
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
@@ -76,7 +76,7 @@ def test_tiny_model_never_deletes_user_files(tmp_path, capsys):
 
 
 def test_demo_rerun_keeps_user_files(tmp_path, capsys):
-    from npumoe_mlx.demo import main
+    from npumoe_mlx.tools.demo import main
 
     d = tmp_path / "D"
     args = ["--out", str(d), "--small", "--prompt-tokens", "64", "--max-tokens", "2", "--layers", "1"]
@@ -199,7 +199,7 @@ def _hint_cmd(err: str) -> list:
 
 
 def test_compare_finds_the_bundle_generate_uses(tmp_path, monkeypatch):
-    from npumoe_mlx.compare import ensure_bundle
+    from npumoe_mlx.tools.compare import ensure_bundle
     from npumoe_mlx.convert import convert
 
     monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))

@@ -99,7 +99,7 @@ def test_calibrate_records_blocks_and_routes(tmp_path):
 
     from npumoe_mlx import calibrate as cal
     from npumoe_mlx.plan import prefill_call_sizes
-    from npumoe_mlx.tiny import make_tiny_model
+    from npumoe_mlx.tools.tiny import make_tiny_model
 
     path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=3, num_experts=8)
     model, tok, config = mlx_lm.load(str(path), return_config=True)

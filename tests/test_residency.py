@@ -8,7 +8,7 @@ import pytest
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx import cli
 from npumoe_mlx.cost import CostModel
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")

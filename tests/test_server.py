@@ -30,7 +30,7 @@ from npumoe_mlx import bundle as bundles
 from npumoe_mlx import server
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.offload import OffloadError
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -26,7 +26,7 @@ from npumoe_mlx import sharded
 from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.executor import offload_stats, summarize
 from npumoe_mlx.fingerprint import model_fingerprint
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 from sharded_worker import BUILD  # tests/ is on sys.path under pytest: the workers' eager cost model
 
 HERE = Path(__file__).parent

@@ -14,7 +14,7 @@ from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, offload_stats, stats_profile, summarize
 from npumoe_mlx.experts import installed_blocks
-from npumoe_mlx.tiny import make_tiny_model
+from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")

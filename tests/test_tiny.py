@@ -15,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from npumoe_mlx import tiny
+from npumoe_mlx.tools import tiny
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 

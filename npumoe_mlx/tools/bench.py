@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-KINDS = {"layer": "npumoe_mlx.bench_layer", "e2e": "npumoe_mlx.bench_e2e"}
+KINDS = {"layer": "npumoe_mlx.tools.bench_layer", "e2e": "npumoe_mlx.tools.bench_e2e"}
 
 
 def main(argv=None) -> int:

@@ -20,17 +20,17 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .atomic import write_json
-from .compare import (
-    _ArgError, _Parser, _token_list, loadavg_at_end, measure_side, save_figure, token_agreement,
-)
+from ..atomic import write_json
+from .compare import measure_side, token_agreement
+from .report import ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list
 
 SKEW = 1.5  # a few hot experts, like trained routers
 
 
 def resolve_shape(shape: str):
     """(family, preset or None): a preset name from model-shapes.json, or a factory family name."""
-    from .tiny import FAMILIES, load_shape_presets
+    from ..replay import load_shape_presets
+    from .tiny import FAMILIES
 
     presets = load_shape_presets()
     if shape in presets:
@@ -47,7 +47,7 @@ def _model_args(family, preset, layers, q_bits, experts, seed) -> dict:
 
 def _reusable(model_dir: Path, args: dict, backend: str) -> bool:
     """A model (and bundle) from an earlier run with the same arguments can be reused."""
-    from .bundle import default_bundle_dir
+    from ..bundle import default_bundle_dir
     from .tiny import MARKER
 
     try:
@@ -63,7 +63,7 @@ def prepare(
     workdir: Path, log: Callable[[str], None] = print,
 ) -> Path:
     """Make (or reuse) the benchmark model in ``workdir/model`` and build its bundle."""
-    from . import bundle as bundles
+    from .. import bundle as bundles
     from .tiny import MARKER, make_tiny_model
 
     family, preset = resolve_shape(shape)
@@ -93,10 +93,9 @@ def bench_model(
     """Measure offload vs stock on prompts of ``prompt_tokens`` tokens; rows + context."""
     from mlx_lm.utils import load_tokenizer
 
-    from . import bundle as bundles
-    from .compare import machine_info, mlx_device_label
-    from .executor import summarize, LayerStats
-    from .workloads import prompt_of_tokens
+    from .. import bundle as bundles
+    from ..executor import summarize, LayerStats
+    from ..workloads import prompt_of_tokens
 
     model_dir = Path(model_dir)
     b = bundles.read(bundles.default_bundle_dir(model_dir, backend))
@@ -164,7 +163,7 @@ def bench(
     log: Callable[[str], None] = print,
 ) -> dict:
     """make model -> build bundle -> measure; ``workdir`` keeps (and later reuses) the model and bundle."""
-    from .offload import resolve
+    from ..offload import resolve
 
     want = resolve(backend)
     if want not in ("onnx", "coreml"):
@@ -234,11 +233,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["e2e"]:
         argv = argv[1:]
-    p = _Parser(prog="npumoe bench e2e",
+    p = Parser(prog="npumoe bench e2e",
                 description="End-to-end prefill/decode of a realistic-shape MoE (random weights): offload vs stock.")
     p.add_argument("--shape", required=True,
                    help="A preset of data/model-shapes.json (e.g. qwen3-30b-a3b) or a family name for tiny dims.")
-    p.add_argument("--prompt-tokens", type=_token_list, default=(128, 512), metavar="N[,N...]",
+    p.add_argument("--prompt-tokens", type=token_list, default=(128, 512), metavar="N[,N...]",
                    help="Prompt lengths (default 128,512).")
     p.add_argument("--layers", type=int, default=2, help="Transformer layers (default 2).")
     p.add_argument("--q-bits", type=int, choices=(0, 4, 8), default=4, help="4 or 8 (MLX affine), 0 = float32 (default 4).")
@@ -256,8 +255,8 @@ def main(argv=None) -> int:
     try:
         args = p.parse_args(argv)
         if args.layers < 1 or args.prefill_step < 1 or args.calib_tokens < 1:
-            raise _ArgError("--layers, --prefill-step and --calib-tokens must be >= 1")
-    except _ArgError as e:
+            raise ArgError("--layers, --prefill-step and --calib-tokens must be >= 1")
+    except ArgError as e:
         print(f"npumoe bench e2e: error: {e}", file=sys.stderr)
         return 2
     log = lambda m: print(m, file=sys.stderr)

@@ -11,12 +11,8 @@ and both models' logits over one prompt (same chunks as prefill).
 Writes ``compare.json``, ``compare.md`` and ``compare.png`` into ``--out``.
 """
 
-import argparse
 import gc
-import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +20,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .atomic import honour_umask, write_json
+from ..atomic import write_json
+from .report import (
+    ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list,
+    write_text,
+)
 
 DEFAULT_PROMPT_TOKENS = (1024, 4096)
 PREFILL_STEP = 2048  # mlx_lm's default prefill_step_size
@@ -38,13 +38,6 @@ class CompareError(ValueError):
 
 
 # --- labels ---------------------------------------------------------------------
-
-
-def mlx_device_label() -> str:
-    dev = mx.default_device()
-    if dev.type == mx.gpu:
-        return "GPU (MLX Metal)" if sys.platform == "darwin" else "GPU (MLX CUDA)"
-    return "MLX CPU"
 
 
 def offload_device_label(backend: str, model=None) -> str:
@@ -62,52 +55,18 @@ def offload_device_label(backend: str, model=None) -> str:
     return mlx_device_label()
 
 
-def machine_info() -> dict:
-    import mlx_lm
-
-    cpu = platform.processor()
-    try:  # Linux: the CPU model name
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "system": platform.system(),
-        "release": platform.release(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "mlx_device": str(mx.default_device()),
-    }
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    if hasattr(os, "getloadavg"):
-        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine
-    return info
-
-
-def loadavg_at_end() -> dict:
-    return {"loadavg_at_end": [round(x, 2) for x in os.getloadavg()]} if hasattr(os, "getloadavg") else {}
-
-
 # --- one side -------------------------------------------------------------------
 
 
 def _executors(model) -> List:
-    from .executor import OffloadExecutor
-    from .experts import installed_blocks
+    from ..executor import OffloadExecutor
+    from ..experts import installed_blocks
 
     return [m.executor for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
 
 
 def _reset_stats(model) -> None:
-    from .executor import LayerStats
+    from ..executor import LayerStats
 
     for ex in _executors(model):
         ex.stats = LayerStats(ex.plan.layer)
@@ -135,7 +94,7 @@ def measure_run(model, tokenizer, ids: Sequence[int], max_tokens: int, prefill_s
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from .executor import offload_stats, summarize
+    from ..executor import offload_stats, summarize
 
     _reset_stats(model)
     tokens, ttft, last = [], None, None
@@ -207,7 +166,7 @@ def measure_side(
     Returns {"offload", "device", "warmup_s", "runs": [measure_run dicts], "logits",
     "energy_note", "mem_note"}; the model is released before returning.
     """
-    from .loading import load
+    from ..loading import load
     from .meters import Meters
 
     side = "stock" if offload == "off" else "offload"
@@ -281,9 +240,9 @@ def aggregate(runs: List[dict]) -> dict:
 
 def placement(bundle_dir: Path, runs: List[dict]) -> List[dict]:
     """Per MoE layer: the plan (groups, cold experts, min_tokens) and what ran (summed over prompts)."""
-    from . import bundle as bundles
-    from .executor import LayerStats, summarize
-    from .plan import NEVER
+    from .. import bundle as bundles
+    from ..executor import LayerStats, summarize
+    from ..plan import NEVER
 
     plan = bundles.read(bundle_dir).plan
     totals: Dict[int, LayerStats] = {}
@@ -315,22 +274,11 @@ def placement(bundle_dir: Path, runs: List[dict]) -> List[dict]:
     return out
 
 
-def parse_token_list(text: str) -> Tuple[int, ...]:
-    """'1024,4096' -> (1024, 4096); raises ValueError with a one-line reason."""
-    try:
-        vals = tuple(int(t) for t in str(text).split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated positive integers like 1024,4096, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise ValueError(f"expected comma-separated positive integers like 1024,4096, got {text!r}")
-    return vals
-
-
 def _prompts(model_path: str, prompt_tokens, prompts, seed: int) -> List[Tuple[str, List[int]]]:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from mlx_lm.utils import load_tokenizer
 
-    from .workloads import prompt_of_tokens
+    from ..workloads import prompt_of_tokens
 
     tok = load_tokenizer(Path(model_path))
     if prompts:
@@ -350,8 +298,8 @@ def _prompts(model_path: str, prompt_tokens, prompts, seed: int) -> List[Tuple[s
 def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[str], build: bool,
                   prefill_step: int, log) -> Path:
     """The bundle folder to use; built when missing and ``build``, else a one-line error."""
-    from . import bundle as bundles
-    from .lock import build_lock
+    from .. import bundle as bundles
+    from ..lock import build_lock
 
     path = bundles.locate_bundle(local, backend, bundle)  # the one generate/load use
     if (path / "manifest.json").exists():
@@ -390,7 +338,7 @@ def compare(
     Returns the compare.json dict. ``prompts`` (texts) replaces ``prompt_tokens``
     (synthetic long-context prompts of exactly that many tokens).
     """
-    from .offload import resolve
+    from ..offload import resolve
 
     if backend not in ("auto", "onnx", "coreml"):
         raise CompareError(f"--backend must be auto, onnx or coreml, got {backend!r}")
@@ -399,7 +347,7 @@ def compare(
     if prefill_step < 1 or repeats < 1:
         raise CompareError("--prefill-step and --repeats must be >= 1")
     want = resolve(backend, check_runs=True)
-    from .checks import resolve_model
+    from ..checks import resolve_model
 
     local = resolve_model(model_path)
     bundle_dir = ensure_bundle(model_path, local, want, bundle, build, prefill_step, log)
@@ -534,33 +482,6 @@ def format_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        honour_umask(tmp)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def save_figure(fig, path: Path) -> None:
-    """savefig to a temp file beside ``path``, then rename (no half-written PNG)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        honour_umask(tmp)
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot(r: dict, path: Path) -> None:
     """Grouped bars, offload vs stock, per prompt and the mean: prefill, decode, CPU s/token, TTFT."""
     import matplotlib
@@ -591,35 +512,19 @@ def plot(r: dict, path: Path) -> None:
 
 def write_outputs(r: dict, out_dir: Path) -> None:
     write_json(out_dir / "compare.json", r)
-    _write_text(out_dir / "compare.md", format_markdown(r))
+    write_text(out_dir / "compare.md", format_markdown(r))
     plot(r, out_dir / "compare.png")
 
 
 # --- CLI ------------------------------------------------------------------------
 
 
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _ArgError(message)
-
-
-def _token_list(text: str):
-    try:
-        return parse_token_list(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="npumoe compare",
+    p = Parser(prog="npumoe compare",
                 description="Offload path vs stock MLX on the same prompts: speed, CPU, memory, energy, agreement.")
     p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt-tokens", type=_token_list, default=DEFAULT_PROMPT_TOKENS, metavar="N[,N...]",
+    src.add_argument("--prompt-tokens", type=token_list, default=DEFAULT_PROMPT_TOKENS, metavar="N[,N...]",
                      help="Synthetic long-context prompts of exactly these lengths (default 1024,4096).")
     src.add_argument("--prompt", action="append", metavar="TEXT", help="A prompt text (repeatable).")
     p.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per prompt (default 32).")
@@ -638,7 +543,7 @@ def main(argv=None) -> int:
                    "sha256 at load (default: a sample, and sampled hashes).")
     try:
         args = p.parse_args(argv)
-    except _ArgError as e:
+    except ArgError as e:
         print(f"npumoe compare: error: {e}", file=sys.stderr)
         return 2
     log = lambda m: print(m, file=sys.stderr)

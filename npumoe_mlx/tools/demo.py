@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import owned
-from .atomic import write_json
+from .. import owned
+from ..atomic import write_json
 
 # Small but not toy: expert matmuls big enough that where they run matters.
 DEMO_DIMS = {"hidden": 256, "moe_inter": 512, "experts": 32, "top_k": 4, "heads": 4, "kv_heads": 2, "head_dim": 64}
@@ -33,13 +33,13 @@ def _claim(out: Path, backend: str, force: bool) -> None:
 
 def run(out: str = "npumoe-demo", small: bool = False, prompt_tokens: int = 512, max_tokens: int = 16,
         layers: int = 4, log=print, force: bool = False) -> dict:
-    from . import bundle as bundles
-    from . import load, stream_generate
+    from .. import bundle as bundles
+    from .. import load, stream_generate
     from .compare import compare
-    from .executor import format_stats, offload_stats, summarize
-    from .offload import resolve
+    from ..executor import format_stats, offload_stats, summarize
+    from ..offload import resolve
     from .tiny import make_tiny_model
-    from .workloads import prompt_of_tokens
+    from ..workloads import prompt_of_tokens
 
     t0 = time.perf_counter()
     out = Path(out)

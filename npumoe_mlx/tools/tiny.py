@@ -47,7 +47,6 @@ Shared experts where the family has them (qwen2_moe, deepseek, glm4_moe, dots1,
 bailing_moe, hunyuan, llama4, ernie4_5_moe).
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -64,8 +63,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import owned
-from .atomic import honour_umask
+from .. import owned
+from ..atomic import honour_umask
+from ..replay import load_shape_presets
+from .report import ArgError, Parser
 
 FAMILIES = (
     "mixtral",
@@ -595,12 +596,6 @@ _NO_HEAD_DIM = {"mixtral", "phimoe", "qwen2_moe", "granitemoe", "hunyuan", "jamb
 # Presets
 
 
-def load_shape_presets() -> Dict[str, dict]:
-    """Expert-block shapes of real MoE models (``data/model-shapes.json``)."""
-    data = json.loads((Path(__file__).parent / "data" / "model-shapes.json").read_text())
-    return {k: v for k, v in data.items() if not k.startswith("_")}
-
-
 def _dims(
     family: str,
     shape: Optional[str],
@@ -1054,7 +1049,7 @@ def make_tiny_model(
         vocab = config.get("text_config", config)["vocab_size"]
         assert n_tokens <= vocab, (n_tokens, vocab)
         info = {
-            "factory": "npumoe_mlx.tiny",
+            "factory": "npumoe_mlx.tools.tiny",
             "family": family,
             "seed": seed,
             "skew": skew,
@@ -1082,20 +1077,9 @@ def make_tiny_model(
 # CLI
 
 
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line (main returns 2)."""
-
-    def error(self, message):
-        raise _ArgError(message)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """``npumoe tiny-model --family F --out DIR [...]``; 2 on bad input."""
-    parser = _Parser(
+    parser = Parser(
         prog="npumoe tiny-model", description="Write a random tiny MoE checkpoint (offline)."
     )
     parser.add_argument("--family", required=True, help=f"one of: {', '.join(FAMILIES)}")
@@ -1128,7 +1112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except SystemExit as e:  # --help
         return e.code or 0
-    except (_ArgError, ValueError, FileExistsError) as e:
+    except (ArgError, ValueError, FileExistsError) as e:
         print(f"npumoe tiny-model: error: {e}", file=sys.stderr)
         return 2
     kind = "hf-layout float32" if args.hf_layout else (f"q{args.q_bits}" if args.q_bits else "float32")

@@ -11,7 +11,6 @@ measured one.
 """
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -21,17 +20,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from .atomic import write_json
-from .cost import flops_per_row
-from .experts import stock_experts
-from .tune import median_s
-
-SHAPES_FILE = Path(__file__).parent / "data" / "model-shapes.json"
-
-
-def load_shapes() -> dict:
-    return {k: v for k, v in json.loads(SHAPES_FILE.read_text()).items() if not k.startswith("_")}
-
+from ..atomic import write_json
+from ..cost import flops_per_row
+from ..experts import stock_experts
+from ..replay import load_shape_presets
+from ..tune import median_s
 
 def popularity(E: int, skew: float, rng) -> np.ndarray:
     """(E,) expert shares: Zipf(skew) over a random ranking (skew 0 = uniform)."""
@@ -55,11 +48,11 @@ def bench_shape(
     repeats: int = 3,
     log=print,
 ) -> List[dict]:
-    from .backends import load_backend
-    from .executor import OffloadExecutor
-    from .plan import PlanLimits, plan_layer
-    from .programs import spec_from_switch_glu
-    from .tune import tune
+    from ..backends import load_backend
+    from ..executor import OffloadExecutor
+    from ..plan import PlanLimits, plan_layer
+    from ..programs import spec_from_switch_glu
+    from ..tune import tune
 
     D, H, E, k = shape["hidden"], shape["expert_intermediate"], shape["experts"], shape["top_k"]
     quant = {"mode": "affine", "bits": q_bits, "group_size": 64} if q_bits else None
@@ -153,7 +146,7 @@ def _delta(st, before: dict) -> dict:
 
 def _gemm_s(be, m: SwitchGLU, D: int, N: int, reps: int) -> float:
     """Seconds of one dense FFN program (one expert, N rows, D and H of the layer)."""
-    from .programs import spec_from_switch_glu
+    from ..programs import spec_from_switch_glu
 
     C = max(8, -(-N // 8) * 8)
     prog = be.load(spec_from_switch_glu(m, layer=0, expert_ids=[0], tiers=[C]))
@@ -168,7 +161,7 @@ def one_row_call(be, m: SwitchGLU, D: int, H: int, repeats: int = 20) -> dict:
     cost per call, which decides whether decode-sized calls can go to programs."""
     from ane_kernels.spec import ProgramSpec, dequantize
 
-    from .programs import spec_from_switch_glu
+    from ..programs import spec_from_switch_glu
 
     spec = spec_from_switch_glu(m, layer=0, expert_ids=[0], tiers=[1])
     dense = ProgramSpec(layer=0, expert_ids=(0,), tiers=(1,), D=D, H=H, activation=spec.activation,
@@ -224,7 +217,7 @@ def plot(rows: List[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    shapes = load_shapes()
+    shapes = load_shape_presets()
     p = argparse.ArgumentParser(prog="npumoe bench layer", description=__doc__.splitlines()[0])
     p.add_argument("--shape", nargs="+", action="extend", required=True, metavar="PRESET",
                    help=f"Presets: {', '.join(shapes)}, or 'all'.")
