@@ -24,11 +24,6 @@ from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladde
 
 PLAN_FORMAT = 1
 NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
-# A 1-token call is decode. Its host sync stalls mlx_lm's pipelined generation loop (the next
-# step's graph is built while this one computes), a cost the per-call model does not see:
-# the demo model decoded at 77 vs 125 tok/s stock with min_tokens 1, though each layer call
-# alone was within 0.3 ms of stock. So offload starts at 2 tokens at the earliest.
-FIRST_OFFLOAD_TOKENS = 2
 
 
 @dataclass
@@ -402,7 +397,7 @@ def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:
     if not lp.groups:
         return NEVER
     share = counts / max(counts.sum(), 1)
-    n = FIRST_OFFLOAD_TOKENS
+    n = max(cost.first_offload_tokens, 1)
     while n <= 1 << 16:
         if lp.decide(cost, np.ceil(share * n * lp.top_k)).offload:
             return n
@@ -417,7 +412,7 @@ def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, li
     if sizes.size == 0:
         return None
     tiers = choose_ladder(sizes, limits.capacities, limits.max_tiers, 1.0 / sizes)
-    n = FIRST_OFFLOAD_TOKENS
+    n = max(cost.first_offload_tokens, 1)
     while n <= 1 << 16:
         prog = cost.sync_s + sum(cost.program_s(1, c, D, H) for c in ladder_rounds(np.array([n]), tiers))
         if prog < cost.mlx_dense_s(n, D, H):

@@ -26,7 +26,7 @@ from npumoe_mlx.offload import OffloadError
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 # Programs always win, so every call (decode included) runs them on every rank.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 BUILD = dict(corpus=["long-context"], tokens=256, chunk_size=128, cost=EAGER)
 
 

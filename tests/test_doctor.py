@@ -18,7 +18,7 @@ from npumoe_mlx.fingerprint import model_fingerprint
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 # Programs always win, and absurdly so: the benchmark must call this cost model wrong.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 
 
 @pytest.fixture(scope="module")

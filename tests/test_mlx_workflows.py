@@ -30,7 +30,7 @@ from npumoe_mlx.experts import installed_blocks, stock_experts
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 # Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
 CHANGED = "expert weights changed since the programs were built"
 

@@ -24,7 +24,7 @@ from npumoe_mlx.workloads import prompt_of_tokens
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 # Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 
 
 def _build(path, limits=None, tokens=256, cost=EAGER):

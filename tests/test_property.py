@@ -24,7 +24,7 @@ from npumoe_mlx.programs import spec_from_switch_glu
 from npumoe_mlx.reference import StaticTierReference
 
 E, D, H = 8, 32, 48
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 mx.random.seed(0)
 GLU = SwitchGLU(D, H, E)
 mx.eval(GLU.parameters())

@@ -39,7 +39,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(R
 NPUMOE = [sys.executable, "-m", "npumoe_mlx.cli"]
 STOCK = [sys.executable, "-m", "mlx_lm", "generate"]
 # Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 
 

@@ -21,7 +21,7 @@ from npumoe_mlx.cost import CostModel
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 
 
 def _build(path, out=None, tokens=256, **kw):
@@ -356,7 +356,7 @@ def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch
     monkeypatch.setattr(programs, "spec_from_switch_glu", shifted)
     with pytest.raises(bundles.BundleError, match=r"build refused: program programs/L000/g00 .* does not compute"):
         bundles.build(str(moe), backend, str(tmp_path / "b"), corpus=["qa"], tokens=64, chunk_size=64,
-                      cost=CostModel(backend, 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test"), log=lambda m: None)
+                      cost=CostModel(backend, 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test"), log=lambda m: None)
     assert not (tmp_path / "b").exists()
 
 

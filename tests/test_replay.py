@@ -53,7 +53,7 @@ def test_calls_never_cross_a_sequence():
 
 def test_replay_tallies_follow_the_decisions():
     lp = LayerPlan(0, "p", 4, 1, 64, 32, [GroupPlan([0], [4, 8]), GroupPlan([1, 2], [4])], [3], min_tokens=8)
-    eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0)
+    eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1)
     counts = np.array([[5, 2, 1, 0], [6, 9, 0, 1]])  # 8 and 16 pairs
     t = rp.replay_calls(lp, eager, counts, 8)
     assert (t.calls, t.offloaded, t.pairs) == (2, 2, 24)

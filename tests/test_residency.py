@@ -11,7 +11,7 @@ from npumoe_mlx.cost import CostModel
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 
 
 @pytest.fixture(scope="module")

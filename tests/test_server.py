@@ -35,7 +35,7 @@ from npumoe_mlx.tools.tiny import make_tiny_model
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 # Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="test: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 START_TIMEOUT = 90
 CHAT = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]
 PROMPT = "Once upon a time, in a land far away,"

@@ -188,7 +188,7 @@ def test_energy_plan_puts_more_on_the_frugal_unit_within_its_time_bound():
 def test_program_budget_is_respected_hottest_first():
     prof = {"layers": [dict(_profile(E=8), layer=l) for l in range(3)], "chunk_size": 128}
     shapes = {l: {"D": D, "H": H} for l in range(3)}
-    eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0)
+    eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1)
     lim = PlanLimits.for_backend("onnx", max_group=1, max_programs=4)
     plan = make_plan(prof, shapes, eager, lim)
     assert plan.num_programs == 4
@@ -213,11 +213,15 @@ def test_min_tokens_keeps_decode_on_mlx():
 def test_decode_stays_on_mlx_even_when_programs_look_free():
     """Programs far cheaper than MLX per call still leave 1-token calls (decode) on MLX: the
     host sync stalls mlx_lm's pipelined loop, which the per-call model does not see."""
-    from npumoe_mlx.plan import FIRST_OFFLOAD_TOKENS, plan_shared
+    from npumoe_mlx.plan import plan_shared
 
     cost = _cost(program_flops=F * 1e6)  # a program row a million times cheaper than an MLX pair
+    assert cost.first_offload_tokens == 2 == CostModel.from_dict({k: v for k, v in cost.to_dict().items()
+                                                                   if k != "first_offload_tokens"}).first_offload_tokens
     lp = plan_layer(_profile(), 512, 1024, cost, PlanLimits.for_backend("onnx"), call_sizes=[128])
-    assert lp.groups and lp.min_tokens == FIRST_OFFLOAD_TOKENS == 2
+    assert lp.groups and lp.min_tokens == 2
+    assert plan_layer(_profile(), 512, 1024, _cost(program_flops=F * 1e6, first_offload_tokens=1),
+                      PlanLimits.for_backend("onnx"), call_sizes=[128]).min_tokens == 1  # asked for: decode too
     sp = plan_shared({"chunks": [{"tokens": 128}]}, "p", D, H, _cost(program_flops=F * 1e6, mlx_dense_flops=F),
                      PlanLimits.for_backend("onnx"))
     assert sp is not None and sp.min_tokens == 2
