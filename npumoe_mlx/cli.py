@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "tune": ("npumoe_mlx.tune", "measure this machine's costs -> cost model"),
     "plan": ("npumoe_mlx.plan", "print the offload plan (groups, tiers, residency) of a model"),
     "replay": ("npumoe_mlx.replay", "plan from routing traces and replay them through the executor's decisions"),
-    "build": ("npumoe_mlx.bundle", "calibrate -> tune -> plan -> compile into a bundle"),
+    "build": ("npumoe_mlx.build", "calibrate -> tune -> plan -> compile into a bundle"),
     "convert": ("npumoe_mlx.convert", "Hugging Face or MLX model -> MLX weights + offload bundle"),
     "build-programs": ("npumoe_mlx.programs", "build one expert group's static-tier programs"),
     "compare": ("npumoe_mlx.tools.compare", "offload vs stock MLX: speed, CPU, memory, energy, agreement"),

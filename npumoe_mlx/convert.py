@@ -25,6 +25,7 @@ from mlx_lm.convert import convert as mlx_convert
 from . import bundle as bundles
 from . import owned
 from .atomic import clean_stale, honour_umask, write_json
+from .build import build as build_bundle
 from .checks import resolve_model
 from .lock import build_lock
 
@@ -205,11 +206,10 @@ def convert(
             return Converted(model_path, out, backend, convert_now)
         except bundles.BundleError as e:
             print(f"[npumoe] rebuilding a stale bundle: {e}", file=sys.stderr)
-    with build_lock(out):
-        bundles.build(
-            str(model_path), backend, str(out), tokens=tokens, chunk_size=chunk_size,
-            tune=tune, trust_remote_code=trust_remote_code, progress=progress,
-        )
+    build_bundle(  # takes the bundle's build lock
+        str(model_path), backend, str(out), tokens=tokens, chunk_size=chunk_size,
+        tune=tune, trust_remote_code=trust_remote_code, progress=progress,
+    )
     print(f"generate with: npumoe generate --model {model_path} --offload {backend}")
     return Converted(model_path, out, backend, convert_now)
 

@@ -2,7 +2,6 @@
 
 import os
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,7 +10,7 @@ class BuildInProgress(RuntimeError):
     pass
 
 
-_held = {}  # lock path -> [thread id, depth] of the locks this process holds
+_held = set()  # lock paths this process holds
 
 
 @contextmanager
@@ -22,16 +21,8 @@ def build_lock(bundle_dir):
     (atomic, fails if it exists), so no one ever reads a lock without its pid.
     """
     lock = Path(str(Path(bundle_dir).absolute()) + ".lock")
-    held = _held.get(lock)
-    if held is not None:  # this process holds it: re-entry by the same thread (e.g. convert wraps build)
-        if held[0] != threading.get_ident():
-            raise BuildInProgress(f"build in progress for {bundle_dir} (another thread of this process)")
-        held[1] += 1
-        try:
-            yield
-        finally:
-            held[1] -= 1
-        return
+    if lock in _held:  # not re-entrant: build() is the one taker (sharded.py passes lock_held)
+        raise BuildInProgress(f"build in progress for {bundle_dir} (this process holds its lock)")
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=lock.parent, prefix=f".{lock.name}-")
     try:
@@ -56,11 +47,11 @@ def build_lock(bundle_dir):
             raise BuildInProgress(f"could not take the build lock {lock}")
     finally:
         os.unlink(tmp)
-    _held[lock] = [threading.get_ident(), 1]
+    _held.add(lock)
     try:
         yield
     finally:
-        del _held[lock]
+        _held.discard(lock)
         lock.unlink(missing_ok=True)
 
 

@@ -60,6 +60,7 @@ def apply(
     them; all of them, and whole-file hashes, with ``verify``).
     """
     from . import bundle as bundles
+    from . import installer
 
     want = resolve(mode, check_runs=True)
     if want == "off":
@@ -89,6 +90,6 @@ def apply(
     b = bundles.read(path, model_path, model_name, verify=verify, fingerprint=fingerprint)  # fingerprint: a shard's (sharded.py)
     if b.plan.backend != want:
         raise OffloadError(f"bundle {path} is for {b.plan.backend}, not {want}")
-    bundles.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify)
+    installer.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify)
     model.npumoe_bundle = str(path)  # a plain attribute (not a parameter): --stats names it
     return want

@@ -36,6 +36,7 @@ from mlx_lm.generate import generation_stream
 from . import bundle as bundles
 from . import checks, experts
 from . import offload as _offload
+from .build import build as build_bundle
 from .executor import format_stats, offload_stats, summarize
 from .lock import BuildInProgress, build_lock
 
@@ -155,7 +156,7 @@ def _check(path: Path, fingerprint: str, model_name: str) -> Optional[str]:
 
 
 def _build_defaults() -> Dict[str, Any]:
-    sig = inspect.signature(bundles.build).parameters
+    sig = inspect.signature(build_bundle).parameters
     return {k: sig[k].default for k in ("corpus", "tokens", "chunk_size", "seed")}
 
 
@@ -209,7 +210,7 @@ def sharded_load(
     ``npumoe_mlx.load``. Each rank uses its own bundle: ``bundle`` (``{shard}`` in it is
     replaced by the shard key, e.g. ``tp2-r0``), else ``<model>/npumoe-<backend>-<shard>``
     (the cache for hub models). ``build=True`` first builds every missing or stale per-rank
-    bundle (``build_options``: keyword arguments of ``npumoe_mlx.bundle.build``, the same
+    bundle (``build_options``: keyword arguments of ``npumoe_mlx.build.build``, the same
     on every rank). Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
     want = _offload.resolve(offload)
@@ -261,7 +262,7 @@ def install(
             try:
                 bundles.read(path, model_path, model_name)
             except bundles.BundleError:
-                bundles.build(str(model_path), want, str(path), loaded=(model, tokenizer, config), log=log,
+                build_bundle(str(model_path), want, str(path), loaded=(model, tokenizer, config), log=log,
                               **(build_options or {}))
         return _offload.apply(model, config, want, model_path=model_path, bundle=bundle, overflow=overflow,
                               backend_options=backend_options, model_name=model_name, quiet=quiet, verify=verify)
@@ -284,9 +285,9 @@ def install(
                     raise failed or _offload.OffloadError("another rank's bundle is being built by another process")
                 if why is not None:
                     log(f"building the {want} bundle of shard {shard.key} at {path} ({why})")
-                    try:  # build re-enters the lock held above
-                        bundles.build(str(model_path), want, str(path), loaded=(model, tokenizer, config),
-                                      fingerprint=fp, log=log, **opts)
+                    try:  # this rank holds the lock taken above
+                        build_bundle(str(model_path), want, str(path), loaded=(model, tokenizer, config),
+                                     fingerprint=fp, log=log, lock_held=True, **opts)
                     except Exception as e:  # tell the other ranks before raising
                         failed = e
                 else:

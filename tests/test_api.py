@@ -11,7 +11,7 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import format_stats, offload_stats, summarize
 from npumoe_mlx.experts import OffloadedSwitchGLU, installed_blocks
@@ -27,7 +27,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 def moe(tmp_path_factory):
     """A float32 tiny qwen2_moe (routed + shared experts) with its onnx bundle beside it."""
     path = make_tiny_model(tmp_path_factory.mktemp("api") / "m", "qwen2_moe", seed=2)
-    bundles.build(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
+    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
     return path
 
 

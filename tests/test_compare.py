@@ -11,6 +11,7 @@ import pytest
 
 from npumoe_mlx.tools import bench_e2e
 from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.tools import compare as cmp
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.tools.tiny import make_tiny_model
@@ -27,7 +28,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(tiny):
-    bundles.build(str(tiny), "onnx", corpus=["long-context"], tokens=192, chunk_size=96, cost=EAGER,
+    build_bundle(str(tiny), "onnx", corpus=["long-context"], tokens=192, chunk_size=96, cost=EAGER,
                   log=lambda m: None)
     return tiny
 

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as stock_load
 
 from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import cli, doctor
 from npumoe_mlx.cost import CostModel, default_cost
 from npumoe_mlx.fingerprint import model_fingerprint
@@ -24,7 +25,7 @@ EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("doc") / "m", "qwen3_moe", seed=1)
-    bundles.build(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
+    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
     return path
 
 

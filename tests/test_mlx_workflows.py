@@ -22,7 +22,7 @@ from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import guard
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import offload_stats
@@ -38,7 +38,7 @@ CHANGED = "expert weights changed since the programs were built"
 @pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe"])  # qwen2_moe: + shared experts
 def tiny(request, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("wf") / "m", request.param, seed=2)
-    bundles.build(str(path), "onnx", corpus=["qa"], tokens=128, chunk_size=64, cost=EAGER, log=lambda m: None)
+    build_bundle(str(path), "onnx", corpus=["qa"], tokens=128, chunk_size=64, cost=EAGER, log=lambda m: None)
     return path
 
 

@@ -15,6 +15,7 @@ from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import SharedExecutor, offload_stats, summarize
 from npumoe_mlx.experts import find_expert_blocks
@@ -28,7 +29,7 @@ EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=
 
 
 def _build(path, limits=None, tokens=256, cost=EAGER):
-    return bundles.build(
+    return build_bundle(
         str(path), "onnx", corpus=["long-context"], tokens=tokens, chunk_size=128,
         cost=cost, limits=limits, log=lambda m: None,
     )
@@ -95,7 +96,7 @@ def test_skewed_padding_and_calls_per_layer(skewed, tmp_path):
 
     Planned with the onnx backend's parametric costs (deterministic, no timing).
     """
-    out = bundles.build(
+    out = build_bundle(
         str(skewed), "onnx", str(tmp_path / "b"), corpus=["long-context"], tokens=512, chunk_size=512,
         tune=False, log=lambda m: None,
     )
@@ -117,7 +118,7 @@ def test_same_inputs_same_plan(skewed, tmp_path):
 
 
 def _build_to(path, out, limits=None):
-    return bundles.build(
+    return build_bundle(
         str(path), "onnx", str(out), corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER,
         limits=limits, log=lambda m: None,
     )

@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import cli
 from npumoe_mlx.atomic import clean_stale
 from npumoe_mlx.checks import ModelError
@@ -44,7 +45,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 
 
 def _build(path, out=None, limits=None, tokens=256):
-    return bundles.build(
+    return build_bundle(
         str(path), "onnx", None if out is None else str(out), corpus=["qa"], tokens=tokens, chunk_size=128,
         cost=EAGER, limits=limits, log=lambda m: None,
     )
@@ -459,7 +460,8 @@ def test_concurrent_build_is_refused_and_stale_lock_taken_over(wide, capsys):
 
 
 def test_build_inside_callers_lock(moe, tmp_path):
-    """convert/compare hold the lock around build(): the same thread re-enters, nothing else does."""
+    """build() is the one taker of the lock (not re-entrant): inside a held lock it refuses,
+    from this thread or another; a caller that took it on purpose (sharded) says lock_held."""
     import threading
 
     from npumoe_mlx.lock import build_lock
@@ -467,12 +469,16 @@ def test_build_inside_callers_lock(moe, tmp_path):
     out = tmp_path / "b"
     errors = []
     with build_lock(out):
-        _build(moe, out)
+        with pytest.raises(BuildInProgress, match="this process holds its lock"):
+            _build(moe, out)
         t = threading.Thread(target=lambda: errors.append(pytest.raises(BuildInProgress, _build, moe, out)))
         t.start()
         t.join()
+        assert not (out / "manifest.json").exists()
+        build_bundle(str(moe), "onnx", str(out), corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER,
+                     log=lambda m: None, lock_held=True)
         assert (tmp_path / "b.lock").exists()
-    assert len(errors) == 1 and "another thread of this process" in str(errors[0].value)
+    assert len(errors) == 1 and "this process holds its lock" in str(errors[0].value)
     assert not (tmp_path / "b.lock").exists()
     bundles.read(out, moe)
 

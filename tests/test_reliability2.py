@@ -16,8 +16,10 @@ import pytest
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import cli
 from npumoe_mlx.cost import CostModel
+from npumoe_mlx.plan import format_plan
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +27,7 @@ EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=
 
 
 def _build(path, out=None, tokens=256, **kw):
-    return bundles.build(str(path), "onnx", None if out is None else str(out), corpus=["qa"], tokens=tokens,
+    return build_bundle(str(path), "onnx", None if out is None else str(out), corpus=["qa"], tokens=tokens,
                          chunk_size=128, cost=EAGER, log=lambda m: None, **kw)
 
 
@@ -345,6 +347,7 @@ def test_program_file_replaced_after_load_is_not_used(moe, tmp_path):
 
 @pytest.mark.parametrize("backend", ["onnx", "coreml"])
 def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch, backend):
+    from npumoe_mlx import build as builds
     from npumoe_mlx import programs
 
     real = programs.spec_from_switch_glu
@@ -353,9 +356,9 @@ def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch
         E = module.gate_proj.weight.shape[0]
         return real(module, layer=layer, expert_ids=[(e + 1) % E for e in expert_ids], tiers=tiers)
 
-    monkeypatch.setattr(programs, "spec_from_switch_glu", shifted)
+    monkeypatch.setattr(builds, "spec_from_switch_glu", shifted)  # where build() looks it up
     with pytest.raises(bundles.BundleError, match=r"build refused: program programs/L000/g00 .* does not compute"):
-        bundles.build(str(moe), backend, str(tmp_path / "b"), corpus=["qa"], tokens=64, chunk_size=64,
+        build_bundle(str(moe), backend, str(tmp_path / "b"), corpus=["qa"], tokens=64, chunk_size=64,
                       cost=CostModel(backend, 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test"), log=lambda m: None)
     assert not (tmp_path / "b").exists()
 
@@ -455,7 +458,7 @@ def test_bundle_format_string_says_the_type(moe, tmp_path):
 
 def test_stats_say_which_bundle_and_why_calls_stayed_on_mlx(tmp_path, capsys):
     m = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1)
-    bundles.build(str(m), "onnx", corpus=["qa"], tokens=128, chunk_size=64, tune=False, log=lambda s: None)
+    build_bundle(str(m), "onnx", corpus=["qa"], tokens=128, chunk_size=64, tune=False, log=lambda s: None)
     rc, out, err = _run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "3", "--stats")
     assert rc == 0, err
     assert f"bundle: {m / 'npumoe-onnx'}" in out
@@ -463,7 +466,7 @@ def test_stats_say_which_bundle_and_why_calls_stayed_on_mlx(tmp_path, capsys):
 
 
 def test_plan_prints_the_bundles_plan(moe, tmp_path, capsys):
-    want = bundles.format_plan(bundles.read(moe / "npumoe-onnx").plan, verbose=True)
+    want = format_plan(bundles.read(moe / "npumoe-onnx").plan, verbose=True)
     rc, out, _ = _run_cli(capsys, "plan", "--model", moe)
     assert rc == 0 and f"plan of the onnx bundle {moe / 'npumoe-onnx'} (the one generate uses):" in out
     assert want in out

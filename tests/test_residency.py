@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import cli
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.tools.tiny import make_tiny_model
@@ -21,7 +22,7 @@ def q4(tmp_path_factory):
 
 def _build(model, out, **kw):
     logs = []
-    bundles.build(str(model), "onnx", str(out), corpus=["qa"], tokens=128, chunk_size=64, cost=EAGER,
+    build_bundle(str(model), "onnx", str(out), corpus=["qa"], tokens=128, chunk_size=64, cost=EAGER,
                   log=logs.append, **kw)
     return logs
 

@@ -27,6 +27,7 @@ import pytest
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import server
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.offload import OffloadError
@@ -110,7 +111,7 @@ def _layer_files(bundle: Path, layer: int):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("srv")
     path = make_tiny_model(root / "m", "qwen3_moe", seed=1)
-    bundles.build(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
+    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
     faulty = root / "faulty"  # the same weights (same fingerprint); its layer-0 programs change under the server
     shutil.copytree(path, faulty)
     return path, faulty

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
+from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import plan as plans
 from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.cost import CostModel
@@ -24,7 +24,7 @@ def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
     path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
     tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
     tight.capacities = [16]  # a plan made for tiny calls: 300-token prompts overflow it
-    out = bundles.build(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
+    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
                         cost=EAGER, limits=tight, log=lambda m: None)
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
     notes = []

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from ..atomic import write_json
+from ..build import build as build_bundle
 from .compare import measure_side, token_agreement
 from .report import ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list
 
@@ -63,7 +64,6 @@ def prepare(
     workdir: Path, log: Callable[[str], None] = print,
 ) -> Path:
     """Make (or reuse) the benchmark model in ``workdir/model`` and build its bundle."""
-    from .. import bundle as bundles
     from .tiny import MARKER, make_tiny_model
 
     family, preset = resolve_shape(shape)
@@ -77,7 +77,7 @@ def prepare(
     make_tiny_model(model_dir, family, q_bits=q_bits, shape=preset, skew=SKEW, seed=seed,
                     num_layers=layers, num_experts=experts)
     log(f"[bench e2e] building the {backend} bundle ({calib_tokens} calibration tokens, chunks of {prefill_step})")
-    bundles.build(str(model_dir), backend, corpus=("long-context", "qa", "code"), tokens=calib_tokens,
+    build_bundle(str(model_dir), backend, corpus=("long-context", "qa", "code"), tokens=calib_tokens,
                   chunk_size=prefill_step, cost=cost, tune=tune, log=log)
     marker = model_dir / MARKER
     info = json.loads(marker.read_text())

@@ -26,6 +26,7 @@ from ..experts import stock_experts
 from ..replay import load_shape_presets
 from ..tune import median_s
 
+
 def popularity(E: int, skew: float, rng) -> np.ndarray:
     """(E,) expert shares: Zipf(skew) over a random ranking (skew 0 = uniform)."""
     p = 1.0 / np.arange(1, E + 1) ** skew

@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..atomic import write_json
+from ..build import build as build_bundle
 from .report import (
     ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list,
     write_text,
@@ -299,7 +300,6 @@ def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[s
                   prefill_step: int, log) -> Path:
     """The bundle folder to use; built when missing and ``build``, else a one-line error."""
     from .. import bundle as bundles
-    from ..lock import build_lock
 
     path = bundles.locate_bundle(local, backend, bundle)  # the one generate/load use
     if (path / "manifest.json").exists():
@@ -311,8 +311,7 @@ def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[s
         )
     path = bundles.build_target(local, backend, bundle)
     log(f"no {backend} bundle at {path}: building it (npumoe build --model {model_path} --backend {backend})")
-    with build_lock(path):
-        bundles.build(str(local), backend, str(path), chunk_size=min(prefill_step, 512), log=log)
+    build_bundle(str(local), backend, str(path), chunk_size=min(prefill_step, 512), log=log)  # takes the lock
     return path
 
 

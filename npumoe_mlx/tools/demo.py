@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import owned
 from ..atomic import write_json
+from ..build import build as build_bundle
 
 # Small but not toy: expert matmuls big enough that where they run matters.
 DEMO_DIMS = {"hidden": 256, "moe_inter": 512, "experts": 32, "top_k": 4, "heads": 4, "kv_heads": 2, "head_dim": 64}
@@ -33,7 +34,6 @@ def _claim(out: Path, backend: str, force: bool) -> None:
 
 def run(out: str = "npumoe-demo", small: bool = False, prompt_tokens: int = 512, max_tokens: int = 16,
         layers: int = 4, log=print, force: bool = False) -> dict:
-    from .. import bundle as bundles
     from .. import load, stream_generate
     from .compare import compare
     from ..executor import format_stats, offload_stats, summarize
@@ -56,7 +56,7 @@ def run(out: str = "npumoe-demo", small: bool = False, prompt_tokens: int = 512,
     make_tiny_model(model_dir, "qwen3_moe", skew=1.5, seed=0, num_layers=layers, dims=dims, force=True)
 
     log(f"[demo] 2/4 bundle ({backend}): calibrate -> tune -> plan -> compile")
-    bundles.build(str(model_dir), backend, tokens=1024, chunk_size=prompt_tokens, tune=True,
+    build_bundle(str(model_dir), backend, tokens=1024, chunk_size=prompt_tokens, tune=True,
                   log=lambda m: log("       " + m), progress=True)
 
     log("[demo] 3/4 generate with the experts offloaded")

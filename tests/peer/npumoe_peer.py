@@ -19,7 +19,7 @@ import mlx_lm.models
 
 from npumoe_mlx import experts, guard
 from npumoe_mlx.backends import load_backend
-from npumoe_mlx.bundle import _offloadable_shared
+from npumoe_mlx.build import offloadable_shared
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, SharedExecutor
 from npumoe_mlx.plan import GroupPlan, LayerPlan, SharedPlan
@@ -76,7 +76,7 @@ def offload(model):
     for blk in blocks:
         for s in blk.shared:
             mlp = mods.get(s.path)
-            if not _offloadable_shared(mlp, s):
+            if not offloadable_shared(mlp, s):
                 continue
             try:
                 prog = be.load(spec_from_dense_mlp(mlp, layer=blk.layer, tiers=TIERS))

@@ -1,0 +1,280 @@
+"""`npumoe build`: calibrate -> tune -> plan -> compile, into a bundle (bundle.py: its format).
+
+``build`` is the one place that takes a bundle's build lock (lock.py); it writes a
+temp folder and renames it into place, so an interrupted build leaves the previous
+bundle intact. Every program is checked against the model's experts right after
+it is compiled.
+"""
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import mlx.nn as nn
+from mlx_lm import utils as mlx_utils
+
+from . import bundle as bundles
+from . import experts, verify
+from ._version import __version__
+from .args import at_least, limits_from_flags, load_cost
+from .atomic import clean_stale, folder, honour_umask, write_json
+from .backends import load_backend
+from .calibrate import calibrate
+from .checks import explain_load_errors, resolve_model
+from .cost import CostModel, chip_cost, default_cost
+from .cost import describe as describe_cost
+from .fingerprint import model_fingerprint
+from .lock import build_lock
+from .plan import PlanLimits, format_plan, make_plan
+from .programs import spec_from_dense_mlp, spec_from_switch_glu
+from .progress import progress_bar
+from .residency import check_budget, default_memory_budget, describe, plan_resident
+from .tune import tune as run_tune
+from .workloads import corpus_documents
+
+
+_DISTRIBUTED = (nn.AllToShardedLinear, nn.ShardedToAllLinear, nn.QuantizedAllToShardedLinear, nn.QuantizedShardedToAllLinear)
+
+
+def offloadable_shared(mlp, shared) -> bool:
+    """A shared expert gets a program only if it is a plain SwiGLU MLP in a format programs take."""
+    if mlp is None or (shared.quant is not None and shared.quant.get("mode", "affine") != "affine"):
+        return False
+    if any(isinstance(c, _DISTRIBUTED) for c in mlp.children().values()):
+        return False  # a tensor-parallel linear sums across ranks inside; a program would skip that
+    return experts.is_swiglu_mlp(mlp)
+
+
+def _build_checker(backend: str):
+    """program folder -> a Program to check right after compiling it: onnx runs every tier
+    under onnxruntime; Core ML runs its smallest tier (all tiers share the weights) in the
+    numpy MIL interpreter, which works off macOS too."""
+    if backend == "onnx":
+        be = load_backend("onnx")
+        return be.load
+    return lambda d: verify.milrun_program(Path(d) / "program.mlpackage")
+
+
+def _verify_built(checker, backend: str, path: Path, rel: Path, entry: dict, module, want) -> None:
+    prog = checker(path)
+    tiers = sorted(prog.tiers) if backend == "onnx" else [min(prog.tiers)]
+    x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=entry["layer"])
+    try:
+        verify.check(prog, tiers, want, x, verify.tolerance(backend, module), f"{rel.as_posix()} ({prog.name})")
+    except verify.ProgramMismatch as e:
+        raise bundles.BundleError(f"build refused: {e}; this is a bug in npumoe or the model's format, please report it") from None
+
+
+def _compile_group(spec, backend: str, dest: Path, limits=None) -> None:
+    if backend == "onnx":
+        from ane_kernels.onnx import save_onnx
+
+        save_onnx(spec, dest)
+    elif backend == "coreml":
+        from ane_kernels.coreml import build_package
+
+        dest.mkdir(parents=True, exist_ok=True)
+        build_package(spec, dest / "program.mlpackage")
+    else:
+        raise ValueError(f"cannot compile programs for backend {backend!r}")
+
+
+def build(
+    model_path: str,
+    backend: str = "onnx",
+    out: Optional[str] = None,
+    *,
+    corpus: Sequence[str] = ("long-context", "qa", "code"),
+    tokens: int = 2048,
+    chunk_size: int = 2048,
+    seed: int = 0,
+    cost: Optional[CostModel] = None,
+    objective: str = "time",
+    chip: Optional[str] = None,
+    tune: bool = True,
+    limits: Optional[PlanLimits] = None,
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    loaded: Optional[tuple] = None,
+    fingerprint: Optional[str] = None,
+    memory_budget: Optional[int] = -1,
+    lock_held: bool = False,
+) -> Path:
+    """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
+
+    ``loaded``: an already loaded ``(model, tokenizer, config)`` (e.g. one rank's shard,
+    see sharded.py) instead of loading ``model_path``; ``fingerprint``: the weights'
+    fingerprint to record (default: that of the files in ``model_path``);
+    ``memory_budget``: bytes the plan may keep resident (MLX + programs); -1 = 80% of
+    this machine's RAM, None = no check. The build takes ``out``'s build lock (one build of a
+    bundle at a time) unless ``lock_held``: sharded.py takes it before the collective
+    calibration, so every rank learns together whether it may build.
+    """
+    if backend not in ("onnx", "coreml"):
+        raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
+    at_least("--tokens", tokens, 1, "calibration tokens")
+    at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
+    t0 = time.perf_counter()
+    local = resolve_model(model_path)
+    if loaded is None:
+        with explain_load_errors(model_path):
+            model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
+    else:
+        model, tokenizer, config = loaded
+    fingerprint = fingerprint or model_fingerprint(local)
+    out = bundles.build_target(local, backend, out)
+    if not bundles._writable(out):
+        raise bundles.BundleError(f"cannot write the bundle {out}: its folder is read-only; pass --out DIR (a writable "
+                          f"folder) and load it with --bundle DIR")
+    with nullcontext() if lock_held else build_lock(out):  # the one place a build takes the lock
+        clean_stale(out)
+        bundles.check_target(out)
+        blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
+        if not blocks:
+            raise ValueError(f"{model_path}: no supported MoE expert blocks; nothing to offload (it runs on stock MLX)")
+
+        docs, desc = corpus_documents(list(corpus), tokens, seed)
+        log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
+        profile = calibrate(
+            model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
+            model_path=None, description=desc, progress=progress,
+        )
+        profile.model_fingerprint = fingerprint
+        b0 = next(iter(blocks.values()))
+        if cost is None and chip:
+            cost = chip_cost(chip, backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
+        if cost is None:
+            if tune:
+                log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
+                cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress)
+            else:
+                cost = default_cost(backend)
+        log(f"      {describe_cost(cost)}")
+        if backend == "coreml" and sys.platform != "darwin":
+            log("      note: Core ML runs only on macOS; this bundle is for a Mac (its programs are "
+                "checked here with the numpy MIL interpreter)")
+        limits = limits or PlanLimits.for_backend(backend)
+        mods = dict(model.named_modules())
+        shapes = {
+            l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant,
+                "shared": [{"path": s.path, "hidden": s.hidden} for s in b.shared if offloadable_shared(mods.get(s.path), s)]}
+            for l, b in blocks.items()
+        }
+        plan = make_plan(profile.to_json(), shapes, cost, limits, objective=objective)
+        log(f"[3/4] {format_plan(plan)}")
+        resident = plan_resident(plan, model, blocks)
+        log(f"      {describe(resident)}")
+        check_budget(resident, default_memory_budget() if memory_budget == -1 else memory_budget)
+
+        n_prog = plan.num_programs
+        with folder(out) as tmp:
+            tmp = Path(tmp)
+            jobs = []  # (rel, make_spec, manifest entry): routed groups, then shared experts
+            for lp in plan.layers:
+                for gi, g in enumerate(lp.groups):
+                    mod = blocks[lp.layer].module
+                    jobs.append((
+                        Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}",
+                        lambda lp=lp, g=g: spec_from_switch_glu(
+                            blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers),
+                        {"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers},
+                        (mod, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x)),
+                    ))
+                for si, sp in enumerate(lp.shared):
+                    mlp = mods[sp.path]
+                    jobs.append((
+                        Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}",
+                        lambda lp=lp, sp=sp: spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers),
+                        {"layer": lp.layer, "group": f"s{si}", "experts": [-1], "tiers": sp.tiers},
+                        (mlp, lambda x, m=mlp: verify.model_dense(m, x)),
+                    ))
+            programs = []
+            checker = _build_checker(backend)
+            for rel, make_spec, entry, (module, want) in progress_bar(
+                    jobs, desc="[4/4] programs", unit="prog", disable=not progress):
+                _compile_group(make_spec(), backend, tmp / rel)
+                for f in (tmp / rel).rglob("*"):
+                    honour_umask(f)  # writers of program files may use 0600 temp files
+                _verify_built(checker, backend, tmp / rel, rel, entry, module, want)
+                programs.append({**entry, "dir": rel.as_posix(), "files": bundles.files_under(tmp, rel)})
+            profile.save(tmp / "profile.json")
+            plan.save(tmp / "plan.json")
+            cost.save(tmp / "cost.json")
+            meta = {}
+            for name in ("profile.json", "plan.json", "cost.json"):
+                meta[name] = bundles.files_under(tmp, Path(name))[name]
+            write_json(tmp / "manifest.json", {
+                "kind": bundles.KIND,
+                "format": bundles.BUNDLE_FORMAT,
+                "npumoe_version": __version__,
+                "backend": backend,
+                "model_fingerprint": fingerprint,
+                "model_type": config.get("model_type"),
+                "limits": plan.limits.__dict__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "meta": meta,
+                "programs": programs,
+            })
+        total = sum(f["bytes"] for p in programs for f in p["files"].values())
+        offloaded = sum(1 for lp in plan.layers if lp.groups or lp.shared)
+        tiers = sum(len(p["tiers"]) for p in programs)
+        log(f"bundle written to {out}: {offloaded}/{len(plan.layers)} MoE layers offloaded, {n_prog} programs "
+            f"({tiers} tiers), {total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+        return out
+
+
+def main(argv=None) -> int:
+    """`npumoe build`: calibrate -> tune -> plan -> compile into a bundle."""
+    p = argparse.ArgumentParser(prog="npumoe build", description="Build the offload bundle of a model.")
+    p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
+    p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("--out", help="Bundle folder (default: <model>/npumoe-<backend>, or the cache for hub models).")
+    p.add_argument("--force", action="store_true", help="Rebuild even if an up-to-date bundle exists.")
+    p.add_argument("--corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",
+                   help="Calibration corpora: long-context, qa, code, or .txt/.jsonl files (default: all three built-ins).")
+    p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens (default 2048).")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="Calibration prefill chunk: your mlx_lm prefill_step_size (default 2048, mlx_lm's).")
+    p.add_argument("--cost", help="A cost model JSON from `npumoe tune` (default: measure now).")
+    p.add_argument("--chip", help="Plan with the predicted costs of this Apple chip (coreml; see `npumoe chips`).")
+    p.add_argument("--objective", choices=("time", "energy"), default="time",
+                   help="Minimise each layer call's time, or its energy within 1.2x of the least time.")
+    p.add_argument("--no-tune", action="store_true", help="Use parametric costs instead of measuring.")
+    p.add_argument("--max-tiers", type=int, help="Tiers per group (default 12).")
+    p.add_argument("--max-group", type=int, help="Experts per program (default 16).")
+    p.add_argument("--max-programs", type=int, help="Resident programs over all layers (default: 4096 for onnx, 120 for coreml).")
+    p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier (at least the smallest tier: 8 for onnx, 32 for coreml).")
+    p.add_argument("--memory-budget", type=float, metavar="GB",
+                   help="Resident bytes the plan may use, MLX + programs (default: 80%% of this machine's RAM; 0 = no check).")
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    if args.memory_budget is not None and args.memory_budget < 0:
+        raise ValueError(f"--memory-budget must be >= 0 GB, got {args.memory_budget}")
+    at_least("--tokens", args.tokens, 1, "calibration tokens")
+    at_least("--chunk-size", args.chunk_size, 1, "tokens per calibration chunk")
+    limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    if args.cost:
+        load_cost(args.cost)  # a bad file fails before the model loads
+    local = resolve_model(args.model)
+    out = bundles.build_target(local, args.backend, args.out)
+    if (out / "manifest.json").exists() and not args.force:
+        try:
+            bundles.read(out, local, args.model)
+            print(f"bundle {out} is up to date; nothing to do (--force rebuilds)")
+            return 0
+        except bundles.BundleError as e:
+            print(f"[npumoe] existing bundle is stale, rebuilding: {e}", file=sys.stderr)
+    limits = limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    cost = load_cost(args.cost) if args.cost else None
+    build(
+        str(local), args.backend, str(out), corpus=args.corpus or ("long-context", "qa", "code"),
+        tokens=args.tokens, chunk_size=args.chunk_size, cost=cost, tune=not args.no_tune,
+        objective=args.objective, chip=args.chip,
+        limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
+        memory_budget=-1 if args.memory_budget is None else (int(args.memory_budget * 1e9) or None),
+    )
+    return 0

@@ -1,0 +1,148 @@
+"""Put a bundle on a model: check its plan against the model, load its programs, check
+them against the model's own experts, and install the executors at the seam
+(experts.py). ``offload.apply`` calls ``install`` after ``bundle.read``."""
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import List, Optional
+
+from ane_kernels.spec import ProgramSpec
+
+from . import experts, verify
+from .backends import load_backend
+from .bundle import Bundle, BundleError, LazyHint, safe_path
+from .executor import OffloadExecutor, SharedExecutor
+from .guard import Notice
+
+
+def _router_of(model, block_path: str):
+    parent_path = block_path.rsplit(".", 1)[0]
+    parent = dict(model.named_modules()).get(parent_path)
+    if parent is None:
+        return None
+    for name in ("gate", "router"):
+        m = parent.get(name) if isinstance(parent, dict) else None
+        if m is not None:
+            return m
+    return None
+
+
+def install(
+    bundle: Bundle,
+    model,
+    config: dict,
+    backend_opts: Optional[dict] = None,
+    overflow: str = "auto",
+    quiet: bool = False,
+    verify_all: bool = False,
+) -> List:
+    """Check the plan against the model, load the programs, check them against the
+    model's experts (a sample; all tiers of all with ``verify_all``), install the executors."""
+    hint = LazyHint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
+    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config)}
+    for lp in bundle.plan.layers:
+        b = blocks.get(lp.layer)
+        if b is None or not b.supported:
+            raise BundleError(
+                f"{bundle.path}: plan names layer {lp.layer}, which has no offloadable expert block in this model; {hint}"
+            )
+        if (b.num_experts, b.dims, b.hidden) != (lp.num_experts, lp.D, lp.H):
+            raise BundleError(
+                f"{bundle.path}: layer {lp.layer} is E={b.num_experts}, D={b.dims}, H={b.hidden} in the model "
+                f"but E={lp.num_experts}, D={lp.D}, H={lp.H} in the plan; {hint}"
+            )
+        ids = [e for g in lp.groups for e in g.experts] + list(lp.cold)
+        bad = sorted({e for e in ids if not 0 <= e < b.num_experts})
+        if bad:
+            raise BundleError(
+                f"{bundle.path}: plan names expert {bad[0]}, which the model's layer {lp.layer} "
+                f"(E={b.num_experts}) lacks; {hint}"
+            )
+        if len(ids) != len(set(ids)):
+            raise BundleError(f"{bundle.path}: plan names an expert of layer {lp.layer} twice; {hint}")
+    be = load_backend(bundle.plan.backend, **(backend_opts or {}))
+    progs = {(p["layer"], p["group"]): p for p in bundle.manifest["programs"]}
+    loaded = {}  # (layer, group) -> (program, want_fn, module): groups, then shared experts
+    for lp in bundle.plan.layers:
+        for gi, g in enumerate(lp.groups):
+            p = progs[(lp.layer, gi)]
+            prog = _load_program(be, bundle, p, hint)
+            _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
+            mod = blocks[lp.layer].module
+            loaded[(lp.layer, gi)] = (prog, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x), mod)
+    shared = _load_shared(bundle, model, be, progs, hint)
+    for key, (mlp, _, prog) in shared.items():
+        loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
+    _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
+    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]])  # read() checked the paths
+              for k, (prog, _, _) in loaded.items()}
+    executors = {}
+    for lp in bundle.plan.layers:
+        programs = [pinned[(lp.layer, gi)] for gi in range(len(lp.groups))]
+        router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
+        executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
+    shared_ex = [(mlp, SharedExecutor(key[0], sp, pinned[key])) for key, (mlp, sp, _) in shared.items()]
+    notice = Notice(f"npumoe build --model {bundle.model_name} --backend {bundle.plan.backend} --force")
+    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice)
+    for mlp, ex in shared_ex:
+        experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
+    return list(executors.values()) + [ex for _, ex in shared_ex]
+
+
+def _load_program(be, bundle: Bundle, p: dict, hint: str):
+    src = safe_path(bundle.path, p["dir"])  # every file in it was checked by read()
+    if bundle.plan.backend == "coreml":
+        src = src / "program.mlpackage"
+    try:
+        return be.load(src)
+    except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
+
+
+def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, hint: str) -> None:
+    """Run a seeded probe through the programs (a sample, or all tiers of all with ``everything``)
+    and compare with the model's experts on stock MLX; a mismatch refuses the bundle."""
+    firsts = {}
+    for key in loaded:
+        firsts.setdefault(key[0], key)
+    for key in verify.pick(list(loaded), everything, firsts):
+        prog, want, module = loaded[key]
+        tiers = sorted(prog.tiers) if everything else [min(prog.tiers)]
+        x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=key[0])
+        try:
+            verify.check(prog, tiers, want, x, verify.tolerance(bundle.plan.backend, module),
+                         f"{progs[key]['dir']} ({prog.name})")
+        except verify.ProgramMismatch as e:
+            raise BundleError(f"{bundle.path}: {e}; {hint}") from None
+
+
+def _load_shared(bundle: Bundle, model, be, progs: dict, hint: str) -> dict:
+    """(layer, "s<i>") -> (mlp, plan entry, program) for every shared expert the plan offloads,
+    checked against the model."""
+    mods = dict(model.named_modules())
+    out = {}
+    for lp in bundle.plan.layers:
+        for si, sp in enumerate(lp.shared):
+            mlp = mods.get(sp.path)
+            if mlp is None or not experts.is_swiglu_mlp(mlp):
+                raise BundleError(f"{bundle.path}: plan offloads shared expert {sp.path}, which this model lacks; {hint}")
+            p = progs[(lp.layer, f"s{si}")]
+            prog = _load_program(be, bundle, p, hint)
+            H = mlp.up_proj.weight.shape[0]
+            if (prog.G, prog.D) != (1, lp.D) or sp.H != H or not set(sp.tiers) <= set(prog.tiers):
+                raise BundleError(f"{bundle.path}: {p['dir']} does not fit shared expert {sp.path}; {hint}")
+            out[(lp.layer, f"s{si}")] = (mlp, sp, prog)
+    return out
+
+
+def _check_program(prog, lp, gi: int, rel: str, root: Path, hint: str) -> None:
+    """The loaded program is the one the plan wants: its name carries layer and expert ids."""
+    g = lp.groups[gi]
+    want = ProgramSpec.name.fget(SimpleNamespace(layer=lp.layer, expert_ids=tuple(g.experts)))
+    got = (prog.name, prog.G, prog.D)
+    if got != (want, len(g.experts), lp.D) or not set(g.tiers) <= set(prog.tiers):
+        raise BundleError(
+            f"{root}: {rel} holds program {prog.name} (G={prog.G}, D={prog.D}, tiers {list(prog.tiers)}) but the "
+            f"plan wants {want} (G={len(g.experts)}, D={lp.D}, tiers {list(g.tiers)}); {hint}"
+        )
