@@ -28,7 +28,7 @@ from npumoe_mlx.reference import StaticTierReference, contiguous_groups
 
 MODE = os.environ.get("NPUMOE_PEER_MODE", "onnx")
 TIERS = (4, 16, 64)
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, source="peer: offload everything")
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="peer: offload everything")
 COUNTS = {"models": 0, "blocks": 0, "shared": 0, "skipped_blocks": 0, "notices": 0, "faults": []}
 EXECUTORS = []
 OUTCOMES = {}
