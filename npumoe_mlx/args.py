@@ -2,6 +2,9 @@
 
 import json
 
+from .cost import CostModel
+from .plan import PlanLimits
+
 
 def at_least(flag: str, value, low: int, what: str = "") -> None:
     """ValueError unless ``value`` is None or an integer >= ``low``."""
@@ -12,8 +15,6 @@ def at_least(flag: str, value, low: int, what: str = "") -> None:
 
 def load_cost(path: str):
     """A CostModel from ``path``, or a ValueError that names the file and what is wrong with it."""
-    from .cost import CostModel
-
     try:
         cost = CostModel.load(path)
     except OSError as e:
@@ -29,8 +30,6 @@ def load_cost(path: str):
 
 def limits_from_flags(backend: str, max_tiers=None, max_group=None, max_programs=None, max_capacity=None):
     """PlanLimits for ``backend`` with the build flags applied, each checked."""
-    from .plan import PlanLimits
-
     at_least("--max-tiers", max_tiers, 1, "tiers per group")
     at_least("--max-group", max_group, 1, "experts per program")
     at_least("--max-programs", max_programs, 1, "resident programs")

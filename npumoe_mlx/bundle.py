@@ -24,6 +24,7 @@ from typing import Dict, Optional
 
 from ._version import __version__
 from .cost import CostModel
+from .fingerprint import model_fingerprint
 from .plan import Plan
 
 BUNDLE_FORMAT = 2  # 2: quantized programs without zero points (fast kernel), one session per program
@@ -66,8 +67,6 @@ def cache_root() -> Path:
 
 def cached_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
     """``$NPUMOE_CACHE/bundles/<fingerprint>-<backend>``: where hub models' bundles live."""
-    from .fingerprint import model_fingerprint
-
     fp = fingerprint or model_fingerprint(model_path)
     return cache_root() / "bundles" / f"{fp[:16]}-{backend}"
 
@@ -251,8 +250,6 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
             f"{BUNDLE_FORMAT}, the one npumoe {__version__} reads; {_hint(backend)}"
         )
     if model_path is not None or fingerprint is not None:
-        from .fingerprint import model_fingerprint
-
         if man.get("model_fingerprint") != (fingerprint or model_fingerprint(model_path)):
             raise BundleError(
                 f"{root}: built for other weights (model fingerprint differs: the model changed "

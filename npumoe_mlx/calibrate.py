@@ -18,9 +18,13 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm import utils as mlx_utils
+from mlx_lm.models.cache import make_prompt_cache
 
 from . import experts
 from .atomic import write_json
+from .checks import resolve_model
+from .fingerprint import model_fingerprint
 from .progress import progress_bar
 from .replay import save_routes
 from .workloads import corpus_documents
@@ -279,8 +283,6 @@ def calibrate(
     ``routes``, a dict, receives layer -> (T, k) expert ids of every token (a routing
     trace for ``npumoe replay``).
     """
-    from mlx_lm.models.cache import make_prompt_cache
-
     if chunk_size < 1:
         raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
     if block_size < 1:
@@ -338,8 +340,6 @@ def calibrate(
             routes[blk.layer] = np.concatenate(r.routes)
     fingerprint = None
     if model_path is not None and Path(model_path).is_dir():
-        from .fingerprint import model_fingerprint
-
         fingerprint = model_fingerprint(model_path)
     return Profile(
         model_fingerprint=fingerprint,
@@ -369,8 +369,6 @@ def format_table(profile: Profile) -> str:
 
 
 def _resolve_model_path(model: str) -> Path:
-    from .checks import resolve_model
-
     return resolve_model(model)
 
 
@@ -409,7 +407,6 @@ def main(argv=None) -> int:
         os.path.join(args.model, "npumoe-profile.json") if os.path.isdir(args.model) else "npumoe-profile.json"
     )
 
-    from mlx_lm import utils as mlx_utils
 
     model_path = _resolve_model_path(args.model)
     model, tokenizer, config = mlx_utils.load(

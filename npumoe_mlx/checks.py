@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import mlx_lm
+from mlx_lm import utils as mlx_utils
+
 WEIGHTS_GLOB = "model*.safetensors"  # what mlx_lm.load reads, and nothing else
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own limit
@@ -33,8 +36,6 @@ def _offline() -> bool:
 
 def resolve_model(path_or_hf_repo, revision: Optional[str] = None, need_tokenizer: bool = True) -> Path:
     """The checked local folder of a model: a folder as is, a repo id through the hub (cache)."""
-    from mlx_lm import utils as mlx_utils
-
     name = os.fspath(path_or_hf_repo) if isinstance(path_or_hf_repo, os.PathLike) else str(path_or_hf_repo)
     p = Path(name)
     if p.exists():
@@ -147,9 +148,6 @@ def _check_model_type(cfg_path: Path, config: dict) -> None:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ModelError(f"{cfg_path}: no model_type; restore or re-download config.json")
-    import mlx_lm
-    from mlx_lm import utils as mlx_utils
-
     try:
         mlx_utils._get_classes(config)
     except ValueError:

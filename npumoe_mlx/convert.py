@@ -18,25 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_utils
-from mlx_lm.convert import configure_parser as mlx_convert_parser
-from mlx_lm.convert import convert as mlx_convert
+from mlx_lm.convert import configure_parser as mlx_convert_parser, convert as mlx_convert
+from safetensors import safe_open
 
-from . import bundle as bundles
-from . import owned
+from . import bundle as bundles, owned
+from .args import at_least
 from .atomic import clean_stale, honour_umask, write_json
 from .build import build as build_bundle
 from .checks import resolve_model
+from .fingerprint import model_fingerprint
 from .lock import build_lock
+from .offload import resolve
 
 CONVERSION_FLAGS = ("quantize", "dequantize", "dtype", "q_bits", "q_group_size", "quant_predicate")
 
 
 def is_mlx_layout(model_path: Path) -> bool:
     """True if the saved tensor names are already the MLX model's parameter names."""
-    from mlx.utils import tree_flatten
-    from safetensors import safe_open
-
     config = json.loads((model_path / "config.json").read_text())
     if "quantization" in config:
         return True  # only MLX writes its quantization block
@@ -171,11 +171,6 @@ def convert(
 ) -> Converted:
     """``source`` -> MLX weights (if needed, via ``mlx_lm.convert(**mlx_convert_kwargs)``)
     + an up-to-date offload bundle. Returns ``Converted(model, bundle, backend, converted)``."""
-    from .fingerprint import model_fingerprint
-    from .offload import resolve
-
-    from .args import at_least
-
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     backend = backend or resolve("auto")

@@ -19,6 +19,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from .atomic import write_json
+from .chips import chip_profile
 
 
 def flops_per_row(D: int, H: int) -> float:
@@ -144,8 +145,6 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
     GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
     per FLOP, and power x its fixed time per call. Host copies keep the coreml default.
     """
-    from .chips import chip_profile
-
     if backend != "coreml":
         raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend coreml, not {backend!r}")
     c = chip_profile(name)

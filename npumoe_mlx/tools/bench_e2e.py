@@ -19,20 +19,25 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+from mlx_lm.utils import load_tokenizer
 
+from .. import bundle as bundles
 from ..atomic import write_json
 from ..build import build as build_bundle
+from ..bundle import default_bundle_dir
+from ..executor import LayerStats, summarize
+from ..offload import resolve
+from ..replay import load_shape_presets
+from ..workloads import prompt_of_tokens
 from .compare import measure_side, token_agreement
 from .report import ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list
+from .tiny import FAMILIES, MARKER, make_tiny_model
 
 SKEW = 1.5  # a few hot experts, like trained routers
 
 
 def resolve_shape(shape: str):
     """(family, preset or None): a preset name from model-shapes.json, or a factory family name."""
-    from ..replay import load_shape_presets
-    from .tiny import FAMILIES
-
     presets = load_shape_presets()
     if shape in presets:
         return presets[shape]["mlx_family"], shape
@@ -48,9 +53,6 @@ def _model_args(family, preset, layers, q_bits, experts, seed) -> dict:
 
 def _reusable(model_dir: Path, args: dict, backend: str) -> bool:
     """A model (and bundle) from an earlier run with the same arguments can be reused."""
-    from ..bundle import default_bundle_dir
-    from .tiny import MARKER
-
     try:
         info = json.loads((model_dir / MARKER).read_text())
     except (OSError, ValueError):
@@ -64,8 +66,6 @@ def prepare(
     workdir: Path, log: Callable[[str], None] = print,
 ) -> Path:
     """Make (or reuse) the benchmark model in ``workdir/model`` and build its bundle."""
-    from .tiny import MARKER, make_tiny_model
-
     family, preset = resolve_shape(shape)
     args = _model_args(family, preset, layers, q_bits, experts, seed)
     model_dir = Path(workdir) / "model"
@@ -91,12 +91,6 @@ def bench_model(
     prefill_step: int = 512, seed: int = 0, repeats: int = 1, log: Callable[[str], None] = print,
 ) -> dict:
     """Measure offload vs stock on prompts of ``prompt_tokens`` tokens; rows + context."""
-    from mlx_lm.utils import load_tokenizer
-
-    from .. import bundle as bundles
-    from ..executor import summarize, LayerStats
-    from ..workloads import prompt_of_tokens
-
     model_dir = Path(model_dir)
     b = bundles.read(bundles.default_bundle_dir(model_dir, backend))
     lp0 = b.plan.layers[0]
@@ -163,8 +157,6 @@ def bench(
     log: Callable[[str], None] = print,
 ) -> dict:
     """make model -> build bundle -> measure; ``workdir`` keeps (and later reuses) the model and bundle."""
-    from ..offload import resolve
-
     want = resolve(backend)
     if want not in ("onnx", "coreml"):
         raise ValueError(f"--backend must be auto, onnx or coreml, got {backend!r}")

@@ -11,6 +11,8 @@ measured one.
 """
 
 import argparse
+import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -20,11 +22,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from ane_kernels.spec import ProgramSpec, dequantize
+
 from ..atomic import write_json
+from ..backends import load_backend
 from ..cost import flops_per_row
+from ..executor import OffloadExecutor
 from ..experts import stock_experts
+from ..plan import PlanLimits, plan_layer
+from ..programs import spec_from_switch_glu
 from ..replay import load_shape_presets
-from ..tune import median_s
+from ..tune import median_s, tune
 
 
 def popularity(E: int, skew: float, rng) -> np.ndarray:
@@ -49,12 +57,6 @@ def bench_shape(
     repeats: int = 3,
     log=print,
 ) -> List[dict]:
-    from ..backends import load_backend
-    from ..executor import OffloadExecutor
-    from ..plan import PlanLimits, plan_layer
-    from ..programs import spec_from_switch_glu
-    from ..tune import tune
-
     D, H, E, k = shape["hidden"], shape["expert_intermediate"], shape["experts"], shape["top_k"]
     quant = {"mode": "affine", "bits": q_bits, "group_size": 64} if q_bits else None
     rng = np.random.default_rng(0)
@@ -147,8 +149,6 @@ def _delta(st, before: dict) -> dict:
 
 def _gemm_s(be, m: SwitchGLU, D: int, N: int, reps: int) -> float:
     """Seconds of one dense FFN program (one expert, N rows, D and H of the layer)."""
-    from ..programs import spec_from_switch_glu
-
     C = max(8, -(-N // 8) * 8)
     prog = be.load(spec_from_switch_glu(m, layer=0, expert_ids=[0], tiers=[C]))
     x = np.random.default_rng(1).standard_normal((1, C, D)).astype(np.float32)
@@ -160,10 +160,6 @@ def one_row_call(be, m: SwitchGLU, D: int, H: int, repeats: int = 20) -> dict:
     """A 1-row call of a one-expert program (the layer's weight format) vs the same FFN
     as dense float32 MatMuls, both through the backend the same way: the program's fixed
     cost per call, which decides whether decode-sized calls can go to programs."""
-    from ane_kernels.spec import ProgramSpec, dequantize
-
-    from ..programs import spec_from_switch_glu
-
     spec = spec_from_switch_glu(m, layer=0, expert_ids=[0], tiers=[1])
     dense = ProgramSpec(layer=0, expert_ids=(0,), tiers=(1,), D=D, H=H, activation=spec.activation,
                         gate=dequantize(spec.gate), up=dequantize(spec.up), down=dequantize(spec.down))
@@ -254,7 +250,4 @@ def main(argv=None) -> int:
 
 
 def _machine() -> dict:
-    import os
-    import platform
-
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "mlx_device": str(mx.default_device())}

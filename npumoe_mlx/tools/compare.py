@@ -19,12 +19,25 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_tokenizer
 
+from .. import bundle as bundles
 from ..atomic import write_json
 from ..build import build as build_bundle
+from ..checks import resolve_model
+from ..executor import LayerStats, OffloadExecutor, offload_stats, summarize
+from ..experts import installed_blocks
+from ..loading import load
+from ..offload import resolve
+from ..plan import NEVER
+from ..workloads import prompt_of_tokens
+from .meters import Meters
 from .report import (
-    ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list,
-    write_text,
+    ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list, write_text,
 )
 
 DEFAULT_PROMPT_TOKENS = (1024, 4096)
@@ -60,24 +73,16 @@ def offload_device_label(backend: str, model=None) -> str:
 
 
 def _executors(model) -> List:
-    from ..executor import OffloadExecutor
-    from ..experts import installed_blocks
-
     return [m.executor for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
 
 
 def _reset_stats(model) -> None:
-    from ..executor import LayerStats
-
     for ex in _executors(model):
         ex.stats = LayerStats(ex.plan.layer)
 
 
 def warm_up(model, tokenizer, ids: Sequence[int], prefill_step: int) -> float:
     """A 2-token generation of ``ids`` and one run of every program tier; returns seconds."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
     t0 = time.perf_counter()
     for ex in _executors(model):
         for prog, g in zip(ex.programs, ex.plan.groups):
@@ -92,11 +97,6 @@ def warm_up(model, tokenizer, ids: Sequence[int], prefill_step: int) -> float:
 
 def measure_run(model, tokenizer, ids: Sequence[int], max_tokens: int, prefill_step: int, meters) -> dict:
     """One greedy generation of ``ids`` under ``meters``: the metrics of one prompt on one side."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    from ..executor import offload_stats, summarize
-
     _reset_stats(model)
     tokens, ttft, last = [], None, None
     gc.collect()
@@ -134,8 +134,6 @@ def measure_run(model, tokenizer, ids: Sequence[int], max_tokens: int, prefill_s
 
 def prompt_logits(model, ids: Sequence[int], prefill_step: int, keep: int) -> np.ndarray:
     """Logits (positions, vocab) of the last ``keep`` prompt positions, run in prefill chunks."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     cache = make_prompt_cache(model)
     x = mx.array(list(ids))[None]  # (1, T)
     T, rows = x.shape[1], []
@@ -167,9 +165,6 @@ def measure_side(
     Returns {"offload", "device", "warmup_s", "runs": [measure_run dicts], "logits",
     "energy_note", "mem_note"}; the model is released before returning.
     """
-    from ..loading import load
-    from .meters import Meters
-
     side = "stock" if offload == "off" else "offload"
     t0 = time.perf_counter()
     model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True, verify=verify)
@@ -241,10 +236,6 @@ def aggregate(runs: List[dict]) -> dict:
 
 def placement(bundle_dir: Path, runs: List[dict]) -> List[dict]:
     """Per MoE layer: the plan (groups, cold experts, min_tokens) and what ran (summed over prompts)."""
-    from .. import bundle as bundles
-    from ..executor import LayerStats, summarize
-    from ..plan import NEVER
-
     plan = bundles.read(bundle_dir).plan
     totals: Dict[int, LayerStats] = {}
     for r in runs:
@@ -276,11 +267,6 @@ def placement(bundle_dir: Path, runs: List[dict]) -> List[dict]:
 
 
 def _prompts(model_path: str, prompt_tokens, prompts, seed: int) -> List[Tuple[str, List[int]]]:
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from mlx_lm.utils import load_tokenizer
-
-    from ..workloads import prompt_of_tokens
-
     tok = load_tokenizer(Path(model_path))
     if prompts:
         out = []
@@ -299,8 +285,6 @@ def _prompts(model_path: str, prompt_tokens, prompts, seed: int) -> List[Tuple[s
 def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[str], build: bool,
                   prefill_step: int, log) -> Path:
     """The bundle folder to use; built when missing and ``build``, else a one-line error."""
-    from .. import bundle as bundles
-
     path = bundles.locate_bundle(local, backend, bundle)  # the one generate/load use
     if (path / "manifest.json").exists():
         return path
@@ -337,8 +321,6 @@ def compare(
     Returns the compare.json dict. ``prompts`` (texts) replaces ``prompt_tokens``
     (synthetic long-context prompts of exactly that many tokens).
     """
-    from ..offload import resolve
-
     if backend not in ("auto", "onnx", "coreml"):
         raise CompareError(f"--backend must be auto, onnx or coreml, got {backend!r}")
     if max_tokens < 2:
@@ -346,8 +328,6 @@ def compare(
     if prefill_step < 1 or repeats < 1:
         raise CompareError("--prefill-step and --repeats must be >= 1")
     want = resolve(backend, check_runs=True)
-    from ..checks import resolve_model
-
     local = resolve_model(model_path)
     bundle_dir = ensure_bundle(model_path, local, want, bundle, build, prefill_step, log)
     ids = _prompts(str(local), prompt_tokens, prompts, seed)

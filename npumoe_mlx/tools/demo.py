@@ -11,9 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from .. import owned
+from .. import load, owned, stream_generate
 from ..atomic import write_json
 from ..build import build as build_bundle
+from ..executor import format_stats, offload_stats, summarize
+from ..offload import resolve
+from ..workloads import prompt_of_tokens
+from .compare import compare
+from .tiny import TINY_FILES, make_tiny_model
 
 # Small but not toy: expert matmuls big enough that where they run matters.
 DEMO_DIMS = {"hidden": 256, "moe_inter": 512, "experts": 32, "top_k": 4, "heads": 4, "kv_heads": 2, "head_dim": 64}
@@ -25,8 +30,6 @@ MARKER = "npumoe_demo.json"
 
 def _claim(out: Path, backend: str, force: bool) -> None:
     """Check ``out`` is ours to write (see owned.py), then list what the demo writes there."""
-    from .tiny import TINY_FILES
-
     owned.check(out, MARKER, "demo", force)
     files = [MARKER, "compare", f"model/npumoe-{backend}"] + [f"model/{f}" for f in TINY_FILES]
     write_json(out / MARKER, {"tool": "npumoe demo", "files": files})
@@ -34,13 +37,6 @@ def _claim(out: Path, backend: str, force: bool) -> None:
 
 def run(out: str = "npumoe-demo", small: bool = False, prompt_tokens: int = 512, max_tokens: int = 16,
         layers: int = 4, log=print, force: bool = False) -> dict:
-    from .. import load, stream_generate
-    from .compare import compare
-    from ..executor import format_stats, offload_stats, summarize
-    from ..offload import resolve
-    from .tiny import make_tiny_model
-    from ..workloads import prompt_of_tokens
-
     t0 = time.perf_counter()
     out = Path(out)
     backend = resolve("auto")

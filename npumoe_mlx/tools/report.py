@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Tuple
 
 import mlx.core as mx
+import mlx_lm
 
 from ..atomic import honour_umask
 
@@ -22,8 +23,6 @@ def mlx_device_label() -> str:
 
 
 def machine_info() -> dict:
-    import mlx_lm
-
     cpu = platform.processor()
     try:  # Linux: the CPU model name
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))

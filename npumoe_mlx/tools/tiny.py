@@ -62,6 +62,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .. import owned
 from ..atomic import honour_umask
@@ -143,8 +146,6 @@ def build_tokenizer_files(out: Path) -> int:
     Returns the tokenizer size. Deterministic: the same text and trainer settings
     give the same merges.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -668,8 +669,6 @@ def tiny_config(
 
 def _moe_blocks(model: nn.Module) -> List[tuple]:
     """(switch module path, router weight key) for every MoE block, in layer order."""
-    from mlx_lm.models.switch_layers import SwitchGLU
-
     params = dict(tree_flatten(model.parameters()))
     blocks = []
     for path, mod in model.named_modules():
@@ -830,8 +829,6 @@ def build_model(
 
     Reseeds ``mx.random`` (mlx's default inits draw from it).
     """
-    from mlx_lm.utils import _get_classes
-
     config = tiny_config(family, shape=shape, num_layers=num_layers, num_experts=num_experts, dims=dims)
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
@@ -1009,8 +1006,6 @@ def make_tiny_model(
     that also holds other files (notes, a built bundle) is refused, or with
     ``force`` gets only the factory's own files replaced (see owned.py).
     """
-    from mlx_lm.utils import quantize_model, save_config, save_model
-
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     if q_bits not in (None, 4, 8):
