@@ -22,7 +22,7 @@ from ._version import __version__
 from .args import at_least, limits_from_flags, load_cost
 from .atomic import clean_stale, folder, honour_umask, write_json
 from .backends import load_backend
-from .calibrate import calibrate
+from .calibrate import Profile, calibrate, with_workload
 from .checks import explain_load_errors, resolve_model
 from .cost import CostModel, chip_cost, default_cost
 from .cost import describe as describe_cost
@@ -103,6 +103,7 @@ def build(
     fingerprint: Optional[str] = None,
     memory_budget: Optional[int] = -1,
     lock_held: bool = False,
+    workload: Optional[Profile] = None,
 ) -> Path:
     """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
 
@@ -112,7 +113,8 @@ def build(
     ``memory_budget``: bytes the plan may keep resident (MLX + programs); -1 = 80% of
     this machine's RAM, None = no check. The build takes ``out``'s build lock (one build of a
     bundle at a time) unless ``lock_held``: sharded.py takes it before the collective
-    calibration, so every rank learns together whether it may build.
+    calibration, so every rank learns together whether it may build. ``workload``: per-call
+    loads saved by ``npumoe generate --stats FILE``; its layers replace the calibration's.
     """
     if backend not in ("onnx", "coreml"):
         raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
@@ -143,6 +145,9 @@ def build(
             model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
             model_path=None, description=desc, progress=progress,
         )
+        if workload is not None:
+            log(f"      re-sizing layers {[l.layer for l in workload.layers]} for the saved workload ({workload.corpus})")
+            profile = with_workload(profile, workload)
         profile.model_fingerprint = fingerprint
         b0 = next(iter(blocks.values()))
         if cost is None and chip:
@@ -250,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-capacity", type=int, help="Largest token capacity of a tier (at least the smallest tier: 8 for onnx, 32 for coreml).")
     p.add_argument("--memory-budget", type=float, metavar="GB",
                    help="Resident bytes the plan may use, MLX + programs (default: 80%% of this machine's RAM; 0 = no check).")
+    p.add_argument("--from-stats", metavar="FILE",
+                   help="Size the ladders for the per-call loads `npumoe generate --stats FILE` saved (rebuilds).")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
     if args.memory_budget is not None and args.memory_budget < 0:
@@ -259,9 +266,10 @@ def main(argv=None) -> int:
     limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
     if args.cost:
         load_cost(args.cost)  # a bad file fails before the model loads
+    workload = Profile.load(args.from_stats) if args.from_stats else None  # a bad file fails first
     local = resolve_model(args.model)
     out = bundles.build_target(local, args.backend, args.out)
-    if (out / "manifest.json").exists() and not args.force:
+    if (out / "manifest.json").exists() and not args.force and workload is None:
         try:
             bundles.read(out, local, args.model)
             print(f"bundle {out} is up to date; nothing to do (--force rebuilds)")
@@ -276,5 +284,6 @@ def main(argv=None) -> int:
         objective=args.objective, chip=args.chip,
         limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
         memory_budget=-1 if args.memory_budget is None else (int(args.memory_budget * 1e9) or None),
+        workload=workload,
     )
     return 0

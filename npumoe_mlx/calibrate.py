@@ -124,6 +124,20 @@ class Profile:
         return cls.from_json(obj, str(path))
 
 
+def with_workload(base: Profile, seen: Profile) -> Profile:
+    """``base`` (a calibration) with each layer ``seen`` recorded (``generate --stats FILE``: the
+    per-call loads of the user's own workload) in place of its own, so a build sizes ladders
+    for the calls that really happen; layers the workload never offloaded keep ``base``'s."""
+    mine = {l.layer: l for l in base.layers}
+    for l in seen.layers:
+        if l.layer not in mine or mine[l.layer].num_experts != l.num_experts:
+            raise ValueError(f"the stats file's layer {l.layer} (E={l.num_experts}) is not an MoE layer of this "
+                             f"model; save stats with `npumoe generate --stats FILE` on this model")
+    by_layer = {l.layer: l for l in seen.layers}
+    return Profile(base.model_fingerprint, base.model_type, f"{base.corpus} + {seen.corpus}", base.tokens,
+                   max(base.chunk_size, seen.chunk_size), [by_layer.get(l.layer, l) for l in base.layers])
+
+
 def _is_counts(v, n: int) -> bool:
     return (
         isinstance(v, list)

@@ -117,7 +117,8 @@ class OffloadExecutor:
             self._noticed = True
             self.notice(f"layer {self.plan.layer}: {100 * st.overflow / st.synced_pairs:.0f}% of routed pairs overflow "
                       f"their group's top tier (the plan expects ~0); save this workload with `npumoe generate "
-                      f"--stats FILE` and re-plan with `npumoe plan --from-stats FILE`")
+                      f"--stats FILE`, see the new plan with `npumoe plan --from-stats FILE` and rebuild with "
+                      f"`npumoe build --model M --from-stats FILE`")
 
     # --- the call ---------------------------------------------------------
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:

@@ -62,7 +62,7 @@ def add_offload_args(parser, stats: bool = True):
         default=None,
         metavar="FILE",
         help="Print offload statistics (program calls, padding, spill, time) after generating; with FILE, "
-        "also save the per-call expert loads there (re-plan with `npumoe plan --from-stats FILE`).",
+        "also save the per-call expert loads there (re-size the bundle with `npumoe build --model M --from-stats FILE`).",
     )
     return parser
 

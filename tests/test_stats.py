@@ -54,3 +54,35 @@ def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
 
     assert plans.main(["--model", str(path), "--from-stats", str(f), "--backend", "onnx"]) == 0
     assert "tiers" in capsys.readouterr().out
+
+
+def test_build_from_stats_resizes_the_bundle(tmp_path, capsys):
+    """`npumoe build --from-stats FILE`: the saved per-call loads replace the calibration's for the
+    layers they cover, and the rebuilt bundle no longer overflows on that workload."""
+    from npumoe_mlx import cli
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
+    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
+    tight.capacities = [16]
+    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
+                       cost=EAGER, limits=tight, log=lambda m: None)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    ids = mx.array(prompt_of_tokens(tok, 300, seed=3))[None]
+    mx.eval(model(ids))
+    assert summarize(offload_stats(model))["overflow_pct"] > 5
+    f = tmp_path / "stats.json"
+    stats_profile(model, "qwen3_moe").save(f)
+    cost = tmp_path / "eager.json"
+    EAGER.save(str(cost))
+    rc = cli.main(["build", "--model", str(path), "--out", str(out), "--cost", str(cost), "--corpus", "qa",
+                   "--tokens", "256", "--chunk-size", "128", "--from-stats", str(f)])
+    assert rc == 0, capsys.readouterr().err
+    assert "re-sizing layers [0, 1] for the saved workload" in capsys.readouterr().out
+    saved = Profile.load(out / "profile.json")  # the plan was made from the workload's calls
+    assert [[c["tokens"] for c in l.chunks] for l in saved.layers] == [[300], [300]]
+    again, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    mx.eval(again(ids))
+    s = summarize(offload_stats(again))
+    assert s["offloaded_calls"] > 0 and s["overflow_pct"] == 0
+    rc = cli.main(["build", "--model", str(path), "--out", str(out), "--from-stats", str(tmp_path / "nope.json")])
+    assert rc == 1 and "nope.json" in capsys.readouterr().err
