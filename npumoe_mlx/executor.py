@@ -93,7 +93,9 @@ class OffloadExecutor:
         self.overflow, self.router, self.warn = overflow, router, warn or _warn
         self.stats = LayerStats(plan.layer)
         self.loads: List[tuple] = []  # (tokens, k, counts (E,)) of synced calls, for `--stats FILE`
-        self._tops = [(ids, t[-1]) for ids, t in zip((np.asarray(g.experts) for g in plan.groups), (g.tiers for g in plan.groups))]
+        self._top = np.full(plan.num_experts, np.iinfo(np.int64).max)  # (E,) each resident expert's top tier
+        for g in plan.groups:
+            self._top[g.experts] = g.tiers[-1]
         self._noticed = False
         self.notice = _warn  # advice (not a fault): the re-plan notice
         self.disabled = not plan.groups
@@ -112,7 +114,7 @@ class OffloadExecutor:
         self.loads.append((n_tokens, k, counts))
         del self.loads[:-MAX_LOADS]
         st.synced_pairs += int(counts.sum())
-        st.overflow += sum(int(np.maximum(counts[ids] - top, 0).sum()) for ids, top in self._tops)
+        st.overflow += int(np.maximum(counts - self._top, 0).sum())  # one vector op, not one per group
         if not self._noticed and st.synced_pairs >= 64 * k and st.overflow > OVERFLOW_NOTICE * st.synced_pairs:
             self._noticed = True
             self.notice(f"layer {self.plan.layer}: {100 * st.overflow / st.synced_pairs:.0f}% of routed pairs overflow "
