@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -22,13 +23,14 @@ from ._version import __version__
 from .args import at_least, limits_from_flags, load_cost
 from .atomic import clean_stale, folder, honour_umask, write_json
 from .backends import load_backend
-from .calibrate import Profile, calibrate, with_workload
+from .calibrate import calibrate
 from .checks import explain_load_errors, resolve_model
 from .cost import CostModel, chip_cost, default_cost
 from .cost import describe as describe_cost
 from .fingerprint import model_fingerprint
 from .lock import build_lock
 from .plan import PlanLimits, format_plan, make_plan
+from .profiles import Profile, with_workload
 from .programs import spec_from_dense_mlp, spec_from_switch_glu
 from .progress import progress_bar
 from .residency import check_budget, default_memory_budget, describe, plan_resident
@@ -164,12 +166,9 @@ def build(
                 "checked here with the numpy MIL interpreter)")
         limits = limits or PlanLimits.for_backend(backend)
         mods = dict(model.named_modules())
-        shapes = {
-            l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant,
-                "shared": [{"path": s.path, "hidden": s.hidden} for s in b.shared if offloadable_shared(mods.get(s.path), s)]}
-            for l, b in blocks.items()
-        }
-        plan = make_plan(profile.to_json(), shapes, cost, limits, objective=objective)
+        plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(mods.get(s.path), s)])
+                     for l, b in blocks.items()}  # shared experts only where a program computes them
+        plan = make_plan(profile, plannable, cost, limits, objective=objective)
         log(f"[3/4] {format_plan(plan)}")
         resident = plan_resident(plan, model, blocks)
         log(f"      {describe(resident)}")

@@ -13,13 +13,15 @@ Deterministic: the same inputs give the same plan.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .atomic import write_json
 from .cost import CostModel, flops_per_row
+from .experts import ExpertBlock
+from .profiles import LayerCounts, Profile
 from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds
 
 PLAN_FORMAT = 1
@@ -142,7 +144,7 @@ class Plan:
         return sum(len(lp.groups) + len(lp.shared) for lp in self.layers)
 
 
-def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws: int = 16):
+def call_loads(layer_profile: LayerCounts, sizes: Optional[Sequence[int]] = None, draws: int = 16):
     """(S, E) per-expert loads of plausible prefill calls, and (S,) the calls' sizes.
 
     A profile that records per-block counts with their sequence (``"seq"``, as
@@ -153,7 +155,7 @@ def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws
     over its pairs with its own expert shares, so ladders see how loads scatter.
     Seeded: the same profile gives the same samples.
     """
-    chunks = [ch for ch in layer_profile["chunks"] if ch["tokens"] > 0]
+    chunks = [ch for ch in layer_profile.chunks if ch["tokens"] > 0]
     if sizes and chunks and all("seq" in ch for ch in chunks):
         rows, call = _block_calls(chunks, sizes)
         if len(rows) >= 64:
@@ -161,7 +163,7 @@ def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws
         if rows:
             chunks = [{"tokens": t, "counts": r} for r, t in zip(rows, call)]
     rng = np.random.default_rng(0)
-    k = max(layer_profile.get("top_k") or 1, 1)
+    k = max(layer_profile.top_k or 1, 1)
     rows, call = [], []
     for ch in chunks:
         c = np.asarray(ch["counts"], float)
@@ -170,18 +172,18 @@ def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws
         rows.append(rng.multinomial(int(c.sum()), c / c.sum(), size=draws).astype(float))
         call += [ch["tokens"]] * draws
     if not rows:  # a profile without per-call records: one call of the whole corpus
-        c = np.asarray(layer_profile["counts"], float)
+        c = np.asarray(layer_profile.counts, float)
         return c[None], np.asarray([max(c.sum() / k, 1.0)])
     return np.concatenate(rows), np.asarray(call, float)
 
 
-def prefill_call_sizes(layer_profile: dict, step: int) -> List[int]:
+def prefill_call_sizes(layer_profile: LayerCounts, step: int) -> List[int]:
     """The call sizes a prefill in ``step``-token chunks makes on the calibrated documents:
     the step, and each document's remainder (in whole blocks; smaller ones are too few
     tokens to size for)."""
     per_seq: Dict[int, int] = {}
     block = 0
-    for ch in layer_profile["chunks"]:
+    for ch in layer_profile.chunks:
         per_seq[ch["seq"]] = per_seq.get(ch["seq"], 0) + ch["tokens"]
         block = max(block, ch["tokens"])
     sizes = {int(step)}
@@ -274,7 +276,7 @@ def _spread(peaks: np.ndarray, top: int) -> np.ndarray:
 
 
 def plan_layer(
-    lp_profile: dict,
+    lp_profile: LayerCounts,
     D: int,
     H: int,
     cost: CostModel,
@@ -294,9 +296,9 @@ def plan_layer(
     whose calls finish soonest (sync + max of the two sides), or with
     ``objective="energy"`` spend the least energy within 1.2x of that.
     """
-    E = lp_profile["num_experts"]
-    k = lp_profile.get("top_k") or 1
-    counts = np.asarray(lp_profile["counts"], float)
+    E = lp_profile.num_experts
+    k = lp_profile.top_k or 1
+    counts = np.asarray(lp_profile.counts, float)
     rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
     samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
     ranked = samples[:, rank]
@@ -383,7 +385,7 @@ def plan_layer(
             groups.append(GroupPlan(sorted(rank[i:j]), tiers))
     resident = {e for g in groups for e in g.experts}
     cold = [e for e in range(E) if e not in resident]
-    lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold),
+    lp = LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, groups, sorted(cold),
                    objective=objective, energy_bound=energy_bound)
     lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)
     lp.min_tokens = _min_tokens(lp, cost, counts)
@@ -405,10 +407,10 @@ def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:
     return NEVER
 
 
-def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, limits: PlanLimits) -> Optional[SharedPlan]:
+def plan_shared(lp_profile: LayerCounts, path: str, D: int, H: int, cost: CostModel, limits: PlanLimits) -> Optional[SharedPlan]:
     """A shared expert sees every token of a call: its ladder covers the calibrated call
     sizes, and it is offloaded from the smallest call size where a program beats MLX."""
-    sizes = np.asarray([ch["tokens"] for ch in lp_profile["chunks"] if ch["tokens"] > 0], float)
+    sizes = np.asarray([ch["tokens"] for ch in lp_profile.chunks if ch["tokens"] > 0], float)
     if sizes.size == 0:
         return None
     tiers = choose_ladder(sizes, limits.capacities, limits.max_tiers, 1.0 / sizes)
@@ -422,28 +424,29 @@ def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, li
 
 
 def make_plan(
-    profile: dict,
-    blocks: Dict[int, dict],
+    profile: Profile,
+    blocks: Dict[int, ExpertBlock],
     cost: CostModel,
     limits: PlanLimits,
     call_sizes: Optional[Sequence[int]] = None,
     objective: str = "time",
     energy_bound: str = "time",
 ) -> Plan:
-    """profile: calibration profile dict; blocks: layer -> {"D", "H", "path", "quant",
-    "shared": [{"path", "hidden"}] (shared experts that compute a plain SwiGLU MLP)};
+    """A plan for every layer of ``profile``; ``blocks``: layer -> the model's expert block
+    (D = ``dims``, H = ``hidden``, ``path``, ``quant``; each of its ``shared`` experts is
+    offloaded where a program pays, so pass only those that compute a plain SwiGLU MLP);
     call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls)."""
     layers = []
-    for lp in sorted(profile["layers"], key=lambda x: x["layer"]):
+    for lp in sorted(profile.layers, key=lambda x: x.layer):
         sizes = call_sizes
-        if sizes is None and profile.get("chunk_size") and lp["chunks"] and all("seq" in ch for ch in lp["chunks"]):
-            sizes = prefill_call_sizes(lp, profile["chunk_size"])
-        b = blocks.get(lp["layer"])
+        if sizes is None and profile.chunk_size and lp.chunks and all("seq" in ch for ch in lp.chunks):
+            sizes = prefill_call_sizes(lp, profile.chunk_size)
+        b = blocks.get(lp.layer)
         if b is None:
-            raise ValueError(f"profile names layer {lp['layer']} that the model has no expert block for")
-        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""), sizes, objective, energy_bound)
-        for s in b.get("shared", []):
-            sp = plan_shared(lp, s["path"], b["D"], s["hidden"], cost, limits)
+            raise ValueError(f"profile names layer {lp.layer} that the model has no expert block for")
+        plan = plan_layer(lp, b.dims, b.hidden, cost, limits, b.quant, b.path, sizes, objective, energy_bound)
+        for s in b.shared:
+            sp = plan_shared(lp, s.path, b.dims, s.hidden, cost, limits)
             if sp is not None:
                 plan.shared.append(sp)
         layers.append(plan)
@@ -497,7 +500,7 @@ def main(argv=None) -> int:
     from mlx_lm import utils as mlx_utils
 
     from . import experts
-    from .calibrate import Profile, calibrate
+    from .calibrate import calibrate
     from .cost import default_cost
     from .workloads import corpus_documents
 
@@ -552,8 +555,8 @@ def main(argv=None) -> int:
         cost = chip_cost(args.chip, args.backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
     else:
         cost = load_cost(args.cost) if args.cost else default_cost(args.backend)
-    shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
-    plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
+    routed = {l: replace(b, shared=[]) for l, b in blocks.items()}  # routed experts only (build also plans shared ones)
+    plan = make_plan(profile, routed, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
     print(format_plan(plan, verbose=True))
     if args.json:
         plan.save(args.json)

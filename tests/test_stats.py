@@ -13,7 +13,7 @@ from npumoe_mlx import plan as plans
 from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, offload_stats, stats_profile, summarize
-from npumoe_mlx.experts import installed_blocks
+from npumoe_mlx.experts import find_expert_blocks, installed_blocks
 from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
@@ -46,8 +46,8 @@ def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
     assert all([c["tokens"] for c in l.chunks] == [300, 300] for l in prof.layers)
 
     # re-planned for this workload: the new top tiers hold the calls that overflowed
-    blocks = {e.plan.layer: {"D": e.plan.D, "H": e.plan.H} for e in execs}
-    plan = plans.make_plan(prof.to_json(), blocks, EAGER, plans.PlanLimits.for_backend("onnx"))
+    blocks = {b.layer: b for b in find_expert_blocks(model)}
+    plan = plans.make_plan(prof, blocks, EAGER, plans.PlanLimits.for_backend("onnx"))
     for lp, ex in zip(plan.layers, execs):
         for n, k, counts in ex.loads:
             assert sum(int(np.maximum(counts[g.experts] - g.tiers[-1], 0).sum()) for g in lp.groups) == 0

@@ -1,10 +1,14 @@
 """Tier rule, per-call decisions and planner decisions: each test fails if its decision is wrong."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from npumoe_mlx.cost import CostModel, chip_cost, default_cost, flops_per_row
+from npumoe_mlx.experts import ExpertBlock
 from npumoe_mlx.plan import NEVER, GroupPlan, LayerPlan, PlanLimits, make_plan, plan_layer
+from npumoe_mlx.profiles import LayerCounts, Profile
 from npumoe_mlx.tiers import choose_ladder, decide_call, ladder_cover, ladder_rounds, plan_slots, tier_for
 
 D, H = 64, 32
@@ -148,7 +152,12 @@ def _profile(E=8, k=2, calls=40, n=128, seed=0, skew=1.0):
             c[rng.choice(E, k, replace=False, p=p / p.sum())] += 1
         chunks.append({"tokens": n, "counts": c.tolist(), "seq": i})
     total = np.sum([c["counts"] for c in chunks], axis=0)
-    return {"layer": 0, "path": "p", "num_experts": E, "top_k": k, "counts": total.tolist(), "chunks": chunks}
+    return LayerCounts(0, "p", E, k, total.tolist(), chunks)
+
+
+def _block(layer, D, H, E=8, k=2):
+    """An expert block's description: the shapes the planner reads."""
+    return ExpertBlock(layer, f"p{layer}", "SwitchGLU", E, k, D, H, "swiglu", False, None, "float32")
 
 
 def test_concurrent_partition_uses_a_slower_unit():
@@ -157,9 +166,9 @@ def test_concurrent_partition_uses_a_slower_unit():
     cost = _cost(program_flops=F / 2, dispatch_s=0.01, mlx_fixed_s=0.01)
     lp = plan_layer(_profile(), D, H, cost, PlanLimits.for_backend("onnx", max_group=1), call_sizes=[128])
     assert lp.groups and lp.cold, (lp.groups, lp.cold)
-    share = sum(np.asarray(_profile()["counts"])[g.experts].sum() for g in lp.groups) / sum(_profile()["counts"])
+    share = sum(np.asarray(_profile().counts)[g.experts].sum() for g in lp.groups) / sum(_profile().counts)
     assert 0.15 < share < 0.5, share
-    counts = np.asarray(_profile(seed=1)["chunks"][0]["counts"])
+    counts = np.asarray(_profile(seed=1).chunks[0]["counts"])
     p = lp.predicted(cost, 128, counts)
     assert p["offload_s"] < 0.85 * p["mlx_s"]
 
@@ -175,7 +184,7 @@ def test_energy_plan_puts_more_on_the_frugal_unit_within_its_time_bound():
     res = {}
     for obj, bound in (("time", "time"), ("energy", "time"), ("energy", "gpu")):
         lp = plan_layer(prof, D, H, cost, lim, call_sizes=[128], objective=obj, energy_bound=bound)
-        ds = [lp.decide(cost, np.asarray(c["counts"])) for c in _profile(E=16, calls=20, seed=5)["chunks"]]
+        ds = [lp.decide(cost, np.asarray(c["counts"])) for c in _profile(E=16, calls=20, seed=5).chunks]
         res[obj, bound] = (len(lp.cold), np.mean([d.offload_s if d.offload else d.mlx_only_s for d in ds]),
                            np.mean([d.offload_j if d.offload else d.mlx_only_j for d in ds]),
                            np.mean([d.mlx_only_s for d in ds]))
@@ -186,8 +195,8 @@ def test_energy_plan_puts_more_on_the_frugal_unit_within_its_time_bound():
 
 
 def test_program_budget_is_respected_hottest_first():
-    prof = {"layers": [dict(_profile(E=8), layer=l) for l in range(3)], "chunk_size": 128}
-    shapes = {l: {"D": D, "H": H} for l in range(3)}
+    prof = Profile(None, "", "", 0, 128, [replace(_profile(E=8), layer=l) for l in range(3)])
+    shapes = {l: _block(l, D, H) for l in range(3)}
     eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1)
     lim = PlanLimits.for_backend("onnx", max_group=1, max_programs=4)
     plan = make_plan(prof, shapes, eager, lim)
@@ -222,7 +231,7 @@ def test_decode_stays_on_mlx_even_when_programs_look_free():
     assert lp.groups and lp.min_tokens == 2
     assert plan_layer(_profile(), 512, 1024, _cost(program_flops=F * 1e6, first_offload_tokens=1),
                       PlanLimits.for_backend("onnx"), call_sizes=[128]).min_tokens == 1  # asked for: decode too
-    sp = plan_shared({"chunks": [{"tokens": 128}]}, "p", D, H, _cost(program_flops=F * 1e6, mlx_dense_flops=F),
+    sp = plan_shared(LayerCounts(0, "p", 8, 2, [0] * 8, [{"tokens": 128}]), "p", D, H, _cost(program_flops=F * 1e6, mlx_dense_flops=F),
                      PlanLimits.for_backend("onnx"))
     assert sp is not None and sp.min_tokens == 2
 
