@@ -185,7 +185,7 @@ def build(
                         Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}",
                         lambda lp=lp, g=g: spec_from_switch_glu(
                             blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers),
-                        {"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers},
+                        {"layer": lp.layer, "group": gi},  # experts and tiers: plan.json's, the one source
                         (mod, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x)),
                     ))
                 for si, sp in enumerate(lp.shared):
@@ -193,7 +193,7 @@ def build(
                     jobs.append((
                         Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}",
                         lambda lp=lp, sp=sp: spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers),
-                        {"layer": lp.layer, "group": f"s{si}", "experts": [-1], "tiers": sp.tiers},
+                        {"layer": lp.layer, "group": f"s{si}"},
                         (mlp, lambda x, m=mlp: verify.model_dense(m, x)),
                     ))
             programs = []
@@ -218,14 +218,13 @@ def build(
                 "backend": backend,
                 "model_fingerprint": fingerprint,
                 "model_type": config.get("model_type"),
-                "limits": plan.limits.__dict__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "meta": meta,
                 "programs": programs,
             })
         total = sum(f["bytes"] for p in programs for f in p["files"].values())
         offloaded = sum(1 for lp in plan.layers if lp.groups or lp.shared)
-        tiers = sum(len(p["tiers"]) for p in programs)
+        tiers = sum(len(g.tiers) for lp in plan.layers for g in [*lp.groups, *lp.shared])
         log(f"bundle written to {out}: {offloaded}/{len(plan.layers)} MoE layers offloaded, {n_prog} programs "
             f"({tiers} tiers), {total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
         return out

@@ -15,9 +15,8 @@ from .executor import OffloadExecutor, SharedExecutor
 from .guard import Notice
 
 
-def _router_of(model, block_path: str):
-    parent_path = block_path.rsplit(".", 1)[0]
-    parent = dict(model.named_modules()).get(parent_path)
+def _router_of(block: experts.ExpertBlock):
+    parent = block.parent
     if parent is None:
         return None
     for name in ("gate", "router"):
@@ -35,11 +34,15 @@ def install(
     overflow: str = "auto",
     quiet: bool = False,
     verify_all: bool = False,
+    blocks: Optional[List[experts.ExpertBlock]] = None,
 ) -> List:
     """Check the plan against the model, load the programs, check them against the
-    model's experts (a sample; all tiers of all with ``verify_all``), install the executors."""
+    model's experts (a sample; all tiers of all with ``verify_all``), install the executors.
+    ``blocks``: the model's ``experts.find_expert_blocks`` if the caller has them: the
+    model is walked once per install."""
     hint = LazyHint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
-    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config)}
+    found = experts.find_expert_blocks(model, config) if blocks is None else blocks
+    blocks = {b.layer: b for b in found}
     for lp in bundle.plan.layers:
         b = blocks.get(lp.layer)
         if b is None or not b.supported:
@@ -70,7 +73,7 @@ def install(
             _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
             mod = blocks[lp.layer].module
             loaded[(lp.layer, gi)] = (prog, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x), mod)
-    shared = _load_shared(bundle, model, be, progs, hint)
+    shared = _load_shared(bundle, found, be, progs, hint)
     for key, (mlp, _, prog) in shared.items():
         loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
     _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
@@ -79,11 +82,11 @@ def install(
     executors = {}
     for lp in bundle.plan.layers:
         programs = [pinned[(lp.layer, gi)] for gi in range(len(lp.groups))]
-        router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
+        router = _router_of(blocks[lp.layer]) if overflow == "drop" else None
         executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
     shared_ex = [(mlp, SharedExecutor(key[0], sp, pinned[key])) for key, (mlp, sp, _) in shared.items()]
     notice = Notice(f"npumoe build --model {bundle.model_name} --backend {bundle.plan.backend} --force")
-    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice)
+    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice, blocks=found)
     for mlp, ex in shared_ex:
         experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
     return list(executors.values()) + [ex for _, ex in shared_ex]
@@ -117,10 +120,10 @@ def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, 
             raise BundleError(f"{bundle.path}: {e}; {hint}") from None
 
 
-def _load_shared(bundle: Bundle, model, be, progs: dict, hint: str) -> dict:
+def _load_shared(bundle: Bundle, blocks: List[experts.ExpertBlock], be, progs: dict, hint: str) -> dict:
     """(layer, "s<i>") -> (mlp, plan entry, program) for every shared expert the plan offloads,
-    checked against the model."""
-    mods = dict(model.named_modules())
+    checked against the model (its blocks' shared experts)."""
+    mods = {s.path: s.module for b in blocks for s in b.shared}
     out = {}
     for lp in bundle.plan.layers:
         for si, sp in enumerate(lp.shared):

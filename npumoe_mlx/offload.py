@@ -70,7 +70,8 @@ def apply(
         if not blocks:
             _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
         return "mlx"
-    if not any(b.supported for b in experts.find_expert_blocks(model, config)):
+    blocks = experts.find_expert_blocks(model, config)  # the one walk of the model per load
+    if not any(b.supported for b in blocks):
         _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
         return "off"
     path = bundles.locate_bundle(model_path, want, bundle) if (bundle or model_path) else None
@@ -90,6 +91,7 @@ def apply(
     b = bundles.read(path, model_path, model_name, verify=verify, fingerprint=fingerprint)  # fingerprint: a shard's (sharded.py)
     if b.plan.backend != want:
         raise OffloadError(f"bundle {path} is for {b.plan.backend}, not {want}")
-    installer.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify)
+    installer.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify,
+                      blocks=blocks)
     model.npumoe_bundle = str(path)  # a plain attribute (not a parameter): --stats names it
     return want

@@ -252,14 +252,18 @@ def _layer_99(d):
 
 def _expert_999(d):
     _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["experts"].__setitem__(0, 999))
-    _edit_json(d, "manifest.json", lambda m: m["programs"][0]["experts"].__setitem__(0, 999))
     _rehash(d, "plan.json")
 
 
 def _experts_swapped(d):
-    """A plan + manifest that pass every file check but give program 0 other experts."""
+    """A plan that passes every file check but gives program 0 other experts."""
     _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["experts"].reverse())
-    _edit_json(d, "manifest.json", lambda m: m["programs"][0]["experts"].reverse())
+    _rehash(d, "plan.json")
+
+
+def _tiers_4096(d):
+    """Tiers live in plan.json only: a plan asking program 0 for a tier it lacks is refused at load."""
+    _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["tiers"].append(4096))
     _rehash(d, "plan.json")
 
 
@@ -305,10 +309,11 @@ BUNDLE_FAULTS = {
                             bundles.BundleError, "not an npumoe bundle manifest"),
     "manifest-drops-program": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"].pop()),
                                bundles.BundleError, "manifest programs do not match the plan"),
-    "manifest-other-tiers": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"][0]["tiers"].append(4096)),
+    "manifest-other-group": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"][0].update(group=7)),
                              bundles.BundleError, "manifest programs do not match the plan"),
-    "other-format": (lambda d: _edit_json(d, "manifest.json", lambda m: m.update(format=1)),
-                     bundles.BundleError, "bundle format 1 .* is not format 2[^0-9].*; rebuild it with .*--force"),
+    "plan-other-tiers": (_tiers_4096, bundles.BundleError, r"holds program layer0_e[\d-]+ .* but the plan wants .*4096\]"),
+    "other-format": (lambda d: _edit_json(d, "manifest.json", lambda m: m.update(format=2)),
+                     bundles.BundleError, "bundle format 2 .* is not format 3[^0-9].*; rebuild it with .*--force"),
 }
 
 
