@@ -165,8 +165,8 @@ def build(
             log("      note: Core ML runs only on macOS; this bundle is for a Mac (its programs are "
                 "checked here with the numpy MIL interpreter)")
         limits = limits or PlanLimits.for_backend(backend)
-        mods = dict(model.named_modules())
-        plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(mods.get(s.path), s)])
+        mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs
+        plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
                      for l, b in blocks.items()}  # shared experts only where a program computes them
         plan = make_plan(profile, plannable, cost, limits, objective=objective)
         log(f"[3/4] {format_plan(plan)}")
