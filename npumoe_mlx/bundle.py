@@ -5,7 +5,8 @@
     <bundle>/profile.json    calibration (calibrate.py)
     <bundle>/plan.json       groups, tier ladders, residency, thresholds (plan.py)
     <bundle>/cost.json       the cost model (cost.py)
-    <bundle>/programs/L<layer>/g<group>/...   .onnx per tier, or one .mlpackage
+    <bundle>/programs/L<layer>/g<group>/...   the backend's files (.onnx per tier, or one
+                             .mlpackage); the manifest's entry keeps what its build returned
 
 Here: where bundles live, the manifest's file records, read and validate. The
 build pipeline is build.py (a temp folder renamed into place: an interrupted build
@@ -27,7 +28,8 @@ from .cost import CostModel
 from .fingerprint import model_fingerprint
 from .plan import Plan
 
-BUNDLE_FORMAT = 2  # 2: quantized programs without zero points (fast kernel), one session per program
+BUNDLE_FORMAT = 3  # 3: each program entry keeps its backend's build entry ("program": files + metadata);
+# 2: quantized programs without zero points (fast kernel), one session per program
 KIND = "npumoe-bundle"
 CACHE_ENV = "NPUMOE_CACHE"
 

@@ -308,7 +308,7 @@ BUNDLE_FAULTS = {
     "manifest-other-tiers": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"][0]["tiers"].append(4096)),
                              bundles.BundleError, "manifest programs do not match the plan"),
     "other-format": (lambda d: _edit_json(d, "manifest.json", lambda m: m.update(format=1)),
-                     bundles.BundleError, "bundle format 1 .* is not format 2[^0-9].*; rebuild it with .*--force"),
+                     bundles.BundleError, "bundle format 1 .* is not format 3[^0-9].*; rebuild it with .*--force"),
 }
 
 
