@@ -69,8 +69,9 @@ def same_program(meta: dict, found: dict, where) -> None:
     """Raise unless the metadata a program's files carry (`found`) is the entry's program (`meta`)."""
     diff = [k for k in IDENTITY if found.get(k) != meta.get(k)]
     if diff:
-        raise BackendError(f"{where} holds program {found.get('name')} ({diff[0]} {found.get(diff[0])}), "
-                           f"the entry names {meta.get('name')} ({diff[0]} {meta.get(diff[0])})")
+        k = next((k for k in diff if k != "name"), None)
+        got, want = ("", "") if k is None else (f" ({k} {found.get(k)})", f" ({k} {meta.get(k)})")
+        raise BackendError(f"{where} holds program {found.get('name')}{got}, the entry names {meta.get('name')}{want}")
 
 
 def pick_tier(tiers: Sequence[int], rows: int) -> int:
