@@ -2,8 +2,9 @@
 
 ``build`` is the one place that takes a bundle's build lock (lock.py); it writes a
 temp folder and renames it into place, so an interrupted build leaves the previous
-bundle intact. Every program is checked against the model's experts right after
-it is compiled.
+bundle intact. Every program is built by its backend (``Backend.build``, which
+returns the entry the manifest keeps) and checked against the model's experts
+right after (``Backend.checker``).
 """
 
 import argparse
@@ -22,7 +23,7 @@ from . import experts, verify
 from ._version import __version__
 from .args import at_least, limits_from_flags, load_cost
 from .atomic import clean_stale, folder, honour_umask, write_json
-from .backends import load_backend
+from .backends import backend_class
 from .calibrate import calibrate
 from .checks import explain_load_errors, resolve_model
 from .cost import CostModel, chip_cost, default_cost
@@ -50,38 +51,13 @@ def offloadable_shared(mlp, shared) -> bool:
     return experts.is_swiglu_mlp(mlp)
 
 
-def _build_checker(backend: str):
-    """program folder -> a Program to check right after compiling it: onnx runs every tier
-    under onnxruntime; Core ML runs its smallest tier (all tiers share the weights) in the
-    numpy MIL interpreter, which works off macOS too."""
-    if backend == "onnx":
-        be = load_backend("onnx")
-        return be.load
-    return lambda d: verify.milrun_program(Path(d) / "program.mlpackage")
-
-
-def _verify_built(checker, backend: str, path: Path, rel: Path, entry: dict, module, want) -> None:
-    prog = checker(path)
-    tiers = sorted(prog.tiers) if backend == "onnx" else [min(prog.tiers)]
+def _verify_built(backend: str, folder: Path, rel: Path, built: dict, entry: dict, module, want) -> None:
+    prog, tiers = backend_class(backend).checker(built, folder)
     x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=entry["layer"])
     try:
         verify.check(prog, tiers, want, x, verify.tolerance(backend, module), f"{rel.as_posix()} ({prog.name})")
     except verify.ProgramMismatch as e:
         raise bundles.BundleError(f"build refused: {e}; this is a bug in npumoe or the model's format, please report it") from None
-
-
-def _compile_group(spec, backend: str, dest: Path, limits=None) -> None:
-    if backend == "onnx":
-        from ane_kernels.onnx import save_onnx
-
-        save_onnx(spec, dest)
-    elif backend == "coreml":
-        from ane_kernels.coreml import build_package
-
-        dest.mkdir(parents=True, exist_ok=True)
-        build_package(spec, dest / "program.mlpackage")
-    else:
-        raise ValueError(f"cannot compile programs for backend {backend!r}")
 
 
 def build(
@@ -197,14 +173,15 @@ def build(
                         (mlp, lambda x, m=mlp: verify.model_dense(m, x)),
                     ))
             programs = []
-            checker = _build_checker(backend)
+            compiler = backend_class(backend)
             for rel, make_spec, entry, (module, want) in progress_bar(
                     jobs, desc="[4/4] programs", unit="prog", disable=not progress):
-                _compile_group(make_spec(), backend, tmp / rel)
+                built = compiler.build(make_spec(), tmp / rel)  # the backend's entry: its files and metadata
                 for f in (tmp / rel).rglob("*"):
                     honour_umask(f)  # writers of program files may use 0600 temp files
-                _verify_built(checker, backend, tmp / rel, rel, entry, module, want)
-                programs.append({**entry, "dir": rel.as_posix(), "files": bundles.files_under(tmp, rel)})
+                _verify_built(backend, tmp / rel, rel, built, entry, module, want)
+                programs.append({**entry, "dir": rel.as_posix(), "program": built,
+                                 "files": bundles.files_under(tmp, rel)})
             profile.save(tmp / "profile.json")
             plan.save(tmp / "plan.json")
             cost.save(tmp / "cost.json")

@@ -6,7 +6,8 @@
     <bundle>/plan.json       limits, groups, tier ladders, residency, thresholds (plan.py): the
                              one place groups and tiers are written; the manifest refers to them
     <bundle>/cost.json       the cost model (cost.py)
-    <bundle>/programs/L<layer>/g<group>/...   .onnx per tier, or one .mlpackage
+    <bundle>/programs/L<layer>/g<group>/...   the backend's files (.onnx per tier, or one
+                             .mlpackage); the manifest's entry keeps what its build returned
 
 Here: where bundles live, the manifest's file records, read and validate. The
 build pipeline is build.py (a temp folder renamed into place: an interrupted build
@@ -28,8 +29,9 @@ from .cost import CostModel
 from .fingerprint import model_fingerprint
 from .plan import Plan
 
-BUNDLE_FORMAT = 3  # 3: groups, tiers and limits only in plan.json (the manifest names each program's
-# (layer, group) and files); 2: quantized programs without zero points, one session per program
+BUNDLE_FORMAT = 3  # 3: groups, tiers and limits only in plan.json; the manifest names each program's
+# (layer, group), its files and its backend's build entry ("program": files + metadata);
+# 2: quantized programs without zero points (fast kernel), one session per program
 KIND = "npumoe-bundle"
 CACHE_ENV = "NPUMOE_CACHE"
 

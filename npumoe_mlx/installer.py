@@ -3,10 +3,9 @@ them against the model's own experts, and install the executors at the seam
 (experts.py). ``offload.apply`` calls ``install`` after ``bundle.read``."""
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import List, Optional
 
-from ane_kernels.spec import ProgramSpec
+from ane_kernels.spec import program_name
 
 from . import experts, verify
 from .backends import load_backend
@@ -93,11 +92,8 @@ def install(
 
 
 def _load_program(be, bundle: Bundle, p: dict, hint: str):
-    src = safe_path(bundle.path, p["dir"])  # every file in it was checked by read()
-    if bundle.plan.backend == "coreml":
-        src = src / "program.mlpackage"
     try:
-        return be.load(src)
+        return be.load(p["program"], safe_path(bundle.path, p["dir"]))  # read() checked its files
     except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
@@ -140,11 +136,11 @@ def _load_shared(bundle: Bundle, blocks: List[experts.ExpertBlock], be, progs: d
 
 
 def _check_program(prog, lp, gi: int, rel: str, root: Path, hint: str) -> None:
-    """The loaded program is the one the plan wants: its name carries layer and expert ids."""
+    """The loaded program is the one the plan wants: its metadata names layer and expert ids."""
     g = lp.groups[gi]
-    want = ProgramSpec.name.fget(SimpleNamespace(layer=lp.layer, expert_ids=tuple(g.experts)))
-    got = (prog.name, prog.G, prog.D)
-    if got != (want, len(g.experts), lp.D) or not set(g.tiers) <= set(prog.tiers):
+    want = program_name(lp.layer, g.experts)
+    got = (prog.meta.get("layer"), list(prog.meta.get("expert_ids", ())), prog.G, prog.D)
+    if got != (lp.layer, list(g.experts), len(g.experts), lp.D) or not set(g.tiers) <= set(prog.tiers):
         raise BundleError(
             f"{root}: {rel} holds program {prog.name} (G={prog.G}, D={prog.D}, tiers {list(prog.tiers)}) but the "
             f"plan wants {want} (G={len(g.experts)}, D={lp.D}, tiers {list(g.tiers)}); {hint}"

@@ -267,6 +267,15 @@ def _tiers_4096(d):
     _rehash(d, "plan.json")
 
 
+def _entry_swaps_tiers(d):
+    """Program 0's entry names its two smallest tiers' graphs the other way round."""
+    def swap(m):
+        graphs = m["programs"][0]["program"]["graphs"]
+        a, b = sorted(graphs, key=int)[:2]
+        graphs[a], graphs[b] = graphs[b], graphs[a]
+    _edit_json(d, "manifest.json", swap)
+
+
 def _symlinked_file(d):
     rel = _onnx_file(d)
     outside = d.parent / (d.name + "-outside.onnx")
@@ -300,6 +309,11 @@ BUNDLE_FAULTS = {
     "plan-names-layer-99": (_layer_99, bundles.BundleError, "plan names layer 99, which has no offloadable expert block"),
     "plan-names-expert-999": (_expert_999, bundles.BundleError, r"plan names expert 999, which the model's layer 0 \(E=8\) lacks"),
     "plan-swaps-experts": (_experts_swapped, bundles.BundleError, r"holds program layer0_e0-1-3-7 .* but the plan wants layer0_e7-3-1-0"),
+    "entry-swaps-tiers": (_entry_swaps_tiers, bundles.BundleError,
+                          r"cannot load program programs/L000/g00 \(\S+\.onnx is the tier \d+ graph, the entry says tier \d+\)"),
+    "entry-escapes-folder": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"][0]["program"].update(
+        graphs={"8": "../../x.onnx"})), bundles.BundleError, r"cannot load program programs/L000/g00 \(program file name "
+                             r"'\.\./\.\./x\.onnx' is not a plain name inside"),
     "symlinked-program-file": (_symlinked_file, bundles.BundleError, "goes through a link"),
     "symlinked-program-dir": (_symlinked_dir, bundles.BundleError, "goes through a link"),
     "truncated-onnx": (_truncated_onnx, bundles.BundleError, r"\.onnx is corrupt \(size or sha256 differs\)"),

@@ -83,13 +83,8 @@ def bench_shape(
         programs = []
         for gi, g in enumerate(lp.groups):
             spec = spec_from_switch_glu(m, layer=0, expert_ids=g.experts, tiers=g.tiers)
-            if backend == "onnx":
-                from ane_kernels.onnx import save_onnx
-
-                save_onnx(spec, Path(tmp) / f"g{gi}")
-                programs.append(be.load(Path(tmp) / f"g{gi}"))
-            else:
-                programs.append(be.load(spec))
+            folder = Path(tmp) / f"g{gi}"  # programs from files, as a bundle loads them
+            programs.append(be.load(be.build(spec, folder), folder))
         ex = OffloadExecutor(lp, programs, cost)
         one_row = one_row_call(be, m, D, H, repeats=max(repeats, 5) * 4)
         log(f"[{name}] 1-row call: program {one_row['one_row_program_ms']:.3f} ms, dense float32 MatMul "
