@@ -28,7 +28,7 @@ import numpy as np
 from .cost import CostModel
 from .experts import SwitchGLU, stock_dense, stock_experts
 from .plan import LayerPlan
-from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
+from .tiers import OVERFLOW_MODES, CallDecider, CallDecision, Slots, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
 OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
@@ -106,10 +106,13 @@ class OffloadExecutor:
         self._tiers = [list(g.tiers) for g in plan.groups]
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
+        self._decider: Optional[CallDecider] = None  # decide_call's arrays for this layer, built on first use
 
     def _decide(self, counts: np.ndarray) -> CallDecision:
-        return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
-                           self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
+        if self._decider is None or self._decider.cost is not self.cost:
+            self._decider = CallDecider(self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H)
+        return self._decider.decide(counts, self.overflow, self.plan.objective, self.plan.max_calls,
+                                    self.plan.energy_bound)
 
     def _record(self, n_tokens: int, k: int, counts: np.ndarray) -> None:
         """Keep the call's loads (the last MAX_LOADS) and notice overflow well above the plan's."""
