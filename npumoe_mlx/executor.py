@@ -8,8 +8,8 @@ Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
 4. cold experts and spill start on MLX (``mx.async_eval``) before the programs run;
 5. rows are gathered into (G, C, D) with numpy fancy indexing (no loop over tokens),
    each resident group's program runs at its tier, and its output rows are scattered
-   straight to their pairs' rows; that one array goes back to MLX, the MLX side's rows
-   are set into it, and it is returned as (..., k, D) in x.dtype.
+   straight to their pairs' rows; that one array goes back to MLX (cast to x.dtype as it
+   is copied), the MLX side's rows are set into it: (..., k, D) in x.dtype.
 The call is three stages: ``_prepare`` (steps 1-3), ``_start_mlx`` + ``_run_programs``
 (4-5), ``_finish`` (the one array back). A program that raises or returns a wrong shape
 or non-finite values disables the layer's offload for the rest of the run (one warning,
@@ -205,9 +205,9 @@ class OffloadExecutor:
         """The programs' rows and the MLX side's as one (..., k, D) array in x.dtype."""
         st, P = self.stats, c.flat.size
         y_np[c.dropped] = 0.0  # dropped pairs (--overflow drop) contribute zero
-        y = mx.array(y_np[:P])  # (P, D)
+        y = mx.array(y_np[:P], dtype=c.dtype)  # (P, D), cast to x.dtype as it is copied over (same bits as astype)
         if y_mlx is not None:
-            y[mx.array(c.left, dtype=mx.int32)] = y_mlx
+            y[mx.array(c.left, dtype=mx.int32)] = y_mlx.astype(c.dtype)
         st.offloaded += 1
         st.program_calls += len(c.slots.calls)
         st.slots += c.slots.slots
@@ -216,7 +216,7 @@ class OffloadExecutor:
         st.spilled += int(c.left.size)
         st.dropped += int(c.dropped.size)
         st.offload_call_s += time.perf_counter() - c.t0
-        return y.reshape(*c.shape, c.D).astype(c.dtype)
+        return y.reshape(*c.shape, c.D)
 
 
 @dataclass
@@ -292,7 +292,7 @@ class SharedExecutor:
             return stock_dense(mlp, x)
         st.program_s += time.perf_counter() - t0
         st.offload_call_s += time.perf_counter() - t0
-        return mx.array(out).reshape(x.shape).astype(x.dtype)
+        return mx.array(out, dtype=x.dtype).reshape(x.shape)  # cast as it is copied over (same bits as astype)
 
     def _run(self, x_np: np.ndarray) -> np.ndarray:
         """(n, D) float32 through the program in rounds of its ladder."""

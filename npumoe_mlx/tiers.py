@@ -327,7 +327,7 @@ class _Rounds:
     def copy(self) -> "_Rounds":
         new = object.__new__(_Rounds)
         new.__dict__.update(self.__dict__)
-        new.col, new.ncap, new.run = self.col.copy(), self.ncap.copy(), self.run.copy()
+        new.col, new.ncap, new.run, new.sums_ = self.col.copy(), self.ncap.copy(), self.run.copy(), None
         return new
 
     def caps(self) -> List[List[int]]:
@@ -337,28 +337,25 @@ class _Rounds:
     def sums(self):
         """Of the rounds that run, per group: (their count (g,), running seconds (g, 1+R),
         running rows per expert (g, 1+R), seconds (g,), rows per expert (g,), pairs served (g,)).
-        Kept until the rounds change (``self.sums_ = None``)."""
+        Kept until the rounds change: whoever changes them sets ``self.sums_ = None`` (and
+        may write into the old arrays only then)."""
         if self.sums_ is None:
-            self.sums_ = self._sums()
-        return tuple(a.copy() for a in self.sums_)
-
-    def _sums(self):
-        d = self.d
-        n = np.minimum(self.run, self.ncap)
-        cum_t = _prefix(d.ps[d.rows[:, None], self.col])
-        cum_rows = _prefix(d.ladder[d.rows[:, None], self.col])
-        rows = cum_rows[d.rows, n]
-        served = np.minimum(self.load, rows[:, None]).sum(axis=1).astype(np.int64)
-        return n, cum_t, cum_rows, cum_t[d.rows, n], rows, served
+            d = self.d
+            n = np.minimum(self.run, self.ncap)
+            cum_t = _prefix(d.ps[d.rows[:, None], self.col])
+            cum_rows = _prefix(d.ladder[d.rows[:, None], self.col])
+            rows = cum_rows[d.rows, n]
+            served = np.minimum(self.load, rows[:, None]).sum(axis=1).astype(np.int64)
+            self.sums_ = n, cum_t, cum_rows, cum_t[d.rows, n], rows, served
+        return self.sums_
 
 
 def _tally(r: _Rounds) -> CallDecision:
     """Predicted time and energy of a call run with these rounds (offload left False)."""
     d = r.d
     cost, D, H = d.cost, d.D, d.H
-    n = np.minimum(r.run, r.ncap)
+    n, _, _, _, rows, _ = r.sums()
     on = np.arange(r.col.shape[1]) < n[:, None]  # (g, R) the rounds that run, in call order
-    rows = _prefix(d.ladder[d.rows[:, None], r.col])[d.rows, n]
     left = int(r.counts[d.cold].sum()) if d.any_cold else 0
     left += int(np.maximum(r.load - rows[:, None], 0).sum(axis=1).astype(np.int64).sum())
     g, col = np.broadcast_to(d.rows[:, None], r.col.shape)[on], r.col[on]
@@ -481,6 +478,8 @@ def _split_rounds(r: _Rounds, budget: int) -> None:
     d = r.d
     cost = d.cost
     g = np.nonzero((r.ncap == 1) & (r.run == 1))[0]  # groups served by one round
+    if not g.size:
+        return
     peak = r.load[g].max(axis=1).astype(np.int64)  # int(), as the per-group rule took it
     C = d.ladder[g, r.col[g, 0]]
     c1 = d.ladder[g, 1:]  # (g, L): a first round below the cap and the peak, then the tier that fits the rest
