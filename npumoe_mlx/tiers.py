@@ -10,7 +10,8 @@ here drops a pair.
 - ``tier_for``, ``ladder_rounds``, ``ladder_cover``: the rule (one call, many calls);
 - ``choose_ladder``: a group's tiers from calibrated loads (planner);
 - ``decide_call``: per layer call, programs or MLX, and each group's rounds
-  (executor and replay, fed the same counts);
+  (executor and replay, fed the same counts), numpy over groups; ``CallDecider``
+  keeps a layer's arrays for many calls (the executor's);
 - ``plan_slots``: where each routed pair sits in the padded program inputs.
 """
 
@@ -292,13 +293,13 @@ def _padded(ladders) -> Tuple[np.ndarray, np.ndarray]:
 def _prefix(a: np.ndarray) -> np.ndarray:
     """(g, R) -> (g, 1 + R): 0, then running sums left to right (the order Python's ``sum`` adds in)."""
     out = np.zeros((a.shape[0], a.shape[1] + 1), a.dtype)
-    np.cumsum(a, axis=1, out=out[:, 1:])
+    a.cumsum(axis=1, out=out[:, 1:])
     return out
 
 
 def _seq_sum(a: np.ndarray):
     """Left-to-right sum of a 1-D array (Python's ``sum``; numpy's is pairwise)."""
-    return float(np.cumsum(a)[-1]) if a.size else 0
+    return float(a.cumsum()[-1]) if a.size else 0
 
 
 class _Rounds:
@@ -378,30 +379,35 @@ def _rebalance(r: _Rounds, trims: int = 4, target: float = 0.0) -> None:
     if prog <= cost.mlx_s(left, d.D, d.H):  # MLX finishes last: moving work there cannot end the call sooner
         return
     span = max(prog, cost.mlx_s(left, d.D, d.H))
-    busy = np.nonzero(served)[0]
+    busy = served.nonzero()[0]
     order = busy[np.lexsort((busy, -t[busy] / served[busy]))]  # worst seconds per pair first
     # moving the first j of them: the programs side and the MLX side, added up as a loop would
     progs = np.subtract.accumulate(np.concatenate([[prog], t[order]]))
-    lefts = left + np.concatenate([[0], np.cumsum(served[order])])
+    lefts = left + np.concatenate([[0], served[order].cumsum()])
     new = np.maximum(progs[1:], d.mlx_s(lefts[1:]))  # the span after moving j + 1
     before = np.concatenate([[span], new])  # the span after moving j
     stop = (before[:-1] <= target) | (new >= before[:-1])
     j = int(np.argmax(stop)) if stop.any() else order.size
-    r.run[order[:j]], t[order[:j]], served[order[:j]] = 0, 0.0, 0
-    r.sums_ = None
+    if j:
+        r.run[order[:j]] = 0
+        r.sums_ = None
     prog, left, span = float(progs[j]), int(lefts[j]), float(before[j])
     if j < order.size and span <= target:
         return
+    if j:
+        n_all, cum_t, cum_rows, t, _, served = r.sums()  # the moved groups: nothing runs, nothing served
+    else:
+        n_all, cum_t, cum_rows = r.sums()[:3]
     for _ in range(trims):
         if prog <= cost.mlx_s(left, d.D, d.H) or span <= target:
             return
-        cand = np.nonzero((r.run > 0) & (r.ncap > 0))[0]
+        cand = ((r.run > 0) & (r.ncap > 0)).nonzero()[0]
         cand = cand[np.argsort(-t[cand], kind="stable")][:4]
-        n, cum_t, cum_rows = np.minimum(r.run, r.ncap)[cand], _prefix(d.ps[cand[:, None], r.col[cand]]), _prefix(d.ladder[cand[:, None], r.col[cand]])
+        n = n_all[cand]
         c = d.ladder[cand, 1:]  # (c, L): a new last round at each smaller tier
         ok = c < d.ladder[cand, r.col[cand, n - 1]][:, None]
-        nt = cum_t[np.arange(cand.size), n - 1][:, None] + d.ps[cand, 1:]
-        ns = np.minimum(r.load[cand][:, :, None], (cum_rows[np.arange(cand.size), n - 1][:, None] + c)[:, None, :])
+        nt = cum_t[cand, n - 1][:, None] + d.ps[cand, 1:]
+        ns = np.minimum(r.load[cand][:, :, None], (cum_rows[cand, n - 1][:, None] + c)[:, None, :])
         ns = ns.sum(axis=1).astype(np.int64)
         new = np.maximum(prog - t[cand][:, None] + nt, d.mlx_s(left + served[cand][:, None] - ns))
         ok &= new < span - 1e-12
@@ -413,8 +419,8 @@ def _rebalance(r: _Rounds, trims: int = 4, target: float = 0.0) -> None:
         prog, left = prog - t[gi] + float(nt[i, k]), left + int(served[gi]) - int(ns[i, k])
         r.col[gi, m - 1], r.col[gi, m:] = k + 1, 0
         r.ncap[gi] = r.run[gi] = m
-        r.sums_ = None
-        t[gi], served[gi] = nt[i, k], ns[i, k]
+        r.sums_ = None  # the arrays below are ours now: kept in step with the cut round
+        t[gi], served[gi], cum_t[gi, m], cum_rows[gi, m] = nt[i, k], ns[i, k], nt[i, k], cum_rows[gi, m - 1] + c[i, k]
 
 
 def _trim_padding(r: _Rounds, slack: Optional[float] = None) -> None:
@@ -477,7 +483,7 @@ def _split_rounds(r: _Rounds, budget: int) -> None:
         return
     d = r.d
     cost = d.cost
-    g = np.nonzero((r.ncap == 1) & (r.run == 1))[0]  # groups served by one round
+    g = ((r.ncap == 1) & (r.run == 1)).nonzero()[0]  # groups served by one round
     if not g.size:
         return
     peak = r.load[g].max(axis=1).astype(np.int64)  # int(), as the per-group rule took it
@@ -490,7 +496,7 @@ def _split_rounds(r: _Rounds, budget: int) -> None:
     k = saved.shape[1] - 1 - np.argmax(saved[:, ::-1], axis=1)  # the largest saving; ties: the larger first round
     best = saved[np.arange(g.size), k]
     G = d.G[g]
-    keep = np.nonzero((best >= 1) & (best * G * d.row_s > cost.dispatch_s + G * cost.expert_s))[0]
+    keep = ((best >= 1) & (best * G * d.row_s > cost.dispatch_s + G * cost.expert_s)).nonzero()[0]
     keep = keep[np.lexsort((g[keep], -(G[keep] * best[keep])))][:budget]
     gs = g[keep]
     r.col[gs, 0], r.col[gs, 1] = k[keep] + 1, at[keep, k[keep]] + 1
