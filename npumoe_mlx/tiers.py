@@ -538,31 +538,36 @@ def plan_slots(
     caps how often group i's ladder runs; pairs left over (and pairs of experts
     in no group) keep ``loc == -1`` for the caller to run elsewhere. ``caps[i]``,
     when given, are group i's rounds as ``decide_call`` chose them.
-    A Python loop runs over groups and ladder rounds only, never over tokens.
+    Every slot of every program call at once (numpy); a Python loop lists the calls only.
     """
     starts = np.cumsum(counts) - counts  # (E,) first sorted position of each expert
     out = Slots(loc=np.full(order.shape[0], -1, dtype=np.int64))
-    offset = 0
-    per_group = len(tiers) > 0 and not np.isscalar(tiers[0])
-    for gi, ids in enumerate(groups):
-        ladder = tiers[gi] if per_group else tiers
-        ids = np.asarray(ids)
-        n = counts[ids]  # (G,)
-        done = np.zeros_like(n)
-        rounds = caps[gi] if caps is not None else ladder_rounds(n, ladder, max_rounds[gi] if max_rounds is not None else None)
-        for cap in rounds:
-            left = n - done
-            col = np.arange(cap)
-            take = np.minimum(left, cap)  # (G,)
-            valid = col[None, :] < take[:, None]  # (G, C)
-            pos = starts[ids][:, None] + done[:, None] + col[None, :]  # (G, C)
-            pos = np.where(valid, pos, 0)
-            src = np.where(valid, order[pos] // k, 0)  # (G, C) token rows
-            slot = offset + np.arange(ids.size * cap).reshape(ids.size, cap)
-            out.loc[order[pos[valid]]] = slot[valid]
-            out.calls.append((gi, ids, cap, src.reshape(-1)))
-            out.padded += int((~valid).sum())
-            out.slots += valid.size
-            offset += ids.size * cap
-            done = done + take
+    ids = [np.asarray(g) for g in groups]
+    if caps is None:
+        per_group = len(tiers) > 0 and not np.isscalar(tiers[0])
+        caps = [ladder_rounds(counts[g], tiers[gi] if per_group else tiers,
+                              max_rounds[gi] if max_rounds is not None else None) for gi, g in enumerate(ids)]
+    cg, cc, cd = [], [], []  # per program call: group, capacity, rows per expert of the group's earlier rounds
+    for gi, cs in enumerate(caps):
+        done = 0
+        for c in cs:
+            cg.append(gi), cc.append(int(c)), cd.append(done)
+            done += int(c)
+    if not cg:
+        return out
+    G = np.array([g.size for g in ids], np.int64)
+    cg, cc, cd = np.array(cg), np.array(cc, np.int64), np.array(cd, np.int64)
+    size = G[cg] * cc  # (J,) slots of each call
+    off = np.cumsum(size) - size
+    call = np.repeat(np.arange(cg.size), size)  # (S,) each slot's call
+    w = np.arange(call.size) - off[call]
+    e, col = np.divmod(w, cc[call])  # expert (within its group) and column of each slot
+    expert = np.concatenate(ids + [np.zeros(0, np.int64)]).astype(np.int64)[(np.cumsum(G) - G)[cg][call] + e]
+    valid = cd[call] + col < counts[expert]  # (S,) the expert still has a pair for this slot
+    pos = np.where(valid, starts[expert] + cd[call] + col, 0)
+    src = np.where(valid, order[pos] // k, 0)  # (S,) token rows
+    out.loc[order[pos[valid]]] = np.arange(call.size)[valid]
+    out.calls = [(gi, ids[gi], c, src[o : o + n]) for gi, c, o, n in zip(cg.tolist(), cc.tolist(), off.tolist(), size.tolist())]
+    out.padded = int(call.size - valid.sum())
+    out.slots = int(call.size)
     return out

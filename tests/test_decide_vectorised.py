@@ -1,13 +1,15 @@
-"""``tiers.decide_call`` (numpy over groups) decides every call exactly as the per-group rule
-it replaced (``decide_reference.py``): rounds, caps, the offload choice and every predicted
-second and joule, bit for bit, on random layers, loads, cost models and modes."""
+"""``tiers.decide_call`` and ``tiers.plan_slots`` (numpy over groups) do exactly what the
+per-group code they replaced did (``decide_reference.py``): rounds, caps, the offload choice and
+every predicted second and joule bit for bit, and every pair's slot, on random layers, loads,
+cost models and modes."""
 
 import numpy as np
 import pytest
 from decide_reference import decide_call as reference  # tests/ is on sys.path under pytest
+from decide_reference import plan_slots as reference_slots
 
 from npumoe_mlx.cost import CostModel, chip_cost, default_cost, flops_per_row
-from npumoe_mlx.tiers import CallDecider, decide_call
+from npumoe_mlx.tiers import CallDecider, decide_call, plan_slots
 
 D, H = 64, 32
 
@@ -93,3 +95,35 @@ def test_unsorted_ladder_is_read_ascending():
     a = decide_call(counts, groups, [[64, 8, 32], [16, 8]], cold, cost, D, H)
     b = decide_call(counts, groups, [[8, 32, 64], [8, 16]], cold, cost, D, H)
     assert a == b and a.caps == [[32], [8]]
+
+
+def _same_slots(a, b) -> bool:
+    return (a.padded, a.slots, a.loc.tolist(), len(a.calls)) == (b.padded, b.slots, b.loc.tolist(), len(b.calls)) and all(
+        (ga, ca, ia.tolist(), sa.tolist()) == (gb, cb, ib.tolist(), sb.tolist())
+        for (ga, ia, ca, sa), (gb, ib, cb, sb) in zip(a.calls, b.calls))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_vectorised_slots_equal_the_per_group_loop(seed):
+    """Every pair's slot, every program call's token rows and the padding, for the decision's caps,
+    for ladders run as ``ladder_rounds`` runs them (with and without a round limit), one ladder for all."""
+    rng = np.random.default_rng(seed)
+    cost = default_cost("onnx")
+    for _ in range(25):
+        E, groups, ladders, cold = _layer(rng)
+        k = int(rng.integers(1, min(E, 4) + 1))
+        tokens = int(rng.integers(1, 400))
+        inds = np.stack([rng.choice(E, k, replace=False, p=rng.dirichlet(np.ones(E))) for _ in range(tokens)])
+        flat = inds.reshape(-1)
+        order = np.argsort(flat, kind=str(rng.choice(["stable", "quicksort"]))).astype(rng.choice([np.int64, np.uint32]))
+        counts = np.bincount(flat, minlength=E).astype(np.int32)
+        d = decide_call(counts, groups, ladders, cold, cost, D, H, str(rng.choice(["auto", "rerun", "spill"])))
+        caps = [c[:r] for c, r in zip(d.caps, d.rounds)]
+        rounds = [int(rng.integers(1, 4)) for _ in groups]
+        for args in ((groups, ladders, None, caps), (groups, ladders, None, None), (groups, ladders, rounds, None),
+                     (groups, (8, 24), None, None)):
+            want = reference_slots(order, counts, k, *args[:2], *args[2:])
+            got = plan_slots(order, counts, k, *args[:2], *args[2:])
+            assert _same_slots(got, want)
+            placed = got.loc[got.loc >= 0]
+            assert np.unique(placed).size == placed.size  # no slot holds two pairs
