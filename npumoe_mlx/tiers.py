@@ -189,6 +189,7 @@ def decide_call(
 
 
 _NO_TIER = 1 << 31  # ladder padding: above every load, small enough that rows x D x 8 bytes fit int64
+_ZERO = np.zeros(1, np.uint8)  # the load of a padded expert slot (keeps the counts' dtype)
 
 
 class CallDecider:
@@ -218,6 +219,10 @@ class CallDecider:
         if ((np.diff(ladder, axis=1) <= 0) & (np.arange(1, ladder.shape[1]) < self.nlad[:, None])).any():
             ladder, self.nlad = _padded([sorted(set(int(t) for t in l)) for l in ladders])
         self.ladder = np.hstack([np.zeros((self.n, 1), np.int64), ladder])
+        self.tiers = ladder  # (g, L) without the 0 column
+        self.top = self.ladder[self.rows, self.nlad]  # each group's top tier
+        self.top1 = np.maximum(self.top, 1)
+        self.last_tier = np.maximum(self.nlad - 1, 0)  # index of the top tier in ``tiers``
         G, fpr = self.G[:, None], flops_per_row(D, H)
         zero = np.zeros((self.n, 1))
         self.ps = np.hstack([zero, np.broadcast_to(cost.programs_s(G, 1, ladder, D, H), ladder.shape)])
@@ -310,17 +315,16 @@ class _Rounds:
     def __init__(self, d: CallDecider, counts: np.ndarray):
         self.d, self.counts = d, counts
         self.pairs = int(counts.sum())
-        self.load = np.append(counts, np.zeros(1, counts.dtype))[d.idx]  # (g, Gmax)
+        self.load = np.concatenate((counts, _ZERO))[d.idx]  # (g, Gmax)
         # ladder_rounds for all groups at once: the top tier while the peak exceeds it, then the smallest that fits
         peak = self.load.max(axis=1)
         if peak.dtype.kind == "f":
             peak = np.ceil(peak)
         peak = peak.astype(np.int64)
-        top = d.ladder[d.rows, d.nlad]
-        self.ncap = np.where(peak > 0, (peak - 1) // np.maximum(top, 1) + 1, 0)
-        last = peak - (self.ncap - 1) * top
-        fit = np.minimum((d.ladder[:, 1:] < last[:, None]).sum(axis=1), np.maximum(d.nlad - 1, 0)) + 1
-        k = np.arange(max(int(self.ncap.max(initial=0)), 2))
+        self.ncap = np.where(peak > 0, (peak - 1) // d.top1 + 1, 0)
+        last = peak - (self.ncap - 1) * d.top
+        fit = np.minimum((d.tiers < last[:, None]).sum(axis=1), d.last_tier) + 1
+        k = np.arange(max(int(self.ncap.max()) if d.n else 0, 2))
         self.col = np.where(k < self.ncap[:, None] - 1, d.nlad[:, None], np.where(k == self.ncap[:, None] - 1, fit[:, None], 0))
         self.run = np.zeros(d.n, np.int64)
         self.sums_ = None
@@ -359,7 +363,7 @@ def _tally(r: _Rounds) -> CallDecision:
     on = np.arange(r.col.shape[1]) < n[:, None]  # (g, R) the rounds that run, in call order
     left = int(r.counts[d.cold].sum()) if d.any_cold else 0
     left += int(np.maximum(r.load - rows[:, None], 0).sum(axis=1).astype(np.int64).sum())
-    g, col = np.broadcast_to(d.rows[:, None], r.col.shape)[on], r.col[on]
+    g, col = on.nonzero()[0], r.col[on]
     return CallDecision(False, r.run.tolist(), r.caps(), cost.sync_s + _seq_sum(d.ps[g, col]),
                         cost.mlx_s(left, D, H), cost.mlx_s(r.pairs, D, H),
                         _seq_sum(d.pj[g, col]) + cost.mlx_j(left, D, H), cost.mlx_j(r.pairs, D, H), int(n.sum()))
@@ -488,10 +492,10 @@ def _split_rounds(r: _Rounds, budget: int) -> None:
         return
     peak = r.load[g].max(axis=1).astype(np.int64)  # int(), as the per-group rule took it
     C = d.ladder[g, r.col[g, 0]]
-    c1 = d.ladder[g, 1:]  # (g, L): a first round below the cap and the peak, then the tier that fits the rest
+    c1 = d.tiers[g]  # (g, L): a first round below the cap and the peak, then the tier that fits the rest
     rest = peak[:, None] - c1
-    at = np.minimum((c1[:, None, :] < rest[:, :, None]).sum(axis=2), np.maximum(d.nlad[g] - 1, 0)[:, None])
-    c2 = np.take_along_axis(c1, at, axis=1)
+    at = np.minimum((c1[:, None, :] < rest[:, :, None]).sum(axis=2), d.last_tier[g, None])
+    c2 = c1[np.arange(g.size)[:, None], at]
     saved = np.where((c1 < np.minimum(C, peak)[:, None]) & (rest <= c2), C[:, None] - c1 - c2, 0)
     k = saved.shape[1] - 1 - np.argmax(saved[:, ::-1], axis=1)  # the largest saving; ties: the larger first round
     best = saved[np.arange(g.size), k]
