@@ -7,7 +7,8 @@ times ``decide_call`` (arrays built per call, as ``LayerPlan.decide`` and replay
 and ``CallDecider.decide`` (built once per layer, as the executor calls it) on the other half's calls of 128, 512 and 2048 tokens: the host work every offloaded layer
 call adds after its sync. With ``tests/decide_reference.py`` beside it (a source checkout),
 the same calls also go through the per-group Python rule it replaced, interleaved, so both
-columns ran under the same load, and every decision is checked equal. No compute; ~2 minutes.
+columns ran under the same load, and every decision is checked equal. Each number is the median
+over the calls of each call's best of 5 runs. No compute; ~3 minutes.
 """
 
 import argparse
@@ -40,14 +41,17 @@ def _reference():
     return ref
 
 
-def _time(fn, args, counts, repeat=3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for c in counts:
+def _time(fn, args, counts, repeat=5) -> float:
+    """Median over the calls of each call's best of ``repeat`` runs (us): robust to a loaded machine."""
+    best = []
+    for c in counts:
+        b = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
             fn(c, *args)
-        best = min(best, (time.perf_counter() - t0) / len(counts))
-    return best * 1e6
+            b = min(b, time.perf_counter() - t0)
+        best.append(b)
+    return float(np.median(best)) * 1e6
 
 
 def bench(routing: Path, ref, label, shape, trace, backend, chip, objective, max_calls=100):
