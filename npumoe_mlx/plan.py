@@ -262,6 +262,36 @@ def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, c
     return np.maximum(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
 
 
+def _run_costs(runs, run_cost: dict, S: int):
+    """(t_prog, t_mlx, j_prog, j_mlx) of each run, each (S, R)."""
+    return tuple(np.stack([run_cost[r][x] for r in runs], 1) if runs else np.zeros((S, 0)) for x in range(4))
+
+
+def _partial_last(runs, tp: np.ndarray, tail: np.ndarray, ranked: np.ndarray, caps: np.ndarray, cost: CostModel,
+                  D: int, H: int):
+    """Per sample, the capacity (S,) at which the last run's one round ends the call soonest with
+    the other runs on programs and the rest of its pairs on MLX, and that makespan (S,) (inf if
+    no capacity below its peak does). decide_call makes this move when a group moved whole to
+    MLX leaves the programs side idle: the ANE's share of a layer is rarely a whole number of
+    experts (Mixtral has 8), so the marginal group gets tiers for it (plan_layer)."""
+    S = len(ranked)
+    if not runs:
+        return np.zeros(S), np.full(S, np.inf)
+    i, j = runs[-1]
+    loads = ranked[:, i:j]  # (S, G)
+    cand = caps[caps <= loads.min(1).max()]  # (K,)
+    if cand.size == 0:
+        return np.zeros(S), np.full(S, np.inf)
+    f = flops_per_row(D, H)
+    prog = cost.sync_s + tp[:, :-1].sum(1)[:, None] + cost.programs_s(j - i, 1, cand[None, :], D, H)  # (S, K)
+    left = np.maximum(loads[:, :, None] - cand[None, None, :], 0).sum(1)  # (S, K) pairs back on MLX
+    mlx = cost.mlx_fixed_s + tail[:, None] + left * f / cost.mlx_flops
+    span = np.maximum(prog, mlx)
+    span = np.where(cand[None, :] <= loads.min(1, keepdims=True), span, np.inf)  # full rounds only, as decide_call
+    k = span.argmin(1)
+    return cand[k].astype(float), span[np.arange(S), k]
+
+
 SPREAD = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
 
 
@@ -337,11 +367,12 @@ def plan_layer(
     tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)
     alone_t, alone_j = split_cost(np.zeros(len(ranked)), tail_t[:, 0], np.zeros(len(ranked)), tail_j[:, 0], cost)
     energy = objective == "energy" and cost.has_energy
-    cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls)
+    cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls[, whole groups only,
+    #           and on the smaller calls])
+    small = call < call.max()
     for m in range(E + 1):
         runs = runs_of(m)
-        tp, tm, jp, jm = (np.stack([run_cost[r][x] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
-                          for x in range(4))  # (S, R) each
+        tp, tm, jp, jm = _run_costs(runs, run_cost, len(ranked))  # (S, R) each
         st_t, st_j = split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost)  # the plan as it is
         # Each call moves its worst-used groups to MLX while that ends it sooner (decide_call):
         # try moving the k worst (by calibrated seconds per MLX second), per sample the best k.
@@ -353,11 +384,24 @@ def plan_layer(
         span = np.maximum(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
         kb = span.argmin(1)
         rows = np.arange(len(ranked))
+        whole_t = np.minimum(span[rows, kb], alone_t)  # whole groups only
+        if runs:  # the last run may also run one smaller round (decide_call's take-back): the two units
+            # balance between whole groups
+            part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H)
+            kb = np.where(part_t < span[rows, kb], span.shape[1], kb)
+            (i, j), f = runs[-1], flops_per_row(D, H)
+            back = np.maximum(ranked[:, i:j] - part_c[:, None], 0).sum(1)  # its pairs past the round, on MLX
+            part_j = (cost.program_j_per_call + (j - i) * part_c * f * cost.program_j_per_flop) * (part_c > 0)
+            span = np.concatenate([span, part_t[:, None]], 1)
+            cjp = np.concatenate([cjp, (jp[:, -1] - part_j)[:, None]], 1)
+            cjm = np.concatenate([cjm, (back * f * cost.mlx_j_per_flop)[:, None]], 1)
+            side = np.concatenate([side, (tail_t[:, m] + back * f / cost.mlx_flops)[:, None]], 1)
         tb_t = np.minimum(span[rows, kb], alone_t)
         tb_j = np.where(span[rows, kb] < alone_t, jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb]
                         + (side[rows, kb] > 0) * cost.mlx_j_per_call, alone_j)
         if not energy:
-            cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean())))
+            cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
+                          float(whole_t[small].mean()) if small.any() else 0.0))
             continue
         # per call, as decide_call: the least energy of (as planned, balanced just enough to end
         # within the bound (interpolated), fully balanced, MLX alone) within the bound
@@ -374,12 +418,23 @@ def plan_layer(
     if energy:
         bound = 1.2 * (best_t if energy_bound == "time" else float(alone_t.mean())) + 1e-15
         m = min((c for c in cands if c[1] <= bound), key=lambda c: (c[2], c[1]), default=cands[0])[0]
-    else:
-        m = min(cands, key=lambda c: c[1])[0]
+    else:  # the residency that balances the largest calls with a cut round, unless it predicts smaller
+        # calls slower than the whole-group residency does (their extra groups would pad them)
+        m0, m1 = min(cands, key=lambda c: c[4]), min(cands, key=lambda c: c[1])
+        m = (m1 if m1[5] <= m0[5] else m0)[0]
     groups = []
-    for i, j in runs_of(m):  # hottest run first
+    runs = runs_of(m)
+    balance = np.zeros(0)
+    if runs:  # the calls where the last run ends them soonest partly on programs: size tiers for those rounds
+        part_c, part_t = _partial_last(runs, *_run_costs(runs, run_cost, len(ranked))[:1], tail_t[:, m], ranked,
+                                       caps, cost, D, H)
+        balance = part_c[(part_t < np.inf) & (part_c > 0)]
+    for i, j in runs:  # hottest run first
         if ranked[:, i:j].max() > 0:
-            tiers = choose_ladder(_spread(ranked[:, i:j].max(1), top), limits.capacities, limits.max_tiers, None, top)
+            samples = _spread(ranked[:, i:j].max(1), top)
+            if (i, j) == runs[-1] and balance.size:
+                samples = np.concatenate([samples, _spread(balance, top)])
+            tiers = choose_ladder(samples, limits.capacities, limits.max_tiers, None, top)
             groups.append(GroupPlan(sorted(rank[i:j]), tiers))
     resident = {e for g in groups for e in g.experts}
     cold = [e for e in range(E) if e not in resident]

@@ -250,14 +250,20 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
     prog = cost.sync_s + sum(t)
     left = int(counts.sum()) - sum(served)
     span = max(prog, cost.mlx_s(left, D, H))
+    moved = {}  # group -> (rounds, time, served) before it moved to MLX
     for gi in sorted((g for g in range(len(groups)) if served[g]), key=lambda g: (-t[g] / served[g], g)):
         if span <= target:
             return
         new = max(prog - t[gi], cost.mlx_s(left + served[gi], D, H))
         if new >= span:
             break
+        moved[gi] = (rounds[gi], t[gi], served[gi])
         prog, left, span = prog - t[gi], left + served[gi], new
         rounds[gi], t[gi], served[gi] = 0, 0.0, 0
+    if moved:
+        _take_back(counts, groups, ladders, caps, rounds, t, served, moved, prog, left, span, cost, D, H)
+        prog, left = cost.sync_s + sum(t), int(counts.sum()) - sum(served)
+        span = max(prog, cost.mlx_s(left, D, H))
     for _ in range(trims):
         if prog <= cost.mlx_s(left, D, H) or span <= target:
             return
@@ -278,6 +284,45 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
         span, gi, new_caps, nt, ns = best
         prog, left = prog - t[gi] + nt, left + served[gi] - ns
         caps[gi], rounds[gi], t[gi], served[gi] = new_caps, len(new_caps), nt, ns
+
+
+def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, prog: float, left: int, span: float,
+               cost: CostModel, D: int, H: int) -> None:
+    """In place, after whole groups moved to MLX: the programs side may end the call sooner with
+    part of a group back. Either the last group moved runs one round at a smaller tier of its
+    ladder, or it runs as before and a running group's last round is cut to a smaller tier
+    instead, whichever ends the call soonest (if sooner than now). The ANE's best share of a
+    layer is rarely whole groups (Mixtral has 8 experts); the plan gives its marginal group tiers
+    for these rounds (plan.py ``_partial_last``)."""
+    gm = list(moved)[-1]
+    r_m, t_m, s_m = moved[gm]
+    best = None  # (span, [(group, caps, rounds, time, served), ...])
+    for c in ladders[gm]:
+        if c >= caps[gm][0]:
+            break
+        nt, ns = cost.program_s(len(groups[gm]), c, D, H), int(np.minimum(counts[groups[gm]], c).sum())
+        if ns < len(groups[gm]) * c:  # only full rounds: a padded one would rather stay on MLX
+            break
+        new = max(prog + nt, cost.mlx_s(left - ns, D, H))
+        if new < span - 1e-12 and (best is None or new < best[0]):
+            best = (new, [(gm, [c], 1, nt, ns)])
+    running = [g for g in range(len(groups)) if rounds[g] and caps[g] and g != gm]
+    # the busiest running groups, and the plan's last (coldest) group, whose ladder has the cut tiers
+    for gk in sorted(set(sorted(running, key=lambda g: -t[g])[:4]) | ({len(groups) - 1} & set(running))):
+        ids, cs = groups[gk], caps[gk][: rounds[gk]]
+        for c in ladders[gk]:
+            if c >= cs[-1]:
+                break
+            new_caps = cs[:-1] + [c]
+            nt = sum(cost.program_s(len(ids), x, D, H) for x in new_caps)
+            ns = int(np.minimum(counts[ids], sum(new_caps)).sum())
+            if ns - int(np.minimum(counts[ids], sum(cs[:-1])).sum()) < len(ids) * c:
+                break
+            new = max(prog + t_m - t[gk] + nt, cost.mlx_s(left - s_m + served[gk] - ns, D, H))
+            if new < span - 1e-12 and (best is None or new < best[0]):
+                best = (new, [(gm, caps[gm], r_m, t_m, s_m), (gk, new_caps, len(new_caps), nt, ns)])
+    for gi, cs, r, nt, ns in (best[1] if best else []):
+        caps[gi], rounds[gi], t[gi], served[gi] = cs, r, nt, ns
 
 
 def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int,
