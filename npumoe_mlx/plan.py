@@ -268,12 +268,13 @@ def _run_costs(runs, run_cost: dict, S: int):
 
 
 def _partial_last(runs, tp: np.ndarray, tail: np.ndarray, ranked: np.ndarray, caps: np.ndarray, cost: CostModel,
-                  D: int, H: int):
+                  D: int, H: int, limit: Optional[np.ndarray] = None):
     """Per sample, the capacity (S,) at which the last run's one round ends the call soonest with
     the other runs on programs and the rest of its pairs on MLX, and that makespan (S,) (inf if
     no capacity below its peak does). decide_call makes this move when a group moved whole to
     MLX leaves the programs side idle: the ANE's share of a layer is rarely a whole number of
-    experts (Mixtral has 8), so the marginal group gets tiers for it (plan_layer)."""
+    experts (Mixtral has 8), so the marginal group gets tiers for it (plan_layer). With ``limit``
+    (S,) (the energy objective's time bound), the largest capacity that ends the call within it."""
     S = len(ranked)
     if not runs:
         return np.zeros(S), np.full(S, np.inf)
@@ -289,6 +290,9 @@ def _partial_last(runs, tp: np.ndarray, tail: np.ndarray, ranked: np.ndarray, ca
     span = np.maximum(prog, mlx)
     span = np.where(cand[None, :] <= loads.min(1, keepdims=True), span, np.inf)  # full rounds only, as decide_call
     k = span.argmin(1)
+    if limit is not None:  # the most pairs on programs within the bound (capacities ascend)
+        ok = span <= limit[:, None] + 1e-15
+        k = np.where(ok.any(1), ok.shape[1] - 1 - np.argmax(ok[:, ::-1], 1), k)
     return cand[k].astype(float), span[np.arange(S), k]
 
 
@@ -385,17 +389,28 @@ def plan_layer(
         kb = span.argmin(1)
         rows = np.arange(len(ranked))
         whole_t = np.minimum(span[rows, kb], alone_t)  # whole groups only
+        cut = None  # energy: the last run's round cut to the most pairs that end within the time bound
         if runs:  # the last run may also run one smaller round (decide_call's take-back): the two units
             # balance between whole groups
-            part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H)
-            kb = np.where(part_t < span[rows, kb], span.shape[1], kb)
             (i, j), f = runs[-1], flops_per_row(D, H)
-            back = np.maximum(ranked[:, i:j] - part_c[:, None], 0).sum(1)  # its pairs past the round, on MLX
-            part_j = (cost.program_j_per_call + (j - i) * part_c * f * cost.program_j_per_flop) * (part_c > 0)
+
+            def cut_round(limit=None):
+                c, t_c = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
+                back = np.maximum(ranked[:, i:j] - c[:, None], 0).sum(1)  # its pairs past the round, on MLX
+                j_c = (cost.program_j_per_call + (j - i) * c * f * cost.program_j_per_flop) * (c > 0)
+                return t_c, j_c, back
+
+            part_t, part_j, back = cut_round()
+            kb = np.where(part_t < span[rows, kb], span.shape[1], kb)
             span = np.concatenate([span, part_t[:, None]], 1)
             cjp = np.concatenate([cjp, (jp[:, -1] - part_j)[:, None]], 1)
             cjm = np.concatenate([cjm, (back * f * cost.mlx_j_per_flop)[:, None]], 1)
             side = np.concatenate([side, (tail_t[:, m] + back * f / cost.mlx_flops)[:, None]], 1)
+            if energy:
+                ref = np.minimum(np.minimum(st_t, whole_t), alone_t) if energy_bound == "time" else alone_t
+                c_t, c_j, back = cut_round(1.2 * ref)
+                cut = (c_t, jp.sum(1) - jp[:, -1] + c_j + tail_j[:, m] + back * f * cost.mlx_j_per_flop
+                       + ((tail_t[:, m] + back) > 0) * cost.mlx_j_per_call)
         tb_t = np.minimum(span[rows, kb], alone_t)
         tb_j = np.where(span[rows, kb] < alone_t, jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb]
                         + (side[rows, kb] > 0) * cost.mlx_j_per_call, alone_j)
@@ -409,8 +424,8 @@ def plan_layer(
         lim = 1.2 * ref
         frac = np.clip((st_t - lim) / np.maximum(st_t - tb_t, 1e-30), 0, 1)
         part_t, part_j = np.where(st_t > lim, np.maximum(lim, tb_t), st_t), st_j + frac * (tb_j - st_j)
-        opts_t = np.stack([st_t, part_t, tb_t, alone_t])  # (4, S)
-        opts_j = np.stack([st_j, part_j, tb_j, alone_j])
+        opts_t = np.stack([st_t, part_t, tb_t, alone_t] + ([cut[0]] if cut else []))  # (4 or 5, S)
+        opts_j = np.stack([st_j, part_j, tb_j, alone_j] + ([cut[1]] if cut else []))
         j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
         pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
         cands.append((m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean())))
@@ -425,9 +440,14 @@ def plan_layer(
     groups = []
     runs = runs_of(m)
     balance = np.zeros(0)
-    if runs:  # the calls where the last run ends them soonest partly on programs: size tiers for those rounds
-        part_c, part_t = _partial_last(runs, *_run_costs(runs, run_cost, len(ranked))[:1], tail_t[:, m], ranked,
-                                       caps, cost, D, H)
+    if runs:  # the calls where the last run ends them soonest (energy: does most within its time bound)
+        # partly on programs: size tiers for those rounds
+        tp = _run_costs(runs, run_cost, len(ranked))[0]
+        limit = None
+        if energy:
+            st_t = split_cost(tp.sum(1), tail_t[:, m], tp.sum(1) * 0, tail_t[:, m] * 0, cost)[0]
+            limit = 1.2 * (np.minimum(st_t, alone_t) if energy_bound == "time" else alone_t)
+        part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
         balance = part_c[(part_t < np.inf) & (part_c > 0)]
     for i, j in runs:  # hottest run first
         if ranked[:, i:j].max() > 0:

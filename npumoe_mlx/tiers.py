@@ -253,7 +253,7 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
     moved = {}  # group -> (rounds, time, served) before it moved to MLX
     for gi in sorted((g for g in range(len(groups)) if served[g]), key=lambda g: (-t[g] / served[g], g)):
         if span <= target:
-            return
+            break
         new = max(prog - t[gi], cost.mlx_s(left + served[gi], D, H))
         if new >= span:
             break
@@ -261,9 +261,11 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
         prog, left, span = prog - t[gi], left + served[gi], new
         rounds[gi], t[gi], served[gi] = 0, 0.0, 0
     if moved:
-        _take_back(counts, groups, ladders, caps, rounds, t, served, moved, prog, left, span, cost, D, H)
+        _take_back(counts, groups, ladders, caps, rounds, t, served, moved, prog, left, span, cost, D, H, target)
         prog, left = cost.sync_s + sum(t), int(counts.sum()) - sum(served)
         span = max(prog, cost.mlx_s(left, D, H))
+    if span <= target:
+        return
     for _ in range(trims):
         if prog <= cost.mlx_s(left, D, H) or span <= target:
             return
@@ -287,16 +289,23 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
 
 
 def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, prog: float, left: int, span: float,
-               cost: CostModel, D: int, H: int) -> None:
+               cost: CostModel, D: int, H: int, target: float = 0.0) -> None:
     """In place, after whole groups moved to MLX: the programs side may end the call sooner with
     part of a group back. Either the last group moved runs one round at a smaller tier of its
     ladder, or it runs as before and a running group's last round is cut to a smaller tier
-    instead, whichever ends the call soonest (if sooner than now). The ANE's best share of a
-    layer is rarely whole groups (Mixtral has 8 experts); the plan gives its marginal group tiers
-    for these rounds (plan.py ``_partial_last``)."""
+    instead, whichever ends the call soonest (if sooner than now); with ``target`` > 0 (the
+    energy objective), whichever puts the most pairs back on programs within it. The ANE's best
+    share of a layer is rarely whole groups (Mixtral has 8 experts); the plan gives its marginal
+    group tiers for these rounds (plan.py ``_partial_last``)."""
     gm = list(moved)[-1]
     r_m, t_m, s_m = moved[gm]
-    best = None  # (span, [(group, caps, rounds, time, served), ...])
+    best = None  # (score, [(group, caps, rounds, time, served), ...])
+
+    def better(new, back, best):
+        """Sooner than now (time), or within the target with more pairs back (energy)."""
+        if target > 0:
+            return new <= target + 1e-12 and (best is None or (-back, new) < best[0])
+        return new < span - 1e-12 and (best is None or (new,) < best[0])
     for c in ladders[gm]:
         if c >= caps[gm][0]:
             break
@@ -304,8 +313,8 @@ def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, pr
         if ns < len(groups[gm]) * c:  # only full rounds: a padded one would rather stay on MLX
             break
         new = max(prog + nt, cost.mlx_s(left - ns, D, H))
-        if new < span - 1e-12 and (best is None or new < best[0]):
-            best = (new, [(gm, [c], 1, nt, ns)])
+        if better(new, ns, best):
+            best = ((-ns, new) if target > 0 else (new,), [(gm, [c], 1, nt, ns)])
     running = [g for g in range(len(groups)) if rounds[g] and caps[g] and g != gm]
     # the busiest running groups, and the plan's last (coldest) group, whose ladder has the cut tiers
     for gk in sorted(set(sorted(running, key=lambda g: -t[g])[:4]) | ({len(groups) - 1} & set(running))):
@@ -319,8 +328,10 @@ def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, pr
             if ns - int(np.minimum(counts[ids], sum(cs[:-1])).sum()) < len(ids) * c:
                 break
             new = max(prog + t_m - t[gk] + nt, cost.mlx_s(left - s_m + served[gk] - ns, D, H))
-            if new < span - 1e-12 and (best is None or new < best[0]):
-                best = (new, [(gm, caps[gm], r_m, t_m, s_m), (gk, new_caps, len(new_caps), nt, ns)])
+            back = s_m - served[gk] + ns
+            if better(new, back, best):
+                best = ((-back, new) if target > 0 else (new,),
+                        [(gm, caps[gm], r_m, t_m, s_m), (gk, new_caps, len(new_caps), nt, ns)])
     for gi, cs, r, nt, ns in (best[1] if best else []):
         caps[gi], rounds[gi], t[gi], served[gi] = cs, r, nt, ns
 

@@ -293,3 +293,19 @@ def test_the_marginal_group_gets_tiers_to_balance_the_two_units():
     best = cost.mlx_fixed_s + pairs - x
     assert made <= 1.03 * best, (made / best, [g.tiers for g in lp.groups])
     assert any(d.caps[-1][-1] < last.tiers[-1] and d.rounds[-1] for d in ds)  # cut rounds were used
+
+
+def test_energy_takes_back_as_much_as_its_time_bound_allows():
+    """Programs at half MLX's speed and a tenth of its joules per pair, within 1.2x MLX alone's time
+    (48 s): three resident groups take 60 s; moving one whole to MLX ends at 40 s with 22 J, but
+    running it and cutting another group's round to 4 rows ends at 48 s with 18.4 J (the time
+    objective ends at 28 s with 27.4 J)."""
+    cost = _cost(program_flops=F / 2, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    counts = np.array([10, 10, 10, 10])
+    cold = np.array([False, False, False, True])
+    groups, ladders = [np.array([0]), np.array([1]), np.array([2])], [[10], [4, 10], [10]]
+    d = decide_call(counts, groups, ladders, cold, cost, D, H, objective="energy", energy_bound="gpu")
+    assert d.offload and d.offload_s == pytest.approx(48.0) and d.offload_j == pytest.approx(18.4), (d.caps, d.rounds)
+    assert d.rounds == [1, 1, 1] and d.caps[1] == [4]
+    t = decide_call(counts, groups, ladders, cold, cost, D, H)  # time: two groups to MLX, one cut back: 28 s
+    assert t.offload_s == pytest.approx(28.0) and t.offload_j == pytest.approx(27.4) and t.caps[1] == [4]
