@@ -447,8 +447,11 @@ def plan_layer(
         if energy:
             st_t = split_cost(tp.sum(1), tail_t[:, m], tp.sum(1) * 0, tail_t[:, m] * 0, cost)[0]
             limit = 1.2 * (np.minimum(st_t, alone_t) if energy_bound == "time" else alone_t)
-        part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
+        part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H)
         balance = part_c[(part_t < np.inf) & (part_c > 0)]
+        if limit is not None:  # and the time-optimal cuts: the plan's fastest, which the bound is relative to
+            part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
+            balance = np.concatenate([balance, part_c[(part_t < np.inf) & (part_c > 0)]])
     for i, j in runs:  # hottest run first
         if ranked[:, i:j].max() > 0:
             samples = _spread(ranked[:, i:j].max(1), top)
