@@ -374,6 +374,7 @@ def plan_layer(
     cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls[, whole groups only,
     #           and on the smaller calls])
     small = call < call.max()
+    pending = []  # energy: per residency, what its calls can do; evaluated against the fastest of all
     for m in range(E + 1):
         runs = runs_of(m)
         tp, tm, jp, jm = _run_costs(runs, run_cost, len(ranked))  # (S, R) each
@@ -394,7 +395,7 @@ def plan_layer(
             # balance between whole groups
             (i, j), f = runs[-1], flops_per_row(D, H)
 
-            def cut_round(limit=None):
+            def cut_round(limit=None, runs=runs, tp=tp, m=m, i=i, j=j, f=f):
                 c, t_c = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
                 back = np.maximum(ranked[:, i:j] - c[:, None], 0).sum(1)  # its pairs past the round, on MLX
                 j_c = (cost.program_j_per_call + (j - i) * c * f * cost.program_j_per_flop) * (c > 0)
@@ -407,10 +408,7 @@ def plan_layer(
             cjm = np.concatenate([cjm, (back * f * cost.mlx_j_per_flop)[:, None]], 1)
             side = np.concatenate([side, (tail_t[:, m] + back * f / cost.mlx_flops)[:, None]], 1)
             if energy:
-                ref = np.minimum(np.minimum(st_t, whole_t), alone_t) if energy_bound == "time" else alone_t
-                c_t, c_j, back = cut_round(1.2 * ref)
-                cut = (c_t, jp.sum(1) - jp[:, -1] + c_j + tail_j[:, m] + back * f * cost.mlx_j_per_flop
-                       + ((tail_t[:, m] + back) > 0) * cost.mlx_j_per_call)
+                cut = cut_round
         tb_t = np.minimum(span[rows, kb], alone_t)
         tb_j = np.where(span[rows, kb] < alone_t, jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb]
                         + (side[rows, kb] > 0) * cost.mlx_j_per_call, alone_j)
@@ -418,14 +416,26 @@ def plan_layer(
             cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
                           float(whole_t[small].mean()) if small.any() else 0.0))
             continue
-        # per call, as decide_call: the least energy of (as planned, balanced just enough to end
-        # within the bound (interpolated), fully balanced, MLX alone) within the bound
-        ref = np.minimum(np.minimum(st_t, tb_t), alone_t) if energy_bound == "time" else alone_t
-        lim = 1.2 * ref
+        pending.append((m, st_t, st_j, tb_t, tb_j, cut, jp.sum(1) - (jp[:, -1] if runs else 0), tail_j[:, m],
+                        tail_t[:, m]))
+    # energy, per call as decide_call: the least energy of (as planned, balanced just enough to end
+    # within the bound (interpolated), fully balanced, MLX alone, the last run's round cut to the
+    # most pairs within the bound) within the bound: 1.2x the least time any residency gives that
+    # call (``energy_bound="time"``), or 1.2x MLX alone's
+    if pending:
+        fastest = np.min([p[3] for p in pending], 0)
+    for m, st_t, st_j, tb_t, tb_j, cut, j_rest, t_j, t_t in pending:
+        rows = np.arange(len(ranked))
+        lim = 1.2 * (np.minimum(fastest, alone_t) if energy_bound == "time" else alone_t)
         frac = np.clip((st_t - lim) / np.maximum(st_t - tb_t, 1e-30), 0, 1)
         part_t, part_j = np.where(st_t > lim, np.maximum(lim, tb_t), st_t), st_j + frac * (tb_j - st_j)
-        opts_t = np.stack([st_t, part_t, tb_t, alone_t] + ([cut[0]] if cut else []))  # (4 or 5, S)
-        opts_j = np.stack([st_j, part_j, tb_j, alone_j] + ([cut[1]] if cut else []))
+        opts_t, opts_j = [st_t, part_t, tb_t, alone_t], [st_j, part_j, tb_j, alone_j]
+        if cut is not None:
+            c_t, c_j, back = cut(lim)
+            f = flops_per_row(D, H)
+            opts_t.append(c_t)
+            opts_j.append(j_rest + c_j + t_j + back * f * cost.mlx_j_per_flop + ((t_t + back) > 0) * cost.mlx_j_per_call)
+        opts_t, opts_j = np.stack(opts_t), np.stack(opts_j)  # (4 or 5, S)
         j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
         pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
         cands.append((m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean())))
@@ -445,8 +455,7 @@ def plan_layer(
         tp = _run_costs(runs, run_cost, len(ranked))[0]
         limit = None
         if energy:
-            st_t = split_cost(tp.sum(1), tail_t[:, m], tp.sum(1) * 0, tail_t[:, m] * 0, cost)[0]
-            limit = 1.2 * (np.minimum(st_t, alone_t) if energy_bound == "time" else alone_t)
+            limit = 1.2 * (np.minimum(fastest, alone_t) if energy_bound == "time" else alone_t)
         part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H)
         balance = part_c[(part_t < np.inf) & (part_c > 0)]
         if limit is not None:  # and the time-optimal cuts: the plan's fastest, which the bound is relative to
