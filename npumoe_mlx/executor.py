@@ -26,9 +26,10 @@ import mlx.nn as nn
 import numpy as np
 
 from .cost import CostModel
-from .experts import SwitchGLU, stock_dense, stock_experts
+from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
-from .tiers import OVERFLOW_MODES, CallDecider, CallDecision, Slots, ladder_rounds, plan_slots
+from .profiles import LayerCounts, Profile
+from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
 OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
@@ -106,13 +107,10 @@ class OffloadExecutor:
         self._tiers = [list(g.tiers) for g in plan.groups]
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
-        self._decider: Optional[CallDecider] = None  # decide_call's arrays for this layer, built on first use
 
     def _decide(self, counts: np.ndarray) -> CallDecision:
-        if self._decider is None or self._decider.cost is not self.cost:
-            self._decider = CallDecider(self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H)
-        return self._decider.decide(counts, self.overflow, self.plan.objective, self.plan.max_calls,
-                                    self.plan.energy_bound)
+        return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
+                           self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
 
     def _record(self, n_tokens: int, k: int, counts: np.ndarray) -> None:
         """Keep the call's loads (the last MAX_LOADS) and notice overflow well above the plan's."""
@@ -311,12 +309,9 @@ class SharedExecutor:
         return out
 
 
-def stats_profile(model, model_type: str = "") -> "Profile":
+def stats_profile(model, model_type: str = "") -> Profile:
     """The per-call loads the offloaded layers saw, as a calibration profile (``--stats FILE``):
     ``npumoe plan --from-stats FILE`` re-sizes the ladders for this workload."""
-    from .calibrate import LayerCounts, Profile
-    from .experts import installed_blocks
-
     layers, tokens = [], 0
     for m in installed_blocks(model):
         ex = m.executor
@@ -335,8 +330,6 @@ def stats_profile(model, model_type: str = "") -> "Profile":
 
 def offload_stats(model) -> List[LayerStats]:
     """LayerStats of every offloaded expert block, then of every offloaded shared expert."""
-    from .experts import installed_blocks
-
     routed = [m.executor.stats for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
     shared = [
         m.executor.stats for _, m in model.named_modules()

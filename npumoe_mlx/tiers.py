@@ -10,18 +10,18 @@ here drops a pair.
 - ``tier_for``, ``ladder_rounds``, ``ladder_cover``: the rule (one call, many calls);
 - ``choose_ladder``: a group's tiers from calibrated loads (planner);
 - ``decide_call``: per layer call, programs or MLX, and each group's rounds
-  (executor and replay, fed the same counts), numpy over groups; ``CallDecider``
-  keeps a layer's arrays for many calls (the executor's);
-- ``plan_slots``: where each routed pair sits in the padded program inputs.
+  (executor and replay, fed the same counts), Python over groups (a few hundred us
+  at ~60 groups);
+- ``plan_slots``: where each routed pair sits in the padded program inputs (numpy over
+  every slot of a call at once).
 """
 
-import itertools
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cost import CostModel, flops_per_row
+from .cost import CostModel
 
 OVERFLOW_MODES = ("auto", "rerun", "spill", "drop")
 
@@ -182,252 +182,164 @@ def decide_call(
     of the next tier up (e.g. 256 + 64 for 300 rather than 512) where the padding
     saved pays for the extra call, the largest savings first, while the layer call
     stays within ``max_calls`` program calls.
-    A layer deciding many calls keeps a ``CallDecider`` (the executor does).
     """
-    return CallDecider(groups, ladders, cold, cost, D, H).decide(counts, overflow, objective, max_calls, energy_bound,
-                                                                 slack)
-
-
-_NO_TIER = 1 << 31  # ladder padding: above every load, small enough that rows x D x 8 bytes fit int64
-_ZERO = np.zeros(1, np.uint8)  # the load of a padded expert slot (keeps the counts' dtype)
-
-
-class CallDecider:
-    """``decide_call`` for one layer, numpy over its groups: the arrays that do not change
-    from call to call are built once.
-
-    ``idx`` (g, Gmax) each group's experts (-1 pads: a zero count); ``ladder`` (g, 1 + L)
-    each group's tiers, ascending, after a 0 (a round cut to nothing: its pairs to MLX) and
-    padded with _NO_TIER; ``ps``/``pj`` (g, 1 + L) seconds and joules of one program call at
-    each, as ``CostModel.program_s``/``program_j`` compute them. A call's rounds are column
-    indices into ``ladder`` (``_Rounds``), so every sum adds the same floats in the same
-    order as the per-group rule did, and its decisions are the same to the bit.
-    """
-
-    def __init__(self, groups, ladders, cold: np.ndarray, cost: CostModel, D: int, H: int):
-        self.cost, self.D, self.H = cost, D, H
-        self.cold = np.asarray(cold, bool)
-        self.any_cold = bool(self.cold.any())
-        self.n = len(groups)
-        self.rows = np.arange(self.n)
-        self.G = np.array([len(ids) for ids in groups], np.int64)
-        width = np.arange(max(int(self.G.max(initial=0)), 1))
-        self.idx = np.full((self.n, width.size), -1)
-        self.idx[width < self.G[:, None]] = np.concatenate(
-            [np.asarray(ids, np.int64).reshape(-1) for ids in groups] + [np.zeros(0, np.int64)])
-        ladder, self.nlad = _padded(ladders)
-        if ((np.diff(ladder, axis=1) <= 0) & (np.arange(1, ladder.shape[1]) < self.nlad[:, None])).any():
-            ladder, self.nlad = _padded([sorted(set(int(t) for t in l)) for l in ladders])
-        self.ladder = np.hstack([np.zeros((self.n, 1), np.int64), ladder])
-        self.tiers = ladder  # (g, L) without the 0 column
-        self.top = self.ladder[self.rows, self.nlad]  # each group's top tier
-        self.top1 = np.maximum(self.top, 1)
-        self.last_tier = np.maximum(self.nlad - 1, 0)  # index of the top tier in ``tiers``
-        G, fpr = self.G[:, None], flops_per_row(D, H)
-        zero = np.zeros((self.n, 1))
-        self.ps = np.hstack([zero, np.broadcast_to(cost.programs_s(G, 1, ladder, D, H), ladder.shape)])
-        self.pj = np.hstack([zero, cost.program_j_per_call + G * ladder * fpr * cost.program_j_per_flop])
-        self.mlx_a = fpr / cost.mlx_flops  # MLX seconds per pair, as mlx_s: fixed + (pairs * fpr) / flops
-        self.row_s = cost.row_s(D, H)
-
-    def mlx_s(self, pairs):
-        c = self.cost
-        return np.where(pairs > 0, c.mlx_fixed_s + pairs * flops_per_row(self.D, self.H) / c.mlx_flops, 0.0)
-
-    def mlx_j(self, pairs):
-        c = self.cost
-        return np.where(pairs > 0, c.mlx_j_per_call + pairs * flops_per_row(self.D, self.H) * c.mlx_j_per_flop, 0.0)
-
-    def decide(self, counts: np.ndarray, overflow: str = "auto", objective: str = "time", max_calls: int = 0,
-               energy_bound: str = "time", slack: float = 1.2) -> CallDecision:
-        """``decide_call`` for this call's per-expert counts (E,)."""
-        cost = self.cost
-        r = _Rounds(self, np.asarray(counts))
-        if overflow == "rerun":
-            r.run = np.maximum(r.ncap, 1)
+    counts = np.asarray(counts)
+    caps = [ladder_rounds(counts[ids], tiers) for ids, tiers in zip(groups, ladders)]
+    rounds = []
+    for ids, cs in zip(groups, caps):
+        if len(cs) <= 1 or overflow == "rerun":
+            rounds.append(max(len(cs), 1))
         elif overflow in ("spill", "drop"):
-            r.run = np.ones_like(r.ncap)
-        else:  # auto: rounds past the first where they cost less than the remainder on MLX
-            r.run = np.maximum(r.ncap, 1)
-            many = r.ncap > 1
-            if many.any():
-                extra = _prefix(self.ps[self.rows[:, None], r.col[:, 1:]])[self.rows, np.maximum(r.ncap - 1, 0)]
-                first = self.ladder[self.rows, r.col[:, 0]]
-                remainder = np.maximum(r.load - first[:, None], 0).sum(axis=1).astype(np.int64)
-                r.run = np.where(many & ~(extra < self.mlx_s(remainder)), 1, r.run)
-        if max_calls > 0:
-            _split_rounds(r, max_calls - int(r.run[r.ncap > 0].sum()))
-        if not (objective == "energy" and cost.has_energy):
-            if overflow == "auto":
-                _rebalance(r)
-                _trim_padding(r)
-            d = _tally(r)
-            d.offload = d.program_calls > 0 and d.offload_s < d.mlx_only_s
-            return d
-        # energy: MLX alone, or the plan with just enough of the time-balancing moves to end
-        # within ``slack`` x the least time (``energy_bound="time"``) or x MLX alone's ("gpu")
-        static = _tally(r)
-        fast = r.copy()
+            rounds.append(1)
+        else:
+            extra = sum(cost.program_s(len(ids), c, D, H) for c in cs[1:])
+            remainder = int(np.maximum(counts[ids] - cs[0], 0).sum())
+            rounds.append(len(cs) if extra < cost.mlx_s(remainder, D, H) else 1)
+    if max_calls > 0:
+        _split_rounds(counts, groups, ladders, caps, rounds, cost, D, H, max_calls - sum(
+            r for cs, r in zip(caps, rounds) if cs))
+    energy = objective == "energy" and cost.has_energy
+    if not energy:
         if overflow == "auto":
-            _rebalance(fast)
-        timed = _tally(fast)
-        runs = [c for c in (static, timed) if c.program_calls > 0]
-        ref = min([c.offload_s for c in runs] + [timed.mlx_only_s]) if energy_bound == "time" else timed.mlx_only_s
-        last = []
-        if overflow == "auto" and static.program_calls and static.offload_s > slack * ref:
-            _rebalance(r, target=slack * ref)
-            last.append(_tally(r))
-        alone = CallDecision(False, [0] * self.n, r.caps(), 0.0, timed.mlx_only_s, timed.mlx_only_s,
-                             timed.mlx_only_j, timed.mlx_only_j)
-        opts = runs + [alone] + last
-        ok = [c for c in opts if c.offload_s <= slack * ref + 1e-12] or [min(opts, key=lambda c: c.offload_s)]
-        d = min(ok, key=lambda c: (c.offload_j, c.offload_s))
-        d.offload = d is not alone and d.program_calls > 0
+            _rebalance(counts, groups, ladders, caps, rounds, cost, D, H)
+            _trim_padding(counts, groups, ladders, caps, rounds, cost, D, H)
+        d = _tally(counts, groups, cold, caps, rounds, cost, D, H)
+        d.offload = d.program_calls > 0 and d.offload_s < d.mlx_only_s
         return d
+    # energy: MLX alone, or the plan with just enough of the time-balancing moves to end
+    # within ``slack`` x the least time (``energy_bound="time"``) or x MLX alone's ("gpu")
+    static = _tally(counts, groups, cold, [list(c) for c in caps], list(rounds), cost, D, H)
+    fast_caps, fast_rounds = [list(c) for c in caps], list(rounds)
+    if overflow == "auto":
+        _rebalance(counts, groups, ladders, fast_caps, fast_rounds, cost, D, H)
+    timed = _tally(counts, groups, cold, fast_caps, fast_rounds, cost, D, H)
+    alone = CallDecision(False, [0] * len(groups), caps, 0.0, timed.mlx_only_s, timed.mlx_only_s,
+                         timed.mlx_only_j, timed.mlx_only_j)
+    runs = [c for c in (static, timed) if c.program_calls > 0]
+    ref = min([c.offload_s for c in runs] + [alone.offload_s]) if energy_bound == "time" else alone.offload_s
+    opts = runs + [alone]
+    if overflow == "auto" and static.program_calls and static.offload_s > slack * ref:
+        _rebalance(counts, groups, ladders, caps, rounds, cost, D, H, target=slack * ref)
+        opts.append(_tally(counts, groups, cold, caps, rounds, cost, D, H))
+    ok = [c for c in opts if c.offload_s <= slack * ref + 1e-12] or [min(opts, key=lambda c: c.offload_s)]
+    d = min(ok, key=lambda c: (c.offload_j, c.offload_s))
+    d.offload = d is not alone and d.program_calls > 0
+    return d
 
 
-def _padded(ladders) -> Tuple[np.ndarray, np.ndarray]:
-    """Ladders as (g, L) padded with _NO_TIER, and their lengths (g,)."""
-    n = np.array([len(t) for t in ladders], np.int64)
-    col = np.arange(max(int(n.max(initial=0)), 1))
-    out = np.full((n.size, col.size), _NO_TIER)
-    out[col < n[:, None]] = np.fromiter(itertools.chain.from_iterable(ladders), np.int64)
-    return out, n
-
-
-def _prefix(a: np.ndarray) -> np.ndarray:
-    """(g, R) -> (g, 1 + R): 0, then running sums left to right (the order Python's ``sum`` adds in)."""
-    out = np.zeros((a.shape[0], a.shape[1] + 1), a.dtype)
-    a.cumsum(axis=1, out=out[:, 1:])
-    return out
-
-
-def _seq_sum(a: np.ndarray):
-    """Left-to-right sum of a 1-D array (Python's ``sum``; numpy's is pairwise)."""
-    return float(a.cumsum()[-1]) if a.size else 0
-
-
-class _Rounds:
-    """One call's rounds: ``col`` (g, R) column of each group's ladder per round (0 past
-    ``ncap``, its number of rounds), ``run`` (g,) how many of them run on programs;
-    ``load`` (g, Gmax) the group's per-expert counts."""
-
-    def __init__(self, d: CallDecider, counts: np.ndarray):
-        self.d, self.counts = d, counts
-        self.pairs = int(counts.sum())
-        self.load = np.concatenate((counts, _ZERO))[d.idx]  # (g, Gmax)
-        # ladder_rounds for all groups at once: the top tier while the peak exceeds it, then the smallest that fits
-        peak = self.load.max(axis=1)
-        if peak.dtype.kind == "f":
-            peak = np.ceil(peak)
-        peak = peak.astype(np.int64)
-        self.ncap = np.where(peak > 0, (peak - 1) // d.top1 + 1, 0)
-        last = peak - (self.ncap - 1) * d.top
-        fit = np.minimum((d.tiers < last[:, None]).sum(axis=1), d.last_tier) + 1
-        k = np.arange(max(int(self.ncap.max()) if d.n else 0, 2))
-        self.col = np.where(k < self.ncap[:, None] - 1, d.nlad[:, None], np.where(k == self.ncap[:, None] - 1, fit[:, None], 0))
-        self.run = np.zeros(d.n, np.int64)
-        self.sums_ = None
-
-    def copy(self) -> "_Rounds":
-        new = object.__new__(_Rounds)
-        new.__dict__.update(self.__dict__)
-        new.col, new.ncap, new.run, new.sums_ = self.col.copy(), self.ncap.copy(), self.run.copy(), None
-        return new
-
-    def caps(self) -> List[List[int]]:
-        vals = self.d.ladder[self.d.rows[:, None], self.col].tolist()
-        return [row[:n] for row, n in zip(vals, self.ncap.tolist())]
-
-    def sums(self):
-        """Of the rounds that run, per group: (their count (g,), running seconds (g, 1+R),
-        running rows per expert (g, 1+R), seconds (g,), rows per expert (g,), pairs served (g,)).
-        Kept until the rounds change: whoever changes them sets ``self.sums_ = None`` (and
-        may write into the old arrays only then)."""
-        if self.sums_ is None:
-            d = self.d
-            n = np.minimum(self.run, self.ncap)
-            cum_t = _prefix(d.ps[d.rows[:, None], self.col])
-            cum_rows = _prefix(d.ladder[d.rows[:, None], self.col])
-            rows = cum_rows[d.rows, n]
-            served = np.minimum(self.load, rows[:, None]).sum(axis=1).astype(np.int64)
-            self.sums_ = n, cum_t, cum_rows, cum_t[d.rows, n], rows, served
-        return self.sums_
-
-
-def _tally(r: _Rounds) -> CallDecision:
+def _tally(counts, groups, cold, caps, rounds, cost: CostModel, D: int, H: int) -> CallDecision:
     """Predicted time and energy of a call run with these rounds (offload left False)."""
-    d = r.d
-    cost, D, H = d.cost, d.D, d.H
-    n, _, _, _, rows, _ = r.sums()
-    on = np.arange(r.col.shape[1]) < n[:, None]  # (g, R) the rounds that run, in call order
-    left = int(r.counts[d.cold].sum()) if d.any_cold else 0
-    left += int(np.maximum(r.load - rows[:, None], 0).sum(axis=1).astype(np.int64).sum())
-    g, col = on.nonzero()[0], r.col[on]
-    return CallDecision(False, r.run.tolist(), r.caps(), cost.sync_s + _seq_sum(d.ps[g, col]),
-                        cost.mlx_s(left, D, H), cost.mlx_s(r.pairs, D, H),
-                        _seq_sum(d.pj[g, col]) + cost.mlx_j(left, D, H), cost.mlx_j(r.pairs, D, H), int(n.sum()))
+    run = [(len(ids), c) for ids, cs, r in zip(groups, caps, rounds) for c in cs[:r]]
+    left = int(counts[cold].sum()) if np.any(cold) else 0
+    for ids, cs, r in zip(groups, caps, rounds):
+        left += int(np.maximum(counts[ids] - sum(cs[:r]), 0).sum())
+    pairs = int(counts.sum())
+    return CallDecision(False, rounds, caps, cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run),
+                        cost.mlx_s(left, D, H), cost.mlx_s(pairs, D, H),
+                        sum(cost.program_j(G, c, D, H) for G, c in run) + cost.mlx_j(left, D, H), cost.mlx_j(pairs, D, H),
+                        len(run))
 
 
-def _rebalance(r: _Rounds, trims: int = 4, target: float = 0.0) -> None:
+def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, trims: int = 4,
+               target: float = 0.0) -> None:
     """In place, while the programs side would finish last: rounds = 0 for groups that end
     the call sooner on MLX (worst seconds per pair first), then a busy group's last round
     cut to a smaller tier of its ladder, the rest of its pairs to MLX (``trims`` times).
     With ``target`` > 0, stop as soon as the call ends within it (the energy objective
     keeps as much work on the frugal unit as its time bound allows)."""
-    d = r.d
-    cost = d.cost
-    _, _, _, t, _, served = r.sums()
-    prog = cost.sync_s + _seq_sum(t)
-    left = r.pairs - int(served.sum())
-    if prog <= cost.mlx_s(left, d.D, d.H):  # MLX finishes last: moving work there cannot end the call sooner
+    t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
+    served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
+    prog = cost.sync_s + sum(t)
+    left = int(counts.sum()) - sum(served)
+    span = max(prog, cost.mlx_s(left, D, H))
+    moved = {}  # group -> (rounds, time, served) before it moved to MLX
+    for gi in sorted((g for g in range(len(groups)) if served[g]), key=lambda g: (-t[g] / served[g], g)):
+        if span <= target:
+            break
+        new = max(prog - t[gi], cost.mlx_s(left + served[gi], D, H))
+        if new >= span:
+            break
+        moved[gi] = (rounds[gi], t[gi], served[gi])
+        prog, left, span = prog - t[gi], left + served[gi], new
+        rounds[gi], t[gi], served[gi] = 0, 0.0, 0
+    if moved:
+        _take_back(counts, groups, ladders, caps, rounds, t, served, moved, prog, left, span, cost, D, H, target)
+        prog, left = cost.sync_s + sum(t), int(counts.sum()) - sum(served)
+        span = max(prog, cost.mlx_s(left, D, H))
+    if span <= target:
         return
-    span = max(prog, cost.mlx_s(left, d.D, d.H))
-    busy = served.nonzero()[0]
-    order = busy[np.lexsort((busy, -t[busy] / served[busy]))]  # worst seconds per pair first
-    # moving the first j of them: the programs side and the MLX side, added up as a loop would
-    progs = np.subtract.accumulate(np.concatenate([[prog], t[order]]))
-    lefts = left + np.concatenate([[0], served[order].cumsum()])
-    new = np.maximum(progs[1:], d.mlx_s(lefts[1:]))  # the span after moving j + 1
-    before = np.concatenate([[span], new])  # the span after moving j
-    stop = (before[:-1] <= target) | (new >= before[:-1])
-    j = int(np.argmax(stop)) if stop.any() else order.size
-    if j:
-        r.run[order[:j]] = 0
-        r.sums_ = None
-    prog, left, span = float(progs[j]), int(lefts[j]), float(before[j])
-    if j < order.size and span <= target:
-        return
-    if j:
-        n_all, cum_t, cum_rows, t, _, served = r.sums()  # the moved groups: nothing runs, nothing served
-    else:
-        n_all, cum_t, cum_rows = r.sums()[:3]
     for _ in range(trims):
-        if prog <= cost.mlx_s(left, d.D, d.H) or span <= target:
+        if prog <= cost.mlx_s(left, D, H) or span <= target:
             return
-        cand = ((r.run > 0) & (r.ncap > 0)).nonzero()[0]
-        cand = cand[np.argsort(-t[cand], kind="stable")][:4]
-        n = n_all[cand]
-        c = d.ladder[cand, 1:]  # (c, L): a new last round at each smaller tier
-        ok = c < d.ladder[cand, r.col[cand, n - 1]][:, None]
-        nt = cum_t[cand, n - 1][:, None] + d.ps[cand, 1:]
-        ns = np.minimum(r.load[cand][:, :, None], (cum_rows[cand, n - 1][:, None] + c)[:, None, :])
-        ns = ns.sum(axis=1).astype(np.int64)
-        new = np.maximum(prog - t[cand][:, None] + nt, d.mlx_s(left + served[cand][:, None] - ns))
-        ok &= new < span - 1e-12
-        if not ok.any():
+        best = None  # (span, group, caps, time, served)
+        for gi in sorted((g for g in range(len(groups)) if rounds[g] and caps[g]), key=lambda g: -t[g])[:4]:
+            ids, cs = groups[gi], caps[gi][: rounds[gi]]
+            for c in ladders[gi]:
+                if c >= cs[-1]:
+                    break
+                new_caps = cs[:-1] + [c]
+                nt = sum(cost.program_s(len(ids), x, D, H) for x in new_caps)
+                ns = int(np.minimum(counts[ids], sum(new_caps)).sum())
+                new = max(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H))
+                if new < span - 1e-12 and (best is None or new < best[0]):
+                    best = (new, gi, new_caps, nt, ns)
+        if best is None:
             return
-        i, k = np.unravel_index(int(np.argmin(np.where(ok, new, np.inf))), ok.shape)
-        gi, m = cand[i], n[i]
-        span = float(new[i, k])
-        prog, left = prog - t[gi] + float(nt[i, k]), left + int(served[gi]) - int(ns[i, k])
-        r.col[gi, m - 1], r.col[gi, m:] = k + 1, 0
-        r.ncap[gi] = r.run[gi] = m
-        r.sums_ = None  # the arrays below are ours now: kept in step with the cut round
-        t[gi], served[gi], cum_t[gi, m], cum_rows[gi, m] = nt[i, k], ns[i, k], nt[i, k], cum_rows[gi, m - 1] + c[i, k]
+        span, gi, new_caps, nt, ns = best
+        prog, left = prog - t[gi] + nt, left + served[gi] - ns
+        caps[gi], rounds[gi], t[gi], served[gi] = new_caps, len(new_caps), nt, ns
 
 
-def _trim_padding(r: _Rounds, slack: Optional[float] = None) -> None:
+def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, prog: float, left: int, span: float,
+               cost: CostModel, D: int, H: int, target: float = 0.0) -> None:
+    """In place, after whole groups moved to MLX: the programs side may end the call sooner with
+    part of a group back. Either the last group moved runs one round at a smaller tier of its
+    ladder, or it runs as before and a running group's last round is cut to a smaller tier
+    instead, whichever ends the call soonest (if sooner than now); with ``target`` > 0 (the
+    energy objective), whichever puts the most pairs back on programs within it. The ANE's best
+    share of a layer is rarely whole groups (Mixtral has 8 experts); the plan gives its marginal
+    group tiers for these rounds (plan.py ``_partial_last``)."""
+    gm = list(moved)[-1]
+    r_m, t_m, s_m = moved[gm]
+    best = None  # (score, [(group, caps, rounds, time, served), ...])
+
+    def better(new, back, best):
+        """Sooner than now (time), or within the target with more pairs back (energy)."""
+        if target > 0:
+            return new <= target + 1e-12 and (best is None or (-back, new) < best[0])
+        return new < span - 1e-12 and (best is None or (new,) < best[0])
+    for c in ladders[gm]:
+        if c >= caps[gm][0]:
+            break
+        nt, ns = cost.program_s(len(groups[gm]), c, D, H), int(np.minimum(counts[groups[gm]], c).sum())
+        if ns < len(groups[gm]) * c:  # only full rounds: a padded one would rather stay on MLX
+            break
+        new = max(prog + nt, cost.mlx_s(left - ns, D, H))
+        if better(new, ns, best):
+            best = ((-ns, new) if target > 0 else (new,), [(gm, [c], 1, nt, ns)])
+    running = [g for g in range(len(groups)) if rounds[g] and caps[g] and g != gm]
+    # the busiest running groups, and the plan's last (coldest) group, whose ladder has the cut tiers
+    for gk in sorted(set(sorted(running, key=lambda g: -t[g])[:4]) | ({len(groups) - 1} & set(running))):
+        ids, cs = groups[gk], caps[gk][: rounds[gk]]
+        for c in ladders[gk]:
+            if c >= cs[-1]:
+                break
+            new_caps = cs[:-1] + [c]
+            nt = sum(cost.program_s(len(ids), x, D, H) for x in new_caps)
+            ns = int(np.minimum(counts[ids], sum(new_caps)).sum())
+            if ns - int(np.minimum(counts[ids], sum(cs[:-1])).sum()) < len(ids) * c:
+                break
+            new = max(prog + t_m - t[gk] + nt, cost.mlx_s(left - s_m + served[gk] - ns, D, H))
+            back = s_m - served[gk] + ns
+            if better(new, back, best):
+                best = ((-back, new) if target > 0 else (new,),
+                        [(gm, caps[gm], r_m, t_m, s_m), (gk, new_caps, len(new_caps), nt, ns)])
+    for gi, cs, r, nt, ns in (best[1] if best else []):
+        caps[gi], rounds[gi], t[gi], served[gi] = cs, r, nt, ns
+
+
+def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int,
+                  slack: Optional[float] = None) -> None:
     """In place, when MLX finishes last: cut padded rounds while the call ends within
     ``slack`` seconds of its makespan (default MLX's fixed cost per call, the model's
     smallest term) and, with a cost model that has energy, each cut spends no more joules.
@@ -438,74 +350,68 @@ def _trim_padding(r: _Rounds, slack: Optional[float] = None) -> None:
     pad most (a 128-token OLMoE call gives an expert ~16 pairs; Core ML tiers are
     multiples of 32 rows).
     """
-    d = r.d
-    cost = d.cost
-    n, cum_t, cum_rows, t, rows, served = r.sums()
-    rows = d.G * rows  # program rows of each group
-    prog = cost.sync_s + _seq_sum(t)
-    left = r.pairs - int(served.sum())
-    span = cost.mlx_s(left, d.D, d.H)
+    t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
+    served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
+    rows = [len(ids) * sum(cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
+    prog = cost.sync_s + sum(t)
+    left = int(counts.sum()) - sum(served)
+    span = cost.mlx_s(left, D, H)
     if prog > span:  # programs finish last: _rebalance's case
         return
     limit = span + (cost.mlx_fixed_s if slack is None else slack)
-    energy = cost.has_energy
     while True:
-        # every group's options in one (g, 1 + L) array, in the rule's order: its last round
-        # to MLX (column 0), then at each smaller tier of its ladder
-        m = np.maximum(n - 1, 0)
-        size = cum_rows[d.rows, m][:, None] + d.ladder  # rows per expert after
-        nt = cum_t[d.rows, m][:, None] + d.ps
-        ns = np.minimum(r.load[:, :, None], size[:, None, :]).sum(axis=1).astype(np.int64)
-        saved = (rows - served)[:, None] - (d.G[:, None] * size - ns)
-        moved = left + served[:, None] - ns  # the MLX side's pairs after
-        new = np.maximum(prog - t[:, None] + nt, d.mlx_s(moved))
-        ok = (d.ladder < d.ladder[d.rows, r.col[d.rows, m]][:, None]) & (n > 0)[:, None] & (saved > 0)
-        ok &= ~(new > limit + 1e-15)
-        if energy:
-            cum_j = _prefix(d.pj[d.rows[:, None], r.col])
-            after = (cum_j[d.rows, m][:, None] + d.pj) + d.mlx_j(moved)
-            ok &= ~(after > (cum_j[d.rows, n] + cost.mlx_j(left, d.D, d.H))[:, None])
-        if not ok.any():
+        best = None  # (score, span, group, caps, rounds, time, served, rows)
+        for gi, (ids, cs, r) in enumerate(zip(groups, caps, rounds)):
+            run = cs[:r]
+            if not run:
+                continue
+            opts = [(list(cs), r - 1)] + [(run[:-1] + [c], r) for c in ladders[gi] if c < run[-1]]
+            for new_caps, nr in opts:
+                nrun = new_caps[:nr]
+                nrows = len(ids) * sum(nrun)
+                ns = int(np.minimum(counts[ids], sum(nrun)).sum())
+                saved = (rows[gi] - served[gi]) - (nrows - ns)
+                if saved <= 0:
+                    continue
+                nt = sum(cost.program_s(len(ids), c, D, H) for c in nrun)
+                new = max(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H))
+                if new > limit + 1e-15:
+                    continue
+                if cost.has_energy:  # joules of the group's rounds + the MLX side, after vs before
+                    after = sum(cost.program_j(len(ids), c, D, H) for c in nrun) + cost.mlx_j(left + served[gi] - ns, D, H)
+                    if after > sum(cost.program_j(len(ids), c, D, H) for c in run) + cost.mlx_j(left, D, H):
+                        continue
+                score = saved / max(new - span, 1e-12)
+                if best is None or score > best[0]:
+                    best = (score, new, gi, new_caps, nr, nt, ns, nrows)
+        if best is None:
             return
-        score = np.where(ok, saved / np.maximum(new - span, 1e-12), -np.inf)
-        gi, k = np.unravel_index(int(np.argmax(score)), score.shape)
-        span = float(new[gi, k])
-        prog, left = prog - t[gi] + float(nt[gi, k]), left + int(served[gi]) - int(ns[gi, k])
-        if k == 0:  # the last round to MLX; its caps stay
-            r.run[gi] = n[gi] - 1
-        else:  # the last round at a smaller tier; its caps end there
-            r.col[gi, n[gi] - 1], r.col[gi, n[gi]:] = k, 0
-            r.ncap[gi] = r.run[gi] = n[gi]
-        r.sums_ = None
-        n, cum_t, cum_rows, t, rows, served = r.sums()
-        rows = d.G * rows
+        _, span, gi, new_caps, nr, nt, ns, nrows = best
+        prog, left = prog - t[gi] + nt, left + served[gi] - ns
+        caps[gi], rounds[gi], t[gi], served[gi], rows[gi] = new_caps, nr, nt, ns, nrows
 
 
-def _split_rounds(r: _Rounds, budget: int) -> None:
+def _split_rounds(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, budget: int) -> None:
     """In place: groups served by one round get two smaller ones where that saves most rows."""
     if budget <= 0:
         return
-    d = r.d
-    cost = d.cost
-    g = ((r.ncap == 1) & (r.run == 1)).nonzero()[0]  # groups served by one round
-    if not g.size:
-        return
-    peak = r.load[g].max(axis=1).astype(np.int64)  # int(), as the per-group rule took it
-    C = d.ladder[g, r.col[g, 0]]
-    c1 = d.tiers[g]  # (g, L): a first round below the cap and the peak, then the tier that fits the rest
-    rest = peak[:, None] - c1
-    at = np.minimum((c1[:, None, :] < rest[:, :, None]).sum(axis=2), d.last_tier[g, None])
-    c2 = c1[np.arange(g.size)[:, None], at]
-    saved = np.where((c1 < np.minimum(C, peak)[:, None]) & (rest <= c2), C[:, None] - c1 - c2, 0)
-    k = saved.shape[1] - 1 - np.argmax(saved[:, ::-1], axis=1)  # the largest saving; ties: the larger first round
-    best = saved[np.arange(g.size), k]
-    G = d.G[g]
-    keep = ((best >= 1) & (best * G * d.row_s > cost.dispatch_s + G * cost.expert_s)).nonzero()[0]
-    keep = keep[np.lexsort((g[keep], -(G[keep] * best[keep])))][:budget]
-    gs = g[keep]
-    r.col[gs, 0], r.col[gs, 1] = k[keep] + 1, at[keep, k[keep]] + 1
-    r.ncap[gs] = r.run[gs] = 2
-    r.sums_ = None
+    row_s = cost.row_s(D, H)
+    best = []  # (rows saved, group, new caps)
+    for gi, (ids, tiers, cs, r) in enumerate(zip(groups, ladders, caps, rounds)):
+        if len(cs) != 1 or r != 1:
+            continue
+        peak, C, G = int(counts[ids].max()), cs[0], len(ids)
+        top = (0, None)
+        for c1 in tiers:
+            if c1 >= min(C, peak):
+                break
+            c2 = tier_for(peak - c1, tiers)
+            if peak - c1 <= c2 and C - c1 - c2 >= max(top[0], 1):  # ties: the larger first round
+                top = (C - c1 - c2, [c1, c2])
+        if top[1] is not None and G * top[0] * row_s > cost.dispatch_s + G * cost.expert_s:
+            best.append((G * top[0], gi, top[1]))
+    for _, gi, new in sorted(best, key=lambda t: (-t[0], t[1]))[:budget]:
+        caps[gi], rounds[gi] = new, 2
 
 
 # --- slots -------------------------------------------------------------------

@@ -263,3 +263,58 @@ def test_old_plans_still_load():
     del d["limits"]["call_ratio"]
     back = Plan.from_dict(d)
     assert back.layers[0].objective == "time" and back.layers[0].max_calls == 0
+
+
+def test_a_group_moved_to_mlx_comes_back_as_part_of_a_round():
+    """Programs at half MLX's speed, 4 experts of 10 pairs, two resident: both on programs end the
+    call at 40 s, moving one to MLX at 30 s. The best split is between the two: the moved group
+    runs again and the other one's round is cut to its 4-row tier (28 s); stopping at whole groups
+    (30 s) wastes the programs' idle time."""
+    cost = _cost(program_flops=F / 2)  # a program row costs 2 s, an MLX pair 1 s
+    counts = np.array([10, 10, 10, 10])
+    cold = np.array([False, False, True, True])
+    d = decide_call(counts, [np.array([0]), np.array([1])], [[10], [4, 10]], cold, cost, D, H)
+    assert d.offload and d.offload_s == pytest.approx(28.0), (d.rounds, d.caps, d.program_s, d.mlx_side_s)
+    assert d.rounds == [1, 1] and d.caps[0] == [10] and d.caps[1] == [4]
+    s = plan_slots(np.argsort(np.repeat(np.arange(4), 10), kind="stable"), counts, 1,
+                   [[0], [1]], [[10], [4, 10]], caps=[d.caps[0][:1], d.caps[1][:1]])
+    assert [c[2] for c in s.calls] == [10, 4] and (s.loc >= 0).sum() == 14  # the other 6 pairs of expert 1: MLX
+    # a cut round that would be padded stays on MLX instead (expert 1 has 3 pairs, its cut tier is 4)
+    d = decide_call(np.array([10, 3, 10, 10]), [np.array([0]), np.array([1])], [[10], [4, 10]], cold, cost, D, H)
+    assert d.caps[1] != [4] or d.rounds[1] == 0
+
+
+def test_the_marginal_group_gets_tiers_to_balance_the_two_units():
+    """8 experts, top-2, 2048-token calls, programs at a third of MLX's speed: the best split puts
+    a quarter of the pairs (two experts' worth minus a bit) on programs. The plan's coldest
+    resident group gets tiers below its load for that cut round, and the calls land within 3% of
+    the continuous optimum (whole experts only: ~8% above it)."""
+    cost = _cost(program_flops=F / 3, dispatch_s=0.5, mlx_fixed_s=0.5, sync_s=0.5)
+    prof = _profile(E=8, k=2, calls=48, n=2048, seed=3, skew=0.3)
+    lp = plan_layer(prof, D, H, cost, PlanLimits.for_backend("coreml"), call_sizes=[2048])
+    calls = [np.asarray(c["counts"]) for c in _profile(E=8, k=2, calls=16, n=2048, seed=4, skew=0.3).chunks]
+    last = lp.groups[-1]
+    assert min(last.tiers) < min(int(c[last.experts].min()) for c in calls), last.tiers
+    ds = [lp.decide(cost, c) for c in calls]
+    made = np.mean([d.offload_s for d in ds])
+    pairs = 2048 * 2  # continuous optimum: x pairs at 3 s on programs, the rest at 1 s on MLX, both at once
+    x = (pairs + cost.mlx_fixed_s - cost.sync_s - cost.dispatch_s) / 4
+    best = cost.mlx_fixed_s + pairs - x
+    assert made <= 1.03 * best, (made / best, [g.tiers for g in lp.groups])
+    assert any(d.caps[-1][-1] < last.tiers[-1] and d.rounds[-1] for d in ds)  # cut rounds were used
+
+
+def test_energy_takes_back_as_much_as_its_time_bound_allows():
+    """Programs at half MLX's speed and a tenth of its joules per pair, within 1.2x MLX alone's time
+    (48 s): three resident groups take 60 s; moving one whole to MLX ends at 40 s with 22 J, but
+    running it and cutting another group's round to 4 rows ends at 48 s with 18.4 J (the time
+    objective ends at 28 s with 27.4 J)."""
+    cost = _cost(program_flops=F / 2, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    counts = np.array([10, 10, 10, 10])
+    cold = np.array([False, False, False, True])
+    groups, ladders = [np.array([0]), np.array([1]), np.array([2])], [[10], [4, 10], [10]]
+    d = decide_call(counts, groups, ladders, cold, cost, D, H, objective="energy", energy_bound="gpu")
+    assert d.offload and d.offload_s == pytest.approx(48.0) and d.offload_j == pytest.approx(18.4), (d.caps, d.rounds)
+    assert d.rounds == [1, 1, 1] and d.caps[1] == [4]
+    t = decide_call(counts, groups, ladders, cold, cost, D, H)  # time: two groups to MLX, one cut back: 28 s
+    assert t.offload_s == pytest.approx(28.0) and t.offload_j == pytest.approx(27.4) and t.caps[1] == [4]
