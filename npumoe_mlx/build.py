@@ -171,7 +171,7 @@ def build(
         }
         plan = make_plan(profile.to_json(), shapes, cost, limits, objective=objective)
         log(f"[3/4] {format_plan(plan)}")
-        resident = plan_resident(plan, model, blocks)
+        resident = plan_resident(plan, model, blocks, cost, keep_mlx_experts=False)  # the default at run time
         log(f"      {describe(resident)}")
         check_budget(resident, default_memory_budget() if memory_budget == -1 else memory_budget)
 

@@ -25,6 +25,7 @@ import numpy as np
 from .cost import CostModel
 from .experts import SwitchGLU, stock_dense, stock_experts
 from .plan import LayerPlan
+from .release import record_of
 from .tiers import OVERFLOW_MODES, CallDecision, decide_call, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
@@ -103,10 +104,24 @@ class OffloadExecutor:
         self._tiers = [list(g.tiers) for g in plan.groups]
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
+        self._released_tiers = None
 
-    def _decide(self, counts: np.ndarray) -> CallDecision:
+    def _decide(self, counts: np.ndarray, released: bool = False) -> CallDecision:
+        if released:  # MLX lacks these experts: every pair runs on programs, overflow reruns the ladder
+            d = decide_call(counts, self._groups, self._small_tiers(), self._cold, self.cost, self.plan.D,
+                            self.plan.H, "drop" if self.overflow == "drop" else "rerun", "time", self.plan.max_calls)
+            d.offload = d.program_calls > 0
+            return d
         return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
                            self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
+
+    def _small_tiers(self) -> List[List[int]]:
+        """Each group's ladder plus the program's tiers below it (dynamic onnx programs take
+        any row count): a decode call of a released layer runs 1-row calls, not 64-row ones."""
+        if self._released_tiers is None:
+            self._released_tiers = [sorted({t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts))
+                                    for p, ts in zip(self.programs, self._tiers)]
+        return self._released_tiers
 
     def _record(self, n_tokens: int, k: int, counts: np.ndarray) -> None:
         """Keep the call's loads (the last MAX_LOADS) and notice overflow well above the plan's."""
@@ -128,7 +143,8 @@ class OffloadExecutor:
         st.calls += 1
         D = x.shape[-1]
         n_tokens = x.size // D
-        if self.disabled or n_tokens < self.plan.min_tokens:
+        released = record_of(experts) is not None  # MLX no longer holds the program experts
+        if self.disabled or (n_tokens < self.plan.min_tokens and not released):
             return stock_experts(experts, x, inds)
         k = inds.shape[-1]
         flat = inds.reshape(-1)  # (P,)
@@ -146,7 +162,7 @@ class OffloadExecutor:
         if score is not None:  # paper's drop mode: within an expert, highest router score first
             order_np = np.lexsort((-np.array(score.astype(mx.float32)), np.array(flat)))
         self._record(n_tokens, k, counts_np)
-        d = self._decide(counts_np)
+        d = self._decide(counts_np, released)
         if not drop and not d.offload:
             return stock_experts(experts, x, inds)
 

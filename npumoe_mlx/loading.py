@@ -27,6 +27,7 @@ def load(
     backend_options: Optional[Dict[str, Any]] = None,
     quiet: bool = False,
     verify: bool = False,
+    keep_mlx_experts: bool = False,
 ):
     """Load like ``mlx_lm.load`` and install the expert executor for ``offload``.
 
@@ -39,6 +40,9 @@ def load(
     backend_options: e.g. {"providers": [...], "threads": 2} for onnx.
     verify: check every program tier against the model's experts and every
     bundle file's whole sha256 (default: a sample, and sampled hashes).
+    keep_mlx_experts: keep MLX's copy of the experts that only programs serve
+    (default: an onnx bundle releases it, and it is read back from the model's
+    safetensors if MLX needs it: a program fault, gradients, ``remove``).
     Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
     if isinstance(path_or_hf_repo, os.PathLike):  # a Path, or convert()'s result
@@ -58,6 +62,7 @@ def load(
     _offload.apply(
         model, config, offload, model_path=model_path, bundle=bundle, overflow=overflow,
         backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet, verify=verify,
+        keep_mlx_experts=keep_mlx_experts,
     )
     if return_config:
         return model, tokenizer, config
@@ -84,6 +89,7 @@ def install(
     backend_options: Optional[Dict[str, Any]] = None,
     quiet: bool = False,
     verify: bool = False,
+    keep_mlx_experts: bool = False,
 ) -> str:
     """Put the offload on a model built elsewhere (a server, a notebook, ``mlx_lm.load``).
 
@@ -91,7 +97,9 @@ def install(
     found for ``model_path`` (a local folder or a hub repo id; its fingerprint is
     checked). Without either, ``auto`` leaves the model on stock MLX and ``onnx``/
     ``coreml`` raise. Installing again replaces what was installed. Returns the
-    mode in effect: "coreml", "onnx", "mlx" or "off". ``verify`` as in ``load``.
+    mode in effect: "coreml", "onnx", "mlx" or "off". ``verify`` and
+    ``keep_mlx_experts`` as in ``load`` (experts are released only when ``model_path``
+    names the weights to read them back from).
     """
     _offload.resolve(offload, check_runs=True)
     if overflow not in OVERFLOW_MODES:
@@ -104,6 +112,7 @@ def install(
     return _offload.apply(
         model, config, offload, model_path=local, bundle=bundle, overflow=overflow,
         backend_options=backend_options, model_name=name, quiet=quiet, verify=verify,
+        keep_mlx_experts=keep_mlx_experts,
     )
 
 

@@ -80,6 +80,15 @@ class OnnxProgram(Program):
         """One session serves every tier (a symbolic row count)."""
         return len({id(s) for s in self._sources.values()}) == 1
 
+    def add_tiers(self, tiers: Sequence[int]) -> None:
+        """Serve more row counts from the one dynamic session (no new weights; an output
+        buffer per tier on first use). Static programs keep their tiers."""
+        if not self.dynamic or not self._sources:
+            return
+        src = next(iter(self._sources.values()))
+        self._sources = dict(sorted({**{int(t): src for t in tiers if int(t) > 0}, **self._sources}.items()))
+        self.tiers = tuple(self._sources)
+
     def session(self, tier):
         s = self.sessions.get(tier)
         if s is None:
