@@ -53,6 +53,12 @@ def add_offload_args(parser, stats: bool = True):
         help="Pairs past a group's top tier: auto (cost model picks), rerun the ladder, spill to "
         "MLX, or drop them (the paper's behaviour, for comparison; never the default).",
     )
+    parser.add_argument(
+        "--keep-mlx-experts",
+        action="store_true",
+        help="Keep MLX's copy of the experts only programs serve (default: an onnx bundle releases it "
+        "and it is read back from the model's safetensors if MLX needs it).",
+    )
     if not stats:
         return parser
     parser.add_argument(
@@ -125,7 +131,8 @@ def main(argv=None):
         if distributed or args.build:
             out = sharded.cli_load(args, *a, **kw)
         else:
-            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify, **kw)
+            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify,
+                       keep_mlx_experts=args.keep_mlx_experts, **kw)
         loaded.append(out[0])
         return out
 

@@ -14,7 +14,7 @@ from .bundle import Bundle, BundleError, LazyHint, safe_path
 from .executor import OffloadExecutor, SharedExecutor
 from .guard import Notice
 from .release import release_model
-from .residency import releases
+from .residency import default_memory_budget, plan_resident
 
 
 def _router_of(model, block_path: str):
@@ -97,7 +97,8 @@ def install(
         experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
     if model_path is not None and not keep_mlx_experts and overflow != "spill":  # spill: overflow runs on MLX
         dynamic = all(getattr(p, "dynamic", False) for p in pinned.values())
-        gone = releases(bundle.plan, bundle.cost, keep_mlx_experts, dynamic)
+        gone = plan_resident(bundle.plan, model, blocks, bundle.cost, keep_mlx_experts, default_memory_budget(),
+                             dynamic)["release"]
         log = (lambda msg: None) if quiet else None
         release_model(model, model_path, {l: (blocks[l].module, blocks[l].path, ids) for l, ids in gone.items()}, log)
     return list(executors.values()) + [ex for _, ex in shared_ex]

@@ -52,38 +52,63 @@ def program_only(lp, cost, dynamic: bool = True) -> Tuple[bool, str]:
 
 
 def releases(plan, cost, keep_mlx_experts: bool = False, dynamic: bool = True) -> Dict[int, list]:
-    """{layer: expert ids} whose MLX copy goes: onnx plans, program-only layers."""
+    """{layer: expert ids} whose MLX copy goes by cost alone: onnx plans, program-only layers."""
     if keep_mlx_experts or plan.backend != "onnx" or cost is None:
         return {}
     return {lp.layer: sorted(e for g in lp.groups for e in g.experts)
             for lp in plan.layers if program_only(lp, cost, dynamic)[0]}
 
 
-def plan_resident(plan, model, blocks: Dict[int, object], cost=None, keep_mlx_experts: bool = True) -> dict:
+def plan_resident(plan, model, blocks: Dict[int, object], cost=None, keep_mlx_experts: bool = True,
+                  budget: Optional[int] = None, dynamic: bool = True) -> dict:
     """{"mlx", "programs", "total", "released": bytes, "per_layer": {layer: program bytes},
-    "units": {layer: {"mlx": bytes, "programs": bytes}}} (expert blocks only in "units").
+    "units": {layer: {"mlx", "programs", "mlx_copy": why}}, "release": {layer: expert ids}}.
 
     ``blocks``: {layer: ExpertBlock} with ``.module`` (the SwitchGLU) and ``.num_experts``.
-    With a ``cost`` model and ``keep_mlx_experts=False``, program-only layers of an onnx
-    plan count their program experts once (released from MLX).
+    With a ``cost`` model and ``keep_mlx_experts=False``, an onnx plan releases MLX's copy
+    of the program experts of program-only layers (``program_only``), and, while the total
+    is over ``budget``, of the other offloaded layers too, the most bytes first (their
+    decode then runs on programs even where MLX would be faster: memory first).
     """
     mods = dict(model.named_modules())
-    gone = releases(plan, cost, keep_mlx_experts)
-    per_layer, units, released = {}, {}, 0
+    gone = releases(plan, cost, keep_mlx_experts, dynamic)
+    per_layer, per_expert = {}, {}
     for lp in plan.layers:
         b = blocks[lp.layer]
-        block = module_bytes(b.module)
-        per_expert = block / max(b.num_experts, 1)
+        per_expert[lp.layer] = module_bytes(b.module) / max(b.num_experts, 1)
         n = sum(len(g.experts) for g in lp.groups)
         shared = sum(module_bytes(mods[sp.path]) for sp in lp.shared if sp.path in mods)
-        per_layer[lp.layer] = int(n * per_expert) + shared
-        out = int(len(gone.get(lp.layer, ())) * per_expert)
+        per_layer[lp.layer] = int(n * per_expert[lp.layer]) + shared
+    total = module_bytes(model) + sum(per_layer.values())
+    need = lambda: total - sum(int(len(ids) * per_expert[l]) for l, ids in gone.items()) - budget
+    forced = set()
+    if budget is not None and cost is not None and not keep_mlx_experts and plan.backend == "onnx":
+        rest = sorted((lp for lp in plan.layers if lp.groups and lp.layer not in gone),
+                      key=lambda lp: (-sum(len(g.experts) for g in lp.groups) * per_expert[lp.layer], lp.layer))
+        for lp in rest:
+            if need() <= 0:
+                break
+            gone[lp.layer] = sorted(e for g in lp.groups for e in g.experts)
+            forced.add(lp.layer)
+    units, released = {}, 0
+    for lp in plan.layers:
+        block = module_bytes(blocks[lp.layer].module)
+        out = int(len(gone.get(lp.layer, ())) * per_expert[lp.layer])
         released += out
-        units[lp.layer] = {"mlx": block - out, "programs": int(n * per_expert)}
+        if keep_mlx_experts:
+            why = "kept (--keep-mlx-experts)"
+        elif plan.backend != "onnx" or cost is None:
+            why = "kept (only onnx bundles release)"
+        elif lp.layer in forced:
+            why = f"released to fit the memory budget ({program_only(lp, cost, dynamic)[1]})"
+        else:
+            why = ("released: " if lp.layer in gone else "kept: ") + program_only(lp, cost, dynamic)[1]
+        units[lp.layer] = {"mlx": block - out, "programs": int(sum(len(g.experts) for g in lp.groups) * per_expert[lp.layer]),
+                           "mlx_copy": why}
     mlx = module_bytes(model) - released
     programs = sum(per_layer.values())
     return {"mlx": mlx, "programs": programs, "total": mlx + programs, "released": released,
-            "per_layer": per_layer, "units": units}
+            "per_layer": per_layer, "units": units, "release": gone}
 
 
 def model_resident(model) -> dict:
@@ -115,9 +140,20 @@ def check_budget(resident: dict, budget: Optional[int]) -> None:
         )
 
 
+def size(n: float) -> str:
+    """Bytes as GB, or MB below 0.1 GB."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def describe(resident: dict) -> str:
     gone = resident.get("released", 0)
-    return (f"resident: MLX {resident['mlx'] / 1e9:.2f} GB + programs {resident['programs'] / 1e9:.2f} GB "
-            f"= {resident['total'] / 1e9:.2f} GB"
-            + (f" (MLX releases {gone / 1e9:.2f} GB of program-only experts; "
-               f"{(resident['total'] + gone) / 1e9:.2f} GB with --keep-mlx-experts)" if gone else ""))
+    return (f"resident: MLX {size(resident['mlx'])} + programs {size(resident['programs'])} "
+            f"= {size(resident['total'])}"
+            + (f" (MLX releases {size(gone)} of program-only experts; "
+               f"{size(resident['total'] + gone)} with --keep-mlx-experts)" if gone else ""))
+
+
+def describe_units(res: dict) -> str:
+    """One line of ``model_resident`` (with "programs" filled in)."""
+    return (f"resident: MLX {size(res['mlx'])}, programs {size(res.get('programs', 0))}"
+            + (f", {size(res['released'])} of program-only experts released from MLX" if res.get("released") else ""))
