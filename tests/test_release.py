@@ -95,7 +95,15 @@ def test_mlx_memory_drops_by_the_released_bytes(model):
     assert res["released"] == gone and all(u["mlx"] == 0 for u in res["units"].values())
 
 
-def test_cold_experts_run_on_their_compact_copy(cold, capsys):
+@pytest.fixture(scope="module")
+def cold_q4(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("rl") / "coldq4", "qwen3_moe", seed=3, q_bits=4)
+    return _build(path, limits=PlanLimits.for_backend("onnx", max_programs=2, max_group=2))
+
+
+@pytest.mark.parametrize("which", ["cold", "cold_q4"])
+def test_cold_experts_run_on_their_compact_copy(which, request, capsys):
+    cold = request.getfixturevalue(which)
     stock, tok = stock_load(str(cold))
     want = _greedy(stock, tok)
     ours, tok2 = npumoe_mlx.load(str(cold), offload="onnx", quiet=True)
