@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 import mlx.nn as nn
 from mlx_lm import utils as mlx_utils
 
-from . import checks, experts
+from . import checks, experts, release
 from . import offload as _offload
 from .executor import OVERFLOW_MODES, SharedExecutor, offload_stats, summarize
 
@@ -47,15 +47,18 @@ def load(
     """
     if isinstance(path_or_hf_repo, os.PathLike):  # a Path, or convert()'s result
         path_or_hf_repo = os.fspath(path_or_hf_repo)
-    _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
+    mode = _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
     model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
+    # Experts that onnx programs will serve alone are never read into memory: load lazily,
+    # release them, then read the rest (unless the caller asked for a lazy model).
+    releasing = mode == "onnx" and not keep_mlx_experts
     with checks.explain_load_errors(path_or_hf_repo):
         model, tokenizer, config = mlx_utils.load(
             str(model_path),
             tokenizer_config=tokenizer_config,
             model_config=model_config,
             adapter_path=adapter_path,
-            lazy=lazy,
+            lazy=lazy or releasing,
             return_config=True,
             trust_remote_code=trust_remote_code,
         )
@@ -64,6 +67,8 @@ def load(
         backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet, verify=verify,
         keep_mlx_experts=keep_mlx_experts,
     )
+    if releasing and not lazy:
+        release.materialize(model)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer

@@ -218,3 +218,12 @@ def forget(m) -> None:
     """Drop the record without reading anything (the lazy arrays load when next evaluated)."""
     if hasattr(m, "__dict__"):
         m.__dict__.pop(_RECORD, None)
+
+
+def materialize(model) -> None:
+    """Evaluate every parameter of ``model`` except the released experts' lazy arrays
+    (``load`` reads a model lazily when it releases experts, then this)."""
+    from mlx.utils import tree_flatten
+
+    out = {id(a) for _, m in model.named_modules() if (r := record_of(m)) is not None for _, _, a in r.lazy}
+    mx.eval([v for _, v in tree_flatten(model.parameters()) if id(v) not in out])
