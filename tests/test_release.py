@@ -251,3 +251,20 @@ def test_release_follows_the_cost_of_decode_on_programs_and_the_memory_budget(co
     assert "MLX releases" in out and out.count("MLX copy of program experts released: decode on programs") == 2
     assert cli.main(["plan", "--model", str(cold), "--keep-mlx-experts"]) == 0
     assert out.count("kept (--keep-mlx-experts)") == 0 and capsys.readouterr().out.count("kept (--keep-mlx-experts)") == 2
+
+
+def test_compare_reports_resident_bytes_per_unit(cold, tmp_path):
+    from npumoe_mlx.tools import compare as cmp
+
+    runs = {}
+    for keep in (False, True):
+        out = tmp_path / str(keep)
+        runs[keep] = cmp.compare(str(cold), prompt_tokens=(40,), max_tokens=3, backend="onnx", out_dir=out,
+                                 prefill_step=64, check_logits=False, log=lambda m: None, keep_mlx_experts=keep)
+        assert runs[keep]["token_agreement"] == 1.0 and runs[keep]["keep_mlx_experts"] is keep
+        assert "## Resident weights per unit" in (out / "compare.md").read_text()
+    rel, kept = runs[False]["resident"], runs[True]["resident"]
+    assert kept["offload"]["released"] == 0 and kept["offload"]["mlx"] == kept["stock"]["mlx"]
+    assert rel["offload"]["released"] > 0 and rel["offload"]["programs"] == kept["offload"]["programs"] > 0
+    assert rel["offload"]["mlx"] == rel["stock"]["mlx"] - rel["offload"]["released"]
+    assert {int(k) for k in rel["offload"]["units"]} == {0, 1}
