@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import mlx.core as mx
 
-from . import sharded
+from . import release, sharded
 from .args import at_least
 from .executor import format_stats, offload_stats, stats_profile, summarize
 from .loading import load
@@ -101,8 +101,12 @@ def explain_stats(model) -> str:
     lines = [f"bundle: {bundle}" if bundle else "bundle: none (no programs installed)"]
     s = summarize(offload_stats(model))
     stayed = s["layer_calls"] - s["offloaded_calls"]
+    released = [m for m in installed_blocks(model) if release.record_of(m) is not None]
+    cold = sum(m.executor.stats.calls - m.executor.stats.offloaded for m in released
+               if hasattr(getattr(m, "executor", None), "stats"))
+    stayed -= cold  # released layers run every call on programs unless only cold experts are routed
     mins = [m.executor.plan.min_tokens for m in installed_blocks(model)
-            if hasattr(getattr(m, "executor", None), "plan")]
+            if hasattr(getattr(m, "executor", None), "plan") and all(m is not r for r in released)]
     mins = [t for t in mins if t < NEVER]
     spread = f" ({min(mins)}-{max(mins)} by layer)" if mins and min(mins) != max(mins) else ""
     if stayed and mins:
@@ -112,6 +116,14 @@ def explain_stats(model) -> str:
         )
     elif stayed:
         lines.append(f"{stayed} MoE layer calls stayed on MLX: the plan offloads no layer at any call size")
+    recs = [release.record_of(m) for m in released]
+    if recs:
+        lines.append(
+            f"MLX does not hold {sum(len(r.ids) for r in recs)} experts of {len(recs)} layers "
+            f"({sum(r.nbytes for r in recs) / 1e6:.1f} MB): programs serve them at every call size, decode "
+            f"included (--keep-mlx-experts keeps MLX's copy)"
+            + (f"; {cold} calls of those layers routed only to cold experts ran on MLX" if cold else "")
+        )
     return "\n".join(lines)
 
 

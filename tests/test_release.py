@@ -268,3 +268,14 @@ def test_compare_reports_resident_bytes_per_unit(cold, tmp_path):
     assert rel["offload"]["released"] > 0 and rel["offload"]["programs"] == kept["offload"]["programs"] > 0
     assert rel["offload"]["mlx"] == rel["stock"]["mlx"] - rel["offload"]["released"]
     assert {int(k) for k in rel["offload"]["units"]} == {0, 1}
+
+
+def test_generate_stats_say_which_experts_mlx_does_not_hold(cold, capsys):
+    rc = cli.main(["generate", "--model", str(cold), "--prompt", "hi", "--max-tokens", "3", "--stats"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "MoE layer calls stayed on MLX" not in out
+    line = [l for l in out.splitlines() if l.startswith("MLX does not hold ")]
+    assert len(line) == 1 and " experts of 2 layers (" in line[0] and "decode included" in line[0]
+    rc = cli.main(["generate", "--model", str(cold), "--prompt", "hi", "--max-tokens", "3", "--stats",
+                   "--keep-mlx-experts"])
+    assert rc == 0 and "MLX does not hold" not in capsys.readouterr().out
