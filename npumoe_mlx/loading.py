@@ -62,11 +62,14 @@ def load(
             return_config=True,
             trust_remote_code=trust_remote_code,
         )
+    if releasing:
+        model.__dict__[release.LOADED_LAZILY] = True  # release.py: arrays straight from the files
     _offload.apply(
         model, config, offload, model_path=model_path, bundle=bundle, overflow=overflow,
         backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet, verify=verify,
         keep_mlx_experts=keep_mlx_experts,
     )
+    model.__dict__.pop(release.LOADED_LAZILY, None)  # (no release happened: no bundle, or none fits)
     if releasing and not lazy:
         release.materialize(model)
     if return_config:

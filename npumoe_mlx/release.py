@@ -36,6 +36,7 @@ from . import guard
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 _RECORD = "_npumoe_released"
+LOADED_LAZILY = "_npumoe_loaded_lazily"  # set on a model by ``load`` between its lazy read and the install
 
 
 @dataclass
@@ -120,10 +121,11 @@ def _twin(m, keep: np.ndarray) -> SwitchGLU:
 
 
 def release_block(m, layer: int, ids: Sequence[int], want: Dict[str, mx.array], keep_from: Dict[str, mx.array],
-                  path: str, source: str = "") -> Tuple[Optional[Released], str]:
+                  path: str, source: str = "", values: bool = True) -> Tuple[Optional[Released], str]:
     """Release experts ``ids`` of block ``m`` (module path ``path``). ``want``: the file's tensors
-    to check against (each evaluated, compared, dropped); ``keep_from``: a second lazy load of
-    them, whose arrays go into the tree unevaluated. Returns (record, "") or (None, why not)."""
+    to check against (each evaluated, compared, dropped; shapes and dtypes only with ``values=False``);
+    ``keep_from``: a second lazy load of them, whose arrays go into the tree unevaluated.
+    Returns (record, "") or (None, why not)."""
     arrays = _arrays(m)
     if not arrays:
         return None, "its projections are not stacked expert arrays"
@@ -135,7 +137,7 @@ def release_block(m, layer: int, ids: Sequence[int], want: Dict[str, mx.array], 
         f = want.pop(name, None)
         if f is None or keep_from.get(name) is None:
             return None, f"{name} is not in the model's safetensors"
-        if f.shape != v.shape or f.dtype != v.dtype or not mx.array_equal(f, v).item():
+        if f.shape != v.shape or f.dtype != v.dtype or (values and not mx.array_equal(f, v).item()):
             return None, f"{name} differs from the model's safetensors (changed after loading)"
         del f  # evaluated for the check: freed here
     ids = sorted({int(e) for e in ids})
@@ -165,6 +167,10 @@ def release_model(model, model_path, blocks: Dict[int, Tuple[object, str, Sequen
     if not blocks:
         return {}
     log = log or (lambda msg: print(f"[npumoe] {msg}", file=sys.stderr))
+    # ``load`` read the model lazily from these very files a moment ago (LOADED_LAZILY): its
+    # arrays are the files' tensors by construction, so only shapes and dtypes are checked
+    # (the values would cost a second read of every expert).
+    values = not model.__dict__.pop(LOADED_LAZILY, False)
     try:
         want, keep_from = file_tensors(model, model_path), file_tensors(model, model_path)
     except Exception as err:  # no weights on disk to reload from: keep every MLX copy
@@ -173,7 +179,7 @@ def release_model(model, model_path, blocks: Dict[int, Tuple[object, str, Sequen
     out = {}
     for layer in sorted(blocks):
         m, path, ids = blocks[layer]
-        rec, why = release_block(m, layer, ids, want, keep_from, path, str(model_path))
+        rec, why = release_block(m, layer, ids, want, keep_from, path, str(model_path), values)
         if rec is None:
             log(f"layer {layer}: keeping MLX's copy of its offloaded experts: {why}")
         else:

@@ -279,3 +279,30 @@ def test_generate_stats_say_which_experts_mlx_does_not_hold(cold, capsys):
     rc = cli.main(["generate", "--model", str(cold), "--prompt", "hi", "--max-tokens", "3", "--stats",
                    "--keep-mlx-experts"])
     assert rc == 0 and "MLX does not hold" not in capsys.readouterr().out
+
+
+def test_install_checks_the_files_bytes_before_releasing(cold, capsys):
+    """A model built elsewhere is checked byte for byte against its safetensors: a block whose
+    arrays differ (here a cold expert's row, which no program checks) keeps MLX's copy."""
+    stock, tok = stock_load(str(cold))
+    want = _greedy(stock, tok)
+    ours, _ = stock_load(str(cold))
+    assert npumoe_mlx.install(ours, offload="onnx", model_path=str(cold), quiet=True) == "onnx"
+    assert all(r is not None for r in _records(ours)) and _greedy(ours, tok) == want
+    edited, _ = stock_load(str(cold))
+    lp = bundles_plan(cold).layers[1]
+    blk = dict(edited.named_modules())[lp.path]
+    w = blk.gate_proj.weight
+    blk.gate_proj.weight = w.at[lp.cold[0]].add(1.0)  # a cold expert's row only
+    capsys.readouterr()
+    npumoe_mlx.install(edited, offload="onnx", model_path=str(cold))
+    recs = _records(edited)
+    assert recs[0] is not None and recs[1] is None
+    err = capsys.readouterr().err
+    assert f"layer 1: keeping MLX's copy of its offloaded experts: {lp.path}.gate_proj.weight differs from the model's safetensors" in err
+
+
+def bundles_plan(path):
+    from npumoe_mlx import bundle as bundles
+
+    return bundles.read(path / "npumoe-onnx").plan
