@@ -78,8 +78,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def _offload_load(args, model_path, **kw):
     """mlx_lm.server's ``load``, through npumoe_mlx.load: --bundle belongs to the --model model."""
     bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
-    return load(model_path, offload=args.offload, bundle=bundle, overflow=args.overflow, verify=args.verify,
-                keep_mlx_experts=args.keep_mlx_experts, **kw)
+    if getattr(args, "keep_mlx_experts", False):
+        kw["keep_mlx_experts"] = True
+    return load(model_path, offload=args.offload, bundle=bundle, overflow=args.overflow, verify=args.verify, **kw)
 
 
 def _offload_sharded_load(args, model_path, pipeline_group=None, tensor_group=None, return_config=False, **kw):
