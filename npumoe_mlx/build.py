@@ -146,9 +146,10 @@ def build(
                      for l, b in blocks.items()}  # shared experts only where a program computes them
         plan = make_plan(profile, plannable, cost, limits, objective=objective)
         log(f"[3/4] {format_plan(plan)}")
-        resident = plan_resident(plan, model, blocks)
+        budget = default_memory_budget() if memory_budget == -1 else memory_budget
+        resident = plan_resident(plan, model, blocks, cost, keep_mlx_experts=False, budget=budget)  # as loads run it
         log(f"      {describe(resident)}")
-        check_budget(resident, default_memory_budget() if memory_budget == -1 else memory_budget)
+        check_budget(resident, budget)
 
         n_prog = plan.num_programs
         with folder(out) as tmp:

@@ -1,7 +1,9 @@
 """One offloaded MoE layer at run time: count -> tiers -> gather -> programs -> scatter.
 
 Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
-1. calls below the plan's ``min_tokens`` (decode) go straight to stock MLX, no sync;
+1. calls below the plan's ``min_tokens`` (decode) go straight to stock MLX, no sync,
+   unless MLX released the layer's program experts (release.py): then every call runs
+   programs, decode on their 1..32-row tiers, overflow on the ladder again;
 2. MLX sorts and counts the pairs; ONE host sync brings order, counts and x over;
 3. the cost model picks programs or MLX for this call, and per group whether
    overflow past the top tier runs the ladder again or spills to MLX;
@@ -13,7 +15,8 @@ Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
 The call is three stages: ``_prepare`` (steps 1-3), ``_start_mlx`` + ``_run_programs``
 (4-5), ``_finish`` (the one array back). A program that raises or returns a wrong shape
 or non-finite values disables the layer's offload for the rest of the run (one warning,
-``_guarded``, shared with ``SharedExecutor``); that call reruns on MLX.
+``_guarded``, shared with ``SharedExecutor``); that call reruns on MLX (which reads a
+released layer's experts back from the safetensors first).
 """
 
 import sys
@@ -29,6 +32,7 @@ from .cost import CostModel
 from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
+from .release import record_of
 from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
@@ -107,10 +111,24 @@ class OffloadExecutor:
         self._tiers = [list(g.tiers) for g in plan.groups]
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
+        self._released_tiers = None
 
-    def _decide(self, counts: np.ndarray) -> CallDecision:
+    def _decide(self, counts: np.ndarray, released: bool = False) -> CallDecision:
+        if released:  # MLX lacks these experts: every pair runs on programs, overflow reruns the ladder
+            d = decide_call(counts, self._groups, self._small_tiers(), self._cold, self.cost, self.plan.D,
+                            self.plan.H, "drop" if self.overflow == "drop" else "rerun", "time", self.plan.max_calls)
+            d.offload = d.program_calls > 0
+            return d
         return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
                            self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
+
+    def _small_tiers(self) -> List[List[int]]:
+        """Each group's ladder plus the program's tiers below it (dynamic onnx programs take
+        any row count): a decode call of a released layer runs 1-row calls, not 64-row ones."""
+        if self._released_tiers is None:
+            self._released_tiers = [sorted({t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts))
+                                    for p, ts in zip(self.programs, self._tiers)]
+        return self._released_tiers
 
     def _record(self, n_tokens: int, k: int, counts: np.ndarray) -> None:
         """Keep the call's loads (the last MAX_LOADS) and notice overflow well above the plan's."""
@@ -129,9 +147,10 @@ class OffloadExecutor:
     # --- the call: prepare (one host sync) -> run (MLX side, programs) -> finish (one array back) ---
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
         self.stats.calls += 1
-        if self.disabled or x.size // x.shape[-1] < self.plan.min_tokens:
+        released = record_of(experts) is not None  # MLX no longer holds the program experts
+        if self.disabled or (x.size // x.shape[-1] < self.plan.min_tokens and not released):
             return stock_experts(experts, x, inds)
-        c = self._prepare(x, inds)
+        c = self._prepare(x, inds, released)
         if c is None:  # the cost model keeps this call on MLX
             return stock_experts(experts, x, inds)
         y_mlx = self._start_mlx(experts, c)  # first, so MLX runs while the programs do
@@ -140,9 +159,10 @@ class OffloadExecutor:
             return stock_experts(experts, x, inds)
         return self._finish(c, y, y_mlx)
 
-    def _prepare(self, x: mx.array, inds: mx.array) -> Optional["_Call"]:
+    def _prepare(self, x: mx.array, inds: mx.array, released: bool = False) -> Optional["_Call"]:
         """Sort and count the pairs, bring them and x over in the one host sync, decide the call
-        and place its pairs; None when the call stays on MLX."""
+        (every pair on programs when MLX released the layer's experts) and place its pairs; None
+        when the call stays on MLX."""
         D, k = x.shape[-1], inds.shape[-1]
         flat = inds.reshape(-1)  # (P,)
         drop = self.overflow == "drop"
@@ -159,7 +179,7 @@ class OffloadExecutor:
         if score is not None:  # paper's drop mode: within an expert, highest router score first
             order_np = np.lexsort((-np.array(score.astype(mx.float32)), flat_np))
         self._record(x.size // D, k, counts_np)
-        d = self._decide(counts_np)
+        d = self._decide(counts_np, released)
         if not drop and not d.offload:
             return None
         s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, caps=[c[:r] for c, r in zip(d.caps, d.rounds)])

@@ -25,7 +25,7 @@ from mlx_lm.models.switch_layers import (
     SwitchMLP,
 )
 
-from . import guard
+from . import guard, release
 
 # Activation class name (as mlx_lm spells it) -> the kind a program implements.
 ACTIVATIONS = {
@@ -201,7 +201,14 @@ class OffloadedSwitchGLU(SwitchGLU):
 
 
 def stock_experts(experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
-    """The stock mlx_lm computation, for executors that decide to stay on MLX."""
+    """The stock mlx_lm computation, for executors that decide to stay on MLX.
+
+    A block whose program-only experts were released from MLX (release.py) runs calls
+    that touch only its MLX-resident experts on their compact copy, and reloads the
+    released ones from the safetensors for any other call."""
+    rec = release.record_of(experts)
+    if rec is not None:
+        return release.stock_call(experts, rec, x, inds)
     return SwitchGLU.__call__(experts, x, inds)
 
 
@@ -336,10 +343,12 @@ def stock_dense(mlp: nn.Module, x: mx.array) -> mx.array:
 
 
 def remove(model: nn.Module) -> int:
-    """Put every offloaded block back on stock MLX. Returns how many were removed."""
+    """Put every offloaded block back on stock MLX (released experts read back from the
+    safetensors: the very weights it had). Returns how many were removed."""
     n = 0
     for _, m in model.named_modules():
         if isinstance(m, OffloadedSwitchGLU):
+            release.reload(m, quiet=True)
             m.__class__ = SwitchGLU
         elif type(m) in _DENSE_CLASSES.values():
             m.__class__ = type(m).stock_class

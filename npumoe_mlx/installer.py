@@ -12,6 +12,8 @@ from .backends import load_backend
 from .bundle import Bundle, BundleError, LazyHint, safe_path
 from .executor import OffloadExecutor, SharedExecutor
 from .guard import Notice
+from .release import release_model
+from .residency import default_memory_budget, plan_resident
 
 
 def _router_of(block: experts.ExpertBlock):
@@ -34,11 +36,15 @@ def install(
     quiet: bool = False,
     verify_all: bool = False,
     blocks: Optional[List[experts.ExpertBlock]] = None,
+    model_path=None,
+    keep_mlx_experts: bool = False,
 ) -> List:
     """Check the plan against the model, load the programs, check them against the
     model's experts (a sample; all tiers of all with ``verify_all``), install the executors.
-    ``blocks``: the model's ``experts.find_expert_blocks`` if the caller has them: the
-    model is walked once per install."""
+    Then, unless ``keep_mlx_experts``, ``overflow="spill"`` (overflow runs on MLX) or no
+    ``model_path`` to reload from, release MLX's copy of the experts of program-only layers
+    (residency.program_only, release.py). ``blocks``: the model's ``experts.find_expert_blocks``
+    if the caller has them: the model is walked once per install."""
     hint = LazyHint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
     found = experts.find_expert_blocks(model, config) if blocks is None else blocks
     blocks = {b.layer: b for b in found}
@@ -71,6 +77,8 @@ def install(
             prog = _load_program(be, bundle, p, hint)
             _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
             mod = blocks[lp.layer].module
+            if hasattr(prog, "add_tiers"):  # 1..32-row calls for decode on released layers
+                prog.add_tiers([t for t in (1, 2, 4, 8, 16, 32) if t < min(g.tiers)])
             loaded[(lp.layer, gi)] = (prog, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x), mod)
     shared = _load_shared(bundle, found, be, progs, hint)
     for key, (mlp, _, prog) in shared.items():
@@ -88,6 +96,12 @@ def install(
     experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice, blocks=found)
     for mlp, ex in shared_ex:
         experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
+    if model_path is not None and not keep_mlx_experts and overflow != "spill":  # spill: overflow runs on MLX
+        dynamic = all(getattr(p, "dynamic", False) for p in pinned.values())
+        gone = plan_resident(bundle.plan, model, blocks, bundle.cost, keep_mlx_experts, default_memory_budget(),
+                             dynamic)["release"]
+        log = (lambda msg: None) if quiet else None
+        release_model(model, model_path, {l: (blocks[l].module, blocks[l].path, ids) for l, ids in gone.items()}, log)
     return list(executors.values()) + [ex for _, ex in shared_ex]
 
 

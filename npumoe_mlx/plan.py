@@ -579,6 +579,23 @@ def format_plan(plan: Plan, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _print_resident(plan: Plan, cost: CostModel, local, keep: bool, model=None, blocks=None) -> None:
+    """Resident bytes per unit (MLX, programs), in all and per layer (the model read lazily: shapes only)."""
+    from mlx_lm import utils as mlx_utils
+
+    from . import experts
+    from .residency import default_memory_budget, describe, plan_resident, size
+
+    if model is None:
+        model, _, config = mlx_utils.load(str(local), lazy=True, return_config=True)
+        blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
+    res = plan_resident(plan, model, blocks, cost, keep_mlx_experts=keep, budget=default_memory_budget())
+    print(describe(res))
+    for layer, u in sorted(res["units"].items()):
+        print(f"  layer {layer}: MLX {size(u['mlx'])}, programs {size(u['programs'])}; MLX copy of program experts "
+              f"{u['mlx_copy']}")
+
+
 def main(argv=None) -> int:
     """`npumoe plan`: the plan for a model from its profile (calibrated now if none given)."""
     import argparse
@@ -603,6 +620,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens when calibrating now.")
     p.add_argument("--json", metavar="PATH", help="Also write the plan as JSON.")
     p.add_argument("--bundle", help="Bundle whose plan to print (default: the model's, as generate finds it).")
+    p.add_argument("--keep-mlx-experts", action="store_true",
+                   help="Count MLX's copy of program-only experts as kept (as generate --keep-mlx-experts).")
     args = p.parse_args(argv)
     from . import bundle as bundles
     from .args import at_least, load_cost
@@ -612,9 +631,11 @@ def main(argv=None) -> int:
     local = resolve_model(args.model)
     found = bundles.locate_bundle(local, args.backend, args.bundle)
     if (found / "manifest.json").exists() and not (args.profile or args.cost or args.from_stats or args.chip):
-        plan = bundles.read(found, local, args.model).plan  # the plan generate runs
+        b = bundles.read(found, local, args.model)
+        plan = b.plan  # the plan generate runs
         print(f"plan of the {args.backend} bundle {found} (the one generate uses):")
         print(format_plan(plan, verbose=True))
+        _print_resident(plan, b.cost, local, args.keep_mlx_experts)
         if args.json:
             plan.save(args.json)
             print(f"wrote {args.json}")
@@ -645,6 +666,7 @@ def main(argv=None) -> int:
     routed = {l: replace(b, shared=[]) for l, b in blocks.items()}  # routed experts only (build also plans shared ones)
     plan = make_plan(profile, routed, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
     print(format_plan(plan, verbose=True))
+    _print_resident(plan, cost, local, args.keep_mlx_experts, model, blocks)
     if args.json:
         plan.save(args.json)
         print(f"wrote {args.json}")

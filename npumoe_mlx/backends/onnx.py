@@ -6,9 +6,8 @@ are resident (and prepacked) once however many tiers the program has; the tiers 
 the unit of planning and padding. Providers that need static shapes (NPU providers,
 Core ML, or ``shapes="static"``) get one session per (program, tier) from the static
 tier graphs, each with its own copy. On disk the tier graphs share one weight file.
-Inputs and outputs go through IO binding with a preallocated output per tier, so a
-call copies nothing on the CPU provider: the returned array is that buffer and is
-overwritten by the next run of the same tier. All sessions of the process share one
+Inputs and outputs go through IO binding with a fresh numpy output per run, so a call
+copies nothing on the CPU provider and holds no output memory between runs. All sessions of the process share one
 CPU arena for their activations.
 
 ``build`` writes one graph per tier, ``<name>.c<tier>.onnx``, and their one weight
@@ -88,6 +87,15 @@ class OnnxProgram(Program):
         """One session serves every tier (a symbolic row count)."""
         return len({id(s) for s in self._sources.values()}) == 1
 
+    def add_tiers(self, tiers: Sequence[int]) -> None:
+        """Serve more row counts from the one dynamic session (no new weights; an output
+        buffer per tier on first use). Static programs keep their tiers."""
+        if not self.dynamic or not self._sources:
+            return
+        src = next(iter(self._sources.values()))
+        self._sources = dict(sorted({**{int(t): src for t in tiers if int(t) > 0}, **self._sources}.items()))
+        self.tiers = tuple(self._sources)
+
     def session(self, tier):
         s = self.sessions.get(tier)
         if s is None:
@@ -101,19 +109,24 @@ class OnnxProgram(Program):
     def _binding(self, tier):
         b = self._bound.get(tier)
         if b is None:
-            import onnxruntime as ort
-
             sess = self.session(tier)
-            y = np.empty((self.G, tier, self.D), np.float32)
-            io = sess.io_binding()
-            io.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(y))
-            b = self._bound[tier] = (sess, io, y)
+            b = self._bound[tier] = (sess, sess.io_binding())
         return b
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
-        sess, io, y = self._binding(tier)
+        import onnxruntime as ort
+
+        sess, io = self._binding(tier)
+        # A fresh output per run (freed once the caller is done with it): a buffer kept per
+        # tier held every tier's largest output for good, ~0.4 GB at OLMoE dims, 2 layers.
+        y = np.empty((self.G, tier, self.D), np.float32)
         io.bind_cpu_input(INPUT_NAME, x)
-        sess.run_with_iobinding(io)
+        io.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(y))
+        try:
+            sess.run_with_iobinding(io)
+        finally:
+            io.clear_binding_inputs()  # the binding would keep ``x`` and ``y`` alive until this tier runs again
+            io.clear_binding_outputs()
         return y
 
 
