@@ -94,7 +94,7 @@ class LayerPlan:
         if counts is None:
             counts = np.full(self.num_experts, pairs / self.num_experts)
         d = self.decide(cost, counts)
-        return {"offload_s": max(d.program_s, d.mlx_side_s), "mlx_s": d.mlx_only_s}
+        return {"offload_s": d.offload_s, "mlx_s": d.mlx_only_s}
 
     def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto") -> CallDecision:
         """The executor's decision for a call with these per-expert counts (E,)."""
@@ -259,7 +259,7 @@ def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, c
     and whose MLX side costs tm (S,) s / jm J (fixed costs added here), both at once."""
     t_mlx = np.where(tm > 0, cost.mlx_fixed_s + tm, 0.0)
     t_prog = np.where(tp > 0, cost.sync_s + tp, 0.0)
-    return np.maximum(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
+    return cost.makespan(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
 
 
 SPREAD = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
@@ -350,7 +350,7 @@ def plan_layer(
         ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
         prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
         side = tail_t[:, m : m + 1] + ctm
-        span = np.maximum(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
+        span = cost.makespan(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
         kb = span.argmin(1)
         rows = np.arange(len(ranked))
         tb_t = np.minimum(span[rows, kb], alone_t)
