@@ -11,6 +11,7 @@ programs alone and the spill alone, so their overlap (or contention) shows.
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -136,6 +137,17 @@ def main(argv=None):
 
         out["spill_ms"] = median_s(spill, R) * 1e3
         out["whole_call_ms"] = median_s(lambda: mx.eval(ex(m, x, inds)), R) * 1e3
+        # the same call with program calls one at a time vs on 2 workers, interleaved
+        ts = {1: [], 2: []}
+        for _ in range(R):
+            for w in (1, 2):
+                os.environ["NPUMOE_WORKERS"] = str(w)
+                t = time.perf_counter()
+                mx.eval(ex(m, x, inds))
+                ts[w].append(time.perf_counter() - t)
+        os.environ.pop("NPUMOE_WORKERS")
+        out["whole_call_1worker_ms"] = float(np.median(ts[1])) * 1e3
+        out["whole_call_2workers_ms"] = float(np.median(ts[2])) * 1e3
         out["stock_ms"] = median_s(lambda: mx.eval(stock_experts(m, x, inds)), 1) * 1e3
         pred = lp.predicted(cost, N, counts_np)
         out["predicted_ms"] = pred["offload_s"] * 1e3

@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cost import CostModel
+from .dispatch import ProgramError, run_calls
 from .experts import SwitchGLU, stock_dense, stock_experts
 from .plan import LayerPlan
 from .tiers import OVERFLOW_MODES, CallDecision, decide_call, ladder_rounds, plan_slots
@@ -50,10 +51,6 @@ class LayerStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class ProgramError(RuntimeError):
-    pass
 
 
 def _warn(msg: str) -> None:
@@ -167,18 +164,9 @@ class OffloadExecutor:
 
         x_np = np.asarray(x32)  # (N, D), no copy
         outs = np.empty((max(s.slots, 1), D), np.float32)
-        row = 0
         tp = time.perf_counter()
-        try:
-            for gi, ids, cap, src in s.calls:
-                xg = x_np[src].reshape(len(ids), cap, D)  # (G, C, D)
-                yg = self.programs[gi].run(xg, cap)
-                if getattr(yg, "shape", None) != xg.shape:
-                    raise ProgramError(f"returned shape {getattr(yg, 'shape', None)}, expected {xg.shape}")
-                if not np.isfinite(yg).all():
-                    raise ProgramError("returned NaN or Inf")
-                outs[row : row + yg.shape[0] * cap] = yg.reshape(-1, D)
-                row += yg.shape[0] * cap
+        try:  # gathers, program calls (several at once where the backend allows), checks
+            row = run_calls(self.programs, s.calls, x_np, outs)
         except Exception as err:  # fault: this layer stays on MLX from now on
             self.disabled = True
             st.fallback = f"{type(err).__name__}: {err}"
