@@ -382,6 +382,8 @@ def plan_layer(
             tiers = choose_ladder(_spread(ranked[:, i:j].max(1), top), limits.capacities, limits.max_tiers, None, top)
             groups.append(GroupPlan(sorted(rank[i:j]), tiers))
     resident = {e for g in groups for e in g.experts}
+    groups += tail_groups([e for e in rank if e not in resident and counts[e] == 0], cost, D, H, limits, sizes, top)
+    resident = {e for g in groups for e in g.experts}
     cold = [e for e in range(E) if e not in resident]
     lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold),
                    objective=objective, energy_bound=energy_bound)
@@ -390,6 +392,34 @@ def plan_layer(
     if lp.min_tokens == NEVER:
         lp.groups, lp.cold = [], list(range(E))
     return lp
+
+
+def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: PlanLimits,
+                sizes: Sequence[int], top: int) -> List[GroupPlan]:
+    """Tail programs for the experts calibration never routed to (``unseen``, coldest first).
+
+    Calibration says nothing of their loads, so the rule is the marginal one: a pair that
+    lands on one costs ``(1 - overlap) * mlx_s(1)`` more on MLX (hidden when MLX runs on
+    its own unit) or one smallest-tier call of its tail program, which computes every
+    expert of the program. The tail takes the largest program size in ``sizes`` whose call
+    is cheaper; none (no tail) when even one expert's is not. Ladder: the smallest
+    capacity, then x4 steps up to ``top`` (a pair that finds many more goes round again or
+    to MLX, as ``decide_call`` says per call).
+    """
+    if not unseen:
+        return []
+    caps = np.asarray(limits.capacities)
+    on_mlx = (1.0 - cost.overlap) * cost.mlx_s(1, D, H)
+    fits = [G for G in sizes if cost.program_s(G, int(caps[0]), D, H) < on_mlx]
+    if not fits:
+        return []
+    G = max(fits)
+    ladder, c = [], int(caps[0])
+    while c < top and len(ladder) < limits.max_tiers - 1:
+        ladder.append(int(caps[min(np.searchsorted(caps, c), caps.size - 1)]))
+        c *= 4
+    ladder = sorted(set(ladder + [int(caps[min(np.searchsorted(caps, top), caps.size - 1)])]))
+    return [GroupPlan(sorted(unseen[i : i + G]), ladder) for i in range(0, len(unseen), G)]
 
 
 def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:

@@ -89,3 +89,36 @@ def test_tune_measures_the_overlap():
     assert o["program_s"] > 0 and o["mlx_s"] > 0 and o["both_s"] > 0
     assert 0.0 <= fit(raw).overlap <= 1.0
     assert fit(raw).overlap == fit_overlap(o)
+
+
+def _unseen_profile(E=32, k=4):
+    counts = np.zeros(E, int)
+    counts[:24] = np.arange(24, 0, -1) * 8  # experts 24..31: calibration never routed to them
+    return {"layer": 0, "path": "mlp.experts", "num_experts": E, "top_k": k, "counts": counts.tolist(),
+            "chunks": [{"tokens": 512, "counts": counts.tolist()}]}
+
+
+def test_tail_programs_for_unseen_experts_when_a_pair_costs_more_on_mlx():
+    prof = _unseen_profile()
+    limits = PlanLimits.for_backend("onnx")
+    lp = plan_layer(prof, D, H, _cost(0.0), limits, QUANT)
+    assert lp.cold == []  # the unseen experts got tail programs
+    tails = [g for g in lp.groups if set(g.experts) <= set(range(24, 32))]
+    # one smallest-tier call of a 1-expert program (~8.7 ms here) beats a pair on MLX (~17 ms);
+    # a 2-expert program computes both experts' rows (~17.4 ms): one expert per tail
+    assert [len(g.experts) for g in tails] == [1] * 8 and all(g.tiers[0] == 8 for g in tails)
+    counts = np.zeros(32)
+    counts[:24] = np.asarray(prof["counts"][:24]) / 4
+    counts[30] = 3
+    d = lp.decide(_cost(0.0), counts)
+    gi = next(i for i, g in enumerate(lp.groups) if g.experts == [30])
+    assert d.offload and d.rounds[gi] == 1 and d.caps[gi] == [8]  # its 3 pairs run on the tail program
+    # cheap program calls: one tail program holds 8 unseen experts
+    cheap = CostModel("onnx", 1.2e-5, 1e12, 4.3e8, 8e-5, 1.6e-4, 7.5e8, expert_s=0.0, overlap=0.0)
+    lp = plan_layer(prof, D, H, cheap, limits, QUANT)
+    assert [g.experts for g in lp.groups if 30 in g.experts] == [list(range(24, 32))]
+
+
+def test_no_tail_when_mlx_runs_beside_the_programs():
+    lp = plan_layer(_unseen_profile(), D, H, _cost(1.0), PlanLimits.for_backend("onnx"), QUANT)
+    assert set(range(24, 32)) <= set(lp.cold)  # MLX on its own unit hides a stray pair: no tail
