@@ -152,6 +152,12 @@ def main(argv=None):
         pred = lp.predicted(cost, N, counts_np)
         out["predicted_ms"] = pred["offload_s"] * 1e3
         out["pred_per_call_ms"] = [cost.program_s(G, C, D, H) * 1e3 for G, C, _ in per]
+        rows = sum(G * C for G, C, _ in per)
+        f = 6.0 * D * H
+        out["pred_terms_ms"] = {"sync": cost.sync_s * 1e3, "dispatch": len(per) * cost.dispatch_s * 1e3,
+                                "experts": sum(G for G, _, _ in per) * cost.expert_s * 1e3,
+                                "compute": rows * f / cost.program_flops * 1e3,
+                                "copies": rows * D * 8 / cost.copy_bps * 1e3}
     print(json.dumps({k: v for k, v in out.items() if k not in ("per_call", "pred_per_call_ms")}, indent=1))
     pc = out["per_call"]
     print("per call (G, C, measured ms, predicted ms):")

@@ -71,6 +71,8 @@ def test_fit_overlap_from_timings():
     assert np.isclose(fit_overlap({"program_s": 1.0, "mlx_s": 0.5, "both_s": 1.25}), 0.5)
     assert fit_overlap({"program_s": 1.0, "mlx_s": 0.5, "both_s": 1.9}) == 0.0  # contention: clipped
     assert fit_overlap(None) == 1.0
+    # rounds: the median round's estimate, so one lucky round does not fake an overlap
+    assert fit_overlap({"program_s": [1.0, 1.0, 1.0], "mlx_s": [0.5, 0.5, 0.5], "both_s": [1.5, 1.0, 1.5]}) == 0.0
 
 
 def test_cost_models_saved_before_overlap_keep_their_decisions():
@@ -86,7 +88,7 @@ def test_tune_measures_the_overlap():
 
     raw = measure("onnx", 64, 32, None, tiers=(16, 64), pairs=(16, 64), repeats=1)
     o = raw["overlap"]
-    assert o["program_s"] > 0 and o["mlx_s"] > 0 and o["both_s"] > 0
+    assert all(len(o[k]) >= 5 and min(o[k]) > 0 for k in ("program_s", "mlx_s", "both_s"))
     assert 0.0 <= fit(raw).overlap <= 1.0
     assert fit(raw).overlap == fit_overlap(o)
 
