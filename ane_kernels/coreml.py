@@ -48,10 +48,6 @@ def function_name(tier: int) -> str:
     return f"c{tier}"
 
 
-def tier_of(function: str) -> int:
-    return int(function[1:])
-
-
 @dataclass
 class CoreMLBuild:
     """What `build_package` wrote, for reports and the CLI."""

@@ -20,6 +20,7 @@ providers that take dynamic shapes (one session, one resident copy, every tier).
 """
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ INPUT_NAME = "x"
 OUTPUT_NAME = "y"
 OPSET = 17
 ROWS = "C"  # the symbolic row dimension of a dynamic graph
+METADATA_KEY = "npumoe.program"  # model property: spec.describe() as JSON (as in Core ML packages)
 
 
 class _Graph:
@@ -245,7 +247,7 @@ def build_onnx(spec: ProgramSpec, tier: Optional[int]):
         producer_name="npumoe-ane_kernels",
     )
     model.ir_version = 8
-    helper.set_model_props(model, {f"npumoe.{k}": str(v) for k, v in spec.describe().items()})
+    helper.set_model_props(model, {METADATA_KEY: json.dumps(spec.describe())})
     checker.check_model(model)
     return model
 
@@ -314,6 +316,14 @@ def save_onnx(spec: ProgramSpec, out_dir) -> Dict[int, Path]:
 
 def _digest(init) -> bytes:
     return hashlib.sha1(init.raw_data).digest() + str(tuple(init.dims)).encode()
+
+
+def read_metadata(model) -> dict:
+    """The `spec.describe()` dict a graph built here carries (its model property)."""
+    raw = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"graph {model.graph.name!r} is not an npumoe expert program (no metadata)")
+    return json.loads(raw)
 
 
 def graph_tier(model) -> int:

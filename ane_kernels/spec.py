@@ -131,6 +131,17 @@ def fuse_rows(a: Weight, b: Weight) -> Weight:
     return np.concatenate([a, b], axis=1)
 
 
+def program_name(layer: int, expert_ids) -> str:
+    """A file-name-safe program name: layer and expert ids (a name to show, never parsed)."""
+    ids = [int(e) for e in expert_ids]
+    if len(ids) <= 16:
+        tag = "-".join(str(e) for e in ids)
+    else:
+        digest = hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:8]
+        tag = f"{ids[0]}-{ids[-1]}_n{len(ids)}_{digest}"
+    return f"layer{layer}_e{tag}"
+
+
 @dataclass
 class ProgramSpec:
     """One MoE layer, one group of experts, its tiers, and the experts' weights.
@@ -207,14 +218,7 @@ class ProgramSpec:
 
     @property
     def name(self) -> str:
-        """A file-name-safe program name: layer and expert ids."""
-        ids = self.expert_ids
-        if len(ids) <= 16:
-            tag = "-".join(str(e) for e in ids)
-        else:
-            digest = hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:8]
-            tag = f"{ids[0]}-{ids[-1]}_n{len(ids)}_{digest}"
-        return f"layer{self.layer}_e{tag}"
+        return program_name(self.layer, self.expert_ids)
 
     @property
     def weight_bytes(self) -> int:

@@ -5,6 +5,10 @@ derived from such numbers by a stated rule (the rule goes into the number's "not
 Regenerate after changing a number here:
 
     python benchmarks/build_chips.py npumoe_mlx/data/chips.json benchmarks/chips.md
+
+chips.md also states issue 10's chip targets against what the planner predicts on the shared
+routing traces (benchmarks/results/replay.json, written by benchmarks/replay_all.py) and the
+bounds no partition can beat; refresh that file first when the planner changes.
 """
 
 import json
@@ -376,8 +380,192 @@ Core ML-visible ANE), no planner can meet it with these numbers.
 """
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPLAY_JSON = os.path.join(ROOT, "benchmarks", "results", "replay.json")
+TOP_K = {"qwen3-30b-a3b": 8, "mixtral-8x7b": 2}  # routed experts per token of the shape's traces
+SHORT = {"qwen3-30b-a3b": "Qwen3", "mixtral-8x7b": "Mixtral"}
+
+
+def cost_model_bounds(cost, D, H, k, tokens=2048):
+    """What the best split of one layer call's pairs between the programs and MLX can reach under
+    the planner's own cost model, with no padding and one program call (so: the sync, one
+    dispatch, MLX's fixed cost and the host copies included): (time / all-on-GPU, least energy /
+    all-on-GPU within 1.2x that best time, least energy within 1.2x all-on-GPU's time)."""
+    import numpy as np
+
+    from npumoe_mlx.cost import flops_per_row
+
+    P, f = tokens * k, flops_per_row(D, H)
+    x = np.linspace(0.0, 1.0, 20001)  # share of the pairs on programs
+    mlx = np.where(x < 1, cost.mlx_fixed_s + (1 - x) * P * f / cost.mlx_flops, 0.0)
+    prog = np.where(x > 0, cost.sync_s + cost.dispatch_s + x * P * (f / cost.program_flops + D * 8 / cost.copy_bps), 0.0)
+    span, alone = np.maximum(mlx, prog), mlx[0]
+    joules = (np.where(x > 0, cost.program_j_per_call + x * P * f * cost.program_j_per_flop, 0.0)
+              + np.where(x < 1, cost.mlx_j_per_call + (1 - x) * P * f * cost.mlx_j_per_flop, 0.0))
+    return (span.min() / alone, joules[span <= 1.2 * span.min()].min() / joules[0],
+            joules[span <= 1.2 * alone].min() / joules[0])
+
+
+def ideal_bounds(r):
+    """Throughput-only bounds (compute-bound GEMMs, no fixed costs): best makespan / all-GPU, and the
+    least energy / all-GPU within 1.2x of that makespan and within 1.2x all-GPU's time."""
+    a, g = r.ane_tflops, r.gpu_tflops
+    ja, jg = r.ane_power_w / a, r.gpu_power_w / g
+
+    def energy(f):
+        return (f * ja + (1 - f) * jg) / jg
+
+    return g / (a + g), energy(min(1.0, 1.2 * a / (a + g))), energy(min(1.0, 1.2 * a / g))
+
+
+def _verdict(preds, ideal, models, target, shapes):
+    """'met', or per shape that misses: which bound already exceeds the target, else the planner."""
+    if max(preds) <= target:
+        return "**met**"
+    if ideal > target:
+        return f"not met: no split can (ideal bound {ideal:.3f})"
+    why = []
+    for s, p, m in zip(shapes, preds, models):
+        if p <= target:
+            continue
+        why.append(f"{SHORT[s]}: " + (f"fixed costs and host copies (cost-model bound {m:.3f})" if m > target
+                                       else f"**the planner ({p:.3f}; cost-model bound {m:.3f})**"))
+    return "not met: " + "; ".join(why)
+
+
+def targets_md(rows, results_path=REPLAY_JSON):
+    """Issue 10's chip targets, per chip: the planner's predictions on the shared traces
+    (worst trace of each shape), the bounds, met or not and why."""
+    import json
+
+    from npumoe_mlx import replay as rp
+    from npumoe_mlx.cost import chip_cost
+
+    if not os.path.exists(results_path):
+        return ""
+    res = json.load(open(results_path))
+    pred = {}  # (chip, shape, objective, bound) -> (worst time ratio, worst energy ratio, worst time / reference)
+    for r in res["results"]:
+        if r["kind"] != "chip":
+            continue
+        s = r["summary"]["2048"]
+        key = (r["chip"], r["shape"], r["objective"], r["energy_bound"])
+        pred.setdefault(key, []).append((s["time_ratio"], s["energy_ratio"], s["predicted_s"],
+                                         s["program_calls_per_call"], s["padding_pct"], r["calibrate"][0]))
+    ref_t = {k[:2]: [p[2] for p in v] for k, v in pred.items() if k[2] == "time"}
+    shapes = [s for s in TOP_K if any(k[1] == s for k in pred)]
+    if not shapes:
+        return ""
+    out = [TARGETS_HEAD.format(seconds=res.get("seconds", "?"), machine=res.get("machine", "?"))]
+    tables = {
+        "time": ["| chip | predicted time / all-GPU, worst trace (" + " / ".join(SHORT[s] for s in shapes)
+                 + ") | ideal bound | cost-model bound (" + " / ".join(SHORT[s] for s in shapes) + ") | target <= 0.8 |",
+                 "|---|---|---|---|---|"],
+        "time-bound": ["| chip | predicted energy / all-GPU (" + " / ".join(SHORT[s] for s in shapes)
+                       + ") | its time / the time objective's, worst | ideal bound | cost-model bound | target <= 0.5 |",
+                       "|---|---|---|---|---|---|"],
+        "gpu-bound": ["| chip | predicted energy / all-GPU (" + " / ".join(SHORT[s] for s in shapes)
+                      + ") | its time / all-GPU, worst | ideal bound | cost-model bound | target <= 0.5 |",
+                      "|---|---|---|---|---|---|"],
+    }
+    counts = {k: 0 for k in tables}
+    gaps = []  # planner misses: the worst trace, and the cost-model bound with its own program calls per call
+    for r in rows:
+        if not all((r.name, s, "time", "time") in pred for s in shapes):
+            continue
+        ideal = ideal_bounds(r)
+        model = []
+        for s in shapes:
+            sh = rp.preset_shape(s)
+            model.append(cost_model_bounds(chip_cost(r.name, "coreml", sh["D"], sh["H"]), sh["D"], sh["H"], TOP_K[s]))
+        t = [max(p[0] for p in pred[(r.name, s, "time", "time")]) for s in shapes]
+        v = _verdict(t, ideal[0], [m[0] for m in model], 0.8, shapes)
+        counts["time"] += v == "**met**"
+        tables["time"].append(f"| {r.name} | {' / '.join(f'{x:.3f}' for x in t)} | {ideal[0]:.3f} | "
+                              f"{' / '.join(f'{m[0]:.3f}' for m in model)} | {v} |")
+        for name, bound, i in (("time-bound", "time", 1), ("gpu-bound", "gpu", 2)):
+            e = [max(p[1] for p in pred[(r.name, s, "energy", bound)]) for s in shapes]
+            if bound == "time":  # the energy plan's time over the time plan's, per trace
+                tt = max(pe[2] / pt for s in shapes
+                         for pe, pt in zip(pred[(r.name, s, "energy", bound)], ref_t[(r.name, s)]))
+            else:
+                tt = max(pe[0] for s in shapes for pe in pred[(r.name, s, "energy", bound)])
+            v = _verdict(e, ideal[i], [m[i] for m in model], 0.5, shapes)
+            counts[name] += v == "**met**"
+            for s, ev, mb in zip(shapes, e, model):
+                if ev > 0.5 and mb[i] <= 0.5 and ideal[i] <= 0.5:
+                    w = max(pred[(r.name, s, "energy", bound)], key=lambda p: p[1])
+                    sh = rp.preset_shape(s)
+                    c = chip_cost(r.name, "coreml", sh["D"], sh["H"])
+                    c.program_j_per_call *= w[3]
+                    c.dispatch_s *= w[3]  # one Core ML dispatch per program call the plan makes
+                    nb = cost_model_bounds(c, sh["D"], sh["H"], TOP_K[s])[i]
+                    gaps.append(f"| {r.name} | {SHORT[s]} ({w[5]}) | `--energy-bound {bound}` | {ev:.3f} | {mb[i]:.3f} | "
+                                f"{w[3]:.1f} | {nb:.3f} | {w[4]:.1f} |")
+            tables[name].append(f"| {r.name} | {' / '.join(f'{x:.3f}' for x in e)} | {tt:.2f} | {ideal[i]:.3f} | "
+                                f"{' / '.join(f'{m[i]:.3f}' for m in model)} | {v} |")
+    n = len(tables["time"]) - 2
+    out.append(f"### Time objective: makespan <= 0.8 x all-on-GPU (met on {counts['time']} of {n})\n")
+    out += tables["time"]
+    out.append(f"\n### Energy objective, within 1.2x of the time objective's makespan (`--energy-bound time`, "
+               f"the default): energy <= 0.5 x all-on-GPU (met on {counts['time-bound']} of {n})\n")
+    out += tables["time-bound"]
+    out.append(f"\n### Energy objective, within 1.2x of all-on-GPU's time (`--energy-bound gpu`): energy <= 0.5 x "
+               f"all-on-GPU (met on {counts['gpu-bound']} of {n})\n")
+    out += tables["gpu-bound"]
+    if gaps:
+        out.append(GAPS_HEAD)
+        out += ["| chip | shape (worst trace) | energy bound | predicted energy / all-GPU | cost-model bound, 1 call "
+                "| program calls per layer call | cost-model bound with that many calls | padding % |",
+                "|---|---|---|---|---|---|---|---|"] + gaps
+    return "\n".join(out) + "\n"
+
+
+GAPS_HEAD = """
+### The misses marked "the planner"
+
+The cost-model bound above lets the programs' share run as one Core ML call with no padding.
+A plan makes one call per resident group (groups of similar load pad little; one group for
+all experts would pad to the busiest one), and each call costs a dispatch (380 us). With the
+plan's own number of calls the bound rises, and the rest of the gap is padding (Core ML tiers
+are multiples of 32 rows) and groups that cannot be cut finer than their ladder:
+"""
+
+
+TARGETS_HEAD = """
+## Issue 10's chip targets (predicted)
+
+For every profile, on the shared routing traces (`../shared/routing`: the OLMoE traces at the
+Qwen3-30B-A3B expert shape, the five Mixtral traces at the Mixtral-8x7B shape), 2048-token calls,
+`--split half`, Core ML programs on the ANE against MLX on the GPU: each cell is the worst trace
+of that shape. Predictions of the planner's cost model with this table's numbers, not
+measurements. Regenerate (the replays take ~3-5 minutes on 2 cores):
+
+```sh
+PYTHONPATH=. python benchmarks/replay_all.py --routing ../shared/routing   # -> benchmarks/results/replay.json
+python benchmarks/build_chips.py npumoe_mlx/data/chips.json benchmarks/chips.md
+```
+
+Two bounds say what any plan could do, so a miss can be told apart from a planner fault:
+
+- **ideal bound**: throughput alone (see "What the profiles allow" above): the expert FLOPs split
+  between two units running at once, no fixed costs; the same for both shapes.
+- **cost-model bound**: the best split of one layer call's pairs under the planner's own cost
+  model, as if the programs' share ran in one program call with no padding: the host sync
+  (180 us), one Core ML dispatch (380 us), MLX's fixed cost and the host copies of the rows
+  (`copy_bps`, 50 GB/s, the coreml default) included. Real plans need several program calls
+  (one per group) and pad their tiers, so they land above it.
+
+"not met" says which bound already exceeds the target (per shape where they differ); a miss
+where both bounds allow the target is the planner's, in bold. Energy plans stay within their
+time bound by construction (the "its time" columns).
+
+Run: {seconds} s on {machine}.
+"""
+
+
 def write_md(path, data):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, ROOT)
     from npumoe_mlx.chips import ChipProfile, FIELDS, format_chips
 
     rows = []
@@ -393,6 +581,7 @@ def write_md(path, data):
         f = min(1.0, 1.2 * a / g)
         e = (f * r.ane_power_w / a + (1 - f) * r.gpu_power_w / g) / (r.gpu_power_w / g)
         lines.append(f"| {r.name} | {a / g:.2f} | {g / (a + g):.2f} | {e:.2f} | {r.ane_power_w / a:.2f} | {r.gpu_power_w / g:.2f} |")
+    lines.append(targets_md(rows))
     lines.append("\n## Derived numbers (no direct public measurement of that number on that chip)\n")
     lines.append("Measured once (on one chip) and used for every chip: `ane_dispatch_s`, `sync_s`, "
                  "`both_bw_factor`; `gpu_dispatch_s` is derived from a per-kernel measurement (see above). "

@@ -28,6 +28,7 @@ from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor
 from npumoe_mlx.experts import stock_experts
 from npumoe_mlx.plan import PlanLimits, plan_layer
+from npumoe_mlx.profiles import LayerCounts
 from npumoe_mlx.programs import spec_from_switch_glu
 from npumoe_mlx.replay import load_shape_presets
 from npumoe_mlx.tiers import plan_slots
@@ -48,8 +49,7 @@ def setup(name: str, tokens: int, cost_path=None, backend_opts=None, log=print):
     sizes = [tokens]
     chunks = [{"tokens": n, "counts": np.bincount(route(n, k, p, rng).ravel(), minlength=E).tolist()}
               for n in sizes for _ in range(2)]
-    prof = {"layer": 0, "path": "bench", "num_experts": E, "top_k": k,
-            "counts": np.sum([c["counts"] for c in chunks], 0).tolist(), "chunks": chunks}
+    prof = LayerCounts(0, "bench", E, k, np.sum([c["counts"] for c in chunks], 0).tolist(), chunks)
     if cost_path and Path(cost_path).exists():
         cost = CostModel.load(cost_path)
     else:

@@ -2,14 +2,16 @@
 
 ``build`` is the one place that takes a bundle's build lock (lock.py); it writes a
 temp folder and renames it into place, so an interrupted build leaves the previous
-bundle intact. Every program is checked against the model's experts right after
-it is compiled.
+bundle intact. Every program is built by its backend (``Backend.build``, which
+returns the entry the manifest keeps) and checked against the model's experts
+right after (``Backend.checker``).
 """
 
 import argparse
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,14 +23,15 @@ from . import experts, verify
 from ._version import __version__
 from .args import at_least, limits_from_flags, load_cost
 from .atomic import clean_stale, folder, honour_umask, write_json
-from .backends import load_backend
-from .calibrate import Profile, calibrate, with_workload
+from .backends import backend_class
+from .calibrate import calibrate
 from .checks import explain_load_errors, resolve_model
 from .cost import CostModel, chip_cost, default_cost
 from .cost import describe as describe_cost
 from .fingerprint import model_fingerprint
 from .lock import build_lock
 from .plan import PlanLimits, format_plan, make_plan
+from .profiles import Profile, with_workload
 from .programs import spec_from_dense_mlp, spec_from_switch_glu
 from .progress import progress_bar
 from .residency import check_budget, default_memory_budget, describe, plan_resident
@@ -48,38 +51,13 @@ def offloadable_shared(mlp, shared) -> bool:
     return experts.is_swiglu_mlp(mlp)
 
 
-def _build_checker(backend: str):
-    """program folder -> a Program to check right after compiling it: onnx runs every tier
-    under onnxruntime; Core ML runs its smallest tier (all tiers share the weights) in the
-    numpy MIL interpreter, which works off macOS too."""
-    if backend == "onnx":
-        be = load_backend("onnx")
-        return be.load
-    return lambda d: verify.milrun_program(Path(d) / "program.mlpackage")
-
-
-def _verify_built(checker, backend: str, path: Path, rel: Path, entry: dict, module, want) -> None:
-    prog = checker(path)
-    tiers = sorted(prog.tiers) if backend == "onnx" else [min(prog.tiers)]
+def _verify_built(backend: str, folder: Path, rel: Path, built: dict, entry: dict, module, want) -> None:
+    prog, tiers = backend_class(backend).checker(built, folder)
     x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=entry["layer"])
     try:
         verify.check(prog, tiers, want, x, verify.tolerance(backend, module), f"{rel.as_posix()} ({prog.name})")
     except verify.ProgramMismatch as e:
         raise bundles.BundleError(f"build refused: {e}; this is a bug in npumoe or the model's format, please report it") from None
-
-
-def _compile_group(spec, backend: str, dest: Path, limits=None) -> None:
-    if backend == "onnx":
-        from ane_kernels.onnx import save_onnx
-
-        save_onnx(spec, dest)
-    elif backend == "coreml":
-        from ane_kernels.coreml import build_package
-
-        dest.mkdir(parents=True, exist_ok=True)
-        build_package(spec, dest / "program.mlpackage")
-    else:
-        raise ValueError(f"cannot compile programs for backend {backend!r}")
 
 
 def build(
@@ -163,17 +141,15 @@ def build(
             log("      note: Core ML runs only on macOS; this bundle is for a Mac (its programs are "
                 "checked here with the numpy MIL interpreter)")
         limits = limits or PlanLimits.for_backend(backend)
-        mods = dict(model.named_modules())
-        shapes = {
-            l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant,
-                "shared": [{"path": s.path, "hidden": s.hidden} for s in b.shared if offloadable_shared(mods.get(s.path), s)]}
-            for l, b in blocks.items()
-        }
-        plan = make_plan(profile.to_json(), shapes, cost, limits, objective=objective)
+        mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs
+        plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
+                     for l, b in blocks.items()}  # shared experts only where a program computes them
+        plan = make_plan(profile, plannable, cost, limits, objective=objective)
         log(f"[3/4] {format_plan(plan)}")
-        resident = plan_resident(plan, model, blocks)
+        budget = default_memory_budget() if memory_budget == -1 else memory_budget
+        resident = plan_resident(plan, model, blocks, cost, keep_mlx_experts=False, budget=budget)  # as loads run it
         log(f"      {describe(resident)}")
-        check_budget(resident, default_memory_budget() if memory_budget == -1 else memory_budget)
+        check_budget(resident, budget)
 
         n_prog = plan.num_programs
         with folder(out) as tmp:
@@ -186,7 +162,7 @@ def build(
                         Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}",
                         lambda lp=lp, g=g: spec_from_switch_glu(
                             blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers),
-                        {"layer": lp.layer, "group": gi, "experts": g.experts, "tiers": g.tiers},
+                        {"layer": lp.layer, "group": gi},  # experts and tiers: plan.json's, the one source
                         (mod, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x)),
                     ))
                 for si, sp in enumerate(lp.shared):
@@ -194,18 +170,19 @@ def build(
                     jobs.append((
                         Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}",
                         lambda lp=lp, sp=sp: spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers),
-                        {"layer": lp.layer, "group": f"s{si}", "experts": [-1], "tiers": sp.tiers},
+                        {"layer": lp.layer, "group": f"s{si}"},
                         (mlp, lambda x, m=mlp: verify.model_dense(m, x)),
                     ))
             programs = []
-            checker = _build_checker(backend)
+            compiler = backend_class(backend)
             for rel, make_spec, entry, (module, want) in progress_bar(
                     jobs, desc="[4/4] programs", unit="prog", disable=not progress):
-                _compile_group(make_spec(), backend, tmp / rel)
+                built = compiler.build(make_spec(), tmp / rel)  # the backend's entry: its files and metadata
                 for f in (tmp / rel).rglob("*"):
                     honour_umask(f)  # writers of program files may use 0600 temp files
-                _verify_built(checker, backend, tmp / rel, rel, entry, module, want)
-                programs.append({**entry, "dir": rel.as_posix(), "files": bundles.files_under(tmp, rel)})
+                _verify_built(backend, tmp / rel, rel, built, entry, module, want)
+                programs.append({**entry, "dir": rel.as_posix(), "program": built,
+                                 "files": bundles.files_under(tmp, rel)})
             profile.save(tmp / "profile.json")
             plan.save(tmp / "plan.json")
             cost.save(tmp / "cost.json")
@@ -219,14 +196,13 @@ def build(
                 "backend": backend,
                 "model_fingerprint": fingerprint,
                 "model_type": config.get("model_type"),
-                "limits": plan.limits.__dict__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "meta": meta,
                 "programs": programs,
             })
         total = sum(f["bytes"] for p in programs for f in p["files"].values())
         offloaded = sum(1 for lp in plan.layers if lp.groups or lp.shared)
-        tiers = sum(len(p["tiers"]) for p in programs)
+        tiers = sum(len(g.tiers) for lp in plan.layers for g in [*lp.groups, *lp.shared])
         log(f"bundle written to {out}: {offloaded}/{len(plan.layers)} MoE layers offloaded, {n_prog} programs "
             f"({tiers} tiers), {total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
         return out

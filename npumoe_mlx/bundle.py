@@ -1,11 +1,13 @@
 """The on-disk bundle: manifest, profile, plan, cost model and programs. Atomic, validated.
 
-    <bundle>/manifest.json   kind, format, npumoe version, backend, model fingerprint,
-                             limits, and every program file with its size and sha256
-    <bundle>/profile.json    calibration (calibrate.py)
-    <bundle>/plan.json       groups, tier ladders, residency, thresholds (plan.py)
+    <bundle>/manifest.json   kind, format, npumoe version, backend, model fingerprint, and
+                             per program (layer, group) its folder and files with sizes and sha256
+    <bundle>/profile.json    calibration (profiles.py)
+    <bundle>/plan.json       limits, groups, tier ladders, residency, thresholds (plan.py): the
+                             one place groups and tiers are written; the manifest refers to them
     <bundle>/cost.json       the cost model (cost.py)
-    <bundle>/programs/L<layer>/g<group>/...   .onnx per tier, or one .mlpackage
+    <bundle>/programs/L<layer>/g<group>/...   the backend's files (.onnx per tier, or one
+                             .mlpackage); the manifest's entry keeps what its build returned
 
 Here: where bundles live, the manifest's file records, read and validate. The
 build pipeline is build.py (a temp folder renamed into place: an interrupted build
@@ -27,7 +29,9 @@ from .cost import CostModel
 from .fingerprint import model_fingerprint
 from .plan import Plan
 
-BUNDLE_FORMAT = 2  # 2: quantized programs without zero points (fast kernel), one session per program
+BUNDLE_FORMAT = 3  # 3: groups, tiers and limits only in plan.json; the manifest names each program's
+# (layer, group), its files and its backend's build entry ("program": files + metadata);
+# 2: quantized programs without zero points (fast kernel), one session per program
 KIND = "npumoe-bundle"
 CACHE_ENV = "NPUMOE_CACHE"
 
@@ -270,13 +274,12 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
     if plan.backend != backend:
         raise BundleError(f"{root}: plan is for {plan.backend}, manifest says {backend}; {_hint(backend)}")
     try:
-        listed = {(p["layer"], p["group"]): ([int(e) for e in p["experts"]], [int(t) for t in p["tiers"]])
-                  for p in man["programs"]}
-    except (KeyError, TypeError, ValueError) as e:
+        listed = [(p["layer"], p["group"]) for p in man["programs"]]
+    except (KeyError, TypeError) as e:
         raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_hint(backend)}") from None
-    needed = {(lp.layer, gi): (list(g.experts), list(g.tiers)) for lp in plan.layers for gi, g in enumerate(lp.groups)}
-    needed.update({(lp.layer, f"s{si}"): ([-1], list(sp.tiers)) for lp in plan.layers for si, sp in enumerate(lp.shared)})
-    if listed != needed:
+    needed = [(lp.layer, gi) for lp in plan.layers for gi in range(len(lp.groups))]
+    needed += [(lp.layer, f"s{si}") for lp in plan.layers for si in range(len(lp.shared))]
+    if sorted(listed, key=repr) != sorted(needed, key=repr):  # one program per planned group, no other
         raise BundleError(f"{root}: manifest programs do not match the plan; {_hint(backend)}")
     return Bundle(root, man, plan, cost, model_name, model_path)
 

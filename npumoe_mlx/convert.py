@@ -7,6 +7,9 @@
   its bundle goes to the cache, keyed by the weights' fingerprint (beside a
   local model with ``--in-place``), where ``npumoe generate`` finds it.
 Re-running with an up-to-date bundle does nothing and says so; ``--force`` rebuilds.
+``--refresh STATS`` rebuilds the bundle with its ladders re-sized for the per-call loads
+``npumoe generate --stats STATS`` saved (``npumoe build --from-stats STATS`` for a converted
+model), keeping the costs the bundle was planned with.
 """
 
 import json
@@ -27,6 +30,8 @@ from . import bundle as bundles, owned
 from .args import at_least
 from .atomic import clean_stale, honour_umask, write_json
 from .build import build as build_bundle
+from .calibrate import Profile
+from .cost import CostModel
 from .checks import resolve_model
 from .fingerprint import model_fingerprint
 from .lock import build_lock
@@ -64,6 +69,9 @@ def _parser():
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="Calibration prefill chunk: your mlx_lm prefill_step_size (default 2048, mlx_lm's).")
     p.add_argument("--no-tune", action="store_true", help="Use parametric costs instead of measuring.")
+    p.add_argument("--refresh", metavar="STATS",
+                   help="Rebuild the bundle with its ladders re-sized for the per-call loads `npumoe generate "
+                   "--stats STATS` saved (as `npumoe build --from-stats`; the bundle's costs are kept).")
     return p
 
 
@@ -167,12 +175,16 @@ def convert(
     tune: bool = True,
     trust_remote_code: bool = False,
     progress: bool = False,
+    refresh: Optional[str] = None,
     **mlx_convert_kwargs,
 ) -> Converted:
     """``source`` -> MLX weights (if needed, via ``mlx_lm.convert(**mlx_convert_kwargs)``)
-    + an up-to-date offload bundle. Returns ``Converted(model, bundle, backend, converted)``."""
+    + an up-to-date offload bundle. Returns ``Converted(model, bundle, backend, converted)``.
+    ``refresh``: a stats file of ``npumoe generate --stats``; the bundle is rebuilt with
+    ladders sized for those calls (the workload's layers replace the calibration's)."""
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
+    workload = Profile.load(refresh) if refresh else None  # a bad stats file fails before any work
     backend = backend or resolve("auto")
     src = resolve_model(source)
     convert_now = any(mlx_convert_kwargs.get(f) for f in CONVERSION_FLAGS) or not is_mlx_layout(src)
@@ -194,7 +206,14 @@ def convert(
         else:  # an existing bundle (beside, else cached), else a new one in the cache
             out = bundles.locate_bundle(model_path, backend, new_in_cache=True)
 
-    if (out / "manifest.json").exists() and not force:
+    cost = None
+    if workload is not None:  # re-size, don't re-measure: plan with the costs the bundle has
+        if (out / "cost.json").exists():
+            try:
+                cost = CostModel.load(out / "cost.json")
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                print(f"[npumoe] not reusing {out / 'cost.json'} ({e}); measuring costs again", file=sys.stderr)
+    elif (out / "manifest.json").exists() and not force:
         try:
             bundles.read(out, model_path, source)
             print(f"bundle {out} is up to date; nothing to do (--force rebuilds)")
@@ -203,7 +222,7 @@ def convert(
             print(f"[npumoe] rebuilding a stale bundle: {e}", file=sys.stderr)
     build_bundle(  # takes the bundle's build lock
         str(model_path), backend, str(out), tokens=tokens, chunk_size=chunk_size,
-        tune=tune, trust_remote_code=trust_remote_code, progress=progress,
+        tune=tune, trust_remote_code=trust_remote_code, progress=progress, cost=cost, workload=workload,
     )
     print(f"generate with: npumoe generate --model {model_path} --offload {backend}")
     return Converted(model_path, out, backend, convert_now)
@@ -216,7 +235,7 @@ def main(argv=None) -> int:
     convert(
         args.hf_path, args.mlx_path, backend=args.backend, force=args.force, in_place=args.in_place,
         tokens=args.tokens, chunk_size=args.chunk_size, tune=not args.no_tune,
-        trust_remote_code=args.trust_remote_code, progress=True,
+        trust_remote_code=args.trust_remote_code, progress=True, refresh=args.refresh,
         quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits, q_mode=args.q_mode,
         dtype=args.dtype, dequantize=args.dequantize, quant_predicate=args.quant_predicate,
     )

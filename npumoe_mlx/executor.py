@@ -1,16 +1,22 @@
 """One offloaded MoE layer at run time: count -> tiers -> gather -> programs -> scatter.
 
 Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
-1. calls below the plan's ``min_tokens`` (decode) go straight to stock MLX, no sync;
+1. calls below the plan's ``min_tokens`` (decode) go straight to stock MLX, no sync,
+   unless MLX released the layer's program experts (release.py): then every call runs
+   programs, decode on their 1..32-row tiers, overflow on the ladder again;
 2. MLX sorts and counts the pairs; ONE host sync brings order, counts and x over;
 3. the cost model picks programs or MLX for this call, and per group whether
    overflow past the top tier runs the ladder again or spills to MLX;
 4. cold experts and spill start on MLX (``mx.async_eval``) before the programs run;
 5. rows are gathered into (G, C, D) with numpy fancy indexing (no loop over tokens),
-   each resident group's program runs at its tier, and one gather puts every
-   pair's row back in order: (..., k, D) in x.dtype.
-A program that raises or returns a wrong shape or non-finite values disables the
-layer's offload for the rest of the run (one warning); that call reruns on MLX.
+   each resident group's program runs at its tier, and its output rows are scattered
+   straight to their pairs' rows; that one array goes back to MLX (cast to x.dtype as it
+   is copied), the MLX side's rows are set into it: (..., k, D) in x.dtype.
+The call is three stages: ``_prepare`` (steps 1-3), ``_start_mlx`` + ``_run_programs``
+(4-5), ``_finish`` (the one array back). A program that raises or returns a wrong shape
+or non-finite values disables the layer's offload for the rest of the run (one warning,
+``_guarded``, shared with ``SharedExecutor``); that call reruns on MLX (which reads a
+released layer's experts back from the safetensors first).
 """
 
 import sys
@@ -24,9 +30,11 @@ import numpy as np
 
 from .cost import CostModel
 from .dispatch import ProgramError, run_calls
-from .experts import SwitchGLU, stock_dense, stock_experts
+from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
-from .tiers import OVERFLOW_MODES, CallDecision, decide_call, ladder_rounds, plan_slots
+from .profiles import LayerCounts, Profile
+from .release import record_of
+from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
 OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
@@ -100,10 +108,24 @@ class OffloadExecutor:
         self._tiers = [list(g.tiers) for g in plan.groups]
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
+        self._released_tiers = None
 
-    def _decide(self, counts: np.ndarray) -> CallDecision:
+    def _decide(self, counts: np.ndarray, released: bool = False) -> CallDecision:
+        if released:  # MLX lacks these experts: every pair runs on programs, overflow reruns the ladder
+            d = decide_call(counts, self._groups, self._small_tiers(), self._cold, self.cost, self.plan.D,
+                            self.plan.H, "drop" if self.overflow == "drop" else "rerun", "time", self.plan.max_calls)
+            d.offload = d.program_calls > 0
+            return d
         return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
                            self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
+
+    def _small_tiers(self) -> List[List[int]]:
+        """Each group's ladder plus the program's tiers below it (dynamic onnx programs take
+        any row count): a decode call of a released layer runs 1-row calls, not 64-row ones."""
+        if self._released_tiers is None:
+            self._released_tiers = [sorted({t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts))
+                                    for p, ts in zip(self.programs, self._tiers)]
+        return self._released_tiers
 
     def _record(self, n_tokens: int, k: int, counts: np.ndarray) -> None:
         """Keep the call's loads (the last MAX_LOADS) and notice overflow well above the plan's."""
@@ -119,15 +141,26 @@ class OffloadExecutor:
                       f"--stats FILE`, see the new plan with `npumoe plan --from-stats FILE` and rebuild with "
                       f"`npumoe build --model M --from-stats FILE`")
 
-    # --- the call ---------------------------------------------------------
+    # --- the call: prepare (one host sync) -> run (MLX side, programs) -> finish (one array back) ---
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
-        st = self.stats
-        st.calls += 1
-        D = x.shape[-1]
-        n_tokens = x.size // D
-        if self.disabled or n_tokens < self.plan.min_tokens:
+        self.stats.calls += 1
+        released = record_of(experts) is not None  # MLX no longer holds the program experts
+        if self.disabled or (x.size // x.shape[-1] < self.plan.min_tokens and not released):
             return stock_experts(experts, x, inds)
-        k = inds.shape[-1]
+        c = self._prepare(x, inds, released)
+        if c is None:  # the cost model keeps this call on MLX
+            return stock_experts(experts, x, inds)
+        y_mlx = self._start_mlx(experts, c)  # first, so MLX runs while the programs do
+        y = _guarded(self, f"layer {self.plan.layer}", "layer", lambda: self._run_programs(c))
+        if y is None:  # a program failed: this call (and the layer from now on) on MLX
+            return stock_experts(experts, x, inds)
+        return self._finish(c, y, y_mlx)
+
+    def _prepare(self, x: mx.array, inds: mx.array, released: bool = False) -> Optional["_Call"]:
+        """Sort and count the pairs, bring them and x over in the one host sync, decide the call
+        (every pair on programs when MLX released the layer's experts) and place its pairs; None
+        when the call stays on MLX."""
+        D, k = x.shape[-1], inds.shape[-1]
         flat = inds.reshape(-1)  # (P,)
         drop = self.overflow == "drop"
         logits = _router_logits(self.router, x.reshape(-1, D), self.plan.num_experts) if drop else None
@@ -136,61 +169,110 @@ class OffloadExecutor:
             score = mx.take_along_axis(logits, inds.reshape(-1, k).astype(mx.int32), axis=-1).reshape(-1)
         order = mx.argsort(flat)
         counts = mx.zeros((self.plan.num_experts,), mx.int32).at[flat].add(1)
-        x32 = x.reshape(-1, D).astype(mx.float32)
+        x32 = x.reshape(-1, D).astype(mx.float32)  # (N, D): a copy only when x is not float32
         mx.eval(order, counts, x32, *([score] if score is not None else []))  # the one host sync
         t0 = time.perf_counter()  # upstream layers finished in that sync: time only our part
-        order_np, counts_np = np.array(order), np.array(counts)
+        order_np, counts_np, flat_np = np.array(order), np.array(counts), np.array(flat)
         if score is not None:  # paper's drop mode: within an expert, highest router score first
-            order_np = np.lexsort((-np.array(score.astype(mx.float32)), np.array(flat)))
-        self._record(n_tokens, k, counts_np)
-        d = self._decide(counts_np)
+            order_np = np.lexsort((-np.array(score.astype(mx.float32)), flat_np))
+        self._record(x.size // D, k, counts_np)
+        d = self._decide(counts_np, released)
         if not drop and not d.offload:
-            return stock_experts(experts, x, inds)
-
+            return None
         s = plan_slots(order_np, counts_np, k, self._groups, self._tiers, caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
-        flat_np = np.array(flat)
         left = np.nonzero(s.loc < 0)[0]  # pairs no program took: cold experts, overflow
+        dropped = left[:0]
         if drop:
-            overflow = left[~self._cold[flat_np[left]]]
-            st.dropped += int(overflow.size)
-            left = left[self._cold[flat_np[left]]]
-        # Start MLX on the leftover pairs first, so it runs while the programs do.
-        y_mlx = None
-        if left.size:
-            tok = mx.array(left // k, dtype=mx.int32)
-            e = mx.array(flat_np[left], dtype=mx.uint32)[:, None]
-            y_mlx = stock_experts(experts, x32[tok], e).reshape(-1, D)  # (L, D)
-            mx.async_eval(y_mlx)
+            cold = self._cold[flat_np[left]]
+            left, dropped = left[cold], left[~cold]
+        return _Call(x32, tuple(inds.shape), x.dtype, s, flat_np, left, dropped, t0)
 
-        x_np = np.asarray(x32)  # (N, D), no copy
-        outs = np.empty((max(s.slots, 1), D), np.float32)
+    def _start_mlx(self, experts: SwitchGLU, c: "_Call") -> Optional[mx.array]:
+        """The leftover pairs on MLX, started now: (L, D) float32, or None."""
+        if not c.left.size:
+            return None
+        tok = mx.array(c.left // c.k, dtype=mx.int32)
+        e = mx.array(c.flat[c.left], dtype=mx.uint32)[:, None]
+        y = stock_experts(experts, c.x32[tok], e).reshape(-1, c.D)  # (L, D)
+        mx.async_eval(y)
+        return y
+
+    def _run_programs(self, c: "_Call") -> np.ndarray:
+        """Every program call of ``c``: rows gathered in as (G, C, D), each output row scattered
+        straight to its pair's row: (P + 1, D) float32 in pair order (row P takes the padding)."""
+        s, D, P = c.slots, c.D, c.flat.size
+        x_np = np.asarray(c.x32)  # (N, D), no copy
+        dst = np.full(s.slots, P)  # slot -> pair
+        taken = np.nonzero(s.loc >= 0)[0]
+        dst[s.loc[taken]] = taken
+        y = np.empty((P + 1, D), np.float32)
+        outs = np.empty((max(s.slots, 1), D), np.float32)  # slot order: each call writes its rows in place
         tp = time.perf_counter()
-        try:  # gathers, program calls (several at once where the backend allows), checks
-            row = run_calls(self.programs, s.calls, x_np, outs)
-        except Exception as err:  # fault: this layer stays on MLX from now on
-            self.disabled = True
-            st.fallback = f"{type(err).__name__}: {err}"
-            self.warn(f"layer {self.plan.layer}: program failed ({st.fallback}); layer falls back to MLX for the rest of the run")
-            return stock_experts(experts, x, inds)
-        st.program_s += time.perf_counter() - tp
+        run_calls(self.programs, s.calls, x_np, outs)  # several at once where the backend allows; checked
+        y[dst] = outs[: s.slots]
+        self.stats.program_s += time.perf_counter() - tp
+        return y
 
-        loc = s.loc.copy()
-        parts = [mx.array(outs[:row])]
+    def _finish(self, c: "_Call", y_np: np.ndarray, y_mlx: Optional[mx.array]) -> mx.array:
+        """The programs' rows and the MLX side's as one (..., k, D) array in x.dtype."""
+        st, P = self.stats, c.flat.size
+        y_np[c.dropped] = 0.0  # dropped pairs (--overflow drop) contribute zero
+        y = mx.array(y_np[:P], dtype=c.dtype)  # (P, D), cast to x.dtype as it is copied over (same bits as astype)
         if y_mlx is not None:
-            loc[left] = row + np.arange(left.size)
-            parts.append(y_mlx)
-        if drop:  # dropped pairs contribute zero
-            loc[loc < 0] = row + left.size
-            parts.append(mx.zeros((1, D), mx.float32))
-        y = mx.concatenate(parts, axis=0)[mx.array(loc, dtype=mx.int32)]
+            y[mx.array(c.left, dtype=mx.int32)] = y_mlx.astype(c.dtype)
         st.offloaded += 1
-        st.program_calls += len(s.calls)
-        st.slots += s.slots
-        st.padded += s.padded
-        st.pairs += int(flat_np.size)
-        st.spilled += int(left.size)
-        st.offload_call_s += time.perf_counter() - t0
-        return y.reshape(*inds.shape, D).astype(x.dtype)
+        st.program_calls += len(c.slots.calls)
+        st.slots += c.slots.slots
+        st.padded += c.slots.padded
+        st.pairs += P
+        st.spilled += int(c.left.size)
+        st.dropped += int(c.dropped.size)
+        st.offload_call_s += time.perf_counter() - c.t0
+        return y.reshape(*c.shape, c.D)
+
+
+@dataclass
+class _Call:
+    """One offloaded call between its stages."""
+
+    x32: mx.array  # (N, D) float32, evaluated
+    shape: tuple  # inds.shape: (..., k)
+    dtype: mx.Dtype  # x.dtype, the result's
+    slots: Slots
+    flat: np.ndarray  # (P,) expert of every pair
+    left: np.ndarray  # (L,) pairs for MLX: cold experts, overflow
+    dropped: np.ndarray  # (Q,) pairs dropped (--overflow drop)
+    t0: float  # after the host sync
+
+    @property
+    def D(self) -> int:
+        return self.x32.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.shape[-1]
+
+
+def _checked(y, shape: tuple) -> np.ndarray:
+    """A program's output, or ProgramError when its shape is wrong or a value is not finite."""
+    if getattr(y, "shape", None) != shape:
+        raise ProgramError(f"returned shape {getattr(y, 'shape', None)}, expected {shape}")
+    if not np.isfinite(y).all():
+        raise ProgramError("returned NaN or Inf")
+    return y
+
+
+def _guarded(ex, where: str, who: str, run: Callable[[], np.ndarray]) -> Optional[np.ndarray]:
+    """``run()``, the programs' part of a call. The fault guard of both executors: any error
+    disables ``ex`` for the rest of the run with one warning and returns None (the caller
+    reruns the call on MLX)."""
+    try:
+        return run()
+    except Exception as err:
+        ex.disabled = True
+        ex.stats.fallback = f"{type(err).__name__}: {err}"
+        ex.warn(f"{where}: program failed ({ex.stats.fallback}); {who} falls back to MLX for the rest of the run")
+        return None
 
 
 class SharedExecutor:
@@ -217,40 +299,33 @@ class SharedExecutor:
         x32 = x.reshape(-1, D).astype(mx.float32)
         mx.eval(x32)  # the one host sync of this call
         t0 = time.perf_counter()
-        x_np = np.asarray(x32)
-        out = np.empty((n, D), np.float32)
-        calls = slots = start = 0
-        try:
-            for cap in ladder_rounds(np.array([n]), self.plan.tiers):
-                rows = x_np[start : start + cap]
-                y = self.program.run(rows[None], cap)  # pads to the tier, crops back
-                if getattr(y, "shape", None) != (1, rows.shape[0], D) or not np.isfinite(y).all():
-                    raise ProgramError(f"returned shape {getattr(y, 'shape', None)} or non-finite values")
-                out[start : start + rows.shape[0]] = y[0]
-                start += rows.shape[0]
-                calls += 1
-                slots += cap
-        except Exception as err:
-            self.disabled = True
-            st.fallback = f"{type(err).__name__}: {err}"
-            self.warn(f"layer {st.layer} shared expert: program failed ({st.fallback}); it falls back to MLX for the rest of the run")
+        out = _guarded(self, f"layer {st.layer} shared expert", "it", lambda: self._run(np.asarray(x32)))
+        if out is None:
             return stock_dense(mlp, x)
-        st.offloaded += 1
-        st.program_calls += calls
-        st.slots += slots
-        st.padded += slots - n
-        st.pairs += n
         st.program_s += time.perf_counter() - t0
         st.offload_call_s += time.perf_counter() - t0
-        return mx.array(out).reshape(x.shape).astype(x.dtype)
+        return mx.array(out, dtype=x.dtype).reshape(x.shape)  # cast as it is copied over (same bits as astype)
+
+    def _run(self, x_np: np.ndarray) -> np.ndarray:
+        """(n, D) float32 through the program in rounds of its ladder."""
+        st, (n, D) = self.stats, x_np.shape
+        out = np.empty((n, D), np.float32)
+        caps, start = ladder_rounds(np.array([n]), self.plan.tiers), 0
+        for cap in caps:
+            rows = x_np[start : start + cap]
+            out[start : start + rows.shape[0]] = _checked(self.program.run(rows[None], cap), (1, rows.shape[0], D))[0]
+            start += rows.shape[0]
+        st.offloaded += 1
+        st.program_calls += len(caps)
+        st.slots += sum(caps)
+        st.padded += sum(caps) - n
+        st.pairs += n
+        return out
 
 
-def stats_profile(model, model_type: str = "") -> "Profile":
+def stats_profile(model, model_type: str = "") -> Profile:
     """The per-call loads the offloaded layers saw, as a calibration profile (``--stats FILE``):
     ``npumoe plan --from-stats FILE`` re-sizes the ladders for this workload."""
-    from .calibrate import LayerCounts, Profile
-    from .experts import installed_blocks
-
     layers, tokens = [], 0
     for m in installed_blocks(model):
         ex = m.executor
@@ -269,8 +344,6 @@ def stats_profile(model, model_type: str = "") -> "Profile":
 
 def offload_stats(model) -> List[LayerStats]:
     """LayerStats of every offloaded expert block, then of every offloaded shared expert."""
-    from .experts import installed_blocks
-
     routed = [m.executor.stats for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
     shared = [
         m.executor.stats for _, m in model.named_modules()

@@ -13,7 +13,7 @@ compile/vmap, and a clear message for half-precision experts on MLX's CPU.
 
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import mlx.core as mx
@@ -25,7 +25,7 @@ from mlx_lm.models.switch_layers import (
     SwitchMLP,
 )
 
-from . import guard
+from . import guard, release
 
 # Activation class name (as mlx_lm spells it) -> the kind a program implements.
 ACTIVATIONS = {
@@ -48,6 +48,7 @@ class SharedExpert:
     path: str
     hidden: int  # H of the dense MLP (n_shared * moe_intermediate for deepseek-style)
     quant: Optional[dict] = None
+    module: Optional[nn.Module] = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -69,10 +70,11 @@ class ExpertBlock:
     supported: bool = True
     reason: str = ""
     module: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+    parent: Optional[nn.Module] = field(default=None, repr=False, compare=False)  # the MoE layer (router, shared)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "module"}
-        d["shared"] = [asdict(s) for s in self.shared]
+        d = {k: v for k, v in self.__dict__.items() if k not in ("module", "parent")}
+        d["shared"] = [{k: v for k, v in s.__dict__.items() if k != "module"} for s in self.shared]
         return d
 
 
@@ -122,7 +124,7 @@ def _shared(parent: Optional[nn.Module], parent_path: str) -> List[SharedExpert]
         if lin is None:
             continue
         hidden, _, quant, _ = _linear_info(lin)
-        out.append(SharedExpert(f"{parent_path}.{name}".lstrip("."), hidden, quant))
+        out.append(SharedExpert(f"{parent_path}.{name}".lstrip("."), hidden, quant, mlp))
     return out
 
 
@@ -134,11 +136,15 @@ def _named_modules(model: nn.Module):
 
 
 def find_expert_blocks(model: nn.Module, config: Optional[dict] = None) -> List[ExpertBlock]:
-    """Describe every expert module (SwitchGLU, and SwitchMLP as unsupported) in layer order."""
+    """Describe every expert module (SwitchGLU, and SwitchMLP as unsupported) in layer order.
+
+    One walk of the model: each block carries its module, its MoE layer (``parent``) and
+    its shared experts' modules, so callers need not walk the model again."""
     config = config or {}
-    mods = dict(model.named_modules())
+    ordered = _named_modules(model)
+    mods = dict(ordered)
     blocks = []
-    for path, m in _named_modules(model):
+    for path, m in ordered:
         if not isinstance(m, (SwitchGLU, SwitchMLP)):
             continue
         parent_path = path.rsplit(".", 1)[0] if "." in path else ""
@@ -166,6 +172,7 @@ def find_expert_blocks(model: nn.Module, config: Optional[dict] = None) -> List[
             dtype=dtype,
             shared=_shared(parent, parent_path),
             module=m,
+            parent=parent,
         )
         if isinstance(m, SwitchMLP):
             blk.supported, blk.reason = False, "SwitchMLP experts (no gated FFN)"
@@ -194,7 +201,14 @@ class OffloadedSwitchGLU(SwitchGLU):
 
 
 def stock_experts(experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
-    """The stock mlx_lm computation, for executors that decide to stay on MLX."""
+    """The stock mlx_lm computation, for executors that decide to stay on MLX.
+
+    A block whose program-only experts were released from MLX (release.py) runs calls
+    that touch only its MLX-resident experts on their compact copy, and reloads the
+    released ones from the safetensors for any other call."""
+    rec = release.record_of(experts)
+    if rec is not None:
+        return release.stock_call(experts, rec, x, inds)
     return SwitchGLU.__call__(experts, x, inds)
 
 
@@ -234,6 +248,7 @@ def install(
     config: Optional[dict] = None,
     quiet: bool = False,
     notice: Optional[guard.Notice] = None,
+    blocks: Optional[List[ExpertBlock]] = None,
 ) -> List[ExpertBlock]:
     """Route every supported expert block through ``executor_for(block)``.
 
@@ -241,11 +256,12 @@ def install(
     on stock MLX; each unsupported one gets a one-line notice on stderr.
     Executors that bake the weights in (``bakes_weights``) get the block's weights
     recorded; ``notice`` (shared by the blocks of one model) names the rebuild.
+    ``blocks``: the model's ``find_expert_blocks`` when the caller has them (no second walk).
     Returns the blocks that were installed.
     """
     notice = notice or guard.Notice(DEFAULT_REBUILD)
     installed = []
-    for blk in find_expert_blocks(model, config):
+    for blk in find_expert_blocks(model, config) if blocks is None else blocks:
         if not blk.supported:
             if not quiet:
                 print(
@@ -327,10 +343,12 @@ def stock_dense(mlp: nn.Module, x: mx.array) -> mx.array:
 
 
 def remove(model: nn.Module) -> int:
-    """Put every offloaded block back on stock MLX. Returns how many were removed."""
+    """Put every offloaded block back on stock MLX (released experts read back from the
+    safetensors: the very weights it had). Returns how many were removed."""
     n = 0
     for _, m in model.named_modules():
         if isinstance(m, OffloadedSwitchGLU):
+            release.reload(m, quiet=True)
             m.__class__ = SwitchGLU
         elif type(m) in _DENSE_CLASSES.values():
             m.__class__ = type(m).stock_class

@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import mlx.core as mx
 
-from . import sharded
+from . import release, sharded
 from .args import at_least
 from .executor import format_stats, offload_stats, stats_profile, summarize
 from .loading import load
@@ -52,6 +52,12 @@ def add_offload_args(parser, stats: bool = True):
         default="auto",
         help="Pairs past a group's top tier: auto (cost model picks), rerun the ladder, spill to "
         "MLX, or drop them (the paper's behaviour, for comparison; never the default).",
+    )
+    parser.add_argument(
+        "--keep-mlx-experts",
+        action="store_true",
+        help="Keep MLX's copy of the experts only programs serve (default: an onnx bundle releases it "
+        "and it is read back from the model's safetensors if MLX needs it).",
     )
     if not stats:
         return parser
@@ -95,8 +101,12 @@ def explain_stats(model) -> str:
     lines = [f"bundle: {bundle}" if bundle else "bundle: none (no programs installed)"]
     s = summarize(offload_stats(model))
     stayed = s["layer_calls"] - s["offloaded_calls"]
+    released = [m for m in installed_blocks(model) if release.record_of(m) is not None]
+    cold = sum(m.executor.stats.calls - m.executor.stats.offloaded for m in released
+               if hasattr(getattr(m, "executor", None), "stats"))
+    stayed -= cold  # released layers run every call on programs unless only cold experts are routed
     mins = [m.executor.plan.min_tokens for m in installed_blocks(model)
-            if hasattr(getattr(m, "executor", None), "plan")]
+            if hasattr(getattr(m, "executor", None), "plan") and all(m is not r for r in released)]
     mins = [t for t in mins if t < NEVER]
     spread = f" ({min(mins)}-{max(mins)} by layer)" if mins and min(mins) != max(mins) else ""
     if stayed and mins:
@@ -106,6 +116,14 @@ def explain_stats(model) -> str:
         )
     elif stayed:
         lines.append(f"{stayed} MoE layer calls stayed on MLX: the plan offloads no layer at any call size")
+    recs = [release.record_of(m) for m in released]
+    if recs:
+        lines.append(
+            f"MLX does not hold {sum(len(r.ids) for r in recs)} experts of {len(recs)} layers "
+            f"({sum(r.nbytes for r in recs) / 1e6:.1f} MB): programs serve them at every call size, decode "
+            f"included (--keep-mlx-experts keeps MLX's copy)"
+            + (f"; {cold} calls of those layers routed only to cold experts ran on MLX" if cold else "")
+        )
     return "\n".join(lines)
 
 
@@ -125,7 +143,8 @@ def main(argv=None):
         if distributed or args.build:
             out = sharded.cli_load(args, *a, **kw)
         else:
-            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify, **kw)
+            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify,
+                       keep_mlx_experts=args.keep_mlx_experts, **kw)
         loaded.append(out[0])
         return out
 

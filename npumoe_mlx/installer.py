@@ -3,21 +3,21 @@ them against the model's own experts, and install the executors at the seam
 (experts.py). ``offload.apply`` calls ``install`` after ``bundle.read``."""
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import List, Optional
 
-from ane_kernels.spec import ProgramSpec
+from ane_kernels.spec import program_name
 
 from . import experts, verify
 from .backends import load_backend
 from .bundle import Bundle, BundleError, LazyHint, safe_path
 from .executor import OffloadExecutor, SharedExecutor
 from .guard import Notice
+from .release import release_model
+from .residency import default_memory_budget, plan_resident
 
 
-def _router_of(model, block_path: str):
-    parent_path = block_path.rsplit(".", 1)[0]
-    parent = dict(model.named_modules()).get(parent_path)
+def _router_of(block: experts.ExpertBlock):
+    parent = block.parent
     if parent is None:
         return None
     for name in ("gate", "router"):
@@ -35,11 +35,19 @@ def install(
     overflow: str = "auto",
     quiet: bool = False,
     verify_all: bool = False,
+    blocks: Optional[List[experts.ExpertBlock]] = None,
+    model_path=None,
+    keep_mlx_experts: bool = False,
 ) -> List:
     """Check the plan against the model, load the programs, check them against the
-    model's experts (a sample; all tiers of all with ``verify_all``), install the executors."""
+    model's experts (a sample; all tiers of all with ``verify_all``), install the executors.
+    Then, unless ``keep_mlx_experts``, ``overflow="spill"`` (overflow runs on MLX) or no
+    ``model_path`` to reload from, release MLX's copy of the experts of program-only layers
+    (residency.program_only, release.py). ``blocks``: the model's ``experts.find_expert_blocks``
+    if the caller has them: the model is walked once per install."""
     hint = LazyHint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
-    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config)}
+    found = experts.find_expert_blocks(model, config) if blocks is None else blocks
+    blocks = {b.layer: b for b in found}
     for lp in bundle.plan.layers:
         b = blocks.get(lp.layer)
         if b is None or not b.supported:
@@ -69,8 +77,10 @@ def install(
             prog = _load_program(be, bundle, p, hint)
             _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
             mod = blocks[lp.layer].module
+            if hasattr(prog, "add_tiers"):  # 1..32-row calls for decode on released layers
+                prog.add_tiers([t for t in (1, 2, 4, 8, 16, 32) if t < min(g.tiers)])
             loaded[(lp.layer, gi)] = (prog, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x), mod)
-    shared = _load_shared(bundle, model, be, progs, hint)
+    shared = _load_shared(bundle, found, be, progs, hint)
     for key, (mlp, _, prog) in shared.items():
         loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
     _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
@@ -79,22 +89,25 @@ def install(
     executors = {}
     for lp in bundle.plan.layers:
         programs = [pinned[(lp.layer, gi)] for gi in range(len(lp.groups))]
-        router = _router_of(model, blocks[lp.layer].path) if overflow == "drop" else None
+        router = _router_of(blocks[lp.layer]) if overflow == "drop" else None
         executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
     shared_ex = [(mlp, SharedExecutor(key[0], sp, pinned[key])) for key, (mlp, sp, _) in shared.items()]
     notice = Notice(f"npumoe build --model {bundle.model_name} --backend {bundle.plan.backend} --force")
-    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice)
+    experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice, blocks=found)
     for mlp, ex in shared_ex:
         experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
+    if model_path is not None and not keep_mlx_experts and overflow != "spill":  # spill: overflow runs on MLX
+        dynamic = all(getattr(p, "dynamic", False) for p in pinned.values())
+        gone = plan_resident(bundle.plan, model, blocks, bundle.cost, keep_mlx_experts, default_memory_budget(),
+                             dynamic)["release"]
+        log = (lambda msg: None) if quiet else None
+        release_model(model, model_path, {l: (blocks[l].module, blocks[l].path, ids) for l, ids in gone.items()}, log)
     return list(executors.values()) + [ex for _, ex in shared_ex]
 
 
 def _load_program(be, bundle: Bundle, p: dict, hint: str):
-    src = safe_path(bundle.path, p["dir"])  # every file in it was checked by read()
-    if bundle.plan.backend == "coreml":
-        src = src / "program.mlpackage"
     try:
-        return be.load(src)
+        return be.load(p["program"], safe_path(bundle.path, p["dir"]))  # read() checked its files
     except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
@@ -117,10 +130,10 @@ def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, 
             raise BundleError(f"{bundle.path}: {e}; {hint}") from None
 
 
-def _load_shared(bundle: Bundle, model, be, progs: dict, hint: str) -> dict:
+def _load_shared(bundle: Bundle, blocks: List[experts.ExpertBlock], be, progs: dict, hint: str) -> dict:
     """(layer, "s<i>") -> (mlp, plan entry, program) for every shared expert the plan offloads,
-    checked against the model."""
-    mods = dict(model.named_modules())
+    checked against the model (its blocks' shared experts)."""
+    mods = {s.path: s.module for b in blocks for s in b.shared}
     out = {}
     for lp in bundle.plan.layers:
         for si, sp in enumerate(lp.shared):
@@ -137,11 +150,11 @@ def _load_shared(bundle: Bundle, model, be, progs: dict, hint: str) -> dict:
 
 
 def _check_program(prog, lp, gi: int, rel: str, root: Path, hint: str) -> None:
-    """The loaded program is the one the plan wants: its name carries layer and expert ids."""
+    """The loaded program is the one the plan wants: its metadata names layer and expert ids."""
     g = lp.groups[gi]
-    want = ProgramSpec.name.fget(SimpleNamespace(layer=lp.layer, expert_ids=tuple(g.experts)))
-    got = (prog.name, prog.G, prog.D)
-    if got != (want, len(g.experts), lp.D) or not set(g.tiers) <= set(prog.tiers):
+    want = program_name(lp.layer, g.experts)
+    got = (prog.meta.get("layer"), list(prog.meta.get("expert_ids", ())), prog.G, prog.D)
+    if got != (lp.layer, list(g.experts), len(g.experts), lp.D) or not set(g.tiers) <= set(prog.tiers):
         raise BundleError(
             f"{root}: {rel} holds program {prog.name} (G={prog.G}, D={prog.D}, tiers {list(prog.tiers)}) but the "
             f"plan wants {want} (G={len(g.experts)}, D={lp.D}, tiers {list(g.tiers)}); {hint}"

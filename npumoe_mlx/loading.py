@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 import mlx.nn as nn
 from mlx_lm import utils as mlx_utils
 
-from . import checks, experts
+from . import checks, experts, release
 from . import offload as _offload
 from .executor import OVERFLOW_MODES, SharedExecutor, offload_stats, summarize
 
@@ -27,6 +27,7 @@ def load(
     backend_options: Optional[Dict[str, Any]] = None,
     quiet: bool = False,
     verify: bool = False,
+    keep_mlx_experts: bool = False,
 ):
     """Load like ``mlx_lm.load`` and install the expert executor for ``offload``.
 
@@ -39,26 +40,39 @@ def load(
     backend_options: e.g. {"providers": [...], "threads": 2} for onnx.
     verify: check every program tier against the model's experts and every
     bundle file's whole sha256 (default: a sample, and sampled hashes).
+    keep_mlx_experts: keep MLX's copy of the experts that only programs serve
+    (default: an onnx bundle releases it, and it is read back from the model's
+    safetensors if MLX needs it: a program fault, gradients, ``remove``).
     Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
     if isinstance(path_or_hf_repo, os.PathLike):  # a Path, or convert()'s result
         path_or_hf_repo = os.fspath(path_or_hf_repo)
-    _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
+    mode = _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
     model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
+    # Experts that onnx programs will serve alone are never read into memory: load lazily,
+    # release them, then read the rest (unless the caller asked for a lazy model).
+    releasing = mode == "onnx" and not keep_mlx_experts
     with checks.explain_load_errors(path_or_hf_repo):
         model, tokenizer, config = mlx_utils.load(
             str(model_path),
             tokenizer_config=tokenizer_config,
             model_config=model_config,
             adapter_path=adapter_path,
-            lazy=lazy,
+            lazy=lazy or releasing,
             return_config=True,
             trust_remote_code=trust_remote_code,
         )
+    if releasing:
+        model.__dict__[release.LOADED_LAZILY] = True  # release.py: arrays straight from the files
     _offload.apply(
         model, config, offload, model_path=model_path, bundle=bundle, overflow=overflow,
         backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet, verify=verify,
+        keep_mlx_experts=keep_mlx_experts,
     )
+    model.__dict__.pop(release.LOADED_LAZILY, None)  # (no release happened: no bundle, or none fits)
+    if releasing and not lazy:
+        release.materialize(model)
+    model.__dict__.pop(release.RELEASED, None)  # (lazy: the caller evaluates; nothing left to skip)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
@@ -84,6 +98,7 @@ def install(
     backend_options: Optional[Dict[str, Any]] = None,
     quiet: bool = False,
     verify: bool = False,
+    keep_mlx_experts: bool = False,
 ) -> str:
     """Put the offload on a model built elsewhere (a server, a notebook, ``mlx_lm.load``).
 
@@ -91,7 +106,9 @@ def install(
     found for ``model_path`` (a local folder or a hub repo id; its fingerprint is
     checked). Without either, ``auto`` leaves the model on stock MLX and ``onnx``/
     ``coreml`` raise. Installing again replaces what was installed. Returns the
-    mode in effect: "coreml", "onnx", "mlx" or "off". ``verify`` as in ``load``.
+    mode in effect: "coreml", "onnx", "mlx" or "off". ``verify`` and
+    ``keep_mlx_experts`` as in ``load`` (experts are released only when ``model_path``
+    names the weights to read them back from).
     """
     _offload.resolve(offload, check_runs=True)
     if overflow not in OVERFLOW_MODES:
@@ -104,6 +121,7 @@ def install(
     return _offload.apply(
         model, config, offload, model_path=local, bundle=bundle, overflow=overflow,
         backend_options=backend_options, model_name=name, quiet=quiet, verify=verify,
+        keep_mlx_experts=keep_mlx_experts,
     )
 
 

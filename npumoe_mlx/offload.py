@@ -49,6 +49,7 @@ def apply(
     quiet: bool = False,
     verify: bool = False,
     fingerprint: Optional[str] = None,
+    keep_mlx_experts: bool = False,
 ) -> str:
     """Install the executors for ``mode``; returns the mode in effect.
 
@@ -57,7 +58,9 @@ def apply(
     ``auto`` uses the preferred backend's bundle when one exists, else stock MLX.
     The bundle is the one ``bundle.locate_bundle`` names (``bundle`` wins); its
     programs are checked against the model's experts on a probe (a sample of
-    them; all of them, and whole-file hashes, with ``verify``).
+    them; all of them, and whole-file hashes, with ``verify``). An onnx bundle then
+    releases MLX's copy of the experts only programs serve (reloaded from the
+    model's safetensors if MLX needs them), unless ``keep_mlx_experts``.
     """
     from . import bundle as bundles
     from . import installer
@@ -70,7 +73,8 @@ def apply(
         if not blocks:
             _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
         return "mlx"
-    if not any(b.supported for b in experts.find_expert_blocks(model, config)):
+    blocks = experts.find_expert_blocks(model, config)  # the one walk of the model per load
+    if not any(b.supported for b in blocks):
         _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
         return "off"
     path = bundles.locate_bundle(model_path, want, bundle) if (bundle or model_path) else None
@@ -90,6 +94,7 @@ def apply(
     b = bundles.read(path, model_path, model_name, verify=verify, fingerprint=fingerprint)  # fingerprint: a shard's (sharded.py)
     if b.plan.backend != want:
         raise OffloadError(f"bundle {path} is for {b.plan.backend}, not {want}")
-    installer.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify)
+    installer.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify,
+                      blocks=blocks, model_path=model_path, keep_mlx_experts=keep_mlx_experts)
     model.npumoe_bundle = str(path)  # a plain attribute (not a parameter): --stats names it
     return want

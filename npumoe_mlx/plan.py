@@ -13,13 +13,15 @@ Deterministic: the same inputs give the same plan.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .atomic import write_json
 from .cost import CostModel, flops_per_row
+from .experts import ExpertBlock
+from .profiles import LayerCounts, Profile
 from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds
 
 PLAN_FORMAT = 1
@@ -142,7 +144,7 @@ class Plan:
         return sum(len(lp.groups) + len(lp.shared) for lp in self.layers)
 
 
-def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws: int = 16):
+def call_loads(layer_profile: LayerCounts, sizes: Optional[Sequence[int]] = None, draws: int = 16):
     """(S, E) per-expert loads of plausible prefill calls, and (S,) the calls' sizes.
 
     A profile that records per-block counts with their sequence (``"seq"``, as
@@ -153,7 +155,7 @@ def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws
     over its pairs with its own expert shares, so ladders see how loads scatter.
     Seeded: the same profile gives the same samples.
     """
-    chunks = [ch for ch in layer_profile["chunks"] if ch["tokens"] > 0]
+    chunks = [ch for ch in layer_profile.chunks if ch["tokens"] > 0]
     if sizes and chunks and all("seq" in ch for ch in chunks):
         rows, call = _block_calls(chunks, sizes)
         if len(rows) >= 64:
@@ -161,7 +163,7 @@ def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws
         if rows:
             chunks = [{"tokens": t, "counts": r} for r, t in zip(rows, call)]
     rng = np.random.default_rng(0)
-    k = max(layer_profile.get("top_k") or 1, 1)
+    k = max(layer_profile.top_k or 1, 1)
     rows, call = [], []
     for ch in chunks:
         c = np.asarray(ch["counts"], float)
@@ -170,18 +172,18 @@ def call_loads(layer_profile: dict, sizes: Optional[Sequence[int]] = None, draws
         rows.append(rng.multinomial(int(c.sum()), c / c.sum(), size=draws).astype(float))
         call += [ch["tokens"]] * draws
     if not rows:  # a profile without per-call records: one call of the whole corpus
-        c = np.asarray(layer_profile["counts"], float)
+        c = np.asarray(layer_profile.counts, float)
         return c[None], np.asarray([max(c.sum() / k, 1.0)])
     return np.concatenate(rows), np.asarray(call, float)
 
 
-def prefill_call_sizes(layer_profile: dict, step: int) -> List[int]:
+def prefill_call_sizes(layer_profile: LayerCounts, step: int) -> List[int]:
     """The call sizes a prefill in ``step``-token chunks makes on the calibrated documents:
     the step, and each document's remainder (in whole blocks; smaller ones are too few
     tokens to size for)."""
     per_seq: Dict[int, int] = {}
     block = 0
-    for ch in layer_profile["chunks"]:
+    for ch in layer_profile.chunks:
         per_seq[ch["seq"]] = per_seq.get(ch["seq"], 0) + ch["tokens"]
         block = max(block, ch["tokens"])
     sizes = {int(step)}
@@ -262,6 +264,40 @@ def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, c
     return cost.makespan(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
 
 
+def _run_costs(runs, run_cost: dict, S: int):
+    """(t_prog, t_mlx, j_prog, j_mlx) of each run, each (S, R)."""
+    return tuple(np.stack([run_cost[r][x] for r in runs], 1) if runs else np.zeros((S, 0)) for x in range(4))
+
+
+def _partial_last(runs, tp: np.ndarray, tail: np.ndarray, ranked: np.ndarray, caps: np.ndarray, cost: CostModel,
+                  D: int, H: int, limit: Optional[np.ndarray] = None):
+    """Per sample, the capacity (S,) at which the last run's one round ends the call soonest with
+    the other runs on programs and the rest of its pairs on MLX, and that makespan (S,) (inf if
+    no capacity below its peak does). decide_call makes this move when a group moved whole to
+    MLX leaves the programs side idle: the ANE's share of a layer is rarely a whole number of
+    experts (Mixtral has 8), so the marginal group gets tiers for it (plan_layer). With ``limit``
+    (S,) (the energy objective's time bound), the largest capacity that ends the call within it."""
+    S = len(ranked)
+    if not runs:
+        return np.zeros(S), np.full(S, np.inf)
+    i, j = runs[-1]
+    loads = ranked[:, i:j]  # (S, G)
+    cand = caps[caps <= loads.min(1).max()]  # (K,)
+    if cand.size == 0:
+        return np.zeros(S), np.full(S, np.inf)
+    f = flops_per_row(D, H)
+    prog = cost.sync_s + tp[:, :-1].sum(1)[:, None] + cost.programs_s(j - i, 1, cand[None, :], D, H)  # (S, K)
+    left = np.maximum(loads[:, :, None] - cand[None, None, :], 0).sum(1)  # (S, K) pairs back on MLX
+    mlx = cost.mlx_fixed_s + tail[:, None] + left * f / cost.mlx_flops
+    span = cost.makespan(prog, mlx)
+    span = np.where(cand[None, :] <= loads.min(1, keepdims=True), span, np.inf)  # full rounds only, as decide_call
+    k = span.argmin(1)
+    if limit is not None:  # the most pairs on programs within the bound (capacities ascend)
+        ok = span <= limit[:, None] + 1e-15
+        k = np.where(ok.any(1), ok.shape[1] - 1 - np.argmax(ok[:, ::-1], 1), k)
+    return cand[k].astype(float), span[np.arange(S), k]
+
+
 SPREAD = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
 
 
@@ -274,7 +310,7 @@ def _spread(peaks: np.ndarray, top: int) -> np.ndarray:
 
 
 def plan_layer(
-    lp_profile: dict,
+    lp_profile: LayerCounts,
     D: int,
     H: int,
     cost: CostModel,
@@ -294,9 +330,9 @@ def plan_layer(
     whose calls finish soonest (sync + max of the two sides), or with
     ``objective="energy"`` spend the least energy within 1.2x of that.
     """
-    E = lp_profile["num_experts"]
-    k = lp_profile.get("top_k") or 1
-    counts = np.asarray(lp_profile["counts"], float)
+    E = lp_profile.num_experts
+    k = lp_profile.top_k or 1
+    counts = np.asarray(lp_profile.counts, float)
     rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
     samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
     ranked = samples[:, rank]
@@ -337,11 +373,13 @@ def plan_layer(
     tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)
     alone_t, alone_j = split_cost(np.zeros(len(ranked)), tail_t[:, 0], np.zeros(len(ranked)), tail_j[:, 0], cost)
     energy = objective == "energy" and cost.has_energy
-    cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls)
+    cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls[, whole groups only,
+    #           and on the smaller calls])
+    small = call < call.max()
+    pending = []  # energy: per residency, what its calls can do; evaluated against the fastest of all
     for m in range(E + 1):
         runs = runs_of(m)
-        tp, tm, jp, jm = (np.stack([run_cost[r][x] for r in runs], 1) if runs else np.zeros((len(ranked), 0))
-                          for x in range(4))  # (S, R) each
+        tp, tm, jp, jm = _run_costs(runs, run_cost, len(ranked))  # (S, R) each
         st_t, st_j = split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost)  # the plan as it is
         # Each call moves its worst-used groups to MLX while that ends it sooner (decide_call):
         # try moving the k worst (by calibrated seconds per MLX second), per sample the best k.
@@ -353,20 +391,53 @@ def plan_layer(
         span = cost.makespan(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
         kb = span.argmin(1)
         rows = np.arange(len(ranked))
+        whole_t = np.minimum(span[rows, kb], alone_t)  # whole groups only
+        cut = None  # energy: the last run's round cut to the most pairs that end within the time bound
+        if runs:  # the last run may also run one smaller round (decide_call's take-back): the two units
+            # balance between whole groups
+            (i, j), f = runs[-1], flops_per_row(D, H)
+
+            def cut_round(limit=None, runs=runs, tp=tp, m=m, i=i, j=j, f=f):
+                c, t_c = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
+                back = np.maximum(ranked[:, i:j] - c[:, None], 0).sum(1)  # its pairs past the round, on MLX
+                j_c = (cost.program_j_per_call + (j - i) * c * f * cost.program_j_per_flop) * (c > 0)
+                return t_c, j_c, back
+
+            part_t, part_j, back = cut_round()
+            kb = np.where(part_t < span[rows, kb], span.shape[1], kb)
+            span = np.concatenate([span, part_t[:, None]], 1)
+            cjp = np.concatenate([cjp, (jp[:, -1] - part_j)[:, None]], 1)
+            cjm = np.concatenate([cjm, (back * f * cost.mlx_j_per_flop)[:, None]], 1)
+            side = np.concatenate([side, (tail_t[:, m] + back * f / cost.mlx_flops)[:, None]], 1)
+            if energy:
+                cut = cut_round
         tb_t = np.minimum(span[rows, kb], alone_t)
         tb_j = np.where(span[rows, kb] < alone_t, jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb]
                         + (side[rows, kb] > 0) * cost.mlx_j_per_call, alone_j)
         if not energy:
-            cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean())))
+            cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
+                          float(whole_t[small].mean()) if small.any() else 0.0))
             continue
-        # per call, as decide_call: the least energy of (as planned, balanced just enough to end
-        # within the bound (interpolated), fully balanced, MLX alone) within the bound
-        ref = np.minimum(np.minimum(st_t, tb_t), alone_t) if energy_bound == "time" else alone_t
-        lim = 1.2 * ref
+        pending.append((m, st_t, st_j, tb_t, tb_j, cut, jp.sum(1) - (jp[:, -1] if runs else 0), tail_j[:, m],
+                        tail_t[:, m]))
+    # energy, per call as decide_call: the least energy of (as planned, balanced just enough to end
+    # within the bound (interpolated), fully balanced, MLX alone, the last run's round cut to the
+    # most pairs within the bound) within the bound: 1.2x the least time any residency gives that
+    # call (``energy_bound="time"``), or 1.2x MLX alone's
+    if pending:
+        fastest = np.min([p[3] for p in pending], 0)
+    for m, st_t, st_j, tb_t, tb_j, cut, j_rest, t_j, t_t in pending:
+        rows = np.arange(len(ranked))
+        lim = 1.2 * (np.minimum(fastest, alone_t) if energy_bound == "time" else alone_t)
         frac = np.clip((st_t - lim) / np.maximum(st_t - tb_t, 1e-30), 0, 1)
         part_t, part_j = np.where(st_t > lim, np.maximum(lim, tb_t), st_t), st_j + frac * (tb_j - st_j)
-        opts_t = np.stack([st_t, part_t, tb_t, alone_t])  # (4, S)
-        opts_j = np.stack([st_j, part_j, tb_j, alone_j])
+        opts_t, opts_j = [st_t, part_t, tb_t, alone_t], [st_j, part_j, tb_j, alone_j]
+        if cut is not None:
+            c_t, c_j, back = cut(lim)
+            f = flops_per_row(D, H)
+            opts_t.append(c_t)
+            opts_j.append(j_rest + c_j + t_j + back * f * cost.mlx_j_per_flop + ((t_t + back) > 0) * cost.mlx_j_per_call)
+        opts_t, opts_j = np.stack(opts_t), np.stack(opts_j)  # (4 or 5, S)
         j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
         pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
         cands.append((m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean())))
@@ -374,18 +445,36 @@ def plan_layer(
     if energy:
         bound = 1.2 * (best_t if energy_bound == "time" else float(alone_t.mean())) + 1e-15
         m = min((c for c in cands if c[1] <= bound), key=lambda c: (c[2], c[1]), default=cands[0])[0]
-    else:
-        m = min(cands, key=lambda c: c[1])[0]
+    else:  # the residency that balances the largest calls with a cut round, unless it predicts smaller
+        # calls slower than the whole-group residency does (their extra groups would pad them)
+        m0, m1 = min(cands, key=lambda c: c[4]), min(cands, key=lambda c: c[1])
+        m = (m1 if m1[5] <= m0[5] else m0)[0]
     groups = []
-    for i, j in runs_of(m):  # hottest run first
+    runs = runs_of(m)
+    balance = np.zeros(0)
+    if runs:  # the calls where the last run ends them soonest (energy: does most within its time bound)
+        # partly on programs: size tiers for those rounds
+        tp = _run_costs(runs, run_cost, len(ranked))[0]
+        limit = None
+        if energy:
+            limit = 1.2 * (np.minimum(fastest, alone_t) if energy_bound == "time" else alone_t)
+        part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H)
+        balance = part_c[(part_t < np.inf) & (part_c > 0)]
+        if limit is not None:  # and the time-optimal cuts: the plan's fastest, which the bound is relative to
+            part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
+            balance = np.concatenate([balance, part_c[(part_t < np.inf) & (part_c > 0)]])
+    for i, j in runs:  # hottest run first
         if ranked[:, i:j].max() > 0:
-            tiers = choose_ladder(_spread(ranked[:, i:j].max(1), top), limits.capacities, limits.max_tiers, None, top)
+            samples = _spread(ranked[:, i:j].max(1), top)
+            if (i, j) == runs[-1] and balance.size:
+                samples = np.concatenate([samples, _spread(balance, top)])
+            tiers = choose_ladder(samples, limits.capacities, limits.max_tiers, None, top)
             groups.append(GroupPlan(sorted(rank[i:j]), tiers))
     resident = {e for g in groups for e in g.experts}
     groups += tail_groups([e for e in rank if e not in resident and counts[e] == 0], cost, D, H, limits, sizes, top)
     resident = {e for g in groups for e in g.experts}
     cold = [e for e in range(E) if e not in resident]
-    lp = LayerPlan(lp_profile["layer"], path or lp_profile.get("path", ""), E, k, D, H, groups, sorted(cold),
+    lp = LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, groups, sorted(cold),
                    objective=objective, energy_bound=energy_bound)
     lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)
     lp.min_tokens = _min_tokens(lp, cost, counts)
@@ -435,10 +524,10 @@ def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:
     return NEVER
 
 
-def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, limits: PlanLimits) -> Optional[SharedPlan]:
+def plan_shared(lp_profile: LayerCounts, path: str, D: int, H: int, cost: CostModel, limits: PlanLimits) -> Optional[SharedPlan]:
     """A shared expert sees every token of a call: its ladder covers the calibrated call
     sizes, and it is offloaded from the smallest call size where a program beats MLX."""
-    sizes = np.asarray([ch["tokens"] for ch in lp_profile["chunks"] if ch["tokens"] > 0], float)
+    sizes = np.asarray([ch["tokens"] for ch in lp_profile.chunks if ch["tokens"] > 0], float)
     if sizes.size == 0:
         return None
     tiers = choose_ladder(sizes, limits.capacities, limits.max_tiers, 1.0 / sizes)
@@ -452,28 +541,29 @@ def plan_shared(lp_profile: dict, path: str, D: int, H: int, cost: CostModel, li
 
 
 def make_plan(
-    profile: dict,
-    blocks: Dict[int, dict],
+    profile: Profile,
+    blocks: Dict[int, ExpertBlock],
     cost: CostModel,
     limits: PlanLimits,
     call_sizes: Optional[Sequence[int]] = None,
     objective: str = "time",
     energy_bound: str = "time",
 ) -> Plan:
-    """profile: calibration profile dict; blocks: layer -> {"D", "H", "path", "quant",
-    "shared": [{"path", "hidden"}] (shared experts that compute a plain SwiGLU MLP)};
+    """A plan for every layer of ``profile``; ``blocks``: layer -> the model's expert block
+    (D = ``dims``, H = ``hidden``, ``path``, ``quant``; each of its ``shared`` experts is
+    offloaded where a program pays, so pass only those that compute a plain SwiGLU MLP);
     call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls)."""
     layers = []
-    for lp in sorted(profile["layers"], key=lambda x: x["layer"]):
+    for lp in sorted(profile.layers, key=lambda x: x.layer):
         sizes = call_sizes
-        if sizes is None and profile.get("chunk_size") and lp["chunks"] and all("seq" in ch for ch in lp["chunks"]):
-            sizes = prefill_call_sizes(lp, profile["chunk_size"])
-        b = blocks.get(lp["layer"])
+        if sizes is None and profile.chunk_size and lp.chunks and all("seq" in ch for ch in lp.chunks):
+            sizes = prefill_call_sizes(lp, profile.chunk_size)
+        b = blocks.get(lp.layer)
         if b is None:
-            raise ValueError(f"profile names layer {lp['layer']} that the model has no expert block for")
-        plan = plan_layer(lp, b["D"], b["H"], cost, limits, b.get("quant"), b.get("path", ""), sizes, objective, energy_bound)
-        for s in b.get("shared", []):
-            sp = plan_shared(lp, s["path"], b["D"], s["hidden"], cost, limits)
+            raise ValueError(f"profile names layer {lp.layer} that the model has no expert block for")
+        plan = plan_layer(lp, b.dims, b.hidden, cost, limits, b.quant, b.path, sizes, objective, energy_bound)
+        for s in b.shared:
+            sp = plan_shared(lp, s.path, b.dims, s.hidden, cost, limits)
             if sp is not None:
                 plan.shared.append(sp)
         layers.append(plan)
@@ -519,6 +609,23 @@ def format_plan(plan: Plan, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _print_resident(plan: Plan, cost: CostModel, local, keep: bool, model=None, blocks=None) -> None:
+    """Resident bytes per unit (MLX, programs), in all and per layer (the model read lazily: shapes only)."""
+    from mlx_lm import utils as mlx_utils
+
+    from . import experts
+    from .residency import default_memory_budget, describe, plan_resident, size
+
+    if model is None:
+        model, _, config = mlx_utils.load(str(local), lazy=True, return_config=True)
+        blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
+    res = plan_resident(plan, model, blocks, cost, keep_mlx_experts=keep, budget=default_memory_budget())
+    print(describe(res))
+    for layer, u in sorted(res["units"].items()):
+        print(f"  layer {layer}: MLX {size(u['mlx'])}, programs {size(u['programs'])}; MLX copy of program experts "
+              f"{u['mlx_copy']}")
+
+
 def main(argv=None) -> int:
     """`npumoe plan`: the plan for a model from its profile (calibrated now if none given)."""
     import argparse
@@ -527,7 +634,7 @@ def main(argv=None) -> int:
     from mlx_lm import utils as mlx_utils
 
     from . import experts
-    from .calibrate import Profile, calibrate
+    from .calibrate import calibrate
     from .cost import default_cost
     from .workloads import corpus_documents
 
@@ -543,6 +650,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens when calibrating now.")
     p.add_argument("--json", metavar="PATH", help="Also write the plan as JSON.")
     p.add_argument("--bundle", help="Bundle whose plan to print (default: the model's, as generate finds it).")
+    p.add_argument("--keep-mlx-experts", action="store_true",
+                   help="Count MLX's copy of program-only experts as kept (as generate --keep-mlx-experts).")
     args = p.parse_args(argv)
     from . import bundle as bundles
     from .args import at_least, load_cost
@@ -552,9 +661,11 @@ def main(argv=None) -> int:
     local = resolve_model(args.model)
     found = bundles.locate_bundle(local, args.backend, args.bundle)
     if (found / "manifest.json").exists() and not (args.profile or args.cost or args.from_stats or args.chip):
-        plan = bundles.read(found, local, args.model).plan  # the plan generate runs
+        b = bundles.read(found, local, args.model)
+        plan = b.plan  # the plan generate runs
         print(f"plan of the {args.backend} bundle {found} (the one generate uses):")
         print(format_plan(plan, verbose=True))
+        _print_resident(plan, b.cost, local, args.keep_mlx_experts)
         if args.json:
             plan.save(args.json)
             print(f"wrote {args.json}")
@@ -582,9 +693,10 @@ def main(argv=None) -> int:
         cost = chip_cost(args.chip, args.backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
     else:
         cost = load_cost(args.cost) if args.cost else default_cost(args.backend)
-    shapes = {l: {"D": b.dims, "H": b.hidden, "path": b.path, "quant": b.quant} for l, b in blocks.items()}
-    plan = make_plan(profile.to_json(), shapes, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
+    routed = {l: replace(b, shared=[]) for l, b in blocks.items()}  # routed experts only (build also plans shared ones)
+    plan = make_plan(profile, routed, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
     print(format_plan(plan, verbose=True))
+    _print_resident(plan, cost, local, args.keep_mlx_experts, model, blocks)
     if args.json:
         plan.save(args.json)
         print(f"wrote {args.json}")

@@ -2,7 +2,8 @@
 
 `spec_from_switch_glu` reads one group of experts out of a `SwitchGLU` (float or
 MLX affine-quantized, with or without biases) into a ProgramSpec; the CLI builds that
-group's static-tier programs for one layer of a model and checks them.
+group's static-tier programs for one layer of a model with any backend's ``build``
+and checks them with its ``checker`` against the numpy reference.
 """
 
 import argparse
@@ -15,9 +16,13 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
-from ane_kernels.spec import AffineWeight, ProgramSpec
+from ane_kernels.limits import DEFAULT_LIMITS, LimitError
+from ane_kernels.milrun import rel_err
+from ane_kernels.spec import AffineWeight, ProgramSpec, reference_ffn
 
+from .backends import BACKENDS, BackendError, backend_class
 from .experts import ACTIVATIONS, find_expert_blocks
+from .verify import TOLERANCE
 
 
 def _np(a: mx.array, dtype=None) -> np.ndarray:
@@ -159,7 +164,7 @@ def _parser():
     p.add_argument("--layer", type=int, required=True, help="decoder layer index")
     p.add_argument("--experts", type=_ints, required=True, help="expert ids, e.g. 0,1,2,3")
     p.add_argument("--tiers", type=_ints, default=[32, 64, 128], help="token capacities")
-    p.add_argument("--format", choices=("coreml", "onnx"), default="coreml")
+    p.add_argument("--format", choices=BACKENDS, default="coreml", help="the backend whose programs to build")
     p.add_argument("--layout", choices=("conv", "matmul"), default="conv", help="Core ML layout")
     p.add_argument("--max-axis", type=int, default=None, help="override the ANE per-axis limit")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric check")
@@ -177,8 +182,6 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    from ane_kernels.limits import DEFAULT_LIMITS, LimitError
-
     limits = DEFAULT_LIMITS if args.max_axis is None else DEFAULT_LIMITS.override(
         max_axis=args.max_axis
     )
@@ -210,61 +213,25 @@ def main(argv=None) -> int:
     )
     t0 = time.perf_counter()
     try:
-        if args.format == "coreml":
-            _build_coreml(spec, out, args, limits)
-        else:
-            _build_onnx(spec, out, args)
-    except (LimitError, ValueError) as e:
+        backend = backend_class(args.format)
+        built = backend.build(spec, out, limits=limits, layout=args.layout, log=print)
+        if not args.no_verify:
+            _verify(backend.checker(built, out)[0], spec, TOLERANCE[args.format])
+    except (LimitError, ValueError, BackendError) as e:
         return _fail(str(e).strip().splitlines()[0])
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
-def _build_coreml(spec, out, args, limits):
-    from ane_kernels.coreml import build_package
-    from ane_kernels.milrun import verify_package
-
-    b = build_package(spec, out / f"{spec.name}.mlpackage", layout=args.layout, limits=limits)
-    print(
-        f"wrote {b.path} ({b.package_bytes / 1e6:.2f} MB on disk, {b.weight_bytes / 1e6:.2f} MB "
-        f"weights shared by {len(b.functions)} functions, layout {b.layout}, {b.seconds:.1f}s)"
-    )
-    for fn, n in sorted(b.ops_per_function.items(), key=lambda kv: int(kv[0][1:])):
-        print(f"  function {fn}: {n} ops")
-    print("  ANE static checks: passed")
-    if not args.no_verify:
-        r = verify_package(b.path, spec)
-        for fn, v in r["functions"].items():
-            print(f"  numpy run {fn}: rel err {v['rel_err']:.2e} vs reference")
-        if not r["ok"]:
-            raise ValueError(f"verification failed: max rel err {r['max_rel_err']:.2e} > {r['tol']}")
-
-
-def _build_onnx(spec, out, args):
-    import onnx
-
-    from ane_kernels.milrun import rel_err
-    from ane_kernels.onnx import op_counts, save_onnx, weights_path
-    from ane_kernels.spec import reference_ffn
-
-    paths = save_onnx(spec, out)
-    w = weights_path(out, spec.name)
-    if w.exists():
-        print(f"wrote {w} ({w.stat().st_size / 1e6:.2f} MB weights shared by {len(paths)} graphs)")
-    for tier, p in paths.items():
-        counts = op_counts(onnx.load(str(p), load_external_data=False))
-        print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB, {sum(counts.values())} nodes)")
-    if not args.no_verify:
-        from .backends import load_backend
-
-        prog = load_backend("onnx").load(paths)
-        rng = np.random.default_rng(0)
-        for tier in spec.tiers:
-            x = rng.standard_normal((spec.G, tier, spec.D)).astype(np.float32)
-            e = rel_err(prog.run(x, tier), reference_ffn(spec, x))
-            print(f"  onnxruntime c{tier}: rel err {e:.2e} vs reference")
-            if e > 1e-4:
-                raise ValueError(f"verification failed for tier {tier}: rel err {e:.2e}")
+def _verify(prog, spec: ProgramSpec, tol: float) -> None:
+    """Every tier of the built program on seeded rows vs the numpy reference."""
+    rng = np.random.default_rng(0)
+    for tier in prog.tiers:
+        x = rng.standard_normal((spec.G, tier, spec.D)).astype(np.float32)
+        e = rel_err(prog.run(x, tier), reference_ffn(spec, x))
+        print(f"  {type(prog).__name__} c{tier}: rel err {e:.2e} vs reference")
+        if e > tol:
+            raise ValueError(f"verification failed for tier {tier}: rel err {e:.2e} > {tol:g}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ import numpy as np
 
 from .atomic import write_json
 from .cost import CostModel, chip_cost, default_cost
+from .experts import ExpertBlock
 from .plan import LayerPlan, PlanLimits, make_plan
+from .profiles import LayerCounts, Profile
 
 ROW_FIELDS = (
     "layer", "tokens", "calls", "padding_pct", "overflow_pct", "dropped_pct", "spill_pct", "cold_pct",
@@ -100,7 +102,7 @@ def call_counts(routes: np.ndarray, E: int, n: int, seq_len: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=a.shape[0] * E).reshape(a.shape[0], E)
 
 
-def trace_profile(parts: Sequence[np.ndarray], layer: int, E: int, seq_len: int, block: int) -> dict:
+def trace_profile(parts: Sequence[np.ndarray], layer: int, E: int, seq_len: int, block: int) -> LayerCounts:
     """A layer profile (as ``calibrate`` writes) from routes: ``block``-token counts with their sequence."""
     chunks, seq = [], 0
     k = parts[0].shape[1]
@@ -110,8 +112,7 @@ def trace_profile(parts: Sequence[np.ndarray], layer: int, E: int, seq_len: int,
             chunks += [{"tokens": block, "counts": r.tolist(), "seq": seq} for r in c]
             seq += 1
     total = np.sum([ch["counts"] for ch in chunks], axis=0) if chunks else np.zeros(E, int)
-    return {"layer": layer, "path": f"layer{layer}", "num_experts": E, "top_k": k,
-            "counts": [int(x) for x in total], "chunks": chunks}
+    return LayerCounts(layer, f"layer{layer}", E, k, [int(x) for x in total], chunks)
 
 
 @dataclass
@@ -242,9 +243,12 @@ def replay(
         cal = [split_half(t[l], seq_len)[0] if split else t[l] for t in calibrate]
         rep = [split_half(t[l], seq_len)[1] if split else t[l] for t in routes]
         profile_layers.append(trace_profile(cal, l, E, seq_len, block))
-        shapes[l] = {"D": D, "H": H, "path": f"layer{l}"}
+        shapes[l] = ExpertBlock(l, f"layer{l}", "SwitchGLU", E, next(iter(ks)), dims=D, hidden=H, activation="swiglu",
+                                bias=False, quant=None, dtype="float32")  # a trace's block: its shape is all the plan reads
         replay_sets[l] = rep
-    plan = make_plan({"layers": profile_layers}, shapes, cost, limits, call_sizes=tokens, objective=objective,
+    seen = sum(ch["tokens"] for ch in profile_layers[0].chunks)
+    profile = Profile(None, "", "routing traces", seen, 0, profile_layers)  # chunk size 0: ladders fit ``tokens``
+    plan = make_plan(profile, shapes, cost, limits, call_sizes=tokens, objective=objective,
                      energy_bound=energy_bound)
     rows = []
     for lp in plan.layers:

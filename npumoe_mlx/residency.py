@@ -1,15 +1,17 @@
 """Resident bytes per unit (MLX, programs) and the memory budget a build must fit.
 
-MLX keeps every expert (cold experts and spill run there); the programs of an onnx
-bundle hold one more copy of the experts they serve (one session per program since
-bundle format 2; onnxruntime prepacks the 4-bit codes and float32 scales, about the
-quantized bytes). So a plan costs ``model bytes + offloaded experts' bytes`` resident,
-before activations. ``npumoe build`` refuses a plan that exceeds ``--memory-budget``
+The programs of an onnx bundle hold a copy of the experts they serve (one session per
+program since bundle format 2; onnxruntime prepacks the 4-bit codes and float32 scales,
+about the quantized bytes). MLX keeps its own copy of an expert only while some call may
+still run it there: a layer whose program experts are served by programs at every call
+size (``program_only``: decode too, overflow rerunning the ladder) releases them from
+MLX (release.py; onnx, unless ``keep_mlx_experts``). So a plan costs ``model bytes -
+released experts' bytes + offloaded experts' bytes`` resident, before activations. ``npumoe build`` refuses a plan that exceeds ``--memory-budget``
 (default: 80% of this machine's RAM) with a one-line error, before compiling anything.
 """
 
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from mlx.utils import tree_flatten
 
@@ -33,22 +35,99 @@ def default_memory_budget() -> Optional[int]:
     return None if ram is None else int(BUDGET_FRACTION * ram)
 
 
-def plan_resident(plan, model, blocks: Dict[int, object]) -> dict:
-    """{"mlx": bytes, "programs": bytes, "total": bytes, "per_layer": {layer: program bytes}}.
+def program_only(lp, cost, dynamic: bool = True) -> Tuple[bool, str]:
+    """(True, why) when a layer's program experts can leave MLX: programs then serve them at
+    every call size, so a decode call (1 token, ``top_k`` pairs) must cost no more there
+    than on MLX. Priced at its worst: each pair in a different group (the largest ones),
+    at 1 row (dynamic programs take any row count) or else the group's smallest tier."""
+    if not lp.groups:
+        return False, "no experts on programs"
+    k = max(int(lp.top_k or 1), 1)
+    hit = sorted(lp.groups, key=lambda g: -len(g.experts))[:k]
+    prog = cost.sync_s + sum(cost.program_s(len(g.experts), 1 if dynamic else g.tiers[0], lp.D, lp.H) for g in hit)
+    mlx = cost.mlx_s(k, lp.D, lp.H)
+    if prog <= mlx:
+        return True, f"decode on programs {prog * 1e3:.2f} ms <= MLX {mlx * 1e3:.2f} ms"
+    return False, f"decode on programs {prog * 1e3:.2f} ms > MLX {mlx * 1e3:.2f} ms"
+
+
+def releases(plan, cost, keep_mlx_experts: bool = False, dynamic: bool = True) -> Dict[int, list]:
+    """{layer: expert ids} whose MLX copy goes by cost alone: onnx plans, program-only layers."""
+    if keep_mlx_experts or plan.backend != "onnx" or cost is None:
+        return {}
+    return {lp.layer: sorted(e for g in lp.groups for e in g.experts)
+            for lp in plan.layers if program_only(lp, cost, dynamic)[0]}
+
+
+def plan_resident(plan, model, blocks: Dict[int, object], cost=None, keep_mlx_experts: bool = True,
+                  budget: Optional[int] = None, dynamic: bool = True) -> dict:
+    """{"mlx", "programs", "total", "released": bytes, "per_layer": {layer: program bytes},
+    "units": {layer: {"mlx", "programs", "mlx_copy": why}}, "release": {layer: expert ids}}.
 
     ``blocks``: {layer: ExpertBlock} with ``.module`` (the SwitchGLU) and ``.num_experts``.
+    With a ``cost`` model and ``keep_mlx_experts=False``, an onnx plan releases MLX's copy
+    of the program experts of program-only layers (``program_only``), and, while the total
+    is over ``budget``, of the other offloaded layers too, the most bytes first (their
+    decode then runs on programs even where MLX would be faster: memory first).
     """
-    mods = dict(model.named_modules())
-    per_layer = {}
+    mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs (no model walk)
+    gone = releases(plan, cost, keep_mlx_experts, dynamic)
+    per_layer, per_expert = {}, {}
     for lp in plan.layers:
         b = blocks[lp.layer]
-        per_expert = module_bytes(b.module) / max(b.num_experts, 1)
+        per_expert[lp.layer] = module_bytes(b.module) / max(b.num_experts, 1)
         n = sum(len(g.experts) for g in lp.groups)
         shared = sum(module_bytes(mods[sp.path]) for sp in lp.shared if sp.path in mods)
-        per_layer[lp.layer] = int(n * per_expert) + shared
-    mlx = module_bytes(model)
+        per_layer[lp.layer] = int(n * per_expert[lp.layer]) + shared
+    total = module_bytes(model) + sum(per_layer.values())
+    need = lambda: total - sum(int(len(ids) * per_expert[l]) for l, ids in gone.items()) - budget
+    forced = set()
+    if budget is not None and cost is not None and not keep_mlx_experts and plan.backend == "onnx":
+        rest = sorted((lp for lp in plan.layers if lp.groups and lp.layer not in gone),
+                      key=lambda lp: (-sum(len(g.experts) for g in lp.groups) * per_expert[lp.layer], lp.layer))
+        for lp in rest:
+            if need() <= 0:
+                break
+            gone[lp.layer] = sorted(e for g in lp.groups for e in g.experts)
+            forced.add(lp.layer)
+    units, released = {}, 0
+    for lp in plan.layers:
+        block = module_bytes(blocks[lp.layer].module)
+        out = int(len(gone.get(lp.layer, ())) * per_expert[lp.layer])
+        released += out
+        if keep_mlx_experts:
+            why = "kept (--keep-mlx-experts)"
+        elif plan.backend != "onnx" or cost is None:
+            why = "kept (only onnx bundles release)"
+        elif lp.layer in forced:
+            why = f"released to fit the memory budget ({program_only(lp, cost, dynamic)[1]})"
+        else:
+            why = ("released: " if lp.layer in gone else "kept: ") + program_only(lp, cost, dynamic)[1]
+        units[lp.layer] = {"mlx": block - out, "programs": int(sum(len(g.experts) for g in lp.groups) * per_expert[lp.layer]),
+                           "mlx_copy": why}
+    mlx = module_bytes(model) - released
     programs = sum(per_layer.values())
-    return {"mlx": mlx, "programs": programs, "total": mlx + programs, "per_layer": per_layer}
+    return {"mlx": mlx, "programs": programs, "total": mlx + programs, "released": released,
+            "per_layer": per_layer, "units": units, "release": gone}
+
+
+def model_resident(model) -> dict:
+    """What a loaded model holds now, per unit: {"mlx", "released", "programs" (0: not
+    known from the model alone), "units": {layer: {"mlx", "released", "on_programs"}}}."""
+    from . import release
+    from .experts import installed_blocks
+
+    units, released = {}, 0
+    for m in installed_blocks(model):
+        rec = release.record_of(m)
+        gone = rec.nbytes if rec is not None else 0
+        plan = getattr(m.executor, "plan", None)
+        layer = plan.layer if plan is not None else len(units)
+        n = sum(len(g.experts) for g in plan.groups) if plan is not None else 0
+        per_expert = module_bytes(m) / max(m["gate_proj"]["weight"].shape[0], 1)
+        units[layer] = {"mlx": module_bytes(m) - gone, "released": gone, "on_programs": int(n * per_expert)}
+        released += gone
+    return {"mlx": module_bytes(model) - released, "released": released, "units": units}
 
 
 def check_budget(resident: dict, budget: Optional[int]) -> None:
@@ -61,6 +140,20 @@ def check_budget(resident: dict, budget: Optional[int]) -> None:
         )
 
 
+def size(n: float) -> str:
+    """Bytes as GB, or MB below 0.1 GB."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def describe(resident: dict) -> str:
-    return (f"resident: MLX {resident['mlx'] / 1e9:.2f} GB + programs {resident['programs'] / 1e9:.2f} GB "
-            f"= {resident['total'] / 1e9:.2f} GB")
+    gone = resident.get("released", 0)
+    return (f"resident: MLX {size(resident['mlx'])} + programs {size(resident['programs'])} "
+            f"= {size(resident['total'])}"
+            + (f" (MLX releases {size(gone)} of program-only experts; "
+               f"{size(resident['total'] + gone)} with --keep-mlx-experts)" if gone else ""))
+
+
+def describe_units(res: dict) -> str:
+    """One line of ``model_resident`` (with "programs" filled in)."""
+    return (f"resident: MLX {size(res['mlx'])}, programs {size(res.get('programs', 0))}"
+            + (f", {size(res['released'])} of program-only experts released from MLX" if res.get("released") else ""))

@@ -78,6 +78,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def _offload_load(args, model_path, **kw):
     """mlx_lm.server's ``load``, through npumoe_mlx.load: --bundle belongs to the --model model."""
     bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
+    if getattr(args, "keep_mlx_experts", False):
+        kw["keep_mlx_experts"] = True
     return load(model_path, offload=args.offload, bundle=bundle, overflow=args.overflow, verify=args.verify, **kw)
 
 

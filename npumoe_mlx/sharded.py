@@ -310,7 +310,7 @@ def install(
         return "off"
     return _offload.apply(model, config, want, model_path=model_path, bundle=str(path), overflow=overflow,
                           backend_options=backend_options, model_name=model_name, quiet=quiet, verify=verify,
-                          fingerprint=fp)
+                          fingerprint=fp, keep_mlx_experts=True)  # a shard's arrays are not the file's tensors
 
 
 def shared_seed() -> int:

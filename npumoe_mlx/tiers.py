@@ -10,8 +10,10 @@ here drops a pair.
 - ``tier_for``, ``ladder_rounds``, ``ladder_cover``: the rule (one call, many calls);
 - ``choose_ladder``: a group's tiers from calibrated loads (planner);
 - ``decide_call``: per layer call, programs or MLX, and each group's rounds
-  (executor and replay, fed the same counts);
-- ``plan_slots``: where each routed pair sits in the padded program inputs.
+  (executor and replay, fed the same counts), Python over groups (a few hundred us
+  at ~60 groups);
+- ``plan_slots``: where each routed pair sits in the padded program inputs (numpy over
+  every slot of a call at once).
 """
 
 from dataclasses import dataclass, field
@@ -252,14 +254,22 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
     prog = cost.sync_s + sum(t)
     left = int(counts.sum()) - sum(served)
     span = float(cost.makespan(prog, cost.mlx_s(left, D, H)))
+    moved = {}  # group -> (rounds, time, served) before it moved to MLX
     for gi in sorted((g for g in range(len(groups)) if served[g]), key=lambda g: (-t[g] / served[g], g)):
         if span <= target:
-            return
+            break
         new = float(cost.makespan(prog - t[gi], cost.mlx_s(left + served[gi], D, H)))
         if new >= span:
             break
+        moved[gi] = (rounds[gi], t[gi], served[gi])
         prog, left, span = prog - t[gi], left + served[gi], new
         rounds[gi], t[gi], served[gi] = 0, 0.0, 0
+    if moved:
+        _take_back(counts, groups, ladders, caps, rounds, t, served, moved, prog, left, span, cost, D, H, target)
+        prog, left = cost.sync_s + sum(t), int(counts.sum()) - sum(served)
+        span = float(cost.makespan(prog, cost.mlx_s(left, D, H)))
+    if span <= target:
+        return
     for _ in range(trims):
         if prog <= cost.mlx_s(left, D, H) or span <= target:
             return
@@ -280,6 +290,54 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
         span, gi, new_caps, nt, ns = best
         prog, left = prog - t[gi] + nt, left + served[gi] - ns
         caps[gi], rounds[gi], t[gi], served[gi] = new_caps, len(new_caps), nt, ns
+
+
+def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, prog: float, left: int, span: float,
+               cost: CostModel, D: int, H: int, target: float = 0.0) -> None:
+    """In place, after whole groups moved to MLX: the programs side may end the call sooner with
+    part of a group back. Either the last group moved runs one round at a smaller tier of its
+    ladder, or it runs as before and a running group's last round is cut to a smaller tier
+    instead, whichever ends the call soonest (if sooner than now); with ``target`` > 0 (the
+    energy objective), whichever puts the most pairs back on programs within it. The ANE's best
+    share of a layer is rarely whole groups (Mixtral has 8 experts); the plan gives its marginal
+    group tiers for these rounds (plan.py ``_partial_last``)."""
+    gm = list(moved)[-1]
+    r_m, t_m, s_m = moved[gm]
+    best = None  # (score, [(group, caps, rounds, time, served), ...])
+
+    def better(new, back, best):
+        """Sooner than now (time), or within the target with more pairs back (energy)."""
+        if target > 0:
+            return new <= target + 1e-12 and (best is None or (-back, new) < best[0])
+        return new < span - 1e-12 and (best is None or (new,) < best[0])
+    for c in ladders[gm]:
+        if c >= caps[gm][0]:
+            break
+        nt, ns = cost.program_s(len(groups[gm]), c, D, H), int(np.minimum(counts[groups[gm]], c).sum())
+        if ns < len(groups[gm]) * c:  # only full rounds: a padded one would rather stay on MLX
+            break
+        new = float(cost.makespan(prog + nt, cost.mlx_s(left - ns, D, H)))
+        if better(new, ns, best):
+            best = ((-ns, new) if target > 0 else (new,), [(gm, [c], 1, nt, ns)])
+    running = [g for g in range(len(groups)) if rounds[g] and caps[g] and g != gm]
+    # the busiest running groups, and the plan's last (coldest) group, whose ladder has the cut tiers
+    for gk in sorted(set(sorted(running, key=lambda g: -t[g])[:4]) | ({len(groups) - 1} & set(running))):
+        ids, cs = groups[gk], caps[gk][: rounds[gk]]
+        for c in ladders[gk]:
+            if c >= cs[-1]:
+                break
+            new_caps = cs[:-1] + [c]
+            nt = sum(cost.program_s(len(ids), x, D, H) for x in new_caps)
+            ns = int(np.minimum(counts[ids], sum(new_caps)).sum())
+            if ns - int(np.minimum(counts[ids], sum(cs[:-1])).sum()) < len(ids) * c:
+                break
+            new = float(cost.makespan(prog + t_m - t[gk] + nt, cost.mlx_s(left - s_m + served[gk] - ns, D, H)))
+            back = s_m - served[gk] + ns
+            if better(new, back, best):
+                best = ((-back, new) if target > 0 else (new,),
+                        [(gm, caps[gm], r_m, t_m, s_m), (gk, new_caps, len(new_caps), nt, ns)])
+    for gi, cs, r, nt, ns in (best[1] if best else []):
+        caps[gi], rounds[gi], t[gi], served[gi] = cs, r, nt, ns
 
 
 def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int,
@@ -392,31 +450,36 @@ def plan_slots(
     caps how often group i's ladder runs; pairs left over (and pairs of experts
     in no group) keep ``loc == -1`` for the caller to run elsewhere. ``caps[i]``,
     when given, are group i's rounds as ``decide_call`` chose them.
-    A Python loop runs over groups and ladder rounds only, never over tokens.
+    Every slot of every program call at once (numpy); a Python loop lists the calls only.
     """
     starts = np.cumsum(counts) - counts  # (E,) first sorted position of each expert
     out = Slots(loc=np.full(order.shape[0], -1, dtype=np.int64))
-    offset = 0
-    per_group = len(tiers) > 0 and not np.isscalar(tiers[0])
-    for gi, ids in enumerate(groups):
-        ladder = tiers[gi] if per_group else tiers
-        ids = np.asarray(ids)
-        n = counts[ids]  # (G,)
-        done = np.zeros_like(n)
-        rounds = caps[gi] if caps is not None else ladder_rounds(n, ladder, max_rounds[gi] if max_rounds is not None else None)
-        for cap in rounds:
-            left = n - done
-            col = np.arange(cap)
-            take = np.minimum(left, cap)  # (G,)
-            valid = col[None, :] < take[:, None]  # (G, C)
-            pos = starts[ids][:, None] + done[:, None] + col[None, :]  # (G, C)
-            pos = np.where(valid, pos, 0)
-            src = np.where(valid, order[pos] // k, 0)  # (G, C) token rows
-            slot = offset + np.arange(ids.size * cap).reshape(ids.size, cap)
-            out.loc[order[pos[valid]]] = slot[valid]
-            out.calls.append((gi, ids, cap, src.reshape(-1)))
-            out.padded += int((~valid).sum())
-            out.slots += valid.size
-            offset += ids.size * cap
-            done = done + take
+    ids = [np.asarray(g) for g in groups]
+    if caps is None:
+        per_group = len(tiers) > 0 and not np.isscalar(tiers[0])
+        caps = [ladder_rounds(counts[g], tiers[gi] if per_group else tiers,
+                              max_rounds[gi] if max_rounds is not None else None) for gi, g in enumerate(ids)]
+    cg, cc, cd = [], [], []  # per program call: group, capacity, rows per expert of the group's earlier rounds
+    for gi, cs in enumerate(caps):
+        done = 0
+        for c in cs:
+            cg.append(gi), cc.append(int(c)), cd.append(done)
+            done += int(c)
+    if not cg:
+        return out
+    G = np.array([g.size for g in ids], np.int64)
+    cg, cc, cd = np.array(cg), np.array(cc, np.int64), np.array(cd, np.int64)
+    size = G[cg] * cc  # (J,) slots of each call
+    off = np.cumsum(size) - size
+    call = np.repeat(np.arange(cg.size), size)  # (S,) each slot's call
+    w = np.arange(call.size) - off[call]
+    e, col = np.divmod(w, cc[call])  # expert (within its group) and column of each slot
+    expert = np.concatenate(ids + [np.zeros(0, np.int64)]).astype(np.int64)[(np.cumsum(G) - G)[cg][call] + e]
+    valid = cd[call] + col < counts[expert]  # (S,) the expert still has a pair for this slot
+    pos = np.where(valid, starts[expert] + cd[call] + col, 0)
+    src = np.where(valid, order[pos] // k, 0)  # (S,) token rows
+    out.loc[order[pos[valid]]] = np.arange(call.size)[valid]
+    out.calls = [(gi, ids[gi], c, src[o : o + n]) for gi, c, o, n in zip(cg.tolist(), cc.tolist(), off.tolist(), size.tolist())]
+    out.padded = int(call.size - valid.sum())
+    out.slots = int(call.size)
     return out

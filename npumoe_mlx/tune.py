@@ -4,6 +4,12 @@ Measures, at the model's expert dims: per-call dispatch and per-tier run time of
 the chosen backend's programs, the host copy rate of gathering rows, the host
 sync of one layer call, and the stock MLX expert path as a function of routed
 pairs. Core ML cannot run off macOS: there it returns the parametric defaults.
+
+On macOS it also measures each unit's active power with powermetrics (power.py) while
+the largest program call and the largest MLX call run back to back: the programs' unit
+(the ANE for Core ML) and the GPU. The cost model's energy terms come from those watts.
+powermetrics needs root; without it, the chip table's active power of this Mac's chip
+(chips.py, every number sourced) is used instead, and tune says so in one line.
 """
 
 import argparse
@@ -17,9 +23,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from .chips import chip_profile, detect_chip
 from .cost import CostModel, default_cost, flops_per_row
 from .dispatch import run_calls, workers
 from .experts import stock_experts
+from .power import active_power, power_sampler
+
+# The powermetrics rail of the unit each backend's programs run on.
+PROGRAM_UNIT = {"coreml": "ane", "onnx": "cpu", "mlx": "gpu"}
 
 
 def median_s(fn, repeats: int, warm_up: bool = True) -> float:
@@ -65,8 +76,11 @@ def measure(
     repeats: int = 5,
     backend_opts: Optional[dict] = None,
     progress: bool = False,
+    power: Optional[bool] = None,
+    log=print,
 ) -> dict:
-    """Raw timings (seconds) at these dims; ``fit`` turns them into a CostModel."""
+    """Raw timings (seconds) at these dims, and on macOS (``power``: default there) the
+    units' active power; ``fit`` turns them into a CostModel."""
     from .progress import progress_bar
 
     from .backends import load_backend
@@ -92,6 +106,7 @@ def measure(
         for C in tiers:
             x = np.random.default_rng(C).standard_normal((G, C, D)).astype(np.float32)
             prog_rows.append((G, C, _call_s(program, x, C, repeats)))
+            biggest_program = lambda program=program, x=x, C=C: program.run(x, C)  # noqa: E731
             bar.update()
 
     last = (program, x, C)  # the largest program call measured, for the overlap below
@@ -104,6 +119,7 @@ def measure(
         e = mx.random.randint(0, 8, (n, 1)).astype(mx.uint32)
         mx.eval(x, e)
         mlx_rows.append((n, median_s(lambda: mx.eval(stock_experts(m, x, e)), repeats)))
+        biggest_mlx = lambda x=x, e=e: mx.eval(stock_experts(m, x, e))  # noqa: E731
         bar.update()
 
     overlap = _measure_overlap(last, m, mlx_rows, D, repeats)
@@ -130,12 +146,45 @@ def measure(
     x_np = np.asarray(xs)
     src = np.random.default_rng(0).integers(0, n, 4 * n)
     copy_s = median_s(lambda: mx.eval(mx.array(x_np[src])), repeats)
-    return {
+    raw = {
         "backend": backend, "D": D, "H": H, "quant": quant,
         "dispatch_s": dispatch_s, "programs": prog_rows, "mlx_fixed_s": mlx_fixed_s, "mlx": mlx_rows,
         "mlx_dense": dense_rows,
         "sync_s": sync_s, "copy_bytes": 2 * 4 * n * D * 4, "copy_s": 2 * copy_s, "overlap": overlap,
     }
+    if (sys.platform == "darwin") if power is None else power:
+        raw["power"] = unit_power(backend, biggest_program, biggest_mlx)
+        log(f"      power: {raw['power']['source']}")
+    return raw
+
+
+def unit_power(backend: str, run_programs, run_mlx, min_s: float = 1.0, make_sampler=power_sampler,
+               chip: Optional[str] = None) -> dict:
+    """Active power (W) of the programs' unit and of the GPU: {"program_w", "mlx_w", "source"}.
+
+    Measured with powermetrics while ``run_programs()`` and then ``run_mlx()`` run back to
+    back for ``min_s`` each. When powermetrics cannot run (not root) or reports no such
+    rail, the chip table's active power of ``chip`` (default: this Mac's) is used, and
+    ``source`` says why in one line; {"source": why} (no watts) if there is neither.
+    """
+    unit = PROGRAM_UNIT[backend]
+    sampler, why = make_sampler()
+    if sampler is not None:
+        prog, gpu = active_power(sampler, run_programs, min_s), active_power(sampler, run_mlx, min_s)
+        if prog and gpu and prog.get(unit) and gpu.get("gpu"):
+            return {"program_w": prog[unit], "mlx_w": gpu["gpu"],
+                    "source": f"measured with powermetrics: {unit} {prog[unit]:.2f} W under the programs, "
+                              f"gpu {gpu['gpu']:.2f} W under MLX"}
+        why = f"powermetrics reported no {unit} and gpu power for the benchmarks"
+    name = chip or detect_chip()
+    if name is None:
+        return {"source": f"{why}; this chip has no profile in the chip table, so the cost model has no energy terms"}
+    if unit != "ane":
+        return {"source": f"{why}; the chip table has no {unit} power ({backend} programs), so no energy terms"}
+    c = chip_profile(name)
+    return {"program_w": c.ane_power_w, "mlx_w": c.gpu_power_w,
+            "source": f"{why}; using the chip table's active power of {c.name} instead (ANE {c.ane_power_w:.2f} W, "
+                      f"GPU {c.gpu_power_w:.2f} W; npumoe_mlx/data/chips.json)"}
 
 
 def _call_s(program, x: np.ndarray, C: int, repeats: int) -> float:
@@ -215,7 +264,7 @@ def fit(raw: dict) -> CostModel:
     )
     mlx_per_flop = fit_slope([n * f for n, _ in raw["mlx"]], [t - mlx_fixed for _, t in raw["mlx"]])
     dense_per_flop = fit_slope([n * f for n, _ in raw["mlx_dense"]], [t - mlx_fixed for _, t in raw["mlx_dense"]])
-    return CostModel(
+    cost = CostModel(
         backend=raw["backend"],
         dispatch_s=dispatch,
         expert_s=expert_s,
@@ -228,6 +277,21 @@ def fit(raw: dict) -> CostModel:
         overlap=fit_overlap(raw.get("overlap")),
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
+    pw = raw.get("power") or {}
+    if pw.get("program_w") and pw.get("mlx_w"):
+        with_energy(cost, pw["program_w"], pw["mlx_w"])
+        cost.source += f"; energy: {pw['source']}"
+    return cost
+
+
+def with_energy(cost: CostModel, program_w: float, mlx_w: float) -> CostModel:
+    """Energy terms from each unit's active power (W), as ``cost.chip_cost`` derives them:
+    busy power per FLOP at the fitted rate, and busy power x the fixed time per call."""
+    cost.program_j_per_flop = program_w / cost.program_flops
+    cost.program_j_per_call = program_w * cost.dispatch_s
+    cost.mlx_j_per_flop = mlx_w / cost.mlx_flops
+    cost.mlx_j_per_call = mlx_w * cost.mlx_fixed_s
+    return cost
 
 
 def tune(backend: str, D: int, H: int, quant: Optional[dict] = None, **kw) -> CostModel:

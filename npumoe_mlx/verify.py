@@ -134,23 +134,3 @@ class Pinned:
         if name.startswith("__") or name in ("program", "_files", "_seen"):
             raise AttributeError(name)  # (not set yet, e.g. while unpickling)
         return getattr(self.program, name)
-
-
-def milrun_program(package: Path):
-    """A Core ML package run by the numpy MIL interpreter (build-time checks off macOS)."""
-    from ane_kernels.coreml import INPUT_NAME, function_name, read_metadata
-    from ane_kernels.milrun import load_package, run_function
-
-    from .backends import Program
-
-    meta = read_metadata(package)
-    prog = load_package(package)
-
-    class MilProgram(Program):
-        def _run(self, x, tier):
-            (y,) = run_function(prog, function_name(tier), {INPUT_NAME: x.astype(np.float16)}).values()
-            return np.asarray(y, np.float32)
-
-    p = MilProgram()
-    p.name, p.G, p.D, p.tiers = meta["name"], int(meta["G"]), int(meta["D"]), tuple(int(t) for t in meta["tiers"])
-    return p

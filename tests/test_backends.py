@@ -1,5 +1,6 @@
 """Backends and the mlx_lm bridge: programs equal a real SwitchGLU; build-programs CLI."""
 
+import json
 import os
 import sys
 
@@ -235,3 +236,84 @@ def test_bench_layer_reports_one_row_call_and_pairs_on_mlx():
         assert r["one_row_ratio"] == pytest.approx(r["one_row_program_ms"] / r["one_row_dense_ms"])
         assert r["mlx_pairs_pct"] == (r["spill_pct"] if r["offloaded"] else 100.0)
     assert "pairs on MLX %" in format_table(rows)
+
+
+# ---- one build/load interface for every backend ----
+
+
+@pytest.mark.parametrize("name", ["onnx", "mlx"])
+def test_build_then_load_from_the_entry(name, tmp_path):
+    """Backend.build writes the program's files and returns a JSON entry (its files and
+    metadata); load(entry, folder) runs the same FFN as the spec; the files can be renamed
+    away from the program's name (identity is metadata, never parsed from a name)."""
+    from npumoe_mlx.backends import backend_class
+
+    spec = random_spec(G=2, D=64, H=32, tiers=(8, 32), bits=4, seed=5)
+    entry = backend_class(name).build(spec, tmp_path)
+    assert json.loads(json.dumps(entry)) == entry  # a manifest keeps it as is
+    assert sorted(entry["files"]) == sorted(p.name for p in tmp_path.iterdir())
+    assert (entry["name"], entry["layer"], entry["expert_ids"], entry["tiers"]) == (spec.name, spec.layer, [0, 1], [8, 32])
+    x = np.random.default_rng(1).standard_normal((2, 32, 64)).astype(np.float32)
+    prog = load_backend(name).load(entry, tmp_path)
+    assert (prog.name, prog.G, prog.D, prog.tiers) == (spec.name, 2, 64, (8, 32))
+    assert prog.meta["expert_ids"] == [0, 1] and prog.meta["layer"] == spec.layer
+    assert rel_err(prog.run(x), reference_ffn(spec, x)) < 1e-5
+    checked, tiers = backend_class(name).checker(entry, tmp_path)
+    assert tiers == [8, 32] and rel_err(checked.run(x[:, :8], 8), reference_ffn(spec, x[:, :8])) < 1e-5
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    if name == "onnx":  # the graphs find their weight file by its own name
+        renamed = {k: f"tier{k}.onnx" for k in entry["graphs"]}
+        for k, f in entry["graphs"].items():
+            (tmp_path / f).rename(moved / renamed[k])
+        (tmp_path / f"{spec.name}.weights").rename(moved / f"{spec.name}.weights")
+        loose = moved
+        entry = {**entry, "graphs": renamed}
+    else:
+        (tmp_path / entry["weights"]).rename(moved / "w.safetensors")
+        loose = moved / "w.safetensors"
+        entry = {**entry, "weights": "w.safetensors"}
+    for prog in (load_backend(name).load(entry, moved), load_backend(name).load(loose)):
+        assert prog.name == spec.name and prog.meta["expert_ids"] == [0, 1]
+        assert rel_err(prog.run(x), reference_ffn(spec, x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["onnx", "mlx"])
+def test_load_refuses_files_of_another_program_or_outside_the_folder(name, tmp_path):
+    from npumoe_mlx.backends import backend_class
+
+    build = backend_class(name).build
+    a = build(random_spec(G=2, D=64, H=32, tiers=(8,), bits=4, seed=5), tmp_path)
+    other = random_spec(G=2, D=64, H=32, tiers=(8,), bits=4, seed=6)
+    other.expert_ids = (3, 4)
+    b = build(other, tmp_path)
+    key = "graphs" if name == "onnx" else "weights"
+    with pytest.raises(BackendError, match=r"holds program layer0_e3-4 \(expert_ids \[3, 4\]\), the entry names layer0_e0-1"):
+        load_backend(name).load({**a, key: b[key]}, tmp_path)
+    bad = {"8": "../x.onnx"} if name == "onnx" else "../w.safetensors"
+    with pytest.raises(BackendError, match="is not a plain name inside"):
+        load_backend(name).load({**a, key: bad}, tmp_path)
+
+
+def test_coreml_build_and_check_off_macos(tmp_path):
+    """Core ML programs build anywhere; the checker runs them in the numpy MIL interpreter."""
+    from npumoe_mlx.backends import backend_class
+
+    coreml = backend_class("coreml")
+    spec = random_spec(G=2, D=64, H=32, tiers=(32, 64), bits=4, seed=7)
+    entry = coreml.build(spec, tmp_path)
+    assert entry["files"] == [f"{spec.name}.mlpackage"] == [p.name for p in tmp_path.iterdir()]
+    assert entry["functions"] == {"32": "c32", "64": "c64"} and json.loads(json.dumps(entry)) == entry
+    prog, tiers = coreml.checker(entry, tmp_path)
+    assert tiers == [32] and (prog.name, prog.G, prog.D, prog.tiers) == (spec.name, 2, 64, (32, 64))
+    x = np.random.default_rng(2).standard_normal((2, 32, 64)).astype(np.float32)
+    assert rel_err(prog.run(x, 32), reference_ffn(spec, x)) < 1e-2
+    other = random_spec(G=2, D=64, H=32, tiers=(32,), bits=4, seed=8)
+    other.expert_ids = (5, 6)
+    b = coreml.build(other, tmp_path)
+    with pytest.raises(BackendError, match="holds program layer0_e5-6"):
+        coreml.checker({**entry, "package": b["package"]}, tmp_path)
+    if sys.platform != "darwin":
+        with pytest.raises(BackendError, match="run only on macOS"):
+            load_backend("coreml")

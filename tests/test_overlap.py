@@ -9,6 +9,7 @@ import numpy as np
 
 from npumoe_mlx.cost import CostModel, default_cost
 from npumoe_mlx.plan import PlanLimits, plan_layer
+from npumoe_mlx.profiles import LayerCounts
 from npumoe_mlx.tiers import decide_call
 from npumoe_mlx.tools.bench_layer import popularity, route
 from npumoe_mlx.tune import fit_overlap
@@ -27,8 +28,7 @@ def _profile(E=64, k=8, tokens=512):
     p = popularity(E, 1.0, rng)
     chunks = [{"tokens": tokens, "counts": np.bincount(route(tokens, k, p, rng).ravel(), minlength=E).tolist()}
               for _ in range(2)]
-    return {"layer": 0, "path": "mlp.experts", "num_experts": E, "top_k": k,
-            "counts": np.sum([c["counts"] for c in chunks], 0).tolist(), "chunks": chunks}
+    return LayerCounts(0, "mlp.experts", E, k, np.sum([c["counts"] for c in chunks], 0).tolist(), chunks)
 
 
 def test_makespan_hides_the_shorter_side_by_the_overlap():
@@ -96,8 +96,7 @@ def test_tune_measures_the_overlap():
 def _unseen_profile(E=32, k=4):
     counts = np.zeros(E, int)
     counts[:24] = np.arange(24, 0, -1) * 8  # experts 24..31: calibration never routed to them
-    return {"layer": 0, "path": "mlp.experts", "num_experts": E, "top_k": k, "counts": counts.tolist(),
-            "chunks": [{"tokens": 512, "counts": counts.tolist()}]}
+    return LayerCounts(0, "mlp.experts", E, k, counts.tolist(), [{"tokens": 512, "counts": counts.tolist()}])
 
 
 def test_tail_programs_for_unseen_experts_when_a_pair_costs_more_on_mlx():
@@ -110,7 +109,7 @@ def test_tail_programs_for_unseen_experts_when_a_pair_costs_more_on_mlx():
     # a 2-expert program computes both experts' rows (~17.4 ms): one expert per tail
     assert [len(g.experts) for g in tails] == [1] * 8 and all(g.tiers[0] == 8 for g in tails)
     counts = np.zeros(32)
-    counts[:24] = np.asarray(prof["counts"][:24]) / 4
+    counts[:24] = np.asarray(prof.counts[:24]) / 4
     counts[30] = 3
     d = lp.decide(_cost(0.0), counts)
     gi = next(i for i, g in enumerate(lp.groups) if g.experts == [30])

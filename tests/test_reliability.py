@@ -252,15 +252,28 @@ def _layer_99(d):
 
 def _expert_999(d):
     _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["experts"].__setitem__(0, 999))
-    _edit_json(d, "manifest.json", lambda m: m["programs"][0]["experts"].__setitem__(0, 999))
     _rehash(d, "plan.json")
 
 
 def _experts_swapped(d):
-    """A plan + manifest that pass every file check but give program 0 other experts."""
+    """A plan that passes every file check but gives program 0 other experts."""
     _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["experts"].reverse())
-    _edit_json(d, "manifest.json", lambda m: m["programs"][0]["experts"].reverse())
     _rehash(d, "plan.json")
+
+
+def _tiers_4096(d):
+    """Tiers live in plan.json only: a plan asking program 0 for a tier it lacks is refused at load."""
+    _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["tiers"].append(4096))
+    _rehash(d, "plan.json")
+
+
+def _entry_swaps_tiers(d):
+    """Program 0's entry names its two smallest tiers' graphs the other way round."""
+    def swap(m):
+        graphs = m["programs"][0]["program"]["graphs"]
+        a, b = sorted(graphs, key=int)[:2]
+        graphs[a], graphs[b] = graphs[b], graphs[a]
+    _edit_json(d, "manifest.json", swap)
 
 
 def _symlinked_file(d):
@@ -296,6 +309,11 @@ BUNDLE_FAULTS = {
     "plan-names-layer-99": (_layer_99, bundles.BundleError, "plan names layer 99, which has no offloadable expert block"),
     "plan-names-expert-999": (_expert_999, bundles.BundleError, r"plan names expert 999, which the model's layer 0 \(E=8\) lacks"),
     "plan-swaps-experts": (_experts_swapped, bundles.BundleError, r"holds program layer0_e0-1-3-7 .* but the plan wants layer0_e7-3-1-0"),
+    "entry-swaps-tiers": (_entry_swaps_tiers, bundles.BundleError,
+                          r"cannot load program programs/L000/g00 \(\S+\.onnx is the tier \d+ graph, the entry says tier \d+\)"),
+    "entry-escapes-folder": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"][0]["program"].update(
+        graphs={"8": "../../x.onnx"})), bundles.BundleError, r"cannot load program programs/L000/g00 \(program file name "
+                             r"'\.\./\.\./x\.onnx' is not a plain name inside"),
     "symlinked-program-file": (_symlinked_file, bundles.BundleError, "goes through a link"),
     "symlinked-program-dir": (_symlinked_dir, bundles.BundleError, "goes through a link"),
     "truncated-onnx": (_truncated_onnx, bundles.BundleError, r"\.onnx is corrupt \(size or sha256 differs\)"),
@@ -305,10 +323,11 @@ BUNDLE_FAULTS = {
                             bundles.BundleError, "not an npumoe bundle manifest"),
     "manifest-drops-program": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"].pop()),
                                bundles.BundleError, "manifest programs do not match the plan"),
-    "manifest-other-tiers": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"][0]["tiers"].append(4096)),
+    "manifest-other-group": (lambda d: _edit_json(d, "manifest.json", lambda m: m["programs"][0].update(group=7)),
                              bundles.BundleError, "manifest programs do not match the plan"),
-    "other-format": (lambda d: _edit_json(d, "manifest.json", lambda m: m.update(format=1)),
-                     bundles.BundleError, "bundle format 1 .* is not format 2[^0-9].*; rebuild it with .*--force"),
+    "plan-other-tiers": (_tiers_4096, bundles.BundleError, r"holds program layer0_e[\d-]+ .* but the plan wants .*4096\]"),
+    "other-format": (lambda d: _edit_json(d, "manifest.json", lambda m: m.update(format=2)),
+                     bundles.BundleError, "bundle format 2 .* is not format 3[^0-9].*; rebuild it with .*--force"),
 }
 
 

@@ -12,7 +12,9 @@ import pytest
 
 from npumoe_mlx import replay as rp
 from npumoe_mlx.cost import CostModel, default_cost
+from npumoe_mlx.experts import ExpertBlock
 from npumoe_mlx.plan import GroupPlan, LayerPlan, PlanLimits
+from npumoe_mlx.profiles import Profile
 
 # ../shared/routing beside the repository (CI checks shared/ out beside the clone);
 # NPUMOE_ROUTING points elsewhere (e.g. a worktree).
@@ -110,7 +112,7 @@ def test_calibrate_records_blocks_and_routes(tmp_path):
         assert routes[l.layer].shape == (prof.tokens, l.top_k)
         assert np.bincount(routes[l.layer].ravel(), minlength=l.num_experts).tolist() == l.counts
         assert {c["seq"] for c in l.chunks} == {0, 1} and max(c["tokens"] for c in l.chunks) == 64
-        sizes = prefill_call_sizes(l.__dict__, prof.chunk_size)
+        sizes = prefill_call_sizes(l, prof.chunk_size)
         assert sizes[-1] == 256 and all(s % 64 == 0 for s in sizes)
     rp.save_routes(tmp_path / "r.npz", routes)
     assert sorted(rp.load_trace(tmp_path / "r.npz")) == sorted(routes)
@@ -182,7 +184,8 @@ def test_default_build_calibration_does_not_overflow_2048_token_calls():
     t = rp.load_trace(ROUTING / "olmoe-1b-7b.arxiv.npz")[7]
     docs = [t[i * 2048 : i * 2048 + 683] for i in range(3)]  # three documents, as the default corpus
     lp = rp.trace_profile(docs, 7, 64, 683, 128)
-    plan = make_plan({"layers": [lp], "chunk_size": 2048}, {7: {"D": 2048, "H": 1024}}, default_cost("onnx"),
+    block = ExpertBlock(7, "layer7", "SwitchGLU", 64, 8, 2048, 1024, "swiglu", False, None, "float32")
+    plan = make_plan(Profile(None, "", "", 0, 2048, [lp]), {7: block}, default_cost("onnx"),
                      PlanLimits.for_backend("onnx"))
     layer = plan.layers[0]
     assert max(g.tiers[-1] for g in layer.groups) == 2048  # headroom for the prefill step

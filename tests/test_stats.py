@@ -13,7 +13,7 @@ from npumoe_mlx import plan as plans
 from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, offload_stats, stats_profile, summarize
-from npumoe_mlx.experts import installed_blocks
+from npumoe_mlx.experts import find_expert_blocks, installed_blocks
 from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
@@ -46,8 +46,8 @@ def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
     assert all([c["tokens"] for c in l.chunks] == [300, 300] for l in prof.layers)
 
     # re-planned for this workload: the new top tiers hold the calls that overflowed
-    blocks = {e.plan.layer: {"D": e.plan.D, "H": e.plan.H} for e in execs}
-    plan = plans.make_plan(prof.to_json(), blocks, EAGER, plans.PlanLimits.for_backend("onnx"))
+    blocks = {b.layer: b for b in find_expert_blocks(model)}
+    plan = plans.make_plan(prof, blocks, EAGER, plans.PlanLimits.for_backend("onnx"))
     for lp, ex in zip(plan.layers, execs):
         for n, k, counts in ex.loads:
             assert sum(int(np.maximum(counts[g.experts] - g.tiers[-1], 0).sum()) for g in lp.groups) == 0
@@ -86,3 +86,48 @@ def test_build_from_stats_resizes_the_bundle(tmp_path, capsys):
     assert s["offloaded_calls"] > 0 and s["overflow_pct"] == 0
     rc = cli.main(["build", "--model", str(path), "--out", str(out), "--from-stats", str(tmp_path / "nope.json")])
     assert rc == 1 and "nope.json" in capsys.readouterr().err
+
+
+def test_convert_refresh_resizes_a_converted_models_bundle(tmp_path, capsys):
+    """`npumoe convert --refresh STATS` (= `npumoe build --from-stats STATS` for a converted model):
+    a bad stats file fails with its name before anything changes; a good one rebuilds the bundle
+    with ladders sized for the saved calls, planned with the costs the bundle already had."""
+    from npumoe_mlx import cli
+    from npumoe_mlx.plan import Plan
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
+    out = build_bundle(str(path), "onnx", str(path / "npumoe-onnx"), corpus=["qa"], tokens=256, chunk_size=128,
+                       cost=EAGER, log=lambda m: None)  # where `convert --in-place` keeps an MLX model's bundle
+    before = Plan.load(out / "plan.json")
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    ids = mx.array(prompt_of_tokens(tok, 600, seed=3))[None]  # calls far larger than the calibration's 128
+    mx.eval(model(ids))
+    assert summarize(offload_stats(model))["overflow_pct"] > 5
+    f = tmp_path / "stats.json"
+    stats_profile(model, "qwen3_moe").save(f)
+    common = ["convert", "--hf-path", str(path), "--in-place", "--backend", "onnx", "--tokens", "256",
+              "--chunk-size", "128"]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kind": "something else"}')
+    manifest = (out / "manifest.json").read_bytes()
+    for stats, why in ((bad, "not a valid npumoe profile"), (tmp_path / "nope.json", "cannot read profile")):
+        rc = cli.main([*common, "--refresh", str(stats)])
+        err = capsys.readouterr().err
+        assert rc == 1 and str(stats) in err and why in err, err
+    assert (out / "manifest.json").read_bytes() == manifest  # untouched
+
+    rc = cli.main([*common, "--refresh", str(f)])  # no --no-tune: the bundle's cost.json is reused, not re-measured
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "re-sizing layers [0, 1] for the saved workload" in text.out and "measuring costs" not in text.out
+    assert CostModel.load(out / "cost.json").source == EAGER.source
+    saved = Profile.load(out / "profile.json")
+    assert [[c["tokens"] for c in l.chunks] for l in saved.layers] == [[600], [600]]
+    after = Plan.load(out / "plan.json")
+    assert max(t for lp in after.layers for g in lp.groups for t in g.tiers) == 600  # the top tier: the saved call
+    assert max(t for lp in before.layers for g in lp.groups for t in g.tiers) == 128
+    again, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    mx.eval(again(ids))
+    s = summarize(offload_stats(again))
+    assert s["offloaded_calls"] > 0 and s["overflow_pct"] == 0

@@ -1,10 +1,14 @@
 """Tier rule, per-call decisions and planner decisions: each test fails if its decision is wrong."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from npumoe_mlx.cost import CostModel, chip_cost, default_cost, flops_per_row
+from npumoe_mlx.experts import ExpertBlock
 from npumoe_mlx.plan import NEVER, GroupPlan, LayerPlan, PlanLimits, make_plan, plan_layer
+from npumoe_mlx.profiles import LayerCounts, Profile
 from npumoe_mlx.tiers import choose_ladder, decide_call, ladder_cover, ladder_rounds, plan_slots, tier_for
 
 D, H = 64, 32
@@ -148,7 +152,12 @@ def _profile(E=8, k=2, calls=40, n=128, seed=0, skew=1.0):
             c[rng.choice(E, k, replace=False, p=p / p.sum())] += 1
         chunks.append({"tokens": n, "counts": c.tolist(), "seq": i})
     total = np.sum([c["counts"] for c in chunks], axis=0)
-    return {"layer": 0, "path": "p", "num_experts": E, "top_k": k, "counts": total.tolist(), "chunks": chunks}
+    return LayerCounts(0, "p", E, k, total.tolist(), chunks)
+
+
+def _block(layer, D, H, E=8, k=2):
+    """An expert block's description: the shapes the planner reads."""
+    return ExpertBlock(layer, f"p{layer}", "SwitchGLU", E, k, D, H, "swiglu", False, None, "float32")
 
 
 def test_concurrent_partition_uses_a_slower_unit():
@@ -157,9 +166,9 @@ def test_concurrent_partition_uses_a_slower_unit():
     cost = _cost(program_flops=F / 2, dispatch_s=0.01, mlx_fixed_s=0.01)
     lp = plan_layer(_profile(), D, H, cost, PlanLimits.for_backend("onnx", max_group=1), call_sizes=[128])
     assert lp.groups and lp.cold, (lp.groups, lp.cold)
-    share = sum(np.asarray(_profile()["counts"])[g.experts].sum() for g in lp.groups) / sum(_profile()["counts"])
+    share = sum(np.asarray(_profile().counts)[g.experts].sum() for g in lp.groups) / sum(_profile().counts)
     assert 0.15 < share < 0.5, share
-    counts = np.asarray(_profile(seed=1)["chunks"][0]["counts"])
+    counts = np.asarray(_profile(seed=1).chunks[0]["counts"])
     p = lp.predicted(cost, 128, counts)
     assert p["offload_s"] < 0.85 * p["mlx_s"]
 
@@ -175,7 +184,7 @@ def test_energy_plan_puts_more_on_the_frugal_unit_within_its_time_bound():
     res = {}
     for obj, bound in (("time", "time"), ("energy", "time"), ("energy", "gpu")):
         lp = plan_layer(prof, D, H, cost, lim, call_sizes=[128], objective=obj, energy_bound=bound)
-        ds = [lp.decide(cost, np.asarray(c["counts"])) for c in _profile(E=16, calls=20, seed=5)["chunks"]]
+        ds = [lp.decide(cost, np.asarray(c["counts"])) for c in _profile(E=16, calls=20, seed=5).chunks]
         res[obj, bound] = (len(lp.cold), np.mean([d.offload_s if d.offload else d.mlx_only_s for d in ds]),
                            np.mean([d.offload_j if d.offload else d.mlx_only_j for d in ds]),
                            np.mean([d.mlx_only_s for d in ds]))
@@ -186,8 +195,8 @@ def test_energy_plan_puts_more_on_the_frugal_unit_within_its_time_bound():
 
 
 def test_program_budget_is_respected_hottest_first():
-    prof = {"layers": [dict(_profile(E=8), layer=l) for l in range(3)], "chunk_size": 128}
-    shapes = {l: {"D": D, "H": H} for l in range(3)}
+    prof = Profile(None, "", "", 0, 128, [replace(_profile(E=8), layer=l) for l in range(3)])
+    shapes = {l: _block(l, D, H) for l in range(3)}
     eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1)
     lim = PlanLimits.for_backend("onnx", max_group=1, max_programs=4)
     plan = make_plan(prof, shapes, eager, lim)
@@ -222,7 +231,7 @@ def test_decode_stays_on_mlx_even_when_programs_look_free():
     assert lp.groups and lp.min_tokens == 2
     assert plan_layer(_profile(), 512, 1024, _cost(program_flops=F * 1e6, first_offload_tokens=1),
                       PlanLimits.for_backend("onnx"), call_sizes=[128]).min_tokens == 1  # asked for: decode too
-    sp = plan_shared({"chunks": [{"tokens": 128}]}, "p", D, H, _cost(program_flops=F * 1e6, mlx_dense_flops=F),
+    sp = plan_shared(LayerCounts(0, "p", 8, 2, [0] * 8, [{"tokens": 128}]), "p", D, H, _cost(program_flops=F * 1e6, mlx_dense_flops=F),
                      PlanLimits.for_backend("onnx"))
     assert sp is not None and sp.min_tokens == 2
 
@@ -254,3 +263,58 @@ def test_old_plans_still_load():
     del d["limits"]["call_ratio"]
     back = Plan.from_dict(d)
     assert back.layers[0].objective == "time" and back.layers[0].max_calls == 0
+
+
+def test_a_group_moved_to_mlx_comes_back_as_part_of_a_round():
+    """Programs at half MLX's speed, 4 experts of 10 pairs, two resident: both on programs end the
+    call at 40 s, moving one to MLX at 30 s. The best split is between the two: the moved group
+    runs again and the other one's round is cut to its 4-row tier (28 s); stopping at whole groups
+    (30 s) wastes the programs' idle time."""
+    cost = _cost(program_flops=F / 2)  # a program row costs 2 s, an MLX pair 1 s
+    counts = np.array([10, 10, 10, 10])
+    cold = np.array([False, False, True, True])
+    d = decide_call(counts, [np.array([0]), np.array([1])], [[10], [4, 10]], cold, cost, D, H)
+    assert d.offload and d.offload_s == pytest.approx(28.0), (d.rounds, d.caps, d.program_s, d.mlx_side_s)
+    assert d.rounds == [1, 1] and d.caps[0] == [10] and d.caps[1] == [4]
+    s = plan_slots(np.argsort(np.repeat(np.arange(4), 10), kind="stable"), counts, 1,
+                   [[0], [1]], [[10], [4, 10]], caps=[d.caps[0][:1], d.caps[1][:1]])
+    assert [c[2] for c in s.calls] == [10, 4] and (s.loc >= 0).sum() == 14  # the other 6 pairs of expert 1: MLX
+    # a cut round that would be padded stays on MLX instead (expert 1 has 3 pairs, its cut tier is 4)
+    d = decide_call(np.array([10, 3, 10, 10]), [np.array([0]), np.array([1])], [[10], [4, 10]], cold, cost, D, H)
+    assert d.caps[1] != [4] or d.rounds[1] == 0
+
+
+def test_the_marginal_group_gets_tiers_to_balance_the_two_units():
+    """8 experts, top-2, 2048-token calls, programs at a third of MLX's speed: the best split puts
+    a quarter of the pairs (two experts' worth minus a bit) on programs. The plan's coldest
+    resident group gets tiers below its load for that cut round, and the calls land within 3% of
+    the continuous optimum (whole experts only: ~8% above it)."""
+    cost = _cost(program_flops=F / 3, dispatch_s=0.5, mlx_fixed_s=0.5, sync_s=0.5)
+    prof = _profile(E=8, k=2, calls=48, n=2048, seed=3, skew=0.3)
+    lp = plan_layer(prof, D, H, cost, PlanLimits.for_backend("coreml"), call_sizes=[2048])
+    calls = [np.asarray(c["counts"]) for c in _profile(E=8, k=2, calls=16, n=2048, seed=4, skew=0.3).chunks]
+    last = lp.groups[-1]
+    assert min(last.tiers) < min(int(c[last.experts].min()) for c in calls), last.tiers
+    ds = [lp.decide(cost, c) for c in calls]
+    made = np.mean([d.offload_s for d in ds])
+    pairs = 2048 * 2  # continuous optimum: x pairs at 3 s on programs, the rest at 1 s on MLX, both at once
+    x = (pairs + cost.mlx_fixed_s - cost.sync_s - cost.dispatch_s) / 4
+    best = cost.mlx_fixed_s + pairs - x
+    assert made <= 1.03 * best, (made / best, [g.tiers for g in lp.groups])
+    assert any(d.caps[-1][-1] < last.tiers[-1] and d.rounds[-1] for d in ds)  # cut rounds were used
+
+
+def test_energy_takes_back_as_much_as_its_time_bound_allows():
+    """Programs at half MLX's speed and a tenth of its joules per pair, within 1.2x MLX alone's time
+    (48 s): three resident groups take 60 s; moving one whole to MLX ends at 40 s with 22 J, but
+    running it and cutting another group's round to 4 rows ends at 48 s with 18.4 J (the time
+    objective ends at 28 s with 27.4 J)."""
+    cost = _cost(program_flops=F / 2, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    counts = np.array([10, 10, 10, 10])
+    cold = np.array([False, False, False, True])
+    groups, ladders = [np.array([0]), np.array([1]), np.array([2])], [[10], [4, 10], [10]]
+    d = decide_call(counts, groups, ladders, cold, cost, D, H, objective="energy", energy_bound="gpu")
+    assert d.offload and d.offload_s == pytest.approx(48.0) and d.offload_j == pytest.approx(18.4), (d.caps, d.rounds)
+    assert d.rounds == [1, 1, 1] and d.caps[1] == [4]
+    t = decide_call(counts, groups, ladders, cold, cost, D, H)  # time: two groups to MLX, one cut back: 28 s
+    assert t.offload_s == pytest.approx(28.0) and t.offload_j == pytest.approx(27.4) and t.caps[1] == [4]

@@ -1,18 +1,31 @@
-"""Run compiled expert programs: one small interface, three backends.
+"""Compiled expert programs: one small interface, three backends.
 
-    backend = load_backend("onnx", providers=["CPUExecutionProvider"], threads=2)
-    program = backend.load(path_or_spec)
+Every backend module has a ``Backend`` class with the same steps:
+
+    entry = Backend.build(spec, out_dir)          # write the program's files (anywhere)
+    program = load_backend(name, **opts).load(entry, out_dir)
     y = program.run(x, tier)  # x: (G, C, D) float32 -> y: (G, C, D) float32
 
-- ``coreml``: a multifunction .mlpackage on the Neural Engine (macOS only).
+``build`` is a static method: Core ML programs are built off macOS too. The entry it
+returns is plain JSON that callers store as is (a bundle's manifest): the program's
+metadata (``ProgramSpec.describe()``: name, layer, expert ids, G, D, H, tiers, ...),
+``files`` (what it wrote, names inside ``out_dir``) and what the backend needs to open
+them. ``load`` opens an entry, checking that the files are the program it names; it
+also takes a ProgramSpec (built in memory) or loose files (see each backend).
+``Backend.checker(entry, out_dir)`` is a program that runs a fresh build on this
+machine, with the tiers a build checks.
+
+- ``coreml``: a multifunction .mlpackage on the Neural Engine (runs on macOS only).
 - ``onnx``: the per-tier .onnx graphs under onnxruntime (any execution provider).
-- ``mlx``: the ProgramSpec's weights with MLX (reference and fallback).
+- ``mlx``: the spec's weights in a .safetensors file, run with MLX (reference and fallback).
 
 ``run`` takes C <= tier rows: short inputs are zero-padded to the tier and the
 output cropped back to C rows; ``tier=None`` picks the smallest tier >= C.
 """
 
 import importlib
+import os
+from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,12 +39,39 @@ class BackendError(RuntimeError):
     """A backend cannot run here, or a program does not fit the backend."""
 
 
-def load_backend(name: str, **opts):
-    """The backend called `name` ("coreml", "onnx" or "mlx"), built with `opts`."""
+def backend_class(name: str) -> type:
+    """The ``Backend`` class of `name` ("coreml", "onnx" or "mlx"): its static ``build``
+    and ``checker`` work anywhere; an instance (``load_backend``) loads and runs."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    module = importlib.import_module(f"{__name__}.{name}")
-    return module.Backend(**opts)
+    return importlib.import_module(f"{__name__}.{name}").Backend
+
+
+def load_backend(name: str, **opts):
+    """The backend called `name` ("coreml", "onnx" or "mlx"), built with `opts`."""
+    return backend_class(name)(**opts)
+
+
+def member(folder, name: str) -> Path:
+    """``folder/name`` for a file an entry names: a plain name (no folder part) that is no link."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or os.sep in name:
+        raise BackendError(f"program file name {name!r} is not a plain name inside {folder}")
+    path = Path(folder) / name
+    if path.is_symlink():
+        raise BackendError(f"program file {path} is a link; refused")
+    return path
+
+
+IDENTITY = ("name", "layer", "expert_ids", "G", "D", "H", "tiers", "activation", "weight_format")
+
+
+def same_program(meta: dict, found: dict, where) -> None:
+    """Raise unless the metadata a program's files carry (`found`) is the entry's program (`meta`)."""
+    diff = [k for k in IDENTITY if found.get(k) != meta.get(k)]
+    if diff:
+        k = next((k for k in diff if k != "name"), None)
+        got, want = ("", "") if k is None else (f" ({k} {found.get(k)})", f" ({k} {meta.get(k)})")
+        raise BackendError(f"{where} holds program {found.get('name')}{got}, the entry names {meta.get('name')}{want}")
 
 
 def pick_tier(tiers: Sequence[int], rows: int) -> int:
@@ -46,6 +86,7 @@ class Program:
     """
 
     name: str = ""
+    meta: dict = {}  # what it computes: ProgramSpec.describe() (layer, expert_ids, G, D, H, tiers, ...)
     G: int = 0
     D: int = 0
     tiers: Tuple[int, ...] = ()

@@ -7,6 +7,10 @@ for large programs and Core ML caches the ANE compilation per compiled-model pat
 Each tier function is loaded with compute units CPU_AND_NE (never ALL, which may pick
 the GPU). On macOS 14.4+ `MLComputePlan` must show every compute op preferring the
 Neural Engine, else loading raises with the ops that would silently fall back.
+
+``build`` writes one package, ``<name>.mlpackage`` with a function per tier, and runs
+anywhere coremltools does; ``checker`` runs a fresh package in the numpy MIL
+interpreter (``ane_kernels.milrun``), so builds are checked off macOS too.
 """
 
 import hashlib
@@ -16,13 +20,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, read_metadata, tier_of
+from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, build_package, function_name, read_metadata
+from ane_kernels.limits import DEFAULT_LIMITS
+from ane_kernels.spec import ProgramSpec
 
-from . import BackendError, Program
+from . import BackendError, Program, member, same_program
 
 OFF_MACOS = "Core ML programs can be built here but run only on macOS"
 _COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
@@ -70,8 +76,10 @@ class CoreMLProgram(Program):
     transient = {"models": dict}
 
     def __init__(self, name, models: Dict[int, object], G: int, D: int, compiled: Path,
-                 functions: Optional[Dict[int, str]] = None, compute_units: str = "CPU_AND_NE"):
+                 functions: Optional[Dict[int, str]] = None, compute_units: str = "CPU_AND_NE",
+                 meta: Optional[dict] = None):
         self.name, self.G, self.D = name, G, D
+        self.meta = dict(meta or {})
         self.models = dict(sorted(models.items()))
         self.tiers = tuple(self.models)
         self.compiled = compiled
@@ -92,6 +100,23 @@ class CoreMLProgram(Program):
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
         out = self.model(tier).predict({INPUT_NAME: x.astype(np.float16)})
         return np.asarray(out[OUTPUT_NAME], dtype=np.float32)
+
+
+class MilProgram(Program):
+    """A package run by the numpy MIL interpreter: slow, but it runs off macOS (build checks)."""
+
+    def __init__(self, package: Path, meta: dict):
+        from ane_kernels.milrun import load_package
+
+        self.meta, self.name = meta, meta["name"]
+        self.G, self.D, self.tiers = int(meta["G"]), int(meta["D"]), tuple(int(t) for t in meta["tiers"])
+        self.program = load_package(package)
+
+    def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
+        from ane_kernels.milrun import run_function
+
+        (y,) = run_function(self.program, function_name(tier), {INPUT_NAME: x.astype(np.float16)}).values()
+        return np.asarray(y, np.float32)
 
 
 class Backend:
@@ -137,25 +162,63 @@ class Backend:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
 
-    def load(self, pkg) -> CoreMLProgram:
-        pkg = Path(pkg)
+    @staticmethod
+    def build(spec: ProgramSpec, out_dir, *, limits=None, layout: Optional[str] = None, log=None) -> dict:
+        """Write `spec` as one multifunction `<name>.mlpackage` in `out_dir` (the ANE's static
+        checks first: LimitError names what does not fit `limits`); returns the entry."""
+        b = build_package(spec, Path(out_dir) / f"{spec.name}.mlpackage", layout=layout or "conv",
+                          limits=limits or DEFAULT_LIMITS)
+        if log is not None:
+            log(f"wrote {b.path} ({b.package_bytes / 1e6:.2f} MB on disk, {b.weight_bytes / 1e6:.2f} MB "
+                f"weights shared by {len(b.functions)} functions, layout {b.layout}, {b.seconds:.1f}s)")
+            for fn, t in sorted(b.functions.items(), key=lambda kv: kv[1]):
+                log(f"  function {fn}: {b.ops_per_function[fn]} ops")
+            log("  ANE static checks: passed")
+        return {**spec.describe(), "layout": b.layout, "package": b.path.name,
+                "functions": {str(t): fn for fn, t in b.functions.items()}, "files": [b.path.name]}
+
+    @staticmethod
+    def checker(entry: dict, folder) -> Tuple[MilProgram, List[int]]:
+        """A fresh package in the numpy MIL interpreter (any OS), and its smallest tier to check:
+        every tier shares the weights, and the interpreter is slow."""
+        pkg = member(folder, entry["package"])
+        same_program(entry, read_metadata(pkg), pkg.name)
+        prog = MilProgram(pkg, entry)
+        return prog, [min(prog.tiers)]
+
+    def load(self, src, folder=None) -> CoreMLProgram:
+        """src: an entry ``build`` returned, with the `folder` it wrote to; a loose .mlpackage;
+        or a ProgramSpec (built into a temporary package, then compiled into the cache)."""
+        if isinstance(src, ProgramSpec):
+            with tempfile.TemporaryDirectory(prefix=".build-", dir=self._cache_root()) as tmp:
+                return self.load(self.build(src, tmp), tmp)
+        if folder is not None:
+            meta, pkg = src, member(folder, src["package"])
+            functions = {int(t): fn for t, fn in src["functions"].items()}
+        else:
+            pkg, meta, functions = Path(src), None, None
         if pkg.suffix != ".mlpackage" or not pkg.is_dir():
             raise BackendError(f"{pkg} is not an .mlpackage")
-        meta = read_metadata(pkg)
-        spec = self.ct.utils.load_spec(str(pkg))
-        functions = [f.name for f in spec.description.functions] or ["main"]
+        found = read_metadata(pkg)
+        if meta is None:
+            meta = found
+            functions = {int(t): function_name(int(t)) for t in meta["tiers"]}
+        same_program(meta, found, pkg.name)
         compiled = self.compile(pkg)
-        models = {}
-        for fn in functions:
-            models[tier_of(fn)] = self.ct.models.CompiledMLModel(
-                str(compiled), compute_units=self.compute_units, function_name=fn
-            )
+        models = {
+            t: self.ct.models.CompiledMLModel(str(compiled), compute_units=self.compute_units, function_name=fn)
+            for t, fn in functions.items()
+        }
         if self.check_placement and macos_version() >= (14, 4):
-            self._require_ane(compiled, functions)
+            self._require_ane(compiled, list(functions.values()))
         return CoreMLProgram(
-            meta["name"], models, meta["G"], meta["D"], compiled,
-            functions={tier_of(fn): fn for fn in functions}, compute_units=self.compute_units_name,
+            meta["name"], models, int(meta["G"]), int(meta["D"]), compiled,
+            functions=functions, compute_units=self.compute_units_name, meta=meta,
         )
+
+    def _cache_root(self) -> Path:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        return self.cache
 
     def _require_ane(self, compiled: Path, functions) -> None:
         """Raise unless every compute op of every function prefers the Neural Engine."""

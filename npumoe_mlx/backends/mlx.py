@@ -4,9 +4,16 @@ Float weights use a batched matmul over the G experts; MLX affine weights stay
 quantized (`mx.quantized_matmul` with per-expert weights), exactly as SwitchGLU's
 gather_qmm would compute them. MLX's CPU gather/batched float matmul is float32 only,
 so float weights default to float32.
+
+``build`` writes the spec's weights to one ``<name>.safetensors`` (MLX's own format;
+the entry rides in its metadata too), which ``load`` reads back into a ProgramSpec.
 """
 
-from typing import Optional
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,7 +22,39 @@ from mlx_lm.models.activations import swiglu, swiglu_oai
 
 from ane_kernels.spec import AffineWeight, ProgramSpec
 
-from . import Program
+from . import BackendError, Program, member, same_program
+
+LINEARS = ("gate", "up", "down")
+METADATA_KEY = "npumoe.program"
+
+
+def _arrays(spec: ProgramSpec) -> Tuple[dict, dict]:
+    """The spec's weights as named arrays, and {linear: {bits, group_size}} of the quantized ones."""
+    arrays, quant = {}, {}
+    for k in LINEARS:
+        w, b = getattr(spec, k), getattr(spec, f"{k}_bias")
+        if isinstance(w, AffineWeight):
+            arrays.update({f"{k}.weight": w.packed, f"{k}.scales": w.scales, f"{k}.biases": w.biases})
+            quant[k] = {"bits": w.bits, "group_size": w.group_size}
+        else:
+            arrays[f"{k}.weight"] = np.asarray(w)
+        if b is not None:
+            arrays[f"{k}.bias"] = np.asarray(b)
+    return arrays, quant
+
+
+def _spec(meta: dict, arrays: dict) -> ProgramSpec:
+    """The ProgramSpec an entry's metadata and its weights describe."""
+    a = {k: np.array(v) for k, v in arrays.items()}
+    weights = {}
+    for k in LINEARS:
+        q = meta["quant"].get(k)
+        weights[k] = a[f"{k}.weight"] if q is None else AffineWeight(
+            a[f"{k}.weight"], a[f"{k}.scales"], a[f"{k}.biases"], int(q["bits"]), int(q["group_size"]))
+        weights[f"{k}_bias"] = a.get(f"{k}.bias")
+    return ProgramSpec(layer=int(meta["layer"]), expert_ids=tuple(meta["expert_ids"]), tiers=tuple(meta["tiers"]),
+                       D=int(meta["D"]), H=int(meta["H"]), activation=meta["activation"],
+                       alpha=float(meta["alpha"]), limit=float(meta["limit"]), **weights)
 
 
 class _Linear:
@@ -45,7 +84,7 @@ class _Linear:
 
 class MLXProgram(Program):
     def __init__(self, spec: ProgramSpec, dtype=mx.float32):
-        self.spec, self.name = spec, spec.name
+        self.spec, self.name, self.meta = spec, spec.name, spec.describe()
         self.G, self.D, self.tiers = spec.G, spec.D, spec.tiers
         self.dtype = dtype
         self.gate = _Linear(spec.gate, spec.gate_bias, dtype)
@@ -86,7 +125,47 @@ class Backend:
     def __init__(self, dtype: Optional[str] = "float32"):
         self.dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
 
-    def load(self, spec: ProgramSpec) -> MLXProgram:
-        if not isinstance(spec, ProgramSpec):
-            raise TypeError(f"the mlx backend runs a ProgramSpec, got {type(spec).__name__}")
-        return MLXProgram(spec, self.dtype)
+    @staticmethod
+    def build(spec: ProgramSpec, out_dir, *, limits=None, layout=None, log=None) -> dict:
+        """Write `spec`'s weights to `out_dir/<name>.safetensors`; returns the entry.
+        limits, layout: the Neural Engine's (Core ML); MLX has neither."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        arrays, quant = _arrays(spec)
+        name = f"{spec.name}.safetensors"
+        entry = {**spec.describe(), "weights": name, "quant": quant, "files": [name]}
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            mx.save_safetensors(tmp, {k: mx.array(v) for k, v in arrays.items()},
+                                metadata={METADATA_KEY: json.dumps(entry)})
+            os.replace(tmp, out_dir / name)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        if log is not None:
+            log(f"wrote {out_dir / name} ({(out_dir / name).stat().st_size / 1e6:.2f} MB)")
+        return entry
+
+    @classmethod
+    def checker(cls, entry: dict, folder) -> Tuple[MLXProgram, List[int]]:
+        """A fresh build run with MLX, and every tier to check."""
+        prog = cls().load(entry, folder)
+        return prog, list(prog.tiers)
+
+    def load(self, src, folder=None) -> MLXProgram:
+        """src: a ProgramSpec; an entry ``build`` returned, with the `folder` it wrote to;
+        or a loose .safetensors file ``build`` wrote."""
+        if isinstance(src, ProgramSpec):
+            return MLXProgram(src, self.dtype)
+        if folder is None and not isinstance(src, (str, os.PathLike)):
+            raise TypeError(f"the mlx backend runs a ProgramSpec or its files, got {type(src).__name__}")
+        path = Path(src) if folder is None else member(folder, src["weights"])
+        try:
+            arrays, metadata = mx.load(str(path), return_metadata=True)
+            found = json.loads(metadata[METADATA_KEY])
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise BackendError(f"{path} is not an npumoe program's weights ({e})") from e
+        meta = found if folder is None else src
+        same_program(meta, found, path.name)
+        return MLXProgram(_spec(meta, arrays), self.dtype)

@@ -6,24 +6,29 @@ are resident (and prepacked) once however many tiers the program has; the tiers 
 the unit of planning and padding. Providers that need static shapes (NPU providers,
 Core ML, or ``shapes="static"``) get one session per (program, tier) from the static
 tier graphs, each with its own copy. On disk the tier graphs share one weight file.
-Inputs and outputs go through IO binding with a preallocated output per tier, so a
-call copies nothing on the CPU provider: the returned array is that buffer and is
-overwritten by the next run of the same tier. All sessions of the process share one
+Inputs and outputs go through IO binding with a fresh numpy output per run, so a call
+copies nothing on the CPU provider and holds no output memory between runs. All sessions of the process share one
 CPU arena for their activations.
+
+``build`` writes one graph per tier, ``<name>.c<tier>.onnx``, and their one weight
+file ``<name>.weights``; its entry maps each tier to its graph. Each graph carries
+the program's metadata (``ane_kernels.onnx.read_metadata``), which ``load`` checks
+against the entry.
 """
 
 import glob
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ane_kernels.onnx import INPUT_NAME, OUTPUT_NAME, build_onnx, graph_tier, make_dynamic
+from ane_kernels.onnx import (INPUT_NAME, OUTPUT_NAME, build_onnx, graph_tier, make_dynamic, op_counts,
+                               read_metadata, save_onnx, weights_path)
 from ane_kernels.spec import ProgramSpec
 
-from . import BackendError, Program
+from . import BackendError, Program, member, same_program
 
 SHAPES = ("auto", "dynamic", "static")
 _SHARED_ARENA = []  # [True] once this process registered onnxruntime's shared CPU arena
@@ -66,8 +71,10 @@ class OnnxProgram(Program):
     transient = {"sessions": dict, "_bound": dict, "_lock": threading.Lock}
     concurrent = True  # run_into may be called from several threads at once (onnxruntime releases the GIL)
 
-    def __init__(self, name: str, sources: Dict[int, "object"], G: int, D: int, open_session, lazy: bool = True):
+    def __init__(self, name: str, sources: Dict[int, "object"], G: int, D: int, open_session, lazy: bool = True,
+                 meta: Optional[dict] = None):
         self.name, self.G, self.D = name, G, D
+        self.meta = dict(meta or {})
         self._sources = dict(sorted(sources.items()))
         self._open = open_session
         self.tiers = tuple(self._sources)
@@ -82,6 +89,15 @@ class OnnxProgram(Program):
     def dynamic(self) -> bool:
         """One session serves every tier (a symbolic row count)."""
         return len({id(s) for s in self._sources.values()}) == 1
+
+    def add_tiers(self, tiers: Sequence[int]) -> None:
+        """Serve more row counts from the one dynamic session (no new weights; an output
+        buffer per tier on first use). Static programs keep their tiers."""
+        if not self.dynamic or not self._sources:
+            return
+        src = next(iter(self._sources.values()))
+        self._sources = dict(sorted({**{int(t): src for t in tiers if int(t) > 0}, **self._sources}.items()))
+        self.tiers = tuple(self._sources)
 
     def session(self, tier):
         s = self.sessions.get(tier)
@@ -116,19 +132,24 @@ class OnnxProgram(Program):
     def _binding(self, tier):
         b = self._bound.get(tier)
         if b is None:
-            import onnxruntime as ort
-
             sess = self.session(tier)
-            y = np.empty((self.G, tier, self.D), np.float32)
-            io = sess.io_binding()
-            io.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(y))
-            b = self._bound[tier] = (sess, io, y)
+            b = self._bound[tier] = (sess, sess.io_binding())
         return b
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
-        sess, io, y = self._binding(tier)
+        import onnxruntime as ort
+
+        sess, io = self._binding(tier)
+        # A fresh output per run (freed once the caller is done with it): a buffer kept per
+        # tier held every tier's largest output for good, ~0.4 GB at OLMoE dims, 2 layers.
+        y = np.empty((self.G, tier, self.D), np.float32)
         io.bind_cpu_input(INPUT_NAME, x)
-        sess.run_with_iobinding(io)
+        io.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(y))
+        try:
+            sess.run_with_iobinding(io)
+        finally:
+            io.clear_binding_inputs()  # the binding would keep ``x`` and ``y`` alive until this tier runs again
+            io.clear_binding_outputs()
         return y
 
 
@@ -183,44 +204,83 @@ class Backend:
         except Exception as e:
             raise BackendError(f"onnxruntime could not load a program: {e}") from e
 
-    def load(self, src) -> OnnxProgram:
-        """src: a ProgramSpec (built in memory), {tier: path}, a list of .onnx paths,
+    @staticmethod
+    def build(spec: ProgramSpec, out_dir, *, limits=None, layout=None, log=None) -> dict:
+        """Write `spec`'s tier graphs and their weight file into `out_dir`; returns the entry.
+        limits, layout: the Neural Engine's (Core ML); graphs for onnxruntime have neither."""
+        paths = save_onnx(spec, out_dir)
+        w = weights_path(out_dir, spec.name)
+        files = [p.name for p in paths.values()] + ([w.name] if w.exists() else [])
+        if log is not None:
+            import onnx
+
+            if w.exists():
+                log(f"wrote {w} ({w.stat().st_size / 1e6:.2f} MB weights shared by {len(paths)} graphs)")
+            for p in paths.values():
+                nodes = sum(op_counts(onnx.load(str(p), load_external_data=False)).values())
+                log(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB, {nodes} nodes)")
+        return {**spec.describe(), "graphs": {str(t): p.name for t, p in paths.items()}, "files": files}
+
+    @classmethod
+    def checker(cls, entry: dict, folder) -> Tuple[OnnxProgram, List[int]]:
+        """A fresh build under onnxruntime's CPU provider, and every tier to check."""
+        prog = cls().load(entry, folder)
+        return prog, list(prog.tiers)
+
+    def load(self, src, folder=None) -> OnnxProgram:
+        """src: an entry ``build`` returned, with the `folder` it wrote to; a ProgramSpec
+        (graphs built in memory); or loose graphs: {tier: path}, a list of .onnx paths,
         one .onnx file, a path prefix `DIR/NAME` (loads DIR/NAME.c*.onnx), or a folder
         holding one program's tiers."""
-        import onnx
-
         dynamic = self.dynamic
         if isinstance(src, ProgramSpec):
-            name, G, D = src.name, src.G, src.D
             if dynamic:
                 shared = build_onnx(src, None).SerializeToString()
                 sources = {t: shared for t in src.tiers}
             else:
                 sources = {t: build_onnx(src, t).SerializeToString() for t in src.tiers}
-            return OnnxProgram(name, sources, G, D, self._session, lazy=self.lazy)
-        paths = self._paths(src)
-        models = {}
-        for p in paths:
+            return OnnxProgram(src.name, sources, src.G, src.D, self._session, lazy=self.lazy, meta=src.describe())
+        if folder is not None:
+            meta = src
+            paths = {int(t): member(folder, f) for t, f in src["graphs"].items()}
+            self._check_graphs(paths, meta)
+        else:
+            paths, meta = self._loose(src)
+        if dynamic:
+            shared = DynamicGraph(str(paths[min(paths)]))
+            sources = {t: shared for t in paths}
+        else:
+            sources = {t: str(p) for t, p in paths.items()}
+        return OnnxProgram(meta["name"], sources, int(meta["G"]), int(meta["D"]), self._session,
+                           lazy=self.lazy, meta=meta)
+
+    @staticmethod
+    def _check_graphs(paths: Dict[int, Path], meta: dict) -> None:
+        """Each graph parses (weights aside: ORT reads those) and is its tier of the entry's program."""
+        import onnx
+
+        for t, p in paths.items():
+            m = onnx.load(str(p), load_external_data=False)
+            same_program(meta, read_metadata(m), p.name)
+            if graph_tier(m) != t:
+                raise BackendError(f"{p.name} is the tier {graph_tier(m)} graph, the entry says tier {t}")
+
+    def _loose(self, src) -> Tuple[Dict[int, Path], dict]:
+        """{tier: path} and the program's metadata of loose graph files (read from the graphs)."""
+        import onnx
+
+        paths, metas = {}, []
+        for p in self._paths(src):
             m = onnx.load(str(p), load_external_data=False)  # weights: read by ORT
             t = graph_tier(m)
-            if t in models:
+            if t in paths:
                 raise BackendError(f"two graphs for tier {t} in {src}")
-            models[t] = (m, str(p))
-        name = Path(paths[0]).name.split(".c")[0]
-        shapes = set()
-        for t, (m, _) in models.items():
-            x = next(i for i in m.graph.input if i.name == INPUT_NAME)
-            dims = [d.dim_value for d in x.type.tensor_type.shape.dim]
-            shapes.add((dims[0], dims[2]))
-        if len(shapes) != 1:
-            raise BackendError(f"graphs of different programs mixed in {src}: (G, D) {shapes}")
-        G, D = shapes.pop()
-        if dynamic:
-            shared = DynamicGraph(models[min(models)][1])
-            sources = {t: shared for t in models}
-        else:
-            sources = {t: path for t, (_, path) in models.items()}
-        return OnnxProgram(name, sources, G, D, self._session, lazy=self.lazy)
+            paths[t] = p
+            metas.append(read_metadata(m))
+        names = {m["name"] for m in metas}
+        if len(names) != 1:
+            raise BackendError(f"graphs of different programs mixed in {src}: {', '.join(sorted(names))}")
+        return dict(sorted(paths.items())), metas[0]
 
     @staticmethod
     def _paths(src) -> List[Path]:

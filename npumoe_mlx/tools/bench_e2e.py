@@ -89,6 +89,7 @@ def prepare(
 def bench_model(
     model_dir, label: str, prompt_tokens: Sequence[int], *, backend: str = "onnx", max_tokens: int = 16,
     prefill_step: int = 512, seed: int = 0, repeats: int = 1, log: Callable[[str], None] = print,
+    keep_mlx_experts: bool = False,
 ) -> dict:
     """Measure offload vs stock on prompts of ``prompt_tokens`` tokens; rows + context."""
     model_dir = Path(model_dir)
@@ -104,7 +105,8 @@ def bench_model(
     for side, mode in (("stock", "off"), ("offload", backend)):
         log(f"[bench e2e] measuring {side}")
         sides[side] = measure_side(str(model_dir), mode, prompts, max_tokens=max_tokens, prefill_step=prefill_step,
-                                   bundle=str(b.path) if mode != "off" else None, logit_prompt=None, repeats=repeats, log=log)
+                                   bundle=str(b.path) if mode != "off" else None, logit_prompt=None, repeats=repeats, log=log,
+                                   keep_mlx_experts=keep_mlx_experts)
     rows = []
     for n, ro, rs in zip(prompt_tokens, sides["offload"]["runs"], sides["stock"]["runs"]):
         s = ro.get("offload_stats") or summarize([LayerStats(-1)])
@@ -124,6 +126,8 @@ def bench_model(
             "offload_energy_j": ro["energy_j"],
             "stock_energy_j": rs["energy_j"],
             "token_agreement": token_agreement(ro["tokens"], rs["tokens"])[0],
+            "offload_peak_mem_gb": ro.get("peak_mem_gb"),
+            "stock_peak_mem_gb": rs.get("peak_mem_gb"),
             "padding_pct": s["padding_pct"],
             "spill_pct": s["spill_pct"],
             "program_calls": s["program_calls"],
@@ -145,6 +149,8 @@ def bench_model(
         "repeats": repeats,
         "energy_note": sides["offload"]["energy_note"],
         "rows": rows,
+        "keep_mlx_experts": keep_mlx_experts,
+        "resident": {"offload": sides["offload"]["resident"], "stock": sides["stock"]["resident"]},
         "notes": "random weights at real dims (router skew 1.5); each side warmed up first, then one greedy "
                  "generation per prompt length, measured as in `npumoe compare`; speedup = offload / stock",
     }
@@ -154,7 +160,7 @@ def bench(
     shape: str, prompt_tokens: Sequence[int] = (128, 512), *, layers: int = 2, q_bits: Optional[int] = 4,
     max_tokens: int = 16, experts: Optional[int] = None, calib_tokens: int = 256, prefill_step: int = 512,
     backend: str = "auto", tune: bool = True, cost=None, seed: int = 0, repeats: int = 1, workdir=None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, keep_mlx_experts: bool = False,
 ) -> dict:
     """make model -> build bundle -> measure; ``workdir`` keeps (and later reuses) the model and bundle."""
     want = resolve(backend)
@@ -168,7 +174,8 @@ def bench(
                             calib_tokens=calib_tokens, prefill_step=prefill_step, tune=tune, cost=cost,
                             workdir=Path(workdir or tmp), log=log)
         result = bench_model(model_dir, shape, prompt_tokens, backend=want, max_tokens=max_tokens,
-                             prefill_step=prefill_step, seed=seed, repeats=repeats, log=log)
+                             prefill_step=prefill_step, seed=seed, repeats=repeats, log=log,
+                             keep_mlx_experts=keep_mlx_experts)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -241,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-tune", action="store_true", help="Parametric costs instead of measuring this machine.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="Runs per prompt length; the median-wall run is kept.")
+    p.add_argument("--keep-mlx-experts", action="store_true",
+                   help="Keep MLX's copy of the experts only programs serve (default: released, read back if needed).")
     p.add_argument("--workdir", help="Keep the model and bundle here (reused by a later run with the same options).")
     p.add_argument("--json", help="Output JSON (default ./bench-e2e-<shape>.json).")
     p.add_argument("--plot", help="Output PNG (default ./bench-e2e-<shape>.png).")
@@ -256,7 +265,8 @@ def main(argv=None) -> int:
         result = bench(args.shape, args.prompt_tokens, layers=args.layers, q_bits=args.q_bits or None,
                        max_tokens=args.max_tokens, experts=args.experts, calib_tokens=args.calib_tokens,
                        prefill_step=args.prefill_step, backend=args.backend, tune=not args.no_tune,
-                       seed=args.seed, repeats=args.repeats, workdir=args.workdir, log=log)
+                       seed=args.seed, repeats=args.repeats, workdir=args.workdir, log=log,
+                       keep_mlx_experts=args.keep_mlx_experts)
     except ValueError as e:
         print(f"npumoe bench e2e: error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from ..cost import flops_per_row
 from ..executor import OffloadExecutor
 from ..experts import stock_experts
 from ..plan import PlanLimits, plan_layer
+from ..profiles import LayerCounts
 from ..programs import spec_from_switch_glu
 from ..replay import load_shape_presets
 from ..tune import median_s, tune
@@ -72,8 +73,7 @@ def bench_shape(
     sizes = [n for n in tokens if n >= 16] or [512]
     chunks = [{"tokens": n, "counts": np.bincount(route(n, k, p, rng).ravel(), minlength=E).tolist()}
               for n in sizes for _ in range(2)]
-    prof = {"layer": 0, "path": "bench", "num_experts": E, "top_k": k,
-            "counts": np.sum([c["counts"] for c in chunks], 0).tolist(), "chunks": chunks}
+    prof = LayerCounts(0, "bench", E, k, np.sum([c["counts"] for c in chunks], 0).tolist(), chunks)
     log(f"[{name}] D={D} H={H} E={E} k={k} {'q%d' % q_bits if q_bits else 'float32'}: measuring costs")
     cost = tune(backend, D, H, quant, repeats=3)
     lp = plan_layer(prof, D, H, cost, PlanLimits.for_backend(backend), quant)
@@ -84,13 +84,8 @@ def bench_shape(
         programs = []
         for gi, g in enumerate(lp.groups):
             spec = spec_from_switch_glu(m, layer=0, expert_ids=g.experts, tiers=g.tiers)
-            if backend == "onnx":
-                from ane_kernels.onnx import save_onnx
-
-                save_onnx(spec, Path(tmp) / f"g{gi}")
-                programs.append(be.load(Path(tmp) / f"g{gi}"))
-            else:
-                programs.append(be.load(spec))
+            folder = Path(tmp) / f"g{gi}"  # programs from files, as a bundle loads them
+            programs.append(be.load(be.build(spec, folder), folder))
         ex = OffloadExecutor(lp, programs, cost)
         one_row = one_row_call(be, m, D, H, repeats=max(repeats, 5) * 4)
         log(f"[{name}] 1-row call: program {one_row['one_row_program_ms']:.3f} ms, dense float32 MatMul "

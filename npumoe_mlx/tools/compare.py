@@ -34,6 +34,7 @@ from ..experts import installed_blocks
 from ..loading import load
 from ..offload import resolve
 from ..plan import NEVER
+from ..residency import describe_units, model_resident
 from ..workloads import prompt_of_tokens
 from .meters import Meters
 from .report import (
@@ -159,16 +160,22 @@ def measure_side(
     repeats: int = 1,
     log: Callable[[str], None] = print,
     verify: bool = False,
+    keep_mlx_experts: bool = False,
 ) -> dict:
     """Load one side (``offload="off"`` is stock mlx_lm), warm up, measure every prompt.
 
     Returns {"offload", "device", "warmup_s", "runs": [measure_run dicts], "logits",
-    "energy_note", "mem_note"}; the model is released before returning.
+    "energy_note", "mem_note", "resident"}; the model is released before returning.
+    ``resident``: bytes per unit after the load (residency.model_resident; the
+    programs' share from the plan).
     """
     side = "stock" if offload == "off" else "offload"
     t0 = time.perf_counter()
-    model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True, verify=verify)
-    log(f"[{side}] loaded in {time.perf_counter() - t0:.1f} s; warming up")
+    model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True, verify=verify,
+                            keep_mlx_experts=keep_mlx_experts)
+    resident = model_resident(model)
+    resident["programs"] = sum(u["on_programs"] for u in resident["units"].values())
+    log(f"[{side}] loaded in {time.perf_counter() - t0:.1f} s ({describe_units(resident)}); warming up")
     warm = warm_up(model, tokenizer, prompts[0][1][:WARMUP_TOKENS], prefill_step)
     device = mlx_device_label() if offload == "off" else offload_device_label(offload, model)
     meters = Meters()
@@ -189,6 +196,7 @@ def measure_side(
     out = {
         "offload": offload, "device": device, "warmup_s": warm, "runs": runs, "logits": logits,
         "energy_meter": meters.energy.name, "energy_note": meters.energy.note, "mem_note": meters.memory.note,
+        "resident": resident,
     }
     del model
     gc.collect()
@@ -315,6 +323,7 @@ def compare(
     repeats: int = 1,
     log: Callable[[str], None] = print,
     verify: bool = False,
+    keep_mlx_experts: bool = False,
 ) -> dict:
     """Measure the offload path and stock MLX on the same prompts; write compare.{json,md,png}.
 
@@ -339,7 +348,7 @@ def compare(
         sides[side] = measure_side(str(local), mode, ids, max_tokens=max_tokens, prefill_step=prefill_step,
                                    bundle=str(bundle_dir) if mode != "off" else None,
                                    logit_prompt=logit_prompt, repeats=repeats, log=log,
-                                   verify=verify and mode != "off")
+                                   verify=verify and mode != "off", keep_mlx_experts=keep_mlx_experts)
     off, stock = sides["offload"], sides["stock"]
     machine.update(loadavg_at_end())
 
@@ -376,6 +385,8 @@ def compare(
             "prompt": ids[0][0], "positions": int(stock["logits"].shape[0]), "vocab": int(stock["logits"].shape[1]),
         },
         "placement": placement(bundle_dir, off["runs"]),
+        "keep_mlx_experts": keep_mlx_experts,
+        "resident": {"offload": off["resident"], "stock": stock["resident"]},
         "notes": {
             "method": "each side: load, warm-up (2-token generation of the first prompt's first "
             f"{WARMUP_TOKENS} tokens + one run of every program tier; not counted), then one greedy "
@@ -390,6 +401,8 @@ def compare(
             else f"unavailable, energy_j is null: {off['energy_note']}",
             "token_agreement": "greedy (temp 0); equal positions / generated positions of the longer side",
             "max_logit_diff_rel": "max|offload - stock| / max|stock| over the logit_check positions",
+            "resident": "bytes after load per unit: mlx = model parameters MLX holds (released program-only "
+            "experts excluded), programs = the offloaded experts' quantized bytes (the programs' weights); per layer in units",
         },
     }
     write_outputs(result, Path(out_dir))
@@ -445,6 +458,13 @@ def format_markdown(r: dict) -> str:
                  f"**{_fmt(diff)}**" + (f" ({r['logit_check']['positions']} positions of {r['logit_check']['prompt']})"
                                         if r["logit_check"] else ""))
     lines.append("")
+    res = r.get("resident")
+    if res:
+        o, st = res["offload"], res["stock"]
+        lines += ["## Resident weights per unit (after load)", "",
+                  "| side | MLX | programs | released from MLX |", "|---|---:|---:|---:|",
+                  f"| offload | {o['mlx'] / 1e9:.3f} GB | {o['programs'] / 1e9:.3f} GB | {o['released'] / 1e9:.3f} GB |",
+                  f"| stock | {st['mlx'] / 1e9:.3f} GB | - | - |", ""]
     for p in r["prompts"]:
         lines += [f"## {p['name']}", ""] + _table(p["offload"], p["stock"], d)
         first = "" if p["first_divergence"] is None else f", first difference at token {p['first_divergence']}"
@@ -520,6 +540,9 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="Check every program tier against the model's experts and every bundle file's whole "
                    "sha256 at load (default: a sample, and sampled hashes).")
+    p.add_argument("--keep-mlx-experts", action="store_true",
+                   help="Keep MLX's copy of the experts only programs serve (default: onnx releases it and reads "
+                   "it back from the safetensors if MLX needs it).")
     try:
         args = p.parse_args(argv)
     except ArgError as e:
@@ -530,7 +553,7 @@ def main(argv=None) -> int:
         r = compare(args.model, prompt_tokens=args.prompt_tokens, prompts=args.prompt, max_tokens=args.max_tokens,
                     backend=args.backend, out_dir=args.out, build=args.build, bundle=args.bundle,
                     prefill_step=args.prefill_step, seed=args.seed, check_logits=not args.no_logits, repeats=args.repeats, log=log,
-                    verify=args.verify)
+                    verify=args.verify, keep_mlx_experts=args.keep_mlx_experts)
     except ValueError as e:  # CompareError, a bad or stale bundle, a bad offload mode: one line
         print(f"npumoe compare: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1

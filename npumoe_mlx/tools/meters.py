@@ -3,7 +3,7 @@
 Every meter is start/stop around the measured region and reports ``None`` plus a
 reason when this machine cannot measure (no guessing):
 
-- energy: macOS ``powermetrics`` (root only; sampled in a subprocess), or Linux
+- energy: macOS ``powermetrics`` (root only; ``npumoe_mlx.power`` samples it), or Linux
   powercap/RAPL package counters (``/sys/class/powercap/intel-rapl:N/energy_uj``,
   polled in a thread so counter wraparound is handled). Both are package- or
   SoC-wide: other processes running at the same time are counted too.
@@ -13,14 +13,8 @@ reason when this machine cannot measure (no guessing):
   started) and MLX's allocator peak (``mx.get_peak_memory``, reset per region).
 """
 
-import os
-import plistlib
 import resource
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +23,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
+
+from ..power import PowerSampler, parse_powermetrics, powermetrics_cmd  # noqa: F401 (parse_powermetrics: re-exported)
 
 # --- energy ------------------------------------------------------------------
 
@@ -116,16 +112,16 @@ def _rapl_domains() -> Tuple[List[Path], str]:
 
 
 class PowermetricsMeter(EnergyMeter):
-    """macOS ``powermetrics`` (CPU + GPU + ANE power), sampled in a subprocess.
+    """macOS ``powermetrics`` (CPU + GPU + ANE power; ``npumoe_mlx.power`` samples and parses it).
 
     Energy = sample-time-weighted mean combined power x the region's wall time.
     """
 
     name = "powermetrics"
-    INTERVAL_MS = 100
+    INTERVAL_MS = PowerSampler.INTERVAL_MS
 
     def __init__(self, cmd: List[str]):
-        self.cmd = cmd
+        self.sampler = PowerSampler(cmd)
         self.note = (
             f"macOS powermetrics (CPU+GPU+ANE combined power, {self.INTERVAL_MS} ms samples) "
             "x wall time; SoC-wide: includes other processes"
@@ -133,38 +129,11 @@ class PowermetricsMeter(EnergyMeter):
         self.parts = {}
 
     def start(self) -> None:
-        fd, self._out = tempfile.mkstemp(prefix="npumoe-powermetrics-", suffix=".plist")
-        os.close(fd)
-        self._proc = subprocess.Popen(
-            self.cmd + ["--samplers", "cpu_power,gpu_power,ane_power", "-i", str(self.INTERVAL_MS),
-                        "-f", "plist", "-o", self._out],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 3.0  # wait for the first sample: the sampler is running
-        while os.path.getsize(self._out) == 0 and time.monotonic() < deadline and self._proc.poll() is None:
-            time.sleep(0.02)
-        self._t0 = time.perf_counter()
+        self.sampler.start()
 
     def stop(self) -> Optional[float]:
-        wall = time.perf_counter() - self._t0
-        time.sleep(self.INTERVAL_MS / 1000)  # let the last interval land
-        self._proc.send_signal(signal.SIGINT)  # sudo forwards it; powermetrics flushes and exits
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        try:
-            raw = Path(self._out).read_bytes()
-        finally:
-            os.unlink(self._out)
-        samples = []
-        for chunk in raw.split(b"\x00")[1:]:  # [0] is the warm-up sample from before start()
-            try:
-                samples.append(plistlib.loads(chunk.strip()))
-            except Exception:
-                continue  # a partial last sample
-        watts = parse_powermetrics(samples)
+        watts = self.sampler.stop()
+        wall = self.sampler.wall_s
         if watts is None:
             self.note += "; no usable samples (region shorter than one interval, or no permission)"
             return None
@@ -172,40 +141,10 @@ class PowermetricsMeter(EnergyMeter):
         return watts["combined"] * wall
 
 
-def parse_powermetrics(samples: List[dict]) -> Optional[dict]:
-    """Time-weighted mean power (W) of powermetrics plist samples: combined, cpu, gpu, ane."""
-    tot_ns, acc = 0, {}
-    for s in samples:
-        p, ns = s.get("processor") or {}, s.get("elapsed_ns", 0)
-        mw = {k: p.get(f"{k}_power") for k in ("cpu", "gpu", "ane")}
-        mw = {k: float(v) for k, v in mw.items() if v is not None}
-        combined = p.get("combined_power", sum(mw.values()) if mw else None)
-        if combined is None or not ns:
-            continue
-        tot_ns += ns
-        for k, v in {"combined": float(combined), **mw}.items():
-            acc[k] = acc.get(k, 0.0) + v * ns
-    if not tot_ns:
-        return None
-    return {k: v / tot_ns / 1000.0 for k, v in acc.items()}
-
-
-def _powermetrics_cmd() -> Tuple[Optional[List[str]], str]:
-    exe = shutil.which("powermetrics") or ("/usr/bin/powermetrics" if os.path.exists("/usr/bin/powermetrics") else None)
-    if exe is None:
-        return None, "powermetrics not found"
-    if os.geteuid() == 0:
-        return [exe], ""
-    ok = subprocess.run(["sudo", "-n", exe, "-h"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
-    if ok:
-        return ["sudo", "-n", exe], ""
-    return None, "powermetrics needs root: run with sudo (or allow `sudo -n powermetrics`) to measure energy"
-
-
 def energy_meter() -> EnergyMeter:
     """The best energy counter this machine allows; an EnergyMeter(note) when none."""
     if sys.platform == "darwin":
-        cmd, why = _powermetrics_cmd()
+        cmd, why = powermetrics_cmd()
         return PowermetricsMeter(cmd) if cmd else EnergyMeter(why)
     if sys.platform.startswith("linux"):
         domains, why = _rapl_domains()
