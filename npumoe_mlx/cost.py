@@ -60,6 +60,9 @@ class CostModel:
     # (``makespan``): 1 = separate units, 0 = one set of cores shared. ``tune`` measures it;
     # 1.0 for cost models saved before it existed (their decisions stay as they were).
     overlap: float = 1.0
+    # Program calls of one layer call in flight at once (dispatch.run_calls): ``tune`` keeps
+    # 2 where that is faster per call here (a busy machine: 1.4x), else 1 (quiet: 2 cost 6%).
+    workers: int = 1
 
     def makespan(self, program_s, mlx_s):
         """Seconds of a call whose programs take ``program_s`` and whose MLX side takes ``mlx_s``
@@ -113,7 +116,7 @@ class CostModel:
         names = {f.name for f in fields(cls)}
         optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
                     "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap", "first_offload_tokens",
-                    "overlap"}
+                    "overlap", "workers"}
         missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")

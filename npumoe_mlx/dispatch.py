@@ -1,12 +1,12 @@
 """Run one layer call's program calls: gather rows in, run, write rows out.
 
 Programs that say they are ``concurrent`` (onnxruntime sessions: a run releases the GIL
-and a fresh IO binding per call makes it thread-safe) run on ``WORKERS`` threads at
-once, the largest calls first (each worker takes the next call as it frees up: longest
-processing time first). Measured on this 2-core machine (OLMoE dims, q4, the 64 calls
-of a 512-token layer call, load 8-10): 1.37x less wall time than one call after the
-other with the same sessions (benchmarks/README.md); onnxruntime's own threads idle at
-every operator's barrier between small matmuls, a second call fills them. Outputs go
+and a fresh IO binding per call makes it thread-safe) can run on several threads at
+once (``CostModel.workers``, which ``tune`` picks), the largest calls first (each worker
+takes the next call as it frees up: longest processing time first). Measured on this
+2-core machine (OLMoE dims, q4, the 64 calls of a 512-token layer call): 2 at once took
+1.39x less wall time at load 6 (onnxruntime's own threads idle at every operator's
+barrier when another process holds a core), but 6% more at load 1.5. Outputs go
 straight into the caller's buffer (no copy per call).
 """
 
@@ -16,7 +16,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-WORKERS = max(1, min(2, os.cpu_count() or 1))  # calls in flight at once (NPUMOE_WORKERS overrides)
+MAX_WORKERS = 2  # what `tune` tries (CostModel.workers); NPUMOE_WORKERS overrides both
 _POOLS = {}
 
 
@@ -24,9 +24,10 @@ class ProgramError(RuntimeError):
     pass
 
 
-def workers() -> int:
+def workers(default: int = 1) -> int:
+    """Calls in flight at once: NPUMOE_WORKERS if set, else ``default`` (the cost model's)."""
     w = os.environ.get("NPUMOE_WORKERS", "")
-    return max(1, int(w)) if w.strip().isdigit() else WORKERS
+    return max(1, int(w)) if w.strip().isdigit() else max(1, int(default or 1))
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
@@ -60,7 +61,7 @@ def run_calls(programs: Sequence, calls: List[tuple], x_np: np.ndarray, outs: np
         if not np.isfinite(dst).all():
             raise ProgramError("returned NaN or Inf")
 
-    n = n_workers or workers()
+    n = workers(n_workers)
     order = sorted(range(len(calls)), key=lambda i: -(offsets[i + 1] - offsets[i]))  # largest first
     if n <= 1 or len(calls) < 2 or not all(getattr(programs[c[0]], "concurrent", False) for c in calls):
         for i in order:

@@ -208,7 +208,7 @@ class OffloadExecutor:
         y = np.empty((P + 1, D), np.float32)
         outs = np.empty((max(s.slots, 1), D), np.float32)  # slot order: each call writes its rows in place
         tp = time.perf_counter()
-        run_calls(self.programs, s.calls, x_np, outs)  # several at once where the backend allows; checked
+        run_calls(self.programs, s.calls, x_np, outs, self.cost.workers)  # several at once if tune chose so; checked
         y[dst] = outs[: s.slots]
         self.stats.program_s += time.perf_counter() - tp
         return y

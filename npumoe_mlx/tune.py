@@ -25,7 +25,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from .chips import chip_profile, detect_chip
 from .cost import CostModel, default_cost, flops_per_row
-from .dispatch import run_calls, workers
+from .dispatch import MAX_WORKERS, run_calls, workers
 from .experts import stock_experts
 from .power import active_power, power_sampler
 
@@ -97,6 +97,7 @@ def measure(
         out[:] = tiny.run(x_rows[src].reshape(1, 16, 32), 16).reshape(-1, 32)
 
     dispatch_s = median_s(one_call, 8 * repeats)
+    n_workers = _pick_workers(be, D, H, quant, repeats)
     prog_rows = []
     bar = progress_bar(total=len(groups) * len(tiers) + 2 * len(pairs), desc="tuning", disable=not progress, leave=False)
     for G in groups:
@@ -105,7 +106,7 @@ def measure(
         program = be.load(spec)
         for C in tiers:
             x = np.random.default_rng(C).standard_normal((G, C, D)).astype(np.float32)
-            prog_rows.append((G, C, _call_s(program, x, C, repeats)))
+            prog_rows.append((G, C, _call_s(program, x, C, repeats, n_workers)))
             biggest_program = lambda program=program, x=x, C=C: program.run(x, C)  # noqa: E731
             bar.update()
 
@@ -151,6 +152,7 @@ def measure(
         "dispatch_s": dispatch_s, "programs": prog_rows, "mlx_fixed_s": mlx_fixed_s, "mlx": mlx_rows,
         "mlx_dense": dense_rows,
         "sync_s": sync_s, "copy_bytes": 2 * 4 * n * D * 4, "copy_s": 2 * copy_s, "overlap": overlap,
+        "workers": n_workers,
     }
     if (sys.platform == "darwin") if power is None else power:
         raw["power"] = unit_power(backend, biggest_program, biggest_mlx)
@@ -187,12 +189,29 @@ def unit_power(backend: str, run_programs, run_mlx, min_s: float = 1.0, make_sam
                       f"GPU {c.gpu_power_w:.2f} W; npumoe_mlx/data/chips.json)"}
 
 
-def _call_s(program, x: np.ndarray, C: int, repeats: int) -> float:
+def _pick_workers(be, D: int, H: int, quant, repeats: int) -> int:
+    """Program calls in flight at once for this machine: 2 where a typical call (one
+    expert, 64 rows) then costs less than 95% of one at a time, else 1."""
+    from .programs import spec_from_switch_glu
+
+    program = be.load(spec_from_switch_glu(_module(D, H, 1, quant), layer=0, expert_ids=[0], tiers=[64]))
+    if not getattr(program, "concurrent", False):
+        return 1
+    x = np.random.default_rng(64).standard_normal((1, 64, D)).astype(np.float32)
+    ts = {1: [], MAX_WORKERS: []}
+    _call_s(program, x, 64, 1, MAX_WORKERS)  # warm-up
+    for _ in range(max(repeats, 3)):  # in turns: the load moves between separately timed medians
+        for n in ts:
+            ts[n].append(_call_s(program, x, 64, 1, n))
+    return MAX_WORKERS if np.median(ts[MAX_WORKERS]) < 0.95 * np.median(ts[1]) else 1
+
+
+def _call_s(program, x: np.ndarray, C: int, repeats: int, n_workers: int = 1) -> float:
     """Seconds one program call adds to a layer call, made the executor's way: the rows
     gathered in and written out by ``dispatch.run_calls``, and where calls run several at
-    once (``dispatch.workers()``), that many copies in flight: the wall time per call."""
+    once (``n_workers``), that many copies in flight: the wall time per call."""
     G, _, D = x.shape
-    n = workers() if getattr(program, "concurrent", False) else 1
+    n = workers(n_workers) if getattr(program, "concurrent", False) else 1
     x2 = x.reshape(G * C, D)
     calls = [(0, np.arange(G), C, np.arange(G * C))] * n
     outs = np.empty((n * G * C, D), np.float32)
@@ -275,6 +294,7 @@ def fit(raw: dict) -> CostModel:
         mlx_flops=1.0 / mlx_per_flop,
         mlx_dense_flops=1.0 / dense_per_flop,
         overlap=fit_overlap(raw.get("overlap")),
+        workers=int(raw.get("workers", 1)),
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
     pw = raw.get("power") or {}

@@ -6,7 +6,7 @@ import pytest
 from ane_kernels.milrun import rel_err
 from ane_kernels.spec import random_spec, reference_ffn
 from npumoe_mlx.backends import load_backend
-from npumoe_mlx.dispatch import ProgramError, run_calls
+from npumoe_mlx.dispatch import ProgramError, run_calls, workers
 
 D = 64
 
@@ -69,3 +69,10 @@ def test_nan_from_a_concurrent_program_raises():
     outs = np.empty((sum(len(ids) * cap for _, ids, cap, _ in calls), D), np.float32)
     with pytest.raises(ProgramError, match="NaN or Inf"):
         run_calls(progs, calls, x, outs, n_workers=2)
+
+
+def test_workers_follow_the_cost_model_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("NPUMOE_WORKERS", raising=False)
+    assert workers(2) == 2 and workers(0) == 1 and workers() == 1
+    monkeypatch.setenv("NPUMOE_WORKERS", "1")
+    assert workers(2) == 1

@@ -79,6 +79,8 @@ def test_cost_models_saved_before_overlap_keep_their_decisions():
     d = _cost(0.0).to_dict()
     del d["overlap"]
     assert CostModel.from_dict(d).overlap == 1.0
+    del d["workers"]
+    assert CostModel.from_dict(d).workers == 1  # one program call at a time, as before
     assert default_cost("onnx").overlap == 0.0  # CPU programs and MLX CPU share the cores
     assert default_cost("coreml").overlap == 1.0  # ANE and GPU are separate units
 
@@ -91,6 +93,7 @@ def test_tune_measures_the_overlap():
     assert all(len(o[k]) >= 5 and min(o[k]) > 0 for k in ("program_s", "mlx_s", "both_s"))
     assert 0.0 <= fit(raw).overlap <= 1.0
     assert fit(raw).overlap == fit_overlap(o)
+    assert raw["workers"] in (1, 2) and fit(raw).workers == raw["workers"]  # the faster of 1 or 2 in flight
 
 
 def _unseen_profile(E=32, k=4):
