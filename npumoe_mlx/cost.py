@@ -7,7 +7,12 @@ parametric defaults for targets that cannot be measured here (Core ML on a Mac):
                                             + G*C*flops_per_row / program_flops
                                             + G*C*D*bytes / copy_bps   (gather in, scatter out)
     MLX on n pairs:                         mlx_fixed_s + n*flops_per_row / mlx_flops
-    offloaded layer call:                   sync_s + the program calls (+ MLX spill, overlapped)
+    offloaded layer call:                   sync_s + the program calls, MLX spill at the same time:
+                                            makespan = max(P, M) + (1 - overlap) * min(P, M)
+
+``overlap`` is how much of the shorter side hides under the longer: 1 when programs and
+MLX run on separate units (ANE and GPU), ~0 when they share the same cores (onnxruntime
+CPU and MLX CPU here: measured, a 512-token OLMoE call took programs + spill, not the max).
 
 ``flops_per_row = 6*D*H`` (gate, up and down matmuls of one token through one expert).
 """
@@ -51,6 +56,18 @@ class CostModel:
     # while this one computes), which no per-call term prices: the demo model decoded at 77
     # vs 125 tok/s stock with decode on programs, each layer call alone within 0.3 ms of stock.
     first_offload_tokens: int = 2
+    # Fraction of the shorter side (programs or MLX) that runs hidden under the longer
+    # (``makespan``): 1 = separate units, 0 = one set of cores shared. ``tune`` measures it;
+    # 1.0 for cost models saved before it existed (their decisions stay as they were).
+    overlap: float = 1.0
+    # Program calls of one layer call in flight at once (dispatch.run_calls): ``tune`` keeps
+    # 2 where that is faster per call here (a busy machine: 1.4x), else 1 (quiet: 2 cost 6%).
+    workers: int = 1
+
+    def makespan(self, program_s, mlx_s):
+        """Seconds of a call whose programs take ``program_s`` and whose MLX side takes ``mlx_s``
+        (scalars or arrays), both started at once."""
+        return np.maximum(program_s, mlx_s) + (1.0 - self.overlap) * np.minimum(program_s, mlx_s)
 
     def program_s(self, G: int, C: int, D: int, H: int) -> float:
         return float(self.programs_s(G, 1, C, D, H))
@@ -98,7 +115,8 @@ class CostModel:
     def from_dict(cls, d: dict) -> "CostModel":
         names = {f.name for f in fields(cls)}
         optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
-                    "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap", "first_offload_tokens"}
+                    "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap", "first_offload_tokens",
+                    "overlap", "workers"}
         missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
@@ -124,8 +142,9 @@ DEFAULTS: Dict[str, CostModel] = {
     "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12, mlx_dense_flops=5.0e12,
                         program_j_per_flop=2.5 / 2.0e12, program_j_per_call=2.5 * 3e-4,
                         mlx_j_per_flop=20.0 / 3.0e12, mlx_j_per_call=20.0 * 5e-5),
-    "onnx": CostModel("onnx", 5e-5, 6.0e10, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9),
-    "mlx": CostModel("mlx", 1e-4, 8.0e9, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9),
+    # onnx/mlx here: programs and MLX share the CPU's cores (overlap 0, as `tune` measures).
+    "onnx": CostModel("onnx", 5e-5, 6.0e10, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9, overlap=0.0),
+    "mlx": CostModel("mlx", 1e-4, 8.0e9, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9, overlap=0.0),
 }
 
 
@@ -175,5 +194,5 @@ def describe(cost: Optional[CostModel]) -> str:
         f"{cost.backend} ({cost.source}): dispatch {cost.dispatch_s * 1e3:.3f} ms "
         f"+ {cost.expert_s * 1e3:.3f} ms per expert, "
         f"programs {cost.program_flops / 1e9:.1f} GFLOP/s, MLX {cost.mlx_flops / 1e9:.1f} GFLOP/s "
-        f"+ {cost.mlx_fixed_s * 1e3:.3f} ms, sync {cost.sync_s * 1e3:.3f} ms"
+        f"+ {cost.mlx_fixed_s * 1e3:.3f} ms, sync {cost.sync_s * 1e3:.3f} ms, overlap {cost.overlap:.2f}"
     )

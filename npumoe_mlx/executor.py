@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cost import CostModel
+from .dispatch import ProgramError, run_calls
 from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
@@ -58,10 +59,6 @@ class LayerStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class ProgramError(RuntimeError):
-    pass
 
 
 def _warn(msg: str) -> None:
@@ -209,13 +206,10 @@ class OffloadExecutor:
         taken = np.nonzero(s.loc >= 0)[0]
         dst[s.loc[taken]] = taken
         y = np.empty((P + 1, D), np.float32)
-        row = 0
+        outs = np.empty((max(s.slots, 1), D), np.float32)  # slot order: each call writes its rows in place
         tp = time.perf_counter()
-        for gi, ids, cap, src in s.calls:
-            xg = x_np[src].reshape(len(ids), cap, D)  # (G, C, D)
-            yg = _checked(self.programs[gi].run(xg, cap), xg.shape)
-            y[dst[row : row + src.size]] = yg.reshape(-1, D)  # the program's buffer is reused: copy out now
-            row += src.size
+        run_calls(self.programs, s.calls, x_np, outs, self.cost.workers)  # several at once if tune chose so; checked
+        y[dst] = outs[: s.slots]
         self.stats.program_s += time.perf_counter() - tp
         return y
 

@@ -96,7 +96,7 @@ class LayerPlan:
         if counts is None:
             counts = np.full(self.num_experts, pairs / self.num_experts)
         d = self.decide(cost, counts)
-        return {"offload_s": max(d.program_s, d.mlx_side_s), "mlx_s": d.mlx_only_s}
+        return {"offload_s": d.offload_s, "mlx_s": d.mlx_only_s}
 
     def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto") -> CallDecision:
         """The executor's decision for a call with these per-expert counts (E,)."""
@@ -261,7 +261,7 @@ def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, c
     and whose MLX side costs tm (S,) s / jm J (fixed costs added here), both at once."""
     t_mlx = np.where(tm > 0, cost.mlx_fixed_s + tm, 0.0)
     t_prog = np.where(tp > 0, cost.sync_s + tp, 0.0)
-    return np.maximum(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
+    return cost.makespan(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
 
 
 def _run_costs(runs, run_cost: dict, S: int):
@@ -289,7 +289,7 @@ def _partial_last(runs, tp: np.ndarray, tail: np.ndarray, ranked: np.ndarray, ca
     prog = cost.sync_s + tp[:, :-1].sum(1)[:, None] + cost.programs_s(j - i, 1, cand[None, :], D, H)  # (S, K)
     left = np.maximum(loads[:, :, None] - cand[None, None, :], 0).sum(1)  # (S, K) pairs back on MLX
     mlx = cost.mlx_fixed_s + tail[:, None] + left * f / cost.mlx_flops
-    span = np.maximum(prog, mlx)
+    span = cost.makespan(prog, mlx)
     span = np.where(cand[None, :] <= loads.min(1, keepdims=True), span, np.inf)  # full rounds only, as decide_call
     k = span.argmin(1)
     if limit is not None:  # the most pairs on programs within the bound (capacities ascend)
@@ -388,7 +388,7 @@ def plan_layer(
         ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
         prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
         side = tail_t[:, m : m + 1] + ctm
-        span = np.maximum(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
+        span = cost.makespan(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
         kb = span.argmin(1)
         rows = np.arange(len(ranked))
         whole_t = np.minimum(span[rows, kb], alone_t)  # whole groups only
@@ -471,6 +471,8 @@ def plan_layer(
             tiers = choose_ladder(samples, limits.capacities, limits.max_tiers, None, top)
             groups.append(GroupPlan(sorted(rank[i:j]), tiers))
     resident = {e for g in groups for e in g.experts}
+    groups += tail_groups([e for e in rank if e not in resident and counts[e] == 0], cost, D, H, limits, sizes, top)
+    resident = {e for g in groups for e in g.experts}
     cold = [e for e in range(E) if e not in resident]
     lp = LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, groups, sorted(cold),
                    objective=objective, energy_bound=energy_bound)
@@ -479,6 +481,34 @@ def plan_layer(
     if lp.min_tokens == NEVER:
         lp.groups, lp.cold = [], list(range(E))
     return lp
+
+
+def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: PlanLimits,
+                sizes: Sequence[int], top: int) -> List[GroupPlan]:
+    """Tail programs for the experts calibration never routed to (``unseen``, coldest first).
+
+    Calibration says nothing of their loads, so the rule is the marginal one: a pair that
+    lands on one costs ``(1 - overlap) * mlx_s(1)`` more on MLX (hidden when MLX runs on
+    its own unit) or one smallest-tier call of its tail program, which computes every
+    expert of the program. The tail takes the largest program size in ``sizes`` whose call
+    is cheaper; none (no tail) when even one expert's is not. Ladder: the smallest
+    capacity, then x4 steps up to ``top`` (a pair that finds many more goes round again or
+    to MLX, as ``decide_call`` says per call).
+    """
+    if not unseen:
+        return []
+    caps = np.asarray(limits.capacities)
+    on_mlx = (1.0 - cost.overlap) * cost.mlx_s(1, D, H)
+    fits = [G for G in sizes if cost.program_s(G, int(caps[0]), D, H) < on_mlx]
+    if not fits:
+        return []
+    G = max(fits)
+    ladder, c = [], int(caps[0])
+    while c < top and len(ladder) < limits.max_tiers - 1:
+        ladder.append(int(caps[min(np.searchsorted(caps, c), caps.size - 1)]))
+        c *= 4
+    ladder = sorted(set(ladder + [int(caps[min(np.searchsorted(caps, top), caps.size - 1)])]))
+    return [GroupPlan(sorted(unseen[i : i + G]), ladder) for i in range(0, len(unseen), G)]
 
 
 def _min_tokens(lp: LayerPlan, cost: CostModel, counts: np.ndarray) -> int:

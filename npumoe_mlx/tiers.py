@@ -145,10 +145,12 @@ class CallDecision:
     offload_j: float = 0.0  # predicted energy, both sides (0 when the cost model has none)
     mlx_only_j: float = 0.0
     program_calls: int = 0
+    overlap: float = 1.0  # the cost model's: how much of the shorter side hides under the longer
 
     @property
     def offload_s(self) -> float:
-        return max(self.program_s, self.mlx_side_s)
+        a, b = self.program_s, self.mlx_side_s
+        return max(a, b) + (1.0 - self.overlap) * min(a, b)
 
 
 def decide_call(
@@ -237,7 +239,7 @@ def _tally(counts, groups, cold, caps, rounds, cost: CostModel, D: int, H: int) 
     return CallDecision(False, rounds, caps, cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run),
                         cost.mlx_s(left, D, H), cost.mlx_s(pairs, D, H),
                         sum(cost.program_j(G, c, D, H) for G, c in run) + cost.mlx_j(left, D, H), cost.mlx_j(pairs, D, H),
-                        len(run))
+                        len(run), cost.overlap)
 
 
 def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, trims: int = 4,
@@ -251,12 +253,12 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
     served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
     prog = cost.sync_s + sum(t)
     left = int(counts.sum()) - sum(served)
-    span = max(prog, cost.mlx_s(left, D, H))
+    span = float(cost.makespan(prog, cost.mlx_s(left, D, H)))
     moved = {}  # group -> (rounds, time, served) before it moved to MLX
     for gi in sorted((g for g in range(len(groups)) if served[g]), key=lambda g: (-t[g] / served[g], g)):
         if span <= target:
             break
-        new = max(prog - t[gi], cost.mlx_s(left + served[gi], D, H))
+        new = float(cost.makespan(prog - t[gi], cost.mlx_s(left + served[gi], D, H)))
         if new >= span:
             break
         moved[gi] = (rounds[gi], t[gi], served[gi])
@@ -265,7 +267,7 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
     if moved:
         _take_back(counts, groups, ladders, caps, rounds, t, served, moved, prog, left, span, cost, D, H, target)
         prog, left = cost.sync_s + sum(t), int(counts.sum()) - sum(served)
-        span = max(prog, cost.mlx_s(left, D, H))
+        span = float(cost.makespan(prog, cost.mlx_s(left, D, H)))
     if span <= target:
         return
     for _ in range(trims):
@@ -280,7 +282,7 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
                 new_caps = cs[:-1] + [c]
                 nt = sum(cost.program_s(len(ids), x, D, H) for x in new_caps)
                 ns = int(np.minimum(counts[ids], sum(new_caps)).sum())
-                new = max(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H))
+                new = float(cost.makespan(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H)))
                 if new < span - 1e-12 and (best is None or new < best[0]):
                     best = (new, gi, new_caps, nt, ns)
         if best is None:
@@ -314,7 +316,7 @@ def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, pr
         nt, ns = cost.program_s(len(groups[gm]), c, D, H), int(np.minimum(counts[groups[gm]], c).sum())
         if ns < len(groups[gm]) * c:  # only full rounds: a padded one would rather stay on MLX
             break
-        new = max(prog + nt, cost.mlx_s(left - ns, D, H))
+        new = float(cost.makespan(prog + nt, cost.mlx_s(left - ns, D, H)))
         if better(new, ns, best):
             best = ((-ns, new) if target > 0 else (new,), [(gm, [c], 1, nt, ns)])
     running = [g for g in range(len(groups)) if rounds[g] and caps[g] and g != gm]
@@ -329,7 +331,7 @@ def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, pr
             ns = int(np.minimum(counts[ids], sum(new_caps)).sum())
             if ns - int(np.minimum(counts[ids], sum(cs[:-1])).sum()) < len(ids) * c:
                 break
-            new = max(prog + t_m - t[gk] + nt, cost.mlx_s(left - s_m + served[gk] - ns, D, H))
+            new = float(cost.makespan(prog + t_m - t[gk] + nt, cost.mlx_s(left - s_m + served[gk] - ns, D, H)))
             back = s_m - served[gk] + ns
             if better(new, back, best):
                 best = ((-back, new) if target > 0 else (new,),
@@ -355,9 +357,9 @@ def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int
     rows = [len(ids) * sum(cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
     prog = cost.sync_s + sum(t)
     left = int(counts.sum()) - sum(served)
-    span = cost.mlx_s(left, D, H)
-    if prog > span:  # programs finish last: _rebalance's case
+    if prog > cost.mlx_s(left, D, H):  # programs finish last: _rebalance's case
         return
+    span = float(cost.makespan(prog, cost.mlx_s(left, D, H)))
     limit = span + (cost.mlx_fixed_s if slack is None else slack)
     while True:
         best = None  # (score, span, group, caps, rounds, time, served, rows)
@@ -374,7 +376,7 @@ def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int
                 if saved <= 0:
                     continue
                 nt = sum(cost.program_s(len(ids), c, D, H) for c in nrun)
-                new = max(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H))
+                new = float(cost.makespan(prog - t[gi] + nt, cost.mlx_s(left + served[gi] - ns, D, H)))
                 if new > limit + 1e-15:
                     continue
                 if cost.has_energy:  # joules of the group's rounds + the MLX side, after vs before

@@ -25,6 +25,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from .chips import chip_profile, detect_chip
 from .cost import CostModel, default_cost, flops_per_row
+from .dispatch import MAX_WORKERS, run_calls, workers
 from .experts import stock_experts
 from .power import active_power, power_sampler
 
@@ -96,6 +97,7 @@ def measure(
         out[:] = tiny.run(x_rows[src].reshape(1, 16, 32), 16).reshape(-1, 32)
 
     dispatch_s = median_s(one_call, 8 * repeats)
+    n_workers = _pick_workers(be, D, H, quant, repeats)
     prog_rows = []
     bar = progress_bar(total=len(groups) * len(tiers) + 2 * len(pairs), desc="tuning", disable=not progress, leave=False)
     for G in groups:
@@ -104,10 +106,11 @@ def measure(
         program = be.load(spec)
         for C in tiers:
             x = np.random.default_rng(C).standard_normal((G, C, D)).astype(np.float32)
-            prog_rows.append((G, C, median_s(lambda: program.run(x, C), repeats)))
+            prog_rows.append((G, C, _call_s(program, x, C, repeats, n_workers)))
             biggest_program = lambda program=program, x=x, C=C: program.run(x, C)  # noqa: E731
             bar.update()
 
+    last = (program, x, C)  # the largest program call measured, for the overlap below
     m = _module(D, H, 8, quant)
     small, x1, e1 = _module(32, 32, 8, None), mx.zeros((1, 32)), mx.zeros((1, 1), mx.uint32)
     mlx_fixed_s = median_s(lambda: mx.eval(stock_experts(small, x1, e1)), 4 * repeats)
@@ -120,6 +123,7 @@ def measure(
         biggest_mlx = lambda x=x, e=e: mx.eval(stock_experts(m, x, e))  # noqa: E731
         bar.update()
 
+    overlap = _measure_overlap(last, m, mlx_rows, D, repeats)
     mlp = _dense_mlp(D, H, quant)
     dense_rows = []
     for n in pairs:
@@ -147,7 +151,8 @@ def measure(
         "backend": backend, "D": D, "H": H, "quant": quant,
         "dispatch_s": dispatch_s, "programs": prog_rows, "mlx_fixed_s": mlx_fixed_s, "mlx": mlx_rows,
         "mlx_dense": dense_rows,
-        "sync_s": sync_s, "copy_bytes": 2 * 4 * n * D * 4, "copy_s": 2 * copy_s,
+        "sync_s": sync_s, "copy_bytes": 2 * 4 * n * D * 4, "copy_s": 2 * copy_s, "overlap": overlap,
+        "workers": n_workers,
     }
     if (sys.platform == "darwin") if power is None else power:
         raw["power"] = unit_power(backend, biggest_program, biggest_mlx)
@@ -182,6 +187,73 @@ def unit_power(backend: str, run_programs, run_mlx, min_s: float = 1.0, make_sam
     return {"program_w": c.ane_power_w, "mlx_w": c.gpu_power_w,
             "source": f"{why}; using the chip table's active power of {c.name} instead (ANE {c.ane_power_w:.2f} W, "
                       f"GPU {c.gpu_power_w:.2f} W; npumoe_mlx/data/chips.json)"}
+
+
+def _pick_workers(be, D: int, H: int, quant, repeats: int) -> int:
+    """Program calls in flight at once for this machine: 2 where a typical call (one
+    expert, 64 rows) then costs less than 95% of one at a time, else 1."""
+    from .programs import spec_from_switch_glu
+
+    program = be.load(spec_from_switch_glu(_module(D, H, 1, quant), layer=0, expert_ids=[0], tiers=[64]))
+    if not getattr(program, "concurrent", False):
+        return 1
+    x = np.random.default_rng(64).standard_normal((1, 64, D)).astype(np.float32)
+    ts = {1: [], MAX_WORKERS: []}
+    _call_s(program, x, 64, 1, MAX_WORKERS)  # warm-up
+    for _ in range(max(repeats, 3)):  # in turns: the load moves between separately timed medians
+        for n in ts:
+            ts[n].append(_call_s(program, x, 64, 1, n))
+    return MAX_WORKERS if np.median(ts[MAX_WORKERS]) < 0.95 * np.median(ts[1]) else 1
+
+
+def _call_s(program, x: np.ndarray, C: int, repeats: int, n_workers: int = 1) -> float:
+    """Seconds one program call adds to a layer call, made the executor's way: the rows
+    gathered in and written out by ``dispatch.run_calls``, and where calls run several at
+    once (``n_workers``), that many copies in flight: the wall time per call."""
+    G, _, D = x.shape
+    n = workers(n_workers) if getattr(program, "concurrent", False) else 1
+    x2 = x.reshape(G * C, D)
+    calls = [(0, np.arange(G), C, np.arange(G * C))] * n
+    outs = np.empty((n * G * C, D), np.float32)
+    return median_s(lambda: run_calls([program], calls, x2, outs, n), repeats) / n
+
+
+def _measure_overlap(last, m: SwitchGLU, mlx_rows, D: int, repeats: int) -> dict:
+    """Seconds of a program call alone, an MLX expert call of similar length alone, and
+    both started together the way the executor starts them (MLX async, then the program):
+    how much of one hides under the other on this machine (``fit``: ``overlap``)."""
+    program, xp, C = last
+    t_prog = median_s(lambda: program.run(xp, C), 1)
+    n = min(mlx_rows, key=lambda r: abs(r[1] - t_prog))[0]  # the MLX call closest in length
+    x = mx.random.normal((n, D))
+    e = mx.random.randint(0, 8, (n, 1)).astype(mx.uint32)
+    mx.eval(x, e)
+
+    def both():
+        y = stock_experts(m, x, e)
+        mx.async_eval(y)
+        program.run(xp, C)
+        mx.eval(y)
+
+    # interleaved rounds, one estimate per round (``fit_overlap`` takes their median): a load
+    # change between separately timed medians fakes an overlap
+    runs = {"program_s": lambda: program.run(xp, C), "mlx_s": lambda: mx.eval(stock_experts(m, x, e)), "both_s": both}
+    ts = {k: [] for k in runs}
+    for _ in range(max(repeats, 5)):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+    return ts
+
+
+def fit_overlap(o: Optional[dict]) -> float:
+    """The fraction of the shorter side hidden under the longer: both = max + (1 - overlap) * min."""
+    if not o:
+        return 1.0
+    a, b, both = (np.asarray(o[k], float) for k in ("program_s", "mlx_s", "both_s"))  # scalars or rounds
+    est = (a + b - both) / np.maximum(np.minimum(a, b), 1e-12)
+    return float(np.clip(np.median(est), 0.0, 1.0))
 
 
 def fit_slope(xs, ys) -> float:
@@ -221,6 +293,8 @@ def fit(raw: dict) -> CostModel:
         mlx_fixed_s=mlx_fixed,
         mlx_flops=1.0 / mlx_per_flop,
         mlx_dense_flops=1.0 / dense_per_flop,
+        overlap=fit_overlap(raw.get("overlap")),
+        workers=int(raw.get("workers", 1)),
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
     pw = raw.get("power") or {}

@@ -111,7 +111,14 @@ class Pinned:
         self._seen = set()
 
     def run(self, x, tier=None):
-        key = tier
+        self._check(tier)
+        return self.program.run(x, tier)
+
+    def run_into(self, x, tier, out):  # dispatch.run_calls' zero-copy path: the same check first
+        self._check(tier)
+        return self.program.run_into(x, tier, out)
+
+    def _check(self, key) -> None:
         if key not in self._seen:
             for f, sig in self._files.items():
                 try:
@@ -122,7 +129,6 @@ class Pinned:
                     raise RuntimeError(f"program file {f} changed after the bundle was checked at load; "
                                        f"reload the model to use the new bundle")
             self._seen.add(key)
-        return self.program.run(x, tier)
 
     def __getattr__(self, name):  # anything else a caller reads comes from the program
         if name.startswith("__") or name in ("program", "_files", "_seen"):

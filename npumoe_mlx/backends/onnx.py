@@ -17,6 +17,7 @@ against the entry.
 """
 
 import glob
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -67,7 +68,8 @@ class OnnxProgram(Program):
     DynamicGraph); tiers that share a source share one session. Copies and pickles drop
     the sessions; they reopen from the sources on first run."""
 
-    transient = {"sessions": dict, "_bound": dict}
+    transient = {"sessions": dict, "_bound": dict, "_lock": threading.Lock}
+    concurrent = True  # run_into may be called from several threads at once (onnxruntime releases the GIL)
 
     def __init__(self, name: str, sources: Dict[int, "object"], G: int, D: int, open_session, lazy: bool = True,
                  meta: Optional[dict] = None):
@@ -78,6 +80,7 @@ class OnnxProgram(Program):
         self.tiers = tuple(self._sources)
         self.sessions = {}
         self._bound = {}
+        self._lock = threading.Lock()  # opens a session once when threads ask at the same time
         if not lazy:
             for t in self.tiers:
                 self.session(t)
@@ -99,12 +102,32 @@ class OnnxProgram(Program):
     def session(self, tier):
         s = self.sessions.get(tier)
         if s is None:
-            src = self._sources[tier]
-            s = next((self.sessions[t] for t in self.sessions if self._sources[t] is src), None)
-            if s is None:
-                s = self._open(src)
-            self.sessions[tier] = s
+            with self._lock:
+                s = self.sessions.get(tier)
+                if s is None:
+                    src = self._sources[tier]
+                    s = next((self.sessions[t] for t in self.sessions if self._sources[t] is src), None)
+                    if s is None:
+                        s = self._open(src)
+                    self.sessions[tier] = s
         return s
+
+    def run_into(self, x: np.ndarray, tier: int, out: np.ndarray) -> np.ndarray:
+        """Run x (G, tier, D) float32 C-contiguous, writing y into ``out`` (G, tier, D), a
+        C-contiguous float32 array (a view of the caller's buffer: no output copy). A fresh
+        IO binding per call, so calls from several threads at once are safe."""
+        import onnxruntime as ort
+
+        if x.shape != (self.G, tier, self.D) or out.shape != x.shape:
+            raise ValueError(f"x {x.shape} / out {out.shape}, program {self.name} wants ({self.G}, {tier}, {self.D})")
+        if tier not in self.tiers:
+            raise ValueError(f"tier {tier} not in program {self.name} tiers {self.tiers}")
+        sess = self.session(tier)
+        io = sess.io_binding()
+        io.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))
+        io.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(out))
+        sess.run_with_iobinding(io)
+        return out
 
     def _binding(self, tier):
         b = self._bound.get(tier)

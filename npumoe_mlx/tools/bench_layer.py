@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -101,15 +102,18 @@ def bench_shape(
             t_stock = median_s(lambda: mx.eval(stock_experts(m, x, inds)), reps, warm_up=False)
             y = ex(m, x, inds)
             mx.eval(y)  # warm-up (ORT first run)
+            # offload and the dense reference timed in turns (medians): gemm_fraction is their
+            # ratio, and on a shared machine the load moves between separately timed medians
+            gemm_run, gemm_scale = _gemm_call(be, m, D, N)
             before = _snapshot(ex.stats)
-            t_off = median_s(lambda: mx.eval(ex(m, x, inds)), reps, warm_up=False)
+            t_off, t_g = _interleaved([lambda: mx.eval(ex(m, x, inds)), gemm_run], max(reps, 3))
             st = _delta(ex.stats, before)
             err = float(mx.abs(y - stock_y).max() / mx.abs(stock_y).max())
             counts = np.bincount(np.array(inds).ravel(), minlength=E)
             pred = lp.predicted(cost, N, counts)
             # dense reference: the same FFN dims as one dense program over the N tokens,
             # scaled to the N*k routed rows (what the backend does with no routing at all)
-            t_gemm = _gemm_s(be, m, D, N, reps) * k
+            t_gemm = t_g * gemm_scale * k
             flops = N * k * f
             row = {
                 "shape": name, "tokens": N, "backend": backend, "weights": f"q{q_bits}" if q_bits else "float32",
@@ -142,13 +146,25 @@ def _delta(st, before: dict) -> dict:
     return {f: now[f] - before[f] for f in now}
 
 
-def _gemm_s(be, m: SwitchGLU, D: int, N: int, reps: int) -> float:
-    """Seconds of one dense FFN program (one expert, N rows, D and H of the layer)."""
+def _gemm_call(be, m: SwitchGLU, D: int, N: int):
+    """One dense FFN program call (one expert, N rows rounded up to 8, D and H of the layer),
+    warmed up, and the factor that scales its time to N rows."""
     C = max(8, -(-N // 8) * 8)
     prog = be.load(spec_from_switch_glu(m, layer=0, expert_ids=[0], tiers=[C]))
     x = np.random.default_rng(1).standard_normal((1, C, D)).astype(np.float32)
     prog.run(x, C)
-    return median_s(lambda: prog.run(x, C), reps, warm_up=False) * N / C
+    return (lambda: prog.run(x, C)), N / C
+
+
+def _interleaved(fns, reps: int) -> List[float]:
+    """Median seconds of each function, timed in turns ``reps`` times."""
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for t, fn in zip(ts, fns):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in ts]
 
 
 def one_row_call(be, m: SwitchGLU, D: int, H: int, repeats: int = 20) -> dict:
