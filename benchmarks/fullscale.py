@@ -42,11 +42,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm import stream_generate
 from mlx_lm.utils import _get_classes, quantize_model, save_config
 
 from npumoe_mlx.atomic import honour_umask
+from npumoe_mlx.executor import offload_stats, summarize
+from npumoe_mlx.loading import load
 from npumoe_mlx.replay import load_shape_presets
 from npumoe_mlx.tools.tiny import build_tokenizer_files, tiny_config
+from npumoe_mlx.workloads import prompt_of_tokens
 
 MARKER = "npumoe_fullscale.json"
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -186,16 +190,10 @@ class Watchdog:
 
 
 def run(model: str, offload: str, prompt_tokens: int, max_tokens: int, out: Path, min_available_gb: float,
-        prefill_step: int, stats: bool, log=print) -> dict:
+        prefill_step: int, stats: bool, lazy: bool = False, log=print) -> dict:
     """One greedy generation; the result dict is also written to ``out`` (and on abort)."""
-    from mlx_lm import stream_generate
-
-    from npumoe_mlx.executor import offload_stats, summarize
-    from npumoe_mlx.loading import load
-    from npumoe_mlx.workloads import prompt_of_tokens
-
     res = {"model": model, "offload": offload, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
-           "prefill_step": prefill_step, "pid": os.getpid(), "status": "loading",
+           "prefill_step": prefill_step, "lazy": lazy, "pid": os.getpid(), "status": "loading",
            "loadavg_start": os.getloadavg()}
 
     def save():
@@ -211,30 +209,40 @@ def run(model: str, offload: str, prompt_tokens: int, max_tokens: int, out: Path
         log(reason)
 
     dog = Watchdog(min_available_gb, abort)
+    with contextlib.suppress(OSError):  # Linux: if the machine runs out, the kernel stops this run first
+        Path("/proc/self/oom_score_adj").write_text("1000")
     t0 = time.perf_counter()
-    m, tok = load(model, offload=offload)
-    mx.eval(m.parameters())  # stock loads lazily: count the weights' memory here, not in prefill
+    # lazy: mlx_lm reads weights on first use; with an onnx bundle whose experts leave MLX
+    # (release), their bytes are then never read (else the load peaks at the whole model).
+    m, tok = load(model, offload=offload, lazy=lazy)
     res["load_s"] = round(time.perf_counter() - t0, 1)
     res["rss_after_load_gb"] = _proc_kb("VmRSS") / 1e6
     res["status"] = "generating"
     save()
     log(f"loaded in {res['load_s']} s, RSS {res['rss_after_load_gb']:.2f} GB")
     prompt = prompt_of_tokens(tok, prompt_tokens)
-    tokens, last = [], None
+    tokens, top, last = [], [], None  # top: the 5 best (id, logprob) per step
     t1 = time.perf_counter()
     for r in stream_generate(m, tok, prompt, max_tokens=max_tokens, prefill_step_size=prefill_step):
         if not tokens:
             res["ttft_s"] = round(time.perf_counter() - t1, 2)
             log(f"first token after {res['ttft_s']} s")
         tokens.append(int(r.token))
+        lp = np.array(r.logprobs.astype(mx.float32))  # (vocab,)
+        top.append([[int(i), round(float(lp[i]), 4)] for i in np.argsort(lp)[::-1][:5]])
         last = r
     res.update(
-        status="done", tokens=tokens, text=last.text if last else "", prefill_tps=last.prompt_tps,
+        status="done", tokens=tokens, top5=top, text=last.text if last else "", prefill_tps=last.prompt_tps,
         decode_tps=last.generation_tps, generate_s=round(time.perf_counter() - t1, 1),
         mlx_peak_gb=mx.get_peak_memory() / 1e9, loadavg_end=os.getloadavg(),
     )
     if stats and offload != "off":
         res["offload_stats"] = summarize(offload_stats(m))
+        with contextlib.suppress(ImportError):  # per-unit resident bytes, where this build has them
+            from npumoe_mlx.residency import model_resident
+
+            held = model_resident(m)
+            res["resident"] = {"mlx_gb": held["mlx"] / 1e9, "released_gb": held["released"] / 1e9}
     save()
     return res
 
@@ -262,9 +270,10 @@ def main(argv=None) -> int:
     r.add_argument("--prompt-tokens", type=int, default=128)
     r.add_argument("--max-tokens", type=int, default=8)
     r.add_argument("--prefill-step", type=int, default=2048)
-    r.add_argument("--min-available-gb", type=float, default=1.0,
+    r.add_argument("--min-available-gb", type=float, default=0.5,
                    help="stop the run if the machine's MemAvailable falls below this")
     r.add_argument("--stats", action="store_true", help="add the offload counters to the JSON")
+    r.add_argument("--lazy", action="store_true", help="mlx_lm lazy load (weights read on first use)")
     r.add_argument("--out", required=True, type=Path, help="result JSON")
     args = p.parse_args(argv)
     if args.cmd == "write":
@@ -276,7 +285,7 @@ def main(argv=None) -> int:
         print(json.dumps(marker))
     else:
         res = run(args.model, args.offload, args.prompt_tokens, args.max_tokens, args.out,
-                  args.min_available_gb, args.prefill_step, args.stats)
+                  args.min_available_gb, args.prefill_step, args.stats, args.lazy)
         print(json.dumps({k: v for k, v in res.items() if k != "text"}))
     return 0
 
