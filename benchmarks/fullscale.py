@@ -11,6 +11,7 @@ Two steps, one process each (so each side's peak RSS is its own):
       ``quantize_model`` run on a lazy (never evaluated) model, so they match what
       ``mlx_lm.convert -q`` writes (e.g. qwen3_moe's router at 8 bits).
   python benchmarks/fullscale.py run --model DIR --offload off|onnx --out JSON
+  python benchmarks/fullscale.py summary --stock A.json --offload B.json --build-log LOG --model DIR --out JSON
       One greedy generation through ``npumoe_mlx.load`` (``off`` = stock mlx_lm):
       load time, prefill and decode tok/s, peak RSS (VmHWM, includes loading),
       the generated token ids. A watchdog stops the run (and says so in the JSON)
@@ -248,6 +249,48 @@ def run(model: str, offload: str, prompt_tokens: int, max_tokens: int, out: Path
 
 
 # ---------------------------------------------------------------------------
+# summary
+
+
+def _time_v(log: Path) -> dict:
+    """Wall seconds and max RSS from a ``/usr/bin/time -v`` log (None if absent)."""
+    wall = rss = None
+    for line in log.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("Elapsed (wall clock)"):
+            parts = [float(x) for x in line.rsplit(" ", 1)[1].split(":")]
+            wall = sum(v * 60**i for i, v in enumerate(reversed(parts)))
+        elif line.startswith("Maximum resident set size"):
+            rss = int(line.rsplit(" ", 1)[1]) / 1e6  # kB -> GB
+    return {"wall_s": wall, "max_rss_gb": rss}
+
+
+def summary(stock: Path, offload: Path, build_log: Path, bundle: Path, model: Path) -> dict:
+    """One JSON of both sides, the build and the agreement."""
+    a, b = json.loads(stock.read_text()), json.loads(offload.read_text())
+    sa, sb = a.get("tokens") or [], b.get("tokens") or []
+    n = max(len(sa), len(sb))
+    same = sum(x == y for x, y in zip(sa, sb))
+    text = build_log.read_text(errors="replace")
+    resident = [l.strip() for l in text.splitlines() if l.strip().startswith("resident:")]
+    written = [l.strip() for l in text.splitlines() if l.startswith("bundle written")]
+    files = [f for f in bundle.rglob("*") if f.is_file()] if bundle.exists() else []
+    return {
+        "model": json.loads((model / MARKER).read_text()),
+        "model_bytes": sum(f.stat().st_size for f in model.glob("model*.safetensors")),
+        "build": {**_time_v(build_log), "resident_line": resident[-1] if resident else None,
+                  "result": written[-1] if written else None,
+                  "bundle_bytes": sum(f.stat().st_size for f in files) or None},
+        "stock": a,
+        "offload": b,
+        "token_agreement": same / n if n else None,
+        "peak_rss_ratio": b["peak_rss_gb"] / a["peak_rss_gb"],
+        "prefill_speedup": (b["prefill_tps"] / a["prefill_tps"]) if b.get("prefill_tps") else None,
+        "decode_speedup": (b["decode_tps"] / a["decode_tps"]) if b.get("decode_tps") else None,
+    }
+
+
+# ---------------------------------------------------------------------------
 # CLI
 
 
@@ -275,7 +318,21 @@ def main(argv=None) -> int:
     r.add_argument("--stats", action="store_true", help="add the offload counters to the JSON")
     r.add_argument("--lazy", action="store_true", help="mlx_lm lazy load (weights read on first use)")
     r.add_argument("--out", required=True, type=Path, help="result JSON")
+    m = sub.add_parser("summary", help="one JSON of both runs and the build")
+    m.add_argument("--stock", required=True, type=Path)
+    m.add_argument("--offload", required=True, type=Path)
+    m.add_argument("--build-log", required=True, type=Path, help="`/usr/bin/time -v npumoe build ...` output")
+    m.add_argument("--model", required=True, type=Path)
+    m.add_argument("--bundle", type=Path, help="default: MODEL/npumoe-onnx")
+    m.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
+    if args.cmd == "summary":
+        res = summary(args.stock, args.offload, args.build_log, args.bundle or args.model / "npumoe-onnx", args.model)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2))
+        print(json.dumps({k: res[k] for k in ("token_agreement", "peak_rss_ratio", "prefill_speedup",
+                                              "decode_speedup")}))
+        return 0
     if args.cmd == "write":
         presets = load_shape_presets()
         if args.shape not in presets:
