@@ -24,6 +24,15 @@ class ProgramError(RuntimeError):
     pass
 
 
+def checked(y, shape: tuple) -> np.ndarray:
+    """A program's output, or ProgramError when its shape is wrong or a value is not finite."""
+    if getattr(y, "shape", None) != shape:
+        raise ProgramError(f"returned shape {getattr(y, 'shape', None)}, expected {shape}")
+    if not np.isfinite(y).all():
+        raise ProgramError("returned NaN or Inf")
+    return y
+
+
 def workers(default: int = 1) -> int:
     """Calls in flight at once: NPUMOE_WORKERS if set, else ``default`` (the cost model's)."""
     w = os.environ.get("NPUMOE_WORKERS", "")
@@ -52,14 +61,9 @@ def run_calls(programs: Sequence, calls: List[tuple], x_np: np.ndarray, outs: np
         dst = outs[offsets[i] : offsets[i + 1]].reshape(G, cap, D)
         prog = programs[gi]
         if getattr(prog, "concurrent", False):
-            yg = prog.run_into(xg, cap, dst)
+            checked(prog.run_into(xg, cap, dst), xg.shape)
         else:
-            yg = prog.run(xg, cap)
-            if getattr(yg, "shape", None) != xg.shape:
-                raise ProgramError(f"returned shape {getattr(yg, 'shape', None)}, expected {xg.shape}")
-            dst[...] = yg
-        if not np.isfinite(dst).all():
-            raise ProgramError("returned NaN or Inf")
+            dst[...] = checked(prog.run(xg, cap), xg.shape)
 
     n = workers(n_workers)
     order = sorted(range(len(calls)), key=lambda i: -(offsets[i + 1] - offsets[i]))  # largest first

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cost import CostModel
-from .dispatch import ProgramError, run_calls
+from .dispatch import checked, run_calls
 from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
@@ -253,15 +253,6 @@ class _Call:
         return self.shape[-1]
 
 
-def _checked(y, shape: tuple) -> np.ndarray:
-    """A program's output, or ProgramError when its shape is wrong or a value is not finite."""
-    if getattr(y, "shape", None) != shape:
-        raise ProgramError(f"returned shape {getattr(y, 'shape', None)}, expected {shape}")
-    if not np.isfinite(y).all():
-        raise ProgramError("returned NaN or Inf")
-    return y
-
-
 def _guarded(ex, where: str, who: str, run: Callable[[], np.ndarray]) -> Optional[np.ndarray]:
     """``run()``, the programs' part of a call. The fault guard of both executors: any error
     disables ``ex`` for the rest of the run with one warning and returns None (the caller
@@ -313,7 +304,7 @@ class SharedExecutor:
         caps, start = ladder_rounds(np.array([n]), self.plan.tiers), 0
         for cap in caps:
             rows = x_np[start : start + cap]
-            out[start : start + rows.shape[0]] = _checked(self.program.run(rows[None], cap), (1, rows.shape[0], D))[0]
+            out[start : start + rows.shape[0]] = checked(self.program.run(rows[None], cap), (1, rows.shape[0], D))[0]
             start += rows.shape[0]
         st.offloaded += 1
         st.program_calls += len(caps)
