@@ -449,27 +449,35 @@ def plan_layer(
         # calls slower than the whole-group residency does (their extra groups would pad them)
         m0, m1 = min(cands, key=lambda c: c[4]), min(cands, key=lambda c: c[1])
         m = (m1 if m1[5] <= m0[5] else m0)[0]
-    groups = []
-    runs = runs_of(m)
-    balance = np.zeros(0)
-    if runs:  # the calls where the last run ends them soonest (energy: does most within its time bound)
-        # partly on programs: size tiers for those rounds
-        tp = _run_costs(runs, run_cost, len(ranked))[0]
-        limit = None
-        if energy:
-            limit = 1.2 * (np.minimum(fastest, alone_t) if energy_bound == "time" else alone_t)
-        part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H)
-        balance = part_c[(part_t < np.inf) & (part_c > 0)]
-        if limit is not None:  # and the time-optimal cuts: the plan's fastest, which the bound is relative to
-            part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
-            balance = np.concatenate([balance, part_c[(part_t < np.inf) & (part_c > 0)]])
-    for i, j in runs:  # hottest run first
-        if ranked[:, i:j].max() > 0:
-            samples = _spread(ranked[:, i:j].max(1), top)
-            if (i, j) == runs[-1] and balance.size:
-                samples = np.concatenate([samples, _spread(balance, top)])
-            tiers = choose_ladder(samples, limits.capacities, limits.max_tiers, None, top)
-            groups.append(GroupPlan(sorted(rank[i:j]), tiers))
+    def resident_groups(m):  # the first m experts of the ranking cut into runs, each with its ladder
+        groups = []
+        runs = runs_of(m)
+        balance = np.zeros(0)
+        if runs:  # the calls where the last run ends them soonest (energy: does most within its time bound)
+            # partly on programs: size tiers for those rounds
+            tp = _run_costs(runs, run_cost, len(ranked))[0]
+            limit = None
+            if energy:
+                limit = 1.2 * (np.minimum(fastest, alone_t) if energy_bound == "time" else alone_t)
+            part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H)
+            balance = part_c[(part_t < np.inf) & (part_c > 0)]
+            if limit is not None:  # and the time-optimal cuts: the plan's fastest, which the bound is relative to
+                part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
+                balance = np.concatenate([balance, part_c[(part_t < np.inf) & (part_c > 0)]])
+        for i, j in runs:  # hottest run first
+            if ranked[:, i:j].max() > 0:
+                peaks = _spread(ranked[:, i:j].max(1), top)
+                if (i, j) == runs[-1] and balance.size:
+                    peaks = np.concatenate([peaks, _spread(balance, top)])
+                tiers = choose_ladder(peaks, limits.capacities, limits.max_tiers, None, top)
+                groups.append(GroupPlan(sorted(rank[i:j]), tiers))
+        return groups
+
+    groups = resident_groups(m)
+    if energy:  # the estimates above move whole groups; the calls pack rounds (tiers._pack_energy), which
+        # can use more resident experts: check a few residencies on the calls themselves
+        groups = _energy_residency(m, int((counts > 0).sum()), groups, resident_groups, samples, E, k, D, H,
+                                   cost, limits, objective, energy_bound, bound)
     resident = {e for g in groups for e in g.experts}
     groups += tail_groups([e for e in rank if e not in resident and counts[e] == 0], cost, D, H, limits, sizes, top)
     resident = {e for g in groups for e in g.experts}
@@ -481,6 +489,37 @@ def plan_layer(
     if lp.min_tokens == NEVER:
         lp.groups, lp.cold = [], list(range(E))
     return lp
+
+
+ENERGY_PROBES = 64  # calibrated calls _energy_residency replays per candidate residency
+
+
+def _energy_residency(m: int, seen: int, groups: List[GroupPlan], resident_groups, samples: np.ndarray, E: int,
+                      k: int, D: int, H: int, cost: CostModel, limits: PlanLimits, objective: str, energy_bound: str,
+                      bound: float) -> List[GroupPlan]:
+    """The energy objective's residency, checked on calibrated calls (samples (S, E)) through the
+    executor's own decision: the estimated best ``m`` experts on programs, all ``seen`` (calibrated)
+    ones, and halfway. Each call packs the rounds that spend least within its time bound
+    (``tiers._pack_energy``), so a resident group costs nothing on calls it would not pay on, and
+    more resident experts give the packing more ways to fill the frugal unit's time. The least
+    mean joules wins, among residencies whose mean time is within ``bound`` (or no slower than
+    the estimate's); ties within 0.1% keep fewer programs."""
+    probe = samples[np.linspace(0, len(samples) - 1, min(ENERGY_PROBES, len(samples))).round().astype(int)]
+    tried = []  # (joules, programs, groups) of each residency within the bound
+    for cand in [m] + sorted({seen, (m + seen) // 2} - {m}):
+        gs = groups if cand == m else resident_groups(cand)
+        ids = {e for g in gs for e in g.experts}
+        lp = LayerPlan(0, "", E, k, D, H, gs, [e for e in range(E) if e not in ids], objective=objective,
+                       energy_bound=energy_bound, max_calls=int(limits.call_ratio * len(gs) + 1e-9))
+        ds = [lp.decide(cost, c) for c in probe]
+        t = float(np.mean([d.offload_s if d.offload else d.mlx_only_s for d in ds]))
+        j = float(np.mean([d.offload_j if d.offload else d.mlx_only_j for d in ds]))
+        if cand == m:
+            bound = max(bound, t)
+        if t <= bound + 1e-15:
+            tried.append((j, len(gs), gs))
+    least = min(j for j, _, _ in tried)
+    return min((x for x in tried if x[0] <= least * (1 + 1e-3)), key=lambda x: x[1])[2]
 
 
 def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: PlanLimits,

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cost import CostModel
+from .cost import CostModel, flops_per_row
 
 OVERFLOW_MODES = ("auto", "rerun", "spill", "drop")
 
@@ -223,10 +223,71 @@ def decide_call(
     if overflow == "auto" and static.program_calls and static.offload_s > slack * ref:
         _rebalance(counts, groups, ladders, caps, rounds, cost, D, H, target=slack * ref)
         opts.append(_tally(counts, groups, cold, caps, rounds, cost, D, H))
+    if overflow == "auto":
+        packed = _pack_energy(counts, groups, ladders, cold, cost, D, H, slack * ref)
+        if packed is not None:
+            opts.append(packed)
     ok = [c for c in opts if c.offload_s <= slack * ref + 1e-12] or [min(opts, key=lambda c: c.offload_s)]
     d = min(ok, key=lambda c: (c.offload_j, c.offload_s))
     d.offload = d is not alone and d.program_calls > 0
     return d
+
+
+PACK_BINS = 512  # time resolution of ``_pack_energy``'s knapsack (a bin is 1/512 of the programs' budget)
+
+
+def _pack_energy(counts, groups, ladders, cold, cost: CostModel, D: int, H: int, target: float,
+                 bins: int = PACK_BINS) -> Optional[CallDecision]:
+    """The energy objective's call: per group, one round at any tier of its ladder (its pairs past
+    it to MLX), its full rounds, or nothing, chosen together for the least joules with both sides
+    ending within ``target`` seconds (None if no choice does).
+
+    The frugal unit's time is the scarce resource: moving whole groups to MLX until the call fits
+    (``_rebalance``) leaves up to a group's worth of it idle, and a round at the next tier up pads.
+    A multiple-choice knapsack over the programs' time (``bins`` steps, rounded up) finds the
+    rounds that put the most joules' worth of pairs on programs: rounds below a group's load
+    carry no padding, and the rest of the budget takes part of another group.
+    """
+    budget = target - cost.sync_s
+    if budget <= 0 or not groups:
+        return None
+    f = flops_per_row(D, H)
+    per_pair = f * cost.mlx_j_per_flop  # joules a pair costs on MLX, saved when a program serves it
+    step = budget / bins
+    at = np.arange(bins + 1)
+    dp = np.zeros(bins + 1)  # best value (joules saved) within k bins of program time
+    picks, options, spent = [], [], []  # per group: option chosen at each budget (bins + 1,), options, their bins
+    for ids, tiers in zip(groups, ladders):
+        load, G = counts[ids], len(ids)
+        full = ladder_rounds(load, tiers)
+        one = np.asarray([c for c in tiers if full and c < full[0]], float)  # one round below the full cover
+        t = np.concatenate([[0.0], [sum(cost.program_s(G, c, D, H) for c in full)] if full else [],
+                            cost.programs_s(G, 1, one, D, H)])
+        served = np.concatenate([[0.0], [np.minimum(load, sum(full)).sum()] if full else [],
+                                 np.minimum(load[:, None], one[None, :]).sum(0)])
+        joules = np.concatenate([[0.0], [sum(cost.program_j(G, c, D, H) for c in full)] if full else [],
+                                 cost.program_j_per_call + G * one * f * cost.program_j_per_flop])
+        ks = np.ceil(t / step - 1e-9).astype(np.int64)  # (O,)
+        idx = at[None, :] - ks[:, None]  # (O, bins + 1)
+        cand = np.where(idx >= 0, dp[np.maximum(idx, 0)] + (served * per_pair - joules)[:, None], -np.inf)
+        pick = cand.argmax(0)
+        dp = cand[pick, at]
+        picks.append(pick)
+        options.append([([], 0)] + ([(full, len(full))] if full else []) + [([int(c)], 1) for c in one])
+        spent.append(ks)
+    k = int(np.argmax(dp))
+    caps, rounds = [], []
+    for gi in range(len(groups) - 1, -1, -1):  # walk the choices back
+        o = int(picks[gi][k])
+        cs, r = options[gi][o]
+        caps.append(cs if cs else ladder_rounds(counts[groups[gi]], ladders[gi]))
+        rounds.append(r)
+        k -= int(spent[gi][o])
+    caps, rounds = caps[::-1], rounds[::-1]
+    if not any(rounds):
+        return None
+    d = _tally(counts, groups, cold, caps, rounds, cost, D, H)
+    return d if d.offload_s <= target + 1e-12 else None
 
 
 def _tally(counts, groups, cold, caps, rounds, cost: CostModel, D: int, H: int) -> CallDecision:
