@@ -377,6 +377,7 @@ def plan_layer(
     #           and on the smaller calls])
     small = call < call.max()
     pending = []  # energy: per residency, what its calls can do; evaluated against the fastest of all
+    tcands = []  # the time objective's candidates (energy: its plan is what the time bound is relative to)
     for m in range(E + 1):
         runs = runs_of(m)
         tp, tm, jp, jm = _run_costs(runs, run_cost, len(ranked))  # (S, R) each
@@ -414,9 +415,9 @@ def plan_layer(
         tb_t = np.minimum(span[rows, kb], alone_t)
         tb_j = np.where(span[rows, kb] < alone_t, jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb]
                         + (side[rows, kb] > 0) * cost.mlx_j_per_call, alone_j)
+        tcands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
+                       float(whole_t[small].mean()) if small.any() else 0.0))
         if not energy:
-            cands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
-                          float(whole_t[small].mean()) if small.any() else 0.0))
             continue
         pending.append((m, st_t, st_j, tb_t, tb_j, cut, jp.sum(1) - (jp[:, -1] if runs else 0), tail_j[:, m],
                         tail_t[:, m]))
@@ -441,15 +442,17 @@ def plan_layer(
         j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
         pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
         cands.append((m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean())))
-    best_t = min(c[3] for c in cands)
+    # time: the residency that balances the largest calls with a cut round, unless it predicts smaller
+    # calls slower than the whole-group residency does (their extra groups would pad them)
+    m0, m1 = min(tcands, key=lambda c: c[4]), min(tcands, key=lambda c: c[1])
+    m_time = (m1 if m1[5] <= m0[5] else m0)[0]
+    m = m_time
     if energy:
+        best_t = min(c[3] for c in cands)
         bound = 1.2 * (best_t if energy_bound == "time" else float(alone_t.mean())) + 1e-15
         m = min((c for c in cands if c[1] <= bound), key=lambda c: (c[2], c[1]), default=cands[0])[0]
-    else:  # the residency that balances the largest calls with a cut round, unless it predicts smaller
-        # calls slower than the whole-group residency does (their extra groups would pad them)
-        m0, m1 = min(cands, key=lambda c: c[4]), min(cands, key=lambda c: c[1])
-        m = (m1 if m1[5] <= m0[5] else m0)[0]
-    def resident_groups(m):  # the first m experts of the ranking cut into runs, each with its ladder
+
+    def resident_groups(m, energy=energy):  # the first m experts of the ranking cut into runs, each with its ladder
         groups = []
         runs = runs_of(m)
         balance = np.zeros(0)
@@ -476,8 +479,8 @@ def plan_layer(
     groups = resident_groups(m)
     if energy:  # the estimates above move whole groups; the calls pack rounds (tiers._pack_energy), which
         # can use more resident experts: check a few residencies on the calls themselves
-        groups = _energy_residency(m, int((counts > 0).sum()), groups, resident_groups, samples, E, k, D, H,
-                                   cost, limits, objective, energy_bound, bound)
+        groups = _energy_residency(m, int((counts > 0).sum()), groups, resident_groups, resident_groups(m_time, False),
+                                   samples, E, k, D, H, cost, limits, energy_bound)
     resident = {e for g in groups for e in g.experts}
     groups += tail_groups([e for e in rank if e not in resident and counts[e] == 0], cost, D, H, limits, sizes, top)
     resident = {e for g in groups for e in g.experts}
@@ -491,35 +494,41 @@ def plan_layer(
     return lp
 
 
-ENERGY_PROBES = 64  # calibrated calls _energy_residency replays per candidate residency
+ENERGY_PROBES = 32  # calibrated calls _energy_residency replays per candidate residency
 
 
-def _energy_residency(m: int, seen: int, groups: List[GroupPlan], resident_groups, samples: np.ndarray, E: int,
-                      k: int, D: int, H: int, cost: CostModel, limits: PlanLimits, objective: str, energy_bound: str,
-                      bound: float) -> List[GroupPlan]:
+def _energy_residency(m: int, seen: int, groups: List[GroupPlan], resident_groups, time_groups: List[GroupPlan],
+                      samples: np.ndarray, E: int, k: int, D: int, H: int, cost: CostModel, limits: PlanLimits,
+                      energy_bound: str) -> List[GroupPlan]:
     """The energy objective's residency, checked on calibrated calls (samples (S, E)) through the
-    executor's own decision: the estimated best ``m`` experts on programs, all ``seen`` (calibrated)
-    ones, and halfway. Each call packs the rounds that spend least within its time bound
+    executor's own decisions: the estimated best ``m`` experts on programs, and more, up to all
+    ``seen`` (calibrated) ones. Each call packs the rounds that spend least within its time bound
     (``tiers._pack_energy``), so a resident group costs nothing on calls it would not pay on, and
     more resident experts give the packing more ways to fill the frugal unit's time. The least
-    mean joules wins, among residencies whose mean time is within ``bound`` (or no slower than
-    the estimate's); ties within 0.1% keep fewer programs."""
+    mean joules wins among residencies whose mean time is within 1.2x the time objective's plan
+    (``time_groups``) on these calls (``energy_bound="time"``) or MLX alone's (else the fastest);
+    ties within 0.1% keep fewer programs."""
     probe = samples[np.linspace(0, len(samples) - 1, min(ENERGY_PROBES, len(samples))).round().astype(int)]
-    tried = []  # (joules, programs, groups) of each residency within the bound
-    for cand in [m] + sorted({seen, (m + seen) // 2} - {m}):
-        gs = groups if cand == m else resident_groups(cand)
+
+    def layer(gs, objective):
         ids = {e for g in gs for e in g.experts}
-        lp = LayerPlan(0, "", E, k, D, H, gs, [e for e in range(E) if e not in ids], objective=objective,
-                       energy_bound=energy_bound, max_calls=int(limits.call_ratio * len(gs) + 1e-9))
-        ds = [lp.decide(cost, c) for c in probe]
-        t = float(np.mean([d.offload_s if d.offload else d.mlx_only_s for d in ds]))
-        j = float(np.mean([d.offload_j if d.offload else d.mlx_only_j for d in ds]))
-        if cand == m:
-            bound = max(bound, t)
-        if t <= bound + 1e-15:
-            tried.append((j, len(gs), gs))
-    least = min(j for j, _, _ in tried)
-    return min((x for x in tried if x[0] <= least * (1 + 1e-3)), key=lambda x: x[1])[2]
+        return LayerPlan(0, "", E, k, D, H, gs, [e for e in range(E) if e not in ids], objective=objective,
+                         energy_bound=energy_bound, max_calls=int(limits.call_ratio * len(gs) + 1e-9))
+
+    def mean(ds, what):  # mean seconds or joules of these calls as the executor runs them
+        return float(np.mean([(d.offload_s if d.offload else d.mlx_only_s) if what == "s" else
+                              (d.offload_j if d.offload else d.mlx_only_j) for d in ds]))
+
+    timed = [layer(time_groups, "time").decide(cost, c) for c in probe]
+    bound = 1.2 * (mean(timed, "s") if energy_bound == "time" else float(np.mean([d.mlx_only_s for d in timed])))
+    tried = []  # (joules, seconds, programs, groups)
+    for cand in [m] + sorted({m + (seen - m) * q // 4 for q in (1, 2, 3, 4)} - {m}):
+        gs = groups if cand == m else resident_groups(cand)
+        ds = [layer(gs, "energy").decide(cost, c) for c in probe]
+        tried.append((mean(ds, "j"), mean(ds, "s"), len(gs), gs))
+    ok = [x for x in tried if x[1] <= bound + 1e-15] or [min(tried, key=lambda x: x[1])]
+    least = min(x[0] for x in ok)
+    return min((x for x in ok if x[0] <= least * (1 + 1e-3)), key=lambda x: x[2])[3]
 
 
 def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: PlanLimits,

@@ -238,28 +238,29 @@ PACK_BINS = 512  # time resolution of ``_pack_energy``'s knapsack (a bin is 1/51
 
 def _pack_energy(counts, groups, ladders, cold, cost: CostModel, D: int, H: int, target: float,
                  bins: int = PACK_BINS) -> Optional[CallDecision]:
-    """The energy objective's call: per group, one round at any tier of its ladder (its pairs past
+    """The energy objective's rounds: per group one round at any tier of its ladder (its pairs past
     it to MLX), its full rounds, or nothing, chosen together for the least joules with both sides
-    ending within ``target`` seconds (None if no choice does).
+    ending within ``target`` seconds. None if no choice with a program call does, or if no group
+    has a tier below its load (decode-sized calls: whole groups only, as ``_rebalance`` moves them).
 
     The frugal unit's time is the scarce resource: moving whole groups to MLX until the call fits
     (``_rebalance``) leaves up to a group's worth of it idle, and a round at the next tier up pads.
-    A multiple-choice knapsack over the programs' time (``bins`` steps, rounded up) finds the
-    rounds that put the most joules' worth of pairs on programs: rounds below a group's load
-    carry no padding, and the rest of the budget takes part of another group.
+    A multiple-choice knapsack over the programs' time (``bins`` steps, each option's time rounded
+    up) finds the rounds that save the most joules: rounds below a group's load carry no padding,
+    and the rest of the budget takes part of another group.
     """
     budget = target - cost.sync_s
-    if budget <= 0 or not groups:
+    covers = [ladder_rounds(counts[ids], tiers) for ids, tiers in zip(groups, ladders)]
+    if budget <= 0 or not any(cs and tiers[0] < cs[0] for cs, tiers in zip(covers, ladders)):
         return None
     f = flops_per_row(D, H)
     per_pair = f * cost.mlx_j_per_flop  # joules a pair costs on MLX, saved when a program serves it
     step = budget / bins
     at = np.arange(bins + 1)
-    dp = np.zeros(bins + 1)  # best value (joules saved) within k bins of program time
+    dp = np.zeros(bins + 1)  # most joules saved within k bins of program time
     picks, options, spent = [], [], []  # per group: option chosen at each budget (bins + 1,), options, their bins
-    for ids, tiers in zip(groups, ladders):
+    for ids, tiers, full in zip(groups, ladders, covers):
         load, G = counts[ids], len(ids)
-        full = ladder_rounds(load, tiers)
         one = np.asarray([c for c in tiers if full and c < full[0]], float)  # one round below the full cover
         t = np.concatenate([[0.0], [sum(cost.program_s(G, c, D, H) for c in full)] if full else [],
                             cost.programs_s(G, 1, one, D, H)])
@@ -280,7 +281,7 @@ def _pack_energy(counts, groups, ladders, cold, cost: CostModel, D: int, H: int,
     for gi in range(len(groups) - 1, -1, -1):  # walk the choices back
         o = int(picks[gi][k])
         cs, r = options[gi][o]
-        caps.append(cs if cs else ladder_rounds(counts[groups[gi]], ladders[gi]))
+        caps.append(cs if cs else covers[gi])
         rounds.append(r)
         k -= int(spent[gi][o])
     caps, rounds = caps[::-1], rounds[::-1]
