@@ -134,7 +134,27 @@ M4_ANE_PEAK = "https://github.com/maderix/ANE/pull/50 (M4/M5 Max ANE peak 19.27 
 M3_ANE_TOPS = "https://www.macrumors.com/2023/10/31/apple-m3-pro-less-memory-bandwidth/ (M3 Neural Engine 18 TOPS per Apple)"
 
 
+# Core ML reaches one die's ANE on an Ultra (two Max dies, two 16-core ANEs): parallel Core ML
+# models on M1 and M3 Ultras gained no ANE bandwidth over the Max (anemll-bench #8); both ANEs are
+# in the hardware (ioreg lists ane0 and ane2 on an M1 Ultra, jundot/omlx #2781), but only the
+# private ANE runtime with programs pinned to each instance uses both (jundot/omlx PR #2756).
+ULTRA_SOURCES = ("https://github.com/Anemll/anemll-bench/issues/8 (M1 and M3 Ultra: parallel Core ML models show no "
+                 "ANE bandwidth increase) ; https://github.com/jundot/omlx/issues/2781 (M1 Ultra ioreg: two 16-core "
+                 "ANEs, one per die) ; https://github.com/jundot/omlx/pull/2756 (both ANEs only through the private "
+                 "ANE runtime, programs pinned to each physical ANE)")
+ULTRA_NOTE = ("; Core ML uses one die's ANE: parallel Core ML models on M1/M3 Ultras gained no ANE bandwidth "
+              "(anemll-bench #8), and the second ANE is reached only by the private runtime with per-instance "
+              "pinning (oMLX), which npumoe does not use")
+
+
 def ane_tflops(chip):
+    v = _ane_tflops(chip)
+    if chip.endswith("-ultra"):
+        v = {**v, "source": v["source"] + " ; " + ULTRA_SOURCES, "note": v.get("note", "") + ULTRA_NOTE}
+    return v
+
+
+def _ane_tflops(chip):
     if chip in ANE_GFLOPS:
         g = ANE_GFLOPS[chip]
         return item(mean(g) / 1e3, af_source(chip),
@@ -143,7 +163,7 @@ def ane_tflops(chip):
     same = {"m1-pro": "m1-max", "m1-ultra": "m1-max", "m2-ultra": "m2-max"}
     if chip in same:
         src = same[chip]
-        v = ane_tflops(src)
+        v = _ane_tflops(src)
         return item(v["value"], af_source(src),
                     f"not measured; same 16-core ANE as {src} (anemll-bench shows the same ANE bandwidth across "
                     f"Pro/Max/Ultra of a generation), so {src}'s measured rate")
@@ -180,9 +200,11 @@ def ane_power(chip):
 
 def ane_bw(chip):
     if chip in ANE_BW:
-        return item(ANE_BW[chip], ANEMLL)
+        return item(ANE_BW[chip], ANEMLL, "measured on the Ultra: the Max's ANE bandwidth, one die's ANE (see ane_tflops)"
+                    if chip.endswith("-ultra") else None)
     if chip == "m3-ultra":
-        return item(120.60, "https://github.com/Anemll/anemll-bench/issues/8 (M3 Ultra llama_lm_head 120.6 GB/s)")
+        return item(120.60, "https://github.com/Anemll/anemll-bench/issues/8 (M3 Ultra llama_lm_head 120.6 GB/s)",
+                    "the M3 Max's ANE bandwidth: one die's ANE (see ane_tflops)")
     if chip == "m3-pro":
         return item(ANE_BW["m3"], ANEMLL, "not measured; M3 base value (63.10 GB/s), the conservative tier of the M3 generation")
     raise KeyError(chip)
@@ -356,6 +378,8 @@ MD_METHOD = """
 |---|---|---|
 | `ane_tflops` | fp16 FLOP/s the ANE achieves on large GEMMs | ANEForge roofline suite (sbryngelson/ANEForge `bench/results/rooflines/*.json`, `device_saturation_sweep`): one square fp16 GEMM compiled for the ANE, min latency; the mean of N=2048 and N=4096, the sizes of our expert GEMMs (D 2048-4096). Measured on M1, M1 Max, M2 Pro, M2 Max, M4, M4 Pro, M4 Max, M5. These are 14-35% of Apple's TOPS figures; the marketing peak (~19 TFLOPS fp16 on M4, maderix/ANE) is reached only by wide, chained programs. |
 | `ane_bw_gbs` | DRAM bandwidth the ANE reaches | Anemll/anemll-bench `Results.MD` (llama_lm_head, a weight-streaming program); M3 Ultra from anemll-bench issue #8. |
+| Ultras | one die's ANE | An Ultra is two Max dies with two 16-core ANEs (ioreg on an M1 Ultra lists `ane0` and `ane2`, jundot/omlx #2781), but Core ML places work on one: parallel Core ML models on M1 and M3 Ultras gained no ANE bandwidth over the Max (anemll-bench #8: M3 Ultra 120.6 GB/s, M3 Max 120.2; M1 Ultra 54.7, M1 Max 54.6; M2 Ultra 61.7, M2 Max 62.0). Only the private ANE runtime with programs pinned to each instance uses both (oMLX's dual-ANE prefill, jundot/omlx PR #2756). npumoe runs Core ML, so the Ultra profiles take the Max's ANE numbers. |
+| `copy_bps` (cost model, not per chip) | host copies of a program's rows in and out | 50 GB/s for every chip: one CPU core's memcpy, 50.5 GB/s on an M2 Max (whisper.cpp #89 `bench` memcpy, 1 thread); lower on other chips: M3 Ultra 47.9 GB/s (tinymembench C copy, geerlingguy/sbc-reviews #95), M1 Ultra 36.6 GB/s (whisper.cpp #89). |
 | `ane_dispatch_s` | fixed cost of one Core ML program call | aosama/astronomical #540: a Core ML `CPU_AND_NE` predict of a 1.4M-FLOP model takes 0.38 ms after buffer reuse (the issue quotes public measurements near 0.2 ms). Same for every chip. |
 | `ane_power_w` | ANE power while busy | powermetrics ANE rail in the same ANEForge runs, mean of N=2048 and N=4096 (2.1-6.3 W; maderix/ANE quotes ~2-2.8 W on smaller work). |
 | `gpu_tflops` | fp16 FLOP/s of MLX matmuls | Same ANEForge runs, GPU = MLX `x @ W` (fp16), mean of N=2048 and N=4096: measured on M1 (7-core), M2 Pro (16-core), M4 (8-core), M4 Pro (20-core), M4 Max (32-core), scaled by core count to the top bin. Other chips: peak fp16 (philipturner/metal-benchmarks for M1/M2, hmc-tech.com for M3/M4) x the measured MLX efficiency (MLX GEMM / peak, mean over M1, M2 Pro and M4 Max = EFF). M5: ml-explore/mlx #3196 (1280x1280 bf16 matmul 0.646 ms, with the M5 GPU neural accelerators). |
@@ -553,7 +577,7 @@ Two bounds say what any plan could do, so a miss can be told apart from a planne
 - **cost-model bound**: the best split of one layer call's pairs under the planner's own cost
   model, as if the programs' share ran in one program call with no padding: the host sync
   (180 us), one Core ML dispatch (380 us), MLX's fixed cost and the host copies of the rows
-  (`copy_bps`, 50 GB/s, the coreml default) included. Real plans need several program calls
+  (`copy_bps`, 50 GB/s, the coreml default: one core's memcpy, see above) included. Real plans need several program calls
   (one per group) and pad their tiers, so they land above it.
 
 "not met" says which bound already exceeds the target (per shape where they differ); a miss

@@ -134,8 +134,11 @@ class CostModel:
 # Parametric defaults. coreml: ANE numbers from shared/reference/ane-constraints.md
 # (Core ML predict ~0.2-0.4 ms per call; 2.3 TFLOPS on one 2048ch x 64 conv, so
 # ~2 TFLOPS achieved on small grouped convs) against MLX on an Apple GPU (a few
-# TFLOPS on gather_mm). onnx/mlx: this kind of 2-core x86 machine (measured once
-# with `npumoe tune`; run it on yours).
+# TFLOPS on gather_mm). Host copies (copy_bps, also every --chip profile's): one CPU
+# core's memcpy, 50.5 GB/s on an M2 Max (ggml-org/whisper.cpp #89, `bench` memcpy with
+# 1 thread); M3 Ultra 47.9 GB/s (tinymembench C copy, geerlingguy/sbc-reviews #95), M1
+# Ultra 36.6 GB/s (whisper.cpp #89). onnx/mlx: this kind of 2-core x86 machine
+# (measured once with `npumoe tune`; run it on yours).
 DEFAULTS: Dict[str, CostModel] = {
     # Energy: ANE ~2-2.8 W busy, GPU ~20 W on LLM work (maderix/ANE; ANEForge, in
     # ane-constraints.md), per FLOP at the throughputs above.

@@ -139,6 +139,7 @@ class OffloadExecutor:
             self.notice(f"layer {self.plan.layer}: {100 * st.overflow / st.synced_pairs:.0f}% of routed pairs overflow "
                       f"their group's top tier (the plan expects ~0); save this workload with `npumoe generate "
                       f"--stats FILE`, see the new plan with `npumoe plan --from-stats FILE` and rebuild with "
+                      f"`npumoe convert --hf-path M --refresh FILE` (a converted model) or "
                       f"`npumoe build --model M --from-stats FILE`")
 
     # --- the call: prepare (one host sync) -> run (MLX side, programs) -> finish (one array back) ---

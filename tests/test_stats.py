@@ -35,6 +35,8 @@ def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
     s = summarize(offload_stats(model))
     assert s["overflow_pct"] > 5 and len(notes) >= 1
     assert "overflow their group's top tier" in notes[0] and "npumoe plan --from-stats" in notes[0]
+    assert "npumoe convert --hf-path M --refresh FILE" in notes[0]  # issue 10 item 5's refresh command
+    assert "npumoe build --model M --from-stats FILE" in notes[0]
     mx.eval(model(ids))
     assert len(notes) == len({n.split(":")[0] for n in notes})  # once per layer, not per call
 
