@@ -318,3 +318,26 @@ def test_energy_takes_back_as_much_as_its_time_bound_allows():
     assert d.rounds == [1, 1, 1] and d.caps[1] == [4]
     t = decide_call(counts, groups, ladders, cold, cost, D, H)  # time: two groups to MLX, one cut back: 28 s
     assert t.offload_s == pytest.approx(28.0) and t.offload_j == pytest.approx(27.4) and t.caps[1] == [4]
+
+
+def test_energy_packs_rounds_below_loads_into_the_frugal_units_time():
+    """Three resident experts of 10 pairs, ladders [8, 16]; programs 2 s and 0.1 J per row, MLX 1 s
+    and 1 J per pair, bound 1.2x MLX alone (36 s). Moving whole groups leaves one 16-row round
+    (32 s, 6 rows padded; 21.6 J) and no smaller round fits beside it; two rounds of 8 (below the
+    loads: no padding, the rest on MLX) end at 32 s with 15.6 J, the least of every choice."""
+    cost = _cost(program_flops=F / 2, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    counts = np.array([10, 10, 10])
+    cold = np.zeros(3, bool)
+    groups, ladders = [np.array([i]) for i in range(3)], [[8, 16]] * 3
+    d = decide_call(counts, groups, ladders, cold, cost, D, H, objective="energy", energy_bound="gpu")
+    best = None  # every choice per group: nothing, one round of 8, one of 16
+    for rows in np.array(np.meshgrid(*[[0, 8, 16]] * 3)).T.reshape(-1, 3):
+        t, served = 2.0 * rows.sum(), np.minimum(rows, 10).sum()
+        j = 0.1 * rows.sum() + (30 - served)
+        if max(t, 30 - served) <= 36 and (best is None or j < best):
+            best = j
+    assert best == pytest.approx(15.6)
+    assert d.offload and d.offload_j == pytest.approx(best) and d.offload_s <= 36 + 1e-9, (d.caps, d.rounds)
+    assert sorted(c[0] for c, r in zip(d.caps, d.rounds) if r) == [8, 8]
+    t = decide_call(counts, groups, ladders, cold, cost, D, H)  # the time objective does not pack
+    assert t.offload_j > best
