@@ -89,6 +89,9 @@ class LayerPlan:
     objective: str = "time"  # what a call's offload decision minimises: "time" or "energy"
     max_calls: int = 0  # program calls per layer call that tier splits may use (0: no splits)
     energy_bound: str = "time"  # energy objective: within 1.2x of the least time ("time") or of MLX alone ("gpu")
+    # energy objective: a call ends within slack x the least time this plan's decisions give it; below 1.2 when
+    # this plan's fastest calls are slower than the time objective's plan (_energy_residency), so both hold 1.2x
+    slack: float = 1.2
 
     def predicted(self, cost: CostModel, tokens: int, counts: Optional[np.ndarray] = None) -> dict:
         """Predicted seconds of one call on the plan's path and on MLX alone."""
@@ -104,7 +107,7 @@ class LayerPlan:
         cold[list(self.cold)] = True
         groups = [np.asarray(g.experts) for g in self.groups]
         return decide_call(counts, groups, [g.tiers for g in self.groups], cold, cost, self.D, self.H, overflow,
-                           self.objective, self.max_calls, self.energy_bound)
+                           self.objective, self.max_calls, self.energy_bound, self.slack)
 
 
 @dataclass
@@ -479,14 +482,15 @@ def plan_layer(
     groups = resident_groups(m)
     if energy:  # the estimates above move whole groups; the calls pack rounds (tiers._pack_energy), which
         # can use more resident experts: check a few residencies on the calls themselves
-        groups = _energy_residency(m, int((counts > 0).sum()), groups, resident_groups, resident_groups(m_time, False),
-                                   samples, E, k, D, H, cost, limits, energy_bound)
+        groups, slack = _energy_residency(m, int((counts > 0).sum()), groups, resident_groups,
+                                          resident_groups(m_time, False), samples, E, k, D, H, cost, limits,
+                                          energy_bound)
     resident = {e for g in groups for e in g.experts}
     groups += tail_groups([e for e in rank if e not in resident and counts[e] == 0], cost, D, H, limits, sizes, top)
     resident = {e for g in groups for e in g.experts}
     cold = [e for e in range(E) if e not in resident]
     lp = LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, groups, sorted(cold),
-                   objective=objective, energy_bound=energy_bound)
+                   objective=objective, energy_bound=energy_bound, slack=slack if energy else 1.2)
     lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)
     lp.min_tokens = _min_tokens(lp, cost, counts)
     if lp.min_tokens == NEVER:
@@ -499,36 +503,38 @@ ENERGY_PROBES = 32  # calibrated calls _energy_residency replays per candidate r
 
 def _energy_residency(m: int, seen: int, groups: List[GroupPlan], resident_groups, time_groups: List[GroupPlan],
                       samples: np.ndarray, E: int, k: int, D: int, H: int, cost: CostModel, limits: PlanLimits,
-                      energy_bound: str) -> List[GroupPlan]:
-    """The energy objective's residency, checked on calibrated calls (samples (S, E)) through the
-    executor's own decisions: the estimated best ``m`` experts on programs, and more, up to all
-    ``seen`` (calibrated) ones. Each call packs the rounds that spend least within its time bound
-    (``tiers._pack_energy``), so a resident group costs nothing on calls it would not pay on, and
-    more resident experts give the packing more ways to fill the frugal unit's time. The least
-    mean joules wins among residencies whose mean time is within 1.2x the time objective's plan
-    (``time_groups``) on these calls (``energy_bound="time"``) or MLX alone's (else the fastest);
-    ties within 0.1% keep fewer programs."""
+                      energy_bound: str):
+    """The energy objective's residency and per-call slack, checked on calibrated calls (samples
+    (S, E)) through the executor's own decisions: the estimated best ``m`` experts on programs, and
+    more, up to all ``seen`` (calibrated) ones. Each call packs the rounds that spend least within
+    its time bound (``tiers._pack_energy``), so a resident group costs nothing on calls it would not
+    pay on, and more resident experts give the packing more ways to fill the frugal unit's time.
+
+    A call's bound is slack x the fastest this plan's own decisions give it; with
+    ``energy_bound="time"`` the target is 1.2x the time objective's plan (``time_groups``), whose
+    calls may end sooner, so each candidate's slack is 1.2 x (the time plan's mean time / its own
+    fastest mean time), at most 1.2. The least mean joules wins; ties within 0.1% keep fewer
+    programs. Returns (groups, slack)."""
     probe = samples[np.linspace(0, len(samples) - 1, min(ENERGY_PROBES, len(samples))).round().astype(int)]
 
-    def layer(gs, objective):
+    def layer(gs, objective, slack=1.2):
         ids = {e for g in gs for e in g.experts}
         return LayerPlan(0, "", E, k, D, H, gs, [e for e in range(E) if e not in ids], objective=objective,
-                         energy_bound=energy_bound, max_calls=int(limits.call_ratio * len(gs) + 1e-9))
+                         energy_bound=energy_bound, max_calls=int(limits.call_ratio * len(gs) + 1e-9), slack=slack)
 
-    def mean(ds, what):  # mean seconds or joules of these calls as the executor runs them
-        return float(np.mean([(d.offload_s if d.offload else d.mlx_only_s) if what == "s" else
-                              (d.offload_j if d.offload else d.mlx_only_j) for d in ds]))
+    def mean_s(lp):  # mean seconds of these calls as the executor runs them
+        return float(np.mean([d.offload_s if d.offload else d.mlx_only_s for d in (lp.decide(cost, c) for c in probe)]))
 
-    timed = [layer(time_groups, "time").decide(cost, c) for c in probe]
-    bound = 1.2 * (mean(timed, "s") if energy_bound == "time" else float(np.mean([d.mlx_only_s for d in timed])))
-    tried = []  # (joules, seconds, programs, groups)
+    ref = mean_s(layer(time_groups, "time"))
+    tried = []  # (joules, programs, groups, slack)
     for cand in [m] + sorted({m + (seen - m) * q // 4 for q in (1, 2, 3, 4)} - {m}):
         gs = groups if cand == m else resident_groups(cand)
-        ds = [layer(gs, "energy").decide(cost, c) for c in probe]
-        tried.append((mean(ds, "j"), mean(ds, "s"), len(gs), gs))
-    ok = [x for x in tried if x[1] <= bound + 1e-15] or [min(tried, key=lambda x: x[1])]
-    least = min(x[0] for x in ok)
-    return min((x for x in ok if x[0] <= least * (1 + 1e-3)), key=lambda x: x[2])[3]
+        slack = 1.2 * min(1.0, ref / mean_s(layer(gs, "time"))) if energy_bound == "time" else 1.2
+        ds = [layer(gs, "energy", slack).decide(cost, c) for c in probe]
+        tried.append((float(np.mean([d.offload_j if d.offload else d.mlx_only_j for d in ds])), len(gs), gs, slack))
+    least = min(x[0] for x in tried)
+    best = min((x for x in tried if x[0] <= least * (1 + 1e-3)), key=lambda x: x[1])
+    return best[2], best[3]
 
 
 def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: PlanLimits,
