@@ -117,7 +117,8 @@ class OffloadExecutor:
             d.offload = d.program_calls > 0
             return d
         return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
-                           self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
+                           self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound,
+                           self.plan.slack)
 
     def _small_tiers(self) -> List[List[int]]:
         """Each group's ladder plus the program's tiers below it (dynamic onnx programs take

@@ -341,3 +341,21 @@ def test_energy_packs_rounds_below_loads_into_the_frugal_units_time():
     assert sorted(c[0] for c, r in zip(d.caps, d.rounds) if r) == [8, 8]
     t = decide_call(counts, groups, ladders, cold, cost, D, H)  # the time objective does not pack
     assert t.offload_j > best
+
+
+def test_the_executor_decides_with_the_plans_energy_slack():
+    """The executor and replay run one decision: an energy plan's slack (below 1.2 when its fastest
+    calls are slower than the time plan's) bounds the executor's calls as it bounds replay's."""
+    from npumoe_mlx.executor import OffloadExecutor
+
+    cost = _cost(program_flops=F / 2, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
+    counts = np.array([10, 10, 10])
+    lp = LayerPlan(0, "p", 3, 1, D, H, [GroupPlan([i], [8, 16]) for i in range(3)], [], objective="energy",
+                   energy_bound="gpu")
+    ex = OffloadExecutor(lp, [object()] * 3, cost)
+    assert ex._decide(counts).offload_j == pytest.approx(15.6)  # two rounds of 8 within 1.2 x 30 s
+    tight = replace(lp, slack=1.0)  # within 30 s: one round of 8 and one of 6 rows would not fit a tier
+    d, e = tight.decide(cost, counts), OffloadExecutor(tight, [object()] * 3, cost)._decide(counts)
+    assert d.offload_s <= 30 + 1e-9 and (e.offload_s, e.offload_j, e.caps, e.rounds) == (d.offload_s, d.offload_j,
+                                                                                         d.caps, d.rounds)
+    assert d.offload_j > 15.6
