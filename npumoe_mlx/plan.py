@@ -331,7 +331,9 @@ def plan_layer(
     little: hot experts tend to get small groups, lukewarm ones larger groups, as
     dispatch and padding costs dictate). Programs and MLX run at the same time, so the plan takes the prefix
     whose calls finish soonest (sync + max of the two sides), or with
-    ``objective="energy"`` spend the least energy within 1.2x of that.
+    ``objective="energy"`` spend the least energy within 1.2x of that: the estimate moves
+    whole groups, the calls pack rounds, so a few larger residencies are checked on
+    calibrated calls (``_energy_residency``).
     """
     E = lp_profile.num_experts
     k = lp_profile.top_k or 1
