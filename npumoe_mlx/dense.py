@@ -11,7 +11,8 @@ MatMulNBits without zero points plus the exact per-group correction, codes kept 
 Decided by measured cost, not by flag alone: for each distinct shape (in, out, format)
 ``install`` times stock MLX and the program at 1 row and at ``ROWS[-1]`` rows, fits
 ``t(n) = a + b n`` to each, and swaps the module only if the program wins at the larger
-count; calls below the crossover (and below ``MIN_ROWS``: decode) stay on MLX. The
+count; calls below the crossover stay on MLX, and 1-row calls (decode) unless the program
+takes less than half MLX's time (its host sync stalls mlx_lm's pipelined decode loop). The
 timings are saved beside the bundle (``dense-costs.json``, written atomically) and reused
 by the next load on the same host; ``costs=`` injects them (tests, a tuned file).
 
@@ -49,8 +50,8 @@ from .programs import _dense_weight
 
 COSTS_FILE = "dense-costs.json"
 FORMAT = "npumoe-dense-costs/1"
-ROWS = (1, 256)  # row counts timed per shape: decode, and a prefill-sized call
-MIN_ROWS = 2  # a 1-row call (decode) stays on MLX: its host sync stalls mlx_lm's pipelined loop
+ROWS = (1, 128)  # row counts timed per shape: decode, and a prefill-sized call
+DECODE_MARGIN = 0.5  # 1-row calls run the program only if it takes < this x MLX's time
 SKIP_NAMES = ("lm_head",)
 
 
@@ -100,6 +101,7 @@ class LinearProgram:
     def __init__(self, lin: nn.Module, open_session: Callable, name: str = "linear"):
         w, bias = _dense_weight(lin)
         _, self.out, self.inp = w.shape
+        self.nbytes = int(w.nbytes + (0 if bias is None else bias.nbytes))  # what onnxruntime holds (before prepacking)
         self.session = open_session(build_linear_onnx(w, bias, name).SerializeToString())
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -157,18 +159,18 @@ class DenseExecutor:
 
 # ---- costs ---------------------------------------------------------------------------------
 
-def crossover(rows: Sequence[int], mlx_s: Sequence[float], program_s: Sequence[float],
-              floor: int = MIN_ROWS) -> Optional[int]:
-    """The smallest row count from which the program is faster, or None if it never is
-    (within the measured range: it must win at the largest count). Linear in n between
-    the first and last measured counts; never below ``floor``."""
+def crossover(rows: Sequence[int], mlx_s: Sequence[float], program_s: Sequence[float]) -> Optional[int]:
+    """The smallest row count from which the program runs, or None (it must win at the
+    largest measured count). Linear in n between the first and last measured counts. A
+    1-row call (decode) needs the program within ``DECODE_MARGIN`` of MLX's time: its host
+    sync also stalls mlx_lm's pipelined decode loop, which a call's own time does not show."""
     n0, n1 = rows[0], rows[-1]
     d0, d1 = program_s[0] - mlx_s[0], program_s[-1] - mlx_s[-1]
     if d1 >= 0:
         return None
     if d0 <= 0:
-        return max(floor, n0)
-    return max(floor, int(math.ceil(n0 + (n1 - n0) * d0 / (d0 - d1))))
+        return 2 if n0 == 1 and program_s[0] > DECODE_MARGIN * mlx_s[0] else n0
+    return max(2, int(math.ceil(n0 + (n1 - n0) * d0 / (d0 - d1))))
 
 
 def _time(fn: Callable[[], object], budget_s: float = 0.3, most: int = 5) -> float:
@@ -291,10 +293,12 @@ def check_mode(offload: str) -> None:
     from .offload import resolve
 
     want = resolve(offload)
+    if want == "coreml":
+        raise DenseError(f"--dense-programs runs on the onnx backend only; --offload {offload} is Core ML here "
+                         f"(Core ML bundles serve experts only): use --offload onnx")
     if want != "onnx":
-        where = " (Core ML bundles and macOS run the experts on Core ML)" if want == "coreml" else ""
-        raise DenseError(f"--dense-programs runs on the onnx backend only; offload {offload!r} is {want}{where}: "
-                         f"use --offload onnx")
+        raise DenseError(f"--dense-programs runs on the onnx backend only, not with --offload {offload}: "
+                         f"use --offload onnx (or auto)")
 
 
 def installed(model: nn.Module) -> List[DenseExecutor]:
@@ -310,8 +314,15 @@ def summary(model: nn.Module) -> dict:
         "offloaded_calls": sum(e.stats.offloaded for e in ex),
         "rows": sum(e.stats.rows for e in ex),
         "program_s": sum(e.stats.program_s for e in ex),
+        "weight_bytes": sum(e.program.nbytes for e in ex),
         "fallbacks": {e.stats.path: e.stats.fallback for e in ex if e.stats.fallback},
     }
+
+
+def format_summary(s: dict) -> str:
+    line = (f"dense programs: {s['linears']} linears, {s['offloaded_calls']} of {s['calls']} calls on onnxruntime "
+            f"({s['rows']} rows, {s['program_s']:.2f} s)")
+    return line + "".join(f"\n  {p}: fell back to MLX ({why})" for p, why in s["fallbacks"].items())
 
 
 def _say(msg: str, quiet: bool) -> None:
