@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -195,3 +196,16 @@ def test_onnx_only(tmp_path):
     path = make_tiny_model(tmp_path / "m", "mixtral", seed=8)
     with pytest.raises(ValueError, match="not with --offload mlx"):
         npumoe_mlx.load(str(path), offload="mlx", dense_programs=True)
+
+
+def test_generate_cli_flag(tmp_path, capsys):
+    from npumoe_mlx import cli
+
+    path = make_tiny_model(tmp_path / "m", "mixtral", seed=9)
+    assert cli.main(["generate", "--model", str(path), "--prompt", PROMPT, "--max-tokens", "3",
+                     "--dense-programs", "--stats"]) == 0
+    out = capsys.readouterr()
+    assert re.search(r"dense programs: \d+ linears, \d+ of \d+ calls on onnxruntime", out.out)  # --stats (measured costs)
+    assert "dense programs:" in out.err and "of 8 linears on onnxruntime" in out.err
+    assert cli.main(["generate", "--model", str(path), "--prompt", "hi", "--offload", "off", "--dense-programs"]) == 1
+    assert "runs on the onnx backend only, not with --offload off" in capsys.readouterr().err

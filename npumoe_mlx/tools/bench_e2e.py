@@ -91,7 +91,7 @@ def prepare(
 def bench_model(
     model_dir, label: str, prompt_tokens: Sequence[int], *, backend: str = "onnx", max_tokens: int = 16,
     prefill_step: int = 512, seed: int = 0, repeats: int = 1, log: Callable[[str], None] = print,
-    keep_mlx_experts: bool = False,
+    keep_mlx_experts: bool = False, dense_programs: bool = False,
 ) -> dict:
     """Measure offload vs stock on prompts of ``prompt_tokens`` tokens; rows + context."""
     model_dir = Path(model_dir)
