@@ -89,8 +89,12 @@ def find_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         kids = m.children()
         if any(isinstance(c, (SwitchGLU, SwitchMLP)) for c in kids.values()):  # an MoE block
             skip.update(pre + k for k, c in kids.items() if isinstance(c, (nn.Linear, nn.QuantizedLinear)))  # routers
-    return [(path, m) for path, m in model.named_modules()
-            if _supported(m) and path not in skip and path.rsplit(".", 1)[-1] not in SKIP_NAMES]
+    out, seen = [], set()
+    for path, m in model.named_modules():
+        if _supported(m) and path not in skip and path.rsplit(".", 1)[-1] not in SKIP_NAMES and id(m) not in seen:
+            seen.add(id(m))  # a module reachable by two paths is swapped once
+            out.append((path, m))
+    return out
 
 
 class LinearProgram:
