@@ -209,3 +209,15 @@ def test_generate_cli_flag(tmp_path, capsys):
     assert "dense programs:" in out.err and "of 8 linears on onnxruntime" in out.err
     assert cli.main(["generate", "--model", str(path), "--prompt", "hi", "--offload", "off", "--dense-programs"]) == 1
     assert "runs on the onnx backend only, not with --offload off" in capsys.readouterr().err
+
+
+def test_rebuild_replaces_saved_costs(tmp_path):
+    """dense-costs.json is part of the bundle folder: a rebuild replaces it (costs measured afresh)."""
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", q_bits=4, seed=10)
+    out = build_bundle(str(path), "onnx", corpus=["long-context"], tokens=128, chunk_size=128, cost=EAGER,
+                       log=lambda m: None)
+    model, _ = npumoe_mlx.load(str(path), offload="onnx", quiet=True, dense_programs=True)
+    assert (out / dense.COSTS_FILE).is_file()
+    assert build_bundle(str(path), "onnx", corpus=["long-context"], tokens=128, chunk_size=128, cost=EAGER,
+                        log=lambda m: None) == out
+    assert (out / "manifest.json").is_file() and not (out / dense.COSTS_FILE).exists()
