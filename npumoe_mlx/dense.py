@@ -53,6 +53,8 @@ FORMAT = "npumoe-dense-costs/1"
 ROWS = (1, 128)  # row counts timed per shape: decode, and a prefill-sized call
 DECODE_MARGIN = 0.5  # 1-row calls run the program only if it takes < this x MLX's time
 SKIP_NAMES = ("lm_head",)
+HEAD_ROWS = 64  # lm_head: calls of at most this many rows (decode); a prefill chunk's logits are never evaluated
+HEAD_MAX_BYTES = 512 << 20  # float heads larger than this stay on MLX (the graph is built in memory)
 
 
 class DenseError(ValueError):
@@ -97,6 +99,16 @@ def find_linears(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return out
 
 
+def find_heads(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(path, module) of an untied ``lm_head`` a dense program may serve at decode."""
+    out = []
+    for path, m in model.named_modules():
+        if path.rsplit(".", 1)[-1] == "lm_head" and _supported(m):
+            if "scales" in m or m["weight"].nbytes <= HEAD_MAX_BYTES:
+                out.append((path, m))
+    return out[:1]
+
+
 class LinearProgram:
     """One linear's onnxruntime session: x (1, n, in) float32 -> y (1, n, out), any n."""
 
@@ -135,8 +147,9 @@ class DenseExecutor:
 
     bakes_weights = True
 
-    def __init__(self, path: str, program: LinearProgram, min_rows: int, warn: Callable[[str], None] = None):
-        self.program, self.min_rows, self.warn = program, int(min_rows), warn or _warn
+    def __init__(self, path: str, program: LinearProgram, min_rows: int, warn: Callable[[str], None] = None,
+                 max_rows: Optional[int] = None):
+        self.program, self.min_rows, self.max_rows, self.warn = program, int(min_rows), max_rows, warn or _warn
         self.stats = DenseStats(path)
         self.disabled = False
 
@@ -145,7 +158,7 @@ class DenseExecutor:
         st.calls += 1
         K = x.shape[-1]
         n = x.size // K
-        if self.disabled or n < self.min_rows:
+        if self.disabled or n < self.min_rows or (self.max_rows is not None and n > self.max_rows):
             return experts.stock_dense(lin, x)
         x32 = x.reshape(1, n, K).astype(mx.float32)
         mx.eval(x32)  # the host sync (raises MLX's refusal inside compile/vmap: the guard runs MLX)
@@ -260,7 +273,7 @@ def install(
     path = Path(bundle) / COSTS_FILE if bundle else None
     if costs is None:
         costs = (DenseCosts.load(path) if path is not None else None) or DenseCosts()
-    linears = find_linears(model)
+    linears, heads = find_linears(model), find_heads(model)
     by_key: Dict[str, List[Tuple[str, nn.Module]]] = {}
     for p, lin in linears:
         by_key.setdefault(shape_key(lin), []).append((p, lin))
@@ -280,14 +293,28 @@ def install(
         for i, (p, lin) in enumerate(mods):
             prog = first if i == 0 and first is not None else LinearProgram(lin, be._session, name=p)
             experts.install_dense(lin, DenseExecutor(p, prog, m), f"dense program {p}", notice)
+    for p, lin in heads:  # decode only: 1-row costs, and it must win by the decode margin
+        key, prog = shape_key(lin) + "@head", None
+        if key not in costs.shapes:
+            prog = LinearProgram(lin, be._session, name=p)
+            costs.shapes[key] = measure(lin, prog, rows[:1])
+            fresh = True
+        decisions[key] = m = costs.min_rows(key)
+        if m == 1:
+            prog = prog or LinearProgram(lin, be._session, name=p)
+            experts.install_dense(lin, DenseExecutor(p, prog, 1, max_rows=HEAD_ROWS), f"dense program {p}", notice)
+            by_key[key] = [(p, lin)]
+        else:
+            decisions[key] = None
     if fresh and path is not None and path.parent.is_dir():
         try:
             write_json(path, costs.to_dict())
         except OSError as e:  # a read-only bundle: measured again next load
             _say(f"could not save dense costs to {path} ({e.strerror or e})", quiet)
     n_on = sum(len(by_key[k]) for k, m in decisions.items() if m is not None)
-    _say(f"dense programs: {n_on} of {len(linears)} linears on onnxruntime ("
-         + ", ".join(f"{k}: " + (f">= {m} rows" if m is not None else "MLX") for k, m in decisions.items())
+    _say(f"dense programs: {n_on} of {len(linears) + len(heads)} linears on onnxruntime ("
+         + ", ".join(f"{k}: " + ("MLX" if m is None else f"<= {HEAD_ROWS} rows" if k.endswith("@head") else f">= {m} rows")
+                     for k, m in decisions.items())
          + f"; {time.perf_counter() - t0:.1f} s)", quiet)
     return decisions
 

@@ -30,7 +30,8 @@ def _win(keys, mlx=(1.0, 1.0), prog=(0.1, 0.1)) -> dense.DenseCosts:
 
 
 def _keys(model):
-    return {dense.shape_key(m) for _, m in dense.find_linears(model)}
+    return ({dense.shape_key(m) for _, m in dense.find_linears(model)}
+            | {dense.shape_key(m) + "@head" for _, m in dense.find_heads(model)})
 
 
 def _greedy(model, tok, n=12):
@@ -53,9 +54,12 @@ def test_tokens_match_mlx_lm(tmp_path, family, q_bits, bundle):
                                  dense_programs=_win(_keys(stock)))
     assert _greedy(ours, tok2) == want
     s = dense.summary(ours)
-    # every non-expert linear but routers and lm_head runs on a program, prefill and decode
-    assert s["linears"] == len(dense.find_linears(stock)) > 0
-    assert s["offloaded_calls"] == s["calls"] > 0 and not s["fallbacks"]
+    # every non-expert linear but routers runs on a program, prefill and decode (lm_head: decode)
+    assert s["linears"] == len(dense.find_linears(stock)) + len(dense.find_heads(stock)) > 0
+    assert not s["fallbacks"]
+    ex = dense.installed(ours)
+    assert all(e.stats.offloaded == e.stats.calls > 0 for e in ex if e.max_rows is None)
+    assert all(e.stats.offloaded > 0 for e in ex)  # lm_head: its decode calls
     if q_bits is None:
         ids = mx.array(tok.encode(PROMPT * 4)[:64])[None]
         a, b = np.array(ours(ids)), np.array(stock(ids))
@@ -85,13 +89,15 @@ def test_cost_decision_keeps_mlx_winners(tmp_path):
     path = make_tiny_model(tmp_path / "m", "qwen3_moe", q_bits=4, seed=2)
     model, _ = stock_load(str(path))
     keys = sorted(_keys(model))
-    assert keys == ["64x32/q4g32", "64x64/q4g32"]
+    assert keys == ["64x32/q4g32", "64x512/q4g32@head", "64x64/q4g32"]
     costs = dense.DenseCosts({
+        "64x512/q4g32@head": {"rows": [1], "mlx_s": [1.0], "program_s": [0.9]},  # not by the decode margin
         "64x64/q4g32": {"rows": [1, 128], "mlx_s": [1.0, 5.0], "program_s": [2.0, 2.0]},  # programs from 33 rows
         "64x32/q4g32": {"rows": [1, 128], "mlx_s": [0.1, 1.0], "program_s": [0.2, 3.0]},  # MLX wins
     })
     got = dense.install(model, costs=costs, quiet=True)
-    assert got == {"64x64/q4g32": 33, "64x32/q4g32": None}
+    assert got == {"64x64/q4g32": 33, "64x32/q4g32": None, "64x512/q4g32@head": None}
+    assert type(model.lm_head) is nn.QuantizedLinear
     for p, m in tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module)):
         if p.endswith(("k_proj", "v_proj")):
             assert type(m) is nn.QuantizedLinear and "executor" not in m.__dict__
@@ -114,8 +120,10 @@ def test_costs_saved_beside_bundle_and_reused(tmp_path, monkeypatch):
     keys = _keys(model)
     dense.install(model, bundle=str(folder), quiet=True)  # measures this machine
     saved = json.loads((folder / dense.COSTS_FILE).read_text())
-    assert saved["format"] == dense.FORMAT and set(saved["shapes"]) == keys == {"64x64/f32", "64x32/f32"}
-    assert all(len(c["mlx_s"]) == len(c["program_s"]) == len(dense.ROWS) for c in saved["shapes"].values())
+    assert saved["format"] == dense.FORMAT and set(saved["shapes"]) == keys == {"64x64/f32", "64x32/f32", "64x512/f32@head"}
+    for k, c in saved["shapes"].items():  # lm_head: timed at 1 row only (decode)
+        assert c["rows"] == (list(dense.ROWS[:1]) if k.endswith("@head") else list(dense.ROWS))
+        assert len(c["mlx_s"]) == len(c["program_s"]) == len(c["rows"])
 
     def no_measure(*a, **k):
         raise AssertionError("costs were measured again")
@@ -138,9 +146,9 @@ def test_remove_restores_modules(tmp_path):
     before = {p: (type(m), id(m)) for p, m in model.named_modules()}
     params = {k: id(v) for k, v in tree_flatten(model.parameters())}
     npumoe_mlx.install(model, offload="auto", dense_programs=_win(_keys(model)), quiet=True)
-    assert len(dense.installed(model)) == 8
+    assert len(dense.installed(model)) == 9  # 8 attention projections and lm_head
     assert {k: id(v) for k, v in tree_flatten(model.parameters())} == params  # same parameters and keys
-    assert npumoe_mlx.remove(model) == 8
+    assert npumoe_mlx.remove(model) == 9
     assert {p: (type(m), id(m)) for p, m in model.named_modules()} == before
     assert not dense.installed(model)
     assert np.array_equal(np.array(model(ids)), want)
@@ -206,7 +214,7 @@ def test_generate_cli_flag(tmp_path, capsys):
                      "--dense-programs", "--stats"]) == 0
     out = capsys.readouterr()
     assert re.search(r"dense programs: \d+ linears, \d+ of \d+ calls on onnxruntime", out.out)  # --stats (measured costs)
-    assert "dense programs:" in out.err and "of 8 linears on onnxruntime" in out.err
+    assert "dense programs:" in out.err and "of 9 linears on onnxruntime" in out.err
     assert cli.main(["generate", "--model", str(path), "--prompt", "hi", "--offload", "off", "--dense-programs"]) == 1
     assert "runs on the onnx backend only, not with --offload off" in capsys.readouterr().err
 
@@ -221,3 +229,20 @@ def test_rebuild_replaces_saved_costs(tmp_path):
     assert build_bundle(str(path), "onnx", corpus=["long-context"], tokens=128, chunk_size=128, cost=EAGER,
                         log=lambda m: None) == out
     assert (out / "manifest.json").is_file() and not (out / dense.COSTS_FILE).exists()
+
+
+def test_lm_head_runs_programs_only_at_decode(tmp_path):
+    path = make_tiny_model(tmp_path / "m", "mixtral", seed=11)
+    stock, tok = stock_load(str(path))
+    ours, _ = stock_load(str(path))
+    got = dense.install(ours, costs=_win(_keys(ours)), quiet=True)
+    assert got["64x512/f32@head"] == 1
+    ex = ours.lm_head.executor
+    assert ex.max_rows == dense.HEAD_ROWS
+    h = mx.random.normal((1, dense.HEAD_ROWS + 1, 64), key=mx.random.key(0))
+    ours.lm_head(h)  # a prefill chunk: stays on MLX (lazy: never evaluated by mlx_lm)
+    assert ex.stats.offloaded == 0
+    one = h[:, :1]
+    assert np.allclose(np.array(ours.lm_head(one)), np.array(stock.lm_head(one)), rtol=1e-5, atol=1e-5)
+    assert ex.stats.offloaded == 1
+    assert _greedy(ours, tok) == _greedy(stock, tok)
