@@ -228,8 +228,11 @@ class DenseCosts:
     host: str = field(default_factory=platform.node)
 
     def min_rows(self, key: str) -> Optional[int]:
+        """The row count from which ``key`` runs its program, or None (MLX). An ``@head``
+        key (lm_head, decode only) runs it only if it wins at 1 row by the decode margin."""
         c = self.shapes[key]
-        return crossover(c["rows"], c["mlx_s"], c["program_s"])
+        m = crossover(c["rows"], c["mlx_s"], c["program_s"])
+        return (m if m == 1 else None) if key.endswith("@head") else m
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "host": self.host, "shapes": self.shapes}
@@ -300,12 +303,10 @@ def install(
             costs.shapes[key] = measure(lin, prog, rows[:1])
             fresh = True
         decisions[key] = m = costs.min_rows(key)
-        if m == 1:
+        if m is not None:
             prog = prog or LinearProgram(lin, be._session, name=p)
-            experts.install_dense(lin, DenseExecutor(p, prog, 1, max_rows=HEAD_ROWS), f"dense program {p}", notice)
+            experts.install_dense(lin, DenseExecutor(p, prog, m, max_rows=HEAD_ROWS), f"dense program {p}", notice)
             by_key[key] = [(p, lin)]
-        else:
-            decisions[key] = None
     if fresh and path is not None and path.parent.is_dir():
         try:
             write_json(path, costs.to_dict())

@@ -83,6 +83,10 @@ def test_crossover_decisions():
     assert dense.crossover(rows, [0.02, 6.0], [0.015, 0.05]) == 2  # wins at 1 row, not by the decode margin
     # program slower at 1 row, faster at 128: the linear fits cross at 1 + 127 * 1 / (1 + 3) = 32.75
     assert dense.crossover(rows, [1.0, 5.0], [2.0, 2.0]) == 33
+    head = lambda mlx, prog: dense.DenseCosts({"8x8/f32@head": {"rows": [1], "mlx_s": [mlx], "program_s": [prog]}})
+    assert head(1.0, 0.1).min_rows("8x8/f32@head") == 1  # lm_head: 1-row win by the decode margin, or MLX
+    assert head(1.0, 0.9).min_rows("8x8/f32@head") is None
+    assert head(1.0, 2.0).min_rows("8x8/f32@head") is None
 
 
 def test_cost_decision_keeps_mlx_winners(tmp_path):
@@ -131,7 +135,7 @@ def test_costs_saved_beside_bundle_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(dense, "measure", no_measure)
     again, _ = stock_load(str(path))
     first = dense.install(again, bundle=str(folder), quiet=True)
-    assert first == {k: dense.crossover(c["rows"], c["mlx_s"], c["program_s"]) for k, c in saved["shapes"].items()}
+    assert first == {k: dense.DenseCosts(saved["shapes"]).min_rows(k) for k in saved["shapes"]}
     saved["host"] = "another-host"  # costs of another machine are measured afresh
     (folder / dense.COSTS_FILE).write_text(json.dumps(saved))
     with pytest.raises(AssertionError, match="measured again"):
