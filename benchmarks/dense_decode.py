@@ -6,7 +6,6 @@ so each variant is what it says; tokens must be equal. Small: no big-run lock.
 
     python benchmarks/dense_decode.py benchmarks/results/dense-decode-qwen3dims-dense.json
 """
-import json
 from npumoe_mlx.atomic import write_json
 from npumoe_mlx.tools.report import loadavg_at_end, machine_info
 import time, sys, mlx.core as mx, mlx.nn as nn

@@ -18,9 +18,11 @@ by the next load on the same host; ``costs=`` injects them (tests, a tuned file)
 
 Not swapped: routers (linears directly in an MoE block: their top-k must match MLX's
 bit for bit as often as possible, and they are small), linears inside an offloaded
-block (a shared expert's programs cover them), ``lm_head`` (mlx_lm's prefill never
-evaluates the logits of its chunks, MLX's laziness skips that matmul: a program would
-compute it for nothing), LoRA-wrapped layers and non-affine quantization.
+block (a shared expert's programs cover them), LoRA-wrapped layers and non-affine
+quantization. An untied ``lm_head`` (``find_heads``, timed at 1 row only) runs its program
+only for calls of at most ``HEAD_ROWS`` rows (decode), and only if it wins there by the
+decode margin: mlx_lm's prefill never evaluates the logits of its chunks, so MLX's
+laziness skips that matmul and a program would compute it for nothing.
 The swap is a class swap of the instance (``experts.install_dense``): same children,
 same parameters and keys; ``npumoe_mlx.remove`` swaps the class back. Gradients take
 stock MLX's backward, ``mx.compile``/``vmap`` run stock MLX, and a failing program
