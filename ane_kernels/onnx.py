@@ -252,6 +252,36 @@ def build_onnx(spec: ProgramSpec, tier: Optional[int]):
     return model
 
 
+def build_linear_onnx(w: Weight, bias: Optional[np.ndarray] = None, name: str = "linear"):
+    """One dense linear layer as an ONNX ModelProto with a symbolic row count:
+    x (1, C, in) float32 -> y (1, C, out) float32, C symbolic.
+
+    w: (1, out, in) float or MLX affine weights, bias (1, out) or None. The expert
+    programs' ``_linear`` with G = 1: the same MatMulNBits algebra (no zero points plus
+    the exact per-group correction) for 2/4/8-bit codes, kept packed.
+    """
+    from onnx import TensorProto, checker, helper
+
+    _, out, inp = w.shape if isinstance(w, AffineWeight) else np.shape(w)
+    g = _Graph()
+    y = _linear(g, INPUT_NAME, w, bias, 1, name)
+    g.nodes.append(helper.make_node("Identity", [y], [OUTPUT_NAME], name="output"))
+    graph = helper.make_graph(
+        g.nodes, name,
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, ROWS, inp])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, ROWS, out])],
+        initializer=g.inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="npumoe-ane_kernels",
+    )
+    model.ir_version = 8
+    checker.check_model(model)
+    return model
+
+
 def onnx_path(out_dir, spec_name: str, tier: int) -> Path:
     return Path(out_dir) / f"{spec_name}.c{tier}.onnx"
 

@@ -39,3 +39,14 @@ def limits_from_flags(backend: str, max_tiers=None, max_group=None, max_programs
         at_least("--max-capacity", max_capacity, smallest, f"the smallest tier {backend} programs have")
         limits.capacities = [c for c in limits.capacities if c <= max_capacity]
     return limits
+
+
+DENSE_HELP = ("Also run the non-expert linears (attention projections, dense MLPs) on onnxruntime where this "
+              "machine measures them faster than MLX (onnx backend only; costs saved in the bundle's "
+              "dense-costs.json).")
+
+
+def add_dense_flag(parser):
+    """``--dense-programs`` (dense.py), shared by generate, server, compare and bench e2e."""
+    parser.add_argument("--dense-programs", action="store_true", help=DENSE_HELP)
+    return parser

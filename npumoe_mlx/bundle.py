@@ -137,7 +137,7 @@ def find_bundle(model_path, backend: str) -> Optional[Path]:
     return path if (path / "manifest.json").exists() else None
 
 
-BUNDLE_ENTRIES = ("manifest.json", "profile.json", "plan.json", "cost.json", "programs")
+BUNDLE_ENTRIES = ("manifest.json", "profile.json", "plan.json", "cost.json", "programs", "dense-costs.json")
 
 
 def check_target(out: Path) -> None:

@@ -14,8 +14,8 @@ from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import mlx.core as mx
 
-from . import release, sharded
-from .args import at_least
+from . import dense, release, sharded
+from .args import add_dense_flag, at_least
 from .executor import format_stats, offload_stats, stats_profile, summarize
 from .loading import load
 from .offload import MODES
@@ -59,6 +59,7 @@ def add_offload_args(parser, stats: bool = True):
         help="Keep MLX's copy of the experts only programs serve (default: an onnx bundle releases it "
         "and it is read back from the model's safetensors if MLX needs it).",
     )
+    add_dense_flag(parser)
     if not stats:
         return parser
     parser.add_argument(
@@ -132,6 +133,8 @@ def main(argv=None):
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
     at_least("--prefill-step-size", args.prefill_step_size, 1, "tokens per prefill chunk")
+    if args.dense_programs and (args.build or mx.distributed.init().size() > 1):
+        raise ValueError("--dense-programs is not supported with --build or under mlx.launch (sharded models) yet")
     loaded = []
     # Under mlx.launch (more than one rank): mlx_lm's sharded_load, tensor parallel unless
     # --pipeline, as mlx_lm's chat/server/benchmark do; only rank 0 prints.
@@ -144,7 +147,7 @@ def main(argv=None):
             out = sharded.cli_load(args, *a, **kw)
         else:
             out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify,
-                       keep_mlx_experts=args.keep_mlx_experts, **kw)
+                       keep_mlx_experts=args.keep_mlx_experts, dense_programs=args.dense_programs, **kw)
         loaded.append(out[0])
         return out
 
@@ -167,6 +170,8 @@ def main(argv=None):
         else:
             print(format_stats(summarize(offload_stats(loaded[0]))))
             print(explain_stats(loaded[0]))
+            if args.dense_programs:
+                print(dense.format_summary(dense.summary(loaded[0])))
             if args.stats:  # the per-call loads, for `npumoe plan --from-stats FILE`
                 stats_profile(loaded[0]).save(args.stats)
                 print(f"per-call loads written to {args.stats}")

@@ -2,12 +2,12 @@
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import mlx.nn as nn
 from mlx_lm import utils as mlx_utils
 
-from . import checks, experts, release
+from . import checks, dense, experts, release
 from . import offload as _offload
 from .executor import OVERFLOW_MODES, SharedExecutor, offload_stats, summarize
 
@@ -28,6 +28,7 @@ def load(
     quiet: bool = False,
     verify: bool = False,
     keep_mlx_experts: bool = False,
+    dense_programs: Union[bool, "dense.DenseCosts"] = False,
 ):
     """Load like ``mlx_lm.load`` and install the expert executor for ``offload``.
 
@@ -43,11 +44,16 @@ def load(
     keep_mlx_experts: keep MLX's copy of the experts that only programs serve
     (default: an onnx bundle releases it, and it is read back from the model's
     safetensors if MLX needs it: a program fault, gradients, ``remove``).
+    dense_programs: also run the non-expert linears (attention projections, dense MLPs) on
+    onnxruntime where measured faster than MLX (dense.py; onnx only). True measures the
+    costs (or reuses the bundle's ``dense-costs.json``); a ``dense.DenseCosts`` decides with those.
     Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
     if isinstance(path_or_hf_repo, os.PathLike):  # a Path, or convert()'s result
         path_or_hf_repo = os.fspath(path_or_hf_repo)
     mode = _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
+    if dense_programs:
+        dense.check_mode(offload)
     model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
     # Experts that onnx programs will serve alone are never read into memory: load lazily,
     # release them, then read the rest (unless the caller asked for a lazy model).
@@ -73,9 +79,16 @@ def load(
     if releasing and not lazy:
         release.materialize(model)
     model.__dict__.pop(release.RELEASED, None)  # (lazy: the caller evaluates; nothing left to skip)
+    if dense_programs:
+        _dense(model, dense_programs, backend_options, quiet)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
+
+
+def _dense(model, dense_programs, backend_options, quiet: bool) -> None:
+    costs = dense_programs if isinstance(dense_programs, dense.DenseCosts) else None
+    dense.install(model, backend_options, costs=costs, bundle=getattr(model, "npumoe_bundle", None), quiet=quiet)
 
 
 def _config_of(model, model_path) -> dict:
@@ -99,6 +112,7 @@ def install(
     quiet: bool = False,
     verify: bool = False,
     keep_mlx_experts: bool = False,
+    dense_programs: Union[bool, "dense.DenseCosts"] = False,
 ) -> str:
     """Put the offload on a model built elsewhere (a server, a notebook, ``mlx_lm.load``).
 
@@ -108,9 +122,11 @@ def install(
     ``coreml`` raise. Installing again replaces what was installed. Returns the
     mode in effect: "coreml", "onnx", "mlx" or "off". ``verify`` and
     ``keep_mlx_experts`` as in ``load`` (experts are released only when ``model_path``
-    names the weights to read them back from).
+    names the weights to read them back from). ``dense_programs`` as in ``load``.
     """
     _offload.resolve(offload, check_runs=True)
+    if dense_programs:
+        dense.check_mode(offload)
     if overflow not in OVERFLOW_MODES:
         raise ValueError(f"unknown overflow {overflow!r}; choose one of {', '.join(OVERFLOW_MODES)}")
     name = str(model_path) if model_path is not None else "MODEL"
@@ -118,11 +134,14 @@ def install(
     if config is None:
         config = _config_of(model, local)
     remove(model)
-    return _offload.apply(
+    mode = _offload.apply(
         model, config, offload, model_path=local, bundle=bundle, overflow=overflow,
         backend_options=backend_options, model_name=name, quiet=quiet, verify=verify,
         keep_mlx_experts=keep_mlx_experts,
     )
+    if dense_programs:
+        _dense(model, dense_programs, backend_options, quiet)
+    return mode
 
 
 def remove(model: nn.Module) -> int:

@@ -80,6 +80,8 @@ def _offload_load(args, model_path, **kw):
     bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
     if getattr(args, "keep_mlx_experts", False):
         kw["keep_mlx_experts"] = True
+    if getattr(args, "dense_programs", False):
+        kw["dense_programs"] = True
     return load(model_path, offload=args.offload, bundle=bundle, overflow=args.overflow, verify=args.verify, **kw)
 
 

@@ -22,8 +22,10 @@ import numpy as np
 from mlx_lm.utils import load_tokenizer
 
 from .. import bundle as bundles
+from ..args import add_dense_flag
 from ..atomic import write_json
 from ..build import build as build_bundle
+from ..dense import check_mode
 from ..bundle import default_bundle_dir
 from ..executor import LayerStats, summarize
 from ..offload import resolve
@@ -89,7 +91,7 @@ def prepare(
 def bench_model(
     model_dir, label: str, prompt_tokens: Sequence[int], *, backend: str = "onnx", max_tokens: int = 16,
     prefill_step: int = 512, seed: int = 0, repeats: int = 1, log: Callable[[str], None] = print,
-    keep_mlx_experts: bool = False,
+    keep_mlx_experts: bool = False, dense_programs: bool = False,
 ) -> dict:
     """Measure offload vs stock on prompts of ``prompt_tokens`` tokens; rows + context."""
     model_dir = Path(model_dir)
@@ -106,7 +108,7 @@ def bench_model(
         log(f"[bench e2e] measuring {side}")
         sides[side] = measure_side(str(model_dir), mode, prompts, max_tokens=max_tokens, prefill_step=prefill_step,
                                    bundle=str(b.path) if mode != "off" else None, logit_prompt=None, repeats=repeats, log=log,
-                                   keep_mlx_experts=keep_mlx_experts)
+                                   keep_mlx_experts=keep_mlx_experts, dense_programs=dense_programs)
     rows = []
     for n, ro, rs in zip(prompt_tokens, sides["offload"]["runs"], sides["stock"]["runs"]):
         s = ro.get("offload_stats") or summarize([LayerStats(-1)])
@@ -150,6 +152,8 @@ def bench_model(
         "energy_note": sides["offload"]["energy_note"],
         "rows": rows,
         "keep_mlx_experts": keep_mlx_experts,
+        "dense_programs": dense_programs,
+        "dense": sides["offload"].get("dense"),
         "resident": {"offload": sides["offload"]["resident"], "stock": sides["stock"]["resident"]},
         "notes": "random weights at real dims (router skew 1.5); each side warmed up first, then one greedy "
                  "generation per prompt length, measured as in `npumoe compare`; speedup = offload / stock",
@@ -160,12 +164,14 @@ def bench(
     shape: str, prompt_tokens: Sequence[int] = (128, 512), *, layers: int = 2, q_bits: Optional[int] = 4,
     max_tokens: int = 16, experts: Optional[int] = None, calib_tokens: int = 256, prefill_step: int = 512,
     backend: str = "auto", tune: bool = True, cost=None, seed: int = 0, repeats: int = 1, workdir=None,
-    log: Callable[[str], None] = print, keep_mlx_experts: bool = False,
+    log: Callable[[str], None] = print, keep_mlx_experts: bool = False, dense_programs: bool = False,
 ) -> dict:
     """make model -> build bundle -> measure; ``workdir`` keeps (and later reuses) the model and bundle."""
     want = resolve(backend)
     if want not in ("onnx", "coreml"):
         raise ValueError(f"--backend must be auto, onnx or coreml, got {backend!r}")
+    if dense_programs:
+        check_mode(want)
     if max_tokens < 2 or repeats < 1:
         raise ValueError("--max-tokens must be >= 2 and --repeats >= 1")
     tmp = None if workdir else Path(tempfile.mkdtemp(prefix="npumoe-bench-e2e-"))
@@ -175,7 +181,7 @@ def bench(
                             workdir=Path(workdir or tmp), log=log)
         result = bench_model(model_dir, shape, prompt_tokens, backend=want, max_tokens=max_tokens,
                              prefill_step=prefill_step, seed=seed, repeats=repeats, log=log,
-                             keep_mlx_experts=keep_mlx_experts)
+                             keep_mlx_experts=keep_mlx_experts, dense_programs=dense_programs)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -250,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="Runs per prompt length; the median-wall run is kept.")
     p.add_argument("--keep-mlx-experts", action="store_true",
                    help="Keep MLX's copy of the experts only programs serve (default: released, read back if needed).")
+    add_dense_flag(p)
     p.add_argument("--workdir", help="Keep the model and bundle here (reused by a later run with the same options).")
     p.add_argument("--json", help="Output JSON (default ./bench-e2e-<shape>.json).")
     p.add_argument("--plot", help="Output PNG (default ./bench-e2e-<shape>.png).")
@@ -266,7 +273,7 @@ def main(argv=None) -> int:
                        max_tokens=args.max_tokens, experts=args.experts, calib_tokens=args.calib_tokens,
                        prefill_step=args.prefill_step, backend=args.backend, tune=not args.no_tune,
                        seed=args.seed, repeats=args.repeats, workdir=args.workdir, log=log,
-                       keep_mlx_experts=args.keep_mlx_experts)
+                       keep_mlx_experts=args.keep_mlx_experts, dense_programs=args.dense_programs)
     except ValueError as e:
         print(f"npumoe bench e2e: error: {e}", file=sys.stderr)
         return 2

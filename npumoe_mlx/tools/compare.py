@@ -26,6 +26,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from .. import bundle as bundles
+from .. import dense
+from ..args import add_dense_flag
 from ..atomic import write_json
 from ..build import build as build_bundle
 from ..checks import resolve_model
@@ -161,6 +163,7 @@ def measure_side(
     log: Callable[[str], None] = print,
     verify: bool = False,
     keep_mlx_experts: bool = False,
+    dense_programs: bool = False,
 ) -> dict:
     """Load one side (``offload="off"`` is stock mlx_lm), warm up, measure every prompt.
 
@@ -172,7 +175,7 @@ def measure_side(
     side = "stock" if offload == "off" else "offload"
     t0 = time.perf_counter()
     model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True, verify=verify,
-                            keep_mlx_experts=keep_mlx_experts)
+                            keep_mlx_experts=keep_mlx_experts, dense_programs=dense_programs and offload != "off")
     resident = model_resident(model)
     resident["programs"] = sum(u["on_programs"] for u in resident["units"].values())
     log(f"[{side}] loaded in {time.perf_counter() - t0:.1f} s ({describe_units(resident)}); warming up")
@@ -197,6 +200,7 @@ def measure_side(
         "offload": offload, "device": device, "warmup_s": warm, "runs": runs, "logits": logits,
         "energy_meter": meters.energy.name, "energy_note": meters.energy.note, "mem_note": meters.memory.note,
         "resident": resident,
+        "dense": dense.summary(model) if dense_programs and offload != "off" else None,
     }
     del model
     gc.collect()
@@ -324,6 +328,7 @@ def compare(
     log: Callable[[str], None] = print,
     verify: bool = False,
     keep_mlx_experts: bool = False,
+    dense_programs: bool = False,
 ) -> dict:
     """Measure the offload path and stock MLX on the same prompts; write compare.{json,md,png}.
 
@@ -337,6 +342,8 @@ def compare(
     if prefill_step < 1 or repeats < 1:
         raise CompareError("--prefill-step and --repeats must be >= 1")
     want = resolve(backend, check_runs=True)
+    if dense_programs:
+        dense.check_mode(want)
     local = resolve_model(model_path)
     bundle_dir = ensure_bundle(model_path, local, want, bundle, build, prefill_step, log)
     ids = _prompts(str(local), prompt_tokens, prompts, seed)
@@ -348,7 +355,8 @@ def compare(
         sides[side] = measure_side(str(local), mode, ids, max_tokens=max_tokens, prefill_step=prefill_step,
                                    bundle=str(bundle_dir) if mode != "off" else None,
                                    logit_prompt=logit_prompt, repeats=repeats, log=log,
-                                   verify=verify and mode != "off", keep_mlx_experts=keep_mlx_experts)
+                                   verify=verify and mode != "off", keep_mlx_experts=keep_mlx_experts,
+                                   dense_programs=dense_programs)
     off, stock = sides["offload"], sides["stock"]
     machine.update(loadavg_at_end())
 
@@ -386,6 +394,7 @@ def compare(
         },
         "placement": placement(bundle_dir, off["runs"]),
         "keep_mlx_experts": keep_mlx_experts,
+        "dense_programs": dense_programs,
         "resident": {"offload": off["resident"], "stock": stock["resident"]},
         "notes": {
             "method": "each side: load, warm-up (2-token generation of the first prompt's first "
@@ -543,6 +552,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep-mlx-experts", action="store_true",
                    help="Keep MLX's copy of the experts only programs serve (default: onnx releases it and reads "
                    "it back from the safetensors if MLX needs it).")
+    add_dense_flag(p)
     try:
         args = p.parse_args(argv)
     except ArgError as e:
@@ -553,7 +563,7 @@ def main(argv=None) -> int:
         r = compare(args.model, prompt_tokens=args.prompt_tokens, prompts=args.prompt, max_tokens=args.max_tokens,
                     backend=args.backend, out_dir=args.out, build=args.build, bundle=args.bundle,
                     prefill_step=args.prefill_step, seed=args.seed, check_logits=not args.no_logits, repeats=args.repeats, log=log,
-                    verify=args.verify, keep_mlx_experts=args.keep_mlx_experts)
+                    verify=args.verify, keep_mlx_experts=args.keep_mlx_experts, dense_programs=args.dense_programs)
     except ValueError as e:  # CompareError, a bad or stale bundle, a bad offload mode: one line
         print(f"npumoe compare: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
