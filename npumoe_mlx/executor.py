@@ -41,6 +41,7 @@ MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
 # Released layers: calls of up to this many routed pairs (decode, small batches) skip the cost
 # model (every pair runs on programs anyway) and MLX's sort: slots straight from the indices.
 SMALL_PAIRS = 64
+ROW_STEP = 8  # released layers, dynamic programs: row counts are multiples of this (below it: the decode tiers)
 OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
 
 
@@ -128,11 +129,22 @@ class OffloadExecutor:
                            self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound)
 
     def _small_tiers(self) -> List[List[int]]:
-        """Each group's ladder plus the program's tiers below it (dynamic onnx programs take
-        any row count): a decode call of a released layer runs 1-row calls, not 64-row ones."""
+        """The row counts a released layer's calls use: each group's ladder plus the program's
+        tiers below it (the 1..32-row decode tiers the installer adds). A dynamic program (one
+        onnx session, symbolic row count) takes any row count, so its ladder also gets every
+        multiple of ``ROW_STEP`` up to its top: a load the calibration never saw (a 512-token
+        call on a 256-token calibration doubles the loads) rounds up by at most ROW_STEP - 1
+        rows instead of jumping to the top tier (measured: 49% of a qwen3-dims prefill's slots
+        were padding that way)."""
         if self._released_tiers is None:
-            self._released_tiers = [sorted({t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts))
-                                    for p, ts in zip(self.programs, self._tiers)]
+            self._released_tiers = []
+            for p, ts in zip(self.programs, self._tiers):
+                lad = {t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts)
+                if getattr(p, "dynamic", False) and hasattr(p, "add_tiers"):
+                    grid = [t for t in range(ROW_STEP, ts[-1], ROW_STEP) if t not in lad]
+                    p.add_tiers(grid)  # same session: no new weights
+                    lad |= set(grid)
+                self._released_tiers.append(sorted(lad))
         return self._released_tiers
 
     def _small_slots(self, flat: np.ndarray, counts: np.ndarray, k: int) -> Optional[Slots]:

@@ -141,3 +141,28 @@ def test_tune_measures_a_decode_step_on_both_sides_and_the_cost_model_keeps_it(t
     again = CostModel.load(str(tmp_path / "c.json"))
     assert (again.decode_k, again.decode_program_s, again.decode_mlx_s) == (2, cost.decode_program_s, cost.decode_mlx_s)
     assert CostModel.from_dict({k: v for k, v in cost.to_dict().items() if not k.startswith("decode_")}).decode_k == 0
+
+
+class _Dynamic(_Prog):
+    """A stand-in dynamic program (one session, any row count)."""
+
+    dynamic = True
+
+    def add_tiers(self, tiers):
+        self.tiers = tuple(sorted(set(self.tiers) | set(tiers)))
+
+
+def test_released_calls_on_dynamic_programs_round_loads_to_8_rows_not_to_the_top_tier():
+    """A 512-token call on a plan calibrated at 256 tokens: a load of 52 on ladder
+    [24, 32, 40, 48, 256] ran a 256-row call (204 rows of padding); dynamic programs take 56."""
+    lp = LayerPlan(0, "x", 4, 1, 8, 8, [GroupPlan([0], [24, 32, 40, 48, 256]), GroupPlan([1], [8, 256])], [],
+                   min_tokens=2)
+    dyn = [_Dynamic([1, 2, 4, 8, 16, 24, 32, 40, 48, 256]), _Dynamic([1, 2, 4, 8, 256])]
+    ex = OffloadExecutor(lp, dyn, EAGER)
+    counts = np.array([52, 300, 0, 0])
+    d = ex._decide(counts, released=True)
+    assert [c[:r] for c, r in zip(d.caps, d.rounds)] == [[56], [256, 48]]
+    assert 56 in dyn[0].tiers and 48 in dyn[1].tiers  # the sessions serve those row counts now
+    static = OffloadExecutor(lp, [_Prog([1, 2, 4, 8, 16, 24, 32, 40, 48, 256]), _Prog([1, 2, 4, 8, 256])], EAGER)
+    d = static._decide(counts, released=True)
+    assert [c[:r] for c, r in zip(d.caps, d.rounds)] == [[256], [256, 256]]  # static programs keep their tiers
