@@ -16,6 +16,11 @@ from typing import Dict, Optional, Tuple
 from mlx.utils import tree_flatten
 
 BUDGET_FRACTION = 0.8  # of physical RAM: room for activations, the OS and other work
+# A measured decode step (tune.measure_decode) on programs may cost this much more than on MLX
+# and the layer still releases: within the timing noise of that measurement on a busy machine
+# (the demo model's two sides came out within +-5% of each other across runs), where the bytes
+# released are certain.
+DECODE_TOLERANCE = 1.05
 
 
 def module_bytes(module) -> int:
@@ -54,11 +59,13 @@ def program_only(lp, cost, dynamic: bool = True) -> Tuple[bool, str]:
         prog = scale * cost.decode_program_s + sum(
             cost.program_s(len(g.experts), 1, lp.D, lp.H) - cost.program_s(1, 1, lp.D, lp.H) for g in hit)
         mlx = scale * cost.decode_mlx_s
-        how = "a decode step per layer (measured in mlx_lm's loop)"
-    else:
-        prog = cost.sync_s + sum(cost.program_s(len(g.experts), rows(g), lp.D, lp.H) for g in hit)
-        mlx = cost.mlx_s(k, lp.D, lp.H)
-        how = "decode"
+        if prog <= DECODE_TOLERANCE * mlx:
+            return True, (f"a decode step per layer (measured in mlx_lm's loop) on programs {prog * 1e3:.2f} ms, "
+                          f"MLX {mlx * 1e3:.2f} ms (programs within 5%)")
+        return False, f"a decode step per layer (measured in mlx_lm's loop) on programs {prog * 1e3:.2f} ms > MLX {mlx * 1e3:.2f} ms"
+    prog = cost.sync_s + sum(cost.program_s(len(g.experts), rows(g), lp.D, lp.H) for g in hit)
+    mlx = cost.mlx_s(k, lp.D, lp.H)
+    how = "decode"
     if prog <= mlx:
         return True, f"{how} on programs {prog * 1e3:.2f} ms <= MLX {mlx * 1e3:.2f} ms"
     return False, f"{how} on programs {prog * 1e3:.2f} ms > MLX {mlx * 1e3:.2f} ms"

@@ -165,8 +165,9 @@ def measure(
     return raw
 
 
-DECODE_LAYERS = 4  # layers of the decode loop ``measure_decode`` runs
-DECODE_STEPS = 8  # tokens per timed run of it
+DECODE_LAYERS = 2  # layers of the decode loop ``measure_decode`` runs
+DECODE_STEPS = 4  # tokens per timed run of it
+DECODE_BUDGET_S = 3.0  # timed rounds stop after this long (MLX's CPU q4 decode step is ~0.1 s per layer at Qwen3 dims here)
 
 
 def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_workers: int = 1,
@@ -220,15 +221,18 @@ def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_worker
     ts = {key: [] for key in runs}
     for fn in runs.values():
         fn()  # warm-up (sessions open, buffers allocated)
+    start = time.perf_counter()
     for _ in range(repeats):  # in turns: the load moves between separately timed medians
         for key, fn in runs.items():
             t = time.perf_counter()
             fn()
             ts[key].append((time.perf_counter() - t) / ((steps + 1) * layers))
+        if time.perf_counter() - start > DECODE_BUDGET_S:
+            break
     return {"k": k, **{key: float(np.median(v)) for key, v in ts.items()}}
 
 
-def _decode_layers(D: int, k: int, quant, layers: int, context: int = 256):
+def _decode_layers(D: int, k: int, quant, layers: int, context: int = 32):
     """mlx_lm's own qwen3_moe attention (heads of 64 or 128, a KV cache already holding
     ``context`` tokens) for each layer of ``measure_decode``'s loop, and a router (D -> k)."""
     from mlx_lm.models.cache import KVCache
