@@ -3,7 +3,10 @@
 Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
 1. calls below the plan's ``min_tokens`` (decode) go straight to stock MLX, no sync,
    unless MLX released the layer's program experts (release.py): then every call runs
-   programs, decode on their 1..32-row tiers, overflow on the ladder again;
+   programs, decode on their 1..32-row tiers, overflow on the ladder again, and on dynamic
+   programs any multiple of 8 rows (``_small_tiers``); a released call of up to
+   ``SMALL_PAIRS`` pairs (decode) skips steps 2-3: the sync brings x and the indices, and
+   its slots come straight from them (``_small_slots``: no MLX sort, no cost model);
 2. MLX sorts and counts the pairs; ONE host sync brings order, counts and x over;
 3. the cost model picks programs or MLX for this call, and per group whether
    overflow past the top tier runs the ladder again or spills to MLX;
