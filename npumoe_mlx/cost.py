@@ -69,6 +69,7 @@ class CostModel:
     decode_k: int = 0
     decode_program_s: float = 0.0
     decode_mlx_s: float = 0.0
+    decode_workers: int = 0  # program calls in flight at once in those small calls (0: ``workers``)
 
     def makespan(self, program_s, mlx_s):
         """Seconds of a call whose programs take ``program_s`` and whose MLX side takes ``mlx_s``
@@ -122,7 +123,8 @@ class CostModel:
         names = {f.name for f in fields(cls)}
         optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
                     "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap", "first_offload_tokens",
-                    "overlap", "workers", "decode_k", "decode_program_s", "decode_mlx_s"}
+                    "overlap", "workers", "decode_k", "decode_program_s", "decode_mlx_s",
+                    "decode_workers"}
         missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
@@ -202,5 +204,5 @@ def describe(cost: Optional[CostModel]) -> str:
         f"programs {cost.program_flops / 1e9:.1f} GFLOP/s, MLX {cost.mlx_flops / 1e9:.1f} GFLOP/s "
         f"+ {cost.mlx_fixed_s * 1e3:.3f} ms, sync {cost.sync_s * 1e3:.3f} ms, overlap {cost.overlap:.2f}"
         + (f", decode per layer ({cost.decode_k} pairs) programs {cost.decode_program_s * 1e3:.3f} ms vs MLX "
-           f"{cost.decode_mlx_s * 1e3:.3f} ms" if cost.decode_k else "")
+           f"{cost.decode_mlx_s * 1e3:.3f} ms, {cost.decode_workers or cost.workers} at once" if cost.decode_k else "")
     )

@@ -261,7 +261,7 @@ class OffloadExecutor:
         if not s.calls:  # every pair on an expert without a program: MLX's compact copy
             return None
         left = np.nonzero(s.loc < 0)[0]
-        return _Call(x32, shape, x.dtype, s, flat_np, left, left[:0], t0)
+        return _Call(x32, shape, x.dtype, s, flat_np, left, left[:0], t0, small=True)
 
     def _start_mlx(self, experts: SwitchGLU, c: "_Call") -> Optional[mx.array]:
         """The leftover pairs on MLX, started now: (L, D) float32, or None."""
@@ -284,7 +284,8 @@ class OffloadExecutor:
         y = np.empty((P + 1, D), np.float32)
         outs = np.empty((max(s.slots, 1), D), np.float32)  # slot order: each call writes its rows in place
         tp = time.perf_counter()
-        run_calls(self.programs, s.calls, x_np, outs, self.cost.workers)  # several at once if tune chose so; checked
+        n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
+        run_calls(self.programs, s.calls, x_np, outs, n)  # several at once if tune chose so; checked
         y[dst] = outs[: s.slots]
         self.stats.program_s += time.perf_counter() - tp
         return y
@@ -319,6 +320,7 @@ class _Call:
     left: np.ndarray  # (L,) pairs for MLX: cold experts, overflow
     dropped: np.ndarray  # (Q,) pairs dropped (--overflow drop)
     t0: float  # after the host sync
+    small: bool = False  # a released layer's small call (``_prepare_small``)
 
     @property
     def D(self) -> int:

@@ -158,7 +158,7 @@ def measure(
         "workers": n_workers,
     }
     if top_k > 0 and getattr(be, "dynamic", False):  # 1-row decode calls need a symbolic row count
-        raw["decode"] = measure_decode(be, D, H, top_k, quant, repeats=max(repeats, 3), n_workers=n_workers)
+        raw["decode"] = measure_decode(be, D, H, top_k, quant, repeats=max(repeats, 3))
     if (sys.platform == "darwin") if power is None else power:
         raw["power"] = unit_power(backend, biggest_program, biggest_mlx)
         log(f"      power: {raw['power']['source']}")
@@ -170,7 +170,7 @@ DECODE_STEPS = 4  # tokens per timed run of it
 DECODE_BUDGET_S = 3.0  # timed rounds stop after this long (MLX's CPU q4 decode step is ~0.1 s per layer at Qwen3 dims here)
 
 
-def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_workers: int = 1,
+def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_workers: int = 0,
                    steps: int = DECODE_STEPS, layers: int = DECODE_LAYERS) -> dict:
     """Seconds per layer per token of a decode loop run as mlx_lm runs it (the next token's
     graph is built and started before the current one is read), its k routed experts on
@@ -179,7 +179,9 @@ def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_worker
     other work per layer (a router and two dense matmuls standing in for attention), so
     their difference is what decode on programs costs or saves: host sync, lost pipelining
     and per-call Python included, which a single timed call does not see (the demo model:
-    1-row program calls measured cheaper than MLX's, decode 0.84x stock)."""
+    1-row program calls measured cheaper than MLX's, decode 0.84x stock). The programs' side
+    runs one call at a time and ``n_workers`` (default MAX_WORKERS) at once, in turns; the
+    faster (2 only when 5% faster) is kept as ``workers`` (CostModel.decode_workers)."""
     from .programs import spec_from_switch_glu
 
     m = _module(D, H, k, quant)  # (k experts: every pair its own program, the worst case)
@@ -187,9 +189,10 @@ def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_worker
     attn, caches, router = _decode_layers(D, k, quant, layers)
     # the executor's own small-call path, as a released layer runs it (one 1-expert group per program)
     lp = LayerPlan(0, "tune", k, k, D, H, [GroupPlan([e], [1]) for e in range(k)], [], min_tokens=1)
-    ex = OffloadExecutor(lp, progs, CostModel("onnx", 0, 1, 1, 0, 0, 1, workers=n_workers))
+    exs = {w: OffloadExecutor(lp, progs, CostModel("onnx", 0, 1, 1, 0, 0, 1, workers=w, decode_workers=w))
+           for w in sorted({1, n_workers if n_workers else MAX_WORKERS})}
 
-    def on_programs(h, inds):  # (1, 1, D), (1, 1, k) -> (1, 1, k, D)
+    def on_programs(h, inds, ex):  # (1, 1, D), (1, 1, k) -> (1, 1, k, D)
         c = ex._prepare_small(h, inds.reshape(-1), tuple(inds.shape), True)  # the host sync
         return ex._finish(c, ex._run_programs(c), None)
 
@@ -217,7 +220,8 @@ def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_worker
             y = nxt
         mx.eval(y)
 
-    runs = {"program_s": lambda: loop(on_programs), "mlx_s": lambda: loop(on_mlx)}
+    runs = {**{w: (lambda ex=ex: loop(lambda h, i: on_programs(h, i, ex))) for w, ex in exs.items()},
+            "mlx_s": lambda: loop(on_mlx)}
     ts = {key: [] for key in runs}
     for fn in runs.values():
         fn()  # warm-up (sessions open, buffers allocated)
@@ -229,7 +233,10 @@ def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_worker
             ts[key].append((time.perf_counter() - t) / ((steps + 1) * layers))
         if time.perf_counter() - start > DECODE_BUDGET_S:
             break
-    return {"k": k, **{key: float(np.median(v)) for key, v in ts.items()}}
+    med = {key: float(np.median(v)) for key, v in ts.items()}
+    best = min((w for w in exs), key=lambda w: (med[w] if w == 1 else med[w] / 0.95, w))  # 2 only if 5% faster
+    return {"k": k, "program_s": med[best], "mlx_s": med["mlx_s"], "workers": best,
+            "by_workers": {str(w): med[w] for w in exs}}
 
 
 def _decode_layers(D: int, k: int, quant, layers: int, context: int = 32):
@@ -396,6 +403,7 @@ def fit(raw: dict) -> CostModel:
         decode_k=int((raw.get("decode") or {}).get("k", 0)),
         decode_program_s=float((raw.get("decode") or {}).get("program_s", 0.0)),
         decode_mlx_s=float((raw.get("decode") or {}).get("mlx_s", 0.0)),
+        decode_workers=int((raw.get("decode") or {}).get("workers", 0)),
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
     pw = raw.get("power") or {}

@@ -138,9 +138,11 @@ def test_tune_measures_a_decode_step_on_both_sides_and_the_cost_model_keeps_it(t
     be = load_backend("onnx")
     raw = tune.measure_decode(be, 64, 64, 2, None, repeats=1, steps=2, layers=2)
     assert raw["k"] == 2 and raw["program_s"] > 0 and raw["mlx_s"] > 0
+    assert sorted(raw["by_workers"]) == ["1", "2"] and raw["program_s"] == raw["by_workers"][str(raw["workers"])]
     full = tune.measure("onnx", 64, 64, None, groups=(1,), tiers=(16,), pairs=(16,), repeats=1, top_k=2)
     cost = tune.fit(full)
     assert cost.decode_k == 2 and cost.decode_program_s == full["decode"]["program_s"] > 0
+    assert cost.decode_workers == full["decode"]["workers"] in (1, 2)
     cost.save(str(tmp_path / "c.json"))
     again = CostModel.load(str(tmp_path / "c.json"))
     assert (again.decode_k, again.decode_program_s, again.decode_mlx_s) == (2, cost.decode_program_s, cost.decode_mlx_s)
@@ -170,3 +172,21 @@ def test_released_calls_on_dynamic_programs_round_loads_to_8_rows_not_to_the_top
     static = OffloadExecutor(lp, [_Prog([1, 2, 4, 8, 16, 24, 32, 40, 48, 256]), _Prog([1, 2, 4, 8, 256])], EAGER)
     d = static._decide(counts, released=True)
     assert [c[:r] for c, r in zip(d.caps, d.rounds)] == [[256], [256, 256]]  # static programs keep their tiers
+
+
+def test_small_calls_run_as_many_at_once_as_tune_chose_for_decode(released, monkeypatch):
+    """Decode calls take ``decode_workers`` (tune timed them in the decode loop); larger calls ``workers``."""
+    from npumoe_mlx import executor
+
+    model, _ = npumoe_mlx.load(str(released), offload="onnx", quiet=True)
+    blk = installed_blocks(model)[0]
+    ex = blk.executor
+    ex.cost = CostModel(**{**ex.cost.to_dict(), "workers": 1, "decode_workers": 2})
+    seen = []
+    real = executor.run_calls
+    monkeypatch.setattr(executor, "run_calls", lambda *a: seen.append(a[-1]) or real(*a))
+    D = blk["gate_proj"]["weight"].shape[-1]
+    ids = release.record_of(blk).ids
+    blk(mx.random.normal((1, 1, D)), mx.array([[[ids[0], ids[-1]]]], dtype=mx.uint32))  # decode
+    blk(mx.random.normal((1, 40, D)), mx.array([[[ids[0], ids[-1]]] * 40], dtype=mx.uint32).reshape(1, 40, 2))  # 80 pairs
+    assert seen == [2, 1]
