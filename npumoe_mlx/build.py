@@ -133,7 +133,7 @@ def build(
         if cost is None:
             if tune:
                 log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
-                cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress)
+                cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress, top_k=b0.top_k or 8)
             else:
                 cost = default_cost(backend)
         log(f"      {describe_cost(cost)}")

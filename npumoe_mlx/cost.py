@@ -63,6 +63,13 @@ class CostModel:
     # Program calls of one layer call in flight at once (dispatch.run_calls): ``tune`` keeps
     # 2 where that is faster per call here (a busy machine: 1.4x), else 1 (quiet: 2 cost 6%).
     workers: int = 1
+    # A decode step's seconds per layer in mlx_lm's loop with ``decode_k`` routed pairs per
+    # layer on programs (a released layer: host sync, k 1-row calls) or on MLX, the rest of
+    # the layer alike (tune.measure_decode; 0 = not measured: ``program_s`` and ``mlx_s`` price it).
+    decode_k: int = 0
+    decode_program_s: float = 0.0
+    decode_mlx_s: float = 0.0
+    decode_workers: int = 0  # program calls in flight at once in those small calls (0: ``workers``)
 
     def makespan(self, program_s, mlx_s):
         """Seconds of a call whose programs take ``program_s`` and whose MLX side takes ``mlx_s``
@@ -116,7 +123,8 @@ class CostModel:
         names = {f.name for f in fields(cls)}
         optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
                     "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap", "first_offload_tokens",
-                    "overlap", "workers"}
+                    "overlap", "workers", "decode_k", "decode_program_s", "decode_mlx_s",
+                    "decode_workers"}
         missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
@@ -198,4 +206,6 @@ def describe(cost: Optional[CostModel]) -> str:
         f"+ {cost.expert_s * 1e3:.3f} ms per expert, "
         f"programs {cost.program_flops / 1e9:.1f} GFLOP/s, MLX {cost.mlx_flops / 1e9:.1f} GFLOP/s "
         f"+ {cost.mlx_fixed_s * 1e3:.3f} ms, sync {cost.sync_s * 1e3:.3f} ms, overlap {cost.overlap:.2f}"
+        + (f", decode per layer ({cost.decode_k} pairs) programs {cost.decode_program_s * 1e3:.3f} ms vs MLX "
+           f"{cost.decode_mlx_s * 1e3:.3f} ms, {cost.decode_workers or cost.workers} at once" if cost.decode_k else "")
     )

@@ -3,7 +3,10 @@
 Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
 1. calls below the plan's ``min_tokens`` (decode) go straight to stock MLX, no sync,
    unless MLX released the layer's program experts (release.py): then every call runs
-   programs, decode on their 1..32-row tiers, overflow on the ladder again;
+   programs, decode on their 1..32-row tiers, overflow on the ladder again, and on dynamic
+   programs any multiple of 8 rows (``_small_tiers``); a released call of up to
+   ``SMALL_PAIRS`` pairs (decode) skips steps 2-3: the sync brings x and the indices, and
+   its slots come straight from them (``_small_slots``: no MLX sort, no cost model);
 2. MLX sorts and counts the pairs; ONE host sync brings order, counts and x over;
 3. the cost model picks programs or MLX for this call, and per group whether
    overflow past the top tier runs the ladder again or spills to MLX;
@@ -21,6 +24,7 @@ released layer's experts back from the safetensors first).
 
 import sys
 import time
+from bisect import bisect_left
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -37,6 +41,10 @@ from .release import record_of
 from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
+# Released layers: calls of up to this many routed pairs (decode, small batches) skip the cost
+# model (every pair runs on programs anyway) and MLX's sort: slots straight from the indices.
+SMALL_PAIRS = 64
+ROW_STEP = 8  # released layers, dynamic programs: row counts are multiples of this (below it: the decode tiers)
 OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
 
 
@@ -109,6 +117,10 @@ class OffloadExecutor:
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
         self._released_tiers = None
+        self._group_of = np.full(plan.num_experts, -1, np.int64)  # (E,) each expert's group, -1: none
+        self._pos = np.zeros(plan.num_experts, np.int64)  # (E,) its index within the group
+        for gi, ids in enumerate(self._groups):
+            self._group_of[ids], self._pos[ids] = gi, np.arange(ids.size)
 
     def _decide(self, counts: np.ndarray, released: bool = False) -> CallDecision:
         if released:  # MLX lacks these experts: every pair runs on programs, overflow reruns the ladder
@@ -121,12 +133,52 @@ class OffloadExecutor:
                            self.plan.slack)
 
     def _small_tiers(self) -> List[List[int]]:
-        """Each group's ladder plus the program's tiers below it (dynamic onnx programs take
-        any row count): a decode call of a released layer runs 1-row calls, not 64-row ones."""
+        """The row counts a released layer's calls use: each group's ladder plus the program's
+        tiers below it (the 1..32-row decode tiers the installer adds). A dynamic program (one
+        onnx session, symbolic row count) takes any row count, so its ladder also gets every
+        multiple of ``ROW_STEP`` up to its top: a load the calibration never saw (a 512-token
+        call on a 256-token calibration doubles the loads) rounds up by at most ROW_STEP - 1
+        rows instead of jumping to the top tier (measured: 49% of a qwen3-dims prefill's slots
+        were padding that way)."""
         if self._released_tiers is None:
-            self._released_tiers = [sorted({t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts))
-                                    for p, ts in zip(self.programs, self._tiers)]
+            self._released_tiers = []
+            for p, ts in zip(self.programs, self._tiers):
+                lad = {t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts)
+                if getattr(p, "dynamic", False) and hasattr(p, "add_tiers"):
+                    grid = [t for t in range(ROW_STEP, ts[-1], ROW_STEP) if t not in lad]
+                    p.add_tiers(grid)  # same session: no new weights
+                    lad |= set(grid)
+                self._released_tiers.append(sorted(lad))
         return self._released_tiers
+
+    def _small_slots(self, flat: np.ndarray, counts: np.ndarray, k: int) -> Optional[Slots]:
+        """A released layer's small call placed without the cost model: each group hit runs
+        once at the smallest of its ``_small_tiers`` that holds its busiest expert. flat: (P,)
+        expert of every pair; counts: (E,). None when a load passes the top tier (the general
+        path reruns the ladder). Same slot layout as ``plan_slots``: (group, expert, column)."""
+        ladders, gof = self._small_tiers(), self._group_of[flat]  # (P,) each pair's group
+        hit = np.unique(gof[gof >= 0])
+        off, cap = np.zeros(len(self._groups) + 1, np.int64), np.zeros(len(self._groups) + 1, np.int64)
+        start, calls = 0, []
+        for gi in hit.tolist():
+            ids, lad = self._groups[gi], ladders[gi]
+            j = bisect_left(lad, int(counts[ids].max()))
+            if j == len(lad):
+                return None
+            off[gi], cap[gi] = start, lad[j]
+            calls.append((gi, ids, int(lad[j]), start))
+            start += ids.size * int(lad[j])
+        P = flat.size
+        order = np.argsort(flat, kind="stable")
+        rank = np.empty(P, np.int64)
+        rank[order] = np.arange(P) - (np.cumsum(counts) - counts)[flat[order]]  # (P,) pair's column in its expert
+        ok = gof >= 0
+        loc = np.where(ok, off[gof] + self._pos[flat] * cap[gof] + rank, -1)
+        src = np.zeros(start, np.int64)  # (S,) token row of each slot (padding: row 0)
+        src[loc[ok]] = np.nonzero(ok)[0] // k
+        out = Slots(calls=[(gi, ids, c, src[o : o + ids.size * c]) for gi, ids, c, o in calls], loc=loc)
+        out.slots, out.padded = int(start), int(start - ok.sum())
+        return out
 
     def _record(self, n_tokens: int, k: int, counts: np.ndarray) -> None:
         """Keep the call's loads (the last MAX_LOADS) and notice overflow well above the plan's."""
@@ -165,6 +217,8 @@ class OffloadExecutor:
         D, k = x.shape[-1], inds.shape[-1]
         flat = inds.reshape(-1)  # (P,)
         drop = self.overflow == "drop"
+        if released and not drop and flat.size <= SMALL_PAIRS:
+            return self._prepare_small(x, flat, tuple(inds.shape), released)
         logits = _router_logits(self.router, x.reshape(-1, D), self.plan.num_experts) if drop else None
         score = None
         if logits is not None:
@@ -189,6 +243,28 @@ class OffloadExecutor:
             left, dropped = left[cold], left[~cold]
         return _Call(x32, tuple(inds.shape), x.dtype, s, flat_np, left, dropped, t0)
 
+    def _prepare_small(self, x: mx.array, flat: mx.array, shape: tuple, released: bool) -> Optional["_Call"]:
+        """``_prepare`` for a released layer's small call (decode): the host sync brings only x
+        and the indices over (no MLX sort or count), slots come from ``_small_slots``."""
+        D, k = x.shape[-1], shape[-1]
+        x32 = x.reshape(-1, D).astype(mx.float32)  # (N, D)
+        mx.eval(x32, flat)  # the one host sync
+        t0 = time.perf_counter()
+        flat_np = np.array(flat).astype(np.int64)  # (P,)
+        counts = np.bincount(flat_np, minlength=self.plan.num_experts)
+        self._record(x32.shape[0], k, counts)
+        s = self._small_slots(flat_np, counts, k)
+        if s is None:  # past the small tiers' top: the ladder again, as the general path does it
+            d = self._decide(counts, released)
+            if not d.offload:
+                return None
+            s = plan_slots(np.argsort(flat_np, kind="stable"), counts, k, self._groups, self._tiers,
+                           caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
+        if not s.calls:  # every pair on an expert without a program: MLX's compact copy
+            return None
+        left = np.nonzero(s.loc < 0)[0]
+        return _Call(x32, shape, x.dtype, s, flat_np, left, left[:0], t0, small=True)
+
     def _start_mlx(self, experts: SwitchGLU, c: "_Call") -> Optional[mx.array]:
         """The leftover pairs on MLX, started now: (L, D) float32, or None."""
         if not c.left.size:
@@ -210,7 +286,8 @@ class OffloadExecutor:
         y = np.empty((P + 1, D), np.float32)
         outs = np.empty((max(s.slots, 1), D), np.float32)  # slot order: each call writes its rows in place
         tp = time.perf_counter()
-        run_calls(self.programs, s.calls, x_np, outs, self.cost.workers)  # several at once if tune chose so; checked
+        n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
+        run_calls(self.programs, s.calls, x_np, outs, n)  # several at once if tune chose so; checked
         y[dst] = outs[: s.slots]
         self.stats.program_s += time.perf_counter() - tp
         return y
@@ -245,6 +322,7 @@ class _Call:
     left: np.ndarray  # (L,) pairs for MLX: cold experts, overflow
     dropped: np.ndarray  # (Q,) pairs dropped (--overflow drop)
     t0: float  # after the host sync
+    small: bool = False  # a released layer's small call (``_prepare_small``)
 
     @property
     def D(self) -> int:

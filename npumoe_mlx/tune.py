@@ -26,7 +26,9 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from .chips import chip_profile, detect_chip
 from .cost import CostModel, default_cost, flops_per_row
 from .dispatch import MAX_WORKERS, run_calls, workers
+from .executor import OffloadExecutor
 from .experts import stock_experts
+from .plan import GroupPlan, LayerPlan
 from .power import active_power, power_sampler
 
 # The powermetrics rail of the unit each backend's programs run on.
@@ -78,6 +80,7 @@ def measure(
     progress: bool = False,
     power: Optional[bool] = None,
     log=print,
+    top_k: int = 8,
 ) -> dict:
     """Raw timings (seconds) at these dims, and on macOS (``power``: default there) the
     units' active power; ``fit`` turns them into a CostModel."""
@@ -154,10 +157,112 @@ def measure(
         "sync_s": sync_s, "copy_bytes": 2 * 4 * n * D * 4, "copy_s": 2 * copy_s, "overlap": overlap,
         "workers": n_workers,
     }
+    if top_k > 0 and getattr(be, "dynamic", False):  # 1-row decode calls need a symbolic row count
+        raw["decode"] = measure_decode(be, D, H, top_k, quant, repeats=max(repeats, 3))
     if (sys.platform == "darwin") if power is None else power:
         raw["power"] = unit_power(backend, biggest_program, biggest_mlx)
         log(f"      power: {raw['power']['source']}")
     return raw
+
+
+DECODE_LAYERS = 2  # layers of the decode loop ``measure_decode`` runs
+DECODE_STEPS = 4  # tokens per timed run of it
+DECODE_BUDGET_S = 3.0  # timed rounds stop after this long (MLX's CPU q4 decode step is ~0.1 s per layer at Qwen3 dims here)
+
+
+def measure_decode(be, D: int, H: int, k: int, quant, repeats: int = 3, n_workers: int = 0,
+                   steps: int = DECODE_STEPS, layers: int = DECODE_LAYERS) -> dict:
+    """Seconds per layer per token of a decode loop run as mlx_lm runs it (the next token's
+    graph is built and started before the current one is read), its k routed experts on
+    MLX (stock SwitchGLU) or on programs the way a released layer runs them (one host sync
+    of x and the indices per layer, k 1-row calls, one array back). Both loops do the same
+    other work per layer (a router and two dense matmuls standing in for attention), so
+    their difference is what decode on programs costs or saves: host sync, lost pipelining
+    and per-call Python included, which a single timed call does not see (the demo model:
+    1-row program calls measured cheaper than MLX's, decode 0.84x stock). The programs' side
+    runs one call at a time and ``n_workers`` (default MAX_WORKERS) at once, in turns; the
+    faster (2 only when 5% faster) is kept as ``workers`` (CostModel.decode_workers)."""
+    from .programs import spec_from_switch_glu
+
+    m = _module(D, H, k, quant)  # (k experts: every pair its own program, the worst case)
+    progs = [be.load(spec_from_switch_glu(m, layer=0, expert_ids=[e], tiers=[1])) for e in range(k)]
+    attn, caches, router = _decode_layers(D, k, quant, layers)
+    # the executor's own small-call path, as a released layer runs it (one 1-expert group per program)
+    lp = LayerPlan(0, "tune", k, k, D, H, [GroupPlan([e], [1]) for e in range(k)], [], min_tokens=1)
+    exs = {w: OffloadExecutor(lp, progs, CostModel("onnx", 0, 1, 1, 0, 0, 1, workers=w, decode_workers=w))
+           for w in sorted({1, n_workers if n_workers else MAX_WORKERS})}
+
+    def on_programs(h, inds, ex):  # (1, 1, D), (1, 1, k) -> (1, 1, k, D)
+        c = ex._prepare_small(h, inds.reshape(-1), tuple(inds.shape), True)  # the host sync
+        return ex._finish(c, ex._run_programs(c), None)
+
+    def on_mlx(h, inds):
+        return stock_experts(m, h, inds)
+
+    def step(h, experts):  # h: (1, 1, D)
+        for a, c in zip(attn, caches):
+            h = h + a(mx.fast.rms_norm(h, None, 1e-6), cache=c)
+            x = mx.fast.rms_norm(h, None, 1e-6)
+            inds = mx.argsort(-router(x), axis=-1).astype(mx.uint32)  # (1, 1, k): every expert, router order
+            h = h + experts(x, inds).sum(-2) / k
+        return h
+
+    h0 = mx.random.normal((1, 1, D))
+    mx.eval(h0)
+
+    def loop(experts):
+        y = step(h0, experts)
+        mx.async_eval(y)
+        for _ in range(steps):
+            nxt = step(y, experts)
+            mx.async_eval(nxt)
+            mx.eval(y)  # the token read
+            y = nxt
+        mx.eval(y)
+
+    runs = {**{w: (lambda ex=ex: loop(lambda h, i: on_programs(h, i, ex))) for w, ex in exs.items()},
+            "mlx_s": lambda: loop(on_mlx)}
+    ts = {key: [] for key in runs}
+    for fn in runs.values():
+        fn()  # warm-up (sessions open, buffers allocated)
+    start = time.perf_counter()
+    for _ in range(repeats):  # in turns: the load moves between separately timed medians
+        for key, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            ts[key].append((time.perf_counter() - t) / ((steps + 1) * layers))
+        if time.perf_counter() - start > DECODE_BUDGET_S:
+            break
+    med = {key: float(np.median(v)) for key, v in ts.items()}
+    best = min((w for w in exs), key=lambda w: (med[w] if w == 1 else med[w] / 0.95, w))  # 2 only if 5% faster
+    return {"k": k, "program_s": med[best], "mlx_s": med["mlx_s"], "workers": best,
+            "by_workers": {str(w): med[w] for w in exs}}
+
+
+def _decode_layers(D: int, k: int, quant, layers: int, context: int = 32):
+    """mlx_lm's own qwen3_moe attention (heads of 64 or 128, a KV cache already holding
+    ``context`` tokens) for each layer of ``measure_decode``'s loop, and a router (D -> k)."""
+    from mlx_lm.models.cache import KVCache
+    from mlx_lm.models.qwen3_moe import Attention, ModelArgs
+
+    hd = 128 if D >= 1024 else 64
+    heads = max(D // hd, 1)
+    args = ModelArgs(model_type="qwen3_moe", hidden_size=D, num_hidden_layers=layers, intermediate_size=4 * D,
+                     num_attention_heads=heads, num_experts=k, num_experts_per_tok=k, decoder_sparse_step=1,
+                     mlp_only_layers=[], moe_intermediate_size=4 * D, rms_norm_eps=1e-6, vocab_size=256,
+                     num_key_value_heads=max(heads // 4, 1), head_dim=hd, rope_theta=1e6,
+                     tie_word_embeddings=False, max_position_embeddings=4096, norm_topk_prob=True)
+    mx.random.seed(1)
+    attn, caches = [Attention(args, i) for i in range(layers)], [KVCache() for _ in range(layers)]
+    router = nn.Linear(D, k, bias=False)
+    for mod in attn + [router]:
+        if quant:
+            nn.quantize(mod, group_size=quant["group_size"], bits=quant["bits"])
+        mx.eval(mod.parameters())
+    ctx = mx.random.normal((1, context, D)) * 0.1
+    for a, c in zip(attn, caches):
+        mx.eval(a(ctx, mask="causal", cache=c), c.state)
+    return attn, caches, router
 
 
 def unit_power(backend: str, run_programs, run_mlx, min_s: float = 1.0, make_sampler=power_sampler,
@@ -295,6 +400,10 @@ def fit(raw: dict) -> CostModel:
         mlx_dense_flops=1.0 / dense_per_flop,
         overlap=fit_overlap(raw.get("overlap")),
         workers=int(raw.get("workers", 1)),
+        decode_k=int((raw.get("decode") or {}).get("k", 0)),
+        decode_program_s=float((raw.get("decode") or {}).get("program_s", 0.0)),
+        decode_mlx_s=float((raw.get("decode") or {}).get("mlx_s", 0.0)),
+        decode_workers=int((raw.get("decode") or {}).get("workers", 0)),
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
     pw = raw.get("power") or {}
@@ -346,7 +455,7 @@ def main(argv=None) -> int:
     if not blocks:
         raise ValueError(f"{args.model}: no supported MoE expert blocks to tune for")
     b = blocks[0]
-    cost = tune(args.backend, b.dims, b.hidden, b.quant, repeats=args.repeats)
+    cost = tune(args.backend, b.dims, b.hidden, b.quant, repeats=args.repeats, top_k=b.top_k or 8)
     print(describe(cost))
     out = args.out or f"npumoe-cost-{args.backend}.json"
     write_json(out, cost.to_dict())
