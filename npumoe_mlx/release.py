@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from . import guard
+from . import guard, heap
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 _RECORD = "_npumoe_released"
@@ -188,6 +188,7 @@ def release_model(model, model_path, blocks: Dict[int, Tuple[object, str, Sequen
     del want, keep_from
     model.__dict__[RELEASED] = out  # ``materialize`` skips these without walking the model
     mx.clear_cache()  # hand the freed buffers back (MLX keeps them cached otherwise)
+    heap.trim()  # and malloc's free heap pages: the program check read these experts a moment ago
     return out
 
 

@@ -26,6 +26,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from .. import bundle as bundles
+from .. import heap
 from ..atomic import write_json
 from ..build import build as build_bundle
 from ..checks import resolve_model
@@ -201,6 +202,7 @@ def measure_side(
     del model
     gc.collect()
     mx.clear_cache()
+    heap.trim()  # the next side's peak RSS must not count this side's free heap pages
     return out
 
 
