@@ -131,9 +131,9 @@ class OnnxProgram(Program):
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
         # A fresh output per run (freed once the caller is done with it): a buffer kept per
         # tier held every tier's largest output for good, ~0.4 GB at OLMoE dims, 2 layers.
-        # A fresh IO binding too (~10 us): a used binding kept per tier holds onnxruntime's
-        # per-shape run state, ~65-410 KB each (measured, onnxruntime 1.32), which over a
-        # bundle's programs x tiers came to ~1.2 MB per program after one warm-up.
+        # A fresh IO binding too (~10 us): a binding kept per tier kept its last input alive
+        # (onnxruntime 1.32, after clear_binding_inputs too): one input per tier per program,
+        # ~1.2 MB per program after the demo's warm-up, GBs at qwen3 dims.
         return self.run_into(x, tier, np.empty((self.G, tier, self.D), np.float32))
 
 
