@@ -179,3 +179,29 @@ def test_release_and_compare_trim_the_heap(monkeypatch, q4_model):
     compare.measure_side(str(q4_model), "off", [("p", [1, 2, 3, 4])], max_tokens=2, logit_prompt=None,
                          log=lambda m: None)
     assert calls
+
+
+def test_load_checks_programs_without_keeping_the_experts(monkeypatch, q4_model):
+    """``load`` reads a releasing model lazily; checking programs against its experts must not
+    leave their stacked arrays evaluated until the release (the old load's RSS peak held every
+    checked layer's experts: MLX active memory at the release was >= their bytes)."""
+    import mlx.core as mx
+
+    import npumoe_mlx
+    from npumoe_mlx import installer
+    from npumoe_mlx.experts import installed_blocks
+    from npumoe_mlx.release import _arrays
+
+    seen = {}
+    real = installer.release_model
+
+    def spy(model, path, blocks, log=None):
+        seen["active"] = mx.get_active_memory()
+        seen["experts"] = sum(v.nbytes for m, _, _ in blocks.values() for *_, v in _arrays(m))
+        return real(model, path, blocks, log)
+
+    monkeypatch.setattr(installer, "release_model", spy)
+    mx.clear_cache()
+    model, tok = npumoe_mlx.load(str(q4_model), offload="onnx", quiet=True, verify=True)  # every program checked
+    assert seen["experts"] > 0 and any(installed_blocks(model))
+    assert seen["active"] < seen["experts"] / 2, seen
