@@ -171,6 +171,8 @@ def measure_side(
     programs' share from the plan).
     """
     side = "stock" if offload == "off" else "offload"
+    gc.collect()
+    heap.trim()  # this side's peak RSS must not count free heap left by earlier work (a build, the other side)
     t0 = time.perf_counter()
     model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True, verify=verify,
                             keep_mlx_experts=keep_mlx_experts)
@@ -202,7 +204,7 @@ def measure_side(
     del model
     gc.collect()
     mx.clear_cache()
-    heap.trim()  # the next side's peak RSS must not count this side's free heap pages
+    heap.trim()  # (and hand this side's free heap back now)
     return out
 
 
