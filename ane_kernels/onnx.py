@@ -25,10 +25,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from . import onnx_wire
 from .spec import AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, pack_bits
 
 INPUT_NAME = "x"
@@ -372,6 +373,25 @@ def make_dynamic(model):
         if v.name in (INPUT_NAME, OUTPUT_NAME):
             v.type.tensor_type.shape.dim[1].dim_param = ROWS  # clears dim_value (oneof)
     return model
+
+
+def graph_info(data: bytes) -> Tuple[dict, int]:
+    """(``read_metadata``, ``graph_tier``) of a tier graph's saved bytes, read without the
+    ``onnx`` package (``onnx_wire``): what a process that only runs programs needs."""
+    raw = onnx_wire.metadata(data).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError("graph is not an npumoe expert program (no metadata)")
+    dims = onnx_wire.value_dims(data, INPUT_NAME)
+    if len(dims) != 3 or dims[1][0] != "value":
+        raise ValueError(f"graph input {INPUT_NAME} is not (G, tier, D) with a fixed tier")
+    rows = dims[1][1]
+    return json.loads(raw), int(rows)
+
+
+def dynamic_bytes(data: bytes) -> bytes:
+    """``make_dynamic`` on a tier graph's saved bytes (no ``onnx`` import): the same model
+    with the x / y row count the symbol ``C``."""
+    return onnx_wire.with_symbolic_dim(data, (INPUT_NAME, OUTPUT_NAME), 1, ROWS)
 
 
 def op_counts(model) -> Dict[str, int]:

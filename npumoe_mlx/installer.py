@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from ane_kernels.spec import program_name
 
-from . import experts, verify
+from . import experts, release, verify
 from .backends import load_backend
 from .bundle import Bundle, BundleError, LazyHint, safe_path
 from .executor import OffloadExecutor, SharedExecutor
@@ -79,7 +79,7 @@ def install(
             mod = blocks[lp.layer].module
             if hasattr(prog, "add_tiers"):  # 1..32-row calls for decode on released layers
                 prog.add_tiers([t for t in (1, 2, 4, 8, 16, 32) if t < min(g.tiers)])
-            loaded[(lp.layer, gi)] = (prog, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x), mod)
+            loaded[(lp.layer, gi)] = (prog, _model_group(model, model_path, blocks[lp.layer], tuple(g.experts)), mod)
     shared = _load_shared(bundle, found, be, progs, hint)
     for key, (mlp, _, prog) in shared.items():
         loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
@@ -103,6 +103,21 @@ def install(
         log = (lambda msg: None) if quiet else None
         release_model(model, model_path, {l: (blocks[l].module, blocks[l].path, ids) for l, ids in gone.items()}, log)
     return list(executors.values()) + [ex for _, ex in shared_ex]
+
+
+def _model_group(model, model_path, block: experts.ExpertBlock, ids: tuple):
+    """The check's reference, ``x -> verify.model_group(block, ids, x)``. A model ``load`` read
+    lazily (to release experts) is checked on a twin read from its files (release.file_twin):
+    evaluating the block's own lazy arrays would keep every checked layer's stacked experts
+    in memory until the release (measured: the demo's load peaked at +0.2 GB, its expert bytes)."""
+    if model_path is None or not model.__dict__.get(release.LOADED_LAZILY):
+        return lambda x: verify.model_group(block.module, ids, x)
+
+    def want(x):
+        twin = release.file_twin(block.module, block.path, ids, release.file_tensors(model, model_path))
+        return verify.model_group(block.module, ids, x) if twin is None else verify.model_group(twin, range(len(ids)), x)
+
+    return want
 
 
 def _load_program(be, bundle: Bundle, p: dict, hint: str):

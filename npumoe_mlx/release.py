@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from . import guard
+from . import guard, heap
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 _RECORD = "_npumoe_released"
@@ -121,6 +121,44 @@ def _twin(m, keep: np.ndarray) -> SwitchGLU:
     return twin
 
 
+def file_twin(m, path: str, ids: Sequence[int], tensors: Dict[str, mx.array]) -> Optional[SwitchGLU]:
+    """A SwitchGLU over experts ``ids`` of block ``m`` (module path ``path``), rows ``0..len(ids)-1``,
+    read from ``tensors`` (``file_tensors``) instead of ``m``'s arrays; evaluated. None if a
+    stacked array is not in ``tensors``. For a lazily read model, checking a program on this
+    twin reads each tensor once and frees it, where ``m``'s own lazy arrays, once evaluated,
+    would keep every checked layer's whole stacked experts until the release (the load's
+    RSS peak: the model's expert bytes)."""
+    arrays = _arrays(m)
+    if not arrays:
+        return None
+    idx = mx.array(np.asarray(ids, np.int32))
+    twin = SwitchGLU.__new__(SwitchGLU)
+    dict.__init__(twin)
+    twin.__dict__.update({k: v for k, v in m.__dict__.items() if not k.startswith("_npumoe") and k != "executor"})
+    lins = {}
+    for key, child in m.items():
+        if key not in PROJ:
+            dict.__setitem__(twin, key, child)  # the activation
+            continue
+        lin = type(child).__new__(type(child))
+        dict.__init__(lin)
+        lin.__dict__.update(child.__dict__)
+        lins[key] = lin
+        dict.__setitem__(twin, key, lin)
+    for lin, p, k, v in arrays:
+        f = tensors.get(f"{path}.{p}.{k}")
+        if f is None or f.shape != v.shape or f.dtype != v.dtype:
+            return None
+        dict.__setitem__(lins[p], k, f[idx])
+    for key, child in m.items():  # anything else the projections hold (not stacked per expert)
+        if key in PROJ:
+            for k, v in child.items():
+                if k not in lins[key]:
+                    dict.__setitem__(lins[key], k, v)
+    mx.eval(twin.parameters())
+    return twin
+
+
 def release_block(m, layer: int, ids: Sequence[int], want: Dict[str, mx.array], keep_from: Dict[str, mx.array],
                   path: str, source: str = "", values: bool = True) -> Tuple[Optional[Released], str]:
     """Release experts ``ids`` of block ``m`` (module path ``path``). ``want``: the file's tensors
@@ -188,6 +226,7 @@ def release_model(model, model_path, blocks: Dict[int, Tuple[object, str, Sequen
     del want, keep_from
     model.__dict__[RELEASED] = out  # ``materialize`` skips these without walking the model
     mx.clear_cache()  # hand the freed buffers back (MLX keeps them cached otherwise)
+    heap.trim()  # and malloc's free heap pages: the program check read these experts a moment ago
     return out
 
 

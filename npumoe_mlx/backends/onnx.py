@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ane_kernels.onnx import (INPUT_NAME, OUTPUT_NAME, build_onnx, graph_tier, make_dynamic, op_counts,
-                               read_metadata, save_onnx, weights_path)
+from ane_kernels.onnx import (INPUT_NAME, OUTPUT_NAME, build_onnx, dynamic_bytes, graph_info, op_counts, save_onnx,
+                               weights_path)
 from ane_kernels.spec import ProgramSpec
 
 from . import BackendError, Program, member, same_program
@@ -68,7 +68,7 @@ class OnnxProgram(Program):
     DynamicGraph); tiers that share a source share one session. Copies and pickles drop
     the sessions; they reopen from the sources on first run."""
 
-    transient = {"sessions": dict, "_bound": dict, "_lock": threading.Lock}
+    transient = {"sessions": dict, "_lock": threading.Lock}
     concurrent = True  # run_into may be called from several threads at once (onnxruntime releases the GIL)
 
     def __init__(self, name: str, sources: Dict[int, "object"], G: int, D: int, open_session, lazy: bool = True,
@@ -79,7 +79,6 @@ class OnnxProgram(Program):
         self._open = open_session
         self.tiers = tuple(self._sources)
         self.sessions = {}
-        self._bound = {}
         self._lock = threading.Lock()  # opens a session once when threads ask at the same time
         if not lazy:
             for t in self.tiers:
@@ -129,28 +128,13 @@ class OnnxProgram(Program):
         sess.run_with_iobinding(io)
         return out
 
-    def _binding(self, tier):
-        b = self._bound.get(tier)
-        if b is None:
-            sess = self.session(tier)
-            b = self._bound[tier] = (sess, sess.io_binding())
-        return b
-
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
-        import onnxruntime as ort
-
-        sess, io = self._binding(tier)
         # A fresh output per run (freed once the caller is done with it): a buffer kept per
         # tier held every tier's largest output for good, ~0.4 GB at OLMoE dims, 2 layers.
-        y = np.empty((self.G, tier, self.D), np.float32)
-        io.bind_cpu_input(INPUT_NAME, x)
-        io.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(y))
-        try:
-            sess.run_with_iobinding(io)
-        finally:
-            io.clear_binding_inputs()  # the binding would keep ``x`` and ``y`` alive until this tier runs again
-            io.clear_binding_outputs()
-        return y
+        # A fresh IO binding too (~10 us): a binding kept per tier kept its last input alive
+        # (onnxruntime 1.32, after clear_binding_inputs too): one input per tier per program,
+        # ~1.2 MB per program after the demo's warm-up, GBs at qwen3 dims.
+        return self.run_into(x, tier, np.empty((self.G, tier, self.D), np.float32))
 
 
 class Backend:
@@ -181,7 +165,6 @@ class Backend:
         return all(n in DYNAMIC_PROVIDERS for n in names)
 
     def _session(self, model):
-        import onnx
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -197,7 +180,7 @@ class Backend:
         if isinstance(model, DynamicGraph):
             folder = str(Path(model.path).resolve().parent)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-            model = make_dynamic(onnx.load(model.path, load_external_data=False)).SerializeToString()
+            model = dynamic_bytes(Path(model.path).read_bytes())  # the graph file is small: weights are external
         kw = {} if self.provider_options is None else {"provider_options": self.provider_options}
         try:
             return ort.InferenceSession(model, sess_options=so, providers=self.providers, **kw)
@@ -255,28 +238,32 @@ class Backend:
                            lazy=self.lazy, meta=meta)
 
     @staticmethod
-    def _check_graphs(paths: Dict[int, Path], meta: dict) -> None:
-        """Each graph parses (weights aside: ORT reads those) and is its tier of the entry's program."""
-        import onnx
+    def _graph_info(p: Path) -> Tuple[dict, int]:
+        """(metadata, tier) of a graph file, read without the ``onnx`` package (weights aside:
+        ORT reads those): a process that runs programs never imports it."""
+        try:
+            return graph_info(p.read_bytes())
+        except ValueError as e:
+            raise BackendError(f"{p.name}: {e}") from None
 
+    @classmethod
+    def _check_graphs(cls, paths: Dict[int, Path], meta: dict) -> None:
+        """Each graph parses and is its tier of the entry's program."""
         for t, p in paths.items():
-            m = onnx.load(str(p), load_external_data=False)
-            same_program(meta, read_metadata(m), p.name)
-            if graph_tier(m) != t:
-                raise BackendError(f"{p.name} is the tier {graph_tier(m)} graph, the entry says tier {t}")
+            found, tier = cls._graph_info(p)
+            same_program(meta, found, p.name)
+            if tier != t:
+                raise BackendError(f"{p.name} is the tier {tier} graph, the entry says tier {t}")
 
     def _loose(self, src) -> Tuple[Dict[int, Path], dict]:
         """{tier: path} and the program's metadata of loose graph files (read from the graphs)."""
-        import onnx
-
         paths, metas = {}, []
         for p in self._paths(src):
-            m = onnx.load(str(p), load_external_data=False)  # weights: read by ORT
-            t = graph_tier(m)
+            found, t = self._graph_info(p)
             if t in paths:
                 raise BackendError(f"two graphs for tier {t} in {src}")
             paths[t] = p
-            metas.append(read_metadata(m))
+            metas.append(found)
         names = {m["name"] for m in metas}
         if len(names) != 1:
             raise BackendError(f"graphs of different programs mixed in {src}: {', '.join(sorted(names))}")

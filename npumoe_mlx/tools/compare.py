@@ -26,7 +26,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from .. import bundle as bundles
-from .. import dense
+from .. import dense, heap
 from ..args import add_dense_flag
 from ..atomic import write_json
 from ..build import build as build_bundle
@@ -173,6 +173,8 @@ def measure_side(
     programs' share from the plan).
     """
     side = "stock" if offload == "off" else "offload"
+    gc.collect()
+    heap.trim()  # this side's peak RSS must not count free heap left by earlier work (a build, the other side)
     t0 = time.perf_counter()
     model, tokenizer = load(model_path, offload=offload, bundle=bundle, quiet=True, verify=verify,
                             keep_mlx_experts=keep_mlx_experts, dense_programs=dense_programs and offload != "off")
@@ -205,6 +207,7 @@ def measure_side(
     del model
     gc.collect()
     mx.clear_cache()
+    heap.trim()  # (and hand this side's free heap back now)
     return out
 
 
