@@ -39,25 +39,6 @@ def workers(default: int = 1) -> int:
     return max(1, int(w)) if w.strip().isdigit() else max(1, int(default or 1))
 
 
-def cores() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
-
-
-def session_threads(n_workers: int, n_cores: int = 0) -> int:
-    """Intra-op threads for each program session when ``n_workers`` calls run at once: the
-    cores split between them; 0 (onnxruntime's default: every core) when one call runs at a
-    time. Each pool thread is also resident memory: ~0.33 MB per session at Qwen3 dims
-    (benchmarks/README.md), 0.11 GB for the 340 programs of 4 layers. Measured there: 1 thread
-    x 2 calls at once prefills as fast as 2 x 2 (1.98x vs 1.94x stock) and peaks 0.13 GB lower."""
-    if n_workers <= 1:
-        return 0
-    return max(1, (n_cores or cores()) // n_workers)
-
-
 def _pool(n: int) -> ThreadPoolExecutor:
     p = _POOLS.get(n)
     if p is None:

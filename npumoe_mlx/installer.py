@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from ane_kernels.spec import program_name
 
-from . import dispatch, experts, release, verify
+from . import experts, release, verify
 from .backends import load_backend
 from .bundle import Bundle, BundleError, LazyHint, safe_path
 from .executor import OffloadExecutor, SharedExecutor
@@ -68,7 +68,7 @@ def install(
             )
         if len(ids) != len(set(ids)):
             raise BundleError(f"{bundle.path}: plan names an expert of layer {lp.layer} twice; {hint}")
-    be = load_backend(bundle.plan.backend, **_session_opts(bundle, backend_opts))
+    be = load_backend(bundle.plan.backend, **(backend_opts or {}))
     progs = {(p["layer"], p["group"]): p for p in bundle.manifest["programs"]}
     loaded = {}  # (layer, group) -> (program, want_fn, module): groups, then shared experts
     for lp in bundle.plan.layers:
@@ -103,15 +103,6 @@ def install(
         log = (lambda msg: None) if quiet else None
         release_model(model, model_path, {l: (blocks[l].module, blocks[l].path, ids) for l, ids in gone.items()}, log)
     return list(executors.values()) + [ex for _, ex in shared_ex]
-
-
-def _session_opts(bundle: Bundle, backend_opts: Optional[dict]) -> dict:
-    """The backend's options; onnx sessions get their share of the cores (``threads``) when
-    the executor runs several program calls at once, unless the caller chose."""
-    opts = dict(backend_opts or {})
-    if bundle.plan.backend == "onnx" and "threads" not in opts:
-        opts["threads"] = dispatch.session_threads(dispatch.workers(bundle.cost.workers)) or None
-    return opts
 
 
 def _model_group(model, model_path, block: experts.ExpertBlock, ids: tuple):

@@ -208,38 +208,3 @@ def test_load_checks_programs_without_keeping_the_experts(monkeypatch, q4_model)
     model, tok = npumoe_mlx.load(str(q4_model), offload="onnx", quiet=True, verify=True)  # every program checked
     assert seen["experts"] > 0 and any(installed_blocks(model))
     assert seen["active"] - base < seen["experts"] / 2, (seen, base)
-
-
-# --- one pool thread per call in flight ----------------------------------------------------
-
-
-def test_session_threads_split_the_cores_between_calls_in_flight():
-    from npumoe_mlx.dispatch import session_threads
-
-    assert session_threads(1, 8) == 0  # one call at a time: onnxruntime's default (every core)
-    assert session_threads(2, 2) == 1
-    assert session_threads(2, 8) == 4
-    assert session_threads(3, 2) == 1  # never 0 threads when calls share cores
-
-
-@pytest.mark.parametrize("workers, opts, want", [(2, None, 3), (1, None, 0), (2, {"threads": 5}, 5)])
-def test_loaded_sessions_get_their_share_of_the_cores(monkeypatch, q4_model, workers, opts, want):
-    """Sessions of a bundle whose cost model runs `workers` calls at once open with
-    cores // workers intra-op threads (each pool thread is ~0.33 MB resident per program at
-    Qwen3 dims); a caller's explicit ``threads`` wins."""
-    import dataclasses
-
-    import npumoe_mlx
-    from npumoe_mlx import bundle, dispatch
-    from npumoe_mlx.experts import installed_blocks
-
-    real = bundle.CostModel.load  # the bundle's cost.json is hashed: change what reading it gives
-    monkeypatch.setattr(bundle.CostModel, "load", staticmethod(lambda p: dataclasses.replace(real(p), workers=workers)))
-    monkeypatch.delenv("NPUMOE_WORKERS", raising=False)
-    monkeypatch.setattr(dispatch, "cores", lambda: 6)
-    model, tok = npumoe_mlx.load(str(q4_model), offload="onnx", quiet=True, verify=True,
-                                 **({"backend_options": opts} if opts else {}))
-    sessions = [s for m in installed_blocks(model) for p in m.executor.programs
-                for s in p.program.sessions.values()]
-    assert sessions, "the load's check opened sessions"
-    assert {s.get_session_options().intra_op_num_threads for s in sessions} == {want}
