@@ -132,6 +132,15 @@ def test_release_rule_prices_the_plans_larger_groups_on_top_of_the_measured_step
                         decode_k=4, decode_program_s=1.0e-3, decode_mlx_s=1.2e-3)
     assert program_only(_layer(sizes=(1, 1, 1, 1)), per_row)[0]
     assert not program_only(_layer(sizes=(4, 4, 4, 4)), per_row)[0]  # +4 x 0.3 ms
+    # priced on average, not at worst: one 4-expert group among 12 lone experts (a pair lands
+    # there 1 time in 4) adds 4 x 1/4 x 0.3 ms: released; at worst (+1.2 ms) it was kept
+    mixed = LayerPlan(0, "x", 16, 4, 64, 64, [GroupPlan([0, 1, 2, 3], [8])] + [GroupPlan([e], [8]) for e in range(4, 16)],
+                      [], min_tokens=2)
+    near = CostModel(**{**per_row.to_dict(), "decode_mlx_s": 1.25e-3})  # 1.30 <= 1.05 x 1.25; worst case 2.20
+    ok, why = program_only(mixed, near)
+    assert ok and "programs 1.30 ms" in why, why
+    heavy = CostModel(**{**per_row.to_dict(), "decode_mlx_s": 1.0e-3})  # 1.30 > 1.05 x 1.00
+    assert not program_only(mixed, heavy)[0]
 
 
 def test_tune_measures_a_decode_step_on_both_sides_and_the_cost_model_keeps_it(tmp_path):
