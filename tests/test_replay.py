@@ -220,17 +220,20 @@ def test_energy_objective_meets_issue_10s_chip_target(chip, trace, shape, bound)
 
 
 @needs_traces
-def test_energy_plan_ends_within_1_2x_the_time_objectives_plan():
+@pytest.mark.parametrize("trace, shape, chip", [("mixtral-8x7b.c4", "mixtral-8x7b", "m2"),
+                                               ("olmoe-1b-7b.book", "qwen3-30b-a3b", "m5")])
+def test_energy_plan_ends_within_1_2x_the_time_objectives_plan(trace, shape, chip):
     """An energy call ends within 1.2x the fastest its own plan gives it; the energy plan keeps more
     experts resident, and its fastest calls can be slower than the time plan's (Mixtral c4 on m2:
     1.203x the time objective's time with a 1.2 slack). ``LayerPlan.slack`` scales the bound by the
     time plan's mean over the energy plan's own on calibrated calls, so 1.2x holds against the
-    time objective's plan."""
+    time objective's plan. The slack comes from the least ratio over parts of the calibration, not
+    the mean: with the mean, OLMoE book's held-out half on m5 ended at 1.2165x."""
     from npumoe_mlx.cost import chip_cost
 
-    t = rp.load_trace(ROUTING / "mixtral-8x7b.c4.npz")
-    sh = rp.preset_shape("mixtral-8x7b")
-    cost = chip_cost("m2", "coreml", sh["D"], sh["H"])
+    t = rp.load_trace(ROUTING / f"{trace}.npz")
+    sh = rp.preset_shape(shape)
+    cost = chip_cost(chip, "coreml", sh["D"], sh["H"])
     out = {obj: rp.replay([t], [t], sh["D"], sh["H"], cost, PlanLimits.for_backend("coreml"), (2048,), split="half",
                           objective=obj) for obj in ("time", "energy")}
     assert all(lp.slack < 1.2 for lp in out["energy"]["plan"].layers)
