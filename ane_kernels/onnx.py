@@ -192,6 +192,19 @@ def _scalar(g: _Graph, v: float) -> str:
     return g.init("c", np.asarray(v, np.float32))
 
 
+def _model(graph):
+    """A ModelProto of ``graph`` at our opsets (com.microsoft for MatMulNBits), IR version 8."""
+    from onnx import helper
+
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="npumoe-ane_kernels",
+    )
+    model.ir_version = 8
+    return model
+
+
 def build_onnx(spec: ProgramSpec, tier: Optional[int]):
     """The ONNX ModelProto for one tier: x (G, C, D) float32 -> y (G, C, D) float32.
 
@@ -242,12 +255,7 @@ def build_onnx(spec: ProgramSpec, tier: Optional[int]):
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [G, C, D])],
         initializer=g.inits,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-        producer_name="npumoe-ane_kernels",
-    )
-    model.ir_version = 8
+    model = _model(graph)
     helper.set_model_props(model, {METADATA_KEY: json.dumps(spec.describe())})
     checker.check_model(model)
     return model
@@ -273,12 +281,7 @@ def build_linear_onnx(w: Weight, bias: Optional[np.ndarray] = None, name: str = 
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, ROWS, out])],
         initializer=g.inits,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-        producer_name="npumoe-ane_kernels",
-    )
-    model.ir_version = 8
+    model = _model(graph)
     checker.check_model(model)
     return model
 

@@ -100,20 +100,26 @@ def _arrays(m) -> List[Tuple[object, str, str, mx.array]]:
     return out
 
 
+def _shell(obj, cls=None):
+    """An empty module of ``cls`` (default ``obj``'s type) with ``obj``'s attributes, not its
+    children, and not the offload's own (``_npumoe*``, ``executor``): a twin fills them in."""
+    cls = cls or type(obj)
+    new = cls.__new__(cls)
+    dict.__init__(new)
+    new.__dict__.update({k: v for k, v in obj.__dict__.items() if not k.startswith("_npumoe") and k != "executor"})
+    return new
+
+
 def _twin(m, keep: np.ndarray) -> SwitchGLU:
     """A SwitchGLU over the experts ``keep`` only: same classes and settings, compact arrays."""
-    twin = SwitchGLU.__new__(SwitchGLU)
-    dict.__init__(twin)
-    twin.__dict__.update({k: v for k, v in m.__dict__.items() if not k.startswith("_npumoe") and k != "executor"})
+    twin = _shell(m, SwitchGLU)
     idx = mx.array(keep.astype(np.int32))
     E = m[PROJ[0]]["weight"].shape[0]
     for key, child in m.items():
         if key not in PROJ:
             dict.__setitem__(twin, key, child)  # the activation
             continue
-        lin = type(child).__new__(type(child))
-        dict.__init__(lin)
-        lin.__dict__.update(child.__dict__)
+        lin = _shell(child)
         for k, v in child.items():
             dict.__setitem__(lin, k, v[idx] if isinstance(v, mx.array) and v.ndim >= 1 and v.shape[0] == E else v)
         dict.__setitem__(twin, key, lin)
@@ -132,18 +138,13 @@ def file_twin(m, path: str, ids: Sequence[int], tensors: Dict[str, mx.array]) ->
     if not arrays:
         return None
     idx = mx.array(np.asarray(ids, np.int32))
-    twin = SwitchGLU.__new__(SwitchGLU)
-    dict.__init__(twin)
-    twin.__dict__.update({k: v for k, v in m.__dict__.items() if not k.startswith("_npumoe") and k != "executor"})
+    twin = _shell(m, SwitchGLU)
     lins = {}
     for key, child in m.items():
         if key not in PROJ:
             dict.__setitem__(twin, key, child)  # the activation
             continue
-        lin = type(child).__new__(type(child))
-        dict.__init__(lin)
-        lin.__dict__.update(child.__dict__)
-        lins[key] = lin
+        lin = lins[key] = _shell(child)
         dict.__setitem__(twin, key, lin)
     for lin, p, k, v in arrays:
         f = tensors.get(f"{path}.{p}.{k}")
