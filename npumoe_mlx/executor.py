@@ -109,7 +109,7 @@ class OffloadExecutor:
         self._top = np.full(plan.num_experts, np.iinfo(np.int64).max)  # (E,) each resident expert's top tier
         for g in plan.groups:
             self._top[g.experts] = g.tiers[-1]
-        self._noticed = False
+        self.noticed = [False]  # shared by a model's executors (installer): one re-plan notice per model
         self.notice = _warn  # advice (not a fault): the re-plan notice
         self.disabled = not plan.groups
         self._groups = [np.asarray(g.experts) for g in plan.groups]
@@ -187,10 +187,11 @@ class OffloadExecutor:
         del self.loads[:-MAX_LOADS]
         st.synced_pairs += int(counts.sum())
         st.overflow += int(np.maximum(counts - self._top, 0).sum())  # one vector op, not one per group
-        if not self._noticed and st.synced_pairs >= 64 * k and st.overflow > OVERFLOW_NOTICE * st.synced_pairs:
-            self._noticed = True
+        if not self.noticed[0] and st.synced_pairs >= 64 * k and st.overflow > OVERFLOW_NOTICE * st.synced_pairs:
+            self.noticed[0] = True
             self.notice(f"layer {self.plan.layer}: {100 * st.overflow / st.synced_pairs:.0f}% of routed pairs overflow "
-                      f"their group's top tier (the plan expects ~0); save this workload with `npumoe generate "
+                      f"their group's top tier (the plan expects ~0; other layers may too: `--stats` counts each); "
+                      f"save this workload with `npumoe generate "
                       f"--stats FILE`, see the new plan with `npumoe plan --from-stats FILE` and rebuild with "
                       f"`npumoe convert --hf-path M --refresh FILE` (a converted model) or "
                       f"`npumoe build --model M --from-stats FILE`")

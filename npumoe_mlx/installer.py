@@ -91,6 +91,9 @@ def install(
         programs = [pinned[(lp.layer, gi)] for gi in range(len(lp.groups))]
         router = _router_of(blocks[lp.layer]) if overflow == "drop" else None
         executors[lp.layer] = OffloadExecutor(lp, programs, bundle.cost, overflow=overflow, router=router)
+    once = [False]  # one re-plan notice per model, not one per layer (48 at full scale)
+    for ex in executors.values():
+        ex.noticed = once
     shared_ex = [(mlp, SharedExecutor(key[0], sp, pinned[key])) for key, (mlp, sp, _) in shared.items()]
     notice = Notice(f"npumoe build --model {bundle.model_name} --backend {bundle.plan.backend} --force")
     experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice, blocks=found)
