@@ -1,7 +1,9 @@
 """Costs of the two places an expert call can run: the programs, or MLX.
 
 A small linear model, fitted by ``npumoe tune`` on this machine or taken from
-parametric defaults for targets that cannot be measured here (Core ML on a Mac):
+parametric defaults (each backend's, in ``backends/registry.py``) for targets that
+cannot be measured here (Core ML on a Mac). Every function takes scalars or numpy arrays
+(the planner prices all calibration samples at once):
 
     program call (G experts, capacity C):  dispatch_s + G*expert_s            (per expert: its weights stream in)
                                             + G*C*flops_per_row / program_flops
@@ -223,13 +225,3 @@ def describe(cost: Optional[CostModel]) -> str:
         + (f", decode per layer ({cost.decode_k} pairs) programs {cost.decode_program_s * 1e3:.3f} ms vs MLX "
            f"{cost.decode_mlx_s * 1e3:.3f} ms, {cost.decode_workers or cost.workers} at once" if cost.decode_k else "")
     )
-
-
-def __getattr__(name: str):
-    """``default_cost`` and ``chip_cost`` moved to ``backends.registry`` (each backend's
-    defaults live with its descriptor); kept importable from here for callers not yet moved."""
-    if name in ("default_cost", "chip_cost"):
-        from .backends import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
