@@ -328,11 +328,13 @@ def check_mode(offload: str) -> None:
     from .offload import resolve
 
     want = resolve(offload)
-    if want not in registry.REGISTRY or not registry.get(want).dense_programs:
+    info = registry.REGISTRY.get(want)
+    if info is None or not info.dense_programs:
         ok = ", ".join(n for n, b in registry.REGISTRY.items() if b.dense_programs)
         here = f" ({want} here)" if want != offload else ""
-        raise DenseError(f"--dense-programs runs on the {ok} backend only, not with --offload {offload}{here} "
-                         f"({want} bundles serve experts only): use --offload {ok}")
+        serves = f" ({info.label} bundles serve experts only)" if info is not None and info.label else ""
+        raise DenseError(f"--dense-programs runs on the {ok} backend only, not with --offload {offload}{here}{serves}: "
+                         f"use --offload {ok}" + (" (or auto)" if registry.get(registry.preferred()).dense_programs else ""))
 
 
 def installed(model: nn.Module) -> List[DenseExecutor]:
