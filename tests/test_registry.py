@@ -210,3 +210,19 @@ def test_host_bytes_per_element_prices_the_copies():
     assert a.row_s(D, H) - b.row_s(D, H) == pytest.approx(D * 4 / a.copy_bps)
     assert a.program_s(2, 16, D, H) - b.program_s(2, 16, D, H) == pytest.approx(2 * 16 * D * 4 / a.copy_bps)
     assert CostModel.from_dict({k: v for k, v in a.to_dict().items() if k != "host_bytes_per_element"}) == a
+
+
+def test_a_descriptors_host_bytes_reach_every_cost_model_of_it(monkeypatch):
+    """Default, --chip and measured cost models of a backend price copies with its descriptor's bytes."""
+    from dataclasses import replace
+
+    from npumoe_mlx import tune
+
+    monkeypatch.setitem(registry.REGISTRY, "coreml", replace(registry.REGISTRY["coreml"], host_bytes_per_element=2.0))
+    assert registry.default_cost("coreml").host_bytes_per_element == 2.0
+    assert registry.chip_cost("m2-max", "coreml", 64, 64).host_bytes_per_element == 2.0
+    assert registry.default_cost("onnx").host_bytes_per_element == 8.0
+    raw = {"backend": "coreml", "D": 8, "H": 8, "copy_bytes": 1e6, "copy_s": 1e-3, "dispatch_s": 1e-4,
+           "programs": [(1, 8, 2e-4), (2, 8, 3e-4), (1, 16, 3e-4)], "mlx_fixed_s": 1e-4,
+           "mlx": [(8, 2e-4), (16, 3e-4)], "mlx_dense": [(8, 2e-4), (16, 3e-4)], "sync_s": 1e-5}
+    assert tune.fit(raw).host_bytes_per_element == 2.0
