@@ -135,6 +135,16 @@ class CostModel:
         """Joules of one MLX expert call on ``pairs`` pairs (scalar or array; 0 for none)."""
         return _like(np.where(np.asarray(pairs) > 0, self.mlx_j_per_call + self.mlx_work_j(pairs, D, H), 0.0))
 
+    def decode_step_s(self, k: int, sizes, D: int, H: int):
+        """(programs s, MLX s) of a decode step's layer with ``k`` routed pairs, from the step
+        ``tune`` timed in mlx_lm's loop (``decode_k`` pairs; needs ``decode_k`` > 0) scaled to k,
+        plus, on programs, what groups of ``sizes`` experts compute beyond 1-expert calls: a pair
+        lands in a group in proportion to its size."""
+        scale, n = k / self.decode_k, sum(sizes)
+        prog = scale * self.decode_program_s + k * sum(
+            G / n * (self.program_s(G, 1, D, H) - self.program_s(1, 1, D, H)) for G in sizes)
+        return prog, scale * self.decode_mlx_s
+
     def call_s(self, program_s, mlx_s, idle: float = 0.0):
         """Seconds of a whole offloaded layer call (scalars or arrays): ``program_s`` of program
         calls (a side above ``idle`` adds the host sync) and ``mlx_s`` of MLX work (above 0 adds

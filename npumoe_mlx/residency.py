@@ -60,12 +60,7 @@ def program_only(lp, cost, dynamic: bool = True) -> Tuple[bool, str]:
     hit = sorted(lp.groups, key=lambda g: -len(g.experts))[:k]
     rows = lambda g: 1 if dynamic else g.tiers[0]  # noqa: E731
     if cost.decode_k > 0 and dynamic:
-        scale = k / cost.decode_k
-        n = sum(len(g.experts) for g in lp.groups)
-        prog = scale * cost.decode_program_s + k * sum(
-            len(g.experts) / n * (cost.program_s(len(g.experts), 1, lp.D, lp.H) - cost.program_s(1, 1, lp.D, lp.H))
-            for g in lp.groups)
-        mlx = scale * cost.decode_mlx_s
+        prog, mlx = cost.decode_step_s(k, [len(g.experts) for g in lp.groups], lp.D, lp.H)
         if prog <= DECODE_TOLERANCE * mlx:
             return True, (f"a decode step per layer (measured in mlx_lm's loop) on programs {prog * 1e3:.2f} ms, "
                           f"MLX {mlx * 1e3:.2f} ms (programs within 5%)")
