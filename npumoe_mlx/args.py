@@ -2,6 +2,7 @@
 
 import json
 
+from .backends import registry
 from .cost import CostModel
 from .plan import PlanLimits
 
@@ -26,6 +27,19 @@ def load_cost(path: str):
             f"--cost {path}: not a cost model ({type(e).__name__}: {e}); give one written by `npumoe tune --out FILE`"
         ) from None
     return cost
+
+
+def choose_cost(backend: str, path=None, chip=None, tune=None, D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
+    """The cost model to plan with (build, plan, replay): ``--cost`` FILE, else ``--chip``'s
+    prediction for experts of D x H at ``bits``, else ``tune()`` (measured here), else the
+    backend's parametric defaults."""
+    if path:
+        return load_cost(path)
+    if chip:
+        return registry.chip_cost(chip, backend, D, H, bits)
+    if tune is not None:
+        return tune()
+    return registry.default_cost(backend)
 
 
 def limits_from_flags(backend: str, max_tiers=None, max_group=None, max_programs=None, max_capacity=None):

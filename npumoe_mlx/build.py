@@ -21,12 +21,12 @@ from mlx_lm import utils as mlx_utils
 from . import bundle as bundles
 from . import experts, verify
 from ._version import __version__
-from .args import at_least, limits_from_flags, load_cost
+from .args import at_least, choose_cost, limits_from_flags, load_cost
 from .atomic import clean_stale, folder, honour_umask, write_json
-from .backends import backend_class
+from .backends import backend_class, registry
 from .calibrate import calibrate
 from .checks import explain_load_errors, resolve_model
-from .cost import CostModel, chip_cost, default_cost
+from .cost import CostModel
 from .cost import describe as describe_cost
 from .fingerprint import model_fingerprint
 from .lock import build_lock
@@ -94,8 +94,8 @@ def build(
     calibration, so every rank learns together whether it may build. ``workload``: per-call
     loads saved by ``npumoe generate --stats FILE``; its layers replace the calibration's.
     """
-    if backend not in ("onnx", "coreml"):
-        raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
+    if backend not in registry.names(bundles=True):
+        raise ValueError(f"--backend must be one of {', '.join(registry.names(bundles=True))}, got {backend!r}")
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     t0 = time.perf_counter()
@@ -128,18 +128,17 @@ def build(
             profile = with_workload(profile, workload)
         profile.model_fingerprint = fingerprint
         b0 = next(iter(blocks.values()))
-        if cost is None and chip:
-            cost = chip_cost(chip, backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
-        if cost is None:
-            if tune:
-                log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
-                cost = run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress, top_k=b0.top_k or 8)
-            else:
-                cost = default_cost(backend)
+        def measure() -> CostModel:
+            log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
+            return run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress, top_k=b0.top_k or 8)
+
+        cost = cost or choose_cost(backend, chip=chip, tune=measure if tune else None, D=b0.dims, H=b0.hidden,
+                                   bits=(b0.quant or {}).get("bits", 16))
         log(f"      {describe_cost(cost)}")
-        if backend == "coreml" and sys.platform != "darwin":
-            log("      note: Core ML runs only on macOS; this bundle is for a Mac (its programs are "
-                "checked here with the numpy MIL interpreter)")
+        runs, why = registry.get(backend).available()
+        if not runs:
+            log(f"      note: {why}; this bundle is for a machine where {backend} runs (its programs are "
+                f"checked here on a reference: Core ML's with the numpy MIL interpreter)")
         limits = limits or PlanLimits.for_backend(backend)
         mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs
         plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
@@ -212,7 +211,7 @@ def main(argv=None) -> int:
     """`npumoe build`: calibrate -> tune -> plan -> compile into a bundle."""
     p = argparse.ArgumentParser(prog="npumoe build", description="Build the offload bundle of a model.")
     p.add_argument("--model", required=True, help="Local folder or Hugging Face repo of an mlx_lm model.")
-    p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("--backend", choices=registry.names(bundles=True), default=registry.DEFAULT)
     p.add_argument("--out", help="Bundle folder (default: <model>/npumoe-<backend>, or the cache for hub models).")
     p.add_argument("--force", action="store_true", help="Rebuild even if an up-to-date bundle exists.")
     p.add_argument("--corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ._version import __version__
+from .backends import registry
 from .cost import CostModel
 from .fingerprint import model_fingerprint
 from .plan import Plan
@@ -235,7 +236,7 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
     """
     root = Path(path)
     mpath = root / "manifest.json"
-    backend = "coreml" if root.name.endswith("coreml") else "onnx"
+    backend = registry.of_folder(root.name)
     _hint = lambda b: LazyHint(model_name, b, root, model_path)
     if not mpath.is_file():
         raise BundleError(f"{root}: not an npumoe bundle (no manifest.json); build one with `npumoe build --model {model_name}`")

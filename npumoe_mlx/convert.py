@@ -29,6 +29,7 @@ from safetensors import safe_open
 from . import bundle as bundles, owned
 from .args import at_least
 from .atomic import clean_stale, honour_umask, write_json
+from .backends import registry
 from .build import build as build_bundle
 from .calibrate import Profile
 from .cost import CostModel
@@ -59,7 +60,7 @@ def _parser():
     p = mlx_convert_parser()
     p.prog = "npumoe convert"
     p.description = __doc__.splitlines()[0]
-    p.add_argument("--backend", choices=("onnx", "coreml"), default=None,
+    p.add_argument("--backend", choices=registry.names(bundles=True), default=None,
                    help="Program backend (default: coreml on Apple Silicon, onnx elsewhere).")
     p.add_argument("--force", action="store_true",
                    help="Rebuild the bundle even if it is up to date; convert again into an --mlx-path that holds "

@@ -1,7 +1,9 @@
 """Costs of the two places an expert call can run: the programs, or MLX.
 
 A small linear model, fitted by ``npumoe tune`` on this machine or taken from
-parametric defaults for targets that cannot be measured here (Core ML on a Mac):
+parametric defaults (each backend's, in ``backends/registry.py``) for targets that
+cannot be measured here (Core ML on a Mac). Every function takes scalars or numpy arrays
+(the planner prices all calibration samples at once):
 
     program call (G experts, capacity C):  dispatch_s + G*expert_s            (per expert: its weights stream in)
                                             + G*C*flops_per_row / program_flops
@@ -19,7 +21,7 @@ CPU and MLX CPU here: measured, a 512-token OLMoE call took programs + spill, no
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -29,6 +31,11 @@ from .chips import chip_profile
 
 def flops_per_row(D: int, H: int) -> float:
     return 6.0 * D * H
+
+
+def _like(y):
+    """``y`` as a float where it is a scalar (JSON-ready), else the array."""
+    return float(y) if np.ndim(y) == 0 else y
 
 
 @dataclass
@@ -70,6 +77,9 @@ class CostModel:
     decode_program_s: float = 0.0
     decode_mlx_s: float = 0.0
     decode_workers: int = 0  # program calls in flight at once in those small calls (0: ``workers``)
+    # Host bytes a row element moves on its data path, in and out (the backend's
+    # ``host_bytes_per_element``): float32 gathered in and scattered out.
+    host_bytes_per_element: float = 8.0
 
     def makespan(self, program_s, mlx_s):
         """Seconds of a call whose programs take ``program_s`` and whose MLX side takes ``mlx_s``
@@ -85,31 +95,67 @@ class CostModel:
         weights = rounds * G * self.expert_s
         compute = G * rows * flops_per_row(D, H) / self.program_flops
         body = np.maximum(weights, compute) if self.weights_overlap else weights + compute
-        return rounds * self.dispatch_s + body + G * rows * D * 8 / self.copy_bps
+        return rounds * self.dispatch_s + body + G * rows * D * self.host_bytes_per_element / self.copy_bps
+
+    def programs_j(self, G: int, rounds, rows, D: int, H: int):
+        """Joules of ``rounds`` program calls of G experts, ``rows`` rows per expert in all
+        (scalars or arrays; padded rows compute too)."""
+        return rounds * self.program_j_per_call + G * rows * flops_per_row(D, H) * self.program_j_per_flop
 
     def row_s(self, D: int, H: int) -> float:
         """Seconds per program row (compute plus the host copies in and out)."""
-        return flops_per_row(D, H) / self.program_flops + D * 8 / self.copy_bps
+        return flops_per_row(D, H) / self.program_flops + D * self.host_bytes_per_element / self.copy_bps
 
-    def mlx_s(self, pairs: int, D: int, H: int) -> float:
-        if pairs <= 0:
-            return 0.0
-        return self.mlx_fixed_s + pairs * flops_per_row(D, H) / self.mlx_flops
+    def mlx_rate(self, D: int, H: int):
+        """(seconds, joules) of one routed pair on MLX, fixed costs aside."""
+        return flops_per_row(D, H) / self.mlx_flops, flops_per_row(D, H) * self.mlx_j_per_flop
 
-    def mlx_dense_s(self, rows: int, D: int, H: int) -> float:
-        """MLX time of a dense gated MLP (a shared expert) over ``rows`` tokens."""
-        if rows <= 0:
-            return 0.0
-        return self.mlx_fixed_s + rows * flops_per_row(D, H) / (self.mlx_dense_flops or self.mlx_flops)
+    def mlx_work_s(self, pairs, D: int, H: int):
+        """Seconds of ``pairs`` routed pairs (scalar or array) on MLX, its fixed cost aside."""
+        return pairs * flops_per_row(D, H) / self.mlx_flops
 
-    def program_j(self, G: int, C: int, D: int, H: int) -> float:
+    def mlx_work_j(self, pairs, D: int, H: int):
+        """Joules of ``pairs`` routed pairs (scalar or array) on MLX, its fixed cost aside."""
+        return pairs * flops_per_row(D, H) * self.mlx_j_per_flop
+
+    def mlx_s(self, pairs, D: int, H: int):
+        """Seconds of one MLX expert call on ``pairs`` pairs (scalar or array; 0 for none)."""
+        return _like(np.where(np.asarray(pairs) > 0, self.mlx_fixed_s + self.mlx_work_s(pairs, D, H), 0.0))
+
+    def mlx_dense_s(self, rows, D: int, H: int):
+        """MLX time of a dense gated MLP (a shared expert) over ``rows`` tokens (scalar or array)."""
+        t = self.mlx_fixed_s + rows * flops_per_row(D, H) / (self.mlx_dense_flops or self.mlx_flops)
+        return _like(np.where(np.asarray(rows) > 0, t, 0.0))
+
+    def program_j(self, G: int, C, D: int, H: int):
         """Joules of one program call (padded rows compute too)."""
-        return self.program_j_per_call + G * C * flops_per_row(D, H) * self.program_j_per_flop
+        return _like(self.programs_j(G, 1, C, D, H))
 
-    def mlx_j(self, pairs: int, D: int, H: int) -> float:
-        if pairs <= 0:
-            return 0.0
-        return self.mlx_j_per_call + pairs * flops_per_row(D, H) * self.mlx_j_per_flop
+    def mlx_j(self, pairs, D: int, H: int):
+        """Joules of one MLX expert call on ``pairs`` pairs (scalar or array; 0 for none)."""
+        return _like(np.where(np.asarray(pairs) > 0, self.mlx_j_per_call + self.mlx_work_j(pairs, D, H), 0.0))
+
+    def decode_step_s(self, k: int, sizes, D: int, H: int):
+        """(programs s, MLX s) of a decode step's layer with ``k`` routed pairs, from the step
+        ``tune`` timed in mlx_lm's loop (``decode_k`` pairs; needs ``decode_k`` > 0) scaled to k,
+        plus, on programs, what groups of ``sizes`` experts compute beyond 1-expert calls: a pair
+        lands in a group in proportion to its size."""
+        scale, n = k / self.decode_k, sum(sizes)
+        prog = scale * self.decode_program_s + k * sum(
+            G / n * (self.program_s(G, 1, D, H) - self.program_s(1, 1, D, H)) for G in sizes)
+        return prog, scale * self.decode_mlx_s
+
+    def call_s(self, program_s, mlx_s, idle: float = 0.0):
+        """Seconds of a whole offloaded layer call (scalars or arrays): ``program_s`` of program
+        calls (a side above ``idle`` adds the host sync) and ``mlx_s`` of MLX work (above 0 adds
+        MLX's fixed cost), both started at once (``makespan``)."""
+        prog = np.where(np.asarray(program_s) > idle, self.sync_s + program_s, 0.0)
+        mlx = np.where(np.asarray(mlx_s) > 0, self.mlx_fixed_s + mlx_s, 0.0)
+        return _like(self.makespan(prog, mlx))
+
+    def call_j(self, program_j, mlx_j, mlx_s):
+        """Joules of that call: both sides' work plus MLX's fixed joules where it has work (``mlx_s`` > 0)."""
+        return _like(program_j + mlx_j + (np.asarray(mlx_s) > 0) * self.mlx_j_per_call)
 
     @property
     def has_energy(self) -> bool:
@@ -124,7 +170,7 @@ class CostModel:
         optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
                     "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap", "first_offload_tokens",
                     "overlap", "workers", "decode_k", "decode_program_s", "decode_mlx_s",
-                    "decode_workers"}
+                    "decode_workers", "host_bytes_per_element"}
         missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")
@@ -139,51 +185,30 @@ class CostModel:
             return cls.from_dict(json.load(f))
 
 
-# Parametric defaults. coreml: ANE numbers from shared/reference/ane-constraints.md
-# (Core ML predict ~0.2-0.4 ms per call; 2.3 TFLOPS on one 2048ch x 64 conv, so
-# ~2 TFLOPS achieved on small grouped convs) against MLX on an Apple GPU (a few
-# TFLOPS on gather_mm). Host copies (copy_bps, also every --chip profile's): one CPU
-# core's memcpy, 50.5 GB/s on an M2 Max (ggml-org/whisper.cpp #89, `bench` memcpy with
-# 1 thread); M3 Ultra 47.9 GB/s (tinymembench C copy, geerlingguy/sbc-reviews #95), M1
-# Ultra 36.6 GB/s (whisper.cpp #89). onnx/mlx: this kind of 2-core x86 machine
-# (measured once with `npumoe tune`; run it on yours).
-DEFAULTS: Dict[str, CostModel] = {
-    # Energy: ANE ~2-2.8 W busy, GPU ~20 W on LLM work (maderix/ANE; ANEForge, in
-    # ane-constraints.md), per FLOP at the throughputs above.
-    "coreml": CostModel("coreml", 3e-4, 2.0e12, 50e9, 5e-5, 5e-5, 3.0e12, mlx_dense_flops=5.0e12,
-                        program_j_per_flop=2.5 / 2.0e12, program_j_per_call=2.5 * 3e-4,
-                        mlx_j_per_flop=20.0 / 3.0e12, mlx_j_per_call=20.0 * 5e-5),
-    # onnx/mlx here: programs and MLX share the CPU's cores (overlap 0, as `tune` measures).
-    "onnx": CostModel("onnx", 5e-5, 6.0e10, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9, overlap=0.0),
-    "mlx": CostModel("mlx", 1e-4, 8.0e9, 5e9, 5e-5, 1e-4, 2.0e9, mlx_dense_flops=8.0e9, overlap=0.0),
-}
+# Host copies (every backend's copy_bps default, every --chip profile's): one CPU core's
+# memcpy, 50.5 GB/s on an M2 Max (ggml-org/whisper.cpp #89, `bench` memcpy with 1 thread);
+# M3 Ultra 47.9 GB/s (tinymembench C copy, geerlingguy/sbc-reviews #95), M1 Ultra 36.6 GB/s
+# (whisper.cpp #89). Each backend's parametric defaults: ``backends/registry.py``.
+MEMCPY_BPS = 50e9
 
 
-def default_cost(backend: str) -> CostModel:
-    if backend not in DEFAULTS:
-        raise ValueError(f"no cost model for backend {backend!r}")
-    return CostModel.from_dict(DEFAULTS[backend].to_dict())
-
-
-def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
-    """Predicted costs on an Apple chip (``chips.py`` profiles): Core ML programs on the
-    ANE, MLX on the GPU, running at the same time.
+def chip_cost_model(name: str, backend: str, D: int = 0, H: int = 0, bits: int = 16, copy_bps: float = MEMCPY_BPS,
+                    host_bytes_per_element: float = 8.0) -> CostModel:
+    """Predicted costs on an Apple chip (``chips.py`` profiles): programs on the ANE, MLX on
+    the GPU, running at the same time (``backends.registry.chip_cost`` checks the backend).
 
     Program call: ANE dispatch + the larger of its weights streamed at the ANE's bandwidth
     (3*D*H*bits/8 bytes per expert, when D and H are given) and its rows at the ANE's
     FLOP/s (roofline). MLX: the
     GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
-    per FLOP, and power x its fixed time per call. Host copies keep the coreml default.
+    per FLOP, and power x its fixed time per call. Host copies keep the backend's default.
     """
-    if backend != "coreml":
-        raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend coreml, not {backend!r}")
     c = chip_profile(name)
-    base = DEFAULTS["coreml"]
     return CostModel(
-        backend="coreml",
+        backend=backend,
         dispatch_s=c.ane_dispatch_s,
         program_flops=c.ane_tflops * 1e12,
-        copy_bps=base.copy_bps,
+        copy_bps=copy_bps,
         sync_s=c.sync_s,
         mlx_fixed_s=c.gpu_dispatch_s,
         mlx_flops=c.gpu_tflops * 1e12,
@@ -195,6 +220,7 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
         program_j_per_call=c.ane_power_w * c.ane_dispatch_s,
         mlx_j_per_flop=c.gpu_power_w / (c.gpu_tflops * 1e12),
         mlx_j_per_call=c.gpu_power_w * c.gpu_dispatch_s,
+        host_bytes_per_element=host_bytes_per_element,
     )
 
 

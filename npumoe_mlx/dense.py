@@ -45,6 +45,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from ane_kernels.onnx import INPUT_NAME, OUTPUT_NAME, build_linear_onnx
 
 from . import experts, guard
+from .backends import registry
 from .atomic import write_json
 from .dispatch import checked
 from .executor import _guarded, _warn
@@ -327,12 +328,13 @@ def check_mode(offload: str) -> None:
     from .offload import resolve
 
     want = resolve(offload)
-    if want == "coreml":
-        raise DenseError(f"--dense-programs runs on the onnx backend only; --offload {offload} is Core ML here "
-                         f"(Core ML bundles serve experts only): use --offload onnx")
-    if want != "onnx":
-        raise DenseError(f"--dense-programs runs on the onnx backend only, not with --offload {offload}: "
-                         f"use --offload onnx (or auto)")
+    info = registry.REGISTRY.get(want)
+    if info is None or not info.dense_programs:
+        ok = ", ".join(n for n, b in registry.REGISTRY.items() if b.dense_programs)
+        here = f" ({want} here)" if want != offload else ""
+        serves = f" ({info.label} bundles serve experts only)" if info is not None and info.label else ""
+        raise DenseError(f"--dense-programs runs on the {ok} backend only, not with --offload {offload}{here}{serves}: "
+                         f"use --offload {ok}" + (" (or auto)" if registry.get(registry.preferred()).dense_programs else ""))
 
 
 def installed(model: nn.Module) -> List[DenseExecutor]:

@@ -60,14 +60,14 @@ def run_calls(programs: Sequence, calls: List[tuple], x_np: np.ndarray, outs: np
         xg = x_np[src].reshape(G, cap, D)  # (G, C, D): the gather copies the rows once
         dst = outs[offsets[i] : offsets[i + 1]].reshape(G, cap, D)
         prog = programs[gi]
-        if getattr(prog, "concurrent", False):
+        if prog.concurrent:
             checked(prog.run_into(xg, cap, dst), xg.shape)
         else:
             dst[...] = checked(prog.run(xg, cap), xg.shape)
 
     n = workers(n_workers)
     order = sorted(range(len(calls)), key=lambda i: -(offsets[i + 1] - offsets[i]))  # largest first
-    if n <= 1 or len(calls) < 2 or not all(getattr(programs[c[0]], "concurrent", False) for c in calls):
+    if n <= 1 or len(calls) < 2 or not all(programs[c[0]].concurrent for c in calls):
         for i in order:
             one(i)
     else:

@@ -9,7 +9,6 @@ predicts. Every problem comes with the command that fixes it.
 """
 
 import argparse
-import importlib.metadata
 import os
 import platform
 import re
@@ -29,22 +28,16 @@ from ._version import __version__
 from .atomic import write_json
 from .checks import explain_load_errors, resolve_model
 from .chips import chip_profile, detect_chip
-from .cost import CostModel, default_cost, flops_per_row
+from .backends import registry
+from .backends.registry import package_version as _version
+from .cost import CostModel, flops_per_row
 from .experts import find_expert_blocks, stock_experts
 from .offload import resolve
 from .tune import _module, median_s
 
-COREML_MIN_MACOS = (15, 0)  # iOS18 opset programs (DESIGN.md: macOS 15+)
 MEMORY_HEADROOM = 0.8  # without a GPU working-set limit: weights + programs may take this share of RAM
 BENCH_G, BENCH_C = 4, 64  # one program call of the benchmark: 4 experts x 64 rows
 BENCH_DIMS = (1024, 512)  # D, H without a model
-
-
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _chip() -> str:
@@ -108,28 +101,12 @@ def machine() -> dict:
 
 
 def backends() -> dict:
-    """Per backend: can it run programs here, and if not, why not."""
+    """Per backend (the registry's): can it run programs here, and if not, why not."""
     out = {}
-    mac = sys.platform == "darwin"
-    why = None
-    if not mac:
-        why = f"Core ML programs run only on macOS (this is {platform.system()}); they can be built here"
-    elif platform.machine() != "arm64":
-        why = f"the Neural Engine needs Apple Silicon (this Mac is {platform.machine()})"
-    elif tuple(int(p) for p in platform.mac_ver()[0].split(".") if p.isdigit()) < COREML_MIN_MACOS:
-        why = f"macOS {platform.mac_ver()[0]} is older than 15.0, which the programs need"
-    elif _version("coremltools") is None:
-        why = "coremltools is not installed"
-    out["coreml"] = {"can_run": why is None, "why_not": why, "version": _version("coremltools")}
-    try:
-        import onnxruntime as ort
-
-        out["onnx"] = {"can_run": True, "why_not": None, "version": ort.__version__,
-                       "providers": list(ort.get_available_providers())}
-    except ImportError as e:
-        out["onnx"] = {"can_run": False, "why_not": f"onnxruntime cannot be imported ({e})", "version": None,
-                       "providers": []}
-    out["mlx"] = {"can_run": True, "why_not": None, "version": _version("mlx"), "device": str(mx.default_device())}
+    for name, info in registry.REGISTRY.items():
+        ok, why = info.available()
+        out[name] = {"can_run": ok, "why_not": why or None, "unit": info.unit, "format": info.program_format,
+                     "version": _version(info.package) if info.package else None, **info.details()}
     return out
 
 
@@ -207,7 +184,7 @@ def model_report(name: str, backend: str, problems: list, trust_remote_code: boo
                                     + (f"({blocks[0].reason})" if blocks else "(not a MoE model)"),
                          "fix": None})
         return rep
-    for be in ("coreml", "onnx"):
+    for be in registry.names(bundles=True):
         info = _bundle_info(local, name, be, problems, preferred=be == backend)
         if info["exists"] or be == backend:
             rep["bundles"][be] = info
@@ -286,17 +263,20 @@ def run(model: Optional[str] = None, backend: Optional[str] = None, run_bench: b
     problems: List[dict] = []
     report = {"npumoe_version": __version__, "machine": machine(), "backends": backends(),
               "offload_auto": resolve("auto"), "backend": backend, "model": None, "bench": [], "problems": problems}
-    if report["backends"]["onnx"]["why_not"]:
-        problems.append({"problem": report["backends"]["onnx"]["why_not"], "fix": "pip install onnxruntime"})
-    cb = report["backends"]["coreml"]
-    if sys.platform == "darwin" and platform.machine() == "arm64" and not cb["can_run"]:
-        fix = "pip install coremltools" if "coremltools" in cb["why_not"] else "upgrade macOS, or use --offload onnx"
-        problems.append({"problem": f"Core ML cannot run: {cb['why_not']}", "fix": fix})
-    if backend == "coreml" and not cb["can_run"]:
-        problems.append({"problem": f"backend coreml: {cb['why_not']}", "fix": "use --offload onnx here"})
+    runs = {n for n, b in report["backends"].items() if b["can_run"]}
+    fallback = next((n for n in registry.names(bundles=True) if n in runs and registry.get(n).preferred_on()), "off")
+    for name, b in report["backends"].items():  # a backend this machine prefers that cannot run
+        info = registry.get(name)
+        if info.preferred_on() and not b["can_run"]:
+            fix = (f"pip install {info.package}" if info.package and _version(info.package) is None
+                   else f"use --offload {fallback}")
+            problems.append({"problem": f"{name} cannot run: {b['why_not']}", "fix": fix})
+    if backend in report["backends"] and not report["backends"][backend]["can_run"]:
+        problems.append({"problem": f"backend {backend}: {report['backends'][backend]['why_not']}",
+                         "fix": f"use --offload {fallback} here"})
     D, H = BENCH_DIMS
     quant = None
-    costs = {u: default_cost(u) for u in ("coreml", "onnx", "mlx")}
+    costs = {u: registry.default_cost(u) for u in registry.names()}
     if model is not None:
         report["model"] = rep = model_report(model, backend, problems, trust_remote_code)
         if "bench_dims" in rep:
@@ -308,7 +288,7 @@ def run(model: Optional[str] = None, backend: Optional[str] = None, run_bench: b
                 if be == backend:
                     costs["mlx"] = b.cost
     if run_bench:
-        units = ["mlx"] + [u for u in ("onnx", "coreml") if report["backends"][u]["can_run"]]
+        units = ["mlx"] + [u for u in registry.names(bundles=True) if u in runs]  # "mlx": stock MLX experts
         report["bench"] = bench(units, costs, D, H, quant)
         for r in report["bench"]:
             if "error" in r:
@@ -346,7 +326,7 @@ def format_report(r: dict) -> str:
              f"backends (--offload auto = {r['offload_auto']}):"]
     rows = [("backend", "runs here", "why not / details")]
     for name, b in r["backends"].items():
-        detail = b["why_not"] or (f"providers {', '.join(b['providers'])}" if name == "onnx" else f"{b.get('version')}")
+        detail = b["why_not"] or (f"providers {', '.join(b['providers'])}" if "providers" in b else f"{b.get('version')}")
         rows.append((name, "yes" if b["can_run"] else "no", detail))
     lines += _table(rows)
     mo = r["model"]
@@ -404,7 +384,7 @@ def format_report(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="npumoe doctor", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="Local folder or Hugging Face repo of an mlx_lm model to check.")
-    p.add_argument("--backend", choices=("coreml", "onnx"), help="Backend to check the bundle for (default: auto).")
+    p.add_argument("--backend", choices=registry.names(bundles=True), help="Backend to check the bundle for (default: auto).")
     p.add_argument("--json", metavar="PATH", help="Also write the report as JSON (atomically).")
     p.add_argument("--no-bench", action="store_true", help="Skip the micro-benchmark.")
     p.add_argument("--trust-remote-code", action="store_true")

@@ -144,7 +144,7 @@ class OffloadExecutor:
             self._released_tiers = []
             for p, ts in zip(self.programs, self._tiers):
                 lad = {t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts)
-                if getattr(p, "dynamic", False) and hasattr(p, "add_tiers"):
+                if p.dynamic:
                     grid = [t for t in range(ROW_STEP, ts[-1], ROW_STEP) if t not in lad]
                     p.add_tiers(grid)  # same session: no new weights
                     lad |= set(grid)

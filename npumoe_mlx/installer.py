@@ -77,8 +77,8 @@ def install(
             prog = _load_program(be, bundle, p, hint)
             _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
             mod = blocks[lp.layer].module
-            if hasattr(prog, "add_tiers"):  # 1..32-row calls for decode on released layers
-                prog.add_tiers([t for t in (1, 2, 4, 8, 16, 32) if t < min(g.tiers)])
+            prog.add_tiers(  # 1..32-row calls for decode on released layers (dynamic programs)
+                [t for t in (1, 2, 4, 8, 16, 32) if t < min(g.tiers)])
             loaded[(lp.layer, gi)] = (prog, _model_group(model, model_path, blocks[lp.layer], tuple(g.experts)), mod)
     shared = _load_shared(bundle, found, be, progs, hint)
     for key, (mlp, _, prog) in shared.items():
@@ -100,7 +100,7 @@ def install(
     for mlp, ex in shared_ex:
         experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
     if model_path is not None and not keep_mlx_experts and overflow != "spill":  # spill: overflow runs on MLX
-        dynamic = all(getattr(p, "dynamic", False) for p in pinned.values())
+        dynamic = all(p.dynamic for p in pinned.values())
         gone = plan_resident(bundle.plan, model, blocks, bundle.cost, keep_mlx_experts, default_memory_budget(),
                              dynamic)["release"]
         log = (lambda msg: None) if quiet else None

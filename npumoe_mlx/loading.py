@@ -9,6 +9,7 @@ from mlx_lm import utils as mlx_utils
 
 from . import checks, dense, experts, release
 from . import offload as _offload
+from .backends import registry
 from .executor import OVERFLOW_MODES, SharedExecutor, offload_stats, summarize
 
 
@@ -55,9 +56,9 @@ def load(
     if dense_programs:
         dense.check_mode(offload)
     model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
-    # Experts that onnx programs will serve alone are never read into memory: load lazily,
-    # release them, then read the rest (unless the caller asked for a lazy model).
-    releasing = mode == "onnx" and not keep_mlx_experts
+    # Experts that programs will serve alone are never read into memory (a backend that
+    # releases them: onnx): load lazily, release them, then read the rest (unless the caller asked for a lazy model).
+    releasing = registry.releases_mlx_experts(mode) and not keep_mlx_experts
     with checks.explain_load_errors(path_or_hf_repo):
         model, tokenizer, config = mlx_utils.load(
             str(model_path),

@@ -1,15 +1,15 @@
 """Offload modes: what ``--offload`` / ``load(..., offload=)`` install on a model."""
 
-import platform
 import sys
 from typing import Optional
 
 import mlx.nn as nn
 
 from . import experts
+from .backends import registry
 from .reference import StaticTierReference
 
-MODES = ("auto", "coreml", "onnx", "mlx", "off")
+MODES = ("auto", *registry.names(), "off")
 
 
 class OffloadError(ValueError):
@@ -21,15 +21,13 @@ def resolve(mode: str, check_runs: bool = False) -> str:
     backend that cannot run here (before anything slow happens)."""
     if mode not in MODES:
         raise OffloadError(f"unknown offload mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "coreml" and check_runs and sys.platform != "darwin":
-        raise OffloadError(
-            f"Core ML runs only on macOS (this is {platform.system() or sys.platform}); "
-            f"use --offload onnx (or auto) here: Core ML bundles can be built here but run only on a Mac"
-        )
+    if mode in registry.REGISTRY and check_runs:
+        ok, why = registry.get(mode).available()
+        if not ok:
+            raise OffloadError(f"{why}; use --offload {registry.preferred()} (or auto) here")
     if mode != "auto":
         return mode
-    is_apple = sys.platform == "darwin" and platform.machine() == "arm64"
-    return "coreml" if is_apple else "onnx"
+    return registry.preferred()
 
 
 def _notice(msg: str, quiet: bool) -> None:
@@ -68,11 +66,11 @@ def apply(
     want = resolve(mode, check_runs=True)
     if want == "off":
         return "off"
-    if want == "mlx":
+    if not registry.get(want).bundles:  # the reference: no bundle to build or read
         blocks = experts.install(model, lambda blk: StaticTierReference(), config, quiet=quiet)
         if not blocks:
             _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)
-        return "mlx"
+        return want
     blocks = experts.find_expert_blocks(model, config)  # the one walk of the model per load
     if not any(b.supported for b in blocks):
         _notice("no supported MoE expert blocks: the model runs on stock MLX", quiet)

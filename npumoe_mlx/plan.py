@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_json
-from .cost import CostModel, flops_per_row
+from .backends import registry
+from .cost import CostModel
 from .experts import ExpertBlock
 from .profiles import LayerCounts, Profile
 from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds
@@ -30,7 +31,7 @@ NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
 
 @dataclass
 class PlanLimits:
-    """What the target accepts. Defaults per backend from ane-constraints.md."""
+    """What the target accepts (each backend's in ``backends/registry.py``; the ANE's from ane-constraints.md)."""
 
     backend: str
     capacities: List[int]  # allowed tiers (token capacities), ascending
@@ -42,16 +43,8 @@ class PlanLimits:
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
-        if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows); the tiers
-            # are functions of one multifunction package sharing its weights, so 12 cost little
-            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12)
-        elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little;
-            # sessions open on first use, so more tiers cost little until a call needs them.
-            # 12 tiers hold padding <= 15% on real routing at 512- and 2048-token calls
-            # (benchmarks/replay.md); 6 did not.
-            base = cls(backend, list(range(8, 4096 + 1, 8)), max_tiers=12, max_programs=4096)
-        else:
-            raise ValueError(f"unknown backend {backend!r}")
+        limits = dict(registry.get(backend).limits)  # each backend's, with the reason, in backends/registry.py
+        base = cls(backend, list(limits.pop("capacities")), **limits)
         for k, v in overrides.items():
             if v is not None:
                 setattr(base, k, v)
@@ -250,21 +243,15 @@ def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H
     G = loads.shape[1]
     peak = loads.max(1)  # (S,)
     rounds, rows = ladder_cover(peak, caps)
-    f = flops_per_row(D, H)
-    t_prog = cost.programs_s(G, rounds, rows, D, H)
     pairs = loads.sum(1)
-    t_mlx = pairs * f / cost.mlx_flops
-    j_prog = rounds * cost.program_j_per_call + G * rows * f * cost.program_j_per_flop
-    j_mlx = pairs * f * cost.mlx_j_per_flop
-    return t_prog, t_mlx, j_prog, j_mlx
+    return (cost.programs_s(G, rounds, rows, D, H), cost.mlx_work_s(pairs, D, H),
+            cost.programs_j(G, rounds, rows, D, H), cost.mlx_work_j(pairs, D, H))
 
 
 def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel):
     """Per sample (makespan s, energy J) of calls whose programs side costs tp (S,) s / jp J
     and whose MLX side costs tm (S,) s / jm J (fixed costs added here), both at once."""
-    t_mlx = np.where(tm > 0, cost.mlx_fixed_s + tm, 0.0)
-    t_prog = np.where(tp > 0, cost.sync_s + tp, 0.0)
-    return cost.makespan(t_prog, t_mlx), jp + jm + (tm > 0) * cost.mlx_j_per_call
+    return cost.call_s(tp, tm), cost.call_j(jp, jm, tm)
 
 
 def _run_costs(runs, run_cost: dict, S: int):
@@ -288,10 +275,9 @@ def _partial_last(runs, tp: np.ndarray, tail: np.ndarray, ranked: np.ndarray, ca
     cand = caps[caps <= loads.min(1).max()]  # (K,)
     if cand.size == 0:
         return np.zeros(S), np.full(S, np.inf)
-    f = flops_per_row(D, H)
     prog = cost.sync_s + tp[:, :-1].sum(1)[:, None] + cost.programs_s(j - i, 1, cand[None, :], D, H)  # (S, K)
     left = np.maximum(loads[:, :, None] - cand[None, None, :], 0).sum(1)  # (S, K) pairs back on MLX
-    mlx = cost.mlx_fixed_s + tail[:, None] + left * f / cost.mlx_flops
+    mlx = cost.mlx_fixed_s + tail[:, None] + cost.mlx_work_s(left, D, H)
     span = cost.makespan(prog, mlx)
     span = np.where(cand[None, :] <= loads.min(1, keepdims=True), span, np.inf)  # full rounds only, as decide_call
     k = span.argmin(1)
@@ -372,8 +358,8 @@ def plan_layer(
 
     # The first m experts of the ranking on programs, the rest on MLX, both at once:
     # m for the least makespan, or the least energy within 1.2x of it.
-    mlx_t = ranked * (flops_per_row(D, H) / cost.mlx_flops)  # (S, E) seconds per expert on MLX
-    mlx_j = ranked * (flops_per_row(D, H) * cost.mlx_j_per_flop)
+    pair_s, pair_j = cost.mlx_rate(D, H)
+    mlx_t, mlx_j = ranked * pair_s, ranked * pair_j  # (S, E) seconds and joules per expert on MLX
     tail_t = np.concatenate([np.cumsum(mlx_t[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)  # (S, E+1)
     tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)
     alone_t, alone_j = split_cost(np.zeros(len(ranked)), tail_t[:, 0], np.zeros(len(ranked)), tail_j[:, 0], cost)
@@ -394,32 +380,31 @@ def plan_layer(
         ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
         prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
         side = tail_t[:, m : m + 1] + ctm
-        span = cost.makespan(np.where(prog > 1e-15, cost.sync_s + prog, 0), np.where(side > 0, cost.mlx_fixed_s + side, 0))
+        span = cost.call_s(prog, side, idle=1e-15)
         kb = span.argmin(1)
         rows = np.arange(len(ranked))
         whole_t = np.minimum(span[rows, kb], alone_t)  # whole groups only
         cut = None  # energy: the last run's round cut to the most pairs that end within the time bound
         if runs:  # the last run may also run one smaller round (decide_call's take-back): the two units
             # balance between whole groups
-            (i, j), f = runs[-1], flops_per_row(D, H)
+            i, j = runs[-1]
 
-            def cut_round(limit=None, runs=runs, tp=tp, m=m, i=i, j=j, f=f):
+            def cut_round(limit=None, runs=runs, tp=tp, m=m, i=i, j=j):
                 c, t_c = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
                 back = np.maximum(ranked[:, i:j] - c[:, None], 0).sum(1)  # its pairs past the round, on MLX
-                j_c = (cost.program_j_per_call + (j - i) * c * f * cost.program_j_per_flop) * (c > 0)
-                return t_c, j_c, back
+                return t_c, cost.programs_j(j - i, 1, c, D, H) * (c > 0), back
 
             part_t, part_j, back = cut_round()
             kb = np.where(part_t < span[rows, kb], span.shape[1], kb)
             span = np.concatenate([span, part_t[:, None]], 1)
             cjp = np.concatenate([cjp, (jp[:, -1] - part_j)[:, None]], 1)
-            cjm = np.concatenate([cjm, (back * f * cost.mlx_j_per_flop)[:, None]], 1)
-            side = np.concatenate([side, (tail_t[:, m] + back * f / cost.mlx_flops)[:, None]], 1)
+            cjm = np.concatenate([cjm, cost.mlx_work_j(back, D, H)[:, None]], 1)
+            side = np.concatenate([side, (tail_t[:, m] + cost.mlx_work_s(back, D, H))[:, None]], 1)
             if energy:
                 cut = cut_round
         tb_t = np.minimum(span[rows, kb], alone_t)
-        tb_j = np.where(span[rows, kb] < alone_t, jp.sum(1) - cjp[rows, kb] + tail_j[:, m] + cjm[rows, kb]
-                        + (side[rows, kb] > 0) * cost.mlx_j_per_call, alone_j)
+        tb_j = np.where(span[rows, kb] < alone_t,
+                        cost.call_j(jp.sum(1) - cjp[rows, kb] + tail_j[:, m], cjm[rows, kb], side[rows, kb]), alone_j)
         tcands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
                        float(whole_t[small].mean()) if small.any() else 0.0))
         if not energy:
@@ -440,9 +425,8 @@ def plan_layer(
         opts_t, opts_j = [st_t, part_t, tb_t, alone_t], [st_j, part_j, tb_j, alone_j]
         if cut is not None:
             c_t, c_j, back = cut(lim)
-            f = flops_per_row(D, H)
             opts_t.append(c_t)
-            opts_j.append(j_rest + c_j + t_j + back * f * cost.mlx_j_per_flop + ((t_t + back) > 0) * cost.mlx_j_per_call)
+            opts_j.append(cost.call_j(j_rest + c_j + t_j, cost.mlx_work_j(back, D, H), t_t + back))
         opts_t, opts_j = np.stack(opts_t), np.stack(opts_j)  # (4 or 5, S)
         j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
         pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
@@ -695,12 +679,11 @@ def main(argv=None) -> int:
 
     from . import experts
     from .calibrate import calibrate
-    from .cost import default_cost
     from .workloads import corpus_documents
 
     p = argparse.ArgumentParser(prog="npumoe plan", description="Print the offload plan of a model.")
     p.add_argument("--model", required=True)
-    p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("--backend", choices=registry.names(bundles=True), default=registry.DEFAULT)
     p.add_argument("--profile", help="Profile JSON (default: <model>/npumoe-profile.json, else calibrate now).")
     p.add_argument("--from-stats", metavar="FILE",
                    help="Plan for the per-call loads `npumoe generate --stats FILE` saved (your own workload).")
@@ -714,7 +697,7 @@ def main(argv=None) -> int:
                    help="Count MLX's copy of program-only experts as kept (as generate --keep-mlx-experts).")
     args = p.parse_args(argv)
     from . import bundle as bundles
-    from .args import at_least, load_cost
+    from .args import at_least, choose_cost
     from .checks import resolve_model
 
     at_least("--tokens", args.tokens, 1, "calibration tokens")
@@ -747,12 +730,7 @@ def main(argv=None) -> int:
         docs, desc = corpus_documents(["long-context", "qa", "code"], args.tokens, 0)
         profile = calibrate(model, tokenizer, config, docs, max_tokens=args.tokens, model_path=local, description=desc)
     b0 = next(iter(blocks.values()))
-    if args.chip and not args.cost:
-        from .cost import chip_cost
-
-        cost = chip_cost(args.chip, args.backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
-    else:
-        cost = load_cost(args.cost) if args.cost else default_cost(args.backend)
+    cost = choose_cost(args.backend, args.cost, args.chip, D=b0.dims, H=b0.hidden, bits=(b0.quant or {}).get("bits", 16))
     routed = {l: replace(b, shared=[]) for l, b in blocks.items()}  # routed experts only (build also plans shared ones)
     plan = make_plan(profile, routed, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
     print(format_plan(plan, verbose=True))

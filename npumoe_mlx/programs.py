@@ -20,9 +20,8 @@ from ane_kernels.limits import DEFAULT_LIMITS, LimitError
 from ane_kernels.milrun import rel_err
 from ane_kernels.spec import AffineWeight, ProgramSpec, reference_ffn
 
-from .backends import BACKENDS, BackendError, backend_class
+from .backends import BACKENDS, BackendError, backend_class, registry
 from .experts import ACTIVATIONS, find_expert_blocks
-from .verify import TOLERANCE
 
 
 def _np(a: mx.array, dtype=None) -> np.ndarray:
@@ -216,7 +215,7 @@ def main(argv=None) -> int:
         backend = backend_class(args.format)
         built = backend.build(spec, out, limits=limits, layout=args.layout, log=print)
         if not args.no_verify:
-            _verify(backend.checker(built, out)[0], spec, TOLERANCE[args.format])
+            _verify(backend.checker(built, out)[0], spec, registry.get(args.format).tolerance)
     except (LimitError, ValueError, BackendError) as e:
         return _fail(str(e).strip().splitlines()[0])
     print(f"done in {time.perf_counter() - t0:.1f}s")

@@ -23,8 +23,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .args import choose_cost
 from .atomic import write_json
-from .cost import CostModel, chip_cost, default_cost
+from .backends import registry
+from .cost import CostModel
 from .experts import ExpertBlock
 from .plan import LayerPlan, PlanLimits, make_plan
 from .profiles import LayerCounts, Profile
@@ -286,7 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("half",), help="Plan on the first half of each file's sequences, replay the second.")
     p.add_argument("--seq-len", type=int, default=2048, help="Tokens per sequence in the traces (default 2048).")
     p.add_argument("--tokens", default="128,512,2048", help="Call sizes to replay (default 128,512,2048).")
-    p.add_argument("--backend", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("--backend", choices=registry.names(bundles=True), default=registry.DEFAULT)
     p.add_argument("--chip", help="Predict for this Apple chip profile (see npumoe_mlx/data/chips.json).")
     p.add_argument("--objective", choices=("time", "energy"), default="time")
     p.add_argument("--energy-bound", choices=("time", "gpu"), default="time",
@@ -323,10 +325,6 @@ def main(argv=None) -> int:
 
 def cost_for(backend: str, chip: Optional[str], cost_path: Optional[str], D: int = 0, H: int = 0) -> CostModel:
     """--cost FILE, else --chip's predicted costs, else the backend's parametric ones."""
-    if cost_path:
-        if chip:
-            raise ValueError("give --cost or --chip, not both")
-        return CostModel.load(cost_path)
-    if chip:
-        return chip_cost(chip, backend, D, H)
-    return default_cost(backend)
+    if cost_path and chip:
+        raise ValueError("give --cost or --chip, not both")
+    return choose_cost(backend, cost_path, chip, D=D, H=H)

@@ -15,6 +15,8 @@ from typing import Dict, Optional, Tuple
 
 from mlx.utils import tree_flatten
 
+from .backends import registry
+
 BUDGET_FRACTION = 0.8  # of physical RAM: room for activations, the OS and other work
 # A measured decode step (tune.measure_decode) on programs may cost this much more than on MLX
 # and the layer still releases: within the timing noise of that measurement on a busy machine
@@ -58,12 +60,7 @@ def program_only(lp, cost, dynamic: bool = True) -> Tuple[bool, str]:
     hit = sorted(lp.groups, key=lambda g: -len(g.experts))[:k]
     rows = lambda g: 1 if dynamic else g.tiers[0]  # noqa: E731
     if cost.decode_k > 0 and dynamic:
-        scale = k / cost.decode_k
-        n = sum(len(g.experts) for g in lp.groups)
-        prog = scale * cost.decode_program_s + k * sum(
-            len(g.experts) / n * (cost.program_s(len(g.experts), 1, lp.D, lp.H) - cost.program_s(1, 1, lp.D, lp.H))
-            for g in lp.groups)
-        mlx = scale * cost.decode_mlx_s
+        prog, mlx = cost.decode_step_s(k, [len(g.experts) for g in lp.groups], lp.D, lp.H)
         if prog <= DECODE_TOLERANCE * mlx:
             return True, (f"a decode step per layer (measured in mlx_lm's loop) on programs {prog * 1e3:.2f} ms, "
                           f"MLX {mlx * 1e3:.2f} ms (programs within 5%)")
@@ -77,8 +74,9 @@ def program_only(lp, cost, dynamic: bool = True) -> Tuple[bool, str]:
 
 
 def releases(plan, cost, keep_mlx_experts: bool = False, dynamic: bool = True) -> Dict[int, list]:
-    """{layer: expert ids} whose MLX copy goes by cost alone: onnx plans, program-only layers."""
-    if keep_mlx_experts or plan.backend != "onnx" or cost is None:
+    """{layer: expert ids} whose MLX copy goes by cost alone: plans of a backend that releases
+    (onnx), program-only layers."""
+    if keep_mlx_experts or not registry.releases_mlx_experts(plan.backend) or cost is None:
         return {}
     return {lp.layer: sorted(e for g in lp.groups for e in g.experts)
             for lp in plan.layers if program_only(lp, cost, dynamic)[0]}
@@ -107,7 +105,7 @@ def plan_resident(plan, model, blocks: Dict[int, object], cost=None, keep_mlx_ex
     total = module_bytes(model) + sum(per_layer.values())
     need = lambda: total - sum(int(len(ids) * per_expert[l]) for l, ids in gone.items()) - budget
     forced = set()
-    if budget is not None and cost is not None and not keep_mlx_experts and plan.backend == "onnx":
+    if budget is not None and cost is not None and not keep_mlx_experts and registry.releases_mlx_experts(plan.backend):
         rest = sorted((lp for lp in plan.layers if lp.groups and lp.layer not in gone),
                       key=lambda lp: (-sum(len(g.experts) for g in lp.groups) * per_expert[lp.layer], lp.layer))
         for lp in rest:
@@ -122,8 +120,8 @@ def plan_resident(plan, model, blocks: Dict[int, object], cost=None, keep_mlx_ex
         released += out
         if keep_mlx_experts:
             why = "kept (--keep-mlx-experts)"
-        elif plan.backend != "onnx" or cost is None:
-            why = "kept (only onnx bundles release)"
+        elif not registry.releases_mlx_experts(plan.backend) or cost is None:
+            why = f"kept (only {', '.join(n for n in registry.names() if registry.releases_mlx_experts(n))} bundles release)"
         elif lp.layer in forced:
             why = f"released to fit the memory budget ({program_only(lp, cost, dynamic)[1]})"
         else:

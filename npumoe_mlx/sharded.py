@@ -36,6 +36,7 @@ from mlx_lm.generate import generation_stream
 from . import bundle as bundles
 from . import checks, experts
 from . import offload as _offload
+from .backends import registry
 from .build import build as build_bundle
 from .executor import format_stats, offload_stats, summarize
 from .lock import BuildInProgress, build_lock
@@ -256,8 +257,8 @@ def install(
         if not quiet:
             print(f"[npumoe rank {rank}] {msg}", file=sys.stderr, flush=True)
 
-    if want in ("off", "mlx") or not shard.sharded:  # one process: the model's own bundle
-        if want in ("onnx", "coreml") and build:
+    if want == "off" or not registry.get(want).bundles or not shard.sharded:  # one process: the model's own bundle
+        if want != "off" and registry.get(want).bundles and build:
             path = bundles.build_target(model_path, want, bundle)  # the bundle the load below uses
             try:
                 bundles.read(path, model_path, model_name)

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cost import CostModel, flops_per_row
+from .cost import CostModel
 
 OVERFLOW_MODES = ("auto", "rerun", "spill", "drop")
 
@@ -253,8 +253,7 @@ def _pack_energy(counts, groups, ladders, cold, cost: CostModel, D: int, H: int,
     covers = [ladder_rounds(counts[ids], tiers) for ids, tiers in zip(groups, ladders)]
     if budget <= 0 or not any(cs and tiers[0] < cs[0] for cs, tiers in zip(covers, ladders)):
         return None
-    f = flops_per_row(D, H)
-    per_pair = f * cost.mlx_j_per_flop  # joules a pair costs on MLX, saved when a program serves it
+    per_pair = cost.mlx_rate(D, H)[1]  # joules a pair costs on MLX, saved when a program serves it
     step = budget / bins
     at = np.arange(bins + 1)
     dp = np.zeros(bins + 1)  # most joules saved within k bins of program time
@@ -267,7 +266,7 @@ def _pack_energy(counts, groups, ladders, cold, cost: CostModel, D: int, H: int,
         served = np.concatenate([[0.0], [np.minimum(load, sum(full)).sum()] if full else [],
                                  np.minimum(load[:, None], one[None, :]).sum(0)])
         joules = np.concatenate([[0.0], [sum(cost.program_j(G, c, D, H) for c in full)] if full else [],
-                                 cost.program_j_per_call + G * one * f * cost.program_j_per_flop])
+                                 cost.programs_j(G, 1, one, D, H)])
         ks = np.ceil(t / step - 1e-9).astype(np.int64)  # (O,)
         idx = at[None, :] - ks[:, None]  # (O, bins + 1)
         cand = np.where(idx >= 0, dp[np.maximum(idx, 0)] + (served * per_pair - joules)[:, None], -np.inf)

@@ -24,16 +24,13 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from .chips import chip_profile, detect_chip
-from .cost import CostModel, default_cost, flops_per_row
+from .backends import registry
+from .cost import CostModel, flops_per_row
 from .dispatch import MAX_WORKERS, run_calls, workers
 from .executor import OffloadExecutor
 from .experts import stock_experts
 from .plan import GroupPlan, LayerPlan
 from .power import active_power, power_sampler
-
-# The powermetrics rail of the unit each backend's programs run on.
-PROGRAM_UNIT = {"coreml": "ane", "onnx": "cpu", "mlx": "gpu"}
-
 
 def median_s(fn, repeats: int, warm_up: bool = True) -> float:
     """Median wall seconds of ``fn()`` over ``repeats`` runs (after one unmeasured run)."""
@@ -274,7 +271,7 @@ def unit_power(backend: str, run_programs, run_mlx, min_s: float = 1.0, make_sam
     rail, the chip table's active power of ``chip`` (default: this Mac's) is used, and
     ``source`` says why in one line; {"source": why} (no watts) if there is neither.
     """
-    unit = PROGRAM_UNIT[backend]
+    unit = registry.get(backend).unit  # the powermetrics rail its programs run on
     sampler, why = make_sampler()
     if sampler is not None:
         prog, gpu = active_power(sampler, run_programs, min_s), active_power(sampler, run_mlx, min_s)
@@ -300,7 +297,7 @@ def _pick_workers(be, D: int, H: int, quant, repeats: int) -> int:
     from .programs import spec_from_switch_glu
 
     program = be.load(spec_from_switch_glu(_module(D, H, 1, quant), layer=0, expert_ids=[0], tiers=[64]))
-    if not getattr(program, "concurrent", False):
+    if not program.concurrent:
         return 1
     x = np.random.default_rng(64).standard_normal((1, 64, D)).astype(np.float32)
     ts = {1: [], MAX_WORKERS: []}
@@ -316,7 +313,7 @@ def _call_s(program, x: np.ndarray, C: int, repeats: int, n_workers: int = 1) ->
     gathered in and written out by ``dispatch.run_calls``, and where calls run several at
     once (``n_workers``), that many copies in flight: the wall time per call."""
     G, _, D = x.shape
-    n = workers(n_workers) if getattr(program, "concurrent", False) else 1
+    n = workers(n_workers) if program.concurrent else 1
     x2 = x.reshape(G * C, D)
     calls = [(0, np.arange(G), C, np.arange(G * C))] * n
     outs = np.empty((n * G * C, D), np.float32)
@@ -404,6 +401,7 @@ def fit(raw: dict) -> CostModel:
         decode_program_s=float((raw.get("decode") or {}).get("program_s", 0.0)),
         decode_mlx_s=float((raw.get("decode") or {}).get("mlx_s", 0.0)),
         decode_workers=int((raw.get("decode") or {}).get("workers", 0)),
+        host_bytes_per_element=registry.get(raw["backend"]).host_bytes_per_element,
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
     pw = raw.get("power") or {}
@@ -424,9 +422,10 @@ def with_energy(cost: CostModel, program_w: float, mlx_w: float) -> CostModel:
 
 
 def tune(backend: str, D: int, H: int, quant: Optional[dict] = None, **kw) -> CostModel:
-    if backend == "coreml" and sys.platform != "darwin":
-        cost = default_cost("coreml")
-        cost.source = "parametric (Core ML programs run only on macOS; run `npumoe tune` on the Mac)"
+    ok, why = registry.get(backend).available()
+    if not ok:
+        cost = registry.default_cost(backend)
+        cost.source = f"parametric ({why}; run `npumoe tune` where it runs)"
         return cost
     return fit(measure(backend, D, H, quant, **kw))
 
@@ -440,7 +439,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="npumoe tune", description="Measure costs and fit the cost model.")
     p.add_argument("--model", required=True)
-    p.add_argument("--backend", choices=("onnx", "coreml", "mlx"), default="onnx")
+    p.add_argument("--backend", choices=registry.names(), default=registry.DEFAULT)
     p.add_argument("--out", help="Where to write the cost model JSON (default: ./npumoe-cost-<backend>.json)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)

@@ -21,9 +21,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import experts
+from .backends import registry
 
-# Largest relative error (max |got - want| / max |want|) a backend may show.
-TOLERANCE = {"onnx": 1e-4, "mlx": 1e-4, "coreml": 1e-2}
 DTYPE_TOLERANCE = {mx.float16: 1e-2, mx.bfloat16: 3e-2}  # the model's own rounding
 PROBE_ROWS = 8
 LOAD_LAYERS, LOAD_OTHERS = 8, 2  # programs checked at a (non --verify) load, see pick()
@@ -57,9 +56,11 @@ def model_dense(mlp, x: np.ndarray) -> np.ndarray:
 
 
 def tolerance(backend: str, module) -> float:
+    """Largest relative error (max |got - want| / max |want|) backend ``backend``'s programs may
+    show against ``module``: the backend's own (registry) or the model dtype's rounding, the larger."""
     lin = module.down_proj
     dtype = lin.scales.dtype if hasattr(lin, "scales") else lin.weight.dtype
-    return max(TOLERANCE.get(backend, 1e-2), DTYPE_TOLERANCE.get(dtype, 0.0))
+    return max(registry.get(backend).tolerance, DTYPE_TOLERANCE.get(dtype, 0.0))
 
 
 def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, where: str) -> None:

@@ -12,7 +12,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 import npumoe_mlx
 from npumoe_mlx import release, tiers, tune
-from npumoe_mlx.backends import load_backend
+from npumoe_mlx.backends import Program, load_backend
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor
@@ -24,7 +24,7 @@ from npumoe_mlx.tools.tiny import make_tiny_model
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=2, source="test: programs win")
 
 
-class _Prog:
+class _Prog(Program):
     """A stand-in program: tiers only (slot planning never runs it)."""
 
     def __init__(self, tiers):

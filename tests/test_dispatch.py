@@ -5,7 +5,7 @@ import pytest
 
 from ane_kernels.milrun import rel_err
 from ane_kernels.spec import random_spec, reference_ffn
-from npumoe_mlx.backends import load_backend
+from npumoe_mlx.backends import Program, load_backend
 from npumoe_mlx.dispatch import ProgramError, run_calls, workers
 
 D = 64
@@ -40,8 +40,7 @@ def test_two_workers_write_the_rows_one_worker_does():
         off += len(ids) * cap
 
 
-class _Bad:
-    concurrent = False
+class _Bad(Program):
 
     def __init__(self, G, y):
         self.G, self.y = G, y

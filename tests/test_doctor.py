@@ -14,7 +14,8 @@ from mlx_lm import load as stock_load
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import cli, doctor
-from npumoe_mlx.cost import CostModel, default_cost
+from npumoe_mlx.backends.registry import default_cost
+from npumoe_mlx.cost import CostModel
 from npumoe_mlx.fingerprint import model_fingerprint
 from npumoe_mlx.tools.tiny import make_tiny_model
 

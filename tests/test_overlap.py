@@ -7,7 +7,8 @@ the larger of the two, so the plan's 6 cold experts (3% of pairs) doubled the ca
 
 import numpy as np
 
-from npumoe_mlx.cost import CostModel, default_cost
+from npumoe_mlx.backends.registry import default_cost
+from npumoe_mlx.cost import CostModel
 from npumoe_mlx.plan import PlanLimits, plan_layer
 from npumoe_mlx.profiles import LayerCounts
 from npumoe_mlx.tiers import decide_call

@@ -17,6 +17,7 @@ from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import cli, release
+from npumoe_mlx.backends import Program
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import offload_stats, summarize
@@ -142,7 +143,7 @@ def test_program_fault_reloads_the_layer_and_tokens_stay_right(cold, capsys):
     ours, tok2 = npumoe_mlx.load(str(cold), offload="onnx", quiet=True)
     ex = installed_blocks(ours)[0].executor
 
-    class Broken:
+    class Broken(Program):
         def __init__(self, p):
             self.p, self.tiers = p, p.tiers
 

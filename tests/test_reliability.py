@@ -25,6 +25,7 @@ import npumoe_mlx
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import cli
+from npumoe_mlx.backends import Program
 from npumoe_mlx.atomic import clean_stale
 from npumoe_mlx.checks import ModelError
 from npumoe_mlx.cost import CostModel
@@ -347,7 +348,7 @@ def test_bundle_fault_is_refused_before_any_program_runs(moe, tmp_path, capsys, 
 # --- 3. runtime faults -------------------------------------------------------
 
 
-class Faulty:
+class Faulty(Program):
     """Wraps a program: the first ``good`` runs pass through, then every run fails as ``kind``."""
 
     def __init__(self, program, kind, good=3):

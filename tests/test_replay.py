@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from npumoe_mlx import replay as rp
-from npumoe_mlx.cost import CostModel, default_cost
+from npumoe_mlx.backends.registry import default_cost
+from npumoe_mlx.cost import CostModel
 from npumoe_mlx.experts import ExpertBlock
 from npumoe_mlx.plan import GroupPlan, LayerPlan, PlanLimits
 from npumoe_mlx.profiles import Profile
@@ -205,7 +206,7 @@ def test_energy_objective_meets_issue_10s_chip_target(chip, trace, shape, bound)
     time (``--energy-bound time``) or of all-on-GPU's (``gpu``), on the shared traces at 2048-token
     calls. The two cases were the planner's misses: whole groups moved to MLX left the ANE idle and
     padded, and the plan kept few experts resident (``tiers._pack_energy``, ``plan._energy_residency``)."""
-    from npumoe_mlx.cost import chip_cost
+    from npumoe_mlx.backends.registry import chip_cost
 
     t = {l: a for l, a in rp.load_trace(ROUTING / trace).items()}
     sh = rp.preset_shape(shape)
@@ -229,7 +230,7 @@ def test_energy_plan_ends_within_1_2x_the_time_objectives_plan(trace, shape, chi
     time plan's mean over the energy plan's own on calibrated calls, so 1.2x holds against the
     time objective's plan. The slack comes from the least ratio over parts of the calibration, not
     the mean: with the mean, OLMoE book's held-out half on m5 ended at 1.2165x."""
-    from npumoe_mlx.cost import chip_cost
+    from npumoe_mlx.backends.registry import chip_cost
 
     t = rp.load_trace(ROUTING / f"{trace}.npz")
     sh = rp.preset_shape(shape)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from slots_reference import plan_slots as reference_slots  # tests/ is on sys.path under pytest
 
-from npumoe_mlx.cost import default_cost
+from npumoe_mlx.backends.registry import default_cost
 from npumoe_mlx.tiers import decide_call, plan_slots
 
 D, H = 64, 32

@@ -5,7 +5,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from npumoe_mlx.cost import CostModel, chip_cost, default_cost, flops_per_row
+from npumoe_mlx.backends.registry import chip_cost, default_cost
+from npumoe_mlx.cost import CostModel, flops_per_row
 from npumoe_mlx.experts import ExpertBlock
 from npumoe_mlx.plan import NEVER, GroupPlan, LayerPlan, PlanLimits, make_plan, plan_layer
 from npumoe_mlx.profiles import LayerCounts, Profile

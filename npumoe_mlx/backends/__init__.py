@@ -19,11 +19,14 @@ machine, with the tiers a build checks.
 - ``onnx``: the per-tier .onnx graphs under onnxruntime (any execution provider).
 - ``mlx``: the spec's weights in a .safetensors file, run with MLX (reference and fallback).
 
+Those are program formats; a backend (``registry.py``) is a format on a unit, with its
+limits, costs and tolerance: ``onnx-coreml`` runs onnx programs through onnxruntime's
+CoreML execution provider.
+
 ``run`` takes C <= tier rows: short inputs are zero-padded to the tier and the
 output cropped back to C rows; ``tier=None`` picks the smallest tier >= C.
 """
 
-import importlib
 import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -31,8 +34,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..tiers import tier_for
+from . import registry
 
-BACKENDS = ("coreml", "onnx", "mlx")
+BACKENDS = registry.names()
 
 
 class BackendError(RuntimeError):
@@ -40,16 +44,14 @@ class BackendError(RuntimeError):
 
 
 def backend_class(name: str) -> type:
-    """The ``Backend`` class of `name` ("coreml", "onnx" or "mlx"): its static ``build``
+    """The ``Backend`` class of backend `name`'s program format: its static ``build``
     and ``checker`` work anywhere; an instance (``load_backend``) loads and runs."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return importlib.import_module(f"{__name__}.{name}").Backend
+    return registry.program_module(name).Backend
 
 
 def load_backend(name: str, **opts):
-    """The backend called `name` ("coreml", "onnx" or "mlx"), built with `opts`."""
-    return backend_class(name)(**opts)
+    """The backend called `name` (``registry.names()``), built with its descriptor's options and `opts`."""
+    return backend_class(name)(**{**registry.get(name).options, **opts})
 
 
 def member(folder, name: str) -> Path:
@@ -94,6 +96,9 @@ class Program:
     # factory of its empty value: a copy or unpickled program drops them and reopens
     # them lazily from what it keeps (paths, model bytes).
     transient: Dict[str, Callable[[], object]] = {}
+    # Capabilities, read by the executor, dispatch and tune (a program class overrides them):
+    concurrent: bool = False  # run_into(x, tier, out) may be called from several threads at once
+    dynamic: bool = False  # one session serves any row count: add_tiers costs no new weights
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self.transient}
@@ -122,3 +127,6 @@ class Program:
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
         raise NotImplementedError
+
+    def add_tiers(self, tiers: Sequence[int]) -> None:
+        """Serve more row counts where that is free (``dynamic`` programs); others keep their tiers."""

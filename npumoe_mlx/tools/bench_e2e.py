@@ -24,6 +24,7 @@ from mlx_lm.utils import load_tokenizer
 from .. import bundle as bundles
 from ..args import add_dense_flag
 from ..atomic import write_json
+from ..backends import registry
 from ..build import build as build_bundle
 from ..dense import check_mode
 from ..bundle import default_bundle_dir
@@ -168,8 +169,8 @@ def bench(
 ) -> dict:
     """make model -> build bundle -> measure; ``workdir`` keeps (and later reuses) the model and bundle."""
     want = resolve(backend)
-    if want not in ("onnx", "coreml"):
-        raise ValueError(f"--backend must be auto, onnx or coreml, got {backend!r}")
+    if want not in registry.names(bundles=True):
+        raise ValueError(f"--backend must be auto or one of {', '.join(registry.names(bundles=True))}, got {backend!r}")
     if dense_programs:
         check_mode(want)
     if max_tokens < 2 or repeats < 1:
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="Tokens generated per prompt (default 16).")
     p.add_argument("--prefill-step", type=int, default=512, help="Prefill chunk, also the calibration chunk (default 512).")
     p.add_argument("--calib-tokens", type=int, default=256, help="Calibration tokens of the build (default 256).")
-    p.add_argument("--backend", choices=("auto", "onnx", "coreml"), default="auto")
+    p.add_argument("--backend", choices=("auto", *registry.names(bundles=True)), default="auto")
     p.add_argument("--no-tune", action="store_true", help="Parametric costs instead of measuring this machine.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="Runs per prompt length; the median-wall run is kept.")

@@ -26,7 +26,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from ane_kernels.spec import ProgramSpec, dequantize
 
 from ..atomic import write_json
-from ..backends import load_backend
+from ..backends import load_backend, registry
 from ..cost import flops_per_row
 from ..executor import OffloadExecutor
 from ..experts import stock_experts
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", nargs="+", action="extend", required=True, metavar="PRESET",
                    help=f"Presets: {', '.join(shapes)}, or 'all'.")
     p.add_argument("--tokens", default="1,128,512,2048", help="Tokens per call, comma-separated.")
-    p.add_argument("--backend", choices=("onnx", "mlx"), default="onnx")
+    p.add_argument("--backend", choices=registry.runnable(), default=registry.DEFAULT)
     p.add_argument("--q-bits", type=int, choices=(0, 4, 8), default=4, help="Expert weights: 4/8-bit affine, or 0 for float32.")
     p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of expert popularity (0 = uniform).")
     p.add_argument("--repeats", type=int, default=3)

@@ -29,6 +29,7 @@ from .. import bundle as bundles
 from .. import dense, heap
 from ..args import add_dense_flag
 from ..atomic import write_json
+from ..backends import registry
 from ..build import build as build_bundle
 from ..checks import resolve_model
 from ..executor import LayerStats, OffloadExecutor, offload_stats, summarize
@@ -59,17 +60,15 @@ class CompareError(ValueError):
 
 def offload_device_label(backend: str, model=None) -> str:
     """The device the expert programs really ran on (from the loaded sessions when there are any)."""
-    if backend == "coreml":
-        return "ANE (Core ML)"
-    if backend == "onnx":
-        providers = []
-        for ex in _executors(model) if model is not None else []:
-            for prog in ex.programs:
-                for sess in getattr(prog, "sessions", {}).values():
-                    providers.append(sess.get_providers()[0])
-        name = providers[0] if providers else "CPUExecutionProvider"
-        return f"ONNX Runtime {name.replace('ExecutionProvider', '')}"
-    return mlx_device_label()
+    providers = []
+    for ex in _executors(model) if model is not None else []:
+        for prog in ex.programs:
+            for sess in getattr(prog, "sessions", {}).values():  # onnx programs: the provider each session runs on
+                providers.append(sess.get_providers()[0])
+    if providers:
+        return f"ONNX Runtime {providers[0].replace('ExecutionProvider', '')}"
+    info = registry.REGISTRY.get(backend)
+    return info.label if info is not None and info.label else mlx_device_label()
 
 
 # --- one side -------------------------------------------------------------------
@@ -338,8 +337,8 @@ def compare(
     Returns the compare.json dict. ``prompts`` (texts) replaces ``prompt_tokens``
     (synthetic long-context prompts of exactly that many tokens).
     """
-    if backend not in ("auto", "onnx", "coreml"):
-        raise CompareError(f"--backend must be auto, onnx or coreml, got {backend!r}")
+    if backend not in ("auto", *registry.names(bundles=True)):
+        raise CompareError(f"--backend must be auto or one of {', '.join(registry.names(bundles=True))}, got {backend!r}")
     if max_tokens < 2:
         raise CompareError("--max-tokens must be >= 2 (decode speed needs at least two generated tokens)")
     if prefill_step < 1 or repeats < 1:
@@ -539,7 +538,7 @@ def main(argv=None) -> int:
                      help="Synthetic long-context prompts of exactly these lengths (default 1024,4096).")
     src.add_argument("--prompt", action="append", metavar="TEXT", help="A prompt text (repeatable).")
     p.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per prompt (default 32).")
-    p.add_argument("--backend", choices=("auto", "onnx", "coreml"), default="auto",
+    p.add_argument("--backend", choices=("auto", *registry.names(bundles=True)), default="auto",
                    help="Offload backend (auto: coreml on Apple Silicon, onnx elsewhere).")
     p.add_argument("--bundle", help="Bundle folder (default: the one generate uses: <model>/npumoe-<backend> if "
                    "there, else the cache's).")
