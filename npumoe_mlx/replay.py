@@ -6,7 +6,7 @@ executor calls (``LayerPlan.decide`` -> ``tiers.decide_call``, the tier rule of
 ``tiers.py``), and the rows, padding, overflow, spill and predicted time/energy
 are tallied per layer x call size.
 
-Trace format (``../shared/routing/README.md``): an ``.npz`` with ``layerN`` ->
+Trace format (``benchmarks/routing/README.md``): an ``.npz`` with ``layerN`` ->
 (T, k) expert ids of every token, in order; ``npumoe calibrate --save-routes``
 writes the same from a real model.
 """
