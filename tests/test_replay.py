@@ -238,3 +238,30 @@ def test_energy_plan_ends_within_1_2x_the_time_objectives_plan(trace, shape, chi
     e, tm = out["energy"]["summary"]["2048"], out["time"]["summary"]["2048"]
     assert e["predicted_s"] <= 1.2 * tm["predicted_s"], e["predicted_s"] / tm["predicted_s"]
     assert e["energy_ratio"] < 0.9 * tm["energy_ratio"], (e, tm)
+
+
+def test_replay_refuses_a_trace_of_another_shape_in_one_line(capsys):
+    """An OLMoE trace (64 experts, top-8) under --shape mixtral-8x7b (8 experts, top-2) is refused."""
+    from npumoe_mlx import cli
+
+    rc = cli.main(["replay", "--shape", "mixtral-8x7b", "--calibrate", str(ROUTING / "olmoe-1b-7b.arxiv.npz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1
+    assert "top-8 over expert ids 0..63" in err[0] and "--shape mixtral-8x7b has 8 experts, top-2" in err[0]
+    # the same top-k over fewer experts than the shape is a real model's subset: allowed (issue 10's chip tables)
+    with pytest.raises(ValueError, match="has 16 experts, top-2"):
+        rp.check_trace_shape("t", {0: np.array([[0, 16]])}, "phi-3.5-moe")
+    rp.check_trace_shape("t", {0: np.array([[0, 15]])}, "phi-3.5-moe")
+
+
+def test_replay_energy_is_na_with_the_reason_not_nan(capsys):
+    from npumoe_mlx import cli
+
+    args = ["replay", "--shape", "olmoe-1b-7b", "--calibrate", str(ROUTING / "olmoe-1b-7b.arxiv.npz"), "--tokens", "512"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and " n/a" in out
+    assert "J/MLX n/a: the cost model (parametric) has no energy terms" in out
+    assert cli.main(args + ["--backend", "coreml", "--chip", "m4-max"]) == 0  # a chip profile has energy terms
+    out = capsys.readouterr().out
+    assert "n/a" not in out and "nan" not in out
