@@ -247,7 +247,7 @@ def test_cli_prints_the_table_and_one_chip_with_sources(tmp_path, capsys):
     assert written["m3-max"] == chip_profile("m3-max")
     assert chips.main(["--json", str(tmp_path / "all.json")]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'all.json'} ({len(CHIP_NAMES)} chip profiles)\n"
-    assert list(load_chips(str(tmp_path / "all.json"))) == list(load_chips())
+    assert load_chips(str(tmp_path / "all.json")) == load_chips()
 
 
 def test_cli_unknown_chip_raises_one_line_error():
