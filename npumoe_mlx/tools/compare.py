@@ -40,7 +40,8 @@ from ..residency import describe_units, model_resident
 from ..workloads import prompt_of_tokens
 from .meters import Meters
 from .report import (
-    ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list, write_text,
+    PLOT_MISSING, ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, pyplot, save_figure, token_list,
+    write_text,
 )
 
 DEFAULT_PROMPT_TOKENS = (1024, 4096)
@@ -417,7 +418,7 @@ def compare(
             "experts excluded), programs = the offloaded experts' quantized bytes (the programs' weights); per layer in units",
         },
     }
-    write_outputs(result, Path(out_dir))
+    write_outputs(result, Path(out_dir), log)
     return result
 
 
@@ -493,23 +494,30 @@ def format_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(r: dict, path: Path) -> None:
-    """Grouped bars, offload vs stock, per prompt and the mean: prefill, decode, CPU s/token, TTFT."""
-    import matplotlib
+def plot_panels(r: dict) -> List[tuple]:
+    """(title, key, bar labels, {side: values}) per panel: the mean only beside several prompts
+    (with one it would repeat that prompt's bars), and peak memory beside the speeds."""
+    one = len(r["prompts"]) == 1
+    labels = [p["name"] for p in r["prompts"]] + ([] if one else ["mean"])
+    panels = [("prefill tok/s", "prefill_tps"), ("decode tok/s", "decode_tps"), ("TTFT (s)", "ttft_s"),
+              ("CPU s / token", "cpu_s_per_token"), ("peak memory (GB)", "peak_mem_gb")]
+    return [(title, k, labels, {side: [p[side][k] for p in r["prompts"]] + ([] if one else [r[side][k]])
+                                for side in ("offload", "stock")}) for title, k in panels]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    labels = [p["name"] for p in r["prompts"]] + ["mean"]
-    sides = [("offload", r["devices"]["offload"], "tab:orange"), ("stock", r["devices"]["stock"], "tab:blue")]
-    panels = [("prefill tok/s", "prefill_tps"), ("decode tok/s", "decode_tps"),
-              ("CPU s / token", "cpu_s_per_token"), ("TTFT (s)", "ttft_s")]
-    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 4))
-    x = np.arange(len(labels))
-    for ax, (title, k) in zip(axes, panels):
-        for i, (side, dev, color) in enumerate(sides):
-            vals = [p[side][k] for p in r["prompts"]] + [r[side][k]]
-            ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=f"{side}: {dev}", color=color)
+def plot(r: dict, path: Path) -> bool:
+    """Grouped bars, offload vs stock (see ``plot_panels``); False when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    panels = plot_panels(r)
+    colors = {"offload": "tab:orange", "stock": "tab:blue"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 4))
+    for ax, (title, _, labels, vals) in zip(axes, panels):
+        x = np.arange(len(labels))
+        for i, side in enumerate(("offload", "stock")):
+            ax.bar(x + (i - 0.5) * 0.4, [v if v is not None else 0 for v in vals[side]], 0.4,
+                   label=f"{side}: {r['devices'][side]}", color=colors[side])
         ax.set_title(title)
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
@@ -519,12 +527,14 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     save_figure(fig, path)
     plt.close(fig)
+    return True
 
 
-def write_outputs(r: dict, out_dir: Path) -> None:
+def write_outputs(r: dict, out_dir: Path, log: Callable[[str], None] = print) -> None:
     write_json(out_dir / "compare.json", r)
     write_text(out_dir / "compare.md", format_markdown(r))
-    plot(r, out_dir / "compare.png")
+    if not plot(r, out_dir / "compare.png"):
+        log(PLOT_MISSING)
 
 
 # --- CLI ------------------------------------------------------------------------
