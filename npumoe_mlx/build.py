@@ -8,6 +8,7 @@ right after (``Backend.checker``).
 """
 
 import argparse
+import importlib.util
 import sys
 import time
 from contextlib import nullcontext
@@ -137,6 +138,10 @@ def build(
     """
     if backend not in ("onnx", "coreml"):
         raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
+    toolkit = {"onnx": "onnx", "coreml": "coremltools"}[backend]
+    if importlib.util.find_spec(toolkit) is None:  # an extra off a Mac (pyproject.toml)
+        raise ValueError(f"building {backend} programs needs {toolkit}, which is not installed: "
+                         f"pip install '{'npumoe-mlx[coreml]' if backend == 'coreml' else 'onnx'}'")
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     t0 = time.perf_counter()

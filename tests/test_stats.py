@@ -161,3 +161,16 @@ def test_plan_from_stats_finds_the_bundle_and_previews_what_build_builds(tmp_pat
     assert "measuring costs" not in capsys.readouterr().out  # re-sized with the bundle's costs, as previewed
     assert json.loads((tmp_path / "preview.json").read_text()) == json.loads((out / "plan.json").read_text())
     assert CostModel.load(out / "cost.json").source == EAGER.source
+
+
+def test_build_without_the_backends_toolkit_names_the_extra(tmp_path, monkeypatch):
+    """coremltools is an extra off macOS ([coreml]): a Core ML build without it says how to get it."""
+    import importlib.util
+
+    import pytest
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "coremltools" else real(n, *a))
+    with pytest.raises(ValueError, match=r"needs coremltools, which is not installed: pip install 'npumoe-mlx\[coreml\]'"):
+        build_bundle(str(tmp_path / "m"), "coreml", str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
