@@ -67,3 +67,18 @@ def test_compare_without_matplotlib_says_how_to_get_plots(tmp_path, monkeypatch)
     cmp.write_outputs({"prompts": []}, tmp_path, said.append)
     assert said == ["plot skipped: matplotlib is not installed (pip install 'npumoe-mlx[plot]')"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json", "compare.md"]
+
+
+def test_compare_says_in_one_line_why_offload_was_slower():
+    fast = {"prefill_tps": 100.0, "decode_tps": 50.0}
+    stats = {"offloaded_calls": 4, "program_calls": 8, "program_s": 0.004}
+    r = {"offload": {"prefill_tps": 58.0, "decode_tps": 50.0}, "stock": fast, "machine": {"loadavg_at_start": [1.5]},
+         "prompts": [{"offload": {"offload_stats": stats}}]}
+    line = cmp.why_slower(r)
+    assert line.startswith("prefill slower than stock (0.58x): 4 offloaded layer calls made 8 program calls of 0.50 ms")
+    assert "fixed cost" in line and "\n" not in line
+    r["offload"]["decode_tps"] = 30.0
+    assert cmp.why_slower(r).startswith("prefill and decode slower than stock: ")
+    r["prompts"][0]["offload"]["offload_stats"] = {"offloaded_calls": 0, "program_calls": 0}
+    assert "no MoE layer call ran programs" in cmp.why_slower(r)
+    assert cmp.why_slower({**r, "offload": {"prefill_tps": 99.0, "decode_tps": 49.0}}) is None  # within 5 %: not slower

@@ -418,8 +418,31 @@ def compare(
             "experts excluded), programs = the offloaded experts' quantized bytes (the programs' weights); per layer in units",
         },
     }
+    result["why_slower"] = why_slower(result)
+    if result["why_slower"]:
+        log(result["why_slower"])
     write_outputs(result, Path(out_dir), log)
     return result
+
+
+def why_slower(r: dict) -> Optional[str]:
+    """One line on why the offload side was slower, when it was (None when it was not)."""
+    o, s = r["offload"], r["stock"]
+    ratio = {n: o[k] / s[k] for n, k in (("prefill", "prefill_tps"), ("decode", "decode_tps")) if o[k] and s[k]}
+    slow = [n for n, x in ratio.items() if x < 0.95]
+    if not slow:
+        return None
+    st = [p["offload"].get("offload_stats") or {} for p in r["prompts"]]
+    calls, progs = sum(x.get("offloaded_calls", 0) for x in st), sum(x.get("program_calls", 0) for x in st)
+    load = r["machine"].get("loadavg_at_start", [None])[0]
+    head = f"{' and '.join(slow)} slower than stock" + (f" ({ratio[slow[0]]:.2f}x)" if len(slow) == 1 else "")
+    if not progs:
+        return (f"{head}: no MoE layer call ran programs (calls below the plan's min_tokens stay on MLX), so the "
+                f"difference is the offload's bookkeeping and run-to-run noise (load {load})")
+    per = 1e3 * sum(x.get("program_s", 0.0) for x in st) / progs
+    return (f"{head}: {calls} offloaded layer calls made {progs} program calls of {per:.2f} ms each; where experts "
+            f"are small, a program call's fixed cost (host sync, dispatch, copies) exceeds the expert work it moves "
+            f"off MLX (README: when not to use it); machine load at start {load}")
 
 
 # --- output ---------------------------------------------------------------------
@@ -466,6 +489,8 @@ def format_markdown(r: dict) -> str:
              f"tokens, prefill step {r['prefill_step']}. Machine: {r['machine']['cpu']} "
              f"({r['machine']['cpu_count']} CPUs, {r['machine']['system']}).", ""]
     lines += ["## Mean over prompts", ""] + _table(r["offload"], r["stock"], d) + [""]
+    if r.get("why_slower"):
+        lines += [f"Why slower: {r['why_slower']}", ""]
     diff = r["max_logit_diff_rel"]
     lines.append(f"Greedy token agreement: **{r['token_agreement']:.3f}**; max relative logit difference: "
                  f"**{_fmt(diff)}**" + (f" ({r['logit_check']['positions']} positions of {r['logit_check']['prompt']})"
