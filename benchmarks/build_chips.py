@@ -559,14 +559,14 @@ are multiples of 32 rows) and groups that cannot be cut finer than their ladder:
 TARGETS_HEAD = """
 ## Issue 10's chip targets (predicted)
 
-For every profile, on the shared routing traces (`../shared/routing`: the OLMoE traces at the
+For every profile, on the shared routing traces (`benchmarks/routing`: the OLMoE traces at the
 Qwen3-30B-A3B expert shape, the five Mixtral traces at the Mixtral-8x7B shape), 2048-token calls,
 `--split half`, Core ML programs on the ANE against MLX on the GPU: each cell is the worst trace
 of that shape. Predictions of the planner's cost model with this table's numbers, not
 measurements. Regenerate (the replays take ~3-5 minutes on 2 cores):
 
 ```sh
-PYTHONPATH=. python benchmarks/replay_all.py --routing ../shared/routing   # -> benchmarks/results/replay.json
+PYTHONPATH=. python benchmarks/replay_all.py --routing benchmarks/routing   # -> benchmarks/results/replay.json
 python benchmarks/build_chips.py npumoe_mlx/data/chips.json benchmarks/chips.md
 ```
 

@@ -1,6 +1,6 @@
 """Replay every shared routing trace through the planner and the executor's decisions.
 
-    PYTHONPATH=. python benchmarks/replay_all.py [--routing ../shared/routing] [--out benchmarks/results/replay.json]
+    PYTHONPATH=. python benchmarks/replay_all.py [--routing benchmarks/routing] [--out benchmarks/results/replay.json]
 
 Three tables (benchmarks/replay.md): tiers on real routing (each trace, --split half, onnx
 and coreml parametric costs, calls of 128/512/2048 tokens), across domains (plan on some
@@ -31,7 +31,7 @@ CROSS = [  # (plan on, replay on)
     (["mixtral-8x7b.github"], ["mixtral-8x7b.wikipedia"]),
 ]
 CHIP_CASES = [("qwen3-30b-a3b", f) for f in OLMOE] + [("mixtral-8x7b", f) for f in MIXTRAL]
-ROUTING = Path(__file__).resolve().parents[1] / ".." / "shared" / "routing"
+ROUTING = Path(__file__).resolve().parent / "routing"
 
 
 def _run(job):

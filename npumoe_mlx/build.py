@@ -8,6 +8,7 @@ right after (``Backend.checker``).
 """
 
 import argparse
+import importlib.util
 import sys
 import time
 from contextlib import nullcontext
@@ -60,6 +61,46 @@ def _verify_built(backend: str, folder: Path, rel: Path, built: dict, entry: dic
         raise bundles.BundleError(f"build refused: {e}; this is a bug in npumoe or the model's format, please report it") from None
 
 
+def workload_cost(bundle: Path, log: Callable[[str], None] = print) -> Optional[CostModel]:
+    """``--from-stats`` re-sizes ladders, it doesn't re-measure: the costs the bundle has (None: none)."""
+    try:
+        return CostModel.load(Path(bundle) / "cost.json") if (Path(bundle) / "cost.json").exists() else None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        log(f"      not reusing {Path(bundle) / 'cost.json'} ({e})")
+        return None
+
+
+def plan_model(model, tokenizer, config, blocks: dict, backend: str, *, corpus=("long-context", "qa", "code"),
+               tokens: int = 2048, chunk_size: int = 2048, seed: int = 0, cost: Optional[CostModel] = None,
+               chip: Optional[str] = None, tune: bool = True, objective: str = "time",
+               limits: Optional[PlanLimits] = None, workload: Optional[Profile] = None,
+               log: Callable[[str], None] = print, progress: bool = False):
+    """calibrate (+ the saved workload) -> costs -> plan: ``(profile, cost, plan)``. The one path
+    ``npumoe build`` and ``npumoe plan --from-stats`` share, so the preview is what gets built."""
+    docs, desc = corpus_documents(list(corpus), tokens, seed)
+    log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
+    profile = calibrate(
+        model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
+        model_path=None, description=desc, progress=progress,
+    )
+    if workload is not None:
+        log(f"      re-sizing layers {[l.layer for l in workload.layers]} for the saved workload ({workload.corpus})")
+        profile = with_workload(profile, workload)
+    b0 = next(iter(blocks.values()))
+
+    def measure() -> CostModel:
+        log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
+        return run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress, top_k=b0.top_k or 8)
+
+    cost = cost or choose_cost(backend, chip=chip, tune=measure if tune else None, D=b0.dims, H=b0.hidden,
+                               bits=(b0.quant or {}).get("bits", 16))
+    log(f"      {describe_cost(cost)}")
+    plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
+                 for l, b in blocks.items()}  # shared experts only where a program computes them
+    plan = make_plan(profile, plannable, cost, limits or PlanLimits.for_backend(backend), objective=objective)
+    return profile, cost, plan
+
+
 def build(
     model_path: str,
     backend: str = "onnx",
@@ -96,6 +137,10 @@ def build(
     """
     if backend not in registry.names(bundles=True):
         raise ValueError(f"--backend must be one of {', '.join(registry.names(bundles=True))}, got {backend!r}")
+    toolkit = {"onnx": "onnx", "coreml": "coremltools"}.get(registry.get(backend).program_format)
+    if toolkit and importlib.util.find_spec(toolkit) is None:  # an extra off a Mac (pyproject.toml)
+        raise ValueError(f"building {backend} programs needs {toolkit}, which is not installed: "
+                         f"pip install '{'npumoe-mlx[coreml]' if toolkit == 'coremltools' else 'onnx'}'")
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     t0 = time.perf_counter()
@@ -117,33 +162,18 @@ def build(
         if not blocks:
             raise ValueError(f"{model_path}: no supported MoE expert blocks; nothing to offload (it runs on stock MLX)")
 
-        docs, desc = corpus_documents(list(corpus), tokens, seed)
-        log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
-        profile = calibrate(
-            model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-            model_path=None, description=desc, progress=progress,
-        )
-        if workload is not None:
-            log(f"      re-sizing layers {[l.layer for l in workload.layers]} for the saved workload ({workload.corpus})")
-            profile = with_workload(profile, workload)
+        if cost is None and workload is not None and not chip:
+            cost = workload_cost(out, log)
+        profile, cost, plan = plan_model(model, tokenizer, config, blocks, backend, corpus=corpus, tokens=tokens,
+                                         chunk_size=chunk_size, seed=seed, cost=cost, chip=chip, tune=tune,
+                                         objective=objective, limits=limits, workload=workload, log=log,
+                                         progress=progress)
         profile.model_fingerprint = fingerprint
-        b0 = next(iter(blocks.values()))
-        def measure() -> CostModel:
-            log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
-            return run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress, top_k=b0.top_k or 8)
-
-        cost = cost or choose_cost(backend, chip=chip, tune=measure if tune else None, D=b0.dims, H=b0.hidden,
-                                   bits=(b0.quant or {}).get("bits", 16))
-        log(f"      {describe_cost(cost)}")
         runs, why = registry.get(backend).available()
         if not runs:
             log(f"      note: {why}; this bundle is for a machine where {backend} runs (its programs are "
                 f"checked here on a reference: Core ML's with the numpy MIL interpreter)")
-        limits = limits or PlanLimits.for_backend(backend)
         mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs
-        plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
-                     for l, b in blocks.items()}  # shared experts only where a program computes them
-        plan = make_plan(profile, plannable, cost, limits, objective=objective)
         log(f"[3/4] {format_plan(plan)}")
         budget = default_memory_budget() if memory_budget == -1 else memory_budget
         resident = plan_resident(plan, model, blocks, cost, keep_mlx_experts=False, budget=budget)  # as loads run it

@@ -12,7 +12,7 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -154,6 +154,28 @@ def _cap(lengths: List[int], max_tokens: Optional[int]) -> List[int]:
     return out
 
 
+_LONG = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+def encode_documents(tokenizer, docs: Sequence[str]) -> List[List[int]]:
+    """Each document's ids, whole. They are prefilled in chunks, so transformers' one-time warning
+    that a text is longer than the model's maximum length is noise here: it is held back while
+    these are encoded (and left as it was for the caller's own use of the tokenizer)."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx_lm's TokenizerWrapper holds the HF tokenizer
+    warned = getattr(hf, "deprecation_warnings", None)
+    if not isinstance(warned, dict):
+        return [list(tokenizer.encode(d)) for d in docs]
+    before = warned.get(_LONG)
+    warned[_LONG] = True
+    try:
+        return [list(tokenizer.encode(d)) for d in docs]
+    finally:
+        if before is None:
+            warned.pop(_LONG, None)
+        else:
+            warned[_LONG] = before
+
+
 def calibrate(
     model,
     tokenizer,
@@ -189,7 +211,7 @@ def calibrate(
         raise ValueError(f"no MoE expert blocks in model (model_type {config.get('model_type')})")
     if not any(b.supported for b in blocks):
         raise ValueError(f"no MoE expert blocks that can be recorded: {blocks[0].reason}")
-    docs_ids = [list(tokenizer.encode(d)) for d in docs]
+    docs_ids = encode_documents(tokenizer, docs)
     lengths = _cap([len(ids) for ids in docs_ids], max_tokens)
     if sum(lengths) == 0:
         raise ValueError("the corpus has no tokens")

@@ -179,10 +179,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("--chip", help="Show one chip with the source of each number (e.g. 'M2 Max').")
     p.add_argument("--file", metavar="PATH", help="Read profiles from this file instead of the shipped table.")
-    p.add_argument("--json", metavar="PATH", help="Also write the profiles (values, sources, notes) as JSON.")
+    p.add_argument("--json", metavar="PATH", help="Write the profiles (values, sources, notes) as JSON instead of printing them.")
     args = p.parse_args(argv)
     chips = load_chips(args.file)
     rows = [chip_profile(args.chip, args.file)] if args.chip else list(chips.values())
+    if args.json:  # the file is the output: one line, not the table as well
+        write_json(args.json, {"format": FORMAT, "chips": {r.name: profile_entry(r) for r in rows}})
+        print(f"wrote {args.json} ({len(rows)} chip profile{'s' if len(rows) != 1 else ''})")
+        return 0
     here = detect_chip()
     print(format_chips(rows))
     if args.chip:
@@ -193,8 +197,6 @@ def main(argv=None) -> int:
             print(f"- {f} = {getattr(prof, f):g} {FIELDS[f][0]}: {prof.sources[f]}{note}")
     if here:
         print(f"\nthis machine: {here}")
-    if args.json:
-        write_json(args.json, {"format": FORMAT, "chips": {r.name: profile_entry(r) for r in rows}})
     return 0
 
 

@@ -5,6 +5,7 @@ import sys
 
 SUBCOMMANDS = {
     "generate": ("npumoe_mlx.generate", "generate text (mlx_lm.generate flags plus --offload)"),
+    "chat": ("npumoe_mlx.chat", "chat in the terminal (mlx_lm.chat flags plus --offload)"),
     "server": ("npumoe_mlx.server", "OpenAI-compatible server (mlx_lm.server flags plus --offload)"),
     "doctor": ("npumoe_mlx.doctor", "what runs here, and whether a model and its bundle fit and are current"),
     "info": ("npumoe_mlx.info", "list a model's MoE expert blocks"),

@@ -4,8 +4,8 @@
   id), or any source with conversion flags (``-q``, ``--dtype``, ...), goes
   through ``mlx_lm.convert`` to ``--mlx-path``; the bundle is built beside it.
 - An MLX model (an mlx-community repo id, or a local folder) is used as it is;
-  its bundle goes to the cache, keyed by the weights' fingerprint (beside a
-  local model with ``--in-place``), where ``npumoe generate`` finds it.
+  its bundle goes where ``npumoe build`` puts it (one rule, bundle.build_target):
+  beside a writable local model, else in the cache keyed by the weights' fingerprint.
 Re-running with an up-to-date bundle does nothing and says so; ``--force`` rebuilds.
 ``--refresh STATS`` rebuilds the bundle with its ladders re-sized for the per-call loads
 ``npumoe generate --stats STATS`` saved (``npumoe build --from-stats STATS`` for a converted
@@ -65,7 +65,8 @@ def _parser():
     p.add_argument("--force", action="store_true",
                    help="Rebuild the bundle even if it is up to date; convert again into an --mlx-path that holds "
                    "another npumoe conversion (only what npumoe convert wrote there is replaced).")
-    p.add_argument("--in-place", action="store_true", help="Put an MLX model's bundle beside it, not in the cache.")
+    p.add_argument("--in-place", action="store_true",
+                   help="(Kept for old scripts: an MLX model's bundle now goes beside a writable local model anyway.)")
     p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens (default 2048).")
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="Calibration prefill chunk: your mlx_lm prefill_step_size (default 2048, mlx_lm's).")
@@ -182,7 +183,8 @@ def convert(
     """``source`` -> MLX weights (if needed, via ``mlx_lm.convert(**mlx_convert_kwargs)``)
     + an up-to-date offload bundle. Returns ``Converted(model, bundle, backend, converted)``.
     ``refresh``: a stats file of ``npumoe generate --stats``; the bundle is rebuilt with
-    ladders sized for those calls (the workload's layers replace the calibration's)."""
+    ladders sized for those calls (the workload's layers replace the calibration's).
+    ``in_place``: kept for old callers; the bundle goes where ``npumoe build`` puts it either way."""
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     workload = Profile.load(refresh) if refresh else None  # a bad stats file fails before any work
@@ -200,12 +202,7 @@ def convert(
         out = bundles.locate_bundle(model_path, backend)
     else:
         model_path = src
-        if in_place:
-            out = model_path / f"npumoe-{backend}"
-        elif bundles._read_only(model_path):
-            out = bundles.build_target(model_path, backend)
-        else:  # an existing bundle (beside, else cached), else a new one in the cache
-            out = bundles.locate_bundle(model_path, backend, new_in_cache=True)
+        out = bundles.build_target(model_path, backend)  # where `npumoe build` writes, and loads look
 
     cost = None
     if workload is not None:  # re-size, don't re-measure: plan with the costs the bundle has

@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
-    return 0
+    return 1 if report["problems"] else 0  # scripts and CI can act on "problems found"
 
 
 if __name__ == "__main__":

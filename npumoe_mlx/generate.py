@@ -168,14 +168,19 @@ def main(argv=None):
             if not quiet_rank:
                 print(sharded.format_rank_stats(per_rank))
         else:
-            print(format_stats(summarize(offload_stats(loaded[0]))))
-            print(explain_stats(loaded[0]))
-            if args.dense_programs:
-                print(dense.format_summary(dense.summary(loaded[0])))
-            if args.stats:  # the per-call loads, for `npumoe plan --from-stats FILE`
-                stats_profile(loaded[0]).save(args.stats)
-                print(f"per-call loads written to {args.stats}")
+            print_stats(loaded[0], args)
     return 0
+
+
+def print_stats(model, args) -> None:
+    """``--stats [FILE]``: what ran where and why; with FILE also the per-call loads."""
+    print(format_stats(summarize(offload_stats(model))))
+    print(explain_stats(model))
+    if args.dense_programs:
+        print(dense.format_summary(dense.summary(model)))
+    if args.stats:  # the per-call loads, for `npumoe plan --from-stats FILE`
+        stats_profile(model).save(args.stats)
+        print(f"per-call loads written to {args.stats}")
 
 
 if __name__ == "__main__":

@@ -695,6 +695,11 @@ def main(argv=None) -> int:
     p.add_argument("--bundle", help="Bundle whose plan to print (default: the model's, as generate finds it).")
     p.add_argument("--keep-mlx-experts", action="store_true",
                    help="Count MLX's copy of program-only experts as kept (as generate --keep-mlx-experts).")
+    p.add_argument("--corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",
+                   help="With --from-stats: calibration corpora, as `npumoe build --corpus` (default: the three built-ins).")
+    p.add_argument("--chunk-size", type=int, default=2048, help="With --from-stats: as `npumoe build --chunk-size`.")
+    for flag in ("--max-tiers", "--max-group", "--max-programs", "--max-capacity"):
+        p.add_argument(flag, type=int, help=f"With --from-stats: as `npumoe build {flag}`.")
     args = p.parse_args(argv)
     from . import bundle as bundles
     from .args import at_least, choose_cost
@@ -703,7 +708,9 @@ def main(argv=None) -> int:
     at_least("--tokens", args.tokens, 1, "calibration tokens")
     local = resolve_model(args.model)
     found = bundles.locate_bundle(local, args.backend, args.bundle)
-    if (found / "manifest.json").exists() and not (args.profile or args.cost or args.from_stats or args.chip):
+    if args.from_stats:
+        return _preview_from_stats(args, local, found)
+    if (found / "manifest.json").exists() and not (args.profile or args.cost or args.chip):
         b = bundles.read(found, local, args.model)
         plan = b.plan  # the plan generate runs
         print(f"plan of the {args.backend} bundle {found} (the one generate uses):")
@@ -715,15 +722,17 @@ def main(argv=None) -> int:
         return 0
     if args.bundle:
         raise ValueError(f"{found}: not an npumoe bundle (no manifest.json)")
-    print(f"no {args.backend} bundle for {args.model}: computing a plan from "
-          f"{'the profile ' + (args.from_stats or args.profile) if (args.from_stats or args.profile) else 'a calibration'} and "
+    why = (f"not the plan of the {args.backend} bundle {found}" if (found / "manifest.json").exists()
+           else f"no {args.backend} bundle for {args.model}")
+    print(f"{why}: computing a plan from "
+          f"{'the profile ' + args.profile if args.profile else 'a calibration'} and "
           f"{'the costs in ' + args.cost if args.cost else 'parametric costs'} (`npumoe build` measures "
           f"this machine's costs, so its plan may differ)")
     model, tokenizer, config = mlx_utils.load(str(local), return_config=True)
     blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
     if not blocks:
         raise ValueError(f"{args.model}: no supported MoE expert blocks; it runs on stock MLX")
-    prof_path = args.from_stats or args.profile or os.path.join(local, "npumoe-profile.json")
+    prof_path = args.profile or os.path.join(local, "npumoe-profile.json")
     if os.path.exists(prof_path):
         profile = Profile.load(prof_path)
     else:
@@ -733,9 +742,45 @@ def main(argv=None) -> int:
     cost = choose_cost(args.backend, args.cost, args.chip, D=b0.dims, H=b0.hidden, bits=(b0.quant or {}).get("bits", 16))
     routed = {l: replace(b, shared=[]) for l, b in blocks.items()}  # routed experts only (build also plans shared ones)
     plan = make_plan(profile, routed, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
+    return _show(plan, cost, local, args, model, blocks)
+
+
+def _show(plan, cost, local, args, model, blocks) -> int:
     print(format_plan(plan, verbose=True))
     _print_resident(plan, cost, local, args.keep_mlx_experts, model, blocks)
     if args.json:
         plan.save(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _preview_from_stats(args, local, found) -> int:
+    """`plan --from-stats`: what `build --from-stats` builds, by the same path (build.plan_model)
+    with the same inputs: its calibration, the saved workload, the bundle's costs, the flags' limits."""
+    from mlx_lm import utils as mlx_utils
+
+    from . import experts
+    from .args import limits_from_flags, load_cost
+    from .build import plan_model, workload_cost
+    from .backends.registry import default_cost
+
+    workload = Profile.load(args.from_stats)  # a bad file fails before the model loads
+    limits = limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    cost, costs = (load_cost(args.cost), f"the costs in {args.cost}") if args.cost else (None, f"--chip {args.chip}")
+    if cost is None and not args.chip:
+        cost, costs = workload_cost(found), f"the costs of the bundle {found}"
+        if cost is None:
+            cost, costs = default_cost(args.backend), "parametric costs"
+            print(f"note: no {args.backend} bundle with costs at {found}: `npumoe build --from-stats` would measure "
+                  f"this machine's costs first, so its plan may differ from this one")
+    model, tokenizer, config = mlx_utils.load(str(local), return_config=True)
+    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
+    if not blocks:
+        raise ValueError(f"{args.model}: no supported MoE expert blocks; it runs on stock MLX")
+    _, cost, plan = plan_model(model, tokenizer, config, blocks, args.backend, corpus=args.corpus or
+                               ("long-context", "qa", "code"), tokens=args.tokens, chunk_size=args.chunk_size,
+                               cost=cost, chip=args.chip, tune=False, objective=args.objective, limits=limits,
+                               workload=workload, log=lambda m: None)
+    print(f"plan for the workload saved in {args.from_stats}, as `npumoe build --model {args.model} --from-stats "
+          f"{args.from_stats}` builds it (calibration + that workload, {costs}):")
+    return _show(plan, cost, local, args, model, blocks)

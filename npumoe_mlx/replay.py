@@ -6,7 +6,7 @@ executor calls (``LayerPlan.decide`` -> ``tiers.decide_call``, the tier rule of
 ``tiers.py``), and the rows, padding, overflow, spill and predicted time/energy
 are tallied per layer x call size.
 
-Trace format (``../shared/routing/README.md``): an ``.npz`` with ``layerN`` ->
+Trace format (``benchmarks/routing/README.md``): an ``.npz`` with ``layerN`` ->
 (T, k) expert ids of every token, in order; ``npumoe calibrate --save-routes``
 writes the same from a real model.
 """
@@ -212,6 +212,16 @@ def preset_shape(name: str) -> dict:
     return {"D": int(p["hidden"]), "H": int(p["expert_intermediate"])}
 
 
+def check_trace_shape(path, trace: Dict[int, np.ndarray], shape: str) -> None:
+    """Refuse a trace that cannot come from ``shape``: another top-k, or expert ids past its experts."""
+    p = load_shape_presets()[shape]
+    k = {a.shape[1] for a in trace.values()}.pop()
+    top = max(int(a.max(initial=0)) for a in trace.values())
+    if k != int(p["top_k"]) or top >= int(p["experts"]):
+        raise ValueError(f"{path}: routes top-{k} over expert ids 0..{top}, but --shape {shape} has "
+                         f"{p['experts']} experts, top-{p['top_k']}; pass the shape of the model the trace comes from")
+
+
 def replay(
     calibrate: Sequence[Dict[int, np.ndarray]],
     routes: Sequence[Dict[int, np.ndarray]],
@@ -266,10 +276,10 @@ def format_rows(rows: List[dict], summary: Dict[str, dict]) -> str:
 
     def line(layer, r):
         tr = r["predicted_s"] / r["mlx_only_s"] if r["mlx_only_s"] else 1.0
-        jr = r["predicted_j"] / r["mlx_only_j"] if r["mlx_only_j"] else float("nan")
+        jr = f"{r['predicted_j'] / r['mlx_only_j']:.3f}" if r["mlx_only_j"] else "n/a"  # no energy terms
         vals = (layer, r["tokens"] if "tokens" in r else "", f"{r['padding_pct']:.1f}", f"{r['overflow_pct']:.2f}",
                 f"{r['spill_pct']:.2f}", f"{r['cold_pct']:.1f}", f"{r['offloaded_pct']:.0f}",
-                f"{r['program_calls_per_call']:.1f}", f"{r['groups']:.1f}", f"{tr:.3f}", f"{jr:.3f}")
+                f"{r['program_calls_per_call']:.1f}", f"{r['groups']:.1f}", f"{tr:.3f}", jr)
         return "  ".join(f"{v:>10}" for v in vals)
 
     for r in rows:
@@ -307,11 +317,16 @@ def main(argv=None) -> int:
     cost = cost_for(args.backend, args.chip, args.cost, shape["D"], shape["H"])
     cal = [load_trace(f) for f in args.calibrate]
     rep = [load_trace(f) for f in (args.routes or args.calibrate)]
+    for f, t in zip(list(args.calibrate) + list(args.routes or []), cal + (rep if args.routes else [])):
+        check_trace_shape(f, t, args.shape)
     out = replay(cal, rep, shape["D"], shape["H"], cost, PlanLimits.for_backend(args.backend), tokens,
                  args.seq_len, args.split, args.objective, args.overflow, args.energy_bound)
     print(f"replay: shape {args.shape} (D={shape['D']}, H={shape['H']}), backend {args.backend}, "
           f"cost {cost.source}, objective {args.objective}, split {args.split or 'none'}")
     print(format_rows(out["rows"], out["summary"]))
+    if not any(r["mlx_only_j"] for r in out["rows"]):
+        print(f"J/MLX n/a: the cost model ({cost.source}) has no energy terms; "
+              "energy is predicted with --backend coreml --chip CHIP, or measured by npumoe tune on macOS")
     if args.json:
         write_json(args.json, {
             "command": "npumoe replay " + " ".join(argv if argv is not None else []),

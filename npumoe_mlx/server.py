@@ -171,6 +171,28 @@ class OffloadAPIHandler(mlx_server.APIHandler):
         finally:
             log_stats(self.response_generator.model_provider)
 
+    def handle_models_request(self):
+        """mlx_lm's list, with the ``--model`` model under the name the user gave, not its absolute
+        folder (which would leak the path, and a client sending it back would load the model again)."""
+        import io
+        from pathlib import Path
+
+        wfile, self.wfile = self.wfile, io.BytesIO()  # mlx_lm writes headers and body here
+        try:
+            super().handle_models_request()
+            head, _, body = self.wfile.getvalue().partition(b"\r\n\r\n")
+        finally:
+            self.wfile = wfile
+        given = self.response_generator.cli_args.model
+        if given and body:
+            listing = json.loads(body)
+            for m in listing["data"]:
+                if Path(given).exists() and m["id"] == str(Path(given).resolve()):
+                    m["id"] = given
+            body = json.dumps(listing).encode()
+        self.wfile.write(head + b"\r\n\r\n" + body)
+        self.wfile.flush()
+
 
 def _run_http_server(host, port, response_generator, **kw):
     """Serve once the --model model is loaded; if it cannot load, stop with its error."""

@@ -274,3 +274,28 @@ def test_cli_default_out_in_model_folder(models, tmp_path):
     shutil.copytree(models[0.0][0], copy)
     assert cal.main(["--model", str(copy), "--tokens", "64"]) == 0
     assert cal.Profile.load(copy / "npumoe-profile.json").tokens == 64
+
+
+def test_calibration_prints_no_long_sequence_warning(tmp_path):
+    """Issue 24: `npumoe calibrate` printed transformers' "Token indices sequence length is longer than
+    the specified maximum sequence length" for documents it prefills in chunks anyway."""
+    import logging
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    said, seen = [], Seen()
+    logging.getLogger("transformers").addHandler(seen)  # transformers' own handler writes wherever stderr was
+    try:
+        path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=3, num_experts=16)
+        model, tok, config = mlx_lm.load(str(path), return_config=True)
+        tok._tokenizer.model_max_length = 32  # every calibration document is longer than this
+        docs, _ = workloads.corpus_documents(["qa"], 256, 0)
+        prof = cal.calibrate(model, tok, config, docs, chunk_size=64, max_tokens=256)
+        assert prof.tokens > 32
+        assert not [m for m in said if "sequence length is longer" in m]
+        tok.encode(" ".join(docs))  # the caller's own long input still gets transformers' warning
+        assert [m for m in said if "sequence length is longer" in m]
+    finally:
+        logging.getLogger("transformers").removeHandler(seen)

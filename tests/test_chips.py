@@ -235,14 +235,19 @@ def test_cli_prints_the_table_and_one_chip_with_sources(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in CHIP_NAMES:
         assert f"| {name} |" in out
-    out_json = tmp_path / "one.json"
-    assert chips.main(["--chip", "M3 Max", "--json", str(out_json)]) == 0
+    assert chips.main(["--chip", "M3 Max"]) == 0
     out = capsys.readouterr().out
     assert "| m3-max |" in out and "| m3 |" not in out
     assert "- ane_bw_gbs = 120.22 GB/s: https://github.com/Anemll/anemll-bench" in out
+    out_json = tmp_path / "one.json"
+    assert chips.main(["--chip", "M3 Max", "--json", str(out_json)]) == 0
+    assert capsys.readouterr().out == f"wrote {out_json} (1 chip profile)\n"  # the file, not the table too
     written = load_chips(str(out_json))
     assert list(written) == ["m3-max"]
     assert written["m3-max"] == chip_profile("m3-max")
+    assert chips.main(["--json", str(tmp_path / "all.json")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'all.json'} ({len(CHIP_NAMES)} chip profiles)\n"
+    assert load_chips(str(tmp_path / "all.json")) == load_chips()
 
 
 def test_cli_unknown_chip_raises_one_line_error():

@@ -40,14 +40,17 @@ def test_convert_hf_layout_then_generate(hf_model, tmp_path, quant, capsys):
     assert summarize(offload_stats(ours))["offloaded_calls"] > 0
 
 
-def test_convert_mlx_model_is_cached_and_idempotent(tmp_path, monkeypatch, capsys):
+def test_convert_mlx_model_bundle_goes_where_build_puts_it_and_is_idempotent(tmp_path, monkeypatch, capsys):
+    """Issue 24: `build` wrote beside the model, `convert --model` into the cache; one rule now."""
+    from npumoe_mlx import bundle as bundle_rule
+
     monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
     model = make_tiny_model(tmp_path / "m", "mixtral", seed=8)
     args = ["--model", str(model), "--no-tune", "--tokens", "256"]
     assert main(args) == 0
-    bundles = list((tmp_path / "cache" / "bundles").iterdir())
-    assert len(bundles) == 1 and bundles[0].name.endswith("-onnx")
-    assert not (model / "npumoe-onnx").exists()  # an MLX model is left untouched
+    bundles = [model / "npumoe-onnx"]
+    assert bundle_rule.build_target(model, "onnx") == bundles[0]  # where `npumoe build` writes
+    assert (bundles[0] / "manifest.json").is_file() and not (tmp_path / "cache" / "bundles").exists()
     manifest = (bundles[0] / "manifest.json").read_text()
     inode = bundles[0].stat().st_ino
     capsys.readouterr()
@@ -60,13 +63,20 @@ def test_convert_mlx_model_is_cached_and_idempotent(tmp_path, monkeypatch, capsy
     assert "bundle written to" in capsys.readouterr().out
     assert bundles[0].stat().st_ino != inode  # a new folder was renamed into place
 
-    ours, _ = npumoe_mlx.load(str(model), quiet=True)  # found in the cache by fingerprint
+    ours, _ = npumoe_mlx.load(str(model), quiet=True)  # found where convert put it
     from npumoe_mlx.experts import installed_blocks
 
     assert installed_blocks(ours)
 
-    assert main(args + ["--in-place"]) == 0
-    assert (model / "npumoe-onnx" / "manifest.json").is_file()
+    assert main(args + ["--in-place"]) == 0  # the old flag still works: same place
+    assert "up to date; nothing to do" in capsys.readouterr().out
+    import shutil
+
+    snap = tmp_path / "hub" / "snapshots" / "0123abc"  # a hub snapshot: the cache, for build and convert alike
+    shutil.copytree(model, snap, ignore=shutil.ignore_patterns("npumoe-*"))
+    assert main(["--model", str(snap), "--no-tune", "--tokens", "256"]) == 0
+    cached = list((tmp_path / "cache" / "bundles").iterdir())
+    assert cached == [bundle_rule.build_target(snap, "onnx")] and not (snap / "npumoe-onnx").exists()
 
 
 def test_convert_python_api(tmp_path):

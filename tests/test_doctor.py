@@ -34,8 +34,9 @@ def _doctor(capsys, tmp_path, *argv):
     out = tmp_path / "doctor.json"
     rc = cli.main(["doctor", *argv, "--json", str(out)])
     cap = capsys.readouterr()
-    assert rc == 0, cap.err
-    return json.loads(out.read_text()), cap.out
+    report = json.loads(out.read_text())
+    assert rc == (1 if report["problems"] else 0), cap.err  # exit status 1 when it lists a problem
+    return report, cap.out
 
 
 def _problem(report, text):
@@ -111,6 +112,16 @@ def test_stale_bundle_is_reported_with_its_fix(built, capsys, tmp_path):
     assert "model fingerprint differs" in p["problem"]
     assert p["fix"] == f"npumoe build --model {other} --backend onnx --force"
     assert r["bench"] == [] and "NOT CURRENT" in screen
+
+
+def test_exit_status_says_whether_problems_were_found(built, capsys, tmp_path):
+    """Issue 24: doctor exited 0 while listing problems."""
+    bare = tmp_path / "bare"
+    shutil.copytree(built, bare, ignore=shutil.ignore_patterns("npumoe-*"))
+    assert cli.main(["doctor", "--model", str(bare), "--no-bench"]) == 1
+    assert "problems (1):" in capsys.readouterr().out
+    assert cli.main(["doctor", "--no-bench"]) == 0
+    assert "no problems found" in capsys.readouterr().out
 
 
 def test_without_model(capsys, tmp_path):

@@ -184,6 +184,7 @@ def test_usage_models_health_and_log(servers):
     assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (b.usage.prompt_tokens, b.usage.completion_tokens)
     listed = [m.id for m in ours.client().models.list().data]
     assert listed == [m.id for m in stock.client().models.list().data] == [str(Path(_offloaded(ours)["model"]).resolve())]
+    # (given as an absolute path, the id is that path; a relative one: test_models_lists_the_name_given)
     assert ours.get("/health") == stock.get("/health") == (200, {"status": "ok"})
     # the stats endpoint is read-only: POST is refused like any unknown path
     assert ours.post_raw(server.STATS_PATH, b"{}")[0] == 404
@@ -192,6 +193,22 @@ def test_usage_models_health_and_log(servers):
             f"stats at http://127.0.0.1:{ours.port}{server.STATS_PATH}") in log
     line = [l for l in log.splitlines() if "npumoe offload:" in l and "per layer:" in l][-1]
     assert re.search(r"MoE layer calls ran programs .* per layer: L0 \d+/\d+ calls \d+ prog", line), line
+
+
+def test_models_lists_the_name_given_not_the_absolute_folder(models):
+    """Issue 24: /v1/models listed `--model m` as /abs/path/to/m; a client sending that id back
+    made the server load the model a second time."""
+    path, _ = models
+    srv = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", path.name, "--offload", "onnx"],
+                 path.parent / "relative.log", env={"HF_HUB_CACHE": str(path.parent / "no-such-cache")})
+    try:
+        srv.wait_ready()
+        assert [m.id for m in srv.client().models.list().data] == [path.name]
+        r = srv.client().completions.create(model=path.name, prompt=PROMPT, max_tokens=4, temperature=0.0)
+        assert r.choices[0].text and _offloaded(srv)["model"] == path.name  # the loaded model served it
+        assert srv.text().count("expert blocks and 0 shared experts offloaded") == 1  # loaded once
+    finally:
+        srv.stop()
 
 
 def test_concurrent_requests_all_complete_with_the_right_text(servers):

@@ -134,3 +134,43 @@ def test_convert_refresh_resizes_a_converted_models_bundle(tmp_path, capsys):
     mx.eval(again(ids))
     s = summarize(offload_stats(again))
     assert s["offloaded_calls"] > 0 and s["overflow_pct"] == 0
+
+
+def test_plan_from_stats_finds_the_bundle_and_previews_what_build_builds(tmp_path, capsys):
+    """Issue 24: `npumoe plan --from-stats` said "no onnx bundle" beside M/npumoe-onnx and previewed
+    another plan (other costs, no calibration) than `npumoe build --from-stats` then built."""
+    import json
+
+    from npumoe_mlx import cli
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
+    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
+    tight.capacities = [16]
+    out = build_bundle(str(path), "onnx", str(path / "npumoe-onnx"), corpus=["qa"], tokens=256, chunk_size=128,
+                       cost=EAGER, limits=tight, log=lambda m: None)  # where `npumoe build` puts it
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", quiet=True)
+    mx.eval(model(mx.array(prompt_of_tokens(tok, 300, seed=3))[None]))
+    f = tmp_path / "stats.json"
+    stats_profile(model, "qwen3_moe").save(f)
+    same = ["--corpus", "qa", "--tokens", "256", "--chunk-size", "128", "--from-stats", str(f)]
+
+    assert cli.main(["plan", "--model", str(path), *same, "--json", str(tmp_path / "preview.json")]) == 0
+    text = capsys.readouterr().out
+    assert "no onnx bundle" not in text and f"the costs of the bundle {out}" in text
+    assert cli.main(["build", "--model", str(path), *same]) == 0
+    assert "measuring costs" not in capsys.readouterr().out  # re-sized with the bundle's costs, as previewed
+    assert json.loads((tmp_path / "preview.json").read_text()) == json.loads((out / "plan.json").read_text())
+    assert CostModel.load(out / "cost.json").source == EAGER.source
+
+
+def test_build_without_the_backends_toolkit_names_the_extra(tmp_path, monkeypatch):
+    """coremltools is an extra off macOS ([coreml]): a Core ML build without it says how to get it."""
+    import importlib.util
+
+    import pytest
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "coremltools" else real(n, *a))
+    with pytest.raises(ValueError, match=r"needs coremltools, which is not installed: pip install 'npumoe-mlx\[coreml\]'"):
+        build_bundle(str(tmp_path / "m"), "coreml", str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()

@@ -33,7 +33,7 @@ from ..offload import resolve
 from ..replay import load_shape_presets
 from ..workloads import prompt_of_tokens
 from .compare import measure_side, token_agreement
-from .report import ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list
+from .report import PLOT_MISSING, ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, pyplot, save_figure, token_list
 from .tiny import FAMILIES, MARKER, make_tiny_model
 
 SKEW = 1.5  # a few hot experts, like trained routers
@@ -204,12 +204,11 @@ def format_rows(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
-    """Prefill and decode tok/s per prompt length, offload vs stock, speedup on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(result: dict, path: Path) -> bool:
+    """Prefill and decode tok/s per prompt length, offload vs stock, speedup on top (False: no matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     rows, d = result["rows"], result["devices"]
     x = np.arange(len(rows))
@@ -232,6 +231,7 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     save_figure(fig, path)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -281,9 +281,9 @@ def main(argv=None) -> int:
     json_path = Path(args.json or f"bench-e2e-{args.shape}.json")
     plot_path = Path(args.plot or json_path.with_suffix(".png"))
     write_json(json_path, result)
-    plot(result, plot_path)
+    plotted = plot(result, plot_path)
     print(format_rows(result["rows"]))
-    print(f"wrote {json_path} and {plot_path}")
+    print(f"wrote {json_path}" + (f" and {plot_path}" if plotted else f"; {PLOT_MISSING}"))
     return 0
 
 

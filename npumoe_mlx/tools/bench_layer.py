@@ -199,11 +199,12 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[dict], path: str) -> None:
-    import matplotlib
+def plot(rows: List[dict], path: str) -> bool:
+    from .report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return False
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.2), squeeze=False)
@@ -222,6 +223,7 @@ def plot(rows: List[dict], path: str) -> None:
     tmp = str(path) + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     Path(tmp).replace(path)
+    return True
 
 
 def main(argv=None) -> int:
@@ -255,8 +257,9 @@ def main(argv=None) -> int:
     if args.json:
         print(f"wrote {args.json}")
     if args.plot:
-        plot(rows, args.plot)
-        print(f"wrote {args.plot}")
+        from .report import PLOT_MISSING
+
+        print(f"wrote {args.plot}" if plot(rows, args.plot) else PLOT_MISSING)
     return 0
 
 

@@ -41,7 +41,8 @@ from ..residency import describe_units, model_resident
 from ..workloads import prompt_of_tokens
 from .meters import Meters
 from .report import (
-    ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, save_figure, token_list, write_text,
+    PLOT_MISSING, ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, pyplot, save_figure, token_list,
+    write_text,
 )
 
 DEFAULT_PROMPT_TOKENS = (1024, 4096)
@@ -416,8 +417,31 @@ def compare(
             "experts excluded), programs = the offloaded experts' quantized bytes (the programs' weights); per layer in units",
         },
     }
-    write_outputs(result, Path(out_dir))
+    result["why_slower"] = why_slower(result)
+    if result["why_slower"]:
+        log(result["why_slower"])
+    write_outputs(result, Path(out_dir), log)
     return result
+
+
+def why_slower(r: dict) -> Optional[str]:
+    """One line on why the offload side was slower, when it was (None when it was not)."""
+    o, s = r["offload"], r["stock"]
+    ratio = {n: o[k] / s[k] for n, k in (("prefill", "prefill_tps"), ("decode", "decode_tps")) if o[k] and s[k]}
+    slow = [n for n, x in ratio.items() if x < 0.95]
+    if not slow:
+        return None
+    st = [p["offload"].get("offload_stats") or {} for p in r["prompts"]]
+    calls, progs = sum(x.get("offloaded_calls", 0) for x in st), sum(x.get("program_calls", 0) for x in st)
+    load = r["machine"].get("loadavg_at_start", [None])[0]
+    head = f"{' and '.join(slow)} slower than stock" + (f" ({ratio[slow[0]]:.2f}x)" if len(slow) == 1 else "")
+    if not progs:
+        return (f"{head}: no MoE layer call ran programs (calls below the plan's min_tokens stay on MLX), so the "
+                f"difference is the offload's bookkeeping and run-to-run noise (load {load})")
+    per = 1e3 * sum(x.get("program_s", 0.0) for x in st) / progs
+    return (f"{head}: {calls} offloaded layer calls made {progs} program calls of {per:.2f} ms each; where experts "
+            f"are small, a program call's fixed cost (host sync, dispatch, copies) exceeds the expert work it moves "
+            f"off MLX (README: when not to use it); machine load at start {load}")
 
 
 # --- output ---------------------------------------------------------------------
@@ -464,6 +488,8 @@ def format_markdown(r: dict) -> str:
              f"tokens, prefill step {r['prefill_step']}. Machine: {r['machine']['cpu']} "
              f"({r['machine']['cpu_count']} CPUs, {r['machine']['system']}).", ""]
     lines += ["## Mean over prompts", ""] + _table(r["offload"], r["stock"], d) + [""]
+    if r.get("why_slower"):
+        lines += [f"Why slower: {r['why_slower']}", ""]
     diff = r["max_logit_diff_rel"]
     lines.append(f"Greedy token agreement: **{r['token_agreement']:.3f}**; max relative logit difference: "
                  f"**{_fmt(diff)}**" + (f" ({r['logit_check']['positions']} positions of {r['logit_check']['prompt']})"
@@ -492,23 +518,30 @@ def format_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(r: dict, path: Path) -> None:
-    """Grouped bars, offload vs stock, per prompt and the mean: prefill, decode, CPU s/token, TTFT."""
-    import matplotlib
+def plot_panels(r: dict) -> List[tuple]:
+    """(title, key, bar labels, {side: values}) per panel: the mean only beside several prompts
+    (with one it would repeat that prompt's bars), and peak memory beside the speeds."""
+    one = len(r["prompts"]) == 1
+    labels = [p["name"] for p in r["prompts"]] + ([] if one else ["mean"])
+    panels = [("prefill tok/s", "prefill_tps"), ("decode tok/s", "decode_tps"), ("TTFT (s)", "ttft_s"),
+              ("CPU s / token", "cpu_s_per_token"), ("peak memory (GB)", "peak_mem_gb")]
+    return [(title, k, labels, {side: [p[side][k] for p in r["prompts"]] + ([] if one else [r[side][k]])
+                                for side in ("offload", "stock")}) for title, k in panels]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    labels = [p["name"] for p in r["prompts"]] + ["mean"]
-    sides = [("offload", r["devices"]["offload"], "tab:orange"), ("stock", r["devices"]["stock"], "tab:blue")]
-    panels = [("prefill tok/s", "prefill_tps"), ("decode tok/s", "decode_tps"),
-              ("CPU s / token", "cpu_s_per_token"), ("TTFT (s)", "ttft_s")]
-    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 4))
-    x = np.arange(len(labels))
-    for ax, (title, k) in zip(axes, panels):
-        for i, (side, dev, color) in enumerate(sides):
-            vals = [p[side][k] for p in r["prompts"]] + [r[side][k]]
-            ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=f"{side}: {dev}", color=color)
+def plot(r: dict, path: Path) -> bool:
+    """Grouped bars, offload vs stock (see ``plot_panels``); False when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    panels = plot_panels(r)
+    colors = {"offload": "tab:orange", "stock": "tab:blue"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 4))
+    for ax, (title, _, labels, vals) in zip(axes, panels):
+        x = np.arange(len(labels))
+        for i, side in enumerate(("offload", "stock")):
+            ax.bar(x + (i - 0.5) * 0.4, [v if v is not None else 0 for v in vals[side]], 0.4,
+                   label=f"{side}: {r['devices'][side]}", color=colors[side])
         ax.set_title(title)
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
@@ -518,12 +551,14 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     save_figure(fig, path)
     plt.close(fig)
+    return True
 
 
-def write_outputs(r: dict, out_dir: Path) -> None:
+def write_outputs(r: dict, out_dir: Path, log: Callable[[str], None] = print) -> None:
     write_json(out_dir / "compare.json", r)
     write_text(out_dir / "compare.md", format_markdown(r))
-    plot(r, out_dir / "compare.png")
+    if not plot(r, out_dir / "compare.png"):
+        log(PLOT_MISSING)
 
 
 # --- CLI ------------------------------------------------------------------------

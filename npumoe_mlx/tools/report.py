@@ -78,6 +78,21 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+PLOT_MISSING = "plot skipped: matplotlib is not installed (pip install 'npumoe-mlx[plot]')"
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None: plots are optional (the ``[plot]`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: Path) -> None:
     """savefig to a temp file beside ``path``, then rename (no half-written PNG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
