@@ -98,6 +98,25 @@ def _shift_scale(op, arg):
     return expand(scale) * d
 
 
+def _lut_to_dense(op, arg):
+    """constexpr_lut_to_dense (iOS18), scalar palettes: indices (K axes), lut (K + 2 axes):
+    lut.shape[i] tables along axis i (each over indices.shape[i] / lut.shape[i] entries),
+    then (2**bits, 1). Each element reads its own table's entry at its index."""
+    idx = np.asarray(arg("indices")).astype(np.int64)
+    lut = _f32(arg("lut"))
+    K = idx.ndim
+    if lut.ndim != K + 2 or lut.shape[-1] != 1:
+        raise UnsupportedOp(f"milrun: {op.name!r}: only scalar palettes (vector size 1), got lut {lut.shape}")
+    n_c = lut.shape[-2]
+    table = np.zeros((1,) * K, np.int64)  # flat table number of every element, broadcast per axis
+    for axis in range(K):
+        n, t = idx.shape[axis], lut.shape[axis]
+        shape = [1] * K
+        shape[axis] = n
+        table = table * t + (np.arange(n) // (n // t)).reshape(shape)
+    return lut.reshape(-1)[table * n_c + idx]
+
+
 def _affine_dequantize(op, arg):
     q = np.asarray(arg("quantized_data")).astype(np.float32)
     axis = int(arg("axis"))
@@ -176,6 +195,7 @@ OPS: Dict[str, Callable] = {
     "linear": _linear,
     "constexpr_blockwise_shift_scale": _shift_scale,
     "constexpr_affine_dequantize": _affine_dequantize,
+    "constexpr_lut_to_dense": _lut_to_dense,
     "add": _binary(np.add),
     "sub": _binary(np.subtract),
     "mul": _binary(np.multiply),
@@ -291,8 +311,9 @@ def verify_package(path, spec: ProgramSpec, *, tol=1e-2, seed=0, x_scale=1.0) ->
     report, worst = {}, 0.0
     for tier in spec.tiers:
         name = function_name(tier)
-        outs = run_function(prog, name, {INPUT_NAME: x[:, :tier]})
-        (y,) = outs.values()
+        xt = np.ascontiguousarray(x[:, :tier].transpose(0, 2, 1))  # the program takes (G, D, C)
+        (y,) = run_function(prog, name, {INPUT_NAME: xt}).values()
+        y = np.asarray(y).transpose(0, 2, 1)
         if not np.all(np.isfinite(np.asarray(y, np.float32))):
             raise FloatingPointError(f"{path}: function {name} produced non-finite values")
         err = rel_err(y, ref[:, :tier])
