@@ -116,6 +116,28 @@ def h_chunks(spec: ProgramSpec, layout: str, limits: Limits = DEFAULT_LIMITS) ->
         n += 1
 
 
+def choose_layout(G: int, D: int, H: int, limits: Limits = DEFAULT_LIMITS, group_size: int = 64) -> Optional[str]:
+    """The layout a group of G experts builds in: "conv" (Apple's ANE layout) where G*D fits
+    one axis, else "matmul" (axes D, 2Hc, C, G); None when neither fits (D itself too wide).
+    H never decides: it is split into chunks (`h_chunks`) down to one quantization group."""
+    m = limits.max_axis
+    align = int(np.lcm(32, group_size))
+    if G * D <= m and (H <= m // (2 * G) or m // (2 * G) >= align):
+        return "conv"
+    if D <= m and G <= m and (H <= m // 2 or m // 2 >= align):
+        return "matmul"
+    return None
+
+
+def max_group(D: int, H: int, limits: Limits = DEFAULT_LIMITS, group_size: int = 64) -> int:
+    """The most experts one program can hold under `limits`' axis rule (0: none builds);
+    `choose_layout` picks conv up to max_axis // D experts, matmul beyond."""
+    if choose_layout(1, D, H, limits, group_size) is None:
+        return 0
+    return limits.max_axis if choose_layout(limits.max_axis, D, H, limits, group_size) else max(
+        g for g in range(1, limits.max_axis // D + 1) if choose_layout(g, D, H, limits, group_size))
+
+
 def _encode(w: Weight, fmt: str, shape) -> tuple:
     """A (G, out, in) weight in format `fmt`, as the arrays of the constant that holds it,
     shaped for the layout: `shape` is (G*out, in, 1, 1) for conv, (G, out, in) for matmul.

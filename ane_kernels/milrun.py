@@ -321,3 +321,27 @@ def verify_package(path, spec: ProgramSpec, *, tol=1e-2, seed=0, x_scale=1.0) ->
         report[name] = {"tier": tier, "rel_err": err, "ops": ops}
         worst = max(worst, err)
     return {"functions": report, "max_rel_err": worst, "ok": worst <= tol, "tol": tol}
+
+
+def max_rel_err(y, ref) -> float:
+    """max |y - ref| / max |ref| (the measure npumoe's build and load checks use)."""
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(y - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+
+
+def format_error(path, spec: ProgramSpec, *, rows: int = 8, seed: int = 0) -> float:
+    """Max relative error of the saved package's smallest tier on `rows` seeded rows per
+    expert against `reference_ffn` on the spec's own weights (the model's experts, whatever
+    format the package stores them in)."""
+    from .coreml import INPUT_NAME, function_name
+
+    tier = min(spec.tiers)
+    rows = min(rows, tier)
+    x = np.random.default_rng(seed).standard_normal((spec.G, rows, spec.D)).astype(np.float32)
+    xt = np.zeros((spec.G, spec.D, tier), np.float32)
+    xt[:, :, :rows] = x.transpose(0, 2, 1)
+    (y,) = run_function(load_package(path), function_name(tier), {INPUT_NAME: xt}).values()
+    y = np.asarray(y, np.float32)[:, :, :rows].transpose(0, 2, 1)
+    if not np.all(np.isfinite(y)):
+        return float("inf")
+    return max_rel_err(y, reference_ffn(spec, x))

@@ -51,11 +51,35 @@ def offloadable_shared(mlp, shared) -> bool:
     return experts.is_swiglu_mlp(mlp)
 
 
+def check_weight_format(backend: str, weight_format: Optional[str]) -> Optional[str]:
+    """The Core ML weight format to build (default formats.DEFAULT_FORMAT); None for onnx,
+    which keeps the model's own weights: a format given for onnx is refused in one line."""
+    from ane_kernels.formats import DEFAULT_FORMAT, check_format
+
+    if backend != "coreml":
+        if weight_format is not None:
+            raise ValueError(f"--weight-format sets how Core ML programs store weights; the {backend} backend "
+                             f"keeps the model's own weights (drop --weight-format or use --backend coreml)")
+        return None
+    return check_format(weight_format or DEFAULT_FORMAT)
+
+
+def add_weight_format_flag(parser):
+    """``--weight-format`` (build and convert)."""
+    from ane_kernels.formats import DEFAULT_FORMAT, WEIGHT_FORMATS
+
+    parser.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=None,
+                        help=f"How Core ML programs store expert weights (default {DEFAULT_FORMAT}, per Apple's "
+                             "Neural Engine guidance; see docs/apple-silicon.md). Core ML only.")
+    return parser
+
+
 def _verify_built(backend: str, folder: Path, rel: Path, built: dict, entry: dict, module, want) -> None:
     prog, tiers = backend_class(backend).checker(built, folder)
     x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=entry["layer"])
     try:
-        verify.check(prog, tiers, want, x, verify.tolerance(backend, module), f"{rel.as_posix()} ({prog.name})")
+        tol = verify.tolerance(backend, module, built.get("weight_format"))
+        verify.check(prog, tiers, want, x, tol, f"{rel.as_posix()} ({prog.name})")
     except verify.ProgramMismatch as e:
         raise bundles.BundleError(f"build refused: {e}; this is a bug in npumoe or the model's format, please report it") from None
 
@@ -82,6 +106,7 @@ def build(
     memory_budget: Optional[int] = -1,
     lock_held: bool = False,
     workload: Optional[Profile] = None,
+    weight_format: Optional[str] = None,
 ) -> Path:
     """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
 
@@ -93,11 +118,14 @@ def build(
     bundle at a time) unless ``lock_held``: sharded.py takes it before the collective
     calibration, so every rank learns together whether it may build. ``workload``: per-call
     loads saved by ``npumoe generate --stats FILE``; its layers replace the calibration's.
+    ``weight_format``: how Core ML programs store the experts (ane_kernels/formats.py; default
+    formats.DEFAULT_FORMAT); kept in plan.json (limits) and each program's manifest entry.
     """
     if backend not in ("onnx", "coreml"):
         raise ValueError(f"--backend must be onnx or coreml, got {backend!r}")
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
+    weight_format = check_weight_format(backend, weight_format)
     t0 = time.perf_counter()
     local = resolve_model(model_path)
     if loaded is None:
@@ -129,7 +157,8 @@ def build(
         profile.model_fingerprint = fingerprint
         b0 = next(iter(blocks.values()))
         if cost is None and chip:
-            cost = chip_cost(chip, backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16))
+            cost = chip_cost(chip, backend, b0.dims, b0.hidden, (b0.quant or {}).get("bits", 16),
+                             weight_format=weight_format)
         if cost is None:
             if tune:
                 log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
@@ -141,6 +170,8 @@ def build(
             log("      note: Core ML runs only on macOS; this bundle is for a Mac (its programs are "
                 "checked here with the numpy MIL interpreter)")
         limits = limits or PlanLimits.for_backend(backend)
+        if backend == "coreml":
+            limits.weight_format = weight_format
         mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs
         plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
                      for l, b in blocks.items()}  # shared experts only where a program computes them
@@ -177,7 +208,8 @@ def build(
             compiler = backend_class(backend)
             for rel, make_spec, entry, (module, want) in progress_bar(
                     jobs, desc="[4/4] programs", unit="prog", disable=not progress):
-                built = compiler.build(make_spec(), tmp / rel)  # the backend's entry: its files and metadata
+                fmt = {"weight_format": weight_format} if backend == "coreml" else {}
+                built = compiler.build(make_spec(), tmp / rel, **fmt)  # the backend's entry: its files and metadata
                 for f in (tmp / rel).rglob("*"):
                     honour_umask(f)  # writers of program files may use 0600 temp files
                 _verify_built(backend, tmp / rel, rel, built, entry, module, want)
@@ -234,12 +266,14 @@ def main(argv=None) -> int:
     p.add_argument("--from-stats", metavar="FILE",
                    help="Size the ladders for the per-call loads `npumoe generate --stats FILE` saved (rebuilds).")
     p.add_argument("--trust-remote-code", action="store_true")
+    add_weight_format_flag(p)
     args = p.parse_args(argv)
     if args.memory_budget is not None and args.memory_budget < 0:
         raise ValueError(f"--memory-budget must be >= 0 GB, got {args.memory_budget}")
     at_least("--tokens", args.tokens, 1, "calibration tokens")
     at_least("--chunk-size", args.chunk_size, 1, "tokens per calibration chunk")
     limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    check_weight_format(args.backend, args.weight_format)
     if args.cost:
         load_cost(args.cost)  # a bad file fails before the model loads
     workload = Profile.load(args.from_stats) if args.from_stats else None  # a bad file fails first
@@ -260,6 +294,6 @@ def main(argv=None) -> int:
         objective=args.objective, chip=args.chip,
         limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
         memory_budget=-1 if args.memory_budget is None else (int(args.memory_budget * 1e9) or None),
-        workload=workload,
+        workload=workload, weight_format=args.weight_format,
     )
     return 0

@@ -23,6 +23,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ane_kernels.formats import expert_bytes
+
 from .atomic import write_json
 from .chips import chip_profile
 
@@ -165,12 +167,14 @@ def default_cost(backend: str) -> CostModel:
     return CostModel.from_dict(DEFAULTS[backend].to_dict())
 
 
-def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
+def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16,
+              weight_format: Optional[str] = None) -> CostModel:
     """Predicted costs on an Apple chip (``chips.py`` profiles): Core ML programs on the
     ANE, MLX on the GPU, running at the same time.
 
     Program call: ANE dispatch + the larger of its weights streamed at the ANE's bandwidth
-    (3*D*H*bits/8 bytes per expert, when D and H are given) and its rows at the ANE's
+    (per expert: ``formats.expert_bytes(weight_format, D, H, bits)``, the bytes the chosen Core
+    ML weight format streams; MLX's 3*D*H*bits/8 when none is given) and its rows at the ANE's
     FLOP/s (roofline). MLX: the
     GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
     per FLOP, and power x its fixed time per call. Host copies keep the coreml default.
@@ -189,7 +193,7 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
         mlx_flops=c.gpu_tflops * 1e12,
         source=f"chip profile {c.name} (npumoe_mlx/data/chips.json)",
         mlx_dense_flops=c.gpu_tflops * 1e12,
-        expert_s=(3 * D * H * bits / 8) / (c.ane_bw_gbs * 1e9) if D and H else 0.0,
+        expert_s=expert_bytes(weight_format, D, H, bits) / (c.ane_bw_gbs * 1e9) if D and H else 0.0,
         weights_overlap=True,
         program_j_per_flop=c.ane_power_w / (c.ane_tflops * 1e12),
         program_j_per_call=c.ane_power_w * c.ane_dispatch_s,

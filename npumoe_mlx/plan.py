@@ -18,6 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ane_kernels.coreml import max_group as coreml_max_group
+from ane_kernels.formats import expert_bytes as format_expert_bytes
+from ane_kernels.limits import DEFAULT_LIMITS
+
 from .atomic import write_json
 from .cost import CostModel, flops_per_row
 from .experts import ExpertBlock
@@ -39,12 +43,14 @@ class PlanLimits:
     max_program_bytes: int = 1 << 30  # baked weights per program
     max_programs: int = 120  # resident programs per process (all layers)
     call_ratio: float = 1.2  # program calls per layer call (x resident groups) that tier splits may reach
+    max_axis: Optional[int] = None  # coreml: per-axis size limit; caps G at what the builder accepts
+    weight_format: Optional[str] = None  # coreml: how programs store weights (ane_kernels/formats.py)
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
         if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows); the tiers
             # are functions of one multifunction package sharing its weights, so 12 cost little
-            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12)
+            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12, max_axis=DEFAULT_LIMITS.max_axis)
         elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little;
             # sessions open on first use, so more tiers cost little until a call needs them.
             # 12 tiers hold padding <= 15% on real routing at 512- and 2048-token calls
@@ -234,9 +240,19 @@ def _block_calls(chunks: List[dict], sizes: Sequence[int]):
     return rows, call
 
 
-def _expert_bytes(D: int, H: int, quant: Optional[dict]) -> int:
+def _expert_bytes(D: int, H: int, quant: Optional[dict], weight_format: Optional[str] = None) -> int:
+    if weight_format:  # Core ML: what the chosen format holds
+        return format_expert_bytes(weight_format, D, H)
     bits = quant["bits"] if quant else 32
     return 3 * D * H * bits // 8
+
+
+def axis_group_cap(D: int, H: int, quant: Optional[dict], limits: PlanLimits) -> int:
+    """Most experts per program the builder accepts under the per-axis limit (conv, or
+    matmul past G*D; H split into chunks): ane_kernels.coreml.max_group. No limit: E."""
+    if not limits.max_axis:
+        return 1 << 30
+    return coreml_max_group(D, H, DEFAULT_LIMITS.override(max_axis=limits.max_axis), (quant or {}).get("group_size", 64))
 
 
 def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H: int):
@@ -342,7 +358,8 @@ def plan_layer(
     samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
     ranked = samples[:, rank]
     caps = np.asarray(limits.capacities)
-    max_g = max(1, min(limits.max_group, E, limits.max_program_bytes // max(_expert_bytes(D, H, quant), 1)))
+    max_g = max(1, min(limits.max_group, E, axis_group_cap(D, H, quant, limits),
+                       limits.max_program_bytes // max(_expert_bytes(D, H, quant, limits.weight_format), 1)))
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
     # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
     # largest call size never overflows on calls of that size, whatever the domain.

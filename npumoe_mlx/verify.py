@@ -15,7 +15,7 @@ executor keeps that layer on MLX (see executor.py) instead of running unchecked 
 import os
 import random
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -56,10 +56,15 @@ def model_dense(mlp, x: np.ndarray) -> np.ndarray:
     return np.array(y.astype(mx.float32))[None]
 
 
-def tolerance(backend: str, module) -> float:
+def tolerance(backend: str, module, weight_format: Optional[str] = None) -> float:
+    """The error a program may show: its backend's, the model dtype's, and for a Core ML
+    weight format that re-quantizes the experts (formats.py), that format's stated bound."""
+    from ane_kernels.formats import TOLERANCE as FORMAT_TOLERANCE
+
     lin = module.down_proj
     dtype = lin.scales.dtype if hasattr(lin, "scales") else lin.weight.dtype
-    return max(TOLERANCE.get(backend, 1e-2), DTYPE_TOLERANCE.get(dtype, 0.0))
+    return max(TOLERANCE.get(backend, 1e-2), DTYPE_TOLERANCE.get(dtype, 0.0),
+               FORMAT_TOLERANCE.get(weight_format, 0.0) if backend == "coreml" else 0.0)
 
 
 def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, where: str) -> None:
