@@ -42,7 +42,8 @@ import numpy as np
 
 from .formats import PALETTE_BITS, PALETTE_GROUP, WEIGHT_FORMATS, check_format, int8_channel, palettize
 from .limits import DEFAULT_LIMITS, Limits, check_program, check_spec, require
-from .spec import AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, take_cols, take_rows, weight_shape
+from .spec import (AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, take_cols, take_experts, take_rows,
+                   weight_shape)
 
 LAYOUTS = ("conv", "matmul")
 INPUT_NAME = "x"
@@ -153,15 +154,22 @@ def _encode(w: Weight, fmt: str, shape) -> tuple:
         if conv:
             q, s, off = (a.reshape(G * out, -1, 1, 1) for a in (q, s, off))
         return ("shift", q, s, off)
-    wf = dequantize(w, np.float32)
+    group = math.gcd(out, PALETTE_GROUP)  # a palette group never spans two experts
+
+    def per_expert(fn):
+        """fn(w_g (out, in) float32) -> arrays, run one expert at a time (a fp32 copy of a
+        whole group's weights is GBs at Mixtral / gpt-oss sizes), stacked over experts."""
+        parts = [fn(dequantize(take_experts(w, g, g + 1), np.float32)[0]) for g in range(G)]
+        return [np.concatenate(p) for p in zip(*parts)]
+
     if fmt in ("blockwise", "fp16"):
-        return ("fp16", np.ascontiguousarray(wf.reshape(shape).astype(np.float16)))
+        (wf,) = per_expert(lambda wg: (wg.astype(np.float16),))
+        return ("fp16", np.ascontiguousarray(wf.reshape(shape)))
     if fmt == "int8-channel":
-        q, scale = int8_channel(wf.reshape(G * out, n))  # one scale per output channel
+        q, scale = per_expert(int8_channel)  # one scale per output channel
         return ("shift", q.reshape(shape), scale.reshape((G * out, 1, 1, 1) if conv else (G, out, 1)), None)
     if fmt == "palette":
-        group = math.gcd(out, PALETTE_GROUP)  # a group never spans two experts
-        idx, lut = palettize(wf.reshape(G * out, n), PALETTE_BITS, group)
+        idx, lut = per_expert(lambda wg: palettize(wg, PALETTE_BITS, group))
         code = types.np_uint4_dtype if PALETTE_BITS == 4 else np.uint8
         # lut rank = rank + 2: per axis the number of tables along it, then (2**bits, 1)
         tables = (G * out // group, 1, 1, 1) if conv else (G, out // group, 1)

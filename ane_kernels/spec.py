@@ -131,6 +131,14 @@ def fuse_rows(a: Weight, b: Weight) -> Weight:
     return np.concatenate([a, b], axis=1)
 
 
+def take_experts(w: Weight, start: int, stop: int) -> Weight:
+    """Experts start:stop of a (G, out, in) weight."""
+    if isinstance(w, AffineWeight):
+        r = slice(start, stop)
+        return AffineWeight(w.packed[r], w.scales[r], w.biases[r], w.bits, w.group_size)
+    return np.asarray(w)[start:stop]
+
+
 def take_rows(w: Weight, start: int, stop: int) -> Weight:
     """Output channels start:stop of a (G, out, in) weight (a quantized one stays quantized)."""
     if isinstance(w, AffineWeight):

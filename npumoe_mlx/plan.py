@@ -247,6 +247,13 @@ def _expert_bytes(D: int, H: int, quant: Optional[dict], weight_format: Optional
     return 3 * D * H * bits // 8
 
 
+def group_cap(E: int, D: int, H: int, quant: Optional[dict], limits: PlanLimits) -> int:
+    """The most experts one program of this layer may hold: the group limit, the weight bytes
+    per program (in the chosen weight format) and, for Core ML, what the builder accepts."""
+    return max(1, min(limits.max_group, E, axis_group_cap(D, H, quant, limits),
+                      limits.max_program_bytes // max(_expert_bytes(D, H, quant, limits.weight_format), 1)))
+
+
 def axis_group_cap(D: int, H: int, quant: Optional[dict], limits: PlanLimits) -> int:
     """Most experts per program the builder accepts under the per-axis limit (conv, or
     matmul past G*D; H split into chunks): ane_kernels.coreml.max_group. No limit: E."""
@@ -358,8 +365,7 @@ def plan_layer(
     samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
     ranked = samples[:, rank]
     caps = np.asarray(limits.capacities)
-    max_g = max(1, min(limits.max_group, E, axis_group_cap(D, H, quant, limits),
-                       limits.max_program_bytes // max(_expert_bytes(D, H, quant, limits.weight_format), 1)))
+    max_g = group_cap(E, D, H, quant, limits)
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
     # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
     # largest call size never overflows on calls of that size, whatever the domain.
