@@ -171,7 +171,7 @@ def build(
                 "checked here with the numpy MIL interpreter)")
         limits = limits or PlanLimits.for_backend(backend)
         if backend == "coreml":
-            limits.weight_format = weight_format
+            limits.weight_format = weight_format  # the group cap counts this format's bytes
         mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs
         plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
                      for l, b in blocks.items()}  # shared experts only where a program computes them

@@ -23,7 +23,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ane_kernels.formats import expert_bytes
+from ane_kernels.formats import DEFAULT_FORMAT, expert_bytes
 
 from .atomic import write_json
 from .chips import chip_profile
@@ -168,13 +168,13 @@ def default_cost(backend: str) -> CostModel:
 
 
 def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16,
-              weight_format: Optional[str] = None) -> CostModel:
+              weight_format: Optional[str] = DEFAULT_FORMAT) -> CostModel:
     """Predicted costs on an Apple chip (``chips.py`` profiles): Core ML programs on the
     ANE, MLX on the GPU, running at the same time.
 
     Program call: ANE dispatch + the larger of its weights streamed at the ANE's bandwidth
-    (per expert: ``formats.expert_bytes(weight_format, D, H, bits)``, the bytes the chosen Core
-    ML weight format streams; MLX's 3*D*H*bits/8 when none is given) and its rows at the ANE's
+    (per expert: ``formats.expert_bytes(weight_format, D, H, bits)``, the bytes the Core ML
+    weight format streams, default formats.DEFAULT_FORMAT; None: MLX's 3*D*H*bits/8) and its rows at the ANE's
     FLOP/s (roofline). MLX: the
     GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
     per FLOP, and power x its fixed time per call. Host copies keep the coreml default.

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ane_kernels.coreml import max_group as coreml_max_group
-from ane_kernels.formats import expert_bytes as format_expert_bytes
+from ane_kernels.formats import DEFAULT_FORMAT, expert_bytes as format_expert_bytes
 from ane_kernels.limits import DEFAULT_LIMITS
 
 from .atomic import write_json
@@ -50,7 +50,8 @@ class PlanLimits:
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
         if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows); the tiers
             # are functions of one multifunction package sharing its weights, so 12 cost little
-            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12, max_axis=DEFAULT_LIMITS.max_axis)
+            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12, max_axis=DEFAULT_LIMITS.max_axis,
+                       weight_format=DEFAULT_FORMAT)
         elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little;
             # sessions open on first use, so more tiers cost little until a call needs them.
             # 12 tiers hold padding <= 15% on real routing at 512- and 2048-token calls

@@ -235,7 +235,8 @@ def test_chip_cost_prices_the_format_bytes():
 
     D, H = 2048, 768
     by = {f: chip_cost("m2-max", "coreml", D, H, 4, weight_format=f).expert_s for f in formats.WEIGHT_FORMATS}
-    old = chip_cost("m2-max", "coreml", D, H, 4).expert_s  # MLX's 4 bits, as before
+    old = chip_cost("m2-max", "coreml", D, H, 4, weight_format=None).expert_s  # MLX's 4 bits, as before
+    assert chip_cost("m2-max", "coreml", D, H, 4).expert_s == by[formats.DEFAULT_FORMAT]
     assert by["palette"] < by["int8-channel"] < by["fp16"] == by["blockwise"]
     assert by["palette"] == pytest.approx(old, rel=0.01) and by["fp16"] == pytest.approx(4 * old)
 
@@ -300,8 +301,7 @@ def test_planner_caps_groups_by_the_format_bytes_the_builder_refuses_past():
 
     q = {"bits": 4, "group_size": 64}
     lim = PlanLimits.for_backend("coreml")
-    assert lim.max_axis == DEFAULT_LIMITS.max_axis
-    lim.weight_format = "int8-channel"
+    assert lim.max_axis == DEFAULT_LIMITS.max_axis and lim.weight_format == formats.DEFAULT_FORMAT == "int8-channel"
     G = group_cap(8, 4096, 14336, q, lim)
     assert G == 6 and G * formats.expert_bytes("int8-channel", 4096, 14336) <= DEFAULT_LIMITS.max_weight_bytes
     lim.weight_format = "palette"
