@@ -355,3 +355,45 @@ def test_real_shape_builds_at_the_planner_group_cap(model, tmp_path):
     prog, _ = backend_class("coreml").checker(entry, tmp_path)
     tol = 1e-2 if REAL[model] == "blockwise" else formats.TOLERANCE[REAL[model]]
     assert max_rel_err(prog.run(x, 32), reference_ffn(spec, x, dtype=np.float32)) < tol
+
+
+# ---- the build choice end to end ----
+
+
+def test_weight_format_is_refused_for_onnx_in_one_line():
+    from npumoe_mlx.build import check_weight_format
+    from npumoe_mlx.build import main as build_main
+
+    assert check_weight_format("coreml", None) == formats.DEFAULT_FORMAT
+    assert check_weight_format("onnx", None) is None
+    with pytest.raises(ValueError) as e:
+        build_main(["--model", "/nonexistent", "--backend", "onnx", "--weight-format", "palette"])
+    assert str(e.value) == ("--weight-format sets how Core ML programs store weights; the onnx backend keeps the "
+                            "model's own weights (drop --weight-format or use --backend coreml)")
+
+
+def test_coreml_bundle_records_the_format_and_its_error(tmp_path):
+    """`npumoe build --backend coreml --weight-format palette` on a tiny 4-bit model: every
+    program stores palettized weights, is checked against the model on stock MLX within the
+    palette's tolerance, and the manifest / plan say which format and what error."""
+    tiny = pytest.importorskip("npumoe_mlx.tools.tiny")
+    from npumoe_mlx.build import build
+
+    from dataclasses import replace
+
+    from npumoe_mlx.cost import default_cost
+
+    model = tiny.make_tiny_model(tmp_path / "m", "qwen3_moe", q_bits=4)
+    fast = replace(default_cost("coreml"), dispatch_s=1e-9, program_flops=1e16, mlx_flops=1e6, mlx_fixed_s=1.0)
+    from npumoe_mlx.plan import PlanLimits
+
+    out = build(str(model), "coreml", str(tmp_path / "b"), tokens=64, chunk_size=64, cost=fast,
+                limits=PlanLimits.for_backend("coreml", max_programs=3), memory_budget=None,
+                weight_format="palette", log=lambda *_: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    progs = [p["program"] for p in manifest["programs"]]
+    assert progs and all(p["weight_format"] == "palette" and p["source_format"] == "q4g32" for p in progs)
+    assert all(0 < p["max_rel_err"] <= formats.TOLERANCE["palette"] for p in progs)
+    assert json.loads((out / "plan.json").read_text())["limits"]["weight_format"] == "palette"
+    pkg = out / manifest["programs"][0]["dir"] / progs[0]["package"]
+    assert "constexpr_lut_to_dense" in _ops(pkg)
