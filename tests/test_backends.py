@@ -15,6 +15,7 @@ from ane_kernels.milrun import rel_err
 from ane_kernels.onnx import save_onnx
 from ane_kernels.spec import random_spec, reference_ffn
 from npumoe_mlx.backends import BackendError, load_backend, pick_tier
+from npumoe_mlx.backends import coreml as coreml_backend
 from npumoe_mlx.programs import main as build_programs
 from npumoe_mlx.programs import spec_from_dense_mlp, spec_from_switch_glu
 
@@ -143,7 +144,7 @@ def test_coreml_backend_off_macos_raises_clearly():
 
 
 @pytest.mark.skipif(
-    sys.platform != "darwin" or not __import__("npumoe_mlx.backends.coreml").backends.coreml.available(),
+    not coreml_backend.available(),
     reason="Core ML programs can be built here but run only on macOS 15+ (Apple Silicon); this test loads "
     "a Qwen3-30B-A3B-shape group (D=2048, H=768, 4 experts, 4-bit) big enough for Core ML to place on the "
     "Neural Engine and requires MLComputePlan to show every op of every tier function there",
