@@ -263,6 +263,11 @@ def test_programs_take_channels_first_and_have_no_transposes(tmp_path):
     assert np.allclose(y5, y[:, :5], atol=1e-2)
     with pytest.raises(ValueError, match=r"wants \(2, 128, 32\) at tier 32"):
         prog.run_native(x[:, :32], 32)
+    from npumoe_mlx.verify import Pinned
+
+    pinned = Pinned(prog, [tmp_path / entry["package"] / "Manifest.json"])  # what a loaded bundle hands out
+    assert pinned.input_layout == "GDC"
+    assert np.array_equal(pinned.run_native(np.ascontiguousarray(x.transpose(0, 2, 1)), 64), yn)
 
 
 # ---- limits: H chunks, layout choice, planner caps ----
