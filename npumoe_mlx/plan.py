@@ -250,7 +250,10 @@ def _expert_bytes(D: int, H: int, quant: Optional[dict], weight_format: Optional
 
 def group_cap(E: int, D: int, H: int, quant: Optional[dict], limits: PlanLimits) -> int:
     """The most experts one program of this layer may hold: the group limit, the weight bytes
-    per program (in the chosen weight format) and, for Core ML, what the builder accepts."""
+    per program (in the chosen weight format) and, for Core ML, what the builder accepts
+    (0: not even one expert builds, e.g. D past the per-axis limit; the layer stays on MLX)."""
+    if axis_group_cap(D, H, quant, limits) == 0:
+        return 0
     return max(1, min(limits.max_group, E, axis_group_cap(D, H, quant, limits),
                       limits.max_program_bytes // max(_expert_bytes(D, H, quant, limits.weight_format), 1)))
 
@@ -367,6 +370,8 @@ def plan_layer(
     ranked = samples[:, rank]
     caps = np.asarray(limits.capacities)
     max_g = group_cap(E, D, H, quant, limits)
+    if max_g == 0:  # no program of this shape builds
+        return LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, [], list(range(E)))
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
     # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
     # largest call size never overflows on calls of that size, whatever the domain.
@@ -612,7 +617,7 @@ def plan_shared(lp_profile: LayerCounts, path: str, D: int, H: int, cost: CostMo
     """A shared expert sees every token of a call: its ladder covers the calibrated call
     sizes, and it is offloaded from the smallest call size where a program beats MLX."""
     sizes = np.asarray([ch["tokens"] for ch in lp_profile.chunks if ch["tokens"] > 0], float)
-    if sizes.size == 0:
+    if sizes.size == 0 or axis_group_cap(D, H, None, limits) == 0:
         return None
     tiers = choose_ladder(sizes, limits.capacities, limits.max_tiers, 1.0 / sizes)
     n = max(cost.first_offload_tokens, 1)

@@ -311,9 +311,28 @@ def test_planner_caps_groups_by_the_format_bytes_the_builder_refuses_past():
     assert G == 6 and G * formats.expert_bytes("int8-channel", 4096, 14336) <= DEFAULT_LIMITS.max_weight_bytes
     lim.weight_format = "palette"
     assert group_cap(8, 4096, 14336, q, lim) == 8
-    assert group_cap(8, 20000, 32, q, lim) == 1 and lim.max_axis  # (D past the axis: see docs)
+    assert group_cap(8, 20000, 32, q, lim) == 0  # D past the axis: no program builds
     onnx = PlanLimits.for_backend("onnx")
     assert onnx.max_axis is None and group_cap(128, 2048, 768, q, onnx) == onnx.max_group
+    assert group_cap(8, 20000, 32, q, onnx) >= 1  # onnx graphs have no axis limit
+
+
+def test_a_layer_whose_experts_cannot_build_stays_on_mlx():
+    """D = 20000 > 16384: neither layout fits, so the planner plans no program for the layer."""
+    from npumoe_mlx.cost import default_cost
+    from npumoe_mlx.plan import PlanLimits, plan_layer
+    from npumoe_mlx.profiles import LayerCounts
+
+    E, k = 4, 2
+    counts = [400, 300, 200, 100]
+    lp = LayerCounts(layer=0, path="m.layers.0.mlp", num_experts=E, top_k=k, counts=counts,
+                     chunks=[{"tokens": 512, "counts": [c // 2 for c in counts]}] * 2)
+    fast = default_cost("coreml")
+    fast.dispatch_s, fast.program_flops = 1e-9, 1e18
+    plan = plan_layer(lp, 20000, 32, fast, PlanLimits.for_backend("coreml"))
+    assert plan.groups == [] and plan.cold == [0, 1, 2, 3]
+    ok = plan_layer(lp, 2000, 32, fast, PlanLimits.for_backend("coreml"))
+    assert ok.groups  # the same layer at a buildable D gets programs
 
 
 # ---- real model shapes: build, then run on a few rows in milrun ----
