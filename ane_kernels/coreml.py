@@ -42,8 +42,7 @@ import numpy as np
 
 from .formats import PALETTE_BITS, PALETTE_GROUP, WEIGHT_FORMATS, check_format, int8_channel, palettize
 from .limits import DEFAULT_LIMITS, Limits, check_program, check_spec, require
-from .spec import (AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, take_cols, take_experts, take_rows,
-                   weight_shape)
+from .spec import AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, take, take_cols, weight_shape
 
 LAYOUTS = ("conv", "matmul")
 INPUT_NAME = "x"
@@ -159,7 +158,7 @@ def _encode(w: Weight, fmt: str, shape) -> tuple:
     def per_expert(fn):
         """fn(w_g (out, in) float32) -> arrays, run one expert at a time (a fp32 copy of a
         whole group's weights is GBs at Mixtral / gpt-oss sizes), stacked over experts."""
-        parts = [fn(dequantize(take_experts(w, g, g + 1), np.float32)[0]) for g in range(G)]
+        parts = [fn(dequantize(take(w, 0, g, g + 1), np.float32)[0]) for g in range(G)]
         return [np.concatenate(p) for p in zip(*parts)]
 
     if fmt in ("blockwise", "fp16"):
@@ -245,7 +244,7 @@ def encode_weights(spec: ProgramSpec, layout: str = "conv", limits: Limits = DEF
     gu, dn, bgu = [], [], []
     for a, b in chunks:
         Hc = b - a
-        w_gu = fuse_rows(take_rows(spec.gate, a, b), take_rows(spec.up, a, b))  # (G, 2Hc, D)
+        w_gu = fuse_rows(take(spec.gate, 1, a, b), take(spec.up, 1, a, b))  # (G, 2Hc, D)
         gu.append(_encode(w_gu, fmt, (G * 2 * Hc, D, 1, 1) if layout == "conv" else (G, 2 * Hc, D)))
         w_d = take_cols(spec.down, a, b)  # (G, D, Hc)
         dn.append(_encode(w_d, fmt, (G * D, Hc, 1, 1) if layout == "conv" else (G, D, Hc)))

@@ -131,20 +131,15 @@ def fuse_rows(a: Weight, b: Weight) -> Weight:
     return np.concatenate([a, b], axis=1)
 
 
-def take_experts(w: Weight, start: int, stop: int) -> Weight:
-    """Experts start:stop of a (G, out, in) weight."""
+def take(w: Weight, axis: int, start: int, stop: int) -> Weight:
+    """Experts (axis 0) or output channels (axis 1) start:stop of a (G, out, in) weight;
+    a quantized one stays quantized."""
+    if axis not in (0, 1):
+        raise ValueError(f"take: axis {axis} (input channels: take_cols)")
+    r = (slice(None),) * axis + (slice(start, stop),)
     if isinstance(w, AffineWeight):
-        r = slice(start, stop)
         return AffineWeight(w.packed[r], w.scales[r], w.biases[r], w.bits, w.group_size)
-    return np.asarray(w)[start:stop]
-
-
-def take_rows(w: Weight, start: int, stop: int) -> Weight:
-    """Output channels start:stop of a (G, out, in) weight (a quantized one stays quantized)."""
-    if isinstance(w, AffineWeight):
-        r = slice(start, stop)
-        return AffineWeight(w.packed[:, r], w.scales[:, r], w.biases[:, r], w.bits, w.group_size)
-    return np.asarray(w)[:, start:stop]
+    return np.asarray(w)[r]
 
 
 def take_cols(w: Weight, start: int, stop: int) -> Weight:

@@ -15,11 +15,11 @@ interpreter (``ane_kernels.milrun``), so builds are checked off macOS too.
 
 import hashlib
 import os
-from dataclasses import replace
 import platform
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -35,14 +35,12 @@ from ane_kernels.spec import AffineWeight, ProgramSpec
 from . import BackendError, Program, member, same_program
 
 OFF_MACOS = "Core ML programs can be built here but run only on macOS"
+_COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
+MIN_MACOS = (15, 0)  # the iOS18 opset (constexpr_blockwise_shift_scale, constexpr_lut_to_dense)
 
 
 class FormatError(ValueError):
     """A weight format loses more than its tolerance on this model's experts (one line)."""
-_COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
-
-
-MIN_MACOS = (15, 0)  # the iOS18 opset (constexpr_blockwise_shift_scale, constexpr_lut_to_dense)
 
 
 def available() -> bool:
@@ -217,13 +215,13 @@ class Backend:
                               f"experts by {err:.3g} (max relative error) > its tolerance {tol:g}; "
                               f"choose another --weight-format")
         if log is not None:
-            log(f"  weight format {spec.storage}: max relative error {err:.2e} vs the model's experts "
-                f"(tolerance {tol:g})")
             log(f"wrote {b.path} ({b.package_bytes / 1e6:.2f} MB on disk, {b.weight_bytes / 1e6:.2f} MB "
                 f"weights shared by {len(b.functions)} functions, layout {b.layout}, {b.seconds:.1f}s)")
             for fn, t in sorted(b.functions.items(), key=lambda kv: kv[1]):
                 log(f"  function {fn}: {b.ops_per_function[fn]} ops")
             log("  ANE static checks: passed")
+            log(f"  weight format {spec.storage}: max relative error {err:.2e} vs the model's experts "
+                f"(tolerance {tol:g})")
         return {**spec.describe(), "layout": b.layout, "package": b.path.name, "max_rel_err": err,
                 "functions": {str(t): fn for fn, t in b.functions.items()}, "files": [b.path.name]}
 
