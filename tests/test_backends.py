@@ -180,7 +180,14 @@ def test_build_programs_cli(tiny_model, tmp_path, capsys):
     assert build_programs(base + ["--format", "coreml", "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "ANE static checks: passed" in out and "function c64" in out
+    assert "weight format int8-channel: max relative error" in out  # the default Core ML format
     assert (tmp_path / "c" / "layer1_e0-2-5.mlpackage").is_dir()
+
+    assert build_programs(base + ["--format", "coreml", "--weight-format", "palette", "--out", str(tmp_path / "p")]) == 0
+    assert "weight format palette: max relative error" in capsys.readouterr().out
+    assert build_programs(base + ["--format", "onnx", "--weight-format", "palette", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--weight-format sets how Core ML programs store weights" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(
