@@ -1,8 +1,8 @@
 """Static-shape expert FFN programs for MoE layers (Core ML / ANE and ONNX).
 
 What a program computes lives in `spec` (ProgramSpec + numpy reference); `coreml` and
-`onnx` build it, `limits` holds the ANE constraints every build checks, `milrun`
-executes saved Core ML programs with numpy. Pure numpy + coremltools + onnx: this
+`onnx` build it, `formats` says how a Core ML program stores its weights, `limits` holds
+the ANE constraints every build checks, `milrun` executes saved Core ML programs with numpy. Pure numpy + coremltools + onnx: this
 package never imports the scheduler (npumoe_mlx). Builders import their toolkits lazily.
 """
 
@@ -19,6 +19,7 @@ def _drop_native_proxy_warnings(record) -> bool:
 if _sys.platform != "darwin":  # on a Mac a missing native module is a real fault: keep it
     _logging.getLogger("coremltools").addFilter(_drop_native_proxy_warnings)  # before coremltools is imported
 
+from .formats import DEFAULT_FORMAT, WEIGHT_FORMATS
 from .limits import DEFAULT_LIMITS, LimitError, Limits, check_program, check_spec
 from .spec import (
     ACTIVATIONS,
@@ -34,6 +35,7 @@ from .spec import (
 __all__ = [
     "ACTIVATIONS",
     "AffineWeight",
+    "DEFAULT_FORMAT",
     "DEFAULT_LIMITS",
     "LimitError",
     "Limits",
@@ -45,4 +47,5 @@ __all__ = [
     "random_spec",
     "reference_ffn",
     "unpack_bits",
+    "WEIGHT_FORMATS",
 ]

@@ -8,16 +8,20 @@ side by side, so each expert only sees its own rows and the whole group is one
 large op (grouping is what NPUMoE found to pay most). Gate and up are fused into
 one conv weight (per expert [gate_g; up_g]), so a function is:
 
-    x (G, C, D) -> transpose, reshape -> (1, G*D, 1, C)
-    conv(groups=G, W_gu (G*2H, D, 1, 1)) -> (1, G*2H, 1, C) -> (G, 2, H, C) -> gate, up
-    act(up, gate) (G, 1, H, C) -> (1, G*H, 1, C)
-    conv(groups=G, W_down (G*D, H, 1, 1)) -> (1, G*D, 1, C) -> (G, C, D)
+    x (G, D, C) -> reshape -> (1, G*D, 1, C)          (no transpose: the host gathers (G, D, C))
+    per H chunk k: conv(groups=G, W_gu_k (G*2Hc, D, 1, 1)) -> (1, G*2Hc, 1, C) -> (G, 2, Hc, C)
+                   act(up, gate) (G, 1, Hc, C) -> (1, G*Hc, 1, C)
+                   conv(groups=G, W_down_k (G*D, Hc, 1, 1)) -> (1, G*D, 1, C)
+    sum over chunks -> reshape -> y (G, D, C)
 
-The channel axes are G*D and G*2H; when those exceed the per-axis limit (16384 on
-older chips) use layout "matmul": a batched matmul x (G, C, D) @ W (G, 2H, D)^T whose
-largest axis is max(C, D, 2H).
+The channel axes are G*D and G*2Hc. H is split into chunks (`h_chunks`) so that G*2Hc
+fits the per-axis limit (16384 on older chips: Mixtral's 2H = 28672 runs as two chunks
+inside one program); G*D cannot be split, so wider groups use layout "matmul": a batched
+matmul W (G, 2Hc, D) @ x (G, D, C), whose largest axis is max(C, D, 2Hc) - also without
+transposes. `limits.py` checks every program; the planner (plan.py) caps G by the same rule.
 
-Weights are fp16 constants; MLX affine 4/8-bit (and 2-bit) weights stay compressed
+Weights are stored in a format chosen at build (`formats.py`: blockwise, fp16,
+int8-channel, palette). blockwise keeps MLX affine 4/8-bit (and 2-bit) weights compressed
 as `constexpr_blockwise_shift_scale` (uint4/uint8 codes, fp16 scale, fp16 offset =
 -bias/scale: scale * (q - offset) = q * scale + bias). Every tier function is built
 from the same numpy arrays, so `save_multifunction` dedups the blobs: the package
@@ -31,16 +35,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+import math
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .formats import PALETTE_BITS, PALETTE_GROUP, WEIGHT_FORMATS, check_format, int8_channel, palettize
 from .limits import DEFAULT_LIMITS, Limits, check_program, check_spec, require
-from .spec import AffineWeight, ProgramSpec, Weight, fuse_rows
+from .spec import AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, take, take_cols, weight_shape
 
 LAYOUTS = ("conv", "matmul")
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
+INPUT_LAYOUT = "GDC"  # x and y are (G, D, C): channels first, the tier (sequence) axis last
 FP16_MAX = 65504.0
 
 
@@ -87,20 +94,99 @@ def _affine_to_shift_scale(w: AffineWeight):
     return q.astype(code_dtype), s.astype(np.float16), off.astype(np.float16)
 
 
-def _const_weight(mb, w: Weight, shape4):
-    """A weight (G, out, in) as a (possibly compressed) constant of shape `shape4`.
+def h_chunks(spec: ProgramSpec, layout: str, limits: Limits = DEFAULT_LIMITS) -> List[Tuple[int, int]]:
+    """Split H into near-equal chunks so every channel axis fits `limits.max_axis`.
 
-    For the conv layout shape4 is (G*out, in, 1, 1); for matmul (G, out, in).
+    conv puts G*2*Hc on one axis, matmul 2*Hc: Mixtral's 2H = 28672 becomes two
+    7168-wide chunks (14336 per gate/up conv). Chunk edges fall on the source's
+    quantization groups (and multiples of 32) so quantized weights split exactly.
+    A program too wide to split (G*D over the limit) is left whole for the checks to name.
     """
-    if isinstance(w, AffineWeight):
+    H, G = spec.H, spec.G
+    widest = limits.max_axis // (2 * G if layout == "conv" else 2)
+    gs = [w.group_size for w in (spec.gate, spec.up, spec.down) if isinstance(w, AffineWeight)]
+    align = int(np.lcm.reduce([32, *gs]))
+    if H <= widest or widest < align:
+        return [(0, H)]
+    n = -(-H // widest)
+    while True:
+        edges = [0] + [min(H, round(k * H / n / align) * align) for k in range(1, n)] + [H]
+        if all(0 < b - a <= widest for a, b in zip(edges, edges[1:])):
+            return list(zip(edges, edges[1:]))
+        n += 1
+
+
+def choose_layout(G: int, D: int, H: int, limits: Limits = DEFAULT_LIMITS, group_size: int = 64) -> Optional[str]:
+    """The layout a group of G experts builds in: "conv" (Apple's ANE layout) where G*D fits
+    one axis, else "matmul" (axes D, 2Hc, C, G); None when neither fits (D itself too wide).
+    H never decides: it is split into chunks (`h_chunks`) down to one quantization group."""
+    m = limits.max_axis
+    align = int(np.lcm(32, group_size))
+    if G * D <= m and (H <= m // (2 * G) or m // (2 * G) >= align):
+        return "conv"
+    if D <= m and G <= m and (H <= m // 2 or m // 2 >= align):
+        return "matmul"
+    return None
+
+
+def max_group(D: int, H: int, limits: Limits = DEFAULT_LIMITS, group_size: int = 64) -> int:
+    """The most experts one program can hold under `limits`' axis rule (0: none builds);
+    `choose_layout` picks conv up to max_axis // D experts, matmul beyond."""
+    if choose_layout(1, D, H, limits, group_size) is None:
+        return 0
+    return limits.max_axis if choose_layout(limits.max_axis, D, H, limits, group_size) else max(
+        g for g in range(1, limits.max_axis // D + 1) if choose_layout(g, D, H, limits, group_size))
+
+
+def _encode(w: Weight, fmt: str, shape) -> tuple:
+    """A (G, out, in) weight in format `fmt`, as the arrays of the constant that holds it,
+    shaped for the layout: `shape` is (G*out, in, 1, 1) for conv, (G, out, in) for matmul.
+
+    Returns ("fp16", w) | ("shift", data, scale, offset or None) | ("lut", indices, lut).
+    """
+    from coremltools.converters.mil.mil import types
+
+    G, out, n = weight_shape(w)
+    conv = len(shape) == 4
+    if fmt == "blockwise" and isinstance(w, AffineWeight):
         q, s, off = _affine_to_shift_scale(w)
-        G, out, n_groups = s.shape
-        if len(shape4) == 4:
-            q = q.reshape(G * out, -1, 1, 1)
-            s = s.reshape(G * out, n_groups, 1, 1)
-            off = off.reshape(G * out, n_groups, 1, 1)
-        return mb.constexpr_blockwise_shift_scale(data=q, scale=s, offset=off)
-    return np.ascontiguousarray(np.asarray(w, np.float32).reshape(shape4).astype(np.float16))
+        if conv:
+            q, s, off = (a.reshape(G * out, -1, 1, 1) for a in (q, s, off))
+        return ("shift", q, s, off)
+    group = math.gcd(out, PALETTE_GROUP)  # a palette group never spans two experts
+
+    def per_expert(fn):
+        """fn(w_g (out, in) float32) -> arrays, run one expert at a time (a fp32 copy of a
+        whole group's weights is GBs at Mixtral / gpt-oss sizes), stacked over experts."""
+        parts = [fn(dequantize(take(w, 0, g, g + 1), np.float32)[0]) for g in range(G)]
+        return [np.concatenate(p) for p in zip(*parts)]
+
+    if fmt in ("blockwise", "fp16"):
+        (wf,) = per_expert(lambda wg: (wg.astype(np.float16),))
+        return ("fp16", np.ascontiguousarray(wf.reshape(shape)))
+    if fmt == "int8-channel":
+        q, scale = per_expert(int8_channel)  # one scale per output channel
+        return ("shift", q.reshape(shape), scale.reshape((G * out, 1, 1, 1) if conv else (G, out, 1)), None)
+    if fmt == "palette":
+        idx, lut = per_expert(lambda wg: palettize(wg, PALETTE_BITS, group))
+        code = types.np_uint4_dtype if PALETTE_BITS == 4 else np.uint8
+        # lut rank = rank + 2: per axis the number of tables along it, then (2**bits, 1)
+        tables = (G * out // group, 1, 1, 1) if conv else (G, out // group, 1)
+        lut = lut.reshape(*tables, 1 << PALETTE_BITS, 1)
+        return ("lut", idx.reshape(shape).astype(code), lut)
+    raise ValueError(f"unknown weight format {fmt!r} (known: {', '.join(WEIGHT_FORMATS)})")
+
+
+def _emit(mb, enc):
+    """The MIL constant (a constexpr op for compressed formats) of an `_encode` result."""
+    if enc[0] == "fp16":
+        return enc[1]
+    if enc[0] == "shift":
+        _, data, scale, off = enc
+        kw = {} if off is None else {"offset": off}
+        return mb.constexpr_blockwise_shift_scale(data=data, scale=scale, **kw)
+    _, idx, lut = enc
+    return mb.constexpr_lut_to_dense(indices=idx, lut=lut)
 
 
 def _fp16(v):
@@ -132,51 +218,91 @@ def _bias(b_gate, b_up, G, H):
     return np.concatenate([bg, bu], axis=1)  # (G, 2H), per expert [gate; up]
 
 
-def build_program(spec: ProgramSpec, tier: int, layout: str = "conv"):
-    """A single-function pymil Program for one tier: x (G, C, D) fp16 -> y (G, C, D) fp16."""
+@dataclass
+class Weights:
+    """A spec's weights encoded once for one layout (every tier function reuses the same
+    arrays, so `save_multifunction` stores them once): per H chunk, the fused gate/up
+    constant, the down constant and the chunk's gate/up bias."""
+
+    layout: str
+    fmt: str
+    chunks: List[Tuple[int, int]]
+    gate_up: List[tuple]
+    down: List[tuple]
+    bias_gu: List[Optional[np.ndarray]]
+    bias_down: Optional[np.ndarray]
+
+
+def encode_weights(spec: ProgramSpec, layout: str = "conv", limits: Limits = DEFAULT_LIMITS) -> Weights:
+    """Encode `spec`'s weights in its storage format (`spec.storage`, default blockwise)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    fmt = check_format(spec.storage or "blockwise")
+    G, D = spec.G, spec.D
+    chunks = h_chunks(spec, layout, limits)
+    b_gu = _bias(spec.gate_bias, spec.up_bias, G, spec.H)
+    gu, dn, bgu = [], [], []
+    for a, b in chunks:
+        Hc = b - a
+        w_gu = fuse_rows(take(spec.gate, 1, a, b), take(spec.up, 1, a, b))  # (G, 2Hc, D)
+        gu.append(_encode(w_gu, fmt, (G * 2 * Hc, D, 1, 1) if layout == "conv" else (G, 2 * Hc, D)))
+        w_d = take_cols(spec.down, a, b)  # (G, D, Hc)
+        dn.append(_encode(w_d, fmt, (G * D, Hc, 1, 1) if layout == "conv" else (G, D, Hc)))
+        bgu.append(None if b_gu is None else np.concatenate(
+            [b_gu[:, a:b], b_gu[:, spec.H + a : spec.H + b]], axis=1))  # (G, 2Hc)
+    b_d = None if spec.down_bias is None else np.asarray(spec.down_bias, np.float32)
+    return Weights(layout, fmt, chunks, gu, dn, bgu, b_d)
+
+
+def build_program(spec: ProgramSpec, tier: int, layout: str = "conv", limits: Limits = DEFAULT_LIMITS,
+                  weights: Optional[Weights] = None):
+    """A single-function pymil Program for one tier: x (G, D, C) fp16 -> y (G, D, C) fp16.
+
+    Channels-first in and out (INPUT_LAYOUT): the caller gathers rows straight into
+    (G, D, C), so the graph has no transposes (Apple's ANE principle: minimise them).
+    """
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    G, C, D, H = spec.G, int(tier), spec.D, spec.H
-    w_gu = fuse_rows(spec.gate, spec.up)  # (G, 2H, D), per expert [gate; up]
-    b_gu = _bias(spec.gate_bias, spec.up_bias, G, H)  # (G, 2H) or None
-    b_d = None if spec.down_bias is None else np.asarray(spec.down_bias, np.float32)
+    w = weights or encode_weights(spec, layout, limits)
+    layout = w.layout
+    G, C, D = spec.G, int(tier), spec.D
 
     @mb.program(
-        input_specs=[mb.TensorSpec(shape=(G, C, D), dtype=types.fp16)],
+        input_specs=[mb.TensorSpec(shape=(G, D, C), dtype=types.fp16)],
         opset_version=ct.target.iOS18,
     )
     def prog(x):
-        if layout == "conv":
-            h = mb.transpose(x=x, perm=[0, 2, 1])  # (G, D, C)
-            h = mb.reshape(x=h, shape=[1, G * D, 1, C])
-            kw = {} if b_gu is None else {"bias": b_gu.reshape(-1).astype(np.float16)}
-            h = mb.conv(
-                x=h, weight=_const_weight(mb, w_gu, (G * 2 * H, D, 1, 1)), groups=G, **kw
-            )  # (1, G*2H, 1, C)
-            h = mb.reshape(x=h, shape=[G, 2, H, C])
-            gate, up = mb.split(x=h, num_splits=2, axis=1)  # (G, 1, H, C) each
-            a = _activation(mb, up, gate, spec)
-            a = mb.reshape(x=a, shape=[1, G * H, 1, C])
-            kw = {} if b_d is None else {"bias": b_d.reshape(-1).astype(np.float16)}
-            y = mb.conv(
-                x=a, weight=_const_weight(mb, spec.down, (G * D, H, 1, 1)), groups=G, **kw
-            )  # (1, G*D, 1, C)
-            y = mb.reshape(x=y, shape=[G, D, C])
-            return mb.transpose(x=y, perm=[0, 2, 1], name=OUTPUT_NAME)
-        # layout == "matmul": batched over experts, weights (G, out, in) as MLX stores them
-        h = mb.matmul(x=x, y=_const_weight(mb, w_gu, (G, 2 * H, D)), transpose_y=True)
-        if b_gu is not None:
-            h = mb.add(x=h, y=b_gu[:, None, :].astype(np.float16))
-        gate, up = mb.split(x=h, num_splits=2, axis=2)  # (G, C, H) each
-        a = _activation(mb, up, gate, spec)
-        y = mb.matmul(x=a, y=_const_weight(mb, spec.down, (G, D, H)), transpose_y=True)
-        if b_d is not None:
-            return mb.add(x=y, y=b_d[:, None, :].astype(np.float16), name=OUTPUT_NAME)
-        return mb.identity(x=y, name=OUTPUT_NAME)
+        conv = layout == "conv"
+        h_in = mb.reshape(x=x, shape=[1, G * D, 1, C]) if conv else x
+        acc = None
+        for k, (a, b) in enumerate(w.chunks):
+            Hc, bgu = b - a, w.bias_gu[k]
+            if conv:  # (1, G*D, 1, C) -> (1, G*2Hc, 1, C), grouped over experts
+                kw = {} if bgu is None else {"bias": bgu.reshape(-1).astype(np.float16)}
+                h = mb.conv(x=h_in, weight=_emit(mb, w.gate_up[k]), groups=G, **kw)
+            else:  # (G, 2Hc, D) @ (G, D, C) -> (G, 2Hc, C)
+                h = mb.matmul(x=_emit(mb, w.gate_up[k]), y=h_in)
+                if bgu is not None:
+                    h = mb.add(x=h, y=bgu[:, :, None].astype(np.float16))
+            h = mb.reshape(x=h, shape=[G, 2, Hc, C])
+            gate, up = mb.split(x=h, num_splits=2, axis=1)  # (G, 1, Hc, C) each
+            act = _activation(mb, up, gate, spec)
+            bd = w.bias_down if k == 0 else None
+            if conv:
+                act = mb.reshape(x=act, shape=[1, G * Hc, 1, C])
+                kw = {} if bd is None else {"bias": bd.reshape(-1).astype(np.float16)}
+                y = mb.conv(x=act, weight=_emit(mb, w.down[k]), groups=G, **kw)  # (1, G*D, 1, C)
+            else:
+                act = mb.reshape(x=act, shape=[G, Hc, C])
+                y = mb.matmul(x=_emit(mb, w.down[k]), y=act)  # (G, D, C)
+                if bd is not None:
+                    y = mb.add(x=y, y=bd[:, :, None].astype(np.float16))
+            acc = y if acc is None else mb.add(x=acc, y=y)  # down of the whole H: a sum over chunks
+        if conv:
+            return mb.reshape(x=acc, shape=[G, D, C], name=OUTPUT_NAME)
+        return mb.identity(x=acc, name=OUTPUT_NAME)
 
     return prog
 
@@ -235,13 +361,14 @@ def build_package(
     out_path = Path(out_path)
     problems = check_spec(spec, limits)
     progs = {}
+    weights = encode_weights(spec, layout, limits)
     for tier in spec.tiers:
-        progs[function_name(tier)] = prog = build_program(spec, tier, layout)
+        progs[function_name(tier)] = prog = build_program(spec, tier, layout, limits, weights)
         problems += check_program(prog, limits)
     if layout == "conv" and any(" axis " in p for p in problems):
         problems.append(
-            f"hint: the conv layout puts G*D={spec.G * spec.D} and G*2H={spec.G * 2 * spec.H} "
-            "on the channel axis; use layout='matmul' or fewer experts per group"
+            f"hint: the conv layout puts G*D={spec.G * spec.D} on the channel axis; "
+            "use layout='matmul' or fewer experts per group"
         )
     if check:
         require(problems, f"program {spec.name}")
@@ -257,7 +384,7 @@ def build_package(
         desc.default_function_name = function_name(spec.tiers[0])
         final = tmp / out_path.name
         ct.utils.save_multifunction(desc, str(final))
-        _write_metadata(final, spec, layout)
+        _write_metadata(final, spec, layout, weights.chunks)
         # check again what Core ML will actually load (converter passes included)
         from .milrun import load_package
 
@@ -292,14 +419,15 @@ def build_package(
     )
 
 
-def _write_metadata(pkg: Path, spec: ProgramSpec, layout: str) -> None:
+def _write_metadata(pkg: Path, spec: ProgramSpec, layout: str, chunks) -> None:
     """Record what the program computes in the model's user-defined metadata."""
     from coremltools.proto import Model_pb2
 
     f = _model_file(pkg)
     m = Model_pb2.Model()
     m.ParseFromString(f.read_bytes())
-    meta = dict(spec.describe(), layout=layout, input=INPUT_NAME, output=OUTPUT_NAME)
+    meta = dict(spec.describe(), layout=layout, input=INPUT_NAME, output=OUTPUT_NAME,
+                input_layout=INPUT_LAYOUT, h_chunks=[list(c) for c in chunks])
     m.description.metadata.userDefined["npumoe.program"] = json.dumps(meta)
     m.description.metadata.shortDescription = (
         f"npumoe expert program {spec.name}: tiers {list(spec.tiers)}"

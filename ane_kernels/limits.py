@@ -128,6 +128,10 @@ def check_program(prog, limits: Limits = DEFAULT_LIMITS) -> List[str]:
         n_ops, weight_bytes = 0, 0
         for name, var in func.inputs.items():
             problems += _check_var(where, f"input {name!r}", var, limits, types)
+        # a constexpr op's inputs are its compressed storage, not tensors the ANE computes on:
+        # constexpr_lut_to_dense's lut has rank(weight) + 2 by definition (coremltools iOS18)
+        stored = {u.name for op in func.operations if op.op_type.startswith("constexpr_") for u in _vars_of(op)
+                  if u not in op.outputs}
         for op in func.operations:
             if op.op_type not in limits.allowed_ops:
                 problems.append(
@@ -144,7 +148,8 @@ def check_program(prog, limits: Limits = DEFAULT_LIMITS) -> List[str]:
             else:
                 n_ops += 1
             for v in op.outputs:
-                problems += _check_var(where, f"op {op.name!r} ({op.op_type})", v, limits, types)
+                lim = limits.override(max_rank=v.rank) if v.name in stored and v.rank > limits.max_rank else limits
+                problems += _check_var(where, f"op {op.name!r} ({op.op_type})", v, lim, types)
         if n_ops > limits.max_ops:
             problems.append(f"{where}: {n_ops} ops > max {limits.max_ops}")
         if weight_bytes > limits.max_weight_bytes:

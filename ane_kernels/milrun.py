@@ -41,8 +41,20 @@ def _f32(a):
     return np.asarray(a, np.float32)
 
 
+def _batched(a, b):
+    """np.matmul(a, b) over leading batch axes, each batch's slices made fp32 on their own:
+    a whole fp16 weight stack copied to fp32 at once is GBs at gpt-oss / Mixtral sizes."""
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = np.broadcast_to(a, lead + a.shape[-2:])
+    b = np.broadcast_to(b, lead + b.shape[-2:])
+    out = np.empty(lead + (a.shape[-2], b.shape[-1]), np.float32)
+    for i in np.ndindex(*lead):
+        out[i] = _f32(a[i]) @ _f32(b[i])
+    return out
+
+
 def _conv(op, arg):
-    x, w = _f32(arg("x")), _f32(arg("weight"))
+    x, w = _f32(arg("x")), np.asarray(arg("weight"))
     groups = int(arg("groups", 1))
     for key, ok in (("strides", 1), ("dilations", 1)):
         v = arg(key, None)
@@ -60,7 +72,7 @@ def _conv(op, arg):
     Cout = w.shape[0]
     xg = x.reshape(B, groups, Cin // groups, Hs * Ws)  # (B, g, cin, S)
     wg = w.reshape(groups, Cout // groups, Cin // groups)  # (g, cout, cin)
-    y = np.matmul(wg[None], xg).reshape(B, Cout, Hs, Ws)  # batched BLAS over groups
+    y = _batched(wg[None], xg).reshape(B, Cout, Hs, Ws)  # BLAS per group
     b = arg("bias", None)
     if b is not None:
         y = y + _f32(b)[None, :, None, None]
@@ -68,12 +80,14 @@ def _conv(op, arg):
 
 
 def _matmul(op, arg):
-    x, y = _f32(arg("x")), _f32(arg("y"))
+    x, y = np.asarray(arg("x")), np.asarray(arg("y"))
     if arg("transpose_x", False):
         x = np.swapaxes(x, -1, -2)
     if arg("transpose_y", False):
         y = np.swapaxes(y, -1, -2)
-    return np.matmul(x, y)
+    if min(x.ndim, y.ndim) < 2 or max(x.ndim, y.ndim) < 3:
+        return np.matmul(_f32(x), _f32(y))
+    return _batched(x, y)
 
 
 def _linear(op, arg):
@@ -89,13 +103,36 @@ def _shift_scale(op, arg):
     off = arg("offset", None)
 
     def expand(a):
+        if all(m in (1, n) for n, m in zip(data.shape, a.shape)):
+            return a  # per channel / per tensor: plain broadcasting
         for axis, (n, m) in enumerate(zip(data.shape, a.shape)):
             if n != m:
                 a = np.repeat(a, n // m, axis=axis)
         return a
 
-    d = data if off is None else data - expand(_f32(off))
-    return expand(scale) * d
+    if off is not None:
+        data -= expand(_f32(off))  # in place: one fp32 copy of the weight, not three
+    data *= expand(scale)
+    return data
+
+
+def _lut_to_dense(op, arg):
+    """constexpr_lut_to_dense (iOS18), scalar palettes: indices (K axes), lut (K + 2 axes):
+    lut.shape[i] tables along axis i (each over indices.shape[i] / lut.shape[i] entries),
+    then (2**bits, 1). Each element reads its own table's entry at its index."""
+    idx = np.asarray(arg("indices")).astype(np.int64)
+    lut = _f32(arg("lut"))
+    K = idx.ndim
+    if lut.ndim != K + 2 or lut.shape[-1] != 1:
+        raise UnsupportedOp(f"milrun: {op.name!r}: only scalar palettes (vector size 1), got lut {lut.shape}")
+    n_c = lut.shape[-2]
+    table = np.zeros((1,) * K, np.int64)  # flat table number of every element, broadcast per axis
+    for axis in range(K):
+        n, t = idx.shape[axis], lut.shape[axis]
+        shape = [1] * K
+        shape[axis] = n
+        table = table * t + (np.arange(n) // (n // t)).reshape(shape)
+    return lut.reshape(-1)[table * n_c + idx]
 
 
 def _affine_dequantize(op, arg):
@@ -176,6 +213,7 @@ OPS: Dict[str, Callable] = {
     "linear": _linear,
     "constexpr_blockwise_shift_scale": _shift_scale,
     "constexpr_affine_dequantize": _affine_dequantize,
+    "constexpr_lut_to_dense": _lut_to_dense,
     "add": _binary(np.add),
     "sub": _binary(np.subtract),
     "mul": _binary(np.multiply),
@@ -233,7 +271,16 @@ def run_function(prog, function: str, inputs: Dict[str, np.ndarray]) -> Dict[str
             raise ValueError(f"input {name!r} is {x.shape}, function wants {var.shape}")
         env[var.name] = _to_storage(x, var)
 
-    for op in func.operations:
+    # free each value after its last reader (a GB of dequantized weights at Mixtral sizes)
+    last = {}
+    for i, op in enumerate(func.operations):
+        for v in op.inputs.values():
+            for u in v if isinstance(v, (list, tuple)) else (v,):
+                last[u.name] = i
+    keep = {v.name for v in func.outputs}
+    for i, op in enumerate(func.operations):
+        for name in [n for n, j in last.items() if j == i - 1 and n not in keep]:
+            env.pop(name, None)
         if op.op_type == "const":
             env[op.outputs[0].name] = op.outputs[0].val
             continue
@@ -291,8 +338,9 @@ def verify_package(path, spec: ProgramSpec, *, tol=1e-2, seed=0, x_scale=1.0) ->
     report, worst = {}, 0.0
     for tier in spec.tiers:
         name = function_name(tier)
-        outs = run_function(prog, name, {INPUT_NAME: x[:, :tier]})
-        (y,) = outs.values()
+        xt = np.ascontiguousarray(x[:, :tier].transpose(0, 2, 1))  # the program takes (G, D, C)
+        (y,) = run_function(prog, name, {INPUT_NAME: xt}).values()
+        y = np.asarray(y).transpose(0, 2, 1)
         if not np.all(np.isfinite(np.asarray(y, np.float32))):
             raise FloatingPointError(f"{path}: function {name} produced non-finite values")
         err = rel_err(y, ref[:, :tier])
@@ -300,3 +348,27 @@ def verify_package(path, spec: ProgramSpec, *, tol=1e-2, seed=0, x_scale=1.0) ->
         report[name] = {"tier": tier, "rel_err": err, "ops": ops}
         worst = max(worst, err)
     return {"functions": report, "max_rel_err": worst, "ok": worst <= tol, "tol": tol}
+
+
+def max_rel_err(y, ref) -> float:
+    """max |y - ref| / max |ref| (the measure npumoe's build and load checks use)."""
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(y - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+
+
+def format_error(path, spec: ProgramSpec, *, rows: int = 8, seed: int = 0) -> float:
+    """Max relative error of the saved package's smallest tier on `rows` seeded rows per
+    expert against `reference_ffn` on the spec's own weights (the model's experts, whatever
+    format the package stores them in)."""
+    from .coreml import INPUT_NAME, function_name
+
+    tier = min(spec.tiers)
+    rows = min(rows, tier)
+    x = np.random.default_rng(seed).standard_normal((spec.G, rows, spec.D)).astype(np.float32)
+    xt = np.zeros((spec.G, spec.D, tier), np.float32)
+    xt[:, :, :rows] = x.transpose(0, 2, 1)
+    (y,) = run_function(load_package(path), function_name(tier), {INPUT_NAME: xt}).values()
+    y = np.asarray(y, np.float32)[:, :, :rows].transpose(0, 2, 1)
+    if not np.all(np.isfinite(y)):
+        return float("inf")
+    return max_rel_err(y, reference_ffn(spec, x, dtype=np.float32))  # fp32: far below the tolerances

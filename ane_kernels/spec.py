@@ -131,6 +131,30 @@ def fuse_rows(a: Weight, b: Weight) -> Weight:
     return np.concatenate([a, b], axis=1)
 
 
+def take(w: Weight, axis: int, start: int, stop: int) -> Weight:
+    """Experts (axis 0) or output channels (axis 1) start:stop of a (G, out, in) weight;
+    a quantized one stays quantized."""
+    if axis not in (0, 1):
+        raise ValueError(f"take: axis {axis} (input channels: take_cols)")
+    r = (slice(None),) * axis + (slice(start, stop),)
+    if isinstance(w, AffineWeight):
+        return AffineWeight(w.packed[r], w.scales[r], w.biases[r], w.bits, w.group_size)
+    return np.asarray(w)[r]
+
+
+def take_cols(w: Weight, start: int, stop: int) -> Weight:
+    """Input channels start:stop of a (G, out, in) weight; a quantized one only at its
+    group boundaries (the packed words then split there too)."""
+    if isinstance(w, AffineWeight):
+        gs = w.group_size
+        if start % gs or stop % gs:
+            raise ValueError(f"input slice {start}:{stop} does not fall on group boundaries of {gs}")
+        per = 32 // w.bits
+        return AffineWeight(w.packed[..., start // per : stop // per], w.scales[..., start // gs : stop // gs],
+                            w.biases[..., start // gs : stop // gs], w.bits, gs)
+    return np.asarray(w)[..., start:stop]
+
+
 def program_name(layer: int, expert_ids) -> str:
     """A file-name-safe program name: layer and expert ids (a name to show, never parsed)."""
     ids = [int(e) for e in expert_ids]
@@ -166,6 +190,8 @@ class ProgramSpec:
     alpha: float = 1.702
     limit: float = 7.0
     meta: dict = field(default_factory=dict)
+    # how a Core ML program stores the weights (formats.WEIGHT_FORMATS); None: as given
+    storage: Optional[str] = None
 
     def __post_init__(self):
         self.expert_ids = tuple(int(e) for e in self.expert_ids)
@@ -176,6 +202,10 @@ class ProgramSpec:
                 f"need at least one expert and positive tiers, got "
                 f"experts {self.expert_ids}, tiers {self.tiers}"
             )
+        if self.storage is not None:
+            from .formats import check_format
+
+            check_format(self.storage)
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.activation!r} (known: {', '.join(ACTIVATIONS)})"
@@ -209,6 +239,11 @@ class ProgramSpec:
 
     @property
     def weight_format(self) -> str:
+        """The storage format when one is chosen (e.g. 'int8-channel'), else `source_format`."""
+        return self.storage or self.source_format
+
+    @property
+    def source_format(self) -> str:
         """'float' or e.g. 'q4g64'; 'mixed' when the three linears differ."""
         fmts = {
             f"q{w.bits}g{w.group_size}" if isinstance(w, AffineWeight) else "float"
@@ -241,6 +276,7 @@ class ProgramSpec:
             "G": self.G,
             "activation": self.activation,
             "weight_format": self.weight_format,
+            **({"source_format": self.source_format} if self.storage else {}),
             "bias": self.has_bias,
             "alpha": self.alpha,
             "limit": self.limit,

@@ -457,6 +457,31 @@ def _verdict(preds, ideal, models, target, shapes):
     return "not met: " + "; ".join(why)
 
 
+def builds(shape):
+    """(ok, one line): whether the Core ML builder accepts the largest group the planner allows at
+    this shape (default weight format, 4-bit MLX source), by the same rules the builds check:
+    a layout whose axes fit, H chunks, weights per program. Only shapes that build are predicted."""
+    from ane_kernels.coreml import choose_layout, h_chunks
+    from ane_kernels.formats import expert_bytes
+    from ane_kernels.limits import DEFAULT_LIMITS
+    from ane_kernels.spec import random_spec
+    from npumoe_mlx import replay as rp
+    from npumoe_mlx.plan import PlanLimits, group_cap
+
+    sh, E = rp.preset_shape(shape), rp.load_shape_presets()[shape]["experts"]
+    lim = PlanLimits.for_backend("coreml")
+    G = group_cap(E, sh["D"], sh["H"], {"bits": 4, "group_size": 64}, lim)
+    layout = choose_layout(G, sh["D"], sh["H"])
+    wbytes = G * expert_bytes(lim.weight_format, sh["D"], sh["H"])
+    if layout is None or wbytes > DEFAULT_LIMITS.max_weight_bytes:
+        return False, f"{SHORT[shape]}: no group builds (G={G}, layout {layout}, {wbytes / 1e6:.0f} MB)"
+    probe = random_spec(G=1, D=32, H=32, tiers=(32,))
+    probe.expert_ids, probe.D, probe.H = tuple(range(G)), sh["D"], sh["H"]  # the shape is all h_chunks reads
+    n = len(h_chunks(probe, layout))
+    return True, (f"{SHORT[shape]} (D={sh['D']}, H={sh['H']}): up to {G} experts per program, {layout} layout, "
+                  f"H in {n} chunk{'s' if n > 1 else ''}, {wbytes / 1e6:.0f} MB of {lim.weight_format} weights")
+
+
 def targets_md(rows, results_path=REPLAY_JSON):
     """Issue 10's chip targets, per chip: the planner's predictions on the shared traces
     (worst trace of each shape), the bounds, met or not and why."""
@@ -477,10 +502,14 @@ def targets_md(rows, results_path=REPLAY_JSON):
         pred.setdefault(key, []).append((s["time_ratio"], s["energy_ratio"], s["predicted_s"],
                                          s["program_calls_per_call"], s["padding_pct"], r["calibrate"][0]))
     ref_t = {k[:2]: [p[2] for p in v] for k, v in pred.items() if k[2] == "time"}
-    shapes = [s for s in TOP_K if any(k[1] == s for k in pred)]
+    built = {s: builds(s) for s in TOP_K}
+    shapes = [s for s in TOP_K if any(k[1] == s for k in pred) and built[s][0]]
     if not shapes:
         return ""
     out = [TARGETS_HEAD.format(seconds=res.get("seconds", "?"), machine=res.get("machine", "?"))]
+    out.append("Shapes predicted only where the Core ML builder accepts the planner's groups "
+               "(`builds`; tests/test_coreml_path.py builds them off-Mac):\n")
+    out += [f"- {'builds' if ok else 'not predicted'}: {line}" for ok, line in built.values()] + [""]
     tables = {
         "time": ["| chip | predicted time / all-GPU, worst trace (" + " / ".join(SHORT[s] for s in shapes)
                  + ") | ideal bound | cost-model bound (" + " / ".join(SHORT[s] for s in shapes) + ") | target <= 0.8 |",

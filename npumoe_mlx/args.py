@@ -29,14 +29,15 @@ def load_cost(path: str):
     return cost
 
 
-def choose_cost(backend: str, path=None, chip=None, tune=None, D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
+def choose_cost(backend: str, path=None, chip=None, tune=None, D: int = 0, H: int = 0, bits: int = 16,
+                weight_format=None) -> CostModel:
     """The cost model to plan with (build, plan, replay): ``--cost`` FILE, else ``--chip``'s
     prediction for experts of D x H at ``bits``, else ``tune()`` (measured here), else the
     backend's parametric defaults."""
     if path:
         return load_cost(path)
     if chip:
-        return registry.chip_cost(chip, backend, D, H, bits)
+        return registry.chip_cost(chip, backend, D, H, bits, weight_format)
     if tune is not None:
         return tune()
     return registry.default_cost(backend)

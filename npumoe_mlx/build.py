@@ -52,11 +52,35 @@ def offloadable_shared(mlp, shared) -> bool:
     return experts.is_swiglu_mlp(mlp)
 
 
+def check_weight_format(backend: str, weight_format: Optional[str]) -> Optional[str]:
+    """The Core ML weight format to build (default formats.DEFAULT_FORMAT); None for onnx,
+    which keeps the model's own weights: a format given for onnx is refused in one line."""
+    from ane_kernels.formats import DEFAULT_FORMAT, check_format
+
+    if registry.get(backend).program_format != "coreml":
+        if weight_format is not None:
+            raise ValueError(f"--weight-format sets how Core ML programs store weights; the {backend} backend "
+                             f"keeps the model's own weights (drop --weight-format or use --backend coreml)")
+        return None
+    return check_format(weight_format or DEFAULT_FORMAT)
+
+
+def add_weight_format_flag(parser):
+    """``--weight-format`` (build and convert)."""
+    from ane_kernels.formats import DEFAULT_FORMAT, WEIGHT_FORMATS
+
+    parser.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=None,
+                        help=f"How Core ML programs store expert weights (default {DEFAULT_FORMAT}, per Apple's "
+                             "Neural Engine guidance; see docs/apple-silicon.md). Core ML only.")
+    return parser
+
+
 def _verify_built(backend: str, folder: Path, rel: Path, built: dict, entry: dict, module, want) -> None:
     prog, tiers = backend_class(backend).checker(built, folder)
     x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=entry["layer"])
     try:
-        verify.check(prog, tiers, want, x, verify.tolerance(backend, module), f"{rel.as_posix()} ({prog.name})")
+        tol = verify.tolerance(backend, module, built.get("weight_format"))
+        verify.check(prog, tiers, want, x, tol, f"{rel.as_posix()} ({prog.name})")
     except verify.ProgramMismatch as e:
         raise bundles.BundleError(f"build refused: {e}; this is a bug in npumoe or the model's format, please report it") from None
 
@@ -74,7 +98,7 @@ def plan_model(model, tokenizer, config, blocks: dict, backend: str, *, corpus=(
                tokens: int = 2048, chunk_size: int = 2048, seed: int = 0, cost: Optional[CostModel] = None,
                chip: Optional[str] = None, tune: bool = True, objective: str = "time",
                limits: Optional[PlanLimits] = None, workload: Optional[Profile] = None,
-               log: Callable[[str], None] = print, progress: bool = False):
+               log: Callable[[str], None] = print, progress: bool = False, weight_format: Optional[str] = None):
     """calibrate (+ the saved workload) -> costs -> plan: ``(profile, cost, plan)``. The one path
     ``npumoe build`` and ``npumoe plan --from-stats`` share, so the preview is what gets built."""
     docs, desc = corpus_documents(list(corpus), tokens, seed)
@@ -92,12 +116,15 @@ def plan_model(model, tokenizer, config, blocks: dict, backend: str, *, corpus=(
         log(f"[2/4] measuring costs ({backend}, D={b0.dims}, H={b0.hidden})")
         return run_tune(backend, b0.dims, b0.hidden, b0.quant, repeats=3, progress=progress, top_k=b0.top_k or 8)
 
+    limits = limits or PlanLimits.for_backend(backend)
+    if weight_format is not None:
+        limits.weight_format = weight_format  # the group cap counts this format's bytes
     cost = cost or choose_cost(backend, chip=chip, tune=measure if tune else None, D=b0.dims, H=b0.hidden,
-                               bits=(b0.quant or {}).get("bits", 16))
+                               bits=(b0.quant or {}).get("bits", 16), weight_format=limits.weight_format)
     log(f"      {describe_cost(cost)}")
     plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
                  for l, b in blocks.items()}  # shared experts only where a program computes them
-    plan = make_plan(profile, plannable, cost, limits or PlanLimits.for_backend(backend), objective=objective)
+    plan = make_plan(profile, plannable, cost, limits, objective=objective)
     return profile, cost, plan
 
 
@@ -123,6 +150,7 @@ def build(
     memory_budget: Optional[int] = -1,
     lock_held: bool = False,
     workload: Optional[Profile] = None,
+    weight_format: Optional[str] = None,
 ) -> Path:
     """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
 
@@ -134,6 +162,8 @@ def build(
     bundle at a time) unless ``lock_held``: sharded.py takes it before the collective
     calibration, so every rank learns together whether it may build. ``workload``: per-call
     loads saved by ``npumoe generate --stats FILE``; its layers replace the calibration's.
+    ``weight_format``: how Core ML programs store the experts (ane_kernels/formats.py; default
+    formats.DEFAULT_FORMAT); kept in plan.json (limits) and each program's manifest entry.
     """
     if backend not in registry.names(bundles=True):
         raise ValueError(f"--backend must be one of {', '.join(registry.names(bundles=True))}, got {backend!r}")
@@ -143,6 +173,7 @@ def build(
                          f"pip install '{'npumoe-mlx[coreml]' if toolkit == 'coremltools' else 'onnx'}'")
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
+    weight_format = check_weight_format(backend, weight_format)
     t0 = time.perf_counter()
     local = resolve_model(model_path)
     if loaded is None:
@@ -167,7 +198,7 @@ def build(
         profile, cost, plan = plan_model(model, tokenizer, config, blocks, backend, corpus=corpus, tokens=tokens,
                                          chunk_size=chunk_size, seed=seed, cost=cost, chip=chip, tune=tune,
                                          objective=objective, limits=limits, workload=workload, log=log,
-                                         progress=progress)
+                                         progress=progress, weight_format=weight_format)
         profile.model_fingerprint = fingerprint
         runs, why = registry.get(backend).available()
         if not runs:
@@ -206,7 +237,8 @@ def build(
             compiler = backend_class(backend)
             for rel, make_spec, entry, (module, want) in progress_bar(
                     jobs, desc="[4/4] programs", unit="prog", disable=not progress):
-                built = compiler.build(make_spec(), tmp / rel)  # the backend's entry: its files and metadata
+                fmt = {"weight_format": weight_format} if weight_format else {}
+                built = compiler.build(make_spec(), tmp / rel, **fmt)  # the backend's entry: its files and metadata
                 for f in (tmp / rel).rglob("*"):
                     honour_umask(f)  # writers of program files may use 0600 temp files
                 _verify_built(backend, tmp / rel, rel, built, entry, module, want)
@@ -263,12 +295,14 @@ def main(argv=None) -> int:
     p.add_argument("--from-stats", metavar="FILE",
                    help="Size the ladders for the per-call loads `npumoe generate --stats FILE` saved (rebuilds).")
     p.add_argument("--trust-remote-code", action="store_true")
+    add_weight_format_flag(p)
     args = p.parse_args(argv)
     if args.memory_budget is not None and args.memory_budget < 0:
         raise ValueError(f"--memory-budget must be >= 0 GB, got {args.memory_budget}")
     at_least("--tokens", args.tokens, 1, "calibration tokens")
     at_least("--chunk-size", args.chunk_size, 1, "tokens per calibration chunk")
     limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
+    check_weight_format(args.backend, args.weight_format)
     if args.cost:
         load_cost(args.cost)  # a bad file fails before the model loads
     workload = Profile.load(args.from_stats) if args.from_stats else None  # a bad file fails first
@@ -289,6 +323,6 @@ def main(argv=None) -> int:
         objective=args.objective, chip=args.chip,
         limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
         memory_budget=-1 if args.memory_budget is None else (int(args.memory_budget * 1e9) or None),
-        workload=workload,
+        workload=workload, weight_format=args.weight_format,
     )
     return 0

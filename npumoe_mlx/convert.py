@@ -30,6 +30,7 @@ from . import bundle as bundles, owned
 from .args import at_least
 from .atomic import clean_stale, honour_umask, write_json
 from .backends import registry
+from .build import add_weight_format_flag, check_weight_format
 from .build import build as build_bundle
 from .calibrate import Profile
 from .cost import CostModel
@@ -74,7 +75,7 @@ def _parser():
     p.add_argument("--refresh", metavar="STATS",
                    help="Rebuild the bundle with its ladders re-sized for the per-call loads `npumoe generate "
                    "--stats STATS` saved (as `npumoe build --from-stats`; the bundle's costs are kept).")
-    return p
+    return add_weight_format_flag(p)
 
 
 CONVERT_MARKER = "npumoe_convert.json"
@@ -178,17 +179,20 @@ def convert(
     trust_remote_code: bool = False,
     progress: bool = False,
     refresh: Optional[str] = None,
+    weight_format: Optional[str] = None,
     **mlx_convert_kwargs,
 ) -> Converted:
     """``source`` -> MLX weights (if needed, via ``mlx_lm.convert(**mlx_convert_kwargs)``)
     + an up-to-date offload bundle. Returns ``Converted(model, bundle, backend, converted)``.
     ``refresh``: a stats file of ``npumoe generate --stats``; the bundle is rebuilt with
     ladders sized for those calls (the workload's layers replace the calibration's).
-    ``in_place``: kept for old callers; the bundle goes where ``npumoe build`` puts it either way."""
+    ``in_place``: kept for old callers; the bundle goes where ``npumoe build`` puts it either way.
+    ``weight_format``: how Core ML programs store the experts (build.py; Core ML only)."""
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     workload = Profile.load(refresh) if refresh else None  # a bad stats file fails before any work
     backend = backend or resolve("auto")
+    check_weight_format(backend, weight_format)  # before any work
     src = resolve_model(source)
     convert_now = any(mlx_convert_kwargs.get(f) for f in CONVERSION_FLAGS) or not is_mlx_layout(src)
     if convert_now:
@@ -221,6 +225,7 @@ def convert(
     build_bundle(  # takes the bundle's build lock
         str(model_path), backend, str(out), tokens=tokens, chunk_size=chunk_size,
         tune=tune, trust_remote_code=trust_remote_code, progress=progress, cost=cost, workload=workload,
+        weight_format=weight_format,
     )
     print(f"generate with: npumoe generate --model {model_path} --offload {backend}")
     return Converted(model_path, out, backend, convert_now)
@@ -234,6 +239,7 @@ def main(argv=None) -> int:
         args.hf_path, args.mlx_path, backend=args.backend, force=args.force, in_place=args.in_place,
         tokens=args.tokens, chunk_size=args.chunk_size, tune=not args.no_tune,
         trust_remote_code=args.trust_remote_code, progress=True, refresh=args.refresh,
+        weight_format=args.weight_format,
         quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits, q_mode=args.q_mode,
         dtype=args.dtype, dequantize=args.dequantize, quant_predicate=args.quant_predicate,
     )

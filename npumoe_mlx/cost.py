@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 
+from ane_kernels.formats import DEFAULT_FORMAT, expert_bytes
+
 from .atomic import write_json
 from .chips import chip_profile
 
@@ -193,12 +195,13 @@ MEMCPY_BPS = 50e9
 
 
 def chip_cost_model(name: str, backend: str, D: int = 0, H: int = 0, bits: int = 16, copy_bps: float = MEMCPY_BPS,
-                    host_bytes_per_element: float = 8.0) -> CostModel:
+                    host_bytes_per_element: float = 8.0, weight_format: Optional[str] = DEFAULT_FORMAT) -> CostModel:
     """Predicted costs on an Apple chip (``chips.py`` profiles): programs on the ANE, MLX on
     the GPU, running at the same time (``backends.registry.chip_cost`` checks the backend).
 
     Program call: ANE dispatch + the larger of its weights streamed at the ANE's bandwidth
-    (3*D*H*bits/8 bytes per expert, when D and H are given) and its rows at the ANE's
+    (per expert: ``formats.expert_bytes(weight_format, D, H, bits)``, the bytes the Core ML
+    weight format streams, default formats.DEFAULT_FORMAT; None: MLX's 3*D*H*bits/8) and its rows at the ANE's
     FLOP/s (roofline). MLX: the
     GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
     per FLOP, and power x its fixed time per call. Host copies keep the backend's default.
@@ -214,7 +217,7 @@ def chip_cost_model(name: str, backend: str, D: int = 0, H: int = 0, bits: int =
         mlx_flops=c.gpu_tflops * 1e12,
         source=f"chip profile {c.name} (npumoe_mlx/data/chips.json)",
         mlx_dense_flops=c.gpu_tflops * 1e12,
-        expert_s=(3 * D * H * bits / 8) / (c.ane_bw_gbs * 1e9) if D and H else 0.0,
+        expert_s=expert_bytes(weight_format, D, H, bits) / (c.ane_bw_gbs * 1e9) if D and H else 0.0,
         weights_overlap=True,
         program_j_per_flop=c.ane_power_w / (c.ane_tflops * 1e12),
         program_j_per_call=c.ane_power_w * c.ane_dispatch_s,

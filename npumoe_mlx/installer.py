@@ -142,7 +142,8 @@ def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, 
         tiers = sorted(prog.tiers) if everything else [min(prog.tiers)]
         x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=key[0])
         try:
-            verify.check(prog, tiers, want, x, verify.tolerance(bundle.plan.backend, module),
+            fmt = progs[key].get("program", {}).get("weight_format")
+            verify.check(prog, tiers, want, x, verify.tolerance(bundle.plan.backend, module, fmt),
                          f"{progs[key]['dir']} ({prog.name})")
         except verify.ProgramMismatch as e:
             raise BundleError(f"{bundle.path}: {e}; {hint}") from None

@@ -18,6 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ane_kernels.coreml import max_group as coreml_max_group
+from ane_kernels.formats import expert_bytes as format_expert_bytes
+from ane_kernels.limits import DEFAULT_LIMITS
+
 from .atomic import write_json
 from .backends import registry
 from .cost import CostModel
@@ -40,6 +44,8 @@ class PlanLimits:
     max_program_bytes: int = 1 << 30  # baked weights per program
     max_programs: int = 120  # resident programs per process (all layers)
     call_ratio: float = 1.2  # program calls per layer call (x resident groups) that tier splits may reach
+    max_axis: Optional[int] = None  # coreml: per-axis size limit; caps G at what the builder accepts
+    weight_format: Optional[str] = None  # coreml: how programs store weights (ane_kernels/formats.py)
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
@@ -227,9 +233,29 @@ def _block_calls(chunks: List[dict], sizes: Sequence[int]):
     return rows, call
 
 
-def _expert_bytes(D: int, H: int, quant: Optional[dict]) -> int:
+def _expert_bytes(D: int, H: int, quant: Optional[dict], weight_format: Optional[str] = None) -> int:
+    if weight_format:  # Core ML: what the chosen format holds
+        return format_expert_bytes(weight_format, D, H)
     bits = quant["bits"] if quant else 32
     return 3 * D * H * bits // 8
+
+
+def group_cap(E: int, D: int, H: int, quant: Optional[dict], limits: PlanLimits) -> int:
+    """The most experts one program of this layer may hold: the group limit, the weight bytes
+    per program (in the chosen weight format) and, for Core ML, what the builder accepts
+    (0: not even one expert builds, e.g. D past the per-axis limit; the layer stays on MLX)."""
+    if axis_group_cap(D, H, quant, limits) == 0:
+        return 0
+    return max(1, min(limits.max_group, E, axis_group_cap(D, H, quant, limits),
+                      limits.max_program_bytes // max(_expert_bytes(D, H, quant, limits.weight_format), 1)))
+
+
+def axis_group_cap(D: int, H: int, quant: Optional[dict], limits: PlanLimits) -> int:
+    """Most experts per program the builder accepts under the per-axis limit (conv, or
+    matmul past G*D; H split into chunks): ane_kernels.coreml.max_group. No limit: E."""
+    if not limits.max_axis:
+        return 1 << 30
+    return coreml_max_group(D, H, DEFAULT_LIMITS.override(max_axis=limits.max_axis), (quant or {}).get("group_size", 64))
 
 
 def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H: int):
@@ -328,7 +354,9 @@ def plan_layer(
     samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
     ranked = samples[:, rank]
     caps = np.asarray(limits.capacities)
-    max_g = max(1, min(limits.max_group, E, limits.max_program_bytes // max(_expert_bytes(D, H, quant), 1)))
+    max_g = group_cap(E, D, H, quant, limits)
+    if max_g == 0:  # no program of this shape builds
+        return LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, [], list(range(E)))
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
     # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
     # largest call size never overflows on calls of that size, whatever the domain.
@@ -572,7 +600,7 @@ def plan_shared(lp_profile: LayerCounts, path: str, D: int, H: int, cost: CostMo
     """A shared expert sees every token of a call: its ladder covers the calibrated call
     sizes, and it is offloaded from the smallest call size where a program beats MLX."""
     sizes = np.asarray([ch["tokens"] for ch in lp_profile.chunks if ch["tokens"] > 0], float)
-    if sizes.size == 0:
+    if sizes.size == 0 or axis_group_cap(D, H, None, limits) == 0:
         return None
     tiers = choose_ladder(sizes, limits.capacities, limits.max_tiers, 1.0 / sizes)
     n = max(cost.first_offload_tokens, 1)

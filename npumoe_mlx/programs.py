@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
+from ane_kernels.formats import DEFAULT_FORMAT, TOLERANCE as FORMAT_TOLERANCE, WEIGHT_FORMATS
 from ane_kernels.limits import DEFAULT_LIMITS, LimitError
 from ane_kernels.milrun import rel_err
 from ane_kernels.spec import AffineWeight, ProgramSpec, reference_ffn
@@ -164,7 +165,10 @@ def _parser():
     p.add_argument("--experts", type=_ints, required=True, help="expert ids, e.g. 0,1,2,3")
     p.add_argument("--tiers", type=_ints, default=[32, 64, 128], help="token capacities")
     p.add_argument("--format", choices=BACKENDS, default="coreml", help="the backend whose programs to build")
-    p.add_argument("--layout", choices=("conv", "matmul"), default="conv", help="Core ML layout")
+    p.add_argument("--layout", choices=("conv", "matmul"), default=None,
+                   help="Core ML layout (default: conv where the group fits one axis, else matmul)")
+    p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=None,
+                   help=f"How Core ML programs store weights (default {DEFAULT_FORMAT}; docs/apple-silicon.md)")
     p.add_argument("--max-axis", type=int, default=None, help="override the ANE per-axis limit")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric check")
     p.add_argument("--out", required=True, help="output folder")
@@ -184,6 +188,9 @@ def main(argv=None) -> int:
     limits = DEFAULT_LIMITS if args.max_axis is None else DEFAULT_LIMITS.override(
         max_axis=args.max_axis
     )
+    if args.weight_format and args.format != "coreml":
+        return _fail(f"--weight-format sets how Core ML programs store weights; {args.format} programs keep "
+                     "the model's own weights")
     try:
         import mlx_lm
 
@@ -213,9 +220,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         backend = backend_class(args.format)
-        built = backend.build(spec, out, limits=limits, layout=args.layout, log=print)
-        if not args.no_verify:
-            _verify(backend.checker(built, out)[0], spec, registry.get(args.format).tolerance)
+        fmt = {"weight_format": args.weight_format} if registry.get(args.format).program_format == "coreml" else {}
+        built = backend.build(spec, out, limits=limits, layout=args.layout, log=print, **fmt)
+        if not args.no_verify:  # a lossy Core ML format: its own bound (norm error, below its max error)
+            tol = max(registry.get(args.format).tolerance, FORMAT_TOLERANCE.get(built.get("weight_format"), 0.0))
+            _verify(backend.checker(built, out)[0], spec, tol)
     except (LimitError, ValueError, BackendError) as e:
         return _fail(str(e).strip().splitlines()[0])
     print(f"done in {time.perf_counter() - t0:.1f}s")

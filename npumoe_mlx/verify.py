@@ -15,10 +15,12 @@ executor keeps that layer on MLX (see executor.py) instead of running unchecked 
 import os
 import random
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
+
+from ane_kernels.formats import TOLERANCE as FORMAT_TOLERANCE
 
 from . import experts
 from .backends import registry
@@ -55,12 +57,15 @@ def model_dense(mlp, x: np.ndarray) -> np.ndarray:
     return np.array(y.astype(mx.float32))[None]
 
 
-def tolerance(backend: str, module) -> float:
+def tolerance(backend: str, module, weight_format: Optional[str] = None) -> float:
     """Largest relative error (max |got - want| / max |want|) backend ``backend``'s programs may
-    show against ``module``: the backend's own (registry) or the model dtype's rounding, the larger."""
+    show against ``module``: the backend's own (registry), the model dtype's rounding, and for a
+    Core ML weight format that re-quantizes the experts (formats.py), that format's stated bound."""
+    info = registry.get(backend)
     lin = module.down_proj
     dtype = lin.scales.dtype if hasattr(lin, "scales") else lin.weight.dtype
-    return max(registry.get(backend).tolerance, DTYPE_TOLERANCE.get(dtype, 0.0))
+    return max(info.tolerance, DTYPE_TOLERANCE.get(dtype, 0.0),
+               FORMAT_TOLERANCE.get(weight_format, 0.0) if info.program_format == "coreml" else 0.0)
 
 
 def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, where: str) -> None:
@@ -108,12 +113,17 @@ class Pinned:
     def __init__(self, program, files: Sequence[Path]):
         self.program = program
         self.name, self.G, self.D, self.tiers = program.name, program.G, program.D, program.tiers
+        self.input_layout = getattr(program, "input_layout", "GCD")  # what run_native takes
         self._files = {Path(f): stat_sig(Path(f)) for f in files}
         self._seen = set()
 
     def run(self, x, tier=None):
         self._check(tier)
         return self.program.run(x, tier)
+
+    def run_native(self, x, tier):  # x already in the program's input_layout: the same check first
+        self._check(tier)
+        return self.program.run_native(x, tier)
 
     def run_into(self, x, tier, out):  # dispatch.run_calls' zero-copy path: the same check first
         self._check(tier)

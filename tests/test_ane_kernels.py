@@ -168,9 +168,9 @@ def test_milrun_refuses_unknown_op():
 def test_milrun_program_in_memory_matches_reference():
     spec = _spec("swiglu", 8, tiers=(32,))
     x = np.random.default_rng(1).standard_normal((3, 32, 64)).astype(np.float16)
-    (y,) = run_function(build_program(spec, 32), "main", {"x": x}).values()
-    assert y.dtype == np.float16
-    assert rel_err(y, reference_ffn(spec, x)) < 1e-2
+    (y,) = run_function(build_program(spec, 32), "main", {"x": x.transpose(0, 2, 1)}).values()
+    assert y.dtype == np.float16 and y.shape == (3, 64, 32)  # channels first in and out: (G, D, C)
+    assert rel_err(y.transpose(0, 2, 1), reference_ffn(spec, x)) < 1e-2
 
 
 # ---- ONNX ----

@@ -246,7 +246,10 @@ def test_chip_cost_energy_per_flop_and_call():
     assert cost.program_j_per_flop == pytest.approx(c.ane_power_w / (c.ane_tflops * 1e12))
     assert cost.mlx_j_per_flop == pytest.approx(c.gpu_power_w / (c.gpu_tflops * 1e12))
     assert cost.program_j_per_call == pytest.approx(c.ane_power_w * c.ane_dispatch_s)
-    assert cost.expert_s == pytest.approx(3 * 2048 * 768 * 2 / (c.ane_bw_gbs * 1e9))
+    # the default Core ML weight format (int8-channel): one byte per weight + one fp16 scale per row
+    assert cost.expert_s == pytest.approx((3 * 2048 * 768 + 2 * (2 * 768 + 2048)) / (c.ane_bw_gbs * 1e9))
+    fp16 = chip_cost("m2-max", "coreml", 2048, 768, weight_format=None)  # MLX bits (16): fp16 bytes
+    assert fp16.expert_s == pytest.approx(3 * 2048 * 768 * 2 / (c.ane_bw_gbs * 1e9))
     assert cost.mlx_j(100, 2048, 768) == pytest.approx(cost.mlx_j_per_call + 100 * flops_per_row(2048, 768) * cost.mlx_j_per_flop)
     with pytest.raises(ValueError, match="coreml"):
         chip_cost("m2-max", "onnx")

@@ -84,10 +84,15 @@ def pick_tier(tiers: Sequence[int], rows: int) -> int:
 class Program:
     """A loaded program: G experts, hidden size D, a set of tiers.
 
-    Subclasses implement `_run(x (G, tier, D) float32, tier) -> (G, tier, D)`.
+    Subclasses implement `_run(x, tier)` on float32 arrays in `input_layout`:
+    (G, tier, D) -> (G, tier, D), or (G, D, tier) -> (G, D, tier) for "GDC".
     """
 
     name: str = ""
+    # The layout `_run` takes and returns: "GCD" x (G, C, D), or "GDC" x (G, D, C), channels
+    # first (Core ML: the graph then needs no transposes). `run` takes (G, C, D) either way
+    # (it transposes on the host for GDC programs); `run_native` takes the declared layout.
+    input_layout: str = "GCD"
     meta: dict = {}  # what it computes: ProgramSpec.describe() (layer, expert_ids, G, D, H, tiers, ...)
     G: int = 0
     D: int = 0
@@ -119,11 +124,28 @@ class Program:
             raise ValueError(f"tier {tier} not in program {self.name} tiers {self.tiers}")
         if C > tier:
             raise ValueError(f"{C} rows exceed tier {tier}")
+        if self.input_layout == "GDC":  # generic callers: one host transpose each way
+            xt = np.zeros((self.G, self.D, tier), np.float32)
+            xt[:, :, :C] = x.transpose(0, 2, 1)
+            return np.ascontiguousarray(self._run(xt, tier)[:, :, :C].transpose(0, 2, 1))
         if C < tier:
             xp = np.zeros((self.G, tier, self.D), np.float32)
             xp[:, :C] = x
             return self._run(xp, tier)[:, :C]
         return self._run(np.ascontiguousarray(x, dtype=np.float32), tier)
+
+    def native_shape(self, tier: int) -> Tuple[int, int, int]:
+        """The shape `run_native` takes and returns at `tier`."""
+        return (self.G, self.D, tier) if self.input_layout == "GDC" else (self.G, tier, self.D)
+
+    def run_native(self, x: np.ndarray, tier: int) -> np.ndarray:
+        """y for x already in `input_layout` at exactly `tier` rows (float32; padded rows zero):
+        what a caller that gathers straight into the program's layout calls."""
+        tier = int(tier)
+        if tier not in self.tiers or tuple(x.shape) != self.native_shape(tier):
+            raise ValueError(f"x is {x.shape}, program {self.name} wants {self.native_shape(tier)} at tier {tier} "
+                             f"(tiers {self.tiers})")
+        return self._run(x, tier)
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
         raise NotImplementedError

@@ -19,23 +19,42 @@ import platform
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, build_package, function_name, read_metadata
+from ane_kernels.coreml import (INPUT_LAYOUT, INPUT_NAME, OUTPUT_NAME, build_package, choose_layout, function_name,
+                                read_metadata)
+from ane_kernels.formats import DEFAULT_FORMAT, TOLERANCE as FORMAT_TOLERANCE, check_format
 from ane_kernels.limits import DEFAULT_LIMITS
-from ane_kernels.spec import ProgramSpec
+from ane_kernels.milrun import format_error
+from ane_kernels.spec import AffineWeight, ProgramSpec
 
 from . import BackendError, Program, member, same_program
 
 OFF_MACOS = "Core ML programs can be built here but run only on macOS"
 _COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
+MIN_MACOS = (15, 0)  # the iOS18 opset (constexpr_blockwise_shift_scale, constexpr_lut_to_dense)
+
+
+class FormatError(ValueError):
+    """A weight format loses more than its tolerance on this model's experts (one line)."""
 
 
 def available() -> bool:
-    return sys.platform == "darwin"
+    return sys.platform == "darwin" and macos_version() >= MIN_MACOS
+
+
+def unavailable_reason() -> str:
+    """One line: why Core ML programs cannot run here ('' when they can)."""
+    if sys.platform != "darwin":
+        return f"{OFF_MACOS} (this is {sys.platform})"
+    if macos_version() < MIN_MACOS:
+        v = ".".join(map(str, macos_version())) or "unknown"
+        return f"Core ML expert programs need macOS 15 or later (their iOS18 opset); this is macOS {v}"
+    return ""
 
 
 def macos_version():
@@ -71,9 +90,16 @@ def _package_key(pkg: Path) -> str:
 
 class CoreMLProgram(Program):
     """One package's tier functions. Copies and pickles drop the loaded models and
-    reopen each tier's function from the compiled package on its first run."""
+    reopen each tier's function from the compiled package on its first run.
+
+    Takes x (G, D, C) channels first (``input_layout``). It is passed to ``predict`` as
+    float32: coremltools' bridge has no fp16 input type (an fp16 array is cast back to
+    fp32, coremltools/models/model.py; coremlpython/CoreMLPythonArray.mm), and Core ML
+    converts fp32 to the model's fp16 input itself, so a host ``astype(float16)`` only adds
+    two passes (docs/apple-silicon.md)."""
 
     transient = {"models": dict}
+    input_layout = INPUT_LAYOUT
 
     def __init__(self, name, models: Dict[int, object], G: int, D: int, compiled: Path,
                  functions: Optional[Dict[int, str]] = None, compute_units: str = "CPU_AND_NE",
@@ -98,12 +124,15 @@ class CoreMLProgram(Program):
         return m
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
-        out = self.model(tier).predict({INPUT_NAME: x.astype(np.float16)})
+        out = self.model(tier).predict({INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
         return np.asarray(out[OUTPUT_NAME], dtype=np.float32)
 
 
 class MilProgram(Program):
-    """A package run by the numpy MIL interpreter: slow, but it runs off macOS (build checks)."""
+    """A package run by the numpy MIL interpreter: slow, but it runs off macOS (build checks).
+    Same contract as CoreMLProgram: x (G, D, C) in, y (G, D, C) out."""
+
+    input_layout = INPUT_LAYOUT
 
     def __init__(self, package: Path, meta: dict):
         from ane_kernels.milrun import load_package
@@ -115,7 +144,7 @@ class MilProgram(Program):
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
         from ane_kernels.milrun import run_function
 
-        (y,) = run_function(self.program, function_name(tier), {INPUT_NAME: x.astype(np.float16)}).values()
+        (y,) = run_function(self.program, function_name(tier), {INPUT_NAME: x}).values()  # fp16 inside
         return np.asarray(y, np.float32)
 
 
@@ -129,7 +158,7 @@ class Backend:
         check_placement: bool = True,
     ):
         if not available():
-            raise BackendError(f"{OFF_MACOS} (this is {sys.platform})")
+            raise BackendError(unavailable_reason())
         if compute_units not in _COMPUTE_UNITS:
             raise ValueError(
                 f"compute_units {compute_units!r} not allowed (choose from {_COMPUTE_UNITS}; "
@@ -163,18 +192,37 @@ class Backend:
         return out
 
     @staticmethod
-    def build(spec: ProgramSpec, out_dir, *, limits=None, layout: Optional[str] = None, log=None) -> dict:
+    def build(spec: ProgramSpec, out_dir, *, limits=None, layout: Optional[str] = None, log=None,
+              weight_format: Optional[str] = None) -> dict:
         """Write `spec` as one multifunction `<name>.mlpackage` in `out_dir` (the ANE's static
-        checks first: LimitError names what does not fit `limits`); returns the entry."""
-        b = build_package(spec, Path(out_dir) / f"{spec.name}.mlpackage", layout=layout or "conv",
-                          limits=limits or DEFAULT_LIMITS)
+        checks first: LimitError names what does not fit `limits`); returns the entry.
+
+        `weight_format` (formats.WEIGHT_FORMATS, default formats.DEFAULT_FORMAT) is how the
+        weights are stored; the saved program then runs in the numpy MIL interpreter against
+        the spec's own weights (the model's experts) and a format past its tolerance is
+        refused (FormatError). `layout` None: conv where the group fits, else matmul."""
+        limits = limits or DEFAULT_LIMITS
+        spec = replace(spec, storage=check_format(weight_format or spec.storage or DEFAULT_FORMAT))
+        if layout is None:
+            gs = min([w.group_size for w in (spec.gate, spec.up, spec.down) if isinstance(w, AffineWeight)] or [64])
+            layout = choose_layout(spec.G, spec.D, spec.H, limits, gs) or "conv"  # None: the checks name the axis
+        b = build_package(spec, Path(out_dir) / f"{spec.name}.mlpackage", layout=layout, limits=limits)
+        err = format_error(b.path, spec)
+        tol = FORMAT_TOLERANCE[spec.storage]
+        if not err <= tol:
+            shutil.rmtree(b.path, ignore_errors=True)
+            raise FormatError(f"layer {spec.layer} ({spec.name}): weight format {spec.storage} is off the model's "
+                              f"experts by {err:.3g} (max relative error) > its tolerance {tol:g}; "
+                              f"choose another --weight-format")
         if log is not None:
             log(f"wrote {b.path} ({b.package_bytes / 1e6:.2f} MB on disk, {b.weight_bytes / 1e6:.2f} MB "
                 f"weights shared by {len(b.functions)} functions, layout {b.layout}, {b.seconds:.1f}s)")
             for fn, t in sorted(b.functions.items(), key=lambda kv: kv[1]):
                 log(f"  function {fn}: {b.ops_per_function[fn]} ops")
             log("  ANE static checks: passed")
-        return {**spec.describe(), "layout": b.layout, "package": b.path.name,
+            log(f"  weight format {spec.storage}: max relative error {err:.2e} vs the model's experts "
+                f"(tolerance {tol:g})")
+        return {**spec.describe(), "layout": b.layout, "package": b.path.name, "max_rel_err": err,
                 "functions": {str(t): fn for fn, t in b.functions.items()}, "files": [b.path.name]}
 
     @staticmethod
@@ -221,25 +269,87 @@ class Backend:
         return self.cache
 
     def _require_ane(self, compiled: Path, functions) -> None:
-        """Raise unless every compute op of every function prefers the Neural Engine."""
-        from coremltools.models.compute_device import MLNeuralEngineComputeDevice
+        """Raise unless every compute op of every tier function prefers the Neural Engine."""
         from coremltools.models.compute_plan import MLComputePlan
 
         plan = MLComputePlan.load_from_path(path=str(compiled), compute_units=self.compute_units)
-        program = plan.model_structure.program
-        off = []
-        for fn in functions:
-            for op in program.functions[fn].block.operations:
-                kind = op.operator_name
-                if kind == "const" or kind.startswith("constexpr_"):
-                    continue
-                usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
-                dev = None if usage is None else usage.preferred_compute_device
-                if not isinstance(dev, MLNeuralEngineComputeDevice):
-                    where = "unknown" if dev is None else type(dev).__name__
-                    off.append(f"{fn}:{kind} -> {where}")
-        if off:
-            raise BackendError(
-                f"{compiled.name}: {len(off)} op(s) would not run on the Neural Engine: "
-                + ", ".join(off)
-            )
+        plans = {fn: plan if covers(plan, fn) else self._function_plan(compiled, fn, MLComputePlan)
+                 for fn in functions}
+        require_ane(plans, compiled.name)
+
+    def _function_plan(self, compiled: Path, fn: str, MLComputePlan):
+        """A compute plan for one function, when the default one does not cover it: coremltools
+        9 loads plans without a function name (compute_plan.py: load_from_path(path,
+        compute_units)); a later one that takes `function_name` is used; otherwise the default
+        plan stays and the check refuses, naming the function."""
+        import inspect
+
+        if "function_name" in inspect.signature(MLComputePlan.load_from_path).parameters:
+            return MLComputePlan.load_from_path(path=str(compiled), compute_units=self.compute_units,
+                                                function_name=fn)
+        return MLComputePlan.load_from_path(path=str(compiled), compute_units=self.compute_units)
+
+
+# ---- placement: what MLComputePlan says about each op ----
+
+NEURAL_ENGINE = "MLNeuralEngineComputeDevice"
+_DEVICE_NAMES = {"MLCPUComputeDevice": "CPU", "MLGPUComputeDevice": "GPU", NEURAL_ENGINE: "NeuralEngine"}
+
+
+def _device(dev) -> str:
+    return "unknown" if dev is None else _DEVICE_NAMES.get(type(dev).__name__, type(dev).__name__)
+
+
+def op_kind(operator_name: str) -> str:
+    """MLComputePlan names ML Program ops with their opset: 'ios18.conv' -> 'conv' ('const' is bare)."""
+    return operator_name.rsplit(".", 1)[-1]
+
+
+def _compute_ops(plan, fn: str):
+    """The ops of function `fn` that get a device: const and constexpr_* ops are folded at load
+    and MLComputePlan gives them no usage (public dumps: 'ios18.constexpr_blockwise_shift_scale
+    | 0 | 0 | 0 | 77 (unknown)')."""
+    func = plan.model_structure.program.functions.get(fn)
+    if func is None:
+        return None
+    return [op for op in func.block.operations
+            if not (op_kind(op.operator_name) == "const" or op_kind(op.operator_name).startswith("constexpr_"))]
+
+
+def covers(plan, fn: str) -> bool:
+    """Whether `plan` reports a device for any compute op of function `fn` (a plan loaded
+    without a function name may cover only the default function)."""
+    ops = _compute_ops(plan, fn)
+    return bool(ops) and any(plan.get_compute_device_usage_for_mlprogram_operation(op) is not None for op in ops)
+
+
+def placement_problems(plans, functions) -> List[str]:
+    """Every compute op of every function in `functions` that would not run on the Neural
+    Engine, one line each (function, op, preferred device, supported devices); [] if all do.
+
+    `plans`: one MLComputePlan for every function, or {function: MLComputePlan} (anything
+    with the same attributes: tests pass fakes modelled on public dumps)."""
+    off = []
+    for fn in functions:
+        plan = plans[fn] if isinstance(plans, dict) else plans
+        ops = _compute_ops(plan, fn)
+        if ops is None:
+            off.append(f"function {fn}: not in the compute plan")
+            continue
+        for op in ops:
+            usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+            pref = None if usage is None else usage.preferred_compute_device
+            if type(pref).__name__ == NEURAL_ENGINE:
+                continue
+            sup = [] if usage is None else [_device(d) for d in usage.supported_compute_devices]
+            off.append(f"function {fn}: op {op.operator_name} prefers {_device(pref)} "
+                       f"(supported: {', '.join(sup) or 'none reported'})")
+    return off
+
+
+def require_ane(plans, where: str, functions=None) -> None:
+    """Raise BackendError naming each op that would not run on the Neural Engine."""
+    functions = list(plans) if functions is None else functions
+    off = placement_problems(plans, functions)
+    if off:
+        raise BackendError(f"{where}: {len(off)} op(s) would not run on the Neural Engine: " + "; ".join(off))

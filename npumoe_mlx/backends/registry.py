@@ -16,6 +16,9 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
+from ane_kernels.formats import DEFAULT_FORMAT
+from ane_kernels.limits import DEFAULT_LIMITS
+
 from ..cost import MEMCPY_BPS, CostModel, chip_cost_model
 
 COREML_MIN_MACOS = (15, 0)  # iOS18 opset programs (DESIGN.md: macOS 15+)
@@ -90,7 +93,10 @@ def _apple_silicon() -> bool:
 CPU_LIMITS = {"capacities": tuple(range(8, 4096 + 1, 8)), "max_tiers": 12, "max_programs": 4096}
 # ANE (ane-constraints.md): sequence axis a multiple of 32 fp16 (64-byte rows); the tiers are
 # functions of one multifunction package sharing its weights, so 12 cost little.
-ANE_LIMITS = {"capacities": tuple(range(32, 4096 + 1, 32)), "max_tiers": 12}
+# max_axis caps G at what the builder accepts; weight_format: how programs store the experts
+# (ane_kernels/formats.py: its default follows Apple's guidance for the Neural Engine).
+ANE_LIMITS = {"capacities": tuple(range(32, 4096 + 1, 32)), "max_tiers": 12, "max_axis": DEFAULT_LIMITS.max_axis,
+              "weight_format": DEFAULT_FORMAT}
 
 # Parametric default costs. onnx/mlx: this kind of 2-core x86 machine (measured once with
 # `npumoe tune`; run it on yours); programs and MLX share the CPU's cores (overlap 0, as
@@ -199,10 +205,12 @@ def program_module(name: str):
     return importlib.import_module(f"{__package__}.{get(name).program_format}")
 
 
-def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
+def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16,
+              weight_format: Optional[str] = None) -> CostModel:
     """Predicted costs of backend ``backend`` on Apple chip ``name`` (``cost.chip_cost_model``)."""
     info = get(backend)
     if not info.chip_costs:
         which = ", ".join(n for n, b in REGISTRY.items() if b.chip_costs)
         raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend {which}, not {backend!r}")
-    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes_per_element)
+    fmt = weight_format or info.limits.get("weight_format")
+    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes_per_element, fmt)
