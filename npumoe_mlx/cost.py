@@ -5,7 +5,7 @@ parametric defaults for targets that cannot be measured here (Core ML on a Mac):
 
     program call (G experts, capacity C):  dispatch_s + G*expert_s            (per expert: its weights stream in)
                                             + G*C*flops_per_row / program_flops
-                                            + G*C*D*bytes / copy_bps   (gather in, scatter out)
+                                            + G*C*D*copy_bytes / copy_bps   (host copies in and out)
     MLX on n pairs:                         mlx_fixed_s + n*flops_per_row / mlx_flops
     offloaded layer call:                   sync_s + the program calls, MLX spill at the same time:
                                             makespan = max(P, M) + (1 - overlap) * min(P, M)
@@ -15,10 +15,15 @@ MLX run on separate units (ANE and GPU), ~0 when they share the same cores (onnx
 CPU and MLX CPU here: measured, a 512-token OLMoE call took programs + spill, not the max).
 
 ``flops_per_row = 6*D*H`` (gate, up and down matmuls of one token through one expert).
+``copy_bytes`` is the host bytes (read + written) the executor's path moves per element of a
+program row on that backend: each backend module's ``HOST_BYTES_PER_ELEMENT``, counted on
+the real path by tests/test_copies.py (it was a flat 8: Core ML moved ~7x that).
 """
 
+import importlib
 import json
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from typing import Dict, Optional
 
 import numpy as np
@@ -29,6 +34,16 @@ from .chips import chip_profile
 
 def flops_per_row(D: int, H: int) -> float:
     return 6.0 * D * H
+
+
+@lru_cache(maxsize=None)
+def host_bytes_per_element(backend: str) -> float:
+    """Host bytes read + written per element of a program row on ``backend``'s executor path
+    (its module's ``HOST_BYTES_PER_ELEMENT``); 8 (one copy in, one out) for an unknown one."""
+    try:
+        return float(importlib.import_module(f"npumoe_mlx.backends.{backend}").HOST_BYTES_PER_ELEMENT)
+    except (ImportError, AttributeError):
+        return 8.0
 
 
 @dataclass
@@ -85,11 +100,16 @@ class CostModel:
         weights = rounds * G * self.expert_s
         compute = G * rows * flops_per_row(D, H) / self.program_flops
         body = np.maximum(weights, compute) if self.weights_overlap else weights + compute
-        return rounds * self.dispatch_s + body + G * rows * D * 8 / self.copy_bps
+        return rounds * self.dispatch_s + body + G * rows * D * self.copy_bytes / self.copy_bps
+
+    @property
+    def copy_bytes(self) -> float:
+        """Host bytes per element of a program row (read + written) on this backend's path."""
+        return host_bytes_per_element(self.backend)
 
     def row_s(self, D: int, H: int) -> float:
         """Seconds per program row (compute plus the host copies in and out)."""
-        return flops_per_row(D, H) / self.program_flops + D * 8 / self.copy_bps
+        return flops_per_row(D, H) / self.program_flops + D * self.copy_bytes / self.copy_bps
 
     def mlx_s(self, pairs: int, D: int, H: int) -> float:
         if pairs <= 0:

@@ -118,6 +118,10 @@ class Pinned:
         self._check(tier)
         return self.program.run_into(x, tier, out)
 
+    def run_layout(self, x, tier):  # dispatch.run_calls' path for (G, D, C) programs: the same check first
+        self._check(tier)
+        return self.program.run_layout(x, tier)
+
     def _check(self, key) -> None:
         if key not in self._seen:
             for f, sig in self._files.items():

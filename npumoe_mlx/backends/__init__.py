@@ -82,7 +82,8 @@ def pick_tier(tiers: Sequence[int], rows: int) -> int:
 class Program:
     """A loaded program: G experts, hidden size D, a set of tiers.
 
-    Subclasses implement `_run(x (G, tier, D) float32, tier) -> (G, tier, D)`.
+    Subclasses implement `_run(x, tier) -> y`, x and y float32 in ``input_layout``:
+    (G, tier, D) by default.
     """
 
     name: str = ""
@@ -94,6 +95,11 @@ class Program:
     # factory of its empty value: a copy or unpickled program drops them and reopens
     # them lazily from what it keeps (paths, model bytes).
     transient: Dict[str, Callable[[], object]] = {}
+    # The layout ``_run`` takes x in and returns y in: "GCD" (G, C, D), or "GDC" (G, D, C),
+    # channels first, which Core ML's conv layout takes without in-graph transposes (Apple,
+    # "Deploying Transformers on the ANE", principle 3). dispatch.run_calls gathers rows
+    # straight into it; ``run`` keeps taking (G, C, D) for every program.
+    input_layout: str = "GCD"
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self.transient}
@@ -117,8 +123,25 @@ class Program:
         if C < tier:
             xp = np.zeros((self.G, tier, self.D), np.float32)
             xp[:, :C] = x
-            return self._run(xp, tier)[:, :C]
-        return self._run(np.ascontiguousarray(x, dtype=np.float32), tier)
+            return self._gcd(xp, tier)[:, :C]
+        return self._gcd(np.ascontiguousarray(x, dtype=np.float32), tier)
+
+    def _gcd(self, x: np.ndarray, tier: int) -> np.ndarray:
+        """``_run`` on x (G, tier, D), whatever the program's layout: y (G, tier, D)."""
+        if self.input_layout == "GDC":
+            return self._run(np.ascontiguousarray(x.transpose(0, 2, 1)), tier).transpose(0, 2, 1)
+        return self._run(x, tier)
+
+    def run_layout(self, x: np.ndarray, tier: int) -> np.ndarray:
+        """x: exactly ``tier`` rows in the program's own layout, float32 C-contiguous ((G, tier, D)
+        for "GCD", (G, D, tier) for "GDC") -> y in the same layout. The executor's path
+        (dispatch.run_calls): no padding, no transpose, no copy here."""
+        want = (self.G, tier, self.D) if self.input_layout == "GCD" else (self.G, self.D, tier)
+        if x.shape != want or x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"x is {x.shape} {x.dtype}, program {self.name} ({self.input_layout}) wants {want} float32")
+        if tier not in self.tiers:
+            raise ValueError(f"tier {tier} not in program {self.name} tiers {self.tiers}")
+        return self._run(x, tier)
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
         raise NotImplementedError

@@ -69,6 +69,22 @@ def _package_key(pkg: Path) -> str:
     return h.hexdigest()[:24]
 
 
+# coremltools' bridge, per element of a program row (coreml-evidence.md Q3, read from its
+# source): it takes fp32 (``CoreMLPythonArray.mm:dataTypeOf``: no fp16; an fp16 ndarray is cast
+# back to fp32 first, ``models/model.py``, so the host no longer casts to fp16), Core ML
+# converts fp32 -> the model's fp16 input (6), its fp16 output -> fp32 (6,
+# ``CoreMLPythonUtils.mm:convertArrayValueToPython``) and copies that into a py::array (8).
+BRIDGE_BYTES = 20
+
+
+def host_bytes(layout: str) -> int:
+    """Host bytes (read + written) per element of a program row on the executor's path,
+    counted by tests/test_copies.py: dispatch.gather 8 ((G, C, D)) or 16 ((G, D, C): per
+    expert a gather, then a transposed write), the bridge, dispatch.checked 4, the output
+    into the call's buffer 8, the buffer to MLX 8. (Before: ~56 plus 8 per pair, priced 8.)"""
+    return (8 if layout == "GCD" else 16) + BRIDGE_BYTES + 4 + 8 + 8
+
+
 class CoreMLProgram(Program):
     """One package's tier functions. Copies and pickles drop the loaded models and
     reopen each tier's function from the compiled package on its first run."""
@@ -98,8 +114,11 @@ class CoreMLProgram(Program):
         return m
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
-        out = self.model(tier).predict({INPUT_NAME: x.astype(np.float16)})
+        out = self.model(tier).predict({INPUT_NAME: x})  # fp32 as is: the bridge takes no fp16 (BRIDGE_BYTES)
         return np.asarray(out[OUTPUT_NAME], dtype=np.float32)
+
+
+HOST_BYTES_PER_ELEMENT = host_bytes(CoreMLProgram.input_layout)
 
 
 class MilProgram(Program):
