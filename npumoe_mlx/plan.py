@@ -12,9 +12,10 @@ Per MoE layer:
 Deterministic: the same inputs give the same plan.
 """
 
+import importlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,25 +38,38 @@ class PlanLimits:
     max_tiers: int = 12  # tiers per group (functions of one package)
     max_group: int = 16  # experts per program
     max_program_bytes: int = 1 << 30  # baked weights per program
-    max_programs: int = 120  # resident programs per process (all layers)
+    max_programs: int = 120  # compiled programs per process, whole model (program_units; backend's PROGRAM_BUDGET)
     call_ratio: float = 1.2  # program calls per layer call (x resident groups) that tier splits may reach
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
         if backend == "coreml":  # ANE: sequence axis a multiple of 32 fp16 (64-byte rows); the tiers
             # are functions of one multifunction package sharing its weights, so 12 cost little
-            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12)
+            base = cls("coreml", list(range(32, 4096 + 1, 32)), max_tiers=12,
+                       max_programs=program_budget("coreml")[0])
         elif backend in ("onnx", "mlx"):  # no alignment rule on CPU; multiples of 8 pad little;
             # sessions open on first use, so more tiers cost little until a call needs them.
             # 12 tiers hold padding <= 15% on real routing at 512- and 2048-token calls
             # (benchmarks/replay.md); 6 did not.
-            base = cls(backend, list(range(8, 4096 + 1, 8)), max_tiers=12, max_programs=4096)
+            base = cls(backend, list(range(8, 4096 + 1, 8)), max_tiers=12, max_programs=program_budget(backend)[0])
         else:
             raise ValueError(f"unknown backend {backend!r}")
         for k, v in overrides.items():
             if v is not None:
                 setattr(base, k, v)
         return base
+
+
+def program_budget(backend: str) -> Tuple[int, bool, str]:
+    """(compiled programs one process may hold, whether each tier is its own program, source):
+    the backend module's PROGRAM_BUDGET, TIERS_ARE_PROGRAMS and PROGRAM_BUDGET_SOURCE."""
+    m = importlib.import_module(f"npumoe_mlx.backends.{backend}")
+    return int(m.PROGRAM_BUDGET), bool(m.TIERS_ARE_PROGRAMS), str(m.PROGRAM_BUDGET_SOURCE)
+
+
+def program_units(tiers: Sequence[int], backend: str) -> int:
+    """Compiled programs one planned program (a group or a shared expert) costs on ``backend``."""
+    return len(tiers) if program_budget(backend)[1] else 1
 
 
 @dataclass
@@ -145,6 +159,11 @@ class Plan:
     @property
     def num_programs(self) -> int:
         return sum(len(lp.groups) + len(lp.shared) for lp in self.layers)
+
+    @property
+    def compiled_programs(self) -> int:
+        """What the process compiles and holds (a Core ML tier function each): the budget's unit."""
+        return sum(program_units(p.tiers, self.backend) for lp in self.layers for p in lp.groups + lp.shared)
 
 
 def call_loads(layer_profile: LayerCounts, sizes: Optional[Sequence[int]] = None, draws: int = 16):
@@ -627,19 +646,28 @@ def make_plan(
             if sp is not None:
                 plan.shared.append(sp)
         layers.append(plan)
-    _apply_budget(layers, limits.max_programs, cost)
+    _apply_budget(layers, limits.max_programs, limits.backend)
     return Plan(limits.backend, limits, layers)
 
 
-def _apply_budget(layers: List[LayerPlan], max_programs: int, cost: CostModel) -> None:
-    """Keep at most ``max_programs`` resident groups: the hottest (first) groups of each layer win."""
-    order = []  # (rank within layer, layer index, group)
+def _apply_budget(layers: List[LayerPlan], max_programs: int, backend: str) -> None:
+    """Keep at most ``max_programs`` compiled programs over the whole model (``program_units``:
+    on Core ML each tier function is one): shared experts (every token) first, then the
+    hottest (first) groups of each layer, layer by layer; a program that does not fit what is
+    left goes (its experts to MLX) and smaller ones after it may still fit."""
+    order = []  # (rank within layer, layer, layer index, program)
     for li, lp in enumerate(layers):
-        for gi, g in enumerate(lp.groups):
-            order.append((gi, lp.layer, li, g))
+        order += [(-1, lp.layer, li, sp) for sp in lp.shared]
+        order += [(gi, lp.layer, li, g) for gi, g in enumerate(lp.groups)]
     order.sort(key=lambda t: (t[0], t[1]))
-    keep = {id(t[3]) for t in order[:max_programs]}
+    keep, left = set(), max_programs
+    for *_, p in order:
+        n = program_units(p.tiers, backend)
+        if n <= left:
+            keep.add(id(p))
+            left -= n
     for lp in layers:
+        lp.shared = [sp for sp in lp.shared if id(sp) in keep]
         dropped = [g for g in lp.groups if id(g) not in keep]
         if dropped:
             lp.groups = [g for g in lp.groups if id(g) in keep]

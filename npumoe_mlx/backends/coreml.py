@@ -31,6 +31,16 @@ from ane_kernels.spec import ProgramSpec
 from . import BackendError, Program, member, same_program
 
 OFF_MACOS = "Core ML programs can be built here but run only on macOS"
+# Compiled programs one process may hold (the planner's budget, whole model: plan.program_units).
+# Public figure: ~119-121 resident ANE programs per process on the private _ANEClient path
+# (maderix/ANE; oMLX docs, jundot/omlx). For Core ML the limit is NOT known publicly: each
+# function of a multifunction package is its own ANE compile (coreml-evidence.md Q2 risk 4),
+# so each tier counts as one program, and the private path's figure is assumed until a Mac
+# measures it (`npumoe selftest`). `--max-programs` overrides it.
+PROGRAM_BUDGET = 120
+PROGRAM_BUDGET_SOURCE = ("~120 per process on the private ANE path (maderix/ANE, oMLX); unknown for Core ML, "
+                         "assumed the same; each tier function counts")
+TIERS_ARE_PROGRAMS = True  # each tier function compiles separately
 _COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
 
 

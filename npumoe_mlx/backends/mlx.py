@@ -83,6 +83,10 @@ class _Linear:
         return y if self.bias is None else y + self.bias
 
 
+PROGRAM_BUDGET = 4096  # MLX arrays: no per-process program limit (the planner's cap)
+PROGRAM_BUDGET_SOURCE = "no per-process limit (MLX arrays; the planner's cap)"
+TIERS_ARE_PROGRAMS = False
+
 # Host bytes per element of a program row on the executor's path (tests/test_copies.py):
 # dispatch.gather 8, this program's copy into MLX 8 and back 8, its rows into the call's
 # buffer 8, dispatch.checked 4, the buffer to MLX 8.
