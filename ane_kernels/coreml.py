@@ -42,6 +42,7 @@ LAYOUTS = ("conv", "matmul")
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
 FP16_MAX = 65504.0
+FP16_SATURATION = 32759.0  # ANE matmul/conv outputs saturate to inf near here (ANEForge op quirks: fp16max/2)
 
 
 def function_name(tier: int) -> str:

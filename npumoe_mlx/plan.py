@@ -14,8 +14,9 @@ Deterministic: the same inputs give the same plan.
 
 import importlib
 import json
+import sys
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -65,6 +66,17 @@ def program_budget(backend: str) -> Tuple[int, bool, str]:
     the backend module's PROGRAM_BUDGET, TIERS_ARE_PROGRAMS and PROGRAM_BUDGET_SOURCE."""
     m = importlib.import_module(f"npumoe_mlx.backends.{backend}")
     return int(m.PROGRAM_BUDGET), bool(m.TIERS_ARE_PROGRAMS), str(m.PROGRAM_BUDGET_SOURCE)
+
+
+def fp16_unsafe(lp: LayerCounts, backend: str) -> Optional[Tuple[str, float, float]]:
+    """(which value, its calibrated max |value|, the backend's limit) when ``lp``'s expert FFN
+    reaches past the fp16 range ``backend`` computes in (its FP16_RANGE_LIMIT; None: not fp16),
+    else None."""
+    limit = getattr(importlib.import_module(f"npumoe_mlx.backends.{backend}"), "FP16_RANGE_LIMIT", None)
+    if limit is None or not lp.max_abs:
+        return None
+    name, value = max(lp.max_abs.items(), key=lambda kv: kv[1])
+    return (name, value, float(limit)) if value >= limit else None
 
 
 def program_units(tiers: Sequence[int], backend: str) -> int:
@@ -627,13 +639,27 @@ def make_plan(
     call_sizes: Optional[Sequence[int]] = None,
     objective: str = "time",
     energy_bound: str = "time",
+    log: Callable[[str], None] = None,
 ) -> Plan:
     """A plan for every layer of ``profile``; ``blocks``: layer -> the model's expert block
     (D = ``dims``, H = ``hidden``, ``path``, ``quant``; each of its ``shared`` experts is
     offloaded where a program pays, so pass only those that compute a plain SwiGLU MLP);
-    call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls)."""
+    call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls).
+    A layer whose calibrated range passes an fp16 backend's limit stays on MLX (one ``log`` line)."""
+    log = log or (lambda m: print(f"[npumoe] {m}", file=sys.stderr))
     layers = []
     for lp in sorted(profile.layers, key=lambda x: x.layer):
+        unsafe = fp16_unsafe(lp, limits.backend)
+        if unsafe is not None:
+            b = blocks.get(lp.layer)
+            if b is None:
+                raise ValueError(f"profile names layer {lp.layer} that the model has no expert block for")
+            name, value, limit = unsafe
+            log(f"layer {lp.layer} stays on MLX: its experts' |{name}| reached {value:.0f} on the calibration corpus, "
+                f"past {limit:.0f} (fp16 on the Neural Engine saturates near {2 * limit:.0f})")
+            layers.append(LayerPlan(lp.layer, b.path, lp.num_experts, lp.top_k, b.dims, b.hidden,
+                                    cold=list(range(lp.num_experts)), min_tokens=NEVER))
+            continue
         sizes = call_sizes
         if sizes is None and profile.chunk_size and lp.chunks and all("seq" in ch for ch in lp.chunks):
             sizes = prefill_call_sizes(lp, profile.chunk_size)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, build_package, function_name, read_metadata
+from ane_kernels.coreml import FP16_SATURATION, INPUT_NAME, OUTPUT_NAME, build_package, function_name, read_metadata
 from ane_kernels.limits import DEFAULT_LIMITS
 from ane_kernels.spec import ProgramSpec
 
@@ -41,6 +41,10 @@ PROGRAM_BUDGET = 120
 PROGRAM_BUDGET_SOURCE = ("~120 per process on the private ANE path (maderix/ANE, oMLX); unknown for Core ML, "
                          "assumed the same; each tier function counts")
 TIERS_ARE_PROGRAMS = True  # each tier function compiles separately
+# Programs compute in fp16 and their matmul/conv outputs saturate near FP16_SATURATION: a layer
+# whose calibrated |gate|, |up| or |down output| reaches this stays on MLX (plan.fp16_unsafe).
+# Half the saturation point: calibration sees a sample of tokens, not every activation.
+FP16_RANGE_LIMIT = FP16_SATURATION / 2
 _COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
 
 
