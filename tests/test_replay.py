@@ -164,7 +164,9 @@ def test_core_ml_pads_at_most_a_quarter_of_128_token_calls_on_flat_routing():
     for r in rows:
         if r["tokens"] >= 512:
             assert r["padding_pct"] <= 15.0, r
-        assert r["overflow_pct"] <= 2.0 and r["program_calls_per_call"] <= 1.2 * r["groups"], r
+        # 1.2 calls per group before issue 21; with padded rows' copies priced as counted (48 B per
+        # element, not 8) ladders get smaller tops and reruns: up to 1.52 (layer 7, 2048 tokens)
+        assert r["overflow_pct"] <= 2.0 and r["program_calls_per_call"] <= 1.6 * r["groups"], r
 
 
 @needs_traces
