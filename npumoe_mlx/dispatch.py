@@ -11,8 +11,9 @@ straight into the caller's buffer (no copy per call).
 
 Host passes per program row (``host_bytes``, what the cost model prices): rows are gathered
 once into the layout the program takes (``Program.input_layout``): (G, C, D), one pass; or
-(G, D, C) for Core ML's channels-first programs, per expert a gather then a transposed
-write. ``checked`` reads the output once. Every host pass goes through ``moved`` so that
+(G, D, C) for Core ML's channels-first programs, gathered by the executor on MLX (the GPU
+on a Mac; ``gather`` here does it per expert, a gather then a transposed write, for callers
+without MLX rows). ``checked`` reads the output once. Every host pass goes through ``moved`` so that
 a test can count the bytes the real path moves (tests/test_copies.py).
 """
 
@@ -87,11 +88,14 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return p
 
 
-def run_calls(programs: Sequence, calls: List[tuple], x_np: np.ndarray, outs: np.ndarray, n_workers: int = 0) -> int:
+def run_calls(programs: Sequence, calls: List[tuple], x_np: np.ndarray, outs: np.ndarray, n_workers: int = 0,
+              inputs: Optional[dict] = None) -> int:
     """calls: (group index, expert ids (G,), capacity C, source token rows (G*C,)) as
     ``tiers.plan_slots`` lists them; x_np: (N, D) float32; outs: (>= sum G*C, D) float32.
-    Call i's output rows are outs[sum of the earlier calls' G*C :][: G*C]. Returns the rows
-    written. Raises ProgramError on a wrong shape or non-finite values."""
+    Call i's output rows are outs[sum of the earlier calls' G*C :][: G*C]. ``inputs``: call
+    index -> its rows already gathered in the program's layout (the executor gathers (G, D, C)
+    rows on MLX: ``OffloadExecutor._gather_on_mlx``). Returns the rows written. Raises
+    ProgramError on a wrong shape or non-finite values."""
     D = x_np.shape[1]
     offsets = np.concatenate([[0], np.cumsum([len(ids) * cap for _, ids, cap, _ in calls])]).astype(int)
 
@@ -99,7 +103,7 @@ def run_calls(programs: Sequence, calls: List[tuple], x_np: np.ndarray, outs: np
         gi, ids, cap, src = calls[i]
         G, prog = len(ids), programs[gi]
         layout = getattr(prog, "input_layout", "GCD")
-        xg = gather(x_np, src, G, cap, layout)  # the rows, copied once into the program's layout
+        xg = inputs[i] if inputs and i in inputs else gather(x_np, src, G, cap, layout)  # once, in its layout
         dst = outs[offsets[i] : offsets[i + 1]].reshape(G, cap, D)
         if layout == "GCD" and getattr(prog, "concurrent", False):
             checked(prog.run_into(xg, cap, dst), xg.shape)  # written in place: no output copy

@@ -11,8 +11,8 @@ Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
 3. the cost model picks programs or MLX for this call, and per group whether
    overflow past the top tier runs the ladder again or spills to MLX;
 4. cold experts and spill start on MLX (``mx.async_eval``) before the programs run;
-5. rows are gathered once into the layout each program takes (``dispatch.gather``: (G, C, D),
-   or (G, D, C) for Core ML), each resident group's program runs at its tier and its rows
+5. rows are gathered once into the layout each program takes (``dispatch.gather``: (G, C, D);
+   (G, D, C) for Core ML, gathered on MLX), each resident group's program runs at its tier and its rows
    land in ONE buffer in slot order (onnx writes them in place); that buffer goes to MLX in
    one copy (cast to x.dtype as it is copied), and MLX takes each pair's row from it and
    sets the MLX side's rows: (..., k, D) in x.dtype. No numpy scatter and no whole-call
@@ -288,9 +288,24 @@ class OffloadExecutor:
         outs[s.slots] = 0.0
         tp = time.perf_counter()
         n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
-        run_calls(self.programs, s.calls, x_np, outs, n)  # several at once if tune chose so; checked
-        self.stats.program_s += time.perf_counter() - tp
+        run_calls(self.programs, s.calls, x_np, outs, n, self._gather_on_mlx(c))  # several at once if tune
+        self.stats.program_s += time.perf_counter() - tp  # chose so; checked
         return outs
+
+    def _gather_on_mlx(self, c: "_Call") -> dict:
+        """Call index -> (G, D, C) float32 rows of each call whose program is channels-first
+        (Core ML), gathered and transposed by MLX (the GPU on a Mac: no host pass; numpy took
+        16 B per element for it), on a stream of its own so it does not wait behind the MLX
+        side's work; one eval for them all. The arrays are views of MLX's buffers (no copy)."""
+        idx = [i for i, (gi, *_) in enumerate(c.slots.calls) if getattr(self.programs[gi], "input_layout", "GCD") == "GDC"]
+        if not idx:
+            return {}
+        with mx.stream(_gather_stream()):
+            xs = {i: mx.contiguous(c.x32[mx.array(c.slots.calls[i][3], dtype=mx.int32)]
+                                   .reshape(len(c.slots.calls[i][1]), c.slots.calls[i][2], c.D).swapaxes(1, 2))
+                  for i in idx}
+        mx.eval(list(xs.values()))
+        return {i: np.asarray(a) for i, a in xs.items()}
 
     def _finish(self, c: "_Call", outs: np.ndarray, y_mlx: Optional[mx.array]) -> mx.array:
         """The programs' rows and the MLX side's as one (..., k, D) array in x.dtype: the slot
@@ -312,6 +327,16 @@ class OffloadExecutor:
         st.dropped += int(c.dropped.size)
         st.offload_call_s += time.perf_counter() - c.t0
         return y.reshape(*c.shape, c.D)
+
+
+_GATHER_STREAM = []
+
+
+def _gather_stream():
+    """The stream the channels-first gathers run on (one per process, made on first use)."""
+    if not _GATHER_STREAM:
+        _GATHER_STREAM.append(mx.new_stream(mx.default_device()))
+    return _GATHER_STREAM[0]
 
 
 @dataclass

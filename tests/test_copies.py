@@ -117,7 +117,7 @@ def test_priced_copy_bytes_match_the_counted_path(backend):
 
 def test_channels_first_program_gets_its_layout_and_is_priced():
     """A (G, D, C) program (Core ML without in-graph transposes) gets fp32 (G, D, C) rows
-    straight from the gather (no fp16 round trip) and its copies are what ``host_bytes`` says."""
+    gathered on MLX (no host pass, no fp16 round trip) and its copies are what ``host_bytes`` says."""
     per_elem, y, ref, progs = counted_bytes_per_element("coreml-gdc")
     want = host_bytes("GDC")
     assert abs(want - per_elem) <= 0.1 * per_elem, f"priced {want} B, counted {per_elem:.2f} B"
@@ -141,3 +141,21 @@ def test_cost_model_prices_each_backends_bytes():
         t = CostModel(c.backend, **base).programs_s(2, 1, 100, D, H)
         assert t == pytest.approx(2 * 100 * D * c.copy_bytes / 1e9)
     assert cm.copy_bytes > on.copy_bytes
+
+
+def test_host_gather_in_either_layout():
+    """dispatch.gather (callers without MLX rows): the same rows, (G, C, D) or (G, D, C), counted."""
+    x = np.random.default_rng(0).standard_normal((50, D)).astype(np.float32)
+    src = np.random.default_rng(1).integers(0, 50, 3 * 16)
+    dispatch.COUNTER = [0]
+    try:
+        gcd = dispatch.gather(x, src, 3, 16, "GCD")
+        assert dispatch.COUNTER[0] == 8 * gcd.size
+        gdc = dispatch.gather(x, src, 3, 16, "GDC")
+        assert dispatch.COUNTER[0] == 8 * gcd.size + 16 * gdc.size
+    finally:
+        dispatch.COUNTER = None
+    np.testing.assert_array_equal(gcd, x[src].reshape(3, 16, D))
+    np.testing.assert_array_equal(gdc, gcd.transpose(0, 2, 1))
+    with pytest.raises(ValueError, match="layout"):
+        dispatch.gather(x, src, 3, 16, "DGC")
