@@ -288,7 +288,7 @@ class OffloadExecutor:
         outs[s.slots] = 0.0
         tp = time.perf_counter()
         n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
-        run_calls(self.programs, s.calls, x_np, outs, n, self._gather_on_mlx(c))  # several at once if tune
+        run_calls(self.programs, s.calls, x_np, outs, n, inputs=self._gather_on_mlx(c))  # several at once if tune
         self.stats.program_s += time.perf_counter() - tp  # chose so; checked
         return outs
 
