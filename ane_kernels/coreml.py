@@ -49,6 +49,7 @@ INPUT_NAME = "x"
 OUTPUT_NAME = "y"
 INPUT_LAYOUT = "GDC"  # x and y are (G, D, C): channels first, the tier (sequence) axis last
 FP16_MAX = 65504.0
+FP16_SATURATION = 32759.0  # ANE matmul/conv outputs saturate to inf near here (ANEForge op quirks: fp16max/2)
 
 
 def function_name(tier: int) -> str:

@@ -117,11 +117,29 @@ def mean(p):
     return (p[0] + p[1]) / 2
 
 
-def item(value, source, note=None):
+def item(value, source, note=None, single=False, uncertain=None):
+    """One number; ``single``: it comes from one small benchmark; ``uncertain``: why a public
+    source disagrees (both shown by `npumoe chips`)."""
     out = {"value": float(f"{float(value):.6g}"), "source": source}
     if note:
         out["note"] = note
+    if single:
+        out["single_benchmark"] = True
+    if uncertain:
+        out["uncertain"] = uncertain
     return out
+
+
+M5_GPU_UNCERTAIN = ("likely understated up to ~2x: Apple ML Research ('Exploring LLMs with MLX and the Neural "
+                    "Accelerators in the M5 GPU', macOS 26.2) reports up to ~4x M4's time to first token in MLX, "
+                    "i.e. a prefill GEMM rate near 12-14 TFLOP/s against M4's 3.43 (coreml-evidence.md Q4); "
+                    "no larger public M5 GEMM measurement was found")
+# CPU (optional fields, the paper's Core ML CPU-only / ANEMLL baselines in `npumoe replay`): the one
+# public measurement found. None for the paper's own M2 Max / M2 Ultra (replay: --cpu-tflops).
+NOD_M1MAX = "https://nod.ai/apple-m1max-matmul-perf/"
+CPU = {"m1-max": (item(1.4, NOD_M1MAX + " (mmperf, Accelerate fp32 matmul, M1 Max 10-core)",
+                       "'1.4 TFLOPs @~8.1W of FP32', single-threaded benchmark (mostly one core's AMX cluster)", True),
+                  item(8.1, NOD_M1MAX, "power during that matmul benchmark (laptop, plugged in)", True))}
 
 
 def af_source(chip):
@@ -252,7 +270,8 @@ def _gpu_tflops(chip):
         return item(mean(g) / 1e3 * n / n_m, af_source(chip), base + f", scaled x {n}/{n_m} to the top bin's {n} cores")
     if chip == "m5":
         return item(2 * 1280**3 / 0.646e-3 / 1e12, "https://github.com/ml-explore/mlx/issues/3196 (M5, MLX 0.31.0, 1280x1280 bf16 matmul 0.646 ms)",
-                    "2*1280^3 FLOP / 0.646 ms; MLX with M5 GPU neural accelerators; a small GEMM, so likely below what larger ones reach")
+                    "2*1280^3 FLOP / 0.646 ms; MLX with M5 GPU neural accelerators; a small GEMM, so likely below what larger ones reach",
+                    single=True, uncertain=M5_GPU_UNCERTAIN)
     if chip == "m3":
         peak = 14320 / 40 * 10
         return item(peak * EFF / 1e3, HMC_M3MAX + " ; " + AF,
@@ -299,25 +318,26 @@ def gpu_dispatch(chip):
     return item(v, MLX_KERNEL + " (M3 Ultra, mlx 0.32.2)",
                 f"derived: {MOE_KERNELS} kernels per MoE layer call (mlx_lm SwitchGLU with sorting: 2 argsort, 2 gathers, "
                 f"3 gather_mm, activation, unsort, weighted sum) x 2.75 us (3,200 tiny dependent kernels in 8.8 ms) "
-                f"+ one command-buffer boundary (~20 us); measured on M3 Ultra, used for every chip")
+                f"+ one command-buffer boundary (~20 us); measured on M3 Ultra, used for every chip", single=True)
 
 
 def sync(chip):
     return item(180e-6, MLX_SYNC + " ; https://github.com/ml-explore/mlx/issues/2132",
                 "a CPU<->GPU crossing with MLX's default fence ~180 us (M3 Ultra, mlx 0.32.2); np.asarray of a small "
-                "MLX result 179 us in #2132; used for every chip")
+                "MLX result 179 us in #2132; used for every chip", single=True)
 
 
 def ane_dispatch(chip):
     return item(0.38e-3, COREML_PREDICT,
                 "Core ML CPU_AND_NE predict of a 1.4M-FLOP model, 0.38 ms after buffer reuse (so ~all fixed cost), "
                 "on an M5-family Mac (the project targets M5 and later); the issue quotes public measurements near "
-                "0.2 ms; used for every chip")
+                "0.2 ms; used for every chip", single=True)
 
 
 def both_bw(chip):
     return item(1.2, LARQL,
-                "ANE-3: GPU+ANE together deliver 1.20-1.24x the GPU alone (shared memory bandwidth); lower end, used for every chip")
+                "ANE-3: GPU+ANE together deliver 1.20-1.24x the GPU alone (shared memory bandwidth); lower end, used for every chip",
+                single=True)
 
 
 def gpu_bw(chip):
@@ -340,6 +360,8 @@ def build():
             "sync_s": sync(c),
             "both_bw_factor": both_bw(c),
         }
+        if c in CPU:
+            chips[c]["cpu_tflops"], chips[c]["cpu_power_w"] = CPU[c]
     return {"format": 1, "chips": chips}
 
 

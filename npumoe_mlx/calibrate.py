@@ -23,7 +23,7 @@ from . import experts
 from .checks import resolve_model
 from .fingerprint import model_fingerprint
 from .progress import progress_bar
-from .profiles import LayerCounts, Profile
+from .profiles import RANGE_KEYS, LayerCounts, Profile
 from .replay import save_routes
 from .workloads import corpus_documents
 
@@ -108,6 +108,7 @@ class Recorder:
     def __init__(self, num_experts: int, block: int = 128):
         self.num_experts = num_experts
         self.block = block
+        self.max_abs = np.zeros(3)  # |gate|, |up|, |down out| so far (profiles.RANGE_KEYS)
         self.top_k = None
         self.seq = 0  # the document being prefilled
         self.pending: List[tuple] = []  # (tokens, counts mx [blocks * E], seq, inds) not yet evaluated
@@ -122,20 +123,40 @@ class Recorder:
         blk = (mx.arange(n) // self.block)[:, None] * E  # (N, 1) block offset of each token
         idx = (blk + inds.reshape(n, k).astype(mx.int32)).reshape(-1)
         counts = mx.zeros((nb * E,), dtype=mx.int32).at[idx].add(1)  # per-block bincount, [nb * E]
-        self.pending.append((n, counts, self.seq, inds.reshape(n, k) if self.routes is not None else None))
+        rng = ffn_max_abs(module, x.reshape(n, -1), inds.reshape(n, k))
+        self.pending.append((n, counts, self.seq, inds.reshape(n, k) if self.routes is not None else None, rng))
         return experts.stock_experts(module, x, inds)
 
     def flush(self) -> None:
         """Move evaluated counts to the host (call after mx.eval of the chunk)."""
         E = self.num_experts
-        for n, counts, seq, inds in self.pending:
+        for n, counts, seq, inds, rng in self.pending:
             if inds is not None:
                 self.routes.append(np.array(inds))
+            self.max_abs = np.maximum(self.max_abs, np.array(rng.astype(mx.float32)))
             c = np.array(counts).astype(int).reshape(-1, E)
             for b, row in enumerate(c):
                 tokens = min(self.block, n - b * self.block)
                 self.chunks.append({"tokens": int(tokens), "counts": row.tolist(), "seq": int(seq)})
         self.pending = []
+
+
+RANGE_FIRST, RANGE_SPREAD = 64, 192  # tokens of a call whose FFN range is measured: the first ones, then spread
+
+
+def ffn_max_abs(module, x: mx.array, inds: mx.array) -> mx.array:
+    """(3,) max |gate|, |up|, |down output| of ``module``'s expert FFN (a SwitchGLU) over a sample
+    of the call's tokens: the first RANGE_FIRST (outlier activations gather at a document's
+    first tokens) and RANGE_SPREAD spread over the rest; x: (N, D), inds: (N, k). Lazy: it
+    is evaluated with the call. ANE fp16 saturates near 32759 (ANEForge op quirks)."""
+    n = x.shape[0]
+    sel = sorted(set(range(min(n, RANGE_FIRST))) | set(range(0, n, max(1, n // RANGE_SPREAD))))
+    sel = mx.array(sel, dtype=mx.int32)
+    xs = mx.expand_dims(x[sel], (-2, -3))  # (S, 1, 1, D)
+    idx = inds[sel]
+    up, gate = module.up_proj(xs, idx), module.gate_proj(xs, idx)
+    down = module.down_proj(module.activation(up, gate), idx)
+    return mx.stack([mx.abs(gate).max(), mx.abs(up).max(), mx.abs(down).max()]).astype(mx.float32)
 
 
 def _cap(lengths: List[int], max_tokens: Optional[int]) -> List[int]:
@@ -236,7 +257,7 @@ def calibrate(
             cache = make_prompt_cache(model)
             for start in range(0, n, chunk_size):
                 model(tokens[start : start + chunk_size][None], cache=cache)  # [1, L] -> logits
-                mx.eval([c.state for c in cache] + [p[1] for r in recorders.values() for p in r.pending])
+                mx.eval([c.state for c in cache] + [a for r in recorders.values() for p in r.pending for a in (p[1], p[4])])
                 for r in recorders.values():
                     r.flush()
                 bar.update(min(chunk_size, n - start))
@@ -252,7 +273,8 @@ def calibrate(
         for c in r.chunks:
             total += c["counts"]
         top_k = r.top_k or blk.top_k or 0
-        layers.append(LayerCounts(blk.layer, blk.path, blk.num_experts, int(top_k), total.tolist(), r.chunks))
+        layers.append(LayerCounts(blk.layer, blk.path, blk.num_experts, int(top_k), total.tolist(), r.chunks,
+                                  dict(zip(RANGE_KEYS, (float(v) for v in r.max_abs)))))
         if routes is not None and r.routes:
             routes[blk.layer] = np.concatenate(r.routes)
     fingerprint = None

@@ -39,6 +39,14 @@ FIELDS = {
     "sync_s": ("s", "one host sync (MLX eval -> numpy)"),
     "both_bw_factor": ("x", "useful bandwidth of ANE + GPU together / the faster one alone"),
 }
+# Optional fields (0 = no public measurement): the CPU, for the paper's Core ML CPU-only and
+# ANEMLL (experts on CPU) baselines in `npumoe replay`.
+OPTIONAL_FIELDS = {
+    "cpu_tflops": ("TFLOP/s", "FLOP/s Core ML's CPU path (Accelerate, AMX) achieves on large GEMMs"),
+    "cpu_power_w": ("W", "CPU power while it runs them"),
+}
+# A field may also carry "single_benchmark": true (its value comes from one small benchmark)
+# and "uncertain": "why" (a public source disagrees with it); both show in `npumoe chips`.
 
 
 @dataclass
@@ -56,6 +64,9 @@ class ChipProfile:
     both_bw_factor: float
     sources: Dict[str, str] = field(default_factory=dict)  # field -> source (url or citation)
     notes: Dict[str, str] = field(default_factory=dict)  # field -> how a derived number was derived
+    cpu_tflops: float = 0.0  # 0: no public measurement (OPTIONAL_FIELDS)
+    cpu_power_w: float = 0.0
+    caveats: Dict[str, str] = field(default_factory=dict)  # field -> "single small benchmark" / why uncertain
 
 
 def normalize_name(name: str) -> str:
@@ -94,9 +105,11 @@ def load_chips(path: Optional[str] = None) -> Dict[str, ChipProfile]:
             raise ValueError(f"{where}: name must be written {normalize_name(name)!r}")
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: must be an object of fields")
-        values, sources, notes = {}, {}, {}
-        for fname in FIELDS:
+        values, sources, notes, caveats = {}, {}, {}, {}
+        for fname in list(FIELDS) + list(OPTIONAL_FIELDS):
             item = entry.get(fname)
+            if item is None and fname in OPTIONAL_FIELDS:
+                continue
             if not isinstance(item, dict):
                 raise ValueError(f"{where}: field {fname!r} is missing")
             value = item.get("value")
@@ -109,10 +122,14 @@ def load_chips(path: Optional[str] = None) -> Dict[str, ChipProfile]:
             sources[fname] = source.strip()
             if item.get("note"):
                 notes[fname] = str(item["note"])
-        unknown = sorted(set(entry) - set(FIELDS))
+            said = [c for c in ("single small benchmark" if item.get("single_benchmark") else "",
+                                f"uncertain: {item['uncertain']}" if item.get("uncertain") else "") if c]
+            if said:
+                caveats[fname] = "; ".join(said)
+        unknown = sorted(set(entry) - set(FIELDS) - set(OPTIONAL_FIELDS))
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
-        out[name] = ChipProfile(name=name, sources=sources, notes=notes, **values)
+        out[name] = ChipProfile(name=name, sources=sources, notes=notes, caveats=caveats, **values)
     return out
 
 
@@ -153,10 +170,15 @@ def detect_chip() -> Optional[str]:
 def profile_entry(p: ChipProfile) -> dict:
     """One chip as it is written in a chips file (what ``load_chips`` reads back)."""
     out = {}
-    for f in FIELDS:
+    for f in list(FIELDS) + [f for f in OPTIONAL_FIELDS if getattr(p, f)]:
         out[f] = {"value": getattr(p, f), "source": p.sources[f]}
         if f in p.notes:
             out[f]["note"] = p.notes[f]
+        for c in p.caveats.get(f, "").split("; "):
+            if c == "single small benchmark":
+                out[f]["single_benchmark"] = True
+            elif c.startswith("uncertain: "):
+                out[f]["uncertain"] = c[len("uncertain: "):]
     return out
 
 
@@ -168,8 +190,9 @@ def format_chips(rows) -> str:
     """A markdown table of profiles (seconds below 1 ms shown in microseconds with 'u')."""
     head = ["chip"] + [f"{f} ({FIELDS[f][0]})" for f in FIELDS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in rows:
-        lines.append("| " + " | ".join([p.name] + [_fmt(getattr(p, f)) for f in FIELDS]) + " |")
+    for p in rows:  # "*": from a single small benchmark or uncertain (``caveats``; `--chip` says which)
+        lines.append("| " + " | ".join([p.name] + [_fmt(getattr(p, f)) + ("*" if f in p.caveats else "")
+                                                    for f in FIELDS]) + " |")
     return "\n".join(lines)
 
 
@@ -192,9 +215,13 @@ def main(argv=None) -> int:
     if args.chip:
         prof = rows[0]
         print()
-        for f in FIELDS:
+        for f in [f for f in FIELDS] + [f for f in OPTIONAL_FIELDS if getattr(prof, f)]:
             note = f" ({prof.notes[f]})" if f in prof.notes else ""
-            print(f"- {f} = {getattr(prof, f):g} {FIELDS[f][0]}: {prof.sources[f]}{note}")
+            caveat = f" [{prof.caveats[f]}]" if f in prof.caveats else ""
+            unit = {**FIELDS, **OPTIONAL_FIELDS}[f][0]
+            print(f"- {f} = {getattr(prof, f):g} {unit}: {prof.sources[f]}{note}{caveat}")
+    elif any(p.caveats for p in rows):
+        print("\n* from a single small benchmark, or uncertain: `npumoe chips --chip NAME` says which and why")
     if here:
         print(f"\nthis machine: {here}")
     return 0

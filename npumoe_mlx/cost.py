@@ -7,7 +7,7 @@ cannot be measured here (Core ML on a Mac). Every function takes scalars or nump
 
     program call (G experts, capacity C):  dispatch_s + G*expert_s            (per expert: its weights stream in)
                                             + G*C*flops_per_row / program_flops
-                                            + G*C*D*bytes / copy_bps   (gather in, scatter out)
+                                            + G*C*D*copy_bytes / copy_bps   (host copies in and out)
     MLX on n pairs:                         mlx_fixed_s + n*flops_per_row / mlx_flops
     offloaded layer call:                   sync_s + the program calls, MLX spill at the same time:
                                             makespan = max(P, M) + (1 - overlap) * min(P, M)
@@ -17,6 +17,9 @@ MLX run on separate units (ANE and GPU), ~0 when they share the same cores (onnx
 CPU and MLX CPU here: measured, a 512-token OLMoE call took programs + spill, not the max).
 
 ``flops_per_row = 6*D*H`` (gate, up and down matmuls of one token through one expert).
+``copy_bytes`` is the host bytes (read + written) the executor's path moves per element of a
+program row on that backend: each backend module's ``HOST_BYTES_PER_ELEMENT``, counted on
+the real path by tests/test_copies.py (it was a flat 8: Core ML moved ~7x that).
 """
 
 import json
@@ -103,6 +106,11 @@ class CostModel:
         """Joules of ``rounds`` program calls of G experts, ``rows`` rows per expert in all
         (scalars or arrays; padded rows compute too)."""
         return rounds * self.program_j_per_call + G * rows * flops_per_row(D, H) * self.program_j_per_flop
+
+    @property
+    def copy_bytes(self) -> float:
+        """Host bytes per element of a program row (read + written) on this backend's path."""
+        return self.host_bytes_per_element
 
     def row_s(self, D: int, H: int) -> float:
         """Seconds per program row (compute plus the host copies in and out)."""

@@ -107,6 +107,9 @@ def backends() -> dict:
         ok, why = info.available()
         out[name] = {"can_run": ok, "why_not": why or None, "unit": info.unit, "format": info.program_format,
                      "version": _version(info.package) if info.package else None, **info.details()}
+    for name, b in out.items():  # compiled programs a process may hold: what the planner keeps plans under
+        b["program_budget"], per_tier, b["program_budget_source"] = registry.program_budget(name)
+        b["program_budget_unit"] = "tier function" if per_tier else "program"
     return out
 
 
@@ -160,6 +163,7 @@ def _plan_info(plan) -> dict:
             "shared_on_programs": len(lp.shared),
         })
     return {"backend": plan.backend, "programs": plan.num_programs, "max_programs": plan.limits.max_programs,
+            "compiled_programs": plan.compiled_programs,
             "layers": layers}
 
 
@@ -206,8 +210,9 @@ def model_report(name: str, backend: str, problems: list, trust_remote_code: boo
                    f"{max(1, used.get('plan', {}).get('programs', 2) // 2)}",
         })
     plan = used.get("plan")
-    if plan and plan["programs"] > plan["max_programs"]:
-        problems.append({"problem": f"plan has {plan['programs']} programs, over its budget of {plan['max_programs']}",
+    if plan and plan.get("compiled_programs", plan["programs"]) > plan["max_programs"]:
+        problems.append({"problem": f"plan has {plan.get('compiled_programs', plan['programs'])} compiled programs, "
+                                    f"over its budget of {plan['max_programs']}",
                          "fix": f"npumoe build --model {name} --backend {backend} --force"})
     return rep
 
@@ -324,11 +329,14 @@ def format_report(r: dict) -> str:
              f"machine: {m['chip']} ({m['machine']}), {m['os']}, {m['cpus']} CPUs, {_gb(m['memory_bytes'])}, "
              f"MLX on {m['mlx_device']}" + (f", chip profile {m['chip_profile']}" if m["chip_profile"] else ""),
              f"backends (--offload auto = {r['offload_auto']}):"]
-    rows = [("backend", "runs here", "why not / details")]
+    rows = [("backend", "runs here", "programs per process", "why not / details")]
     for name, b in r["backends"].items():
         detail = b["why_not"] or (f"providers {', '.join(b['providers'])}" if "providers" in b else f"{b.get('version')}")
-        rows.append((name, "yes" if b["can_run"] else "no", detail))
+        budget = f"{b['program_budget']} ({b['program_budget_unit']}s)" if "program_budget" in b else "?"
+        rows.append((name, "yes" if b["can_run"] else "no", budget, detail))
     lines += _table(rows)
+    lines += [f"  {name} program budget: {b['program_budget_source']}" for name, b in r["backends"].items()
+              if "program_budget_source" in b]
     mo = r["model"]
     if mo:
         lines.append(f"model: {mo['path']} ({mo['model_type']}), {_gb(mo['bytes'])} in memory, "

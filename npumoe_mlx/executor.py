@@ -11,12 +11,15 @@ Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
 3. the cost model picks programs or MLX for this call, and per group whether
    overflow past the top tier runs the ladder again or spills to MLX;
 4. cold experts and spill start on MLX (``mx.async_eval``) before the programs run;
-5. rows are gathered into (G, C, D) with numpy fancy indexing (no loop over tokens),
-   each resident group's program runs at its tier, and its output rows are scattered
-   straight to their pairs' rows; that one array goes back to MLX (cast to x.dtype as it
-   is copied), the MLX side's rows are set into it: (..., k, D) in x.dtype.
+5. rows are gathered once into the layout each program takes (``dispatch.gather``: (G, C, D);
+   (G, D, C) for Core ML, gathered on MLX), each resident group's program runs at its tier and its rows
+   land in ONE buffer in slot order (onnx writes them in place); that buffer goes to MLX in
+   one copy (cast to x.dtype as it is copied), and MLX takes each pair's row from it and
+   sets the MLX side's rows: (..., k, D) in x.dtype. No numpy scatter and no whole-call
+   (P, D) host array: the host passes per program row are ``dispatch``'s plus that one
+   copy (``host_bytes_per_element``, what the cost model prices; tests/test_copies.py).
 The call is three stages: ``_prepare`` (steps 1-3), ``_start_mlx`` + ``_run_programs``
-(4-5), ``_finish`` (the one array back). A program that raises or returns a wrong shape
+(4-5), ``_finish`` (the buffer to MLX). A program that raises or returns a wrong shape
 or non-finite values disables the layer's offload for the rest of the run (one warning,
 ``_guarded``, shared with ``SharedExecutor``); that call reruns on MLX (which reads a
 released layer's experts back from the safetensors first).
@@ -33,7 +36,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cost import CostModel
-from .dispatch import checked, run_calls
+from .dispatch import checked, moved, run_calls
 from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
@@ -277,27 +280,42 @@ class OffloadExecutor:
         return y
 
     def _run_programs(self, c: "_Call") -> np.ndarray:
-        """Every program call of ``c``: rows gathered in as (G, C, D), each output row scattered
-        straight to its pair's row: (P + 1, D) float32 in pair order (row P takes the padding)."""
-        s, D, P = c.slots, c.D, c.flat.size
+        """Every program call of ``c``: rows gathered in, outputs in slot order: (S + 1, D)
+        float32, row S zero (the row of pairs no program took: MLX's, dropped)."""
+        s, D = c.slots, c.D
         x_np = np.asarray(c.x32)  # (N, D), no copy
-        dst = np.full(s.slots, P)  # slot -> pair
-        taken = np.nonzero(s.loc >= 0)[0]
-        dst[s.loc[taken]] = taken
-        y = np.empty((P + 1, D), np.float32)
-        outs = np.empty((max(s.slots, 1), D), np.float32)  # slot order: each call writes its rows in place
+        outs = np.empty((s.slots + 1, D), np.float32)  # slot order: each call writes its rows in place
+        outs[s.slots] = 0.0
         tp = time.perf_counter()
         n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
-        run_calls(self.programs, s.calls, x_np, outs, n)  # several at once if tune chose so; checked
-        y[dst] = outs[: s.slots]
-        self.stats.program_s += time.perf_counter() - tp
-        return y
+        run_calls(self.programs, s.calls, x_np, outs, n, inputs=self._gather_on_mlx(c))  # several at once if tune
+        self.stats.program_s += time.perf_counter() - tp  # chose so; checked
+        return outs
 
-    def _finish(self, c: "_Call", y_np: np.ndarray, y_mlx: Optional[mx.array]) -> mx.array:
-        """The programs' rows and the MLX side's as one (..., k, D) array in x.dtype."""
-        st, P = self.stats, c.flat.size
-        y_np[c.dropped] = 0.0  # dropped pairs (--overflow drop) contribute zero
-        y = mx.array(y_np[:P], dtype=c.dtype)  # (P, D), cast to x.dtype as it is copied over (same bits as astype)
+    def _gather_on_mlx(self, c: "_Call") -> dict:
+        """Call index -> (G, D, C) float32 rows of each call whose program is channels-first
+        (Core ML), gathered and transposed by MLX (the GPU on a Mac: no host pass; numpy took
+        16 B per element for it), on a stream of its own so it does not wait behind the MLX
+        side's work; one eval for them all. The arrays are views of MLX's buffers (no copy)."""
+        idx = [i for i, (gi, *_) in enumerate(c.slots.calls) if getattr(self.programs[gi], "input_layout", "GCD") == "GDC"]
+        if not idx:
+            return {}
+        with mx.stream(_gather_stream()):
+            xs = {i: mx.contiguous(c.x32[mx.array(c.slots.calls[i][3], dtype=mx.int32)]
+                                   .reshape(len(c.slots.calls[i][1]), c.slots.calls[i][2], c.D).swapaxes(1, 2))
+                  for i in idx}
+        mx.eval(list(xs.values()))
+        return {i: np.asarray(a) for i, a in xs.items()}
+
+    def _finish(self, c: "_Call", outs: np.ndarray, y_mlx: Optional[mx.array]) -> mx.array:
+        """The programs' rows and the MLX side's as one (..., k, D) array in x.dtype: the slot
+        buffer goes over in one copy, MLX takes each pair's row from it (pairs without a slot:
+        the zero row; the MLX side's rows are set over theirs)."""
+        st, P, S = self.stats, c.flat.size, c.slots.slots
+        slot = np.where(c.slots.loc >= 0, c.slots.loc, S)  # (P,) each pair's slot, S: none (dropped: zero)
+        y = mx.array(outs, dtype=c.dtype)  # (S + 1, D), cast to x.dtype as it is copied over (same bits as astype)
+        moved(outs.nbytes + outs.size * y.dtype.size)
+        y = y[mx.array(slot, dtype=mx.int32)]  # (P, D) on the MLX side
         if y_mlx is not None:
             y[mx.array(c.left, dtype=mx.int32)] = y_mlx.astype(c.dtype)
         st.offloaded += 1
@@ -309,6 +327,16 @@ class OffloadExecutor:
         st.dropped += int(c.dropped.size)
         st.offload_call_s += time.perf_counter() - c.t0
         return y.reshape(*c.shape, c.D)
+
+
+_GATHER_STREAM = []
+
+
+def _gather_stream():
+    """The stream the channels-first gathers run on (one per process, made on first use)."""
+    if not _GATHER_STREAM:
+        _GATHER_STREAM.append(mx.new_stream(mx.default_device()))
+    return _GATHER_STREAM[0]
 
 
 @dataclass

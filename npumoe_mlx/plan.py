@@ -13,8 +13,9 @@ Deterministic: the same inputs give the same plan.
 """
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class PlanLimits:
     max_tiers: int = 12  # tiers per group (functions of one package)
     max_group: int = 16  # experts per program
     max_program_bytes: int = 1 << 30  # baked weights per program
-    max_programs: int = 120  # resident programs per process (all layers)
+    max_programs: int = 120  # compiled programs per process, whole model (program_units; backend's PROGRAM_BUDGET)
     call_ratio: float = 1.2  # program calls per layer call (x resident groups) that tier splits may reach
     max_axis: Optional[int] = None  # coreml: per-axis size limit; caps G at what the builder accepts
     weight_format: Optional[str] = None  # coreml: how programs store weights (ane_kernels/formats.py)
@@ -50,11 +51,28 @@ class PlanLimits:
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "PlanLimits":
         limits = dict(registry.get(backend).limits)  # each backend's, with the reason, in backends/registry.py
+        limits.setdefault("max_programs", registry.program_budget(backend)[0])  # compiled programs per process
         base = cls(backend, list(limits.pop("capacities")), **limits)
         for k, v in overrides.items():
             if v is not None:
                 setattr(base, k, v)
         return base
+
+
+def fp16_unsafe(lp: LayerCounts, backend: str) -> Optional[Tuple[str, float, float]]:
+    """(which value, its calibrated max |value|, the backend's limit) when ``lp``'s expert FFN
+    reaches past the fp16 range ``backend`` computes in (its FP16_RANGE_LIMIT; None: not fp16),
+    else None."""
+    limit = registry.fp16_range_limit(backend)
+    if limit is None or not lp.max_abs:
+        return None
+    name, value = max(lp.max_abs.items(), key=lambda kv: kv[1])
+    return (name, value, float(limit)) if value >= limit else None
+
+
+def program_units(tiers: Sequence[int], backend: str) -> int:
+    """Compiled programs one planned program (a group or a shared expert) costs on ``backend``."""
+    return len(tiers) if registry.program_budget(backend)[1] else 1
 
 
 @dataclass
@@ -144,6 +162,11 @@ class Plan:
     @property
     def num_programs(self) -> int:
         return sum(len(lp.groups) + len(lp.shared) for lp in self.layers)
+
+    @property
+    def compiled_programs(self) -> int:
+        """What the process compiles and holds (a Core ML tier function each): the budget's unit."""
+        return sum(program_units(p.tiers, self.backend) for lp in self.layers for p in lp.groups + lp.shared)
 
 
 def call_loads(layer_profile: LayerCounts, sizes: Optional[Sequence[int]] = None, draws: int = 16):
@@ -620,13 +643,27 @@ def make_plan(
     call_sizes: Optional[Sequence[int]] = None,
     objective: str = "time",
     energy_bound: str = "time",
+    log: Callable[[str], None] = None,
 ) -> Plan:
     """A plan for every layer of ``profile``; ``blocks``: layer -> the model's expert block
     (D = ``dims``, H = ``hidden``, ``path``, ``quant``; each of its ``shared`` experts is
     offloaded where a program pays, so pass only those that compute a plain SwiGLU MLP);
-    call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls)."""
+    call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls).
+    A layer whose calibrated range passes an fp16 backend's limit stays on MLX (one ``log`` line)."""
+    log = log or (lambda m: print(f"[npumoe] {m}", file=sys.stderr))
     layers = []
     for lp in sorted(profile.layers, key=lambda x: x.layer):
+        unsafe = fp16_unsafe(lp, limits.backend)
+        if unsafe is not None:
+            b = blocks.get(lp.layer)
+            if b is None:
+                raise ValueError(f"profile names layer {lp.layer} that the model has no expert block for")
+            name, value, limit = unsafe
+            log(f"layer {lp.layer} stays on MLX: its experts' |{name}| reached {value:.0f} on the calibration corpus, "
+                f"past {limit:.0f} (fp16 on the Neural Engine saturates near {2 * limit:.0f})")
+            layers.append(LayerPlan(lp.layer, b.path, lp.num_experts, lp.top_k, b.dims, b.hidden,
+                                    cold=list(range(lp.num_experts)), min_tokens=NEVER))
+            continue
         sizes = call_sizes
         if sizes is None and profile.chunk_size and lp.chunks and all("seq" in ch for ch in lp.chunks):
             sizes = prefill_call_sizes(lp, profile.chunk_size)
@@ -639,19 +676,28 @@ def make_plan(
             if sp is not None:
                 plan.shared.append(sp)
         layers.append(plan)
-    _apply_budget(layers, limits.max_programs, cost)
+    _apply_budget(layers, limits.max_programs, limits.backend)
     return Plan(limits.backend, limits, layers)
 
 
-def _apply_budget(layers: List[LayerPlan], max_programs: int, cost: CostModel) -> None:
-    """Keep at most ``max_programs`` resident groups: the hottest (first) groups of each layer win."""
-    order = []  # (rank within layer, layer index, group)
+def _apply_budget(layers: List[LayerPlan], max_programs: int, backend: str) -> None:
+    """Keep at most ``max_programs`` compiled programs over the whole model (``program_units``:
+    on Core ML each tier function is one): shared experts (every token) first, then the
+    hottest (first) groups of each layer, layer by layer; a program that does not fit what is
+    left goes (its experts to MLX) and smaller ones after it may still fit."""
+    order = []  # (rank within layer, layer, layer index, program)
     for li, lp in enumerate(layers):
-        for gi, g in enumerate(lp.groups):
-            order.append((gi, lp.layer, li, g))
+        order += [(-1, lp.layer, li, sp) for sp in lp.shared]
+        order += [(gi, lp.layer, li, g) for gi, g in enumerate(lp.groups)]
     order.sort(key=lambda t: (t[0], t[1]))
-    keep = {id(t[3]) for t in order[:max_programs]}
+    keep, left = set(), max_programs
+    for *_, p in order:
+        n = program_units(p.tiers, backend)
+        if n <= left:
+            keep.add(id(p))
+            left -= n
     for lp in layers:
+        lp.shared = [sp for sp in lp.shared if id(sp) in keep]
         dropped = [g for g in lp.groups if id(g) not in keep]
         if dropped:
             lp.groups = [g for g in lp.groups if id(g) in keep]

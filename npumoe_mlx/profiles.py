@@ -6,8 +6,8 @@ never dicts. JSON lives only at the file edge (``Profile.save`` / ``Profile.load
 """
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from .atomic import write_json
 
 FORMAT = 1
 KIND = "npumoe-profile"
+RANGE_KEYS = ("gate", "up", "down")  # LayerCounts.max_abs
 
 
 @dataclass
@@ -27,6 +28,10 @@ class LayerCounts:
     top_k: int
     counts: List[int]  # [E] pairs per expert over the whole corpus
     chunks: List[dict] = field(default_factory=list)  # per call: [{"tokens": int, "counts": [E], "seq": int}] ("seq" optional)
+    # Largest |value| seen in the expert FFN on the calibration corpus (a sample of each call's
+    # tokens): {"gate": .., "up": .., "down": ..} (down: the FFN's output); None: not measured.
+    # The planner keeps a layer past fp16's safe range on MLX for fp16 backends (Core ML).
+    max_abs: Optional[Dict[str, float]] = None
 
 
 @dataclass
@@ -93,7 +98,13 @@ class Profile:
                 total += c["counts"]
             if chunks and total.tolist() != l["counts"]:
                 raise bad(f"layers[{i}]: chunk counts do not add up to the layer counts")
-            layers.append(LayerCounts(l["layer"], l["path"], E, l["top_k"], list(l["counts"]), list(chunks)))
+            rng = l.get("max_abs")
+            if rng is not None and not (isinstance(rng, dict) and all(
+                    k in RANGE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                    for k, v in rng.items())):
+                raise bad(f"layers[{i}]: 'max_abs' must map {', '.join(RANGE_KEYS)} to non-negative numbers")
+            layers.append(LayerCounts(l["layer"], l["path"], E, l["top_k"], list(l["counts"]), list(chunks),
+                                      None if rng is None else {k: float(v) for k, v in rng.items()}))
         return cls(fp, obj["model_type"], obj["corpus"], obj["tokens"], obj["chunk_size"], layers)
 
     @classmethod
@@ -118,8 +129,10 @@ def with_workload(base: Profile, seen: Profile) -> Profile:
             raise ValueError(f"the stats file's layer {l.layer} (E={l.num_experts}) is not an MoE layer of this "
                              f"model; save stats with `npumoe generate --stats FILE` on this model")
     by_layer = {l.layer: l for l in seen.layers}
+    layers = [replace(by_layer[l.layer], max_abs=by_layer[l.layer].max_abs or l.max_abs) if l.layer in by_layer
+              else l for l in base.layers]  # the calibration's ranges stay
     return Profile(base.model_fingerprint, base.model_type, f"{base.corpus} + {seen.corpus}", base.tokens,
-                   max(base.chunk_size, seen.chunk_size), [by_layer.get(l.layer, l) for l in base.layers])
+                   max(base.chunk_size, seen.chunk_size), layers)
 
 
 def _is_counts(v, n: int) -> bool:

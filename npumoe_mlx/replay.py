@@ -26,7 +26,8 @@ import numpy as np
 from .args import choose_cost
 from .atomic import write_json
 from .backends import registry
-from .cost import CostModel
+from .chips import chip_profile
+from .cost import CostModel, flops_per_row
 from .experts import ExpertBlock
 from .plan import LayerPlan, PlanLimits, make_plan
 from .profiles import LayerCounts, Profile
@@ -34,7 +35,19 @@ from .profiles import LayerCounts, Profile
 ROW_FIELDS = (
     "layer", "tokens", "calls", "padding_pct", "overflow_pct", "dropped_pct", "spill_pct", "cold_pct",
     "offloaded_pct", "program_calls_per_call", "groups", "predicted_s", "mlx_only_s", "predicted_j", "mlx_only_j",
+    "naive_s", "naive_j", "cpu_s", "cpu_j",
 )
+# The baselines NPUMoE (arXiv 2604.18788) compares against, all Core ML, on M2 Max / M2 Ultra; the
+# paper has no GPU baseline (coreml-evidence.md Q5). Each is predicted from the same cost model:
+#   all_gpu:    every pair on MLX (the project's own baseline; ``mlx_only``)
+#   coreml_cpu: every pair on the CPU (Core ML CPU-only): pairs * 6DH / the chip's CPU FLOP/s
+#   naive_npu:  one NPU graph per expert, no tiers: each expert with a pair is one program call
+#               sized for the whole call (n rows), one after another, after the host sync
+#   anemll:     ANEMLL runs attention on the NPU and the experts on the CPU: on the expert FFNs
+#               (all replay prices) the same cost as coreml_cpu
+BASELINES = ("all_gpu", "coreml_cpu", "naive_npu", "anemll")
+PAPER = ("NPUMoE (arXiv 2604.18788, M2 Max / M2 Ultra): 1.32-5.55x lower latency and 1.81-7.37x energy "
+         "efficiency against Core ML CPU-only, naive NPU and ANEMLL")
 
 
 def load_trace(path) -> Dict[int, np.ndarray]:
@@ -132,11 +145,38 @@ class Tally:
     mlx_only_s: float = 0.0
     predicted_j: float = 0.0
     mlx_only_j: float = 0.0
+    naive_s: float = 0.0  # the paper's baselines (BASELINES)
+    naive_j: float = 0.0
+    cpu_s: float = 0.0
+    cpu_j: float = 0.0
 
 
-def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, overflow: str = "auto") -> Tally:
-    """Run the executor's decisions on (S, E) call counts of n tokens each."""
+def naive_npu(cost: CostModel, counts: np.ndarray, n: int, D: int, H: int):
+    """(seconds, joules) of the paper's naive baseline on (S, E) call counts of n tokens: every
+    expert with a pair is its own one-expert program (no tiers: sized for all n rows)."""
+    active = (np.asarray(counts) > 0).sum(axis=-1)  # (S,)
+    return (np.where(active > 0, cost.sync_s, 0.0) + active * cost.programs_s(1, 1, n, D, H),
+            active * cost.program_j(1, n, D, H))
+
+
+def on_cpu(pairs, D: int, H: int, cpu: Optional[tuple]):
+    """(seconds, joules) of ``pairs`` expert rows on the CPU (Core ML CPU-only, ANEMLL's experts);
+    cpu: (FLOP/s, watts), or None (no measurement: NaN)."""
+    if not cpu:
+        return np.nan * np.asarray(pairs, float), np.nan * np.asarray(pairs, float)
+    s = np.asarray(pairs, float) * flops_per_row(D, H) / cpu[0]
+    return s, s * cpu[1]
+
+
+def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, overflow: str = "auto",
+                 cpu: Optional[tuple] = None) -> Tally:
+    """Run the executor's decisions on (S, E) call counts of n tokens each; the paper's baselines
+    beside (``cpu``: (FLOP/s, watts) of the CPU, or None)."""
     t = Tally()
+    if len(counts):
+        ns, nj = naive_npu(cost, counts, n, lp.D, lp.H)
+        cs, cj = on_cpu(np.asarray(counts).sum(axis=-1), lp.D, lp.H, cpu)
+        t.naive_s, t.naive_j, t.cpu_s, t.cpu_j = float(ns.sum()), float(nj.sum()), float(cs.sum()), float(cj.sum())
     groups = [np.asarray(g.experts) for g in lp.groups]
     cold = np.zeros(lp.num_experts, bool)
     cold[list(lp.cold)] = True
@@ -177,6 +217,9 @@ def row_of(layer: int, n: int, t: Tally, groups: int) -> dict:
         "program_calls_per_call": t.program_calls / t.offloaded if t.offloaded else 0.0, "groups": groups,
         "predicted_s": t.predicted_s / max(t.calls, 1), "mlx_only_s": t.mlx_only_s / max(t.calls, 1),
         "predicted_j": t.predicted_j / max(t.calls, 1), "mlx_only_j": t.mlx_only_j / max(t.calls, 1),
+        "naive_s": t.naive_s / max(t.calls, 1), "naive_j": t.naive_j / max(t.calls, 1),
+        "cpu_s": t.cpu_s / max(t.calls, 1) if t.cpu_s == t.cpu_s else None,  # None: no CPU measurement
+        "cpu_j": t.cpu_j / max(t.calls, 1) if t.cpu_j == t.cpu_j else None,
     }
 
 
@@ -185,14 +228,46 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
     out = {}
     for n in sorted({r["tokens"] for r in rows}):
         rs = [r for r in rows if r["tokens"] == n]
-        s = {f: float(np.mean([r[f] for r in rs])) for f in ROW_FIELDS if f not in ("layer", "tokens")}
+        s = {f: None if any(r[f] is None for r in rs) else float(np.mean([r[f] for r in rs]))
+             for f in ROW_FIELDS if f not in ("layer", "tokens")}
         s["max_padding_pct"] = max(r["padding_pct"] for r in rs)
         s["max_overflow_pct"] = max(r["overflow_pct"] for r in rs)
         s["max_calls_over_groups"] = max(r["program_calls_per_call"] / max(r["groups"], 1) for r in rs)
         s["time_ratio"] = s["predicted_s"] / s["mlx_only_s"] if s["mlx_only_s"] else 1.0
         s["energy_ratio"] = s["predicted_j"] / s["mlx_only_j"] if s["mlx_only_j"] else 1.0
+        s["baselines"] = baselines(s)
         out[str(n)] = s
     return out
+
+
+def baselines(s: dict) -> Dict[str, dict]:
+    """The plan's predicted speedup over each of the paper's baselines: {name: {"s", "j",
+    "latency_x" (baseline time / the plan's), "energy_x" (baseline J / the plan's)}}; None where a
+    number is unknown (no CPU measurement, no energy costs)."""
+    def ratio(a, b):
+        return float(a / b) if a and b else None
+
+    sides = {"all_gpu": ("mlx_only_s", "mlx_only_j"), "coreml_cpu": ("cpu_s", "cpu_j"),
+             "naive_npu": ("naive_s", "naive_j"), "anemll": ("cpu_s", "cpu_j")}
+    return {name: {"s": s[ts], "j": s[tj] or None, "latency_x": ratio(s[ts], s["predicted_s"]),
+                   "energy_x": ratio(s[tj], s["predicted_j"])} for name, (ts, tj) in sides.items()}
+
+
+def format_baselines(summary: Dict[str, dict]) -> str:
+    """The plan's predicted speedups over the paper's baselines, beside the paper's own."""
+    names = {"all_gpu": "all on the GPU (MLX)", "coreml_cpu": "Core ML CPU-only",
+             "naive_npu": "naive NPU (one graph per expert, no tiers)", "anemll": "ANEMLL (experts on the CPU)"}
+    x = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    lines = ["predicted speedup of this plan (latency / energy) over each baseline, per call size:"]
+    for name in BASELINES:
+        cells = [f"{n}: {x(s['baselines'][name]['latency_x'])} / {x(s['baselines'][name]['energy_x'])}"
+                 for n, s in summary.items()]
+        lines.append(f"  {names[name]:45s} " + "   ".join(cells))
+    if any(s["baselines"]["coreml_cpu"]["s"] is None for s in summary.values()):
+        lines.append("  (CPU baselines n/a: no public CPU measurement for this chip; give --cpu-tflops and --cpu-power-w)")
+    lines.append(f"  ANEMLL = Core ML CPU-only on the expert FFNs (it differs in attention, which replay does not price)")
+    lines.append(f"  paper: {PAPER}")
+    return "\n".join(lines)
 
 
 SHAPES_FILE = Path(__file__).parent / "data" / "model-shapes.json"
@@ -235,8 +310,10 @@ def replay(
     objective: str = "time",
     overflow: str = "auto",
     energy_bound: str = "time",
+    cpu: Optional[tuple] = None,
 ) -> dict:
-    """Plan on ``calibrate`` traces, replay ``routes`` traces: {"plan", "rows", "summary"}."""
+    """Plan on ``calibrate`` traces, replay ``routes`` traces: {"plan", "rows", "summary"};
+    ``cpu``: (FLOP/s, watts) of the CPU for the paper's CPU baselines (None: n/a)."""
     layers = sorted(set.intersection(*[set(t) for t in list(calibrate) + list(routes)]))
     if not layers:
         raise ValueError("the traces share no layer")
@@ -266,7 +343,7 @@ def replay(
     for lp in plan.layers:
         for n in tokens:
             counts = np.concatenate([call_counts(r, lp.num_experts, n, seq_len) for r in replay_sets[lp.layer]])
-            rows.append(row_of(lp.layer, n, replay_calls(lp, cost, counts, n, overflow), len(lp.groups)))
+            rows.append(row_of(lp.layer, n, replay_calls(lp, cost, counts, n, overflow, cpu), len(lp.groups)))
     return {"plan": plan, "rows": rows, "summary": summarize(rows)}
 
 
@@ -306,6 +383,9 @@ def main(argv=None) -> int:
     p.add_argument("--overflow", choices=("auto", "rerun", "spill"), default="auto")
     p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs, or --chip's).")
     p.add_argument("--json", metavar="PATH", help="Write rows and summary as JSON.")
+    p.add_argument("--cpu-tflops", type=float, help="CPU FLOP/s (TFLOP/s) for the paper's CPU baselines "
+                   "(default: --chip's measured one, where its profile has one).")
+    p.add_argument("--cpu-power-w", type=float, help="CPU watts while it runs them (with --cpu-tflops).")
     args = p.parse_args(argv)
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
@@ -319,14 +399,16 @@ def main(argv=None) -> int:
     rep = [load_trace(f) for f in (args.routes or args.calibrate)]
     for f, t in zip(list(args.calibrate) + list(args.routes or []), cal + (rep if args.routes else [])):
         check_trace_shape(f, t, args.shape)
+    cpu = cpu_rate(args.chip, args.cpu_tflops, args.cpu_power_w)
     out = replay(cal, rep, shape["D"], shape["H"], cost, PlanLimits.for_backend(args.backend), tokens,
-                 args.seq_len, args.split, args.objective, args.overflow, args.energy_bound)
+                 args.seq_len, args.split, args.objective, args.overflow, args.energy_bound, cpu)
     print(f"replay: shape {args.shape} (D={shape['D']}, H={shape['H']}), backend {args.backend}, "
           f"cost {cost.source}, objective {args.objective}, split {args.split or 'none'}")
     print(format_rows(out["rows"], out["summary"]))
     if not any(r["mlx_only_j"] for r in out["rows"]):
         print(f"J/MLX n/a: the cost model ({cost.source}) has no energy terms; "
               "energy is predicted with --backend coreml --chip CHIP, or measured by npumoe tune on macOS")
+    print(format_baselines(out["summary"]))
     if args.json:
         write_json(args.json, {
             "command": "npumoe replay " + " ".join(argv if argv is not None else []),
@@ -336,6 +418,19 @@ def main(argv=None) -> int:
         })
         print(f"wrote {args.json}")
     return 0
+
+
+def cpu_rate(chip: Optional[str], tflops: Optional[float] = None, watts: Optional[float] = None) -> Optional[tuple]:
+    """(FLOP/s, watts) of the CPU: the flags, else --chip's profile where it has a measurement, else None."""
+    if tflops is not None or watts is not None:
+        if not (tflops and tflops > 0 and watts and watts > 0):
+            raise ValueError("give both --cpu-tflops and --cpu-power-w, each > 0")
+        return tflops * 1e12, watts
+    if chip:
+        c = chip_profile(chip)
+        if c.cpu_tflops and c.cpu_power_w:
+            return c.cpu_tflops * 1e12, c.cpu_power_w
+    return None
 
 
 def cost_for(backend: str, chip: Optional[str], cost_path: Optional[str], D: int = 0, H: int = 0) -> CostModel:

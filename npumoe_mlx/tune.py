@@ -401,7 +401,7 @@ def fit(raw: dict) -> CostModel:
         decode_program_s=float((raw.get("decode") or {}).get("program_s", 0.0)),
         decode_mlx_s=float((raw.get("decode") or {}).get("mlx_s", 0.0)),
         decode_workers=int((raw.get("decode") or {}).get("workers", 0)),
-        host_bytes_per_element=registry.get(raw["backend"]).host_bytes_per_element,
+        host_bytes_per_element=registry.get(raw["backend"]).host_bytes(),
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
     pw = raw.get("power") or {}

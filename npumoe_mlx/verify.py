@@ -113,7 +113,7 @@ class Pinned:
     def __init__(self, program, files: Sequence[Path]):
         self.program = program
         self.name, self.G, self.D, self.tiers = program.name, program.G, program.D, program.tiers
-        self.input_layout = getattr(program, "input_layout", "GCD")  # what run_native takes
+        self.input_layout = getattr(program, "input_layout", "GCD")  # what run_layout takes
         self._files = {Path(f): stat_sig(Path(f)) for f in files}
         self._seen = set()
 
@@ -121,13 +121,13 @@ class Pinned:
         self._check(tier)
         return self.program.run(x, tier)
 
-    def run_native(self, x, tier):  # x already in the program's input_layout: the same check first
-        self._check(tier)
-        return self.program.run_native(x, tier)
-
     def run_into(self, x, tier, out):  # dispatch.run_calls' zero-copy path: the same check first
         self._check(tier)
         return self.program.run_into(x, tier, out)
+
+    def run_layout(self, x, tier):  # dispatch.run_calls' path for (G, D, C) programs: the same check first
+        self._check(tier)
+        return self.program.run_layout(x, tier)
 
     def _check(self, key) -> None:
         if key not in self._seen:

@@ -231,7 +231,7 @@ def test_default_format_follows_the_ne_guidance(tmp_path):
 
 
 def test_chip_cost_prices_the_format_bytes():
-    from npumoe_mlx.cost import chip_cost
+    from npumoe_mlx.backends.registry import chip_cost
 
     D, H = 2048, 768
     by = {f: chip_cost("m2-max", "coreml", D, H, 4, weight_format=f).expert_s for f in formats.WEIGHT_FORMATS}
@@ -256,18 +256,18 @@ def test_programs_take_channels_first_and_have_no_transposes(tmp_path):
     assert prog.input_layout == "GDC" and prog.native_shape(64) == (2, 128, 64)
     x = np.random.default_rng(1).standard_normal((2, 64, 128)).astype(np.float32)
     y = prog.run(x, 64)  # generic callers: (G, C, D), transposed on the host
-    yn = prog.run_native(np.ascontiguousarray(x.transpose(0, 2, 1)), 64)  # the declared layout
+    yn = prog.run_layout(np.ascontiguousarray(x.transpose(0, 2, 1)), 64)  # the declared layout
     assert y.shape == (2, 64, 128) and np.array_equal(y, yn.transpose(0, 2, 1))
     assert rel_err(y, reference_ffn(spec, x)) < 1e-2
     y5 = prog.run(x[:, :5], 64)  # short inputs padded to the tier
     assert np.allclose(y5, y[:, :5], atol=1e-2)
     with pytest.raises(ValueError, match=r"wants \(2, 128, 32\) at tier 32"):
-        prog.run_native(x[:, :32], 32)
+        prog.run_layout(x[:, :32], 32)
     from npumoe_mlx.verify import Pinned
 
     pinned = Pinned(prog, [tmp_path / entry["package"] / "Manifest.json"])  # what a loaded bundle hands out
     assert pinned.input_layout == "GDC"
-    assert np.array_equal(pinned.run_native(np.ascontiguousarray(x.transpose(0, 2, 1)), 64), yn)
+    assert np.array_equal(pinned.run_layout(np.ascontiguousarray(x.transpose(0, 2, 1)), 64), yn)
 
 
 # ---- limits: H chunks, layout choice, planner caps ----
@@ -319,7 +319,7 @@ def test_planner_caps_groups_by_the_format_bytes_the_builder_refuses_past():
 
 def test_a_layer_whose_experts_cannot_build_stays_on_mlx():
     """D = 20000 > 16384: neither layout fits, so the planner plans no program for the layer."""
-    from npumoe_mlx.cost import default_cost
+    from npumoe_mlx.backends.registry import default_cost
     from npumoe_mlx.plan import PlanLimits, plan_layer
     from npumoe_mlx.profiles import LayerCounts
 
@@ -405,7 +405,7 @@ def test_coreml_bundle_records_the_format_and_its_error(tmp_path):
 
     from dataclasses import replace
 
-    from npumoe_mlx.cost import default_cost
+    from npumoe_mlx.backends.registry import default_cost
 
     model = tiny.make_tiny_model(tmp_path / "m", "qwen3_moe", q_bits=4)
     fast = replace(default_cost("coreml"), dispatch_s=1e-9, program_flops=1e16, mlx_flops=1e6, mlx_fixed_s=1.0)

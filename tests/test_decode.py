@@ -193,7 +193,7 @@ def test_small_calls_run_as_many_at_once_as_tune_chose_for_decode(released, monk
     ex.cost = CostModel(**{**ex.cost.to_dict(), "workers": 1, "decode_workers": 2})
     seen = []
     real = executor.run_calls
-    monkeypatch.setattr(executor, "run_calls", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(executor, "run_calls", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
     D = blk["gate_proj"]["weight"].shape[-1]
     ids = release.record_of(blk).ids
     blk(mx.random.normal((1, 1, D)), mx.array([[[ids[0], ids[-1]]]], dtype=mx.uint32))  # decode

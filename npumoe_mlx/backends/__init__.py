@@ -91,7 +91,7 @@ class Program:
     name: str = ""
     # The layout `_run` takes and returns: "GCD" x (G, C, D), or "GDC" x (G, D, C), channels
     # first (Core ML: the graph then needs no transposes). `run` takes (G, C, D) either way
-    # (it transposes on the host for GDC programs); `run_native` takes the declared layout.
+    # (it transposes on the host for GDC programs); `run_layout` takes the declared layout.
     input_layout: str = "GCD"
     meta: dict = {}  # what it computes: ProgramSpec.describe() (layer, expert_ids, G, D, H, tiers, ...)
     G: int = 0
@@ -134,18 +134,20 @@ class Program:
             return self._run(xp, tier)[:, :C]
         return self._run(np.ascontiguousarray(x, dtype=np.float32), tier)
 
-    def native_shape(self, tier: int) -> Tuple[int, int, int]:
-        """The shape `run_native` takes and returns at `tier`."""
-        return (self.G, self.D, tier) if self.input_layout == "GDC" else (self.G, tier, self.D)
-
-    def run_native(self, x: np.ndarray, tier: int) -> np.ndarray:
-        """y for x already in `input_layout` at exactly `tier` rows (float32; padded rows zero):
-        what a caller that gathers straight into the program's layout calls."""
-        tier = int(tier)
-        if tier not in self.tiers or tuple(x.shape) != self.native_shape(tier):
-            raise ValueError(f"x is {x.shape}, program {self.name} wants {self.native_shape(tier)} at tier {tier} "
-                             f"(tiers {self.tiers})")
+    def run_layout(self, x: np.ndarray, tier: int) -> np.ndarray:
+        """x: exactly ``tier`` rows in the program's own layout, float32 C-contiguous ((G, tier, D)
+        for "GCD", (G, D, tier) for "GDC") -> y in the same layout. The executor's path
+        (dispatch.run_calls): no padding, no transpose, no copy here."""
+        want = self.native_shape(tier)
+        if x.shape != want or x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"x is {x.shape} {x.dtype}, program {self.name} ({self.input_layout}) wants {want} float32")
+        if tier not in self.tiers:
+            raise ValueError(f"tier {tier} not in program {self.name} tiers {self.tiers}")
         return self._run(x, tier)
+
+    def native_shape(self, tier: int) -> Tuple[int, int, int]:
+        """The shape `run_layout` takes and returns at `tier`."""
+        return (self.G, self.D, tier) if self.input_layout == "GDC" else (self.G, tier, self.D)
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
         raise NotImplementedError

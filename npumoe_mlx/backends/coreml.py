@@ -25,8 +25,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ane_kernels.coreml import (INPUT_LAYOUT, INPUT_NAME, OUTPUT_NAME, build_package, choose_layout, function_name,
-                                read_metadata)
+from ane_kernels.coreml import (FP16_SATURATION, INPUT_LAYOUT, INPUT_NAME, OUTPUT_NAME, build_package,
+                                choose_layout, function_name, read_metadata)
 from ane_kernels.formats import DEFAULT_FORMAT, TOLERANCE as FORMAT_TOLERANCE, check_format
 from ane_kernels.limits import DEFAULT_LIMITS
 from ane_kernels.milrun import format_error
@@ -35,6 +35,20 @@ from ane_kernels.spec import AffineWeight, ProgramSpec
 from . import BackendError, Program, member, same_program
 
 OFF_MACOS = "Core ML programs can be built here but run only on macOS"
+# Compiled programs one process may hold (the planner's budget, whole model: plan.program_units).
+# Public figure: ~119-121 resident ANE programs per process on the private _ANEClient path
+# (maderix/ANE; oMLX docs, jundot/omlx). For Core ML the limit is NOT known publicly: each
+# function of a multifunction package is its own ANE compile (coreml-evidence.md Q2 risk 4),
+# so each tier counts as one program, and the private path's figure is assumed until a Mac
+# measures it (`npumoe selftest`). `--max-programs` overrides it.
+PROGRAM_BUDGET = 120
+PROGRAM_BUDGET_SOURCE = ("~120 per process on the private ANE path (maderix/ANE, oMLX); unknown for Core ML, "
+                         "assumed the same; each tier function counts")
+TIERS_ARE_PROGRAMS = True  # each tier function compiles separately
+# Programs compute in fp16 and their matmul/conv outputs saturate near FP16_SATURATION: a layer
+# whose calibrated |gate|, |up| or |down output| reaches this stays on MLX (plan.fp16_unsafe).
+# Half the saturation point: calibration sees a sample of tokens, not every activation.
+FP16_RANGE_LIMIT = FP16_SATURATION / 2
 _COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
 MIN_MACOS = (15, 0)  # the iOS18 opset (constexpr_blockwise_shift_scale, constexpr_lut_to_dense)
 
@@ -88,6 +102,22 @@ def _package_key(pkg: Path) -> str:
     return h.hexdigest()[:24]
 
 
+# coremltools' bridge, per element of a program row (coreml-evidence.md Q3, read from its
+# source): it takes fp32 (``CoreMLPythonArray.mm:dataTypeOf``: no fp16; an fp16 ndarray is cast
+# back to fp32 first, ``models/model.py``, so the host no longer casts to fp16), Core ML
+# converts fp32 -> the model's fp16 input (6), its fp16 output -> fp32 (6,
+# ``CoreMLPythonUtils.mm:convertArrayValueToPython``) and copies that into a py::array (8).
+BRIDGE_BYTES = 20
+
+
+def host_bytes(layout: str) -> int:
+    """Host bytes (read + written) per element of a program row on the executor's path,
+    counted by tests/test_copies.py: dispatch.gather 8 ((G, C, D); (G, D, C) rows are gathered
+    on MLX: 0), the bridge, dispatch.checked 4, the output into the call's buffer 8, the
+    buffer to MLX 8. (Before: 62 plus 8 per pair, priced 8.)"""
+    return (8 if layout == "GCD" else 0) + BRIDGE_BYTES + 4 + 8 + 8
+
+
 class CoreMLProgram(Program):
     """One package's tier functions. Copies and pickles drop the loaded models and
     reopen each tier's function from the compiled package on its first run.
@@ -124,8 +154,12 @@ class CoreMLProgram(Program):
         return m
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
+        # fp32 as is (run_layout hands a C-contiguous float32 array: no copy): the bridge takes no fp16
         out = self.model(tier).predict({INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
         return np.asarray(out[OUTPUT_NAME], dtype=np.float32)
+
+
+HOST_BYTES_PER_ELEMENT = host_bytes(CoreMLProgram.input_layout)
 
 
 class MilProgram(Program):

@@ -22,6 +22,7 @@ from mlx_lm.models.activations import swiglu, swiglu_oai
 
 from ane_kernels.spec import AffineWeight, ProgramSpec
 
+from ..dispatch import moved
 from . import BackendError, Program, member, same_program
 
 LINEARS = ("gate", "up", "down")
@@ -82,6 +83,16 @@ class _Linear:
         return y if self.bias is None else y + self.bias
 
 
+PROGRAM_BUDGET = 4096  # MLX arrays: no per-process program limit (the planner's cap)
+PROGRAM_BUDGET_SOURCE = "no per-process limit (MLX arrays; the planner's cap)"
+TIERS_ARE_PROGRAMS = False
+
+# Host bytes per element of a program row on the executor's path (tests/test_copies.py):
+# dispatch.gather 8, this program's copy into MLX 8 and back 8, its rows into the call's
+# buffer 8, dispatch.checked 4, the buffer to MLX 8.
+HOST_BYTES_PER_ELEMENT = 44
+
+
 class MLXProgram(Program):
     def __init__(self, spec: ProgramSpec, dtype=mx.float32):
         self.spec, self.name, self.meta = spec, spec.name, spec.describe()
@@ -115,8 +126,9 @@ class MLXProgram(Program):
         return self.down(self._act(self.up(x), self.gate(x)))
 
     def _run(self, x: np.ndarray, tier: int) -> np.ndarray:
-        y = self.run_mx(mx.array(x))
-        return np.array(y.astype(mx.float32))
+        y = np.array(self.run_mx(mx.array(x)).astype(mx.float32))
+        moved(2 * x.nbytes + 2 * y.nbytes)  # numpy -> MLX in, MLX -> numpy out
+        return y
 
 
 class Backend:

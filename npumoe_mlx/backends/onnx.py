@@ -61,6 +61,20 @@ class DynamicGraph:
     path: str
 
 
+# Programs per process: no limit is known for onnxruntime sessions (memory is the bound:
+# residency.py); the planner's 4096 keeps plans finite. One session per program on dynamic
+# providers (every tier), so a program counts once (static providers: one per tier, not counted).
+PROGRAM_BUDGET = 4096
+PROGRAM_BUDGET_SOURCE = "no per-process limit known for onnxruntime sessions (the planner's cap)"
+TIERS_ARE_PROGRAMS = False
+
+# Host bytes (read + written) per element of a program row on the executor's path, counted
+# by tests/test_copies.py: dispatch.gather 8 (fp32 rows into (G, C, D)), onnxruntime reads
+# them and writes its output in place (IO binding: no copy), dispatch.checked reads it (4),
+# the slot buffer's one copy to MLX (8; 6 when x is fp16/bf16). The cost model's copy term.
+HOST_BYTES_PER_ELEMENT = 20
+
+
 class OnnxProgram(Program):
     """One program's tiers. Sessions open on first run (``lazy``): a bundle has many
     programs, most calls use a few, and a session costs tens of ms to open. ``sources``

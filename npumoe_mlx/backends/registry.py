@@ -125,7 +125,9 @@ class BackendInfo:
     available: Callable[[], Tuple[bool, str]]  # (programs run here, why not)
     releases_mlx_experts: bool = False  # a loaded bundle may drop MLX's copy of program-only experts
     preferred_on: Callable[[], bool] = lambda: False  # ``--offload auto`` picks it here (first in REGISTRY wins)
-    host_bytes_per_element: float = 8.0  # host bytes a row element moves on its data path (in and out)
+    # host bytes a row element moves on its data path, read + written (None: its program module's
+    # HOST_BYTES_PER_ELEMENT, counted on the executor's path by tests/test_copies.py)
+    host_bytes_per_element: Optional[float] = None
     bundles: bool = True  # ``npumoe build`` makes bundles of it (mlx: a reference, installed without one)
     options: Mapping = field(default_factory=dict)  # keyword arguments of its program module's Backend
     package: Optional[str] = None  # the Python package that runs it (doctor's version column)
@@ -136,7 +138,13 @@ class BackendInfo:
 
     def default_cost(self) -> CostModel:
         """A fresh copy of its parametric cost model (callers may change it)."""
-        return replace(self.cost, backend=self.name, host_bytes_per_element=self.host_bytes_per_element)
+        return replace(self.cost, backend=self.name, host_bytes_per_element=self.host_bytes())
+
+    def host_bytes(self) -> float:
+        """Host bytes (read + written) per element of a program row on this backend's path."""
+        if self.host_bytes_per_element is not None:
+            return self.host_bytes_per_element
+        return float(program_module(self.name).HOST_BYTES_PER_ELEMENT)
 
 
 REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
@@ -213,4 +221,16 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
         which = ", ".join(n for n, b in REGISTRY.items() if b.chip_costs)
         raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend {which}, not {backend!r}")
     fmt = weight_format or info.limits.get("weight_format")
-    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes_per_element, fmt)
+    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes(), fmt)
+
+
+def program_budget(name: str) -> Tuple[int, bool, str]:
+    """(compiled programs one process may hold, whether each tier is its own program, source):
+    its program module's PROGRAM_BUDGET, TIERS_ARE_PROGRAMS and PROGRAM_BUDGET_SOURCE."""
+    m = program_module(name)
+    return int(m.PROGRAM_BUDGET), bool(m.TIERS_ARE_PROGRAMS), str(m.PROGRAM_BUDGET_SOURCE)
+
+
+def fp16_range_limit(name: str) -> Optional[float]:
+    """Largest |activation| backend `name`'s programs compute without saturating (None: not fp16)."""
+    return getattr(program_module(name), "FP16_RANGE_LIMIT", None)
