@@ -10,7 +10,8 @@ from npumoe_mlx import plan as plan_mod
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.doctor import backends, format_report
 from npumoe_mlx.experts import ExpertBlock
-from npumoe_mlx.plan import PlanLimits, make_plan, program_budget
+from npumoe_mlx.backends.registry import program_budget
+from npumoe_mlx.plan import PlanLimits, make_plan
 from npumoe_mlx.profiles import LayerCounts, Profile
 
 LAYERS, E, K, D, H = 48, 16, 4, 256, 128
