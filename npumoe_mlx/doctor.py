@@ -147,7 +147,7 @@ def _bundle_info(local: Path, name: str, backend: str, problems: list, preferred
                              "fix": f"npumoe build --model {name} --backend {backend}"})
         return info
     try:
-        b = bundles.read(path, local, name)
+        b = bundles.read(path, local, name, verify=True)  # every byte: a load samples, the first call checks the rest
     except bundles.BundleError as e:
         info.update(current=False, problem=str(e))
         problems.append({"problem": f"{backend} bundle is not usable: {e}",
@@ -361,6 +361,8 @@ def format_report(r: dict) -> str:
                              "offloadable" if b["supported"] else f"stock MLX: {b['reason']}"))
             lines += _table(rows)
         for name, b in mo["bundles"].items():
+            if b["exists"]:
+                lines.append(f"bundle {name}: checked every program file's whole sha256 against its manifest")
             if not b["exists"]:
                 lines.append(f"bundle {name}: none (would be {b['path']})")
             elif not b.get("current"):
@@ -414,7 +416,8 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
-    return 0
+    damaged = any(b["exists"] and not b.get("current") for b in ((report["model"] or {}).get("bundles") or {}).values())
+    return 1 if damaged else 0  # a bundle a load would refuse
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
 from .release import record_of
+from .verify import first_use
 from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
@@ -288,6 +289,7 @@ class OffloadExecutor:
         outs = np.empty((max(s.slots, 1), D), np.float32)  # slot order: each call writes its rows in place
         tp = time.perf_counter()
         n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
+        first_use(self.programs[call[0]] for call in s.calls)  # every byte and the probe, before a first call
         run_calls(self.programs, s.calls, x_np, outs, n)  # several at once if tune chose so; checked
         y[dst] = outs[: s.slots]
         self.stats.program_s += time.perf_counter() - tp
@@ -381,6 +383,7 @@ class SharedExecutor:
     def _run(self, x_np: np.ndarray) -> np.ndarray:
         """(n, D) float32 through the program in rounds of its ladder."""
         st, (n, D) = self.stats, x_np.shape
+        first_use([self.program])
         out = np.empty((n, D), np.float32)
         caps, start = ladder_rounds(np.array([n]), self.plan.tiers), 0
         for cap in caps:

@@ -1,0 +1,189 @@
+"""Reliability, round three (issue 22): no silent wrong output from a damaged or rewritten
+bundle, no crash when files change under a running model, no overwritten user files, errors
+that name the problem before the work. Everything happens in temp folders."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from mlx_lm import load as stock_load
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+import npumoe_mlx
+from npumoe_mlx import bundle as bundles
+from npumoe_mlx import cli, verify
+from npumoe_mlx.build import build as build_bundle
+from npumoe_mlx.cost import CostModel
+from npumoe_mlx.executor import offload_stats
+from npumoe_mlx.tools.tiny import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+def _build(path, out=None, tokens=256, **kw):
+    return build_bundle(str(path), "onnx", None if out is None else str(out), corpus=["qa"], tokens=tokens,
+                        chunk_size=128, cost=EAGER, log=lambda m: None, **kw)
+
+
+def _greedy(model, tok, prompt=PROMPT, n=16):
+    return [r.token for r in stream_generate(model, tok, prompt, max_tokens=n, sampler=make_sampler(0.0))]
+
+
+def _run_cli(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """A float32 tiny qwen3_moe (2 layers, 3 programs of 196-393 KB) with an onnx bundle beside it."""
+    path = make_tiny_model(tmp_path_factory.mktemp("r3") / "m", "qwen3_moe", seed=1)
+    _build(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def want(moe):
+    model, tok = stock_load(str(moe))
+    return _greedy(model, tok)
+
+
+def _copy(moe, d: Path) -> Path:
+    shutil.copytree(moe, d)
+    return d
+
+
+def _unsampled_weights(model_dir: Path) -> Path:
+    """The weights file of layer 0's second group: outside the programs a load probes when
+    LOAD_OTHERS is 0 (the first group of each layer is always probed)."""
+    man = json.loads((model_dir / "npumoe-onnx" / "manifest.json").read_text())
+    p = next(p for p in man["programs"] if (p["layer"], p["group"]) == (0, 1))
+    return model_dir / "npumoe-onnx" / next(f for f in p["files"] if f.endswith(".weights"))
+
+
+def _damage_between_windows(f: Path) -> None:
+    """Overwrite 4 KiB between the 16 KiB windows the load's sampled hash reads (disk rot)."""
+    size = f.stat().st_size
+    step = (size - bundles.SAMPLE_BYTES) // (bundles.SAMPLES - 1)
+    at = bundles.SAMPLE_BYTES + (step - bundles.SAMPLE_BYTES) // 2
+    assert at + 4096 <= step  # inside the gap
+    with open(f, "r+b") as fh:
+        fh.seek(at)
+        w = np.frombuffer(fh.read(4096), np.float32)
+        fh.seek(at)
+        fh.write((-3 * w).tobytes())  # finite: no NaN guard sees it
+
+
+# --- 1. silent wrong output ----------------------------------------------------
+
+
+def test_damage_between_hash_windows_never_reaches_the_output(moe, want, tmp_path, monkeypatch, capsys):
+    m = _copy(moe, tmp_path / "m")
+    f = _unsampled_weights(m)
+    _damage_between_windows(f)
+    monkeypatch.setattr(verify, "LOAD_OTHERS", 0)  # the damaged program is outside the load's sample
+    model, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)  # the sampled hashes pass
+    capsys.readouterr()
+    assert _greedy(model, tok) == want  # stock tokens: the damaged program never ran
+    warnings = [l for l in capsys.readouterr().err.splitlines() if "program failed" in l]
+    assert len(warnings) == 1, warnings
+    assert f.name in warnings[0] and "is damaged or changed since the build" in warnings[0]
+    assert "rebuild it with `npumoe build --model" in warnings[0] and warnings[0].endswith("for the rest of the run")
+    st = {s.layer: s for s in offload_stats(model)}
+    assert st[0].fallback and not st[1].fallback
+
+
+def test_verify_and_doctor_find_the_same_damage(moe, tmp_path, capsys):
+    m = _copy(moe, tmp_path / "m")
+    f = _unsampled_weights(m)
+    _damage_between_windows(f)
+    with pytest.raises(bundles.BundleError, match=re.escape(f.name) + r" is corrupt"):
+        bundles.read(m / "npumoe-onnx", m, verify=True)
+    rc, out, err = _run_cli(capsys, "doctor", "--model", m, "--no-bench")
+    assert rc != 0, out
+    assert f.name in out and "is corrupt" in out and "every program file's whole sha256" in out
+    rc, out, _ = _run_cli(capsys, "doctor", "--model", moe, "--no-bench")
+    assert rc == 0 and "no problems found" in out and "every program file's whole sha256" in out
+
+
+def test_program_probed_on_first_use_when_not_probed_at_load(moe, want, tmp_path, monkeypatch, capsys):
+    """Hashes updated to match (a hand-edited bundle): the probe before the first call catches it."""
+    m = _copy(moe, tmp_path / "m")
+    f = _unsampled_weights(m)
+    _damage_between_windows(f)
+    man_path = m / "npumoe-onnx" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    rel = f.relative_to(m / "npumoe-onnx").as_posix()
+    for p in man["programs"]:
+        if rel in p["files"]:
+            p["files"][rel] = {"bytes": f.stat().st_size, "sha256": bundles._sha256(f),
+                               bundles.SAMPLE_KEY: bundles._sample_sha256(f)}
+    man_path.write_text(json.dumps(man))
+    monkeypatch.setattr(verify, "LOAD_OTHERS", 0)
+    model, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
+    capsys.readouterr()
+    assert _greedy(model, tok) == want
+    warnings = [l for l in capsys.readouterr().err.splitlines() if "program failed" in l]
+    assert len(warnings) == 1 and "program programs/L000/g01 (layer0_e2-4-5-6)" in warnings[0], warnings
+    assert re.search(r"does not compute the model's experts|gave a bad output", warnings[0])
+
+
+# --- 2. files that change under a running model ------------------------------------
+
+
+def _weights(model_dir: Path):
+    return sorted((model_dir / "npumoe-onnx").rglob("*.weights"))
+
+
+def test_program_rewritten_in_place_after_load_keeps_the_output(moe, want, tmp_path, capsys):
+    m = _copy(moe, tmp_path / "m")
+    model, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
+    assert _greedy(model, tok) == want  # every program ran: its session is open
+    for f in _weights(m):  # rsync --inplace / cp over: same inode, other bytes
+        with open(f, "r+b") as fh:
+            fh.write(np.full(f.stat().st_size // 4, 7.0, np.float32).tobytes())
+    assert _greedy(model, tok) == want
+    assert _greedy(model, tok, "Another prompt, to run other tiers. " * 5) == _greedy(*stock_load(str(moe)), "Another prompt, to run other tiers. " * 5)
+
+
+SCRIPT = """
+import sys, json
+from pathlib import Path
+import npumoe_mlx
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+m = sys.argv[1]
+model, tok = npumoe_mlx.load(m, offload="onnx", quiet=True)
+run = lambda p: [r.token for r in stream_generate(model, tok, p, max_tokens=8, sampler=make_sampler(0.0))]
+first = run(sys.argv[2])
+for f in sorted(Path(m, "npumoe-onnx").rglob("*")):
+    if f.is_file() and f.suffix in (".weights", ".onnx"):
+        open(f, "wb").close()  # truncated under the running model
+print(json.dumps([first, run(sys.argv[2]), run(sys.argv[3])]))
+"""
+
+
+def test_truncated_program_after_load_never_kills_the_process(moe, tmp_path):
+    m = _copy(moe, tmp_path / "m")
+    other = "Another prompt, to run other tiers. " * 5
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(m), PROMPT, other], capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # not -7 (SIGBUS)
+    first, again, then = json.loads(r.stdout.strip().splitlines()[-1])
+    model, tok = stock_load(str(moe))
+    run = lambda p: [x.token for x in stream_generate(model, tok, p, max_tokens=8, sampler=make_sampler(0.0))]
+    assert first == again == run(PROMPT) and then == run(other)
