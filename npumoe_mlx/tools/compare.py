@@ -12,6 +12,7 @@ Writes ``compare.json``, ``compare.md`` and ``compare.png`` into ``--out``.
 """
 
 import gc
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from .. import bundle as bundles
 from .. import dense, heap
 from ..args import add_dense_flag
 from ..atomic import write_json
+from ..outputs import check_dir
+from ..owned import read_marker
 from ..build import build as build_bundle
 from ..checks import resolve_model
 from ..executor import LayerStats, OffloadExecutor, offload_stats, summarize
@@ -344,6 +347,7 @@ def compare(
         raise CompareError("--max-tokens must be >= 2 (decode speed needs at least two generated tokens)")
     if prefill_step < 1 or repeats < 1:
         raise CompareError("--prefill-step and --repeats must be >= 1")
+    check_out(out_dir)
     want = resolve(backend, check_runs=True)
     if dense_programs:
         dense.check_mode(want)
@@ -521,7 +525,36 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+OUTPUTS = ("compare.json", "compare.md", "compare.png")
+MARKER = "npumoe_compare.json"  # lists the files compare wrote in its --out: the ones it may replace
+
+
+def _ours(out: Path) -> set:
+    info = read_marker(out, MARKER)
+    if info is not None and isinstance(info.get("files"), list):
+        return set(info["files"])
+    try:  # a compare.json from before the marker: its results, and the md/png written with it
+        legacy = "token_agreement" in json.loads((out / "compare.json").read_text())
+    except (OSError, ValueError, TypeError):
+        legacy = False
+    return set(OUTPUTS) if legacy else set()
+
+
+def check_out(out_dir) -> Path:
+    """``--out`` is a folder compare may write (not a file, not a system folder, writable) and
+    holds no compare.{json,md,png} it did not write; checked before any work."""
+    out = check_dir(out_dir, "--out")
+    if out.is_dir():
+        theirs = [n for n in OUTPUTS if (out / n).exists() and n not in _ours(out)]
+        if theirs:
+            raise CompareError(f"--out {out_dir} holds {', '.join(theirs)}, which npumoe compare did not write; "
+                               f"nothing was run or changed: choose a new or empty --out")
+    return out
+
+
 def write_outputs(r: dict, out_dir: Path) -> None:
+    check_out(out_dir)  # (again: the folder may have changed during the run)
+    write_json(out_dir / MARKER, {"tool": "npumoe compare", "files": list(OUTPUTS)})
     write_json(out_dir / "compare.json", r)
     write_text(out_dir / "compare.md", format_markdown(r))
     plot(r, out_dir / "compare.png")
