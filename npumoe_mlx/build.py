@@ -239,6 +239,10 @@ def main(argv=None) -> int:
         raise ValueError(f"--memory-budget must be >= 0 GB, got {args.memory_budget}")
     at_least("--tokens", args.tokens, 1, "calibration tokens")
     at_least("--chunk-size", args.chunk_size, 1, "tokens per calibration chunk")
+    if args.out:
+        from .outputs import check_dir
+
+        check_dir(args.out, "--out")  # (a system folder, a file, no write access: named as --out, before the work)
     limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
     if args.cost:
         load_cost(args.cost)  # a bad file fails before the model loads

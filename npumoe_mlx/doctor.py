@@ -32,6 +32,7 @@ from .chips import chip_profile, detect_chip
 from .cost import CostModel, default_cost, flops_per_row
 from .experts import find_expert_blocks, stock_experts
 from .offload import resolve
+from .outputs import check_file
 from .tune import _module, median_s
 
 COREML_MIN_MACOS = (15, 0)  # iOS18 opset programs (DESIGN.md: macOS 15+)
@@ -411,6 +412,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-bench", action="store_true", help="Skip the micro-benchmark.")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
+    if args.json:
+        check_file(args.json, "--json")
     report = run(args.model, args.backend, run_bench=not args.no_bench, trust_remote_code=args.trust_remote_code)
     print(format_report(report))
     if args.json:

@@ -295,6 +295,10 @@ def main(argv=None) -> int:
     p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs, or --chip's).")
     p.add_argument("--json", metavar="PATH", help="Write rows and summary as JSON.")
     args = p.parse_args(argv)
+    if args.json:
+        from .outputs import check_file
+
+        check_file(args.json, "--json")  # before the work
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     try:

@@ -187,3 +187,102 @@ def test_truncated_program_after_load_never_kills_the_process(moe, tmp_path):
     model, tok = stock_load(str(moe))
     run = lambda p: [x.token for x in stream_generate(model, tok, p, max_tokens=8, sampler=make_sampler(0.0))]
     assert first == again == run(PROMPT) and then == run(other)
+
+
+# --- 3. compare never overwrites what it did not write ------------------------------
+
+
+class NoWork(Exception):
+    """Raised by the slow step a command must not reach when its output path is bad."""
+
+
+def _no_work(*a, **kw):
+    raise NoWork("the work started")
+
+
+def _one_line(err: str, sub: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err and "NoWork" not in err, err
+    assert lines[0].startswith(f"npumoe {sub}: error: "), lines
+    return lines[0]
+
+
+def test_compare_never_overwrites_a_file_it_did_not_write(moe, tmp_path, capsys, monkeypatch):
+    from npumoe_mlx.tools import compare
+
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "compare.md").write_text("my own notes")
+    monkeypatch.setattr(compare, "measure_side", _no_work)
+    rc, _, err = _run_cli(capsys, "compare", "--model", moe, "--out", d, "--prompt-tokens", "16", "--max-tokens", "2")
+    line = _one_line(err, "compare")
+    assert rc == 1 and f"--out {d} holds compare.md, which npumoe compare did not write; nothing was run" in line
+    assert (d / "compare.md").read_text() == "my own notes" and sorted(p.name for p in d.iterdir()) == ["compare.md"]
+
+
+@pytest.mark.parametrize("where", ["root", "proc", "file"])
+def test_compare_refuses_root_system_folders_and_a_file(moe, tmp_path, capsys, monkeypatch, where):
+    from npumoe_mlx.tools import compare
+
+    f = tmp_path / "results.txt"
+    f.write_text("mine")
+    out = {"root": "/", "proc": "/proc/npumoe-x", "file": str(f)}[where]
+    monkeypatch.setattr(compare, "measure_side", _no_work)
+    monkeypatch.setattr(compare, "write_outputs", _no_work)
+    rc, _, err = _run_cli(capsys, "compare", "--model", moe, "--out", out, "--prompt-tokens", "16", "--max-tokens", "2")
+    line = _one_line(err, "compare")
+    want = "exists and is not a folder" if where == "file" else "is a system folder"
+    assert rc == 1 and f"--out {out} {want}; nothing was run or written" in line
+    assert f.read_text() == "mine"
+
+
+def test_compare_rerun_replaces_its_own_outputs(moe, tmp_path, capsys):
+    d = tmp_path / "c"
+    args = ["compare", "--model", moe, "--out", d, "--prompt-tokens", "16", "--max-tokens", "2", "--no-logits"]
+    assert _run_cli(capsys, *args)[0] == 0
+    first = json.loads((d / "compare.json").read_text())
+    assert _run_cli(capsys, *args)[0] == 0  # its own files (listed in npumoe_compare.json): replaced
+    assert json.loads((d / "npumoe_compare.json").read_text())["files"] == ["compare.json", "compare.md", "compare.png"]
+    assert json.loads((d / "compare.json").read_text())["model"] == first["model"]
+
+
+# --- 6. every output path checked before the work ------------------------------------
+
+
+def _patch(monkeypatch, dotted: str):
+    import importlib
+
+    mod, name = dotted.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(mod), name, _no_work)
+
+
+OUTPUT_CASES = {  # id: (argv after the model, flag, bad path kind, the slow step)
+    "generate-stats-dir": (["generate", "--prompt", "hi", "--max-tokens", "2", "--stats", "{dir}"], "--stats", "is a folder",
+                           "npumoe_mlx.generate.load"),
+    "doctor-json-dir": (["doctor", "--no-bench", "--json", "{dir}"], "--json", "is a folder", "npumoe_mlx.doctor.run"),
+    "doctor-json-root": (["doctor", "--no-bench", "--json", "/"], "--json", "is a folder", "npumoe_mlx.doctor.run"),
+    "info-json-proc": (["info", "--json", "/proc/npumoe-x.json"], "--json", "is in a system folder",
+                       "npumoe_mlx.info.find_expert_blocks"),
+    "tune-out-root": (["tune", "--out", "/"], "--out", "is a folder", "npumoe_mlx.tune.tune"),
+    "tune-out-proc": (["tune", "--out", "/proc/npumoe-x"], "--out", "is in a system folder", "npumoe_mlx.tune.tune"),
+    "calibrate-routes-root": (["calibrate", "--tokens", "16", "--save-routes", "/"], "--save-routes", "is a folder",
+                              "npumoe_mlx.calibrate.calibrate"),
+    "calibrate-out-dir": (["calibrate", "--tokens", "16", "--out", "{dir}"], "--out", "is a folder",
+                          "npumoe_mlx.calibrate.calibrate"),
+    "build-out-proc": (["build", "--out", "/proc/npumoe-xx", "--force"], "--out", "is a system folder",
+                       "npumoe_mlx.build.build"),
+    "plan-json-dir": (["plan", "--json", "{dir}"], "--json", "is a folder", "npumoe_mlx.bundle.read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
+def test_output_paths_checked_before_the_work(moe, tmp_path, capsys, monkeypatch, case):
+    argv, flag, why, slow = OUTPUT_CASES[case]
+    _patch(monkeypatch, slow)
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, _, err = _run_cli(capsys, argv[0], "--model", moe, *argv[1:])
+    line = _one_line(err, argv[0])
+    bad = argv[argv.index(flag) + 1]
+    assert rc != 0 and f"error: {flag} {bad} {why}" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
