@@ -122,7 +122,8 @@ def _model_group(model, model_path, block: experts.ExpertBlock, ids: tuple):
         return lambda x: verify.model_group(block.module, ids, x)
 
     def want(x):
-        twin = release.file_twin(block.module, block.path, ids, release.file_tensors(model, model_path))
+        twin = (release.rows_twin(block.module, block.path, ids, model_path)  # G experts' bytes, not the layer's
+                or release.file_twin(block.module, block.path, ids, release.file_tensors(model, model_path)))
         return verify.model_group(block.module, ids, x) if twin is None else verify.model_group(twin, range(len(ids)), x)
 
     return want

@@ -142,6 +142,22 @@ def test_program_probed_on_first_use_when_not_probed_at_load(moe, want, tmp_path
     assert re.search(r"does not compute the model's experts|gave a bad output", warnings[0])
 
 
+@pytest.mark.parametrize("q_bits", [None, 4], ids=["float32", "q4"])
+def test_every_program_probed_on_first_use_passes_on_a_good_bundle(tmp_path, monkeypatch, capsys, q_bits):
+    """No program probed at load: each one's first call reads its experts' rows from the
+    safetensors (release.rows_twin) and checks the program; a good bundle keeps every layer on it."""
+    m = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=3, q_bits=q_bits)
+    _build(m)
+    monkeypatch.setattr(verify, "LOAD_LAYERS", 0)
+    monkeypatch.setattr(verify, "LOAD_OTHERS", 0)
+    model, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
+    capsys.readouterr()
+    assert _greedy(model, tok) == _greedy(*stock_load(str(m)))
+    assert "program failed" not in capsys.readouterr().err
+    st = offload_stats(model)
+    assert st and all(s.offloaded == s.calls and not s.fallback for s in st)
+
+
 # --- 2. files that change under a running model ------------------------------------
 
 
