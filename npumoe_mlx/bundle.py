@@ -48,8 +48,39 @@ def _writable(path: Path) -> bool:
     return os.access(parent, os.W_OK)
 
 
+def _own_hint(model: str, backend: str, model_path) -> str:
+    """The fix for a bundle that belongs to another model: build one for this model where
+    its loads look (never over the other model's bundle)."""
+    where = build_target(model_path, backend) if model_path is not None else None
+    into = f" (it goes to {where})" if where is not None else ""
+    return (f"build one for this model with `npumoe build --model {model} --backend {backend}`{into} and load "
+            f"without --bundle, or pass the model this bundle was built for")
+
+
+def other_models_bundle(path, model_path) -> Optional[str]:
+    """The fingerprint in the manifest at ``path`` when it is not ``model_path``'s and ``path`` is not
+    where this model's own bundle lives (``--bundle`` naming another model's bundle), else None."""
+    if path is None or model_path is None:
+        return None
+    try:
+        man = json.loads((Path(path) / "manifest.json").read_text())
+        fp = man.get("model_fingerprint") if isinstance(man, dict) else None
+        backend = man.get("backend") if isinstance(man.get("backend"), str) else "onnx"
+    except (OSError, ValueError):
+        return None
+    if not isinstance(fp, str) or Path(path).absolute() == locate_bundle(model_path, backend).absolute():
+        return None
+    try:
+        return fp if fp != model_fingerprint(model_path) else None
+    except (OSError, ValueError):
+        return None
+
+
 def rebuild_hint(model: str, backend: str, path=None, model_path=None) -> str:
-    """The command that rebuilds the bundle at ``path`` so that loads of ``model`` then use it."""
+    """The command that rebuilds the bundle at ``path`` so that loads of ``model`` then use it;
+    for another model's bundle (``other_models_bundle``), one that builds this model's elsewhere."""
+    if other_models_bundle(path, model_path) is not None:
+        return _own_hint(model, backend, model_path)
     if path is None or (model_path is not None and Path(path).absolute() == locate_bundle(model_path, backend).absolute()):
         if path is not None and model_path is not None and _read_only(Path(model_path)):
             where = f" (the model folder is read-only: it goes to the cache, {cached_bundle_dir(model_path, backend)}, which loads then use)"
@@ -254,10 +285,19 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
             f"{BUNDLE_FORMAT}, the one npumoe {__version__} reads; {_hint(backend)}"
         )
     if model_path is not None or fingerprint is not None:
-        if man.get("model_fingerprint") != (fingerprint or model_fingerprint(model_path)):
+        here = fingerprint or model_fingerprint(model_path)
+        theirs = man.get("model_fingerprint")
+        if theirs != here:
+            shown = str(theirs)[:12] if isinstance(theirs, str) else json.dumps(theirs)
+            if fingerprint is None and other_models_bundle(root, model_path) is not None:
+                owner = root.parent if (root.parent / "config.json").is_file() else None
+                raise BundleError(
+                    f"{root}: built for another model{f' ({owner})' if owner else ''}: fingerprint {shown}, "
+                    f"this model {here[:12]}; {_own_hint(model_name, backend, model_path)}"
+                )
             raise BundleError(
-                f"{root}: built for other weights (model fingerprint differs: the model changed "
-                f"after the build); {_hint(backend)}"
+                f"{root}: built for other weights (model fingerprint differs: {shown} in the bundle, {here[:12]} "
+                f"here: the model changed after the build); {_hint(backend)}"
             )
     try:
         for name, want in man["meta"].items():

@@ -302,3 +302,58 @@ def test_output_paths_checked_before_the_work(moe, tmp_path, capsys, monkeypatch
     bad = argv[argv.index(flag) + 1]
     assert rc != 0 and f"error: {flag} {bad} {why}" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# --- 5. another model's bundle --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """Another tiny qwen3_moe (same shapes, other weights) with its own valid bundle."""
+    path = make_tiny_model(tmp_path_factory.mktemp("other") / "O", "qwen3_moe", seed=7)
+    _build(path, tokens=64)
+    return path
+
+
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_another_models_bundle_is_named_and_its_fix_never_overwrites_it(moe, other, capsys):
+    from npumoe_mlx.fingerprint import model_fingerprint
+
+    theirs = other / "npumoe-onnx"
+    before = _tree(theirs)
+    rc, _, err = _run_cli(capsys, "generate", "--model", moe, "--offload", "onnx", "--bundle", theirs,
+                          "--prompt", "hi", "--max-tokens", "2")
+    line = _one_line(err, "generate")
+    a, b = model_fingerprint(other)[:12], model_fingerprint(moe)[:12]
+    assert rc == 1 and f"{theirs}: built for another model ({other}): fingerprint {a}, this model {b}" in line, line
+    assert "changed after the build" not in line
+    fix = re.findall(r"`(npumoe [^`]+)`", line)
+    assert fix == [f"npumoe build --model {moe} --backend onnx"], fix  # this model's own place, never --out theirs
+    assert f"(it goes to {moe / 'npumoe-onnx'})" in line
+    assert _tree(theirs) == before
+    # the API says the same
+    with pytest.raises(bundles.BundleError, match=re.escape(f"built for another model ({other}): fingerprint {a}")):
+        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(theirs), quiet=True)
+
+
+def test_the_model_changed_after_the_build_still_rebuilds_in_place(moe, other, tmp_path, capsys):
+    m = tmp_path / "m"
+    shutil.copytree(other, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    shutil.copytree(moe / "npumoe-onnx", m / "npumoe-onnx")  # its own place, other weights: a changed model
+    with pytest.raises(bundles.BundleError) as e:
+        npumoe_mlx.load(str(m), offload="onnx", quiet=True)
+    assert "model fingerprint differs" in str(e.value) and "the model changed after the build" in str(e.value)
+    assert f"rebuild it with `npumoe build --model {m} --backend onnx --force`" in str(e.value)
+
+
+def test_missing_bundle_dir_fix_builds_into_that_dir(moe, tmp_path, capsys):
+    nob = tmp_path / "nob" / "b"
+    rc, _, err = _run_cli(capsys, "generate", "--model", moe, "--offload", "onnx", "--bundle", nob,
+                          "--prompt", "hi", "--max-tokens", "2")
+    line = _one_line(err, "generate")
+    assert rc == 1 and f"no onnx bundle for this model at {nob}" in line
+    fix = re.findall(r"`(npumoe [^`]+)`", line)
+    assert fix == [f"npumoe build --model {moe} --backend onnx --out {nob}"], line
