@@ -28,6 +28,7 @@ from ._version import __version__
 from .cost import CostModel
 from .fingerprint import model_fingerprint
 from .plan import Plan
+from . import schema
 
 BUNDLE_FORMAT = 3  # 3: groups, tiers and limits only in plan.json; the manifest names each program's
 # (layer, group), its files and its backend's build entry ("program": files + metadata);
@@ -284,6 +285,10 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
             f"{root}: bundle format {got} (written by npumoe {man.get('npumoe_version')}) is not format "
             f"{BUNDLE_FORMAT}, the one npumoe {__version__} reads; {_hint(backend)}"
         )
+    try:
+        schema.check_manifest(man, SAMPLE_KEY)
+    except schema.SchemaError as e:
+        raise BundleError(f"{mpath}: {e}; {_hint(backend)}") from None
     if model_path is not None or fingerprint is not None:
         here = fingerprint or model_fingerprint(model_path)
         theirs = man.get("model_fingerprint")
@@ -305,8 +310,8 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
         for prog in man["programs"]:
             for rel, want in prog["files"].items():
                 _check_file(root, rel, want, _hint(backend), verify)
-        plan = Plan.load(safe_path(root, "plan.json"))
-        cost = CostModel.load(safe_path(root, "cost.json"))
+        plan = Plan.from_dict(_typed(root, "plan.json", schema.check_plan, _hint(backend)))
+        cost = CostModel.from_dict(_typed(root, "cost.json", schema.check_cost, _hint(backend)))
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError) as e:
@@ -322,6 +327,17 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
     if sorted(listed, key=repr) != sorted(needed, key=repr):  # one program per planned group, no other
         raise BundleError(f"{root}: manifest programs do not match the plan; {_hint(backend)}")
     return Bundle(root, man, plan, cost, model_name, model_path)
+
+
+def _typed(root: Path, name: str, check, hint) -> dict:
+    """``root/name`` parsed and checked by type and range (schema.py): BundleError naming the file and field."""
+    p = safe_path(root, name)
+    try:
+        d = json.loads(p.read_text())
+        check(d)
+    except (OSError, ValueError) as e:  # (SchemaError is a ValueError)
+        raise BundleError(f"{p}: {e}; {hint}") from None
+    return d
 
 
 class LazyHint:

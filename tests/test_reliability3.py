@@ -357,3 +357,75 @@ def test_missing_bundle_dir_fix_builds_into_that_dir(moe, tmp_path, capsys):
     assert rc == 1 and f"no onnx bundle for this model at {nob}" in line
     fix = re.findall(r"`(npumoe [^`]+)`", line)
     assert fix == [f"npumoe build --model {moe} --backend onnx --out {nob}"], line
+
+
+# --- 4. every bundle file validated by type at load -------------------------------------
+
+
+def _rehash(d, rel):
+    """Update the manifest's size and sha256 of ``rel``, as a careful hand edit would."""
+    man = json.loads((d / "manifest.json").read_text())
+    p = d / rel
+    entry = {"bytes": p.stat().st_size, "sha256": bundles._sha256(p), bundles.SAMPLE_KEY: bundles._sample_sha256(p)}
+    if rel in man["meta"]:
+        man["meta"][rel] = entry
+    (d / "manifest.json").write_text(json.dumps(man))
+
+
+def _edit(name, fn):
+    def edit(d):
+        p = d / name
+        obj = json.loads(p.read_text())
+        fn(obj)
+        p.write_text(json.dumps(obj))
+        if name != "manifest.json":
+            _rehash(d, name)
+    return edit
+
+
+def _set(path, value):
+    def fn(obj):
+        *head, last = path
+        for k in head:
+            obj = obj[k]
+        obj[last] = value
+    return fn
+
+
+TYPE_CASES = {  # id: (file, edit, the field and what it must be)
+    "tier-string": ("plan.json", _set(["layers", 0, "groups", 0, "tiers", 1], "16"),
+                    'layers[0].groups[0].tiers[1] is "16" (a string), but it must be an integer'),
+    "tiers-empty": ("plan.json", _set(["layers", 0, "groups", 0, "tiers"], []),
+                    "layers[0].groups[0].tiers is empty, but it must list at least one"),
+    "layer-a-list": ("plan.json", _set(["layers", 0], [1, 2]), "layers[0] is [1, 2] (a list), but it must be an object"),
+    "min-tokens-x": ("plan.json", _set(["layers", 0, "min_tokens"], "x"),
+                     'layers[0].min_tokens is "x" (a string), but it must be an integer'),
+    "objective": ("plan.json", _set(["layers", 1, "objective"], "speed"),
+                  'layers[1].objective is "speed" (a string), but it must be "time" or "energy"'),
+    "capacities": ("plan.json", _set(["limits", "capacities"], "8,16"),
+                   'limits.capacities is "8,16" (a string), but it must be a list'),
+    "cost-string": ("cost.json", _set(["dispatch_s"], "fast"), 'dispatch_s is "fast" (a string), but it must be a finite number'),
+    "cost-negative": ("cost.json", _set(["workers"], -2), "workers is -2 (an integer), but it must be >= 0"),
+    "manifest-layer": ("manifest.json", _set(["programs", 0, "layer"], "0"),
+                       'programs[0].layer is "0" (a string), but it must be an integer'),
+    "manifest-bytes": ("manifest.json", lambda m: next(iter(m["programs"][0]["files"].values())).update(bytes="big"),
+                       '.onnx.bytes is "big" (a string), but it must be an integer'),
+    "manifest-programs": ("manifest.json", _set(["programs"], {"a": 1}),
+                          'programs is {"a": 1} (an object), but it must be a list'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TYPE_CASES))
+def test_bundle_json_checked_by_type_naming_file_field_and_fix(moe, tmp_path, capsys, case):
+    name, fn, msg = TYPE_CASES[case]
+    d = tmp_path / "b"
+    shutil.copytree(moe / "npumoe-onnx", d)
+    _edit(name, fn)(d)
+    with pytest.raises(bundles.BundleError) as e:
+        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)
+    assert str(e.value).startswith(f"{d / name}: ") and msg in str(e.value), str(e.value)
+    assert re.match(r"^\S+: programs\[0\]\.files\.programs/L000/g00/\S+\.onnx\.bytes is", str(e.value)) or case != "manifest-bytes"
+    assert f"rebuild it with `npumoe build --model {moe} --backend onnx --out {d} --force`" in str(e.value)
+    rc, out, err = _run_cli(capsys, "generate", "--model", moe, "--bundle", d, "--offload", "onnx",
+                            "--max-tokens", "2", "--prompt", "hi")
+    assert rc == 1 and out == "" and msg in _one_line(err, "generate")
