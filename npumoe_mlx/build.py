@@ -8,6 +8,7 @@ right after (``Backend.checker``).
 """
 
 import argparse
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -235,8 +236,8 @@ def main(argv=None) -> int:
                    help="Size the ladders for the per-call loads `npumoe generate --stats FILE` saved (rebuilds).")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
-    if args.memory_budget is not None and args.memory_budget < 0:
-        raise ValueError(f"--memory-budget must be >= 0 GB, got {args.memory_budget}")
+    if args.memory_budget is not None and not (args.memory_budget >= 0 and math.isfinite(args.memory_budget)):
+        raise ValueError(f"--memory-budget must be a number of GB >= 0 (0 = no check), got {args.memory_budget}")
     at_least("--tokens", args.tokens, 1, "calibration tokens")
     at_least("--chunk-size", args.chunk_size, 1, "tokens per calibration chunk")
     if args.out:

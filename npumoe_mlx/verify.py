@@ -41,6 +41,10 @@ class ProgramMismatch(ValueError):
     """A program does not compute what the model's experts compute."""
 
 
+class ModelNotFinite(ValueError):
+    """The model's own experts give NaN or Inf: its weights, not a program, are at fault."""
+
+
 def probe(G: int, D: int, rows: int, seed: int) -> np.ndarray:
     """x: (G, rows, D) float32, seeded."""
     return np.random.default_rng(seed).standard_normal((G, rows, D)).astype(np.float32)
@@ -73,6 +77,10 @@ def tolerance(backend: str, module) -> float:
 def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, where: str) -> None:
     """Run ``program`` at each tier on ``x`` and compare with ``want_fn(x)``; ProgramMismatch if off."""
     want = want_fn(x)
+    if not np.all(np.isfinite(want)):
+        raise ModelNotFinite(
+            f"the model's own experts of {where} give NaN or Inf on a seeded probe (stock MLX): the model's "
+            f"weights hold NaN or Inf; re-download or re-convert the model")
     scale = max(float(np.abs(want).max()), 1e-6)
     for tier in tiers:
         rows = min(x.shape[1], tier)

@@ -265,6 +265,13 @@ def test_compare_rerun_replaces_its_own_outputs(moe, tmp_path, capsys):
 # --- 6. every output path checked before the work ------------------------------------
 
 
+def _error_line(err: str, sub: str) -> str:
+    """The one error line of a command that also logs progress (build)."""
+    lines = [l for l in err.splitlines() if l.startswith(f"npumoe {sub}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def _patch(monkeypatch, dotted: str):
     import importlib
 
@@ -429,3 +436,87 @@ def test_bundle_json_checked_by_type_naming_file_field_and_fix(moe, tmp_path, ca
     rc, out, err = _run_cli(capsys, "generate", "--model", moe, "--bundle", d, "--offload", "onnx",
                             "--max-tokens", "2", "--prompt", "hi")
     assert rc == 1 and out == "" and msg in _one_line(err, "generate")
+
+
+# --- 7. the other messages name the real problem ---------------------------------------
+
+
+def test_config_field_missing_names_config_json(moe, tmp_path, capsys):
+    m = tmp_path / "m"
+    shutil.copytree(moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    cfg = json.loads((m / "config.json").read_text())
+    del cfg["num_experts"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = _run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "2")
+    line = _one_line(err, "generate")
+    assert rc == 1 and f"{m}: config.json has no num_experts (the model's code needs it); restore or re-download" in line
+    assert "ModelArgs" not in line
+
+
+def test_moe_intermediate_size_zero_is_a_config_error(moe, tmp_path, capsys):
+    m = tmp_path / "m"
+    shutil.copytree(moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 0
+    (m / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = _run_cli(capsys, "build", "--model", m, "--no-tune", "--tokens", "16")
+    line = _one_line(err, "build")
+    assert rc == 1 and "config.json: moe_intermediate_size is 0 (an integer), but it must be >= 1 in a MoE model (8 experts)" in line
+    assert "division" not in line
+
+
+def test_nan_weights_are_named_the_models(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    m = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=2)
+    f = next(m.glob("model*.safetensors"))
+    w = load_file(str(f))
+    key = next(k for k in w if "layers.1" in k and "switch_mlp.down_proj.weight" in k)
+    w[key] = w[key].copy()
+    w[key][3, 5, 7] = np.nan  # one expert's one weight
+    save_file(w, str(f), metadata={"format": "mlx"})
+    rc, _, err = _run_cli(capsys, "build", "--model", m, "--no-tune", "--tokens", "64", "--cost", _eager(tmp_path))
+    line = _error_line(err, "build")
+    assert rc == 1 and "the model's own experts of programs/L001/" in line
+    assert "give NaN or Inf on a seeded probe (stock MLX): the model's weights hold NaN or Inf" in line
+    assert "bug in npumoe" not in line
+
+
+def _eager(tmp_path) -> Path:
+    p = tmp_path / "eager.json"
+    EAGER.save(str(p))
+    return p
+
+
+@pytest.mark.parametrize("value,want", [
+    ("nan", "--memory-budget must be a number of GB >= 0 (0 = no check), got nan"),
+    ("inf", "--memory-budget must be a number of GB >= 0 (0 = no check), got inf"),
+    ("0.0001", "over the memory budget of 0.10 MB"),
+])
+def test_memory_budget_nan_and_tiny(moe, tmp_path, capsys, value, want):
+    rc, _, err = _run_cli(capsys, "build", "--model", moe, "--out", tmp_path / "b", "--no-tune", "--tokens", "16",
+                          "--memory-budget", value)
+    line = _error_line(err, "build")
+    assert rc == 1 and want in line, line
+    assert "0.00 GB" not in line and "convert float NaN" not in line
+
+
+def test_install_on_something_that_is_not_a_model():
+    with pytest.raises(TypeError, match=r"install needs a loaded model \(an mlx.nn.Module, e.g. from mlx_lm.load\), "
+                                        r"got str 'not a model'; pass a path as model_path="):
+        npumoe_mlx.install("not a model", offload="onnx")
+
+
+@pytest.mark.parametrize("after", [1.0, 2.5, 5.0])  # imports, load, generation (after Python's own start-up)
+def test_ctrl_c_at_any_moment_prints_interrupted_and_exits_130(moe, after):
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "npumoe_mlx.cli", "generate", "--model", str(moe), "--offload", "onnx",
+                          "--prompt", PROMPT * 20, "--max-tokens", "4000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
+    time.sleep(after)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "npumoe generate: interrupted", err[-2000:]
