@@ -520,3 +520,35 @@ def test_ctrl_c_at_any_moment_prints_interrupted_and_exits_130(moe, after):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, (p.returncode, err[-2000:])
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "npumoe generate: interrupted", err[-2000:]
+
+
+def test_bundle_copied_over_a_served_one_keeps_the_server_up_and_stock_equal(moe, other, tmp_path):
+    from mlx_lm import generate as stock_generate
+
+    from tests.test_server import Server, _ask
+
+    m = _copy(moe, tmp_path / "m")
+    (tmp_path / "hub").mkdir()
+    srv = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", str(m), "--offload", "onnx"], tmp_path / "srv.log",
+                 env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    try:
+        srv.wait_ready()
+        first = _ask(srv.client(), "completion", False, prompt=PROMPT, max_tokens=12)
+        for f in _weights(m) + sorted((m / "npumoe-onnx").rglob("*.onnx")):
+            open(f, "wb").close()  # `cp` truncates each file it writes over
+        for f in sorted((other / "npumoe-onnx").rglob("*")):
+            if f.is_file():
+                dst = m / "npumoe-onnx" / f.relative_to(other / "npumoe-onnx")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dst)
+        again = _ask(srv.client(), "completion", False, prompt=PROMPT, max_tokens=12)
+        other_prompt = _ask(srv.client(), "completion", True, prompt="Another prompt, to run other tiers. " * 5,
+                            max_tokens=12)
+        assert srv.proc.poll() is None, srv.text()[-2000:]  # alive: no SIGBUS
+    finally:
+        srv.stop()
+    model, tok = stock_load(str(moe))
+    sampler = make_sampler(0.0)
+    assert first[0] == again[0] == stock_generate(model, tok, PROMPT, max_tokens=12, sampler=sampler)
+    assert other_prompt[0] == stock_generate(model, tok, "Another prompt, to run other tiers. " * 5, max_tokens=12,
+                                             sampler=sampler)
