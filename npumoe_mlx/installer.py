@@ -142,7 +142,7 @@ def _probe(bundle: Bundle, item: tuple, where: str, seed: int):
     prog, want, module = item
 
     def run() -> None:
-        x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=seed)
+        x = verify.probe(prog.G, prog.D, verify.FIRST_USE_ROWS, seed=seed)
         verify.check(prog, [min(prog.tiers)], want, x, verify.tolerance(bundle.plan.backend, module),
                      f"{where} ({prog.name})")
 

@@ -34,6 +34,11 @@ from . import experts
 TOLERANCE = {"onnx": 1e-4, "mlx": 1e-4, "coreml": 1e-2}
 DTYPE_TOLERANCE = {mx.float16: 1e-2, mx.bfloat16: 3e-2}  # the model's own rounding
 PROBE_ROWS = 8
+# Rows of the probe before a program's first call (Pinned.first_use): every weight of the program
+# touches every row's output, so 2 rows see any damaged weight; the reference on stock MLX costs
+# per row (CPU: ~6 ms a row for one Qwen3-dims q4 expert under load, measured), and a bundle has
+# hundreds of programs.
+FIRST_USE_ROWS = 2
 LOAD_LAYERS, LOAD_OTHERS = 8, 2  # programs checked at a (non --verify) load, see pick()
 
 
