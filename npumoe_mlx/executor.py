@@ -287,11 +287,11 @@ class OffloadExecutor:
         dst[s.loc[taken]] = taken
         y = np.empty((P + 1, D), np.float32)
         outs = np.empty((max(s.slots, 1), D), np.float32)  # slot order: each call writes its rows in place
-        tp = time.perf_counter()
-        n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
         if not self.__dict__.get("all_checked"):  # every byte and the probe, before a program's first call
             first_use(self.programs[call[0]] for call in s.calls)
             self.all_checked = all(getattr(p, "ready", True) for p in self.programs)
+        tp = time.perf_counter()
+        n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
         run_calls(self.programs, s.calls, x_np, outs, n)  # several at once if tune chose so; checked
         y[dst] = outs[: s.slots]
         self.stats.program_s += time.perf_counter() - tp

@@ -19,7 +19,6 @@ executor keeps that layer on MLX with one warning (see executor.py) instead of
 running unchecked code.
 """
 
-import hashlib
 import os
 import random
 from pathlib import Path
@@ -29,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import experts
+from .bundle import _sha256
 
 # Largest relative error (max |got - want| / max |want|) a backend may show.
 TOLERANCE = {"onnx": 1e-4, "mlx": 1e-4, "coreml": 1e-2}
@@ -122,14 +122,6 @@ def stat_sig(path: Path) -> Tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def first_use(programs: Iterable) -> None:
     """``Pinned.first_use`` of each program a call is about to run (on the caller's thread:
     the probe runs MLX). A few microseconds once every program was checked."""
@@ -163,7 +155,7 @@ class Pinned:
                 self.program.session(min(self.tiers))
             else:
                 for f, want in self._sha256.items():
-                    if sha256_file(f) != want:
+                    if _sha256(f) != want:
                         raise ProgramMismatch(f"program file {f} is damaged or changed since the build "
                                               f"(its sha256 is not the manifest's)")
             if self._probe is not None:

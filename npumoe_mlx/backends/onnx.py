@@ -13,7 +13,11 @@ CPU arena for their activations.
 ``build`` writes one graph per tier, ``<name>.c<tier>.onnx``, and their one weight
 file ``<name>.weights``; its entry maps each tier to its graph. Each graph carries
 the program's metadata (``ane_kernels.onnx.read_metadata``), which ``load`` checks
-against the entry.
+against the entry. A session opens from the graph and weight bytes read into memory
+(``read_source``), each file checked against ``OnnxProgram.expect`` (the manifest's
+sha256) on the very bytes the session copies: no file is mapped, so a file rewritten
+or truncated under a running session changes nothing (it used to: SIGBUS, or other
+weights).
 """
 
 import glob
