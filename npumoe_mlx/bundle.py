@@ -77,6 +77,14 @@ def other_models_bundle(path, model_path) -> Optional[str]:
         return None
 
 
+def _built_beside(root: Path, fp) -> bool:
+    """Whether the model folder holding bundle ``root`` is the one it was built for (fingerprint ``fp``)."""
+    try:
+        return (root.parent / "config.json").is_file() and model_fingerprint(root.parent) == fp
+    except (OSError, ValueError):
+        return False
+
+
 def rebuild_hint(model: str, backend: str, path=None, model_path=None) -> str:
     """The command that rebuilds the bundle at ``path`` so that loads of ``model`` then use it;
     for another model's bundle (``other_models_bundle``), one that builds this model's elsewhere."""
@@ -295,10 +303,13 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
         if theirs != here:
             shown = str(theirs)[:12] if isinstance(theirs, str) else json.dumps(theirs)
             if fingerprint is None and other_models_bundle(root, model_path) is not None:
-                owner = root.parent if (root.parent / "config.json").is_file() else None
+                fix = _own_hint(model_name, backend, model_path)
+                if _built_beside(root, theirs):
+                    raise BundleError(f"{root}: built for another model ({root.parent}): fingerprint {shown}, "
+                                      f"this model {here[:12]}; {fix}")
                 raise BundleError(
-                    f"{root}: built for another model{f' ({owner})' if owner else ''}: fingerprint {shown}, "
-                    f"this model {here[:12]}; {_own_hint(model_name, backend, model_path)}"
+                    f"{root}: built for other weights (model fingerprint differs: {shown} in the bundle, {here[:12]} "
+                    f"here: another model's bundle, or this model changed after the build); {fix}"
                 )
             raise BundleError(
                 f"{root}: built for other weights (model fingerprint differs: {shown} in the bundle, {here[:12]} "

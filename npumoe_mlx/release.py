@@ -143,10 +143,10 @@ def file_twin(m, path: str, ids: Sequence[int], tensors: Dict[str, mx.array]) ->
         f = tensors.get(name)
         return None if f is None or f.shape != v.shape or f.dtype != v.dtype else f[idx]
 
-    return _twin(m, path, rows)
+    return _twin_of(m, path, rows)
 
 
-def _twin(m, path: str, rows) -> Optional[SwitchGLU]:
+def _twin_of(m, path: str, rows) -> Optional[SwitchGLU]:
     """A SwitchGLU shell of ``m`` whose stacked arrays are ``rows(name, array)`` ((G, ...) each,
     or None: no twin); evaluated."""
     arrays = _arrays(m)
@@ -221,7 +221,7 @@ def rows_twin(m, path: str, ids: Sequence[int], model_path) -> Optional[SwitchGL
             return None
         a = mx.array(np.frombuffer(data, np.uint8)).view(v.dtype).reshape(len(ids), *shape[1:])
         tensors[name] = a
-    return _twin(m, path, lambda name, v: tensors[name])
+    return _twin_of(m, path, lambda name, v: tensors[name])
 
 
 def release_block(m, layer: int, ids: Sequence[int], want: Dict[str, mx.array], keep_from: Dict[str, mx.array],
