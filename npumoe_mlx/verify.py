@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from . import experts
+from . import experts, heap
 from .bundle import _sha256
 
 # Largest relative error (max |got - want| / max |want|) a backend may show.
@@ -125,9 +125,13 @@ def stat_sig(path: Path) -> Tuple[int, int, int, int]:
 def first_use(programs: Iterable) -> None:
     """``Pinned.first_use`` of each program a call is about to run (on the caller's thread:
     the probe runs MLX). A few microseconds once every program was checked."""
+    opened = False
     for p in programs:
         if not getattr(p, "ready", True):
+            opened = True
             p.first_use()
+    if opened:  # the files' bytes were read into (and freed from) the heap: hand the pages back
+        heap.trim()
 
 
 class Pinned:
