@@ -9,18 +9,27 @@ take it off) a model loaded elsewhere; ``stats`` says what ran where per layer; 
 is mlx_lm's ``sharded_load`` with each rank's experts offloaded.
 """
 
-from mlx_lm.generate import (
-    BatchResponse,
-    GenerationResponse,
-    batch_generate,
-    generate,
-    stream_generate,
-)
+import sys as _sys
 
-from ._version import __version__
-from .convert import convert
-from .loading import install, load, remove, stats
-from .sharded import sharded_load
+try:  # seconds of imports (mlx, mlx_lm): the `npumoe` command imports this package before its main runs
+    from mlx_lm.generate import (
+        BatchResponse,
+        GenerationResponse,
+        batch_generate,
+        generate,
+        stream_generate,
+    )
+
+    from ._version import __version__
+    from .convert import convert
+    from .loading import install, load, remove, stats
+    from .sharded import sharded_load
+except KeyboardInterrupt:  # Ctrl-C while `npumoe ...` / `python -m npumoe_mlx...` starts: no traceback
+    if _sys.argv[:1] == ["-m"] or _sys.argv[0].rsplit("/", 1)[-1] == "npumoe":
+        _sub = _sys.argv[1] if len(_sys.argv) > 1 and not _sys.argv[1].startswith("-") else ""
+        print(f"npumoe{' ' + _sub if _sub else ''}: interrupted", file=_sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 __all__ = [
     "load",

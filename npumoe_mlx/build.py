@@ -9,6 +9,7 @@ right after (``Backend.checker``).
 
 import argparse
 import importlib.util
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -297,10 +298,14 @@ def main(argv=None) -> int:
     p.add_argument("--trust-remote-code", action="store_true")
     add_weight_format_flag(p)
     args = p.parse_args(argv)
-    if args.memory_budget is not None and args.memory_budget < 0:
-        raise ValueError(f"--memory-budget must be >= 0 GB, got {args.memory_budget}")
+    if args.memory_budget is not None and not (args.memory_budget >= 0 and math.isfinite(args.memory_budget)):
+        raise ValueError(f"--memory-budget must be a number of GB >= 0 (0 = no check), got {args.memory_budget}")
     at_least("--tokens", args.tokens, 1, "calibration tokens")
     at_least("--chunk-size", args.chunk_size, 1, "tokens per calibration chunk")
+    if args.out:
+        from .outputs import check_dir
+
+        check_dir(args.out, "--out")  # (a system folder, a file, no write access: named as --out, before the work)
     limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
     check_weight_format(args.backend, args.weight_format)
     if args.cost:

@@ -29,6 +29,7 @@ from .backends import registry
 from .cost import CostModel
 from .fingerprint import model_fingerprint
 from .plan import Plan
+from . import schema
 
 BUNDLE_FORMAT = 3  # 3: groups, tiers and limits only in plan.json; the manifest names each program's
 # (layer, group), its files and its backend's build entry ("program": files + metadata);
@@ -49,8 +50,47 @@ def _writable(path: Path) -> bool:
     return os.access(parent, os.W_OK)
 
 
+def _own_hint(model: str, backend: str, model_path) -> str:
+    """The fix for a bundle that belongs to another model: build one for this model where
+    its loads look (never over the other model's bundle)."""
+    where = build_target(model_path, backend) if model_path is not None else None
+    into = f" (it goes to {where})" if where is not None else ""
+    return (f"build one for this model with `npumoe build --model {model} --backend {backend}`{into} and load "
+            f"without --bundle, or pass the model this bundle was built for")
+
+
+def other_models_bundle(path, model_path) -> Optional[str]:
+    """The fingerprint in the manifest at ``path`` when it is not ``model_path``'s and ``path`` is not
+    where this model's own bundle lives (``--bundle`` naming another model's bundle), else None."""
+    if path is None or model_path is None:
+        return None
+    try:
+        man = json.loads((Path(path) / "manifest.json").read_text())
+        fp = man.get("model_fingerprint") if isinstance(man, dict) else None
+        backend = man.get("backend") if isinstance(man.get("backend"), str) else "onnx"
+    except (OSError, ValueError):
+        return None
+    if not isinstance(fp, str) or Path(path).absolute() == locate_bundle(model_path, backend).absolute():
+        return None
+    try:
+        return fp if fp != model_fingerprint(model_path) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _built_beside(root: Path, fp) -> bool:
+    """Whether the model folder holding bundle ``root`` is the one it was built for (fingerprint ``fp``)."""
+    try:
+        return (root.parent / "config.json").is_file() and model_fingerprint(root.parent) == fp
+    except (OSError, ValueError):
+        return False
+
+
 def rebuild_hint(model: str, backend: str, path=None, model_path=None) -> str:
-    """The command that rebuilds the bundle at ``path`` so that loads of ``model`` then use it."""
+    """The command that rebuilds the bundle at ``path`` so that loads of ``model`` then use it;
+    for another model's bundle (``other_models_bundle``), one that builds this model's elsewhere."""
+    if other_models_bundle(path, model_path) is not None:
+        return _own_hint(model, backend, model_path)
     if path is None or (model_path is not None and Path(path).absolute() == locate_bundle(model_path, backend).absolute()):
         if path is not None and model_path is not None and _read_only(Path(model_path)):
             where = f" (the model folder is read-only: it goes to the cache, {cached_bundle_dir(model_path, backend)}, which loads then use)"
@@ -254,11 +294,27 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
             f"{root}: bundle format {got} (written by npumoe {man.get('npumoe_version')}) is not format "
             f"{BUNDLE_FORMAT}, the one npumoe {__version__} reads; {_hint(backend)}"
         )
+    try:
+        schema.check_manifest(man, SAMPLE_KEY)
+    except schema.SchemaError as e:
+        raise BundleError(f"{mpath}: {e}; {_hint(backend)}") from None
     if model_path is not None or fingerprint is not None:
-        if man.get("model_fingerprint") != (fingerprint or model_fingerprint(model_path)):
+        here = fingerprint or model_fingerprint(model_path)
+        theirs = man.get("model_fingerprint")
+        if theirs != here:
+            shown = str(theirs)[:12] if isinstance(theirs, str) else json.dumps(theirs)
+            if fingerprint is None and other_models_bundle(root, model_path) is not None:
+                fix = _own_hint(model_name, backend, model_path)
+                if _built_beside(root, theirs):
+                    raise BundleError(f"{root}: built for another model ({root.parent}): fingerprint {shown}, "
+                                      f"this model {here[:12]}; {fix}")
+                raise BundleError(
+                    f"{root}: built for other weights (model fingerprint differs: {shown} in the bundle, {here[:12]} "
+                    f"here: another model's bundle, or this model changed after the build); {fix}"
+                )
             raise BundleError(
-                f"{root}: built for other weights (model fingerprint differs: the model changed "
-                f"after the build); {_hint(backend)}"
+                f"{root}: built for other weights (model fingerprint differs: {shown} in the bundle, {here[:12]} "
+                f"here: the model changed after the build); {_hint(backend)}"
             )
     try:
         for name, want in man["meta"].items():
@@ -266,8 +322,8 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
         for prog in man["programs"]:
             for rel, want in prog["files"].items():
                 _check_file(root, rel, want, _hint(backend), verify)
-        plan = Plan.load(safe_path(root, "plan.json"))
-        cost = CostModel.load(safe_path(root, "cost.json"))
+        plan = Plan.from_dict(_typed(root, "plan.json", schema.check_plan, _hint(backend)))
+        cost = CostModel.from_dict(_typed(root, "cost.json", schema.check_cost, _hint(backend)))
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError) as e:
@@ -283,6 +339,17 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
     if sorted(listed, key=repr) != sorted(needed, key=repr):  # one program per planned group, no other
         raise BundleError(f"{root}: manifest programs do not match the plan; {_hint(backend)}")
     return Bundle(root, man, plan, cost, model_name, model_path)
+
+
+def _typed(root: Path, name: str, check, hint) -> dict:
+    """``root/name`` parsed and checked by type and range (schema.py): BundleError naming the file and field."""
+    p = safe_path(root, name)
+    try:
+        d = json.loads(p.read_text())
+        check(d)
+    except (OSError, ValueError) as e:  # (SchemaError is a ValueError)
+        raise BundleError(f"{p}: {e}; {hint}") from None
+    return d
 
 
 class LazyHint:

@@ -345,6 +345,11 @@ def main(argv=None) -> int:
     out = args.out or (
         os.path.join(args.model, "npumoe-profile.json") if os.path.isdir(args.model) else "npumoe-profile.json"
     )
+    from .outputs import check_file
+
+    check_file(out, "--out")  # before the calibration, not after it
+    if args.save_routes:
+        check_file(args.save_routes, "--save-routes")
 
 
     model_path = _resolve_model_path(args.model)

@@ -131,6 +131,8 @@ def check_config(cfg_path, config: dict) -> None:
             if cfg.get(key) is not None and not (type(cfg[key]) is int and cfg[key] >= 0):
                 raise _bad(cfg_path, key, cfg[key], "an integer >= 0")
         experts = next((cfg[k] for k in EXPERT_COUNT_KEYS if _is_pos_int(cfg.get(k))), None)
+        if experts is not None and cfg.get("moe_intermediate_size") == 0:
+            raise _bad(cfg_path, "moe_intermediate_size", 0, f">= 1 in a MoE model ({experts} experts)")
         for key in TOP_K_KEYS:
             if cfg.get(key) is None:
                 continue
@@ -233,6 +235,15 @@ def explain_load_errors(path):
     """Turn mlx_lm's weight/config mismatch and custom-code errors into ones that say what to do."""
     try:
         yield
+    except TypeError as e:  # ModelArgs(**config): a field the family's code needs is not in config.json
+        m = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.+)$", str(e))
+        if m is None:
+            raise
+        names = re.findall(r"'([^']+)'", m.group(1))
+        raise ModelError(
+            f"{path}: config.json has no {', '.join(names)} (the model's code needs "
+            f"{'it' if len(names) == 1 else 'them'}); restore or re-download config.json"
+        ) from None
     except KeyError as e:  # a family's sanitize() pops each tensor it needs by name
         key = e.args[0] if e.args else "?"
         raise ModelError(

@@ -204,6 +204,10 @@ def main(argv=None) -> int:
     p.add_argument("--file", metavar="PATH", help="Read profiles from this file instead of the shipped table.")
     p.add_argument("--json", metavar="PATH", help="Write the profiles (values, sources, notes) as JSON instead of printing them.")
     args = p.parse_args(argv)
+    if args.json:
+        from .outputs import check_file
+
+        check_file(args.json, "--json")  # before the work
     chips = load_chips(args.file)
     rows = [chip_profile(args.chip, args.file)] if args.chip else list(chips.values())
     if args.json:  # the file is the output: one line, not the table as well

@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         return 2
     debug = "--debug" in rest
     rest = [a for a in rest if a != "--debug"]
-    module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])  # (seconds: mlx, mlx_lm; Ctrl-C may come here)
         return module.main(rest) or 0
     except KeyboardInterrupt:
         print(f"npumoe {name}: interrupted", file=sys.stderr)

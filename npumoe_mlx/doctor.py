@@ -33,6 +33,7 @@ from .backends.registry import package_version as _version
 from .cost import CostModel, flops_per_row
 from .experts import find_expert_blocks, stock_experts
 from .offload import resolve
+from .outputs import check_file
 from .tune import _module, median_s
 
 MEMORY_HEADROOM = 0.8  # without a GPU working-set limit: weights + programs may take this share of RAM
@@ -127,7 +128,7 @@ def _bundle_info(local: Path, name: str, backend: str, problems: list, preferred
                              "fix": f"npumoe build --model {name} --backend {backend}"})
         return info
     try:
-        b = bundles.read(path, local, name)
+        b = bundles.read(path, local, name, verify=True)  # every byte: a load samples, the first call checks the rest
     except bundles.BundleError as e:
         info.update(current=False, problem=str(e))
         problems.append({"problem": f"{backend} bundle is not usable: {e}",
@@ -349,6 +350,8 @@ def format_report(r: dict) -> str:
                              "offloadable" if b["supported"] else f"stock MLX: {b['reason']}"))
             lines += _table(rows)
         for name, b in mo["bundles"].items():
+            if b["exists"]:
+                lines.append(f"bundle {name}: checked every program file's whole sha256 against its manifest")
             if not b["exists"]:
                 lines.append(f"bundle {name}: none (would be {b['path']})")
             elif not b.get("current"):
@@ -397,12 +400,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-bench", action="store_true", help="Skip the micro-benchmark.")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
+    if args.json:
+        check_file(args.json, "--json")
     report = run(args.model, args.backend, run_bench=not args.no_bench, trust_remote_code=args.trust_remote_code)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
-    return 1 if report["problems"] else 0  # scripts and CI can act on "problems found"
+    damaged = any(b["exists"] and not b.get("current") for b in ((report["model"] or {}).get("bundles") or {}).values())
+    return 1 if report["problems"] or damaged else 0  # scripts and CI can act on "problems found"
 
 
 if __name__ == "__main__":

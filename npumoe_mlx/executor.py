@@ -41,6 +41,7 @@ from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
 from .release import record_of
+from .verify import first_use
 from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
@@ -286,6 +287,9 @@ class OffloadExecutor:
         x_np = np.asarray(c.x32)  # (N, D), no copy
         outs = np.empty((s.slots + 1, D), np.float32)  # slot order: each call writes its rows in place
         outs[s.slots] = 0.0
+        if not self.__dict__.get("all_checked"):  # every byte and the probe, before a program's first call
+            first_use(self.programs[call[0]] for call in s.calls)
+            self.all_checked = all(getattr(p, "ready", True) for p in self.programs)
         tp = time.perf_counter()
         n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
         run_calls(self.programs, s.calls, x_np, outs, n, inputs=self._gather_on_mlx(c))  # several at once if tune
@@ -409,6 +413,7 @@ class SharedExecutor:
     def _run(self, x_np: np.ndarray) -> np.ndarray:
         """(n, D) float32 through the program in rounds of its ladder."""
         st, (n, D) = self.stats, x_np.shape
+        first_use([self.program])
         out = np.empty((n, D), np.float32)
         caps, start = ladder_rounds(np.array([n]), self.plan.tiers), 0
         for cap in caps:

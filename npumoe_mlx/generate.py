@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from . import dense, release, sharded
 from .args import add_dense_flag, at_least
+from .outputs import check_file
 from .executor import format_stats, offload_stats, stats_profile, summarize
 from .loading import load
 from .offload import MODES
@@ -133,6 +134,8 @@ def main(argv=None):
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
     at_least("--prefill-step-size", args.prefill_step_size, 1, "tokens per prefill chunk")
+    if args.stats:  # --stats FILE: checked before the load and the generation
+        check_file(args.stats, "--stats")
     if args.dense_programs and (args.build or mx.distributed.init().size() > 1):
         raise ValueError("--dense-programs is not supported with --build or under mlx.launch (sharded models) yet")
     loaded = []

@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="Also write the description as JSON.")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
+    if args.json:
+        from .outputs import check_file
+
+        check_file(args.json, "--json")
     local = resolve_model(args.model, need_tokenizer=False)
     with explain_load_errors(args.model):
         model, config = mlx_utils.load_model(local, lazy=True, trust_remote_code=args.trust_remote_code)  # no tokenizer needed

@@ -83,8 +83,13 @@ def install(
     shared = _load_shared(bundle, found, be, progs, hint)
     for key, (mlp, _, prog) in shared.items():
         loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
-    _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
-    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]])  # read() checked the paths
+    for k, (prog, _, _) in loaded.items():  # whole-file hashes for the bytes a session copies (onnx)
+        if hasattr(prog, "expect"):
+            prog.expect.update({str((bundle.path / f).absolute()): w["sha256"] for f, w in progs[k]["files"].items()})
+    probed = _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
+    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]],  # read() checked the paths
+                               {bundle.path / f: w["sha256"] for f, w in progs[k]["files"].items()},
+                               None if k in probed else _probe(bundle, loaded[k], progs[k]["dir"], k[0]), hint)
               for k, (prog, _, _) in loaded.items()}
     executors = {}
     for lp in bundle.plan.layers:
@@ -117,7 +122,8 @@ def _model_group(model, model_path, block: experts.ExpertBlock, ids: tuple):
         return lambda x: verify.model_group(block.module, ids, x)
 
     def want(x):
-        twin = release.file_twin(block.module, block.path, ids, release.file_tensors(model, model_path))
+        twin = (release.rows_twin(block.module, block.path, ids, model_path)  # G experts' bytes, not the layer's
+                or release.file_twin(block.module, block.path, ids, release.file_tensors(model, model_path)))
         return verify.model_group(block.module, ids, x) if twin is None else verify.model_group(twin, range(len(ids)), x)
 
     return want
@@ -131,13 +137,27 @@ def _load_program(be, bundle: Bundle, p: dict, hint: str):
         raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
 
 
-def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, hint: str) -> None:
+def _probe(bundle: Bundle, item: tuple, where: str, seed: int):
+    """The probe a program not checked at load runs before its first call (verify.Pinned)."""
+    prog, want, module = item
+
+    def run() -> None:
+        x = verify.probe(prog.G, prog.D, verify.FIRST_USE_ROWS, seed=seed)
+        verify.check(prog, [min(prog.tiers)], want, x, verify.tolerance(bundle.plan.backend, module),
+                     f"{where} ({prog.name})")
+
+    return run
+
+
+def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, hint: str) -> set:
     """Run a seeded probe through the programs (a sample, or all tiers of all with ``everything``)
-    and compare with the model's experts on stock MLX; a mismatch refuses the bundle."""
+    and compare with the model's experts on stock MLX; a mismatch refuses the bundle. Returns
+    the keys probed (the others are probed before their first call)."""
     firsts = {}
     for key in loaded:
         firsts.setdefault(key[0], key)
-    for key in verify.pick(list(loaded), everything, firsts):
+    chosen = verify.pick(list(loaded), everything, firsts)
+    for key in chosen:
         prog, want, module = loaded[key]
         tiers = sorted(prog.tiers) if everything else [min(prog.tiers)]
         x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=key[0])
@@ -147,6 +167,7 @@ def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, 
                          f"{progs[key]['dir']} ({prog.name})")
         except verify.ProgramMismatch as e:
             raise BundleError(f"{bundle.path}: {e}; {hint}") from None
+    return set(chosen)
 
 
 def _load_shared(bundle: Bundle, blocks: List[experts.ExpertBlock], be, progs: dict, hint: str) -> dict:

@@ -125,6 +125,9 @@ def install(
     ``keep_mlx_experts`` as in ``load`` (experts are released only when ``model_path``
     names the weights to read them back from). ``dense_programs`` as in ``load``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"install needs a loaded model (an mlx.nn.Module, e.g. from mlx_lm.load), got "
+                        f"{type(model).__name__} {str(model)[:40]!r}; pass a path as model_path=")
     _offload.resolve(offload, check_runs=True)
     if dense_programs:
         dense.check_mode(offload)

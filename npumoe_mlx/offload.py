@@ -85,9 +85,10 @@ def apply(
                 quiet,
             )
             return "off"
+        into = f" --out {path}" if bundle else ""  # a --bundle DIR that is missing: the fix builds into DIR
         raise OffloadError(
             f"no {want} bundle for this model{where}; build it with "
-            f"`npumoe build --model {model_name} --backend {want}`"
+            f"`npumoe build --model {model_name} --backend {want}{into}`"
         )
     b = bundles.read(path, model_path, model_name, verify=verify, fingerprint=fingerprint)  # fingerprint: a shard's (sharded.py)
     if b.plan.backend != want:

@@ -778,6 +778,10 @@ def main(argv=None) -> int:
     from . import bundle as bundles
     from .args import at_least, choose_cost
     from .checks import resolve_model
+    from .outputs import check_file
+
+    if args.json:
+        check_file(args.json, "--json")
 
     at_least("--tokens", args.tokens, 1, "calibration tokens")
     local = resolve_model(args.model)

@@ -23,6 +23,9 @@ weight files must stay in place while a model is loaded with released experts (a
 """
 
 import glob
+import json
+import os
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,10 +137,21 @@ def file_twin(m, path: str, ids: Sequence[int], tensors: Dict[str, mx.array]) ->
     twin reads each tensor once and frees it, where ``m``'s own lazy arrays, once evaluated,
     would keep every checked layer's whole stacked experts until the release (the load's
     RSS peak: the model's expert bytes)."""
+    idx = mx.array(np.asarray(ids, np.int32))
+
+    def rows(name, v):
+        f = tensors.get(name)
+        return None if f is None or f.shape != v.shape or f.dtype != v.dtype else f[idx]
+
+    return _twin_of(m, path, rows)
+
+
+def _twin_of(m, path: str, rows) -> Optional[SwitchGLU]:
+    """A SwitchGLU shell of ``m`` whose stacked arrays are ``rows(name, array)`` ((G, ...) each,
+    or None: no twin); evaluated."""
     arrays = _arrays(m)
     if not arrays:
         return None
-    idx = mx.array(np.asarray(ids, np.int32))
     twin = _shell(m, SwitchGLU)
     lins = {}
     for key, child in m.items():
@@ -147,10 +161,10 @@ def file_twin(m, path: str, ids: Sequence[int], tensors: Dict[str, mx.array]) ->
         lin = lins[key] = _shell(child)
         dict.__setitem__(twin, key, lin)
     for lin, p, k, v in arrays:
-        f = tensors.get(f"{path}.{p}.{k}")
-        if f is None or f.shape != v.shape or f.dtype != v.dtype:
+        r = rows(f"{path}.{p}.{k}", v)
+        if r is None:
             return None
-        dict.__setitem__(lins[p], k, f[idx])
+        dict.__setitem__(lins[p], k, r)
     for key, child in m.items():  # anything else the projections hold (not stacked per expert)
         if key in PROJ:
             for k, v in child.items():
@@ -158,6 +172,56 @@ def file_twin(m, path: str, ids: Sequence[int], tensors: Dict[str, mx.array]) ->
                     dict.__setitem__(lins[key], k, v)
     mx.eval(twin.parameters())
     return twin
+
+
+_MX = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8,
+       "I32": mx.int32, "U16": mx.uint16, "I8": mx.int8}
+_HEADERS: Dict[tuple, Dict[str, tuple]] = {}  # (file, size, mtime) -> {tensor: (file, dtype, shape, data start)}
+
+
+def _tensor_index(model_path) -> Dict[str, tuple]:
+    """Every tensor of the model's safetensors as saved: (file, dtype, shape, first byte)."""
+    out = {}
+    for f in sorted(glob.glob(str(Path(model_path) / "model*.safetensors"))):
+        st = os.stat(f)
+        key = (f, st.st_size, st.st_mtime_ns)
+        if key not in _HEADERS:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            _HEADERS[key] = {k: (f, t["dtype"], tuple(t["shape"]), 8 + n + t["data_offsets"][0])
+                             for k, t in header.items() if k != "__metadata__"}
+        out.update(_HEADERS[key])
+    return out
+
+
+def rows_twin(m, path: str, ids: Sequence[int], model_path) -> Optional[SwitchGLU]:
+    """``file_twin`` read row by row: experts ``ids`` of each stacked array straight from the
+    bytes of the safetensors tensor of the same name, shape and dtype (a checkpoint saved in
+    mlx_lm's layout, which ``sanitize`` leaves as it is). Reads G experts, not the layer's E
+    (the probe before a program's first call, verify.py); None when a tensor is not saved so."""
+    arrays = _arrays(m)
+    if not arrays:
+        return None
+    try:
+        index = _tensor_index(model_path)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    tensors = {}
+    for _, p, k, v in arrays:
+        name = f"{path}.{p}.{k}"
+        t = index.get(name)
+        if t is None or _MX.get(t[1]) != v.dtype or t[2] != tuple(v.shape):
+            return None
+        f, _, shape, start = t
+        row = v.dtype.size * int(np.prod(shape[1:], dtype=np.int64))
+        with open(f, "rb") as fh:
+            data = b"".join(os.pread(fh.fileno(), row, start + int(e) * row) for e in ids)
+        if len(data) != row * len(ids):
+            return None
+        a = mx.array(np.frombuffer(data, np.uint8)).view(v.dtype).reshape(len(ids), *shape[1:])
+        tensors[name] = a
+    return _twin_of(m, path, lambda name, v: tensors[name])
 
 
 def release_block(m, layer: int, ids: Sequence[int], want: Dict[str, mx.array], keep_from: Dict[str, mx.array],

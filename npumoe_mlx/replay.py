@@ -387,6 +387,10 @@ def main(argv=None) -> int:
                    "(default: --chip's measured one, where its profile has one).")
     p.add_argument("--cpu-power-w", type=float, help="CPU watts while it runs them (with --cpu-tflops).")
     args = p.parse_args(argv)
+    if args.json:
+        from .outputs import check_file
+
+        check_file(args.json, "--json")  # before the work
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     try:

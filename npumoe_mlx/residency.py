@@ -157,8 +157,8 @@ def check_budget(resident: dict, budget: Optional[int]) -> None:
     """ValueError (one line) when the plan's resident bytes exceed ``budget``."""
     if budget is not None and resident["total"] > budget:
         raise ValueError(
-            f"the plan needs {resident['total'] / 1e9:.2f} GB resident (MLX {resident['mlx'] / 1e9:.2f} GB + "
-            f"programs {resident['programs'] / 1e9:.2f} GB), over the memory budget of {budget / 1e9:.2f} GB; "
+            f"the plan needs {size(resident['total'])} resident (MLX {size(resident['mlx'])} + "
+            f"programs {size(resident['programs'])}), over the memory budget of {size(budget)}; "
             f"raise --memory-budget or offload fewer experts (--max-programs)"
         )
 

@@ -447,6 +447,9 @@ def main(argv=None) -> int:
     from .checks import explain_load_errors, resolve_model
 
     at_least("--repeats", args.repeats, 1, "timed runs per shape")
+    from .outputs import check_file
+
+    check_file(args.out or f"npumoe-cost-{args.backend}.json", "--out")  # before the measurements, not after
     local = resolve_model(args.model, need_tokenizer=False)
     with explain_load_errors(args.model):
         model, config = mlx_utils.load_model(local, lazy=True)  # shapes only: no tokenizer

@@ -6,10 +6,17 @@ compute this model's experts. So at build (every tier of every program) and at l
 through ``program.run(x, tier)`` and its output is compared with the model's own
 experts computed by stock MLX. A mismatch refuses the bundle, naming the program.
 
-Program files are also pinned at load: ``Pinned`` wraps a program and, the first
-time each tier runs, checks that its files are still the ones checked at load
-(inode, size, mtime, ctime); a file replaced since then makes the run fail, and the
-executor keeps that layer on MLX (see executor.py) instead of running unchecked code.
+A load hashes samples of each program file (``bundle.read``), so before a program's
+first call (``Pinned.first_use``, which the executors call) every byte of its files
+is checked against the manifest's whole sha256 and the program that was not probed
+at load runs the probe. The onnx backend checks the very bytes its session copies
+(backends/onnx.py ``read_source``: weights in memory the process owns, so a file
+rewritten or truncated later changes nothing); other backends read the files once
+(the page cache the backend then reads). Program files are also pinned at load:
+the first time each tier runs, ``Pinned`` checks that its files are still the ones
+checked at load (inode, size, mtime, ctime). Any failure makes the run fail, and the
+executor keeps that layer on MLX with one warning (see executor.py) instead of
+running unchecked code.
 """
 
 import os
@@ -22,16 +29,26 @@ import numpy as np
 
 from ane_kernels.formats import TOLERANCE as FORMAT_TOLERANCE
 
-from . import experts
+from . import experts, heap
 from .backends import registry
+from .bundle import _sha256
 
 DTYPE_TOLERANCE = {mx.float16: 1e-2, mx.bfloat16: 3e-2}  # the model's own rounding
 PROBE_ROWS = 8
+# Rows of the probe before a program's first call (Pinned.first_use): every weight of the program
+# touches every row's output, so 2 rows see any damaged weight; the reference on stock MLX costs
+# per row (CPU: ~6 ms a row for one Qwen3-dims q4 expert under load, measured), and a bundle has
+# hundreds of programs.
+FIRST_USE_ROWS = 2
 LOAD_LAYERS, LOAD_OTHERS = 8, 2  # programs checked at a (non --verify) load, see pick()
 
 
 class ProgramMismatch(ValueError):
     """A program does not compute what the model's experts compute."""
+
+
+class ModelNotFinite(ValueError):
+    """The model's own experts give NaN or Inf: its weights, not a program, are at fault."""
 
 
 def probe(G: int, D: int, rows: int, seed: int) -> np.ndarray:
@@ -71,6 +88,10 @@ def tolerance(backend: str, module, weight_format: Optional[str] = None) -> floa
 def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, where: str) -> None:
     """Run ``program`` at each tier on ``x`` and compare with ``want_fn(x)``; ProgramMismatch if off."""
     want = want_fn(x)
+    if not np.all(np.isfinite(want)):
+        raise ModelNotFinite(
+            f"the model's own experts of {where} give NaN or Inf on a seeded probe (stock MLX): the model's "
+            f"weights hold NaN or Inf; re-download or re-convert the model")
     scale = max(float(np.abs(want).max()), 1e-6)
     for tier in tiers:
         rows = min(x.shape[1], tier)
@@ -107,15 +128,54 @@ def stat_sig(path: Path) -> Tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class Pinned:
-    """A program whose files must stay the ones checked at load (see the module docstring)."""
+def first_use(programs: Iterable) -> None:
+    """``Pinned.first_use`` of each program a call is about to run (on the caller's thread:
+    the probe runs MLX). A few microseconds once every program was checked."""
+    opened = False
+    for p in programs:
+        if not getattr(p, "ready", True):
+            opened = True
+            p.first_use()
+    if opened:  # the files' bytes were read into (and freed from) the heap: hand the pages back
+        heap.trim()
 
-    def __init__(self, program, files: Sequence[Path]):
+
+class Pinned:
+    """A program whose files must stay the ones checked at load (see the module docstring).
+    sha256: {file: whole sha256} from the manifest; probe: runs the numeric check (None when
+    the load ran it); hint: the rebuild fix a failure names."""
+
+    def __init__(self, program, files: Sequence[Path], sha256: Dict[Path, str] = None, probe=None, hint: str = ""):
         self.program = program
         self.name, self.G, self.D, self.tiers = program.name, program.G, program.D, program.tiers
         self.input_layout = getattr(program, "input_layout", "GCD")  # what run_layout takes
         self._files = {Path(f): stat_sig(Path(f)) for f in files}
         self._seen = set()
+        self._sha256 = {Path(f): h for f, h in (sha256 or {}).items()}
+        self._probe, self._hint = probe, hint
+        self.ready = not self._sha256 and probe is None
+
+    def first_use(self) -> None:
+        """Every byte checked, then the probe, before the program's first call; raises on a
+        damaged or changed file (the executor falls back to MLX with one warning)."""
+        if self.ready:
+            return
+        try:
+            if hasattr(self.program, "expect"):  # onnx: the session's open checks the bytes it copies
+                self.program.expect.update({str(f.absolute()): h for f, h in self._sha256.items()})
+                self.program.session(min(self.tiers))
+            else:
+                for f, want in self._sha256.items():
+                    if _sha256(f) != want:
+                        raise ProgramMismatch(f"program file {f} is damaged or changed since the build "
+                                              f"(its sha256 is not the manifest's)")
+            if self._probe is not None:
+                self._probe()
+        except Exception as e:  # ours, or the backend's own (a file it could not read or parse)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = str(self._hint)  # (computed only now: it may fingerprint the model)
+            raise ProgramMismatch(f"{why}; {hint}" if hint else why) from None
+        self.ready = True
 
     def run(self, x, tier=None):
         self._check(tier)
@@ -142,6 +202,6 @@ class Pinned:
             self._seen.add(key)
 
     def __getattr__(self, name):  # anything else a caller reads comes from the program
-        if name.startswith("__") or name in ("program", "_files", "_seen"):
+        if name.startswith("__") or name in ("program", "_files", "_seen", "_sha256", "_probe", "_hint", "ready"):
             raise AttributeError(name)  # (not set yet, e.g. while unpickling)
         return getattr(self.program, name)

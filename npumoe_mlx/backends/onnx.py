@@ -13,10 +13,15 @@ CPU arena for their activations.
 ``build`` writes one graph per tier, ``<name>.c<tier>.onnx``, and their one weight
 file ``<name>.weights``; its entry maps each tier to its graph. Each graph carries
 the program's metadata (``ane_kernels.onnx.read_metadata``), which ``load`` checks
-against the entry.
+against the entry. A session opens from the graph and weight bytes read into memory
+(``read_source``), each file checked against ``OnnxProgram.expect`` (the manifest's
+sha256) on the very bytes the session copies: no file is mapped, so a file rewritten
+or truncated under a running session changes nothing (it used to: SIGBUS, or other
+weights).
 """
 
 import glob
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +61,53 @@ DYNAMIC_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 @dataclass(frozen=True)
 class DynamicGraph:
     """Open ``path`` (a tier graph on disk) with its row count made symbolic; its
-    external weights are read from the graph's folder."""
+    external weight files ``weights`` (names in the graph's folder) are read with it."""
 
     path: str
+    weights: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """Open ``path`` (a tier graph on disk) as it is, with its external weight files."""
+
+    path: str
+    weights: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """A graph and its external weight files, read into memory this process owns.
+    onnxruntime maps weight files it opens itself, so a file rewritten under a running
+    session changed its output and a truncated one killed the process (SIGBUS); from
+    memory, the session copies the weights once and the files no longer matter."""
+
+    model: bytes
+    files: Dict[str, bytes]  # the name the graph's external data names -> the file's bytes
+
+
+def read_source(src, expect: Optional[Dict[str, str]] = None):
+    """``src`` (a DynamicGraph or GraphFile) read into an InMemory, each file checked against
+    ``expect`` ({absolute path: sha256}) on the very bytes the session will use; other
+    sources as they are. BackendError names a file whose bytes differ."""
+    if not isinstance(src, (DynamicGraph, GraphFile)):
+        return src
+    graph = Path(src.path)
+
+    def read(p: Path) -> bytes:
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise BackendError(f"program file {p} cannot be read ({e.strerror or e})") from None
+        want = (expect or {}).get(str(p.absolute()))
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise BackendError(f"program file {p} is damaged or changed since the build "
+                               f"(its sha256 is not the manifest's)")
+        return data
+
+    model = read(graph)
+    files = {w: read(graph.parent / w) for w in src.weights}
+    return InMemory(dynamic_bytes(model) if isinstance(src, DynamicGraph) else model, files)
 
 
 # Programs per process: no limit is known for onnxruntime sessions (memory is the bound:
@@ -94,6 +143,7 @@ class OnnxProgram(Program):
         self.tiers = tuple(self._sources)
         self.sessions = {}
         self._lock = threading.Lock()  # opens a session once when threads ask at the same time
+        self.expect: Dict[str, str] = {}  # {absolute path: sha256} each file read is checked against (read_source)
         if not lazy:
             for t in self.tiers:
                 self.session(t)
@@ -121,7 +171,7 @@ class OnnxProgram(Program):
                     src = self._sources[tier]
                     s = next((self.sessions[t] for t in self.sessions if self._sources[t] is src), None)
                     if s is None:
-                        s = self._open(src)
+                        s = self._open(read_source(src, self.expect))
                     self.sessions[tier] = s
         return s
 
@@ -191,10 +241,12 @@ class Backend:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if _shared_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
-        if isinstance(model, DynamicGraph):
-            folder = str(Path(model.path).resolve().parent)
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-            model = dynamic_bytes(Path(model.path).read_bytes())  # the graph file is small: weights are external
+        model = read_source(model)
+        if isinstance(model, InMemory):  # (the session copies the weights; the buffers can go after)
+            names = list(model.files)
+            bufs = [np.frombuffer(model.files[n], np.uint8) for n in names]
+            so.add_external_initializers_from_files_in_memory(names, bufs, [b.size for b in bufs])
+            model = model.model
         kw = {} if self.provider_options is None else {"provider_options": self.provider_options}
         try:
             return ort.InferenceSession(model, sess_options=so, providers=self.providers, **kw)
@@ -241,13 +293,16 @@ class Backend:
             meta = src
             paths = {int(t): member(folder, f) for t, f in src["graphs"].items()}
             self._check_graphs(paths, meta)
+            weights = tuple(member(folder, f).name for f in src.get("files", ()) if f.endswith(".weights"))
         else:
             paths, meta = self._loose(src)
+            w = weights_path(paths[min(paths)].parent, meta["name"])
+            weights = (w.name,) if w.is_file() else ()
         if dynamic:
-            shared = DynamicGraph(str(paths[min(paths)]))
+            shared = DynamicGraph(str(paths[min(paths)]), weights)
             sources = {t: shared for t in paths}
         else:
-            sources = {t: str(p) for t, p in paths.items()}
+            sources = {t: GraphFile(str(p), weights) for t, p in paths.items()}
         return OnnxProgram(meta["name"], sources, int(meta["G"]), int(meta["D"]), self._session,
                            lazy=self.lazy, meta=meta)
 

@@ -265,6 +265,14 @@ def main(argv=None) -> int:
         args = p.parse_args(argv)
         if args.layers < 1 or args.prefill_step < 1 or args.calib_tokens < 1:
             raise ArgError("--layers, --prefill-step and --calib-tokens must be >= 1")
+        from ..outputs import OutputError, check_file
+
+        try:  # before the benchmark, not after it
+            check_file(args.json or f"bench-e2e-{args.shape}.json", "--json")
+            if args.plot:
+                check_file(args.plot, "--plot")
+        except OutputError as e:
+            raise ArgError(str(e)) from None
     except ArgError as e:
         print(f"npumoe bench e2e: error: {e}", file=sys.stderr)
         return 2

@@ -239,6 +239,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="Write the rows as JSON.")
     p.add_argument("--plot", help="Write a PNG plot.")
     args = p.parse_args(argv)
+    if args.json:
+        from ..outputs import check_file
+
+        check_file(args.json, "--json")  # before the work
     names = list(shapes) if args.shape == ["all"] else args.shape
     bad = [n for n in names if n not in shapes]
     if bad:

@@ -12,6 +12,7 @@ Writes ``compare.json``, ``compare.md`` and ``compare.png`` into ``--out``.
 """
 
 import gc
+import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ from ..executor import LayerStats, OffloadExecutor, offload_stats, summarize
 from ..experts import installed_blocks
 from ..loading import load
 from ..offload import resolve
+from ..outputs import check_dir
+from ..owned import read_marker
 from ..plan import NEVER
 from ..residency import describe_units, model_resident
 from ..workloads import prompt_of_tokens
@@ -344,6 +347,7 @@ def compare(
         raise CompareError("--max-tokens must be >= 2 (decode speed needs at least two generated tokens)")
     if prefill_step < 1 or repeats < 1:
         raise CompareError("--prefill-step and --repeats must be >= 1")
+    check_out(out_dir)
     want = resolve(backend, check_runs=True)
     if dense_programs:
         dense.check_mode(want)
@@ -554,7 +558,36 @@ def plot(r: dict, path: Path) -> bool:
     return True
 
 
+OUTPUTS = ("compare.json", "compare.md", "compare.png")
+MARKER = "npumoe_compare.json"  # lists the files compare wrote in its --out: the ones it may replace
+
+
+def _ours(out: Path) -> set:
+    info = read_marker(out, MARKER)
+    if info is not None and isinstance(info.get("files"), list):
+        return set(info["files"])
+    try:  # a compare.json from before the marker: its results, and the md/png written with it
+        legacy = "token_agreement" in json.loads((out / "compare.json").read_text())
+    except (OSError, ValueError, TypeError):
+        legacy = False
+    return set(OUTPUTS) if legacy else set()
+
+
+def check_out(out_dir) -> Path:
+    """``--out`` is a folder compare may write (not a file, not a system folder, writable) and
+    holds no compare.{json,md,png} it did not write; checked before any work."""
+    out = check_dir(out_dir, "--out")
+    if out.is_dir():
+        theirs = [n for n in OUTPUTS if (out / n).exists() and n not in _ours(out)]
+        if theirs:
+            raise CompareError(f"--out {out_dir} holds {', '.join(theirs)}, which npumoe compare did not write; "
+                               f"nothing was run or changed: choose a new or empty --out")
+    return out
+
+
 def write_outputs(r: dict, out_dir: Path, log: Callable[[str], None] = print) -> None:
+    check_out(out_dir)  # (again: the folder may have changed during the run)
+    write_json(out_dir / MARKER, {"tool": "npumoe compare", "files": list(OUTPUTS)})
     write_json(out_dir / "compare.json", r)
     write_text(out_dir / "compare.md", format_markdown(r))
     if not plot(r, out_dir / "compare.png"):
