@@ -2,6 +2,8 @@
 
 import json
 
+from ane_kernels.formats import DEFAULT_FORMAT
+
 from .backends import registry
 from .cost import CostModel
 from .plan import PlanLimits
@@ -30,7 +32,7 @@ def load_cost(path: str):
 
 
 def choose_cost(backend: str, path=None, chip=None, tune=None, D: int = 0, H: int = 0, bits: int = 16,
-                weight_format=None) -> CostModel:
+                weight_format=DEFAULT_FORMAT) -> CostModel:
     """The cost model to plan with (build, plan, replay): ``--cost`` FILE, else ``--chip``'s
     prediction for experts of D x H at ``bits``, else ``tune()`` (measured here), else the
     backend's parametric defaults."""

@@ -174,11 +174,12 @@ def profile_entry(p: ChipProfile) -> dict:
         out[f] = {"value": getattr(p, f), "source": p.sources[f]}
         if f in p.notes:
             out[f]["note"] = p.notes[f]
-        for c in p.caveats.get(f, "").split("; "):
-            if c == "single small benchmark":
-                out[f]["single_benchmark"] = True
-            elif c.startswith("uncertain: "):
-                out[f]["uncertain"] = c[len("uncertain: "):]
+        c = p.caveats.get(f, "")  # "single small benchmark", then "uncertain: <why>" (which may hold "; ")
+        if c.startswith("single small benchmark"):
+            out[f]["single_benchmark"] = True
+            c = c[len("single small benchmark"):].lstrip("; ")
+        if c.startswith("uncertain: "):
+            out[f]["uncertain"] = c[len("uncertain: "):]
     return out
 
 

@@ -16,10 +16,10 @@ from npumoe_mlx.plan import PlanLimits
 D, H, E, K, SEQ = 2048, 768, 16, 4, 512
 
 
-def _trace(seed=0, seqs=8):
+def _trace(seed=0, seqs=8, k=K):
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, E + 1) ** 0.8
-    return {0: np.stack([rng.choice(E, K, replace=False, p=p / p.sum()) for _ in range(seqs * SEQ)])}
+    return {0: np.stack([rng.choice(E, k, replace=False, p=p / p.sum()) for _ in range(seqs * SEQ)])}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_replay_prints_the_baselines_beside_the_papers(out, capsys, tmp_path):
 
 
 def test_cli_replay_writes_baselines(tmp_path, capsys):
-    t = _trace(2, 4)
+    t = _trace(2, 4, k=8)  # qwen3-30b-a3b routes top-8 (replay refuses a trace of another top-k)
     rp.save_routes(tmp_path / "t.npz", t)
     rp.main(["--shape", "qwen3-30b-a3b", "--calibrate", str(tmp_path / "t.npz"), "--backend", "coreml",
              "--chip", "m2-max", "--tokens", "512", "--seq-len", str(SEQ), "--cpu-tflops", "2", "--cpu-power-w", "10",

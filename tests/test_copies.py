@@ -130,7 +130,7 @@ def test_channels_first_program_gets_its_layout_and_is_priced():
 def test_coreml_program_passes_fp32_rows_in_its_layout():
     _, _, _, progs = counted_bytes_per_element("coreml")
     seen = [s for p in progs for m in p.models.values() for s in m.seen]
-    assert seen and all(dt == np.float32 and s[2] == D for s, dt in seen)  # no host astype(float16)
+    assert seen and all(dt == np.float32 and s[1] == D for s, dt in seen)  # (G, D, C), no host astype(float16)
     assert default_cost("coreml").copy_bytes == COREML_BYTES
 
 
@@ -139,7 +139,7 @@ def test_cost_model_prices_each_backends_bytes():
     on, cm = default_cost("onnx"), default_cost("coreml")
     base = dict(dispatch_s=0.0, program_flops=1e30, copy_bps=1e9, sync_s=0.0, mlx_fixed_s=0.0, mlx_flops=1.0)
     for c in (on, cm):
-        t = CostModel(c.backend, **base).programs_s(2, 1, 100, D, H)
+        t = CostModel(c.backend, **base, host_bytes_per_element=c.copy_bytes).programs_s(2, 1, 100, D, H)
         assert t == pytest.approx(2 * 100 * D * c.copy_bytes / 1e9)
     assert cm.copy_bytes > on.copy_bytes
 

@@ -206,10 +206,11 @@ def test_cost_arrays_equal_the_scalar_results_elementwise(cost):
 def test_host_bytes_per_element_prices_the_copies():
     """The per-row copy term is D * host_bytes_per_element / copy_bps: a backend that moves half the bytes pays half."""
     a = registry.default_cost("onnx")
-    b = CostModel.from_dict({**a.to_dict(), "host_bytes_per_element": 4.0})
+    half = a.host_bytes_per_element / 2
+    b = CostModel.from_dict({**a.to_dict(), "host_bytes_per_element": half})
     D, H = 512, 64
-    assert a.row_s(D, H) - b.row_s(D, H) == pytest.approx(D * 4 / a.copy_bps)
-    assert a.program_s(2, 16, D, H) - b.program_s(2, 16, D, H) == pytest.approx(2 * 16 * D * 4 / a.copy_bps)
+    assert a.row_s(D, H) - b.row_s(D, H) == pytest.approx(D * half / a.copy_bps)
+    assert a.program_s(2, 16, D, H) - b.program_s(2, 16, D, H) == pytest.approx(2 * 16 * D * half / a.copy_bps)
     old = CostModel.from_dict({k: v for k, v in a.to_dict().items() if k != "host_bytes_per_element"})
     assert old.host_bytes_per_element == 8.0  # a file saved before the field: priced as it was planned
 

@@ -275,4 +275,5 @@ def test_replay_energy_is_na_with_the_reason_not_nan(capsys):
     assert "J/MLX n/a: the cost model (parametric) has no energy terms" in out
     assert cli.main(args + ["--backend", "coreml", "--chip", "m4-max"]) == 0  # a chip profile has energy terms
     out = capsys.readouterr().out
-    assert "n/a" not in out and "nan" not in out
+    table = out.split("predicted speedup of this plan")[0]  # the baselines below may lack a CPU measurement
+    assert "n/a" not in table and "nan" not in out

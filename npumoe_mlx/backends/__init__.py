@@ -140,7 +140,8 @@ class Program:
         (dispatch.run_calls): no padding, no transpose, no copy here."""
         want = self.native_shape(tier)
         if x.shape != want or x.dtype != np.float32 or not x.flags.c_contiguous:
-            raise ValueError(f"x is {x.shape} {x.dtype}, program {self.name} ({self.input_layout}) wants {want} float32")
+            raise ValueError(f"x is {x.shape} {x.dtype}, program {self.name} ({self.input_layout}) wants {want} "
+                             f"at tier {tier}, float32 C-contiguous")
         if tier not in self.tiers:
             raise ValueError(f"tier {tier} not in program {self.name} tiers {self.tiers}")
         return self._run(x, tier)

@@ -214,14 +214,13 @@ def program_module(name: str):
 
 
 def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16,
-              weight_format: Optional[str] = None) -> CostModel:
+              weight_format: Optional[str] = DEFAULT_FORMAT) -> CostModel:
     """Predicted costs of backend ``backend`` on Apple chip ``name`` (``cost.chip_cost_model``)."""
     info = get(backend)
     if not info.chip_costs:
         which = ", ".join(n for n, b in REGISTRY.items() if b.chip_costs)
         raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend {which}, not {backend!r}")
-    fmt = weight_format or info.limits.get("weight_format")
-    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes(), fmt)
+    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes(), weight_format)
 
 
 def program_budget(name: str) -> Tuple[int, bool, str]:
