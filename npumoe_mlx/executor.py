@@ -38,7 +38,8 @@ from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
 from .release import record_of
-from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
+from .tiers import (OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots, small_ladders,
+                    undersized)
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
 # Released layers: calls of up to this many routed pairs (decode, small batches) skip the cost
@@ -117,6 +118,7 @@ class OffloadExecutor:
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
         self._released_tiers = None
+        self._under = None  # _under_tiers, once
         self._group_of = np.full(plan.num_experts, -1, np.int64)  # (E,) each expert's group, -1: none
         self._pos = np.zeros(plan.num_experts, np.int64)  # (E,) its index within the group
         for gi, ids in enumerate(self._groups):
@@ -128,9 +130,19 @@ class OffloadExecutor:
                             self.plan.H, "drop" if self.overflow == "drop" else "rerun", "time", self.plan.max_calls)
             d.offload = d.program_calls > 0
             return d
-        return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
+        ladders = self._under_tiers() if undersized(counts, self._groups, self._tiers) else self._tiers
+        return decide_call(counts, self._groups, ladders, self._cold, self.cost, self.plan.D, self.plan.H,
                            self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound,
                            self.plan.slack)
+
+    def _under_tiers(self) -> List[List[int]]:
+        """A call smaller than the plan was sized for (``tiers.undersized``): each ladder plus the
+        row counts below its bottom that its program runs (``_small_tiers``: decode tiers, and on a
+        dynamic program multiples of ROW_STEP), so the cost model prices a cover near the loads
+        (a 40-token call on a 2048-token plan padded 92% at the bottom tiers)."""
+        if self._under is None:
+            self._under = [small_ladders([ts], small)[0] for ts, small in zip(self._tiers, self._small_tiers())]
+        return self._under
 
     def _small_tiers(self) -> List[List[int]]:
         """The row counts a released layer's calls use: each group's ladder plus the program's

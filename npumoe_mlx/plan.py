@@ -22,7 +22,7 @@ from .atomic import write_json
 from .cost import CostModel, flops_per_row
 from .experts import ExpertBlock
 from .profiles import LayerCounts, Profile
-from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds
+from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, small_ladders, undersized
 
 PLAN_FORMAT = 1
 NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
@@ -56,6 +56,16 @@ class PlanLimits:
             if v is not None:
                 setattr(base, k, v)
         return base
+
+
+def below_ladder_tiers(limits: PlanLimits) -> List[int]:
+    """Row counts a backend's programs run besides their ladders (``LayerPlan.decide``'s
+    ``extra_tiers``, as the executor has them): onnx programs get the decode tiers (installer) and,
+    one dynamic session each, every multiple of 8 (executor ``ROW_STEP``); Core ML packages only
+    the functions built (their ladders)."""
+    if limits.backend in ("onnx", "mlx"):
+        return sorted({1, 2, 4} | {c for c in limits.capacities if c % 8 == 0})
+    return []
 
 
 @dataclass
@@ -101,12 +111,18 @@ class LayerPlan:
         d = self.decide(cost, counts)
         return {"offload_s": d.offload_s, "mlx_s": d.mlx_only_s}
 
-    def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto") -> CallDecision:
-        """The executor's decision for a call with these per-expert counts (E,)."""
+    def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto",
+               extra_tiers: Sequence[int] = ()) -> CallDecision:
+        """The executor's decision for a call with these per-expert counts (E,). ``extra_tiers``: row
+        counts the programs also run below their ladders (decode tiers; a dynamic program's grid),
+        used as the executor uses them, for a call smaller than the plan was sized for."""
         cold = np.zeros(self.num_experts, bool)
         cold[list(self.cold)] = True
         groups = [np.asarray(g.experts) for g in self.groups]
-        return decide_call(counts, groups, [g.tiers for g in self.groups], cold, cost, self.D, self.H, overflow,
+        ladders = [g.tiers for g in self.groups]
+        if len(extra_tiers) and undersized(np.asarray(counts), groups, ladders):
+            ladders = small_ladders(ladders, extra_tiers)
+        return decide_call(counts, groups, ladders, cold, cost, self.D, self.H, overflow,
                            self.objective, self.max_calls, self.energy_bound, self.slack)
 
 

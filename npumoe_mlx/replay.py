@@ -132,8 +132,10 @@ class Tally:
     mlx_only_j: float = 0.0
 
 
-def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, overflow: str = "auto") -> Tally:
-    """Run the executor's decisions on (S, E) call counts of n tokens each."""
+def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, overflow: str = "auto",
+                 extra_tiers: Sequence[int] = ()) -> Tally:
+    """Run the executor's decisions on (S, E) call counts of n tokens each (``extra_tiers``: the row
+    counts the programs run below their ladders, ``plan.below_ladder_tiers``)."""
     t = Tally()
     groups = [np.asarray(g.experts) for g in lp.groups]
     cold = np.zeros(lp.num_experts, bool)
@@ -144,7 +146,7 @@ def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, ove
         alone_s, alone_j = cost.mlx_s(pairs, lp.D, lp.H), cost.mlx_j(pairs, lp.D, lp.H)
         t.mlx_only_s += alone_s
         t.mlx_only_j += alone_j
-        d = lp.decide(cost, c, overflow) if lp.groups and n >= lp.min_tokens else None
+        d = lp.decide(cost, c, overflow, extra_tiers) if lp.groups and n >= lp.min_tokens else None
         if d is None or not d.offload:
             t.predicted_s += alone_s
             t.predicted_j += alone_j
