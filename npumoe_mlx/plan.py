@@ -22,6 +22,7 @@ from .atomic import write_json
 from .cost import CostModel, flops_per_row
 from .experts import ExpertBlock
 from .profiles import LayerCounts, Profile
+from .workloads import GENERATION_SIZES
 from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, small_ladders, undersized
 
 PLAN_FORMAT = 1
@@ -175,6 +176,12 @@ def call_loads(layer_profile: LayerCounts, sizes: Optional[Sequence[int]] = None
     Seeded: the same profile gives the same samples.
     """
     chunks = [ch for ch in layer_profile.chunks if ch["tokens"] > 0]
+    whole = [ch for ch in chunks if ch.get("call")]  # recorded whole calls (batched prefill): as they are
+    if whole:
+        chunks = [ch for ch in chunks if not ch.get("call")]
+        rows, call = call_loads(replace(layer_profile, chunks=chunks), sizes, draws) if chunks else (None, None)
+        w = np.asarray([ch["counts"] for ch in whole], float), np.asarray([ch["tokens"] for ch in whole], float)
+        return (w if rows is None else (np.concatenate([rows, w[0]]), np.concatenate([call, w[1]])))
     if sizes and chunks and all("seq" in ch for ch in chunks):
         rows, call = _block_calls(chunks, sizes)
         if len(rows) >= 64:
@@ -197,15 +204,18 @@ def call_loads(layer_profile: LayerCounts, sizes: Optional[Sequence[int]] = None
 
 
 def prefill_call_sizes(layer_profile: LayerCounts, step: int) -> List[int]:
-    """The call sizes a prefill in ``step``-token chunks makes on the calibrated documents:
-    the step, and each document's remainder (in whole blocks; smaller ones are too few
-    tokens to size for)."""
+    """The call sizes generation makes on the calibrated documents: a prefill's ``step``-token
+    chunks, each document's remainder (in whole blocks; smaller ones are too few tokens to size
+    for), and the chat requests and prompt-cache remainders below the step
+    (``workloads.GENERATION_SIZES``)."""
     per_seq: Dict[int, int] = {}
     block = 0
     for ch in layer_profile.chunks:
+        if ch.get("call"):  # a recorded whole call (batched prefill) is its own size
+            continue
         per_seq[ch["seq"]] = per_seq.get(ch["seq"], 0) + ch["tokens"]
         block = max(block, ch["tokens"])
-    sizes = {int(step)}
+    sizes = {int(step)} | {n for n in GENERATION_SIZES if n < step}  # chat requests, prompt-cache remainders
     for t in per_seq.values():
         rest = (t % step) // max(block, 1) * block
         if rest > 0:
@@ -362,7 +372,7 @@ def plan_layer(
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
     # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
     # largest call size never overflows on calls of that size, whatever the domain.
-    top = int(min(max(call_sizes) if call_sizes else call.max(), caps[-1]))
+    top = int(min(max(max(call_sizes), call.max()) if call_sizes else call.max(), caps[-1]))  # whole calls too
 
     # best[j]: the least program time of the ranking's first j experts, cut into runs
     best = np.full(E + 1, np.inf)
