@@ -46,6 +46,7 @@ MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
 # model (every pair runs on programs anyway) and MLX's sort: slots straight from the indices.
 SMALL_PAIRS = 64
 ROW_STEP = 8  # released layers, dynamic programs: row counts are multiples of this (below it: the decode tiers)
+EXACT_ROWS = 32  # dynamic programs: every row count up to this (a small call's peak load, unpadded)
 OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
 
 
@@ -157,7 +158,8 @@ class OffloadExecutor:
             for p, ts in zip(self.programs, self._tiers):
                 lad = {t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts)
                 if getattr(p, "dynamic", False) and hasattr(p, "add_tiers"):
-                    grid = [t for t in range(ROW_STEP, ts[-1], ROW_STEP) if t not in lad]
+                    grid = [t for t in range(1, EXACT_ROWS + 1) if t not in lad]  # small calls: their exact peak
+                    grid += [t for t in range(ROW_STEP, ts[-1], ROW_STEP) if t not in lad and t > EXACT_ROWS]
                     p.add_tiers(grid)  # same session: no new weights
                     lad |= set(grid)
                 self._released_tiers.append(sorted(lad))

@@ -22,7 +22,7 @@ from .atomic import write_json
 from .cost import CostModel, flops_per_row
 from .experts import ExpertBlock
 from .profiles import LayerCounts, Profile
-from .workloads import GENERATION_SIZES
+from .workloads import BATCH_SEQS, GENERATION_SIZES
 from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, small_ladders, undersized
 
 PLAN_FORMAT = 1
@@ -61,11 +61,11 @@ class PlanLimits:
 
 def below_ladder_tiers(limits: PlanLimits) -> List[int]:
     """Row counts a backend's programs run besides their ladders (``LayerPlan.decide``'s
-    ``extra_tiers``, as the executor has them): onnx programs get the decode tiers (installer) and,
-    one dynamic session each, every multiple of 8 (executor ``ROW_STEP``); Core ML packages only
-    the functions built (their ladders)."""
+    ``extra_tiers``, as the executor has them): an onnx program is one dynamic session, so it runs
+    every row count up to 32 and every multiple of 8 (executor ``EXACT_ROWS``, ``ROW_STEP``); Core
+    ML packages only the functions built (their ladders)."""
     if limits.backend in ("onnx", "mlx"):
-        return sorted({1, 2, 4} | {c for c in limits.capacities if c % 8 == 0})
+        return sorted(set(range(1, 33)) | {c for c in limits.capacities if c % 8 == 0})
     return []
 
 
@@ -372,7 +372,10 @@ def plan_layer(
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
     # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
     # largest call size never overflows on calls of that size, whatever the domain.
-    top = int(min(max(max(call_sizes), call.max()) if call_sizes else call.max(), caps[-1]))  # whole calls too
+    top = max(call_sizes) if call_sizes else call.max()
+    if any(ch.get("call") for ch in lp_profile.chunks):  # batched prefill: up to BATCH_SEQS prompts of a step
+        top = max(top, call.max(), max(BATCH_SEQS) * top)  # each (pad tokens of one id may load one expert)
+    top = int(min(top, caps[-1]))
 
     # best[j]: the least program time of the ranking's first j experts, cut into runs
     best = np.full(E + 1, np.inf)
