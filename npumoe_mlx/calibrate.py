@@ -234,7 +234,7 @@ def calibrate(
                 r.block, r.whole, r.routes = 1 << 30, True, None
             for i, call in enumerate(workload_calls(lengths, "batch", chunk_size)):
                 for r in recorders.values():
-                    r.seq = -1 - i
+                    r.seq = len(docs_ids) + i  # a sequence of its own (after the documents')
                 rows = [docs_ids[d][s : s + m] for d, s, m in call]
                 L = max(len(x) for x in rows)
                 tokens = mx.array([x + [0] * (L - len(x)) for x in rows])  # (B, L), as _right_pad_prompts

@@ -120,10 +120,20 @@ class OffloadExecutor:
         self._cold[plan.cold] = True
         self._released_tiers = None
         self._under = None  # _under_tiers, once
+        self.pending_tiers = None  # ladders re-planned while serving, taken at the next call (replan.py)
         self._group_of = np.full(plan.num_experts, -1, np.int64)  # (E,) each expert's group, -1: none
         self._pos = np.zeros(plan.num_experts, np.int64)  # (E,) its index within the group
         for gi, ids in enumerate(self._groups):
             self._group_of[ids], self._pos[ids] = gi, np.arange(ids.size)
+
+    def _swap(self, ladders: List[List[int]]) -> None:
+        """Run from now on with these ladders (same groups, same programs: replan.py)."""
+        self.pending_tiers = None
+        for g, lad in zip(self.plan.groups, ladders):
+            g.tiers = list(lad)
+            self._top[g.experts] = lad[-1]
+        self._tiers = [list(l) for l in ladders]
+        self._released_tiers = self._under = None
 
     def _decide(self, counts: np.ndarray, released: bool = False) -> CallDecision:
         if released:  # MLX lacks these experts: every pair runs on programs, overflow reruns the ladder
@@ -213,6 +223,8 @@ class OffloadExecutor:
     # --- the call: prepare (one host sync) -> run (MLX side, programs) -> finish (one array back) ---
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
         self.stats.calls += 1
+        if self.pending_tiers is not None:  # re-planned while serving (replan.py): between calls only
+            self._swap(self.pending_tiers)
         released = record_of(experts) is not None  # MLX no longer holds the program experts
         if self.disabled or (x.size // x.shape[-1] < self.plan.min_tokens and not released):
             return stock_experts(experts, x, inds)

@@ -189,10 +189,10 @@ def workload_counts(routes: np.ndarray, E: int, kind: str, seq_len: int, step: i
 def workload_profile(parts: Sequence[np.ndarray], layer: int, E: int, seq_len: int, step: int = 2048) -> List[dict]:
     """Whole-call chunks (``"call": true``, as ``calibrate(batched=True)`` records) of the batched
     prefill calls over calibration traces: the plan sizes its top tiers for them."""
-    chunks = []
+    chunks, first = [], sum(-(-r.shape[0] // seq_len) for r in parts)  # sequence ids after trace_profile's
     for pi, routes in enumerate(parts):
         c, tok = workload_counts(routes, E, "batch", seq_len, step, seed=pi)
-        chunks += [{"tokens": int(t), "counts": r.tolist(), "seq": -1 - len(chunks) - i, "call": True}
+        chunks += [{"tokens": int(t), "counts": r.tolist(), "seq": first + len(chunks) + i, "call": True}
                    for i, (r, t) in enumerate(zip(c, tok))]
     return chunks
 

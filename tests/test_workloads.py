@@ -185,3 +185,57 @@ def test_batch_generate_of_four_prompts_overflows_at_most_two_percent(tmp_path):
     batch_generate(model, tok, prompts, max_tokens=2)
     s = summarize(offload_stats(model))
     assert s["offloaded_calls"] > 0 and s["overflow_pct"] <= 2.0, s
+
+
+def test_replan_while_serving_swaps_ladders_between_calls_and_persists(tmp_path):
+    """A plan made for 16-token calls meets 300-token calls: after MIN_CALLS the observed overflow
+    passes the prediction, ``auto`` re-plans the ladders (same groups, same programs) from the
+    served calls, the next call runs on them with stock logits and no overflow, and
+    ``replan.json`` (written atomically) is applied by the next load."""
+    from mlx_lm.utils import load as mlx_load
+
+    from npumoe_mlx import plan as plans
+    from npumoe_mlx import replan
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
+    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
+    tight.capacities = [16]
+    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
+                       cost=EAGER, limits=tight, log=lambda m: None)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    stock, _ = mlx_load(str(path))
+    logs = []
+    with pytest.raises(ValueError, match="--replan must be one of"):
+        replan.Replanner(model, "sometimes")
+    r = replan.attach(model, "auto", out, log=logs.append)
+    assert r.generation == 0 and all(l["predicted_overflow_pct"] is not None for l in r.to_dict()["layers"])
+    groups_before = [[g.experts for g in ex.plan.groups] for ex in r.execs]
+    prompts = [mx.array(prompt_of_tokens(tok, 300, seed=s))[None] for s in range(replan.MIN_CALLS)]
+    for ids in prompts[:-1]:
+        mx.eval(model(ids))
+        r.check(wait=True)
+    assert r.generation == 0  # fewer than MIN_CALLS calls: no drift counted yet
+    mx.eval(model(prompts[-1]))
+    r.check(wait=True)
+    d = r.to_dict()
+    assert d["generation"] == 1 and d["last_replan"] is not None and "re-planned" in logs[-1]
+    assert all(l["overflow_pct"] > 5 for l in d["layers"])
+    assert all(ex.pending_tiers is not None for ex in r.execs)
+    for ex in r.execs:
+        ex.stats.__init__(ex.plan.layer)
+    ids = mx.array(prompt_of_tokens(tok, 300, seed=99))[None]
+    y = model(ids)
+    assert mx.allclose(y, stock(ids), atol=1e-4, rtol=1e-4).item()
+    for ex, before in zip(r.execs, groups_before):
+        assert ex.pending_tiers is None and [g.experts for g in ex.plan.groups] == before  # same programs
+        assert len(ex.plan.groups[0].tiers) >= 1 and ex.stats.offloaded == 1 and ex.stats.overflow == 0
+    saved = replan.load_replan(out)
+    assert saved["generation"] == 1 and set(saved["layers"]) == {str(ex.plan.layer) for ex in r.execs}
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    again, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    r2 = replan.attach(again, "notify", out, log=logs.append)
+    assert r2.generation == 1
+    mx.eval(again(ids))
+    assert [[g.tiers for g in ex.plan.groups] for ex in r2.execs] == [[g.tiers for g in ex.plan.groups] for ex in r.execs]
+    assert all(ex.stats.overflow == 0 for ex in r2.execs)
+    assert replan.attach(again, "off", out) is None
