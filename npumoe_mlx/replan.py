@@ -32,6 +32,7 @@ REPLAN_FILE = "replan.json"
 MIN_CALLS = 16  # offloaded calls a layer must see before its drift counts
 PAD_MARGIN = 10.0  # points of padding over the plan's prediction that count as drift
 OVERFLOW_MARGIN = 2.0  # points of overflow over the prediction that count as drift
+PREFILL_STEP = 2048  # mlx_lm.server's prefill_step_size: its largest single-sequence call
 
 
 def ladder_tally(loads: List[tuple], groups, ladders) -> tuple:
@@ -51,18 +52,20 @@ def ladder_tally(loads: List[tuple], groups, ladders) -> tuple:
     return 100.0 * padded / max(slots, 1), 100.0 * over / max(pairs, 1)
 
 
-def new_ladders(ex: OffloadExecutor, capacities: List[int], max_tiers: int) -> List[List[int]]:
-    """Each group's ladder re-sized for the executor's recorded calls (same tier count at most;
-    the top tier still covers the old top, so calls the plan was made for never overflow more)."""
+def new_ladders(ex: OffloadExecutor, capacities: List[int], max_tiers: int, loads=None,
+                step: int = PREFILL_STEP) -> List[List[int]]:
+    """Each group's ladder re-sized for the executor's recorded calls (at most ``max_tiers``, or
+    the old count). The top tier is headroom as the planner's is: the largest call the server
+    makes (its prefill step), so no single-sequence call overflows, whatever its size."""
     out = []
     for ids, old, p in zip(ex._groups, ex._tiers, ex.programs):
         caps = capacities if getattr(p, "dynamic", False) else sorted(set(getattr(p, "tiers", old)))
-        peaks = np.asarray([c[ids].max() for _, _, c in ex.loads], float)
+        peaks = np.asarray([c[ids].max() for _, _, c in (ex.loads if loads is None else loads)], float)
         peaks = peaks[peaks > 0]
         if peaks.size == 0:
             out.append(list(old))
             continue
-        top = max(int(peaks.max()), int(old[-1]))
+        top = min(max(int(peaks.max()), int(old[-1]), step), max(caps))
         out.append(choose_ladder(_spread(peaks, top), caps, max(max_tiers, len(old)), top=top))
     return out
 
@@ -80,13 +83,18 @@ class Replanner:
         self.max_tiers = max_tiers
         self.generation, self.last_replan, self.predicted = 0, None, {}
         self._lock, self._thread, self.notified = threading.Lock(), None, False
+        self.base = {}  # layer -> its stats when its ladders last changed (drift counts calls since)
         for ex in self.execs:  # the plan's own prediction: its ladders on the calls it has seen so far
             self.predicted[ex.plan.layer] = None
 
+    FIELDS = ("slots", "padded", "overflow", "synced_pairs", "offloaded")
+
     def _observed(self, ex) -> dict:
-        st = ex.stats
-        return {"padding_pct": 100.0 * st.padded / max(st.slots, 1),
-                "overflow_pct": 100.0 * st.overflow / max(st.synced_pairs, 1), "offloaded_calls": st.offloaded}
+        """Padding and overflow of the calls since the current ladders went in (or since load)."""
+        base = self.base.get(ex.plan.layer, {})
+        d = {f: getattr(ex.stats, f) - base.get(f, 0) for f in self.FIELDS}
+        return {"padding_pct": 100.0 * d["padded"] / max(d["slots"], 1),
+                "overflow_pct": 100.0 * d["overflow"] / max(d["synced_pairs"], 1), "offloaded_calls": d["offloaded"]}
 
     def drifted(self) -> List[OffloadExecutor]:
         """Layers whose observed padding or overflow passed the prediction by the margins."""
@@ -130,9 +138,10 @@ class Replanner:
         to ``<bundle>/replan.json``. Returns layer -> ladders."""
         new = {}
         for ex in execs:
-            lads = new_ladders(ex, self.capacities, self.max_tiers)
-            before = ladder_tally(ex.loads, ex._groups, ex._tiers)
-            after = ladder_tally(ex.loads, ex._groups, lads)
+            loads = list(ex.loads)  # a snapshot: the serving thread keeps appending
+            lads = new_ladders(ex, self.capacities, self.max_tiers, loads)
+            before = ladder_tally(loads, ex._groups, ex._tiers)
+            after = ladder_tally(loads, ex._groups, lads)
             if after[0] + after[1] < before[0] + before[1]:  # only where the observed calls gain
                 new[ex.plan.layer] = lads
                 self.predicted[ex.plan.layer] = after
@@ -142,6 +151,7 @@ class Replanner:
             for ex in execs:
                 if ex.plan.layer in new:
                     stage(ex, new[ex.plan.layer])
+                    self.base[ex.plan.layer] = {f: getattr(ex.stats, f) for f in self.FIELDS}
             self.generation += 1
             self.last_replan = time.time()
             if self.bundle is not None:
@@ -149,7 +159,7 @@ class Replanner:
                 saved["layers"].update({str(l): lads for l, lads in new.items()})
                 saved["generation"] = saved.get("generation", 0) + 1
                 write_json(self.bundle / REPLAN_FILE, saved)
-        self.log(f"[npumoe] re-planned the ladders of layers {sorted(new)} from {len(execs[0].loads)} served calls "
+        self.log(f"[npumoe] re-planned the ladders of layers {sorted(new)} from {len(loads)} served calls "
                  f"(generation {self.generation})")
         return new
 
