@@ -215,7 +215,8 @@ def prefill_call_sizes(layer_profile: LayerCounts, step: int) -> List[int]:
             continue
         per_seq[ch["seq"]] = per_seq.get(ch["seq"], 0) + ch["tokens"]
         block = max(block, ch["tokens"])
-    sizes = {int(step)} | {n for n in GENERATION_SIZES if n < step}  # chat requests, prompt-cache remainders
+    # chat requests and prompt-cache remainders, in whole blocks too (smaller calls: tiers.small_ladders)
+    sizes = {int(step)} | {n for n in GENERATION_SIZES if n < step and n % max(block, 1) == 0}
     for t in per_seq.values():
         rest = (t % step) // max(block, 1) * block
         if rest > 0:

@@ -159,9 +159,11 @@ def test_calibration_records_batched_calls_whole_and_plans_cover_them(tmp_path):
     whole = [c for c in lay.chunks if c.get("call")]
     assert whole and not any(c.get("call") for c in lay0.chunks)
     assert [c for c in lay.chunks if not c.get("call")] == lay0.chunks  # the prefill record is unchanged
+    assert lay.counts == (np.sum([c["counts"] for c in lay.chunks], 0)).tolist()  # popularity: all calls
     assert max(c["tokens"] for c in whole) > 512  # B prompts in one call: more tokens than a chunk
     assert all(sum(c["counts"]) == c["tokens"] * lay.top_k for c in whole)
-    assert set(GENERATION_SIZES) - {1024} <= set(prefill_call_sizes(lay, 512))
+    assert {128, 256} == {n for n in GENERATION_SIZES if n < 512 and n % 128 == 0}
+    assert {128, 256, 512} <= set(prefill_call_sizes(lay, 512))  # chat sizes in whole 128-token blocks
     blocks = {b.layer: b for b in find_expert_blocks(model, config)}
     plan = make_plan(prof, blocks, EAGER, PlanLimits.for_backend("onnx"))
     for lp, lc in zip(plan.layers, prof.layers):
