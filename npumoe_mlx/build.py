@@ -106,7 +106,7 @@ def plan_model(model, tokenizer, config, blocks: dict, backend: str, *, corpus=(
     log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
     profile = calibrate(
         model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-        model_path=None, description=desc, progress=progress,
+        model_path=None, description=desc, progress=progress, batched=True,
     )
     if workload is not None:
         log(f"      re-sizing layers {[l.layer for l in workload.layers]} for the saved workload ({workload.corpus})")

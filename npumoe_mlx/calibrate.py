@@ -25,7 +25,7 @@ from .fingerprint import model_fingerprint
 from .progress import progress_bar
 from .profiles import RANGE_KEYS, LayerCounts, Profile
 from .replay import save_routes
-from .workloads import corpus_documents
+from .workloads import corpus_documents, workload_calls
 
 # ---------------------------------------------------------------------------
 # Statistics
@@ -114,6 +114,7 @@ class Recorder:
         self.pending: List[tuple] = []  # (tokens, counts mx [blocks * E], seq, inds) not yet evaluated
         self.chunks: List[dict] = []
         self.routes: Optional[List[np.ndarray]] = None  # [(N, k)] expert ids per call, when kept
+        self.whole = False  # record each call as one chunk, tagged "call" (batched prefill)
 
     def __call__(self, module, x: mx.array, inds: mx.array) -> mx.array:
         k = self.top_k = inds.shape[-1]
@@ -137,7 +138,8 @@ class Recorder:
             c = np.array(counts).astype(int).reshape(-1, E)
             for b, row in enumerate(c):
                 tokens = min(self.block, n - b * self.block)
-                self.chunks.append({"tokens": int(tokens), "counts": row.tolist(), "seq": int(seq)})
+                self.chunks.append({"tokens": int(tokens), "counts": row.tolist(), "seq": int(seq),
+                                    **({"call": True} if self.whole else {})})
         self.pending = []
 
 
@@ -210,6 +212,7 @@ def calibrate(
     description: str = "",
     progress: bool = False,
     routes: Optional[Dict[int, np.ndarray]] = None,
+    batched: bool = False,
 ) -> Profile:
     """Prefill ``docs`` through ``model`` in chunks and count routed pairs per layer x expert.
 
@@ -220,6 +223,12 @@ def calibrate(
     ``model_path`` (a local folder) adds the weights' fingerprint to the profile.
     ``routes``, a dict, receives layer -> (T, k) expert ids of every token (a routing
     trace for ``npumoe replay``).
+    ``batched`` also prefills the documents as ``batch_generate`` does (``workloads.workload_calls``
+    "batch": the documents cut into prompts of 200-800 tokens, 2 or 4 per call, right-padded
+    with token 0 to the longest, ``chunk_size`` tokens of each per call; each prompt prefilled
+    from an empty cache) and records each such call whole (``"call": true``): its
+    loads, pad tokens included, size the ladders' top tiers (3 prompts of 300-600 tokens overflowed
+    a single-sequence plan by 33%).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
@@ -262,6 +271,23 @@ def calibrate(
                     r.flush()
                 bar.update(min(chunk_size, n - start))
             mx.clear_cache()
+        if batched:
+            kept = {path: r.routes for path, r in recorders.items()}  # a routing trace is the documents' tokens only
+            for r in recorders.values():
+                r.block, r.whole, r.routes = 1 << 30, True, None
+            for i, call in enumerate(workload_calls(lengths, "batch", chunk_size)):
+                for r in recorders.values():
+                    r.seq = len(docs_ids) + i  # a sequence of its own (after the documents')
+                rows = [docs_ids[d][s : s + m] for d, s, m in call]
+                L = max(len(x) for x in rows)
+                tokens = mx.array([x + [0] * (L - len(x)) for x in rows])  # (B, L), as _right_pad_prompts
+                model(tokens, cache=make_prompt_cache(model))
+                mx.eval([p[1] for r in recorders.values() for p in r.pending])
+                for r in recorders.values():
+                    r.flush()
+                mx.clear_cache()
+            for path, r in recorders.items():
+                r.routes = kept[path]
         bar.close()
     finally:
         experts.remove(model)

@@ -41,14 +41,16 @@ from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
 from .release import record_of
+from .tiers import (OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots, small_ladders,
+                    undersized)
 from .verify import first_use
-from .tiers import OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
 # Released layers: calls of up to this many routed pairs (decode, small batches) skip the cost
 # model (every pair runs on programs anyway) and MLX's sort: slots straight from the indices.
 SMALL_PAIRS = 64
 ROW_STEP = 8  # released layers, dynamic programs: row counts are multiples of this (below it: the decode tiers)
+EXACT_ROWS = 32  # dynamic programs: every row count up to this (a small call's peak load, unpadded)
 OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
 
 
@@ -121,10 +123,21 @@ class OffloadExecutor:
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
         self._released_tiers = None
+        self._under = None  # _under_tiers, once
+        self.pending_tiers = None  # ladders re-planned while serving, taken at the next call (replan.py)
         self._group_of = np.full(plan.num_experts, -1, np.int64)  # (E,) each expert's group, -1: none
         self._pos = np.zeros(plan.num_experts, np.int64)  # (E,) its index within the group
         for gi, ids in enumerate(self._groups):
             self._group_of[ids], self._pos[ids] = gi, np.arange(ids.size)
+
+    def _swap(self, ladders: List[List[int]]) -> None:
+        """Run from now on with these ladders (same groups, same programs: replan.py)."""
+        self.pending_tiers = None
+        for g, lad in zip(self.plan.groups, ladders):
+            g.tiers = list(lad)
+            self._top[g.experts] = lad[-1]
+        self._tiers = [list(l) for l in ladders]
+        self._released_tiers = self._under = None
 
     def _decide(self, counts: np.ndarray, released: bool = False) -> CallDecision:
         if released:  # MLX lacks these experts: every pair runs on programs, overflow reruns the ladder
@@ -132,9 +145,19 @@ class OffloadExecutor:
                             self.plan.H, "drop" if self.overflow == "drop" else "rerun", "time", self.plan.max_calls)
             d.offload = d.program_calls > 0
             return d
-        return decide_call(counts, self._groups, self._tiers, self._cold, self.cost, self.plan.D, self.plan.H,
+        ladders = self._under_tiers() if undersized(counts, self._groups, self._tiers) else self._tiers
+        return decide_call(counts, self._groups, ladders, self._cold, self.cost, self.plan.D, self.plan.H,
                            self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound,
                            self.plan.slack)
+
+    def _under_tiers(self) -> List[List[int]]:
+        """A call smaller than the plan was sized for (``tiers.undersized``): each ladder plus the
+        row counts below its bottom that its program runs (``_small_tiers``: decode tiers, and on a
+        dynamic program multiples of ROW_STEP), so the cost model prices a cover near the loads
+        (a 40-token call on a 2048-token plan padded 92% at the bottom tiers)."""
+        if self._under is None:
+            self._under = [small_ladders([ts], small)[0] for ts, small in zip(self._tiers, self._small_tiers())]
+        return self._under
 
     def _small_tiers(self) -> List[List[int]]:
         """The row counts a released layer's calls use: each group's ladder plus the program's
@@ -149,7 +172,8 @@ class OffloadExecutor:
             for p, ts in zip(self.programs, self._tiers):
                 lad = {t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts)
                 if p.dynamic:
-                    grid = [t for t in range(ROW_STEP, ts[-1], ROW_STEP) if t not in lad]
+                    grid = [t for t in range(1, EXACT_ROWS + 1) if t not in lad]  # small calls: their exact peak
+                    grid += [t for t in range(ROW_STEP, ts[-1], ROW_STEP) if t not in lad and t > EXACT_ROWS]
                     p.add_tiers(grid)  # same session: no new weights
                     lad |= set(grid)
                 self._released_tiers.append(sorted(lad))
@@ -203,6 +227,8 @@ class OffloadExecutor:
     # --- the call: prepare (one host sync) -> run (MLX side, programs) -> finish (one array back) ---
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
         self.stats.calls += 1
+        if self.pending_tiers is not None:  # re-planned while serving (replan.py): between calls only
+            self._swap(self.pending_tiers)
         released = record_of(experts) is not None  # MLX no longer holds the program experts
         if self.disabled or (x.size // x.shape[-1] < self.plan.min_tokens and not released):
             return stock_experts(experts, x, inds)

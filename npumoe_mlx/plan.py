@@ -28,7 +28,8 @@ from .backends import registry
 from .cost import CostModel
 from .experts import ExpertBlock
 from .profiles import LayerCounts, Profile
-from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds
+from .workloads import BATCH_SEQS, GENERATION_SIZES
+from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, small_ladders, undersized
 
 PLAN_FORMAT = 1
 NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
@@ -75,6 +76,16 @@ def program_units(tiers: Sequence[int], backend: str) -> int:
     return len(tiers) if registry.program_budget(backend)[1] else 1
 
 
+def below_ladder_tiers(limits: PlanLimits) -> List[int]:
+    """Row counts a backend's programs run besides their ladders (``LayerPlan.decide``'s
+    ``extra_tiers``, as the executor has them): an onnx program is one dynamic session, so it runs
+    every row count up to 32 and every multiple of 8 (executor ``EXACT_ROWS``, ``ROW_STEP``); Core
+    ML packages only the functions built (their ladders)."""
+    if registry.get(limits.backend).dynamic_rows:
+        return sorted(set(range(1, 33)) | {c for c in limits.capacities if c % 8 == 0})
+    return []
+
+
 @dataclass
 class GroupPlan:
     experts: List[int]
@@ -118,12 +129,18 @@ class LayerPlan:
         d = self.decide(cost, counts)
         return {"offload_s": d.offload_s, "mlx_s": d.mlx_only_s}
 
-    def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto") -> CallDecision:
-        """The executor's decision for a call with these per-expert counts (E,)."""
+    def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto",
+               extra_tiers: Sequence[int] = ()) -> CallDecision:
+        """The executor's decision for a call with these per-expert counts (E,). ``extra_tiers``: row
+        counts the programs also run below their ladders (decode tiers; a dynamic program's grid),
+        used as the executor uses them, for a call smaller than the plan was sized for."""
         cold = np.zeros(self.num_experts, bool)
         cold[list(self.cold)] = True
         groups = [np.asarray(g.experts) for g in self.groups]
-        return decide_call(counts, groups, [g.tiers for g in self.groups], cold, cost, self.D, self.H, overflow,
+        ladders = [g.tiers for g in self.groups]
+        if len(extra_tiers) and undersized(np.asarray(counts), groups, ladders):
+            ladders = small_ladders(ladders, extra_tiers)
+        return decide_call(counts, groups, ladders, cold, cost, self.D, self.H, overflow,
                            self.objective, self.max_calls, self.energy_bound, self.slack)
 
 
@@ -181,6 +198,12 @@ def call_loads(layer_profile: LayerCounts, sizes: Optional[Sequence[int]] = None
     Seeded: the same profile gives the same samples.
     """
     chunks = [ch for ch in layer_profile.chunks if ch["tokens"] > 0]
+    whole = [ch for ch in chunks if ch.get("call")]  # recorded whole calls (batched prefill): as they are
+    if whole:
+        chunks = [ch for ch in chunks if not ch.get("call")]
+        rows, call = call_loads(replace(layer_profile, chunks=chunks), sizes, draws) if chunks else (None, None)
+        w = np.asarray([ch["counts"] for ch in whole], float), np.asarray([ch["tokens"] for ch in whole], float)
+        return (w if rows is None else (np.concatenate([rows, w[0]]), np.concatenate([call, w[1]])))
     if sizes and chunks and all("seq" in ch for ch in chunks):
         rows, call = _block_calls(chunks, sizes)
         if len(rows) >= 64:
@@ -203,15 +226,19 @@ def call_loads(layer_profile: LayerCounts, sizes: Optional[Sequence[int]] = None
 
 
 def prefill_call_sizes(layer_profile: LayerCounts, step: int) -> List[int]:
-    """The call sizes a prefill in ``step``-token chunks makes on the calibrated documents:
-    the step, and each document's remainder (in whole blocks; smaller ones are too few
-    tokens to size for)."""
+    """The call sizes generation makes on the calibrated documents: a prefill's ``step``-token
+    chunks, each document's remainder (in whole blocks; smaller ones are too few tokens to size
+    for), and the chat requests and prompt-cache remainders below the step
+    (``workloads.GENERATION_SIZES``)."""
     per_seq: Dict[int, int] = {}
     block = 0
     for ch in layer_profile.chunks:
+        if ch.get("call"):  # a recorded whole call (batched prefill) is its own size
+            continue
         per_seq[ch["seq"]] = per_seq.get(ch["seq"], 0) + ch["tokens"]
         block = max(block, ch["tokens"])
-    sizes = {int(step)}
+    # chat requests and prompt-cache remainders, in whole blocks too (smaller calls: tiers.small_ladders)
+    sizes = {int(step)} | {n for n in GENERATION_SIZES if n < step and n % max(block, 1) == 0}
     for t in per_seq.values():
         rest = (t % step) // max(block, 1) * block
         if rest > 0:
@@ -383,7 +410,10 @@ def plan_layer(
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
     # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
     # largest call size never overflows on calls of that size, whatever the domain.
-    top = int(min(max(call_sizes) if call_sizes else call.max(), caps[-1]))
+    top = max(call_sizes) if call_sizes else call.max()
+    if any(ch.get("call") for ch in lp_profile.chunks):  # batched prefill: up to BATCH_SEQS prompts of a step
+        top = max(top, call.max(), max(BATCH_SEQS) * top)  # each (pad tokens of one id may load one expert)
+    top = int(min(top, caps[-1]))
 
     # best[j]: the least program time of the ranking's first j experts, cut into runs
     best = np.full(E + 1, np.inf)

@@ -29,8 +29,9 @@ from .backends import registry
 from .chips import chip_profile
 from .cost import CostModel, flops_per_row
 from .experts import ExpertBlock
-from .plan import LayerPlan, PlanLimits, make_plan
+from .plan import LayerPlan, PlanLimits, below_ladder_tiers, make_plan
 from .profiles import LayerCounts, Profile
+from .workloads import GENERATION_SIZES, WORKLOADS, workload_calls
 
 ROW_FIELDS = (
     "layer", "tokens", "calls", "padding_pct", "overflow_pct", "dropped_pct", "spill_pct", "cold_pct",
@@ -168,9 +169,10 @@ def on_cpu(pairs, D: int, H: int, cpu: Optional[tuple]):
     return s, s * cpu[1]
 
 
-def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, overflow: str = "auto",
-                 cpu: Optional[tuple] = None) -> Tally:
-    """Run the executor's decisions on (S, E) call counts of n tokens each; the paper's baselines
+def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n, overflow: str = "auto",
+                 extra_tiers: Sequence[int] = (), cpu: Optional[tuple] = None) -> Tally:
+    """Run the executor's decisions on (S, E) call counts of n tokens each (``extra_tiers``: the row
+    counts the programs run below their ladders, ``plan.below_ladder_tiers``); the paper's baselines
     beside (``cpu``: (FLOP/s, watts) of the CPU, or None)."""
     t = Tally()
     if len(counts):
@@ -180,13 +182,14 @@ def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, ove
     groups = [np.asarray(g.experts) for g in lp.groups]
     cold = np.zeros(lp.num_experts, bool)
     cold[list(lp.cold)] = True
-    for c in counts:
+    sizes = np.broadcast_to(np.asarray(n), (len(counts),))  # one size, or each call's (a workload's mix)
+    for c, n in zip(counts, sizes):
         t.calls += 1
         pairs = int(c.sum())
         alone_s, alone_j = cost.mlx_s(pairs, lp.D, lp.H), cost.mlx_j(pairs, lp.D, lp.H)
         t.mlx_only_s += alone_s
         t.mlx_only_j += alone_j
-        d = lp.decide(cost, c, overflow) if lp.groups and n >= lp.min_tokens else None
+        d = lp.decide(cost, c, overflow, extra_tiers) if lp.groups and n >= lp.min_tokens else None
         if d is None or not d.offload:
             t.predicted_s += alone_s
             t.predicted_j += alone_j
@@ -206,6 +209,33 @@ def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n: int, ove
         t.predicted_s += d.offload_s
         t.predicted_j += d.offload_j
     return t
+
+
+def workload_counts(routes: np.ndarray, E: int, kind: str, seq_len: int, step: int = 2048, seed: int = 0):
+    """(S, E) per-expert counts and (S,) tokens of the calls workload ``kind`` makes over a trace's
+    ``seq_len``-token sequences (``workloads.workload_calls``: chat requests, batched prefill of
+    B prompts; a trace has no pad tokens, so a batched call counts its prompts' tokens only)."""
+    lengths = [min(seq_len, routes.shape[0] - s) for s in range(0, routes.shape[0], seq_len)]
+    calls = workload_calls(lengths, kind, step, seed)
+    out = np.zeros((len(calls), E), np.int64)
+    tokens = np.zeros(len(calls), np.int64)
+    for i, call in enumerate(calls):
+        for d, st, m in call:
+            a = routes[d * seq_len + st : d * seq_len + st + m].ravel()
+            out[i] += np.bincount(a, minlength=E)[:E]
+            tokens[i] += m
+    return out, tokens
+
+
+def workload_profile(parts: Sequence[np.ndarray], layer: int, E: int, seq_len: int, step: int = 2048) -> List[dict]:
+    """Whole-call chunks (``"call": true``, as ``calibrate(batched=True)`` records) of the batched
+    prefill calls over calibration traces: the plan sizes its top tiers for them."""
+    chunks, first = [], sum(-(-r.shape[0] // seq_len) for r in parts)  # sequence ids after trace_profile's
+    for pi, routes in enumerate(parts):
+        c, tok = workload_counts(routes, E, "batch", seq_len, step, seed=pi)
+        chunks += [{"tokens": int(t), "counts": r.tolist(), "seq": first + len(chunks) + i, "call": True}
+                   for i, (r, t) in enumerate(zip(c, tok))]
+    return chunks
 
 
 def row_of(layer: int, n: int, t: Tally, groups: int) -> dict:
@@ -311,9 +341,17 @@ def replay(
     overflow: str = "auto",
     energy_bound: str = "time",
     cpu: Optional[tuple] = None,
+    workload: str = "prefill",
 ) -> dict:
     """Plan on ``calibrate`` traces, replay ``routes`` traces: {"plan", "rows", "summary"};
-    ``cpu``: (FLOP/s, watts) of the CPU for the paper's CPU baselines (None: n/a)."""
+    ``cpu``: (FLOP/s, watts) of the CPU for the paper's CPU baselines (None: n/a).
+
+    ``workload="prefill"``: calls of each size in ``tokens``. ``"chat"``/``"batch"``: the plan is
+    the default build's (ladders for ``tokens`` and ``workloads.GENERATION_SIZES``, batched calls
+    recorded whole), and the calls are that workload's mix (one row per layer, ``tokens`` 0); the
+    executor's small-call tiers (``plan.below_ladder_tiers``) take part as it uses them."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
     layers = sorted(set.intersection(*[set(t) for t in list(calibrate) + list(routes)]))
     if not layers:
         raise ValueError("the traces share no layer")
@@ -322,7 +360,9 @@ def replay(
     tokens = sorted({int(n) for n in tokens})
     if not tokens or tokens[0] < 1 or tokens[-1] > seq_len:
         raise ValueError(f"--tokens must be call sizes between 1 and --seq-len {seq_len}, got {tokens}")
-    block = math.gcd(*tokens) if len(tokens) > 1 else tokens[0]
+    mixed = workload != "prefill"
+    sizes = sorted(set(tokens) | ({n for n in GENERATION_SIZES if n < seq_len} if mixed else set()))
+    block = math.gcd(*sizes) if len(sizes) > 1 else sizes[0]
     profile_layers, shapes, replay_sets = [], {}, {}
     for l in layers:
         ks = {t[l].shape[1] for t in list(calibrate) + list(routes)}
@@ -332,18 +372,26 @@ def replay(
         cal = [split_half(t[l], seq_len)[0] if split else t[l] for t in calibrate]
         rep = [split_half(t[l], seq_len)[1] if split else t[l] for t in routes]
         profile_layers.append(trace_profile(cal, l, E, seq_len, block))
+        if mixed:
+            profile_layers[-1].chunks += workload_profile(cal, l, E, seq_len, max(tokens))
         shapes[l] = ExpertBlock(l, f"layer{l}", "SwitchGLU", E, next(iter(ks)), dims=D, hidden=H, activation="swiglu",
                                 bias=False, quant=None, dtype="float32")  # a trace's block: its shape is all the plan reads
         replay_sets[l] = rep
     seen = sum(ch["tokens"] for ch in profile_layers[0].chunks)
     profile = Profile(None, "", "routing traces", seen, 0, profile_layers)  # chunk size 0: ladders fit ``tokens``
-    plan = make_plan(profile, shapes, cost, limits, call_sizes=tokens, objective=objective,
+    plan = make_plan(profile, shapes, cost, limits, call_sizes=sizes, objective=objective,
                      energy_bound=energy_bound)
     rows = []
-    for lp in plan.layers:
+    extra = below_ladder_tiers(limits) if mixed else ()
+    for lp in plan.layers if mixed else ():
+        got = [workload_counts(r, lp.num_experts, workload, seq_len, max(tokens), seed=i)
+               for i, r in enumerate(replay_sets[lp.layer])]
+        counts, n = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+        rows.append(row_of(lp.layer, 0, replay_calls(lp, cost, counts, n, overflow, extra, cpu), len(lp.groups)))
+    for lp in plan.layers if not mixed else ():
         for n in tokens:
             counts = np.concatenate([call_counts(r, lp.num_experts, n, seq_len) for r in replay_sets[lp.layer]])
-            rows.append(row_of(lp.layer, n, replay_calls(lp, cost, counts, n, overflow, cpu), len(lp.groups)))
+            rows.append(row_of(lp.layer, n, replay_calls(lp, cost, counts, n, overflow, cpu=cpu), len(lp.groups)))
     return {"plan": plan, "rows": rows, "summary": summarize(rows)}
 
 
@@ -382,6 +430,9 @@ def main(argv=None) -> int:
                    help="Energy objective: stay within 1.2x of the least time (default) or of all-on-GPU's time.")
     p.add_argument("--overflow", choices=("auto", "rerun", "spill"), default="auto")
     p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs, or --chip's).")
+    p.add_argument("--workload", choices=WORKLOADS, default="prefill",
+                   help="Calls to replay: prefill (each --tokens size, default), chat (requests of 20-800 tokens "
+                        "in one call each), batch (2 or 4 prompts of 200-800 tokens per call).")
     p.add_argument("--json", metavar="PATH", help="Write rows and summary as JSON.")
     p.add_argument("--cpu-tflops", type=float, help="CPU FLOP/s (TFLOP/s) for the paper's CPU baselines "
                    "(default: --chip's measured one, where its profile has one).")
@@ -405,9 +456,9 @@ def main(argv=None) -> int:
         check_trace_shape(f, t, args.shape)
     cpu = cpu_rate(args.chip, args.cpu_tflops, args.cpu_power_w)
     out = replay(cal, rep, shape["D"], shape["H"], cost, PlanLimits.for_backend(args.backend), tokens,
-                 args.seq_len, args.split, args.objective, args.overflow, args.energy_bound, cpu)
+                 args.seq_len, args.split, args.objective, args.overflow, args.energy_bound, cpu, args.workload)
     print(f"replay: shape {args.shape} (D={shape['D']}, H={shape['H']}), backend {args.backend}, "
-          f"cost {cost.source}, objective {args.objective}, split {args.split or 'none'}")
+          f"cost {cost.source}, objective {args.objective}, split {args.split or 'none'}, workload {args.workload}")
     print(format_rows(out["rows"], out["summary"]))
     if not any(r["mlx_only_j"] for r in out["rows"]):
         print(f"J/MLX n/a: the cost model ({cost.source}) has no energy terms; "
@@ -417,7 +468,7 @@ def main(argv=None) -> int:
         write_json(args.json, {
             "command": "npumoe replay " + " ".join(argv if argv is not None else []),
             "shape": args.shape, "D": shape["D"], "H": shape["H"], "backend": args.backend, "chip": args.chip,
-            "objective": args.objective, "energy_bound": args.energy_bound, "split": args.split, "cost": cost.to_dict(),
+            "objective": args.objective, "energy_bound": args.energy_bound, "split": args.split, "workload": args.workload, "cost": cost.to_dict(),
             "rows": out["rows"], "summary": out["summary"],
         })
         print(f"wrote {args.json}")

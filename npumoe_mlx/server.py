@@ -72,6 +72,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.prog = "npumoe server"
     parser.description = "OpenAI-compatible MoE server with expert offload (mlx_lm.server flags plus --offload)"
     add_offload_args(parser, stats=False)
+    parser.add_argument("--replan", choices=("off", "notify", "auto"), default="off",
+                        help="Re-plan the tier ladders from the served calls when their padding or overflow drifts "
+                             "past the plan's prediction: off (default), notify (log it), auto (re-plan in the "
+                             "background, swap in between calls, save <bundle>/replan.json for restarts).")
     return parser
 
 
@@ -118,6 +122,7 @@ class OffloadModelProvider(mlx_server.ModelProvider):
         if not self.is_distributed:
             checks.resolve_model(model_path)
         super()._load(model_path, adapter_path, draft_model_path)
+        self.replanner = _replanner(self.cli_args, model_path, self.model)
 
     def load_default(self):
         try:
@@ -128,13 +133,31 @@ class OffloadModelProvider(mlx_server.ModelProvider):
             self.default_loaded.set()
 
 
+def _replanner(args, model_path, model):
+    """``--replan`` notify/auto: a Replanner over the loaded model and its bundle (replan.py)."""
+    mode = getattr(args, "replan", "off")
+    if mode == "off" or model is None or not installed_blocks(model):
+        return None
+    from . import bundle as bundles
+    from .replan import attach
+
+    backend = args.offload if args.offload in ("onnx", "coreml") else "onnx"
+    bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
+    found = bundles.locate_bundle(checks.resolve_model(model_path), backend, bundle)
+    return attach(model, mode, found if (found / "manifest.json").exists() else None,
+                  log=lambda msg: logging.info(msg))
+
+
 def server_stats(provider) -> dict:
-    """What /v1/npumoe/stats returns: the loaded model, the offload asked for, ``stats(model)``."""
+    """What /v1/npumoe/stats returns: the loaded model, the offload asked for, ``stats(model)``,
+    and with ``--replan`` the plan generation, predicted vs observed padding/overflow per layer and
+    when it last re-planned (``"replan"``)."""
     model, key = provider.model, provider.model_key
     out = {"model": key[0] if key else None, "offload": provider.cli_args.offload}
     if model is None:
         return {**out, "layers": [], "total": None}
-    return {**out, **stats(model)}
+    r = getattr(provider, "replanner", None)
+    return {**out, **stats(model), **({"replan": r.to_dict()} if r is not None else {})}
 
 
 def log_stats(provider) -> None:
@@ -169,7 +192,11 @@ class OffloadAPIHandler(mlx_server.APIHandler):
         try:
             super().handle_completion(request, stop_words)
         finally:
-            log_stats(self.response_generator.model_provider)
+            provider = self.response_generator.model_provider
+            log_stats(provider)
+            r = getattr(provider, "replanner", None)
+            if r is not None:  # drift: notify, or re-plan in the background (swapped in between calls)
+                r.check()
 
     def handle_models_request(self):
         """mlx_lm's list, with the ``--model`` model under the name the user gave, not its absolute

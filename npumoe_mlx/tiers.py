@@ -121,6 +121,23 @@ def choose_ladder(
     return sorted(set(tiers))
 
 
+DECODE_TIERS = (1, 2, 4, 8, 16, 32)  # row counts the installer adds to every program below its ladder
+
+
+def small_ladders(ladders: Sequence[Sequence[int]], extra: Sequence[int]) -> List[List[int]]:
+    """Each ladder plus the ``extra`` row counts its program also runs that lie below its bottom
+    tier (the decode tiers; on a dynamic program every multiple of 8). A call smaller than the plan
+    was sized for then covers its loads at a tier near them instead of the bottom tier, and the
+    cost model (which prices every padded row as program time) decides it on that cover."""
+    return [sorted(set(t) | {int(c) for c in extra if c < min(t)}) for t in ladders]
+
+
+def undersized(counts: np.ndarray, groups: Sequence[np.ndarray], ladders: Sequence[Sequence[int]]) -> bool:
+    """True when some group's busiest expert is below its ladder's bottom tier: the plan was not
+    sized for a call this small, and its cover would pad (counts (E,))."""
+    return any(0 < int(counts[ids].max(initial=0)) < t[0] for ids, t in zip(groups, ladders))
+
+
 def contiguous_groups(num_experts: int, group_size: int) -> List[Tuple[int, ...]]:
     return [tuple(range(s, min(s + group_size, num_experts))) for s in range(0, num_experts, group_size)]
 

@@ -314,3 +314,61 @@ def prompt_of_tokens(tokenizer, n_tokens: int, seed: int = 0) -> List[int]:
         if len(ids) >= budget:
             return ids[:budget] + q_ids
         sentences += _filler(rng, (budget - len(ids)) * CHARS_PER_TOKEN + 64)
+
+
+# --- the calls generation makes (issue 23) ------------------------------------------------
+# A plan sized for single-sequence prefill chunks meets other calls in real use: a server's chat
+# requests prefill prompts of every size in one call each, batch_generate and the server's batch
+# stack B prompts (right-padded to the longest) into one call, and a prompt cache leaves small
+# remainders. Calibration and replay make these calls from the same documents / traces.
+
+WORKLOADS = ("prefill", "chat", "batch")
+CHAT_TOKENS = (20, 800)  # a chat request's new prompt tokens, prefilled in one call (log-uniform)
+BATCH_SEQS = (2, 4)  # prompts per batched prefill call (batch_generate, the server's batch)
+BATCH_TOKENS = (200, 800)  # each prompt's tokens in a batched call (uniform)
+# Call sizes (tokens) a plan covers besides the prefill step and its remainders: chat requests and
+# prompt-cache remainders (plan.prefill_call_sizes adds those below the step).
+GENERATION_SIZES = (32, 64, 128, 256, 512, 1024)
+
+
+def workload_calls(lengths: List[int], kind: str, step: int = 2048, seed: int = 0) -> List[List[Tuple[int, int, int]]]:
+    """The calls ``kind`` makes over documents of ``lengths`` tokens: each call a list of
+    (document, start, tokens) segments, one per sequence it holds.
+
+    prefill: each document in ``step``-token chunks (``mlx_lm.generate``); chat: each document as
+    consecutive requests of log-uniform ``CHAT_TOKENS`` tokens (a conversation's turns, each
+    prefilled in one call, at most ``step``); batch: the documents cut into prompts of uniform
+    ``BATCH_TOKENS`` tokens, ``BATCH_SEQS`` of them per call (cycling), prefilled together
+    ``step`` tokens of each at a time (``batch_generate``). Seeded: the same arguments give the same calls."""
+    if kind not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {kind!r}")
+    rng = np.random.default_rng([seed, 23])
+    calls = []
+    if kind in ("prefill", "chat"):
+        for d, n in enumerate(lengths):
+            start = 0
+            while start < n:
+                if kind == "prefill":
+                    m = step
+                else:
+                    lo, hi = np.log(CHAT_TOKENS[0]), np.log(CHAT_TOKENS[1])
+                    m = min(int(round(np.exp(rng.uniform(lo, hi)))), step)
+                m = min(m, n - start)
+                calls.append([(d, start, m)])
+                start += m
+        return calls
+    prompts = []  # (document, start, tokens): consecutive pieces of BATCH_TOKENS tokens
+    for d, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            m = min(int(rng.integers(BATCH_TOKENS[0], BATCH_TOKENS[1] + 1)), n - start)
+            prompts.append((d, start, m))
+            start += m
+    i, b = 0, 0
+    while i < len(prompts):
+        B = BATCH_SEQS[b % len(BATCH_SEQS)]
+        b += 1
+        group, i = prompts[i : i + B], i + B
+        for s in range(0, max(m for _, _, m in group), step):
+            calls.append([(d, st + s, min(step, m - s)) for d, st, m in group if m > s])
+    return calls

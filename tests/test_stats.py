@@ -103,7 +103,8 @@ def test_convert_refresh_resizes_a_converted_models_bundle(tmp_path, capsys):
                        cost=EAGER, log=lambda m: None)  # where `convert --in-place` keeps an MLX model's bundle
     before = Plan.load(out / "plan.json")
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
-    ids = mx.array(prompt_of_tokens(tok, 600, seed=3))[None]  # calls far larger than the calibration's 128
+    # calls far larger than the calibration's: 128-token chunks, batched calls of up to 4 x 128 (issue 23)
+    ids = mx.array(prompt_of_tokens(tok, 1200, seed=3))[None]
     mx.eval(model(ids))
     assert summarize(offload_stats(model))["overflow_pct"] > 5
     f = tmp_path / "stats.json"
@@ -126,10 +127,10 @@ def test_convert_refresh_resizes_a_converted_models_bundle(tmp_path, capsys):
     assert "re-sizing layers [0, 1] for the saved workload" in text.out and "measuring costs" not in text.out
     assert CostModel.load(out / "cost.json").source == EAGER.source
     saved = Profile.load(out / "profile.json")
-    assert [[c["tokens"] for c in l.chunks] for l in saved.layers] == [[600], [600]]
+    assert [[c["tokens"] for c in l.chunks] for l in saved.layers] == [[1200], [1200]]
     after = Plan.load(out / "plan.json")
-    assert max(t for lp in after.layers for g in lp.groups for t in g.tiers) == 600  # the top tier: the saved call
-    assert max(t for lp in before.layers for g in lp.groups for t in g.tiers) == 128
+    assert max(t for lp in after.layers for g in lp.groups for t in g.tiers) == 1200  # the top tier: the saved call
+    assert max(t for lp in before.layers for g in lp.groups for t in g.tiers) == 4 * 128  # batched headroom
     again, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
     mx.eval(again(ids))
     s = summarize(offload_stats(again))

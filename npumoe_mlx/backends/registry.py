@@ -134,6 +134,7 @@ class BackendInfo:
     chip_costs: bool = False  # ``--chip`` profiles (data/chips.json) predict its programs
     details: Callable[[], dict] = dict  # what doctor lists beside "runs here" (providers, device)
     dense_programs: bool = False  # also runs a model's dense linears (dense.py: onnxruntime on the CPU)
+    dynamic_rows: bool = False  # its programs run any row count below their ladders (plan.below_ladder_tiers)
     label: str = ""  # the device reports name (""; MLX's device); onnx programs name their session's provider
 
     def default_cost(self) -> CostModel:
@@ -152,9 +153,9 @@ REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
                 preferred_on=_apple_silicon, package="coremltools", chip_costs=True, label="ANE (Core ML)"),
     BackendInfo("onnx", "cpu", "onnx", CPU_LIMITS, CPU_COST, 1e-4, _onnx_runs("CPUExecutionProvider"),
                 releases_mlx_experts=True, preferred_on=lambda: True, package="onnxruntime", details=_providers,
-                dense_programs=True, label="ONNX Runtime CPU"),
+                dense_programs=True, dynamic_rows=True, label="ONNX Runtime CPU"),
     BackendInfo("mlx", "gpu", "mlx", CPU_LIMITS, MLX_COST, 1e-4,
-                _always, bundles=False, package="mlx", details=_mlx_device),
+                _always, bundles=False, package="mlx", details=_mlx_device, dynamic_rows=True),
     # onnx graphs through onnxruntime's CoreML execution provider (Core ML picks ANE, GPU or
     # CPU per op). No measurement of it exists here: limits and costs are the CPU's until
     # `npumoe tune --backend onnx-coreml` runs on a Mac; tolerance is Core ML's (fp16 on the ANE).

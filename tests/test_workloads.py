@@ -1,0 +1,303 @@
+"""Issue 23: tiers that fit the workloads people run. Calls smaller than the plan was sized for
+(a prompt cache's remainder) are priced on a cover near their loads and never pad badly; batched
+and chat-like calls in calibration and replay; re-planning while serving."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import npumoe_mlx
+from npumoe_mlx.build import build as build_bundle
+from npumoe_mlx import release
+from npumoe_mlx.cost import CostModel, default_cost
+from npumoe_mlx.experts import installed_blocks
+from npumoe_mlx.plan import GroupPlan, LayerPlan, PlanLimits, below_ladder_tiers
+from npumoe_mlx.tiers import small_ladders, undersized
+from npumoe_mlx.tools.tiny import make_tiny_model
+from npumoe_mlx.workloads import prompt_of_tokens
+
+EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
+
+
+# onnx's parametric costs with the per-call cost a program call has here: 3 calls of a tiny model's
+# 5-token remainder took 2.8 ms (LayerStats.program_s), not the parametric 3 x 0.05 ms
+MEASURED = CostModel.from_dict({**default_cost("onnx").to_dict(), "dispatch_s": 9e-4, "source": "test: onnx, measured dispatch"})
+
+
+def _cost(program_speedup: float) -> CostModel:
+    """Programs ``program_speedup`` x MLX's FLOP/s, small fixed costs, one set of cores (overlap 0)."""
+    return CostModel("onnx", 1e-6, 1e9 * program_speedup, 1e15, 1e-6, 1e-6, 1e9, overlap=0.0,
+                     first_offload_tokens=1, source="test")
+
+
+def test_small_call_is_priced_on_a_cover_near_its_loads():
+    # one group of 4 experts sized for big calls (bottom tier 64); a 14-pair call
+    lp = LayerPlan(0, "p", 4, 2, 64, 128, [GroupPlan([0, 1, 2, 3], [64, 128])], [], min_tokens=1)
+    counts = np.array([4, 3, 4, 3])
+    assert undersized(counts, [np.arange(4)], [[64, 128]])
+    assert not undersized(np.array([70, 3, 4, 3]), [np.arange(4)], [[64, 128]])
+    assert small_ladders([[64, 128]], [1, 2, 4, 8, 64, 256]) == [[1, 2, 4, 8, 64, 128]]
+    # programs 3x MLX's speed: the bottom-tier cover (256 rows for 14 pairs, 95% padding) costs more
+    # than MLX, so the call stays on MLX ...
+    slow = _cost(3.0)
+    d = lp.decide(slow, counts)
+    assert not d.offload and d.caps == [[64]]
+    # ... the decode tiers cover it at 4 rows (16 slots, 12.5% padding): programs win
+    d = lp.decide(slow, counts, extra_tiers=[1, 2, 4, 8])
+    assert d.offload and d.caps == [[4]]
+    # priced, not a threshold: programs 100x faster make even the padded bottom tier worth it
+    assert lp.decide(_cost(100.0), counts).offload
+    # the onnx grid (decode tiers, multiples of 8) holds the same closest cover
+    assert lp.decide(_cost(100.0), counts, extra_tiers=below_ladder_tiers(PlanLimits.for_backend("onnx"))).caps == [[4]]
+    # Core ML packages run only the built ladders: no extra tiers
+    assert below_ladder_tiers(PlanLimits.for_backend("coreml")) == []
+
+
+def _tiny(root, cost):
+    path = make_tiny_model(root / "m", "qwen3_moe", seed=1, num_experts=16, skew=1.0)
+    out = build_bundle(str(path), "onnx", str(root / "b"), corpus=["qa", "code"], tokens=1024, chunk_size=512,
+                       cost=cost, log=lambda m: None)
+    return path, out
+
+
+# kept: MLX holds every expert, the cost model decides each call; released: decode on programs
+# pays (EAGER), so MLX drops the program experts and every call runs programs (small-call path)
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "released"])
+def test_prompt_cache_remainders_pad_at_most_half_and_tokens_match(tmp_path, keep):
+    """After a 300-token prompt in the cache, a remainder of 1..15 tokens either stays on MLX (the
+    cost model's call) or runs programs at <= 50% padding in every layer (before: 95% at the
+    ladders' bottom tiers); a released layer runs every call on programs. Logits are stock mlx_lm's."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load as mlx_load
+
+    path, out = _tiny(tmp_path, MEASURED if keep else EAGER)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True, keep_mlx_experts=keep)
+    stock, _ = mlx_load(str(path))
+    head = mx.array(prompt_of_tokens(tok, 300, seed=3))[None]
+    ran = 0
+    for n in (1, 5, 11, 15):
+        caches = make_prompt_cache(model), make_prompt_cache(stock)
+        mx.eval(model(head, cache=caches[0]), stock(head, cache=caches[1]))
+        for m in installed_blocks(model):
+            m.executor.stats.__init__(m.executor.plan.layer)
+        tail = mx.array(prompt_of_tokens(tok, n, seed=4))[None]
+        y, want = model(tail, cache=caches[0]), stock(tail, cache=caches[1])
+        assert mx.allclose(y, want, atol=1e-4, rtol=1e-4).item()
+        assert (mx.argmax(y, -1) == mx.argmax(want, -1)).all().item()
+        for m in installed_blocks(model):
+            st = m.executor.stats
+            assert st.offloaded == (1 if release.record_of(m) is not None else st.offloaded), (n, st)
+            assert st.padded <= 0.5 * st.slots, (n, st.layer, st.padded, st.slots)
+            ran += st.offloaded
+    assert ran > 0 or keep  # released layers run every call on programs (kept: these stay on MLX by cost)
+
+
+def test_workload_calls_shapes():
+    from npumoe_mlx.workloads import workload_calls
+
+    with pytest.raises(ValueError, match="workload must be one of"):
+        workload_calls([100], "server")
+    chat = workload_calls([2048, 1000], "chat", 2048, seed=1)
+    # chat: consecutive requests inside each document, 20-800 tokens (the last one may be shorter)
+    for d, n in enumerate([2048, 1000]):
+        segs = [c[0] for c in chat if c[0][0] == d]
+        assert [s[1] for s in segs] == list(np.cumsum([0] + [s[2] for s in segs[:-1]]))
+        assert sum(s[2] for s in segs) == n and all(s[2] <= 800 for s in segs)
+    assert all(len(c) == 1 for c in chat)
+    batch = workload_calls([2048, 2048, 2048], "batch", 2048, seed=1)
+    assert {len(c) for c in batch[:-1]} == {2, 4}  # 2 or 4 prompts per call (the last: what is left)
+    assert all(200 <= s[2] <= 800 for c in batch for s in c[:-1])
+    assert sum(s[2] for c in batch for s in c) == 3 * 2048  # every token once
+    assert workload_calls([2048], "chat", seed=3) == workload_calls([2048], "chat", seed=3)  # seeded
+
+
+def test_replay_workloads_size_ladders_for_batched_calls(tmp_path):
+    """A plan for single 128-token calls overflows 2-4 prompt batched calls; the batch workload's plan
+    (batched calls recorded whole, as calibrate(batched=True) does) does not."""
+    from npumoe_mlx import replay as rp
+
+    rng = np.random.default_rng(0)
+    E, k, T = 8, 2, 4096
+    p = 1.0 / np.arange(1, E + 1)
+    routes = np.stack([rng.choice(E, k, replace=False, p=p / p.sum()) for _ in range(T)])
+    lim = PlanLimits.for_backend("onnx")
+    cost = _cost(30.0)
+    single = rp.replay([{0: routes}], [{0: routes}], 64, 128, cost, lim, tokens=(128,), seq_len=2048)
+    lp = single["plan"].layers[0]
+    counts, n = rp.workload_counts(routes, E, "batch", 2048, 128)
+    assert n.max() > 128 and counts.sum() == T * k
+    t = rp.replay_calls(lp, cost, counts, n)
+    assert t.overflow > 0.05 * t.pairs  # the single-call plan: batched loads pass its top tiers
+    out = rp.replay([{0: routes}], [{0: routes}], 64, 128, cost, lim, tokens=(128,), seq_len=2048, workload="batch")
+    s = out["summary"]["0"]
+    assert s["overflow_pct"] <= 2.0 and s["padding_pct"] <= 25.0, s
+    assert max(g.tiers[-1] for g in out["plan"].layers[0].groups) >= 2 * 128
+    chat = rp.replay([{0: routes}], [{0: routes}], 64, 128, cost, lim, tokens=(128,), seq_len=2048, workload="chat")
+    assert chat["summary"]["0"]["overflow_pct"] <= 2.0 and chat["summary"]["0"]["padding_pct"] <= 25.0
+    with pytest.raises(ValueError, match="--workload must be one of"):
+        rp.replay([{0: routes}], [{0: routes}], 64, 128, cost, lim, workload="server")
+
+
+def test_calibration_records_batched_calls_whole_and_plans_cover_them(tmp_path):
+    from mlx_lm.utils import load as mlx_load
+
+    from npumoe_mlx.calibrate import calibrate
+    from npumoe_mlx.experts import find_expert_blocks
+    from npumoe_mlx.plan import make_plan, prefill_call_sizes
+    from npumoe_mlx.workloads import GENERATION_SIZES, corpus_documents
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1, num_experts=16, skew=2.0)
+    model, tok, config = mlx_load(str(path), return_config=True)
+    docs, _ = corpus_documents(["qa", "code"], 1200, 0)
+    prof = calibrate(model, tok, config, docs, chunk_size=512, max_tokens=1200, batched=True)
+    plain = calibrate(model, tok, config, docs, chunk_size=512, max_tokens=1200)
+    lay, lay0 = prof.layers[0], plain.layers[0]
+    whole = [c for c in lay.chunks if c.get("call")]
+    assert whole and not any(c.get("call") for c in lay0.chunks)
+    assert [c for c in lay.chunks if not c.get("call")] == lay0.chunks  # the prefill record is unchanged
+    assert lay.counts == (np.sum([c["counts"] for c in lay.chunks], 0)).tolist()  # popularity: all calls
+    assert max(c["tokens"] for c in whole) > 512  # B prompts in one call: more tokens than a chunk
+    assert all(sum(c["counts"]) == c["tokens"] * lay.top_k for c in whole)
+    assert {128, 256} == {n for n in GENERATION_SIZES if n < 512 and n % 128 == 0}
+    assert {128, 256, 512} <= set(prefill_call_sizes(lay, 512))  # chat sizes in whole 128-token blocks
+    blocks = {b.layer: b for b in find_expert_blocks(model, config)}
+    plan = make_plan(prof, blocks, EAGER, PlanLimits.for_backend("onnx"))
+    for lp, lc in zip(plan.layers, prof.layers):
+        for c in (c for c in lc.chunks if c.get("call")):  # no recorded batched call overflows its plan
+            cnt = np.asarray(c["counts"])
+            assert all(cnt[g.experts].max() <= g.tiers[-1] for g in lp.groups)
+
+
+def test_batch_generate_of_four_prompts_overflows_at_most_two_percent(tmp_path):
+    """The default build (2048 calibration tokens, 2048-token chunks, batched calls recorded) holds
+    batch_generate's one call of 4 right-padded prompts of 200-800 tokens under its top tiers."""
+    from mlx_lm import batch_generate
+
+    from npumoe_mlx.executor import offload_stats, summarize
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1, num_experts=16, skew=2.0)
+    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), cost=EAGER, log=lambda m: None)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    rng = np.random.default_rng(1)
+    prompts = [prompt_of_tokens(tok, int(n), seed=i) for i, n in enumerate(rng.integers(200, 801, 4))]
+    batch_generate(model, tok, prompts, max_tokens=2)
+    s = summarize(offload_stats(model))
+    assert s["offloaded_calls"] > 0 and s["overflow_pct"] <= 2.0, s
+
+
+def test_replan_while_serving_swaps_ladders_between_calls_and_persists(tmp_path):
+    """A plan made for 16-token calls meets 300-token calls: after MIN_CALLS the observed overflow
+    passes the prediction, ``auto`` re-plans the ladders (same groups, same programs) from the
+    served calls, the next call runs on them with stock logits and no overflow, and
+    ``replan.json`` (written atomically) is applied by the next load."""
+    from mlx_lm.utils import load as mlx_load
+
+    from npumoe_mlx import plan as plans
+    from npumoe_mlx import replan
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
+    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
+    tight.capacities = [16]
+    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
+                       cost=EAGER, limits=tight, log=lambda m: None)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    stock, _ = mlx_load(str(path))
+    logs = []
+    with pytest.raises(ValueError, match="--replan must be one of"):
+        replan.Replanner(model, "sometimes")
+    r = replan.attach(model, "auto", out, log=logs.append)
+    assert r.generation == 0 and all(l["predicted_overflow_pct"] is not None for l in r.to_dict()["layers"])
+    groups_before = [[g.experts for g in ex.plan.groups] for ex in r.execs]
+    prompts = [mx.array(prompt_of_tokens(tok, 300, seed=s))[None] for s in range(replan.MIN_CALLS)]
+    for ids in prompts[:-1]:
+        mx.eval(model(ids))
+        r.check(wait=True)
+    assert r.generation == 0  # fewer than MIN_CALLS calls: no drift counted yet
+    mx.eval(model(prompts[-1]))
+    pre = r.to_dict()
+    assert all(l["overflow_pct"] > l["predicted_overflow_pct"] + replan.OVERFLOW_MARGIN for l in pre["layers"])
+    r.check(wait=True)
+    d = r.to_dict()
+    assert d["generation"] == 1 and d["last_replan"] is not None and "re-planned" in logs[-1]
+    assert all(l["offloaded_calls"] == 0 for l in d["layers"])  # drift counts the calls since the swap
+    assert all(ex.pending_tiers is not None for ex in r.execs)
+    for ex in r.execs:
+        ex.stats.__init__(ex.plan.layer)
+    ids = mx.array(prompt_of_tokens(tok, 300, seed=99))[None]
+    y = model(ids)
+    assert mx.allclose(y, stock(ids), atol=1e-4, rtol=1e-4).item()
+    for ex, before in zip(r.execs, groups_before):
+        assert ex.pending_tiers is None and [g.experts for g in ex.plan.groups] == before  # same programs
+        assert len(ex.plan.groups[0].tiers) >= 1 and ex.stats.offloaded == 1 and ex.stats.overflow == 0
+    saved = replan.load_replan(out)
+    assert saved["generation"] == 1 and set(saved["layers"]) == {str(ex.plan.layer) for ex in r.execs}
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    again, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    r2 = replan.attach(again, "notify", out, log=logs.append)
+    assert r2.generation == 1
+    mx.eval(again(ids))
+    assert [[g.tiers for g in ex.plan.groups] for ex in r2.execs] == [[g.tiers for g in ex.plan.groups] for ex in r.execs]
+    assert all(ex.stats.overflow == 0 for ex in r2.execs)
+    assert replan.attach(again, "off", out) is None
+
+
+def _overflow(st: dict) -> tuple:
+    """(pairs past top tiers, pairs) so far, over the routed layers of a /v1/npumoe/stats answer."""
+    routed = [l for l in st["layers"] if l["kind"] == "routed"]
+    return sum(l["overflow"] for l in routed), sum(l["synced_pairs"] for l in routed)
+
+
+def test_server_chat_traffic_replans_once_with_stock_tokens(tmp_path):
+    """`npumoe server --replan auto` (127.0.0.1) under 40 chat requests of 20-800 tokens from the
+    openai client, on a plan made for 16-token calls: the overflow drifts past the prediction, one
+    re-plan runs in the background while requests keep coming, and the text equals `mlx_lm.server`'s
+    at temperature 0 on every request, before, during and after the swap; after it, overflow <= 2%.
+    /v1/npumoe/stats shows the generation, the last re-plan time, predicted vs observed figures."""
+    import sys
+
+    from test_server import Server
+
+    from npumoe_mlx import plan as plans
+    from npumoe_mlx import replan
+    from npumoe_mlx.workloads import long_context
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1, num_experts=16, skew=2.0)
+    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
+    tight.capacities = [16]
+    out = build_bundle(str(path), "onnx", cost=EAGER, limits=tight, corpus=["qa"], tokens=256, chunk_size=128,
+                       log=lambda m: None)
+    (tmp_path / "hub").mkdir()
+    ours = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", str(path), "--offload", "onnx",
+                   "--replan", "auto"], tmp_path / "ours.log", env={"HF_HUB_CACHE": str(tmp_path / "no-cache")})
+    stock = Server([sys.executable, "-m", "mlx_lm", "server", "--model", str(path)], tmp_path / "stock.log",
+                   env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    try:
+        ours.wait_ready(), stock.wait_ready()
+        rng = np.random.default_rng(23)
+        sizes = np.exp(rng.uniform(np.log(20), np.log(800), 40)).astype(int)
+        at_swap, gens = None, []
+        for i, n in enumerate(sizes):
+            msg = [{"role": "user", "content": long_context(int(n), seed=i)[: int(n) * 4]}]
+            got, want = ([ch.message.content for ch in s.client().chat.completions.create(
+                model="default_model", messages=msg, max_tokens=3, temperature=0.0).choices] for s in (ours, stock))
+            assert got == want, (i, n)
+            _, st = ours.get("/v1/npumoe/stats")
+            gens.append(st["replan"]["generation"])
+            if at_swap is None and gens[-1] == 1:
+                at_swap = _overflow(st)
+        r = st["replan"]
+        assert r["mode"] == "auto" and max(gens) == 1 and r["last_replan"] is not None  # one re-plan
+        assert at_swap is not None and gens.index(1) < len(gens) - 5  # requests kept coming after it
+        assert all("predicted_padding_pct" in l and "padding_pct" in l for l in r["layers"])
+        assert at_swap[0] > 0.05 * at_swap[1]  # the tight plan overflowed before the swap ...
+        over, pairs = (a - b for a, b in zip(_overflow(st), at_swap))
+        assert pairs > 0 and over <= 0.02 * pairs, (over, pairs)  # ... and after it, at most 2%
+    finally:
+        ours.stop()
+        stock.stop()
+    saved = replan.load_replan(out)
+    assert saved["generation"] == 1 and "re-planned the ladders" in (tmp_path / "ours.log").read_text()
