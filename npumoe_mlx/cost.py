@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from .atomic import write_json
-from .chips import chip_profile
+from .chips import ChipProfile, chip_profile
 
 
 def flops_per_row(D: int, H: int) -> float:
@@ -136,7 +136,10 @@ class CostModel:
     @classmethod
     def load(cls, path: str) -> "CostModel":
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            d = json.load(f)
+        if isinstance(d, dict) and isinstance(d.get("cost"), dict):  # an `npumoe selftest --json` report
+            d = d["cost"]
+        return cls.from_dict(d)
 
 
 # Parametric defaults. coreml: ANE numbers from shared/reference/ane-constraints.md
@@ -165,7 +168,7 @@ def default_cost(backend: str) -> CostModel:
     return CostModel.from_dict(DEFAULTS[backend].to_dict())
 
 
-def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
+def chip_cost(name, backend: str = "coreml", D: int = 0, H: int = 0, bits: int = 16) -> CostModel:
     """Predicted costs on an Apple chip (``chips.py`` profiles): Core ML programs on the
     ANE, MLX on the GPU, running at the same time.
 
@@ -174,10 +177,11 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
     FLOP/s (roofline). MLX: the
     GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
     per FLOP, and power x its fixed time per call. Host copies keep the coreml default.
+    ``name`` may be a ChipProfile itself (``npumoe selftest``'s measured one).
     """
     if backend != "coreml":
         raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend coreml, not {backend!r}")
-    c = chip_profile(name)
+    c = name if isinstance(name, ChipProfile) else chip_profile(name)
     base = DEFAULTS["coreml"]
     return CostModel(
         backend="coreml",
