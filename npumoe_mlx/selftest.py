@@ -334,6 +334,21 @@ def _rss_probe(mlc: str, functions: List[str], shape: List[int]) -> None:
     print(json.dumps({"before": before, "loaded": loaded, "predicted": _rss_bytes()}))
 
 
+def _memory_probe(mlc: str, functions: List[str], G: int, D: int, package_bytes: int) -> dict:
+    """Step 7 in a fresh process (nothing else loaded): RSS growth from loading every tier
+    function and predicting once each, against the package's bytes on disk. About 1x: one
+    copy of the weights as stored; about 4x for 4-bit weights: decompressed to fp16; about
+    the number of functions: a copy per function."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, json; from npumoe_mlx.selftest import _rss_probe; "
+                               "_rss_probe(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]))",
+         mlc, json.dumps(functions), json.dumps([G, D])], capture_output=True, text=True, timeout=600)
+    if probe.returncode != 0:
+        return {"error": (probe.stderr.strip().splitlines() or ["failed"])[-1]}
+    r = json.loads(probe.stdout.strip().splitlines()[-1])
+    return {**r, "package_bytes": package_bytes, "loaded_over_package": (r["predicted"] - r["before"]) / package_bytes}
+
+
 def _median_s(fn, repeats: int) -> float:
     from .tune import median_s
 
@@ -391,18 +406,9 @@ def measure_format(fmt: str, info: dict, spec: ProgramSpec, workdir: Path, repea
     run_s = _median_s(lambda: run_calls([prog], calls, x2, outs), repeats)
     predict_s = times["CPU_AND_NE"][fn_top]["median_s"]
     out["program_call"] = {"tier": top, "predict_s": predict_s, "run_s": run_s,
+                           "program_run_s": _median_s(lambda: prog.run(x, top), repeats),
                            "overhead_s": run_s - predict_s, "overhead_per_row_s": (run_s - predict_s) / (G * top)}
-    # step 7: memory in a fresh process
-    probe = subprocess.run(
-        [sys.executable, "-c", "import sys, json; from npumoe_mlx.selftest import _rss_probe; "
-                               "_rss_probe(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]))",
-         str(mlc), json.dumps(fns), json.dumps([G, D])], capture_output=True, text=True, timeout=600)
-    if probe.returncode == 0:
-        r = json.loads(probe.stdout.strip().splitlines()[-1])
-        out["memory"] = {**r, "package_bytes": info["bytes"],
-                         "loaded_over_package": (r["predicted"] - r["before"]) / info["bytes"]}
-    else:
-        out["memory"] = {"error": (probe.stderr.strip().splitlines() or ["failed"])[-1]}
+    out["memory"] = _memory_probe(str(mlc), fns, G, D, info["bytes"])  # step 7
     out["_run_ne"] = lambda: models[top].predict({INPUT_NAME: np.ascontiguousarray(x)})  # for power / Ultra
     return out
 
@@ -416,6 +422,7 @@ def measure_mlx(shape: Shape, C: int, repeats: int) -> dict:
 
     G, D, H = shape.G, shape.D, shape.H
     m = _module(D, H, G, {"bits": shape.bits, "group_size": shape.group_size})
+    m.set_dtype(mx.float16)  # fp16 scales and activations, as mlx-community q4 models run
     x = mx.random.normal((G * C, D)).astype(mx.float16)
     inds = mx.repeat(mx.arange(G), C).reshape(-1, 1).astype(mx.uint32)  # expert-sorted rows
     mx.eval(x, inds)
@@ -551,7 +558,7 @@ def platform_info() -> dict:
 
 def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeats: int, log=print) -> None:
     """Steps that need a Mac; fills report["mac"], ["placement"], and the chips/cost sections."""
-    from .chips import chip_profile
+    from .chips import chip_profile, load_chips
 
     mac = report["mac"] = {"formats": {}}
     runs = {}
@@ -592,8 +599,9 @@ def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeat
         mac["two_models"] = measure_two_models(str(workdir / f"{best}.mlmodelc"), top, x)
     else:
         report["skipped"]["two_models"] = f"not an Ultra ({chip or 'unknown chip'}): one ANE"
-    if not chip:
-        report["skipped"]["profile"] = "this chip has no entry in the chip table to start the profile from"
+    if chip not in load_chips():
+        report["skipped"]["profile"] = (f"this chip ({chip or 'not detected'}) has no entry in the chip table "
+                                        "to start the profile from")
         return
     pw = (mac["power"].get("programs_w") or {}), (mac["power"].get("mlx_w") or {})
     where = f"{report['platform']['host']} ({chip}, macOS {report['platform']['macos']}, {time.strftime('%Y-%m-%d')})"
@@ -640,7 +648,7 @@ def selftest(shape: Shape = REAL, workdir=None, repeats: int = 20, log=print) ->
             report["placement"] = check_placement_modelled(report["formats"][built[0]]["package"], fns)
         else:
             report["placement"] = {"checked": False, "result": "no format built"}
-        on_mac = sys.platform == "darwin"
+        on_mac = report["platform"]["on_mac"]
         if on_mac and macos_version() >= (15, 0):
             log("on this Mac:")
             report["needs_mac"] = []

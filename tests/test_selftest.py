@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +270,79 @@ def test_selftest_on_this_mac(tmp_path):
     if r["platform"]["chip"]:
         assert load_chips(str(out))[r["platform"]["chip"]].ane_tflops > 0
         assert load_cost(str(out)).backend == "coreml"
+
+
+# ---- the Mac steps end to end, Core ML modelled (runs anywhere) ---------------------------
+
+
+class _Compiled:
+    """Stands in for ct.models.CompiledMLModel: runs the package in the numpy MIL interpreter,
+    then sleeps as long as this (format, compute unit) takes: ms = a + b * rows."""
+
+    MS = {  # format -> compute unit -> (a, b): blockwise runs on the NE; fp16 runs at CPU speed under CPU_AND_NE
+        "blockwise": {"CPU_AND_NE": (2.0, 0.02), "CPU_ONLY": (2.0, 0.2), "CPU_AND_GPU": (2.0, 0.1)},
+        "fp16": {"CPU_AND_NE": (1.0, 0.015), "CPU_ONLY": (1.0, 0.015), "CPU_AND_GPU": (1.0, 0.01)},
+    }
+    packages = {}
+
+    def __init__(self, path, compute_units=None, function_name=None):
+        from ane_kernels.milrun import load_package
+
+        self.pkg = self.packages[str(path)]
+        self.prog, self.fn = load_package(self.pkg), function_name
+        self.a, self.b = self.MS[self.pkg.stem][compute_units.name]
+
+    def predict(self, feeds):
+        from ane_kernels.milrun import run_function
+
+        (y,) = run_function(self.prog, self.fn, {"x": feeds["x"]}).values()
+        time.sleep((self.a + self.b * feeds["x"].shape[0] * feeds["x"].shape[1]) / 1e3)
+        return {"y": np.asarray(y, np.float32)}
+
+
+def test_mac_steps_with_core_ml_modelled(monkeypatch, tmp_path):
+    import coremltools as ct
+    from coremltools.models import compute_plan
+
+    from npumoe_mlx.backends import coreml as backend
+
+    def compile_model(pkg, dest):
+        _Compiled.packages[str(dest)] = Path(pkg)
+        return str(dest)
+
+    def load_plan(path, compute_units):  # the fp16 package's down conv prefers the CPU
+        pkg = _Compiled.packages[str(path)]
+        return selftest.modelled_plan(pkg, cpu_op=("c64", 1) if pkg.stem == "fp16" else None)
+
+    monkeypatch.setattr(backend, "macos_version", lambda: (15, 1))
+    monkeypatch.setattr(selftest, "platform_info", lambda: {"system": "Darwin", "machine": "arm64", "on_mac": True,
+                                                            "host": "fake-mac", "macos": "15.1", "chip": "m2-ultra"})
+    monkeypatch.setattr(ct.models.utils, "compile_model", compile_model)
+    monkeypatch.setattr(ct.models, "CompiledMLModel", _Compiled)
+    monkeypatch.setattr(compute_plan.MLComputePlan, "load_from_path", staticmethod(load_plan))
+    monkeypatch.setattr(selftest, "_memory_probe", lambda mlc, fns, G, D, n: {"package_bytes": n, "loaded_over_package": 1.0})
+    out = tmp_path / "mac.json"
+    assert selftest.main(["--quick", "--repeats", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["needs_mac"] == [] and "mac" not in r["skipped"]
+    m = r["mac"]["formats"]
+    assert m["blockwise"]["verdict"]["on_ane"] is True
+    assert m["fp16"]["verdict"]["on_ane"] is False and "NOT on the ANE" in m["fp16"]["verdict"]["verdict"]
+    assert m["fp16"]["placement"]["problems"] == ["c64: ios18.conv -> CPU (supported: CPU, NeuralEngine)"]
+    for fmt in m:  # Core ML's output (here: the interpreter's) against the 4-bit experts, every unit
+        assert max(m[fmt]["rel_err_on_device"]["CPU_AND_NE"].values()) < selftest.TOL
+        pc = m[fmt]["program_call"]
+        assert pc["run_s"] >= pc["predict_s"] * 0.9 and pc["tier"] == 64
+    # fp16 is faster under CPU_AND_NE but not on the ANE: the profile describes blockwise
+    assert r["placement"]["format"] == "blockwise" and r["placement"]["result"] == "ane"
+    assert r["placement"]["by_format"] == {"blockwise": "ane", "fp16": "refused"}
+    assert r["mac"]["ane_over_gpu"] > 0 and r["mac"]["mlx"]["rows"] == 2 * 64
+    assert "powermetrics" in r["skipped"]["power"]
+    assert r["mac"]["two_models"]["two_models_calls_per_s"] > 0  # an Ultra: the two-thread check ran
+    prof = load_chips(str(out))["m2-ultra"]
+    assert prof.ane_tflops == pytest.approx(m["blockwise"]["fit"]["tflops"])
+    assert prof.gpu_tflops == pytest.approx(r["mac"]["mlx"]["tflops"])
+    assert "fake-mac" in prof.sources["ane_tflops"] and "NOT" not in prof.notes["ane_tflops"]
+    cost = load_cost(str(out))
+    assert cost.program_flops == pytest.approx(prof.ane_tflops * 1e12)
+    assert cost.expert_s == pytest.approx(3 * 128 * 64 * 4 / 8 / (prof.ane_bw_gbs * 1e9))  # 4-bit weights streamed
