@@ -199,6 +199,25 @@ def expert_spec(shape: Shape, seed: int = 0) -> ProgramSpec:
                        group_size=shape.group_size, seed=seed)
 
 
+def model_spec(model: str, G: int, tiers: Sequence[int]) -> ProgramSpec:
+    """The first G experts of the first offloadable MoE layer of a local model (its own weights)."""
+    from mlx_lm import utils as mlx_utils
+
+    from .checks import explain_load_errors, resolve_model
+    from .programs import spec_from_switch_glu, switch_glu_layers
+
+    local = resolve_model(model, need_tokenizer=False)
+    with explain_load_errors(model):
+        m, _ = mlx_utils.load_model(local, lazy=True)
+    layers = switch_glu_layers(m)
+    if not layers:
+        raise ValueError(f"{model}: no supported MoE expert blocks to test")
+    layer = min(layers)
+    _, module = layers[layer]
+    E = module.gate_proj["weight"].shape[0]
+    return spec_from_switch_glu(module, layer=layer, expert_ids=range(min(G, E)), tiers=tiers)
+
+
 def check_formats(spec: ProgramSpec, workdir: Path, log=print) -> Dict[str, dict]:
     """Build every format; run each saved package in the numpy MIL interpreter, every tier,
     against the 4-bit source experts (reference_ffn of `spec`)."""
@@ -207,6 +226,10 @@ def check_formats(spec: ProgramSpec, workdir: Path, log=print) -> Dict[str, dict
     out = {}
     for fmt in _formats():
         t0 = time.perf_counter()
+        if fmt == "blockwise" and not spec.quantized:
+            out[fmt] = {"built": False, "skipped": "the experts are not quantized", "max_rel_err": None, "bytes": None}
+            log(f"  {fmt}: skipped ({out[fmt]['skipped']})")
+            continue
         try:
             b = _build(spec, fmt, workdir / f"{fmt}.mlpackage")
             v = verify_package(b.path, spec, tol=TOL)
@@ -421,7 +444,7 @@ def measure_mlx(shape: Shape, C: int, repeats: int) -> dict:
     from .tune import _module
 
     G, D, H = shape.G, shape.D, shape.H
-    m = _module(D, H, G, {"bits": shape.bits, "group_size": shape.group_size})
+    m = _module(D, H, G, {"bits": shape.bits, "group_size": shape.group_size} if shape.bits < 16 else None)
     m.set_dtype(mx.float16)  # fp16 scales and activations, as mlx-community q4 models run
     x = mx.random.normal((G * C, D)).astype(mx.float16)
     inds = mx.repeat(mx.arange(G), C).reshape(-1, 1).astype(mx.uint32)  # expert-sorted rows
@@ -621,18 +644,26 @@ def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeat
     report["cost"] = measured_cost(chip, entry, shape.D, shape.H, report["formats"][best]["weight_bits"], copy)
 
 
-def selftest(shape: Shape = REAL, workdir=None, repeats: int = 20, log=print) -> dict:
-    """The whole check; returns the report (what ``--json`` writes)."""
+def selftest(shape: Shape = REAL, workdir=None, repeats: int = 20, log=print, model: Optional[str] = None) -> dict:
+    """The whole check; returns the report (what ``--json`` writes). `model`: test that local
+    model's own experts (its first MoE layer, `shape.G` of them, its D and H) instead."""
     from .backends.coreml import macos_version
 
     t0 = time.perf_counter()
+    experts = "random, quantized as mx.quantize does"
+    if model:
+        spec = model_spec(model, shape.G, shape.tiers)
+        q = next((w for w in (spec.gate, spec.up, spec.down) if hasattr(w, "bits")), None)
+        shape = Shape(spec.G, spec.D, spec.H, spec.tiers, q.bits if q else 16, q.group_size if q else 0)
+        experts = f"{model}: layer {spec.layer} experts {list(spec.expert_ids)} ({spec.weight_format})"
+    else:
+        spec = expert_spec(shape)
     report = {"kind": KIND, "format": FORMAT, "platform": platform_info(),
               "shape": {"G": shape.G, "D": shape.D, "H": shape.H, "tiers": list(shape.tiers), "bits": shape.bits,
-                        "group_size": shape.group_size, "experts": "random, quantized as mx.quantize does"},
+                        "group_size": shape.group_size, "experts": experts},
               "skipped": {}}
     log(f"npumoe selftest: G={shape.G} D={shape.D} H={shape.H} q{shape.bits}g{shape.group_size} "
-        f"tiers {list(shape.tiers)} on {report['platform']['system']} {report['platform']['machine']}")
-    spec = expert_spec(shape)
+        f"tiers {list(shape.tiers)} on {report['platform']['system']} {report['platform']['machine']} ({experts})")
     with tempfile.TemporaryDirectory(prefix="npumoe-selftest-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -698,6 +729,8 @@ def main(argv=None) -> int:
                                                   "`npumoe chips --file PATH`, `--cost PATH`).")
     p.add_argument("--quick", action="store_true",
                    help=f"A tiny shape (G={QUICK.G} D={QUICK.D} H={QUICK.H}) instead of Qwen3-30B-A3B's: for tests.")
+    p.add_argument("--model", metavar="PATH", help="Test a local MLX model's own experts (first MoE layer, G of "
+                                                   "them, its D and H) instead of random 4-bit ones.")
     p.add_argument("--repeats", type=int, default=20, help="Timed predict calls per median (Mac).")
     p.add_argument("--keep", metavar="DIR", help="Keep the built packages in DIR.")
     args = p.parse_args(argv)
@@ -706,8 +739,8 @@ def main(argv=None) -> int:
     at_least("--repeats", args.repeats, 1, "timed calls per median")
     if args.json:
         check_writable(args.json)
-    report = selftest(QUICK if args.quick else REAL, workdir=args.keep, repeats=args.repeats)
-    bad = [f for f, i in report["formats"].items() if not i["built"] or not i["ok"]]
+    report = selftest(QUICK if args.quick else REAL, workdir=args.keep, repeats=args.repeats, model=args.model)
+    bad = [f for f, i in report["formats"].items() if not i.get("skipped") and not (i["built"] and i["ok"])]
     if args.json:
         write_report(args.json, report)
         print(f"wrote {args.json}")

@@ -346,3 +346,21 @@ def test_mac_steps_with_core_ml_modelled(monkeypatch, tmp_path):
     cost = load_cost(str(out))
     assert cost.program_flops == pytest.approx(prof.ane_tflops * 1e12)
     assert cost.expert_s == pytest.approx(3 * 128 * 64 * 4 / 8 / (prof.ane_bw_gbs * 1e9))  # 4-bit weights streamed
+
+
+@pytest.mark.parametrize("q_bits", [4, None])
+def test_model_flag_checks_that_models_own_experts(tmp_path, q_bits):
+    from npumoe_mlx.tools.tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", q_bits=q_bits)
+    out = tmp_path / "r.json"
+    assert selftest.main(["--quick", "--model", str(path), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    cfg = json.loads((path / "config.json").read_text())
+    assert (r["shape"]["D"], r["shape"]["H"]) == (cfg["hidden_size"], cfg["moe_intermediate_size"])
+    assert r["shape"]["bits"] == (q_bits or 16) and str(path) in r["shape"]["experts"]
+    assert r["formats"]["fp16"]["built"] and r["formats"]["fp16"]["max_rel_err"] < selftest.TOL
+    if q_bits:
+        assert r["formats"]["blockwise"]["built"] and r["formats"]["blockwise"]["max_rel_err"] < selftest.TOL
+    else:  # float experts: nothing to keep compressed
+        assert r["formats"]["blockwise"]["skipped"] == "the experts are not quantized"
