@@ -455,14 +455,25 @@ def measure_mlx(shape: Shape, C: int, repeats: int) -> dict:
             "device": str(mx.default_device()), "_run": run}
 
 
-def measure_power(run_ne, run_mlx, min_s: float = 2.0) -> dict:
-    """Step 9: mean W per rail (ANE, GPU and the CPU beside them) under each side; root only."""
+def joules_per_row(watts: Optional[dict], rails: Sequence[str], seconds: float, rows: int) -> Optional[float]:
+    """Energy per row of one call from the mean W of `rails` (the unit and the CPU that feeds it)."""
+    if not watts or any(watts.get(r) is None for r in rails):
+        return None
+    return sum(watts[r] for r in rails) * seconds / rows
+
+
+def measure_power(run_ne, ne_s: float, run_mlx, mlx_s: float, rows: int, min_s: float = 2.0) -> dict:
+    """Step 9: mean W per rail (ANE, GPU and the CPU beside them) under each side, and joules per
+    row with the CPU rail counted (the host copies run there); root only."""
     from .power import active_power, power_sampler
 
     sampler, why = power_sampler()
     if sampler is None:
         return {"skipped": why}
-    return {"programs_w": active_power(sampler, run_ne, min_s), "mlx_w": active_power(sampler, run_mlx, min_s)}
+    ne_w, mlx_w = active_power(sampler, run_ne, min_s), active_power(sampler, run_mlx, min_s)
+    ne_j, mlx_j = joules_per_row(ne_w, ("ane", "cpu"), ne_s, rows), joules_per_row(mlx_w, ("gpu", "cpu"), mlx_s, rows)
+    return {"programs_w": ne_w, "mlx_w": mlx_w, "programs_j_per_row": ne_j, "mlx_j_per_row": mlx_j,
+            "energy_ratio": ne_j / mlx_j if ne_j and mlx_j else None}
 
 
 def measure_two_models(mlc: str, fn: str, x: np.ndarray, n: int = 20) -> dict:
@@ -613,7 +624,8 @@ def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeat
     run_mlx = mlx.pop("_run")
     mac["mlx"] = mlx
     mac["ane_over_gpu"] = done[best]["fit"]["tflops"] / mlx["tflops"]
-    mac["power"] = measure_power(runs[best], run_mlx)
+    top_s = done[best]["predict"]["CPU_AND_NE"][top]["median_s"]
+    mac["power"] = measure_power(runs[best], top_s, run_mlx, mlx["median_s"], mlx["rows"])
     if "skipped" in mac["power"]:
         report["skipped"]["power"] = mac["power"]["skipped"]
     chip = report["platform"]["chip"]
@@ -634,7 +646,8 @@ def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeat
     how = {"ane_tflops": f"{best} weights, G={shape.G} D={shape.D} H={shape.H}, CPU_AND_NE, slope of the median "
                          f"predict time over tiers {list(spec.tiers)}; {r['verdict']['verdict']}",
            "ane_dispatch_s": "intercept of that fit",
-           "gpu_tflops": f"MLX SwitchGLU (gather_qmm q{shape.bits}) on {mlx['rows']} rows, {mlx['device']}",
+           "gpu_tflops": f"MLX SwitchGLU ({f'gather_qmm q{shape.bits}' if shape.bits < 16 else 'gather_mm fp16'}) "
+                         f"on {mlx['rows']} rows, {mlx['device']}",
            "ane_power_w": "powermetrics ane rail under the programs", "gpu_power_w": "powermetrics gpu rail under MLX"}
     entry = measured_profile(chip_profile(chip), measured, how, where)
     report["chips"] = {chip: entry}
@@ -642,6 +655,35 @@ def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeat
     copy = {"rows": shape.G * pc["tier"], "priced_bytes_per_row": report["copies"]["priced_bytes_per_row"],
             "overhead_s": pc["overhead_s"]}
     report["cost"] = measured_cost(chip, entry, shape.D, shape.H, report["formats"][best]["weight_bits"], copy)
+
+
+def mac_summary(report: dict) -> List[str]:
+    """The outcomes a Mac user reads first (docs/selftest.md says what each means)."""
+    mac, lines = report.get("mac") or {}, []
+    for fmt, r in (mac.get("formats") or {}).items():
+        if "error" in r:
+            lines.append(f"{fmt}: failed on this Mac: {r['error']}")
+            continue
+        pc, mem = r["program_call"], r.get("memory") or {}
+        lines.append(f"{fmt}: {r['verdict']['verdict']}; placement {r['placement']['result']}"
+                     + (f" ({'; '.join(r['placement']['problems'][:3])})" if r["placement"]["problems"] else ""))
+        lines.append(f"{fmt}: predict {pc['predict_s'] * 1e3:.3f} ms vs the whole program call "
+                     f"{pc['run_s'] * 1e3:.3f} ms at {pc['tier']} rows per expert (host copies and Python)")
+        if "loaded_over_package" in mem:
+            lines.append(f"{fmt}: RSS grew {mem['loaded_over_package']:.2f}x the package bytes loading every tier")
+    if "mlx" in mac:
+        lines.append(f"ANE/GPU at this shape: {mac['ane_over_gpu']:.2f} (MLX {mac['mlx']['tflops']:.2f} TFLOP/s "
+                     f"on {mac['mlx']['device']})")
+    pw = mac.get("power") or {}
+    if pw.get("energy_ratio"):
+        lines.append(f"energy per row, programs (ANE+CPU) / MLX (GPU+CPU): {pw['energy_ratio']:.2f}")
+    if "two_models" in mac:
+        t = mac["two_models"]
+        lines.append(f"two models from two threads: {t['speedup']:.2f}x one model "
+                     f"({'a second ANE works' if t['second_ane'] else 'one ANE only'})")
+    for step, why in report.get("skipped", {}).items():
+        lines.append(f"skipped {step}: {why}")
+    return lines
 
 
 def selftest(shape: Shape = REAL, workdir=None, repeats: int = 20, log=print, model: Optional[str] = None) -> dict:
@@ -684,6 +726,8 @@ def selftest(shape: Shape = REAL, workdir=None, repeats: int = 20, log=print, mo
             log("on this Mac:")
             report["needs_mac"] = []
             run_mac(report, spec, shape, work, repeats, log)
+            for line in mac_summary(report):
+                log(f"  {line}")
         else:
             why = ("Core ML programs need macOS 15 (iOS18 opset); this is macOS "
                    + ".".join(map(str, macos_version()))) if on_mac else f"Core ML runs only on macOS (this is {sys.platform})"
