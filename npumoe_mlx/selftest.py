@@ -110,8 +110,10 @@ def _placement_problems(plan, functions: Sequence[str]) -> List[dict]:
 
 
 def describe_problem(p: dict) -> str:
-    sup = f" (supported: {', '.join(p['supported']) or 'none'})" if p.get("supported") is not None else ""
-    return f"{p['function']}: {p['op']} -> {p['preferred']}{sup}"
+    sup = f"supported: {', '.join(p['supported']) or 'none'}"
+    if p.get("weight"):  # MLComputePlan's estimated share of the function's work
+        sup += f", {p['weight']:.0%} of the work"
+    return f"{p['function']}: {p['op']} -> {p['preferred']} ({sup})"
 
 
 def _priced_copy_bytes(D: int, H: int) -> int:

@@ -238,7 +238,10 @@ def test_measured_profile_loads_as_chips_file(quick, tmp_path, capsys):
 
 def test_measured_cost_loads_through_cost_flag(quick, tmp_path):
     path, base = _mac_report(quick, tmp_path)
-    cost = load_cost(str(path))  # what plan/build/replay --cost read
+    cost = load_cost(str(path))  # what plan/build --cost read
+    from npumoe_mlx.replay import cost_for
+
+    assert cost_for("coreml", None, str(path)) == cost  # replay --cost
     assert cost.backend == "coreml"
     assert cost.program_flops == pytest.approx(3.25e12) and cost.mlx_flops == pytest.approx(9.5e12)
     assert cost.dispatch_s == pytest.approx(2.1e-4)
