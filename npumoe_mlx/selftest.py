@@ -374,6 +374,18 @@ def _memory_probe(mlc: str, functions: List[str], G: int, D: int, package_bytes:
     return {**r, "package_bytes": package_bytes, "loaded_over_package": (r["predicted"] - r["before"]) / package_bytes}
 
 
+def backend_load(pkg, cache) -> dict:
+    """Evidence step 6: does the project's own loader (backends/coreml.py, placement check on)
+    take this package on this Mac? Refused with `-> unknown` constexpr ops is the Q1 bug."""
+    from .backends.coreml import Backend
+
+    try:
+        prog = Backend(cache=str(cache)).load(Path(pkg))
+    except Exception as e:
+        return {"result": "refused", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    return {"result": "loaded", "tiers": list(prog.tiers)}
+
+
 def _median_s(fn, repeats: int) -> float:
     from .tune import median_s
 
@@ -434,6 +446,7 @@ def measure_format(fmt: str, info: dict, spec: ProgramSpec, workdir: Path, repea
                            "program_run_s": _median_s(lambda: prog.run(x, top), repeats),
                            "overhead_s": run_s - predict_s, "overhead_per_row_s": (run_s - predict_s) / (G * top)}
     out["memory"] = _memory_probe(str(mlc), fns, G, D, info["bytes"])  # step 7
+    out["backend_load"] = backend_load(info["package"], workdir / "cache")  # step 6
     out["_run_ne"] = lambda: models[top].predict({INPUT_NAME: np.ascontiguousarray(x)})  # for power / Ultra
     return out
 
@@ -671,6 +684,9 @@ def mac_summary(report: dict) -> List[str]:
                      + (f" ({'; '.join(r['placement']['problems'][:3])})" if r["placement"]["problems"] else ""))
         lines.append(f"{fmt}: predict {pc['predict_s'] * 1e3:.3f} ms vs the whole program call "
                      f"{pc['run_s'] * 1e3:.3f} ms at {pc['tier']} rows per expert (host copies and Python)")
+        bl = r.get("backend_load") or {}
+        if bl:
+            lines.append(f"{fmt}: npumoe's Core ML loader {bl['result']}" + (f": {bl['error']}" if "error" in bl else ""))
         if "loaded_over_package" in mem:
             lines.append(f"{fmt}: RSS grew {mem['loaded_over_package']:.2f}x the package bytes loading every tier")
     if "mlx" in mac:

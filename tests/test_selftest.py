@@ -340,6 +340,8 @@ def test_mac_steps_with_core_ml_modelled(monkeypatch, tmp_path, capsys):
     for fmt in m:  # Core ML's output (here: the interpreter's) against the 4-bit experts, every unit
         assert max(m[fmt]["rel_err_on_device"]["CPU_AND_NE"].values()) < selftest.TOL
         pc = m[fmt]["program_call"]
+        # off macOS the real loader refuses whatever the models say: the step ran and said why
+        assert m[fmt]["backend_load"]["result"] == "refused" and "only on macOS" in m[fmt]["backend_load"]["error"]
         assert pc["tier"] == 64 and pc["overhead_s"] == pytest.approx(pc["run_s"] - pc["predict_s"])
     # fp16 is faster under CPU_AND_NE but not on the ANE: the profile describes blockwise
     top = lambda f: m[f]["predict"]["CPU_AND_NE"]["c64"]["median_s"]  # noqa: E731
