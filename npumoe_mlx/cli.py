@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "bench": ("npumoe_mlx.tools.bench", "benchmarks: `bench layer` (one MoE layer), `bench e2e` (whole model)"),
     "chips": ("npumoe_mlx.chips", "Apple chip profiles the planner predicts with (each number with its source)"),
     "demo": ("npumoe_mlx.tools.demo", "build a demo MoE model and bundle, generate, compare"),
+    "selftest": ("npumoe_mlx.selftest", "check the Core ML path on this machine in minutes (run it first on a Mac)"),
 }
 
 

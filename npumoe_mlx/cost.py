@@ -31,7 +31,7 @@ import numpy as np
 from ane_kernels.formats import DEFAULT_FORMAT, expert_bytes
 
 from .atomic import write_json
-from .chips import chip_profile
+from .chips import ChipProfile, chip_profile
 
 
 def flops_per_row(D: int, H: int) -> float:
@@ -192,7 +192,10 @@ class CostModel:
     @classmethod
     def load(cls, path: str) -> "CostModel":
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            d = json.load(f)
+        if isinstance(d, dict) and isinstance(d.get("cost"), dict):  # an `npumoe selftest --json` report
+            d = d["cost"]
+        return cls.from_dict(d)
 
 
 # Host copies (every backend's copy_bps default, every --chip profile's): one CPU core's
@@ -213,8 +216,9 @@ def chip_cost_model(name: str, backend: str, D: int = 0, H: int = 0, bits: int =
     FLOP/s (roofline). MLX: the
     GPU's per-layer kernel overhead + FLOPs at its rate. Energy: each unit's busy power
     per FLOP, and power x its fixed time per call. Host copies keep the backend's default.
+    ``name`` may be a ChipProfile itself (``npumoe selftest``'s measured one).
     """
-    c = chip_profile(name)
+    c = name if isinstance(name, ChipProfile) else chip_profile(name)
     return CostModel(
         backend=backend,
         dispatch_s=c.ane_dispatch_s,
