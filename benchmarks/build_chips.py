@@ -510,7 +510,7 @@ def targets_md(rows, results_path=REPLAY_JSON):
     import json
 
     from npumoe_mlx import replay as rp
-    from npumoe_mlx.cost import chip_cost
+    from npumoe_mlx.backends.registry import chip_cost
 
     if not os.path.exists(results_path):
         return ""

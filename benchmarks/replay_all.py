@@ -19,7 +19,7 @@ from pathlib import Path
 
 from npumoe_mlx import replay as rp
 from npumoe_mlx.chips import CHIP_NAMES
-from npumoe_mlx.cost import chip_cost, default_cost
+from npumoe_mlx.backends.registry import chip_cost, default_cost
 from npumoe_mlx.plan import PlanLimits
 
 OLMOE = ["olmoe-1b-7b.arxiv", "olmoe-1b-7b.book"]

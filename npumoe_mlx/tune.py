@@ -412,7 +412,7 @@ def fit(raw: dict) -> CostModel:
 
 
 def with_energy(cost: CostModel, program_w: float, mlx_w: float) -> CostModel:
-    """Energy terms from each unit's active power (W), as ``cost.chip_cost`` derives them:
+    """Energy terms from each unit's active power (W), as ``cost.chip_cost_model`` derives them:
     busy power per FLOP at the fitted rate, and busy power x the fixed time per call."""
     cost.program_j_per_flop = program_w / cost.program_flops
     cost.program_j_per_call = program_w * cost.dispatch_s

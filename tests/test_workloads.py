@@ -13,7 +13,8 @@ import pytest
 import npumoe_mlx
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import release
-from npumoe_mlx.cost import CostModel, default_cost
+from npumoe_mlx.backends.registry import default_cost
+from npumoe_mlx.cost import CostModel
 from npumoe_mlx.experts import installed_blocks
 from npumoe_mlx.plan import GroupPlan, LayerPlan, PlanLimits, below_ladder_tiers
 from npumoe_mlx.tiers import small_ladders, undersized
