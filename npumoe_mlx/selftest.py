@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, build_package, function_name
+from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, function_name
 from ane_kernels.formats import TOLERANCE, WEIGHT_FORMATS, expert_bytes
 from ane_kernels.spec import ProgramSpec, random_spec, reference_ffn
 
@@ -626,7 +626,8 @@ def selftest(shape: Shape = REAL, workdir=None, repeats: int = 20, log=print, mo
         report["copies"] = copy_bytes(shape.D)
         c = report["copies"]
         log(f"host copies per offloaded row: counted {c['counted_bytes_per_row']} B "
-            f"({c['counted_bytes_per_element']} B/element), priced {c['priced_bytes_per_row']} B")
+            f"({c['counted_bytes_per_element']:.2f} B/element), priced {c['priced_bytes_per_row']} B "
+            f"({c['priced_bytes_per_element']:g} B/element, the registry's Core ML cost model)")
         built = [f for f, i in report["formats"].items() if i["built"]]
         fns = [function_name(t) for t in spec.tiers]
         if built:
