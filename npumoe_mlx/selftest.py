@@ -24,157 +24,42 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, build_package, function_name
-from ane_kernels.spec import ProgramSpec, dequantize, random_spec, reference_ffn
+from ane_kernels.coreml import INPUT_NAME, OUTPUT_NAME, function_name
+from ane_kernels.formats import TOLERANCE, WEIGHT_FORMATS, expert_bytes
+from ane_kernels.spec import ProgramSpec, random_spec, reference_ffn
+
+from .backends.coreml import placement_problems
 
 KIND = "npumoe-selftest"
 FORMAT = 1  # also the chips-file format: the report is a chips file (chips.load_chips)
 COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU")
-TOL = 1e-2  # max relative error (||y - ref|| / ||ref||) a format may have against its 4-bit source
 NOT_ON_ANE = 0.8  # CPU_AND_NE taking >= this fraction of CPU_ONLY's time: not on the ANE
 
-# ---- adapters: every dependency on code other helpers are changing, in one place --------
+def copy_bytes(D: int) -> dict:
+    """Host bytes per offloaded row on the Core ML path: priced (the registry's Core ML cost
+    model, ``copy_bytes`` per element) against counted (one layer call through the real
+    executor with every host pass counted, Core ML's bridge faked as coremltools moves arrays:
+    npumoe_mlx.copies). Bytes per element do not depend on the shape, so the count runs small."""
+    from .backends.registry import default_cost
+    from .copies import count_copies
 
-
-def _formats() -> tuple:
-    """Weight formats the Core ML builder offers. Today's builder has one native format, the
-    per-block affine one (`constexpr_blockwise_shift_scale`, exact vs MLX); `fp16` is the same
-    weights dequantized to fp16 constants. Re-point at ane_kernels.coreml's list at merge."""
-    return ("blockwise", "fp16")
-
-
-def _format_spec(spec: ProgramSpec, fmt: str) -> ProgramSpec:
-    if fmt == "blockwise":
-        if not spec.quantized:
-            raise ValueError("the blockwise format needs quantized (MLX affine) source weights")
-        return spec
-    if fmt == "fp16":
-        return replace(spec, gate=dequantize(spec.gate), up=dequantize(spec.up), down=dequantize(spec.down))
-    raise ValueError(f"unknown weight format {fmt!r} (known: {', '.join(_formats())})")
-
-
-def _build(spec: ProgramSpec, fmt: str, out):
-    """One multifunction .mlpackage of `spec` in weight format `fmt` (ane_kernels.coreml.CoreMLBuild)."""
-    return build_package(_format_spec(spec, fmt), out)
-
-
-def _weight_bits(fmt: str, spec: ProgramSpec) -> int:
-    """Bits per weight the format streams (what the cost model should charge)."""
-    return 16 if fmt == "fp16" else max(w.bits for w in (spec.gate, spec.up, spec.down))
-
-
-def _op_kind(name: str) -> str:
-    """MLComputePlan names ML Program ops with their opset prefix ("ios18.conv"); only
-    "const" is bare (coreml-evidence.md Q1, public MLComputePlan dumps)."""
-    return name.rsplit(".", 1)[-1]
-
-
-def _placement_problems(plan, functions: Sequence[str]) -> List[dict]:
-    """Every compute op of every function of `plan` (an MLComputePlan, or a fake with its
-    attributes) that does not prefer the Neural Engine: [{"function", "op", "preferred",
-    "supported", "weight"}]. const and constexpr_* ops get no device usage and are skipped;
-    an op with no usage reports preferred "unknown". Re-point at the backend's check at merge."""
-    from coremltools.models.compute_device import MLNeuralEngineComputeDevice
-
-    def dev_name(d):
-        return type(d).__name__.replace("ComputeDevice", "").replace("ML", "", 1) or "unknown"
-
-    program = plan.model_structure.program
-    out = []
-    for fn in functions:
-        if fn not in program.functions:
-            out.append({"function": fn, "op": None, "preferred": "missing from the plan", "supported": []})
-            continue
-        for op in program.functions[fn].block.operations:
-            kind = _op_kind(op.operator_name)
-            if kind == "const" or kind.startswith("constexpr_"):
-                continue
-            usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
-            dev = None if usage is None else usage.preferred_compute_device
-            if isinstance(dev, MLNeuralEngineComputeDevice):
-                continue
-            cost = plan.get_estimated_cost_for_mlprogram_operation(op)
-            out.append({
-                "function": fn, "op": op.operator_name,
-                "preferred": "unknown" if dev is None else dev_name(dev),
-                "supported": [] if usage is None else [dev_name(d) for d in usage.supported_compute_devices],
-                "weight": None if cost is None else float(cost.weight),
-            })
-    return out
-
-
-def describe_problem(p: dict) -> str:
-    sup = f"supported: {', '.join(p['supported']) or 'none'}"
-    if p.get("weight"):  # MLComputePlan's estimated share of the function's work
-        sup += f", {p['weight']:.0%} of the work"
-    return f"{p['function']}: {p['op']} -> {p['preferred']} ({sup})"
-
-
-def _priced_copy_bytes(D: int, H: int) -> int:
-    """Host bytes per offloaded row the Core ML cost model charges: its copy term alone
-    (compute made free), times its copy rate. Re-point at the backend's priced bytes at merge."""
-    from .cost import default_cost
-
-    c = replace(default_cost("coreml"), program_flops=float("inf"))
-    return int(round(c.row_s(D, H) * c.copy_bps))
-
-
-class _RecordingModel:
-    """Stands in for ``ct.models.CompiledMLModel``: records the dtype ``predict`` receives and
-    returns fp32, as coremltools' bridge does (coremlpython/CoreMLPythonUtils.mm)."""
-
-    def __init__(self):
-        self.seen = []
-
-    def predict(self, feeds):
-        x = feeds[INPUT_NAME]
-        self.seen.append(np.asarray(x).dtype)
-        return {OUTPUT_NAME: np.zeros(np.shape(x), np.float32)}
-
-
-def _copy_bytes(D: int, H: int, G: int = 2, C: int = 32) -> dict:
-    """Host bytes per offloaded row on today's Core ML path, counted pass by pass (read +
-    written), from the code as it is: one call is run through the real ``dispatch.run_calls``
-    and ``CoreMLProgram`` with a recording model, and what it shows (the dtype handed to
-    ``predict``, whether outputs go straight into the caller's buffer) decides the passes;
-    the passes inside coremltools and Core ML are from their source (coreml-evidence.md Q3).
-    Re-point at the executor's own counter at merge."""
-    from .backends.coreml import CoreMLProgram
-    from .dispatch import run_calls
-
-    model = _RecordingModel()
-    prog = CoreMLProgram("probe", {C: model}, G, D, Path("unused"), functions={C: function_name(C)})
-    x_np = np.zeros((G * C, D), np.float32)
-    outs = np.empty((G * C, D), np.float32)
-    run_calls([prog], [(0, np.arange(G), C, np.arange(G * C))], x_np, outs)
-    fed = model.seen[0]
-    steps = [("gather x_np[src] as fp32", "npumoe_mlx/dispatch.py run_calls", 8)]
-    if fed == np.float16:
-        steps += [("astype(float16) before predict", "npumoe_mlx/backends/coreml.py CoreMLProgram._run", 6),
-                  ("coremltools casts fp16 inputs back to fp32 (its bridge has no fp16 type)",
-                   "coremltools/models/model.py _update_float16_multiarray_input_to_float32", 6)]
-    steps += [("Core ML converts the fp32 input to the model's fp16", "Core ML", 6),
-              ("fp16 output MLMultiArray -> fp32", "coremlpython/CoreMLPythonUtils.mm", 6),
-              ("py::array copy of the output", "coremlpython/CoreMLPythonUtils.mm", 8)]
-    if not getattr(prog, "concurrent", False):
-        steps.append(("dst[...] = program output", "npumoe_mlx/dispatch.py run_calls", 8))
-    steps.append(("y[dst] = outs: scatter to pair order", "npumoe_mlx/executor.py _run_programs", 8))
-    per_elem = sum(b for _, _, b in steps)
+    priced = default_cost("coreml").copy_bytes
+    c = count_copies("coreml")
+    fed = {str(dt) for p in c.programs for m in p.models.values() for _, dt in m.seen}
     return {
-        "priced_bytes_per_row": _priced_copy_bytes(D, H),
-        "counted_bytes_per_row": per_elem * D,
-        "counted_bytes_per_element": per_elem,
-        "predict_input_dtype": str(fed),
-        "steps": [{"step": s, "where": w, "bytes_per_element": b} for s, w, b in steps],
-        "per_pair_extra_bytes": 6 * D,  # executor._finish: mx.array(y_np[:P], dtype) fp32 -> fp16, every pair
-        "method": "today's Core ML path run with a recording model (dispatch.run_calls -> CoreMLProgram); "
-                  "coremltools/Core ML passes from their source",
+        "priced_bytes_per_row": int(round(priced * D)),
+        "counted_bytes_per_row": int(round(c.bytes_per_element * D)),
+        "priced_bytes_per_element": priced,
+        "counted_bytes_per_element": c.bytes_per_element,
+        "predict_input_dtype": ", ".join(sorted(fed)),
+        "method": "one offloaded layer call through OffloadExecutor -> dispatch.run_calls -> CoreMLProgram with "
+                  "dispatch.COUNTER on, Core ML's bridge faked from coremltools' source (npumoe_mlx.copies)",
     }
 
 
@@ -221,33 +106,41 @@ def model_spec(model: str, G: int, tiers: Sequence[int]) -> ProgramSpec:
 
 
 def check_formats(spec: ProgramSpec, workdir: Path, log=print) -> Dict[str, dict]:
-    """Build every format; run each saved package in the numpy MIL interpreter, every tier,
-    against the 4-bit source experts (reference_ffn of `spec`)."""
+    """Build every weight format (ane_kernels.formats) through the Core ML backend's builder,
+    which measures each saved program's max relative error against the 4-bit source experts in
+    the numpy MIL interpreter and refuses a format past its own tolerance; then run every tier
+    (verify_package: ||y - ref|| / ||ref|| per function, non-finite outputs raise)."""
+    from ane_kernels.coreml import _dir_bytes
     from ane_kernels.milrun import verify_package
 
+    from .backends.coreml import Backend
+
     out = {}
-    for fmt in _formats():
-        t0 = time.perf_counter()
+    for fmt in WEIGHT_FORMATS:
+        t0, tol = time.perf_counter(), TOLERANCE[fmt]
         if fmt == "blockwise" and not spec.quantized:
             out[fmt] = {"built": False, "skipped": "the experts are not quantized", "max_rel_err": None, "bytes": None}
             log(f"  {fmt}: skipped ({out[fmt]['skipped']})")
             continue
         try:
-            b = _build(spec, fmt, workdir / f"{fmt}.mlpackage")
-            v = verify_package(b.path, spec, tol=TOL)
+            entry = Backend.build(spec, workdir / fmt, weight_format=fmt)
+            pkg = workdir / fmt / entry["package"]
+            v = verify_package(pkg, spec, tol=tol)
         except Exception as e:  # one format failing must not hide the others
             out[fmt] = {"built": False, "error": f"{type(e).__name__}: {e}".splitlines()[0],
-                        "max_rel_err": None, "bytes": None}
+                        "max_rel_err": None, "bytes": None, "tol": tol, "ok": False}
             log(f"  {fmt}: FAILED ({out[fmt]['error']})")
             continue
+        err = entry["max_rel_err"]
         out[fmt] = {
-            "built": True, "max_rel_err": v["max_rel_err"], "tol": TOL, "ok": v["ok"],
-            "bytes": b.package_bytes, "weight_bytes": b.weight_bytes, "weight_bits": _weight_bits(fmt, spec),
-            "rel_err": {fn: r["rel_err"] for fn, r in v["functions"].items()},
-            "ops_per_function": b.ops_per_function, "package": str(b.path), "seconds": time.perf_counter() - t0,
+            "built": True, "max_rel_err": err, "tol": tol, "ok": err <= tol, "bytes": _dir_bytes(pkg),
+            "expert_bytes": expert_bytes(fmt, spec.D, spec.H),  # what one expert streams and holds (cost model)
+            "layout": entry["layout"], "rel_err": {fn: r["rel_err"] for fn, r in v["functions"].items()},
+            "ops_per_function": {fn: r["ops"] for fn, r in v["functions"].items()},
+            "package": str(pkg), "seconds": time.perf_counter() - t0,
         }
-        log(f"  {fmt}: {b.package_bytes / 1e6:.2f} MB, max rel err {v['max_rel_err']:.2e} "
-            f"({'ok' if v['ok'] else 'OVER'} tol {TOL:g}), {out[fmt]['seconds']:.1f}s")
+        log(f"  {fmt}: {out[fmt]['bytes'] / 1e6:.2f} MB, max rel err {err:.2e} (tol {tol:g}), "
+            f"{out[fmt]['expert_bytes'] / 1e6:.2f} MB per expert streamed, {out[fmt]['seconds']:.1f}s")
     return out
 
 
@@ -304,13 +197,13 @@ def check_placement_modelled(pkg, functions: Sequence[str]) -> dict:
     """The placement check run on modelled plans: one with the smallest tier's first conv
     preferring the CPU (must be refused, naming it), one all on the NE (must pass)."""
     small = functions[0]
-    refused = _placement_problems(modelled_plan(pkg, cpu_op=(small, 0)), functions)
-    clean = _placement_problems(modelled_plan(pkg), functions)
+    refused = placement_problems(modelled_plan(pkg, cpu_op=(small, 0)), functions)
+    clean = placement_problems(modelled_plan(pkg), functions)
     return {
         "checked": True, "plan": "modelled on public MLComputePlan dumps (not this machine's)",
         "result": "refused" if refused else "passed",
-        "problems": [describe_problem(p) for p in refused],
-        "control": "passed" if not clean else "refused: " + "; ".join(describe_problem(p) for p in clean),
+        "problems": [str(p) for p in refused],
+        "control": "passed" if not clean else "refused: " + "; ".join(map(str, clean)),
         "functions": list(functions),
     }
 
@@ -355,7 +248,7 @@ def _rss_probe(mlc: str, functions: List[str], shape: List[int]) -> None:
     loaded = _rss_bytes()
     G, D = shape
     for f, m in zip(functions, models):
-        m.predict({INPUT_NAME: np.zeros((G, int(f[1:]), D), np.float32)})
+        m.predict({INPUT_NAME: np.zeros((G, D, int(f[1:])), np.float32)})  # (G, D, C)
     print(json.dumps({"before": before, "loaded": loaded, "predicted": _rss_bytes()}))
 
 
@@ -408,11 +301,11 @@ def measure_format(fmt: str, info: dict, spec: ProgramSpec, workdir: Path, repea
     mlc = ct.models.utils.compile_model(info["package"], str(workdir / f"{fmt}.mlmodelc"))
     out = {"compile_s": time.perf_counter() - t0}
     plan = MLComputePlan.load_from_path(path=str(mlc), compute_units=ct.ComputeUnit.CPU_AND_NE)
-    problems = _placement_problems(plan, fns)
+    problems = placement_problems(plan, fns)
     out["placement"] = {"checked": True, "plan": "MLComputePlan (CPU_AND_NE)",
                         "result": "refused" if problems else "ane",
-                        "problems": [describe_problem(p) for p in problems],
-                        "functions_without_usage": sorted({p["function"] for p in problems if p["preferred"] == "unknown"})}
+                        "problems": [str(p) for p in problems],
+                        "functions_without_usage": sorted({p.function for p in problems if p.preferred == "unknown"})}
     rng = np.random.default_rng(0)
     top = max(spec.tiers)
     x = rng.standard_normal((G, top, D)).astype(np.float32)
@@ -424,9 +317,9 @@ def measure_format(fmt: str, info: dict, spec: ProgramSpec, workdir: Path, repea
             t0 = time.perf_counter()
             m = ct.models.CompiledMLModel(str(mlc), compute_units=getattr(ct.ComputeUnit, cu), function_name=fn)
             load_s = time.perf_counter() - t0
-            xt = np.ascontiguousarray(x[:, :tier])
+            xt = np.ascontiguousarray(x[:, :tier].transpose(0, 2, 1))  # programs take (G, D, C)
             y = m.predict({INPUT_NAME: xt})[OUTPUT_NAME]
-            errs[cu][fn] = rel_err(y, ref[:, :tier])
+            errs[cu][fn] = rel_err(np.asarray(y).transpose(0, 2, 1), ref[:, :tier])
             times[cu][fn] = {"median_s": _median_s(lambda: m.predict({INPUT_NAME: xt}), repeats), "load_s": load_s}
             if cu == "CPU_AND_NE":
                 models[tier] = m
@@ -447,7 +340,8 @@ def measure_format(fmt: str, info: dict, spec: ProgramSpec, workdir: Path, repea
                            "overhead_s": run_s - predict_s, "overhead_per_row_s": (run_s - predict_s) / (G * top)}
     out["memory"] = _memory_probe(str(mlc), fns, G, D, info["bytes"])  # step 7
     out["backend_load"] = backend_load(info["package"], workdir / "cache")  # step 6
-    out["_run_ne"] = lambda: models[top].predict({INPUT_NAME: np.ascontiguousarray(x)})  # for power / Ultra
+    xt = np.ascontiguousarray(x.transpose(0, 2, 1))
+    out["_run_ne"] = lambda: models[top].predict({INPUT_NAME: xt})  # for power / Ultra
     return out
 
 
@@ -539,18 +433,19 @@ def measured_profile(base, measured: Dict[str, Optional[float]], how: Dict[str, 
     return entry
 
 
-def measured_cost(profile_name: str, entry: dict, D: int, H: int, bits: int, copy: Optional[dict]) -> dict:
-    """The cost model `--chip` would predict with this measured profile; host copies priced so
-    the model reproduces the measured overhead of a whole program call (step 5)."""
+def measured_cost(profile_name: str, entry: dict, D: int, H: int, weight_format: str, copy: Optional[dict]) -> dict:
+    """The cost model `--chip` would predict with this measured profile, the weights priced at
+    the bytes `weight_format` streams (formats.expert_bytes); host copies priced so the model
+    reproduces the measured overhead of a whole program call (step 5)."""
+    from .backends.registry import chip_cost
     from .chips import FIELDS, ChipProfile
-    from .cost import chip_cost
 
     prof = ChipProfile(name=profile_name, sources={f: entry[f]["source"] for f in FIELDS},
                        **{f: entry[f]["value"] for f in FIELDS})
-    cost = chip_cost(prof, "coreml", D, H, bits)
-    cost.source = f"npumoe selftest: measured profile of {profile_name} (weights {bits}-bit)"
+    cost = chip_cost(prof, "coreml", D, H, weight_format=weight_format)
+    cost.source = f"npumoe selftest: measured profile of {profile_name} (weights {weight_format})"
     if copy and copy.get("overhead_s", 0) > 0:
-        cost.copy_bps = copy["rows"] * copy["priced_bytes_per_row"] / copy["overhead_s"]
+        cost.copy_bps = copy["rows"] * D * cost.host_bytes_per_element / copy["overhead_s"]  # the bytes it prices
         cost.source += f"; copy_bps from predict vs program call ({copy['rows']} rows)"
     return cost.to_dict()
 
@@ -645,7 +540,7 @@ def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeat
         report["skipped"]["power"] = mac["power"]["skipped"]
     chip = report["platform"]["chip"]
     if chip and chip.endswith("-ultra"):
-        x = np.zeros((shape.G, max(spec.tiers), shape.D), np.float32)
+        x = np.zeros((shape.G, shape.D, max(spec.tiers)), np.float32)  # (G, D, C)
         mac["two_models"] = measure_two_models(str(workdir / f"{best}.mlmodelc"), top, x)
     else:
         report["skipped"]["two_models"] = f"not an Ultra ({chip or 'unknown chip'}): one ANE"
@@ -667,9 +562,8 @@ def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeat
     entry = measured_profile(chip_profile(chip), measured, how, where)
     report["chips"] = {chip: entry}
     pc = r["program_call"]
-    copy = {"rows": shape.G * pc["tier"], "priced_bytes_per_row": report["copies"]["priced_bytes_per_row"],
-            "overhead_s": pc["overhead_s"]}
-    report["cost"] = measured_cost(chip, entry, shape.D, shape.H, report["formats"][best]["weight_bits"], copy)
+    copy = {"rows": shape.G * pc["tier"], "overhead_s": pc["overhead_s"]}
+    report["cost"] = measured_cost(chip, entry, shape.D, shape.H, best, copy)
 
 
 def mac_summary(report: dict) -> List[str]:
@@ -729,10 +623,11 @@ def selftest(shape: Shape = REAL, workdir=None, repeats: int = 20, log=print, mo
         work.mkdir(parents=True, exist_ok=True)
         log("weight formats (built, then run in the numpy MIL interpreter against the 4-bit experts):")
         report["formats"] = check_formats(spec, work, log)
-        report["copies"] = _copy_bytes(shape.D, shape.H)
+        report["copies"] = copy_bytes(shape.D)
         c = report["copies"]
         log(f"host copies per offloaded row: counted {c['counted_bytes_per_row']} B "
-            f"({c['counted_bytes_per_element']} B/element), priced {c['priced_bytes_per_row']} B")
+            f"({c['counted_bytes_per_element']:.2f} B/element), priced {c['priced_bytes_per_row']} B "
+            f"({c['priced_bytes_per_element']:g} B/element, the registry's Core ML cost model)")
         built = [f for f, i in report["formats"].items() if i["built"]]
         fns = [function_name(t) for t in spec.tiers]
         if built:

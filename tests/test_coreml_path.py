@@ -103,8 +103,11 @@ def test_placement_refuses_a_conv_on_the_cpu_and_names_it():
 
 def test_placement_refuses_unknown_usage_of_a_compute_op():
     plan = _plan(unknown=("c32", 4))
-    assert cm.placement_problems(plan, ["c32", "c64"]) == [
-        "function c32: op ios18.silu prefers unknown (supported: none reported)"]
+    (p,) = cm.placement_problems(plan, ["c32", "c64"])
+    assert (p.function, p.op, p.preferred, p.supported) == ("c32", "ios18.silu", "unknown", ())
+    assert str(p) == "function c32: op ios18.silu prefers unknown (supported: none reported)"
+    (m,) = cm.placement_problems(plan, ["c128"])  # a function the plan lacks
+    assert (m.function, m.op) == ("c128", None) and str(m) == "function c128: not in the compute plan"
 
 
 def test_placement_per_function_plans_when_the_default_one_covers_only_its_function(monkeypatch):

@@ -19,7 +19,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -357,9 +357,29 @@ def covers(plan, fn: str) -> bool:
     return bool(ops) and any(plan.get_compute_device_usage_for_mlprogram_operation(op) is not None for op in ops)
 
 
-def placement_problems(plans, functions) -> List[str]:
+@dataclass(frozen=True)
+class Placement:
+    """One compute op that would not run on the Neural Engine (or a function the plan lacks:
+    op None). `weight`: MLComputePlan's estimated share of the function's work, when known."""
+
+    function: str
+    op: Optional[str]
+    preferred: str = "unknown"
+    supported: Tuple[str, ...] = ()
+    weight: Optional[float] = None
+
+    def __str__(self) -> str:
+        if self.op is None:
+            return f"function {self.function}: not in the compute plan"
+        work = f", {self.weight:.0%} of the work" if self.weight else ""
+        return (f"function {self.function}: op {self.op} prefers {self.preferred} "
+                f"(supported: {', '.join(self.supported) or 'none reported'}{work})")
+
+
+def placement_problems(plans, functions) -> List[Placement]:
     """Every compute op of every function in `functions` that would not run on the Neural
-    Engine, one line each (function, op, preferred device, supported devices); [] if all do.
+    Engine (function, op, preferred device, supported devices, cost weight); [] if all do.
+    ``str(p)`` is its one line.
 
     `plans`: one MLComputePlan for every function, or {function: MLComputePlan} (anything
     with the same attributes: tests pass fakes modelled on public dumps)."""
@@ -368,16 +388,18 @@ def placement_problems(plans, functions) -> List[str]:
         plan = plans[fn] if isinstance(plans, dict) else plans
         ops = _compute_ops(plan, fn)
         if ops is None:
-            off.append(f"function {fn}: not in the compute plan")
+            off.append(Placement(fn, None, "missing from the plan"))
             continue
         for op in ops:
             usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
             pref = None if usage is None else usage.preferred_compute_device
             if type(pref).__name__ == NEURAL_ENGINE:
                 continue
-            sup = [] if usage is None else [_device(d) for d in usage.supported_compute_devices]
-            off.append(f"function {fn}: op {op.operator_name} prefers {_device(pref)} "
-                       f"(supported: {', '.join(sup) or 'none reported'})")
+            sup = () if usage is None else tuple(_device(d) for d in usage.supported_compute_devices)
+            cost_of = getattr(plan, "get_estimated_cost_for_mlprogram_operation", None)
+            cost = None if cost_of is None else cost_of(op)
+            off.append(Placement(fn, op.operator_name, _device(pref), sup,
+                                 None if cost is None else float(cost.weight)))
     return off
 
 
@@ -386,4 +408,5 @@ def require_ane(plans, where: str, functions=None) -> None:
     functions = list(plans) if functions is None else functions
     off = placement_problems(plans, functions)
     if off:
-        raise BackendError(f"{where}: {len(off)} op(s) would not run on the Neural Engine: " + "; ".join(off))
+        raise BackendError(f"{where}: {len(off)} op(s) would not run on the Neural Engine: "
+                           + "; ".join(map(str, off)))
