@@ -155,6 +155,11 @@ class Pinned:
         self._probe, self._hint = probe, hint
         self.ready = not self._sha256 and probe is None
 
+    def __getstate__(self) -> dict:
+        """A copy or unpickled program keeps its files' hashes but not the probe (a closure over
+        the model's experts): only a program not yet used can lack it, and its bytes are still checked."""
+        return {**self.__dict__, "_probe": None}
+
     def first_use(self) -> None:
         """Every byte checked, then the probe, before the program's first call; raises on a
         damaged or changed file (the executor falls back to MLX with one warning)."""

@@ -66,7 +66,7 @@ def test_compare_without_matplotlib_says_how_to_get_plots(tmp_path, monkeypatch)
     monkeypatch.setattr(cmp, "format_markdown", lambda r: "table\n")
     cmp.write_outputs({"prompts": []}, tmp_path, said.append)
     assert said == ["plot skipped: matplotlib is not installed (pip install 'npumoe-mlx[plot]')"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json", "compare.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json", "compare.md", "npumoe_compare.json"]
 
 
 def test_compare_says_in_one_line_why_offload_was_slower():

@@ -108,7 +108,10 @@ def test_skewed_padding_and_calls_per_layer(skewed, tmp_path):
         assert st.offloaded == 1
         assert st.program_calls <= len(lp.groups) * (1 + 1)  # at most one overflow round here
     s = summarize(offload_stats(ours))
-    assert s["padding_pct"] <= 15.0, s
+    # <= 15 % until issue 23: the build's plan now also sizes ladders for batched prefill (4 prompts)
+    # and chat-sized calls, so a lone 512-token prefill pads more here (25.3 %); real-routing
+    # replays of single prefill still pad <= 12 % (benchmarks/replay.md)
+    assert s["padding_pct"] <= 30.0, s
 
 
 def test_same_inputs_same_plan(skewed, tmp_path):

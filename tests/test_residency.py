@@ -48,7 +48,7 @@ def test_bundle_holds_the_offloaded_experts_quantized_bytes_once(q4, tmp_path):
 
 
 def test_memory_budget_refuses_a_plan_that_does_not_fit(q4, tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"needs .* GB resident .* over the memory budget of 0.00 GB"):
+    with pytest.raises(ValueError, match=r"needs .* MB resident .* over the memory budget of 0.00 MB"):
         _build(q4, tmp_path / "b", memory_budget=1000)
     assert not (tmp_path / "b").exists()  # refused before compiling anything
     rc = cli.main(["build", "--model", str(q4), "--out", str(tmp_path / "c"), "--no-tune", "--tokens", "64",

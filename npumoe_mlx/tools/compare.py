@@ -444,7 +444,7 @@ def why_slower(r: dict) -> Optional[str]:
                 f"difference is the offload's bookkeeping and run-to-run noise (load {load})")
     per = 1e3 * sum(x.get("program_s", 0.0) for x in st) / progs
     return (f"{head}: {calls} offloaded layer calls made {progs} program calls of {per:.2f} ms each; where experts "
-            f"are small, a program call's fixed cost (host sync, dispatch, copies) exceeds the expert work it moves "
+            f"are small, a program call's fixed cost (host sync, call overhead, copies) exceeds the expert work it moves "
             f"off MLX (README: when not to use it); machine load at start {load}")
 
 
