@@ -99,14 +99,16 @@ def plan_model(model, tokenizer, config, blocks: dict, backend: str, *, corpus=(
                tokens: int = 2048, chunk_size: int = 2048, seed: int = 0, cost: Optional[CostModel] = None,
                chip: Optional[str] = None, tune: bool = True, objective: str = "time",
                limits: Optional[PlanLimits] = None, workload: Optional[Profile] = None,
-               log: Callable[[str], None] = print, progress: bool = False, weight_format: Optional[str] = None):
+               log: Callable[[str], None] = print, progress: bool = False, weight_format: Optional[str] = None,
+               batched: bool = True):
     """calibrate (+ the saved workload) -> costs -> plan: ``(profile, cost, plan)``. The one path
-    ``npumoe build`` and ``npumoe plan --from-stats`` share, so the preview is what gets built."""
+    ``npumoe build`` and ``npumoe plan --from-stats`` share, so the preview is what gets built.
+    ``batched``: calibration also records batched prefill calls (as ``batch_generate`` makes them)."""
     docs, desc = corpus_documents(list(corpus), tokens, seed)
     log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
     profile = calibrate(
         model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-        model_path=None, description=desc, progress=progress, batched=True,
+        model_path=None, description=desc, progress=progress, batched=batched,
     )
     if workload is not None:
         log(f"      re-sizing layers {[l.layer for l in workload.layers]} for the saved workload ({workload.corpus})")
@@ -152,6 +154,7 @@ def build(
     lock_held: bool = False,
     workload: Optional[Profile] = None,
     weight_format: Optional[str] = None,
+    batched: bool = True,
 ) -> Path:
     """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
 
@@ -199,7 +202,7 @@ def build(
         profile, cost, plan = plan_model(model, tokenizer, config, blocks, backend, corpus=corpus, tokens=tokens,
                                          chunk_size=chunk_size, seed=seed, cost=cost, chip=chip, tune=tune,
                                          objective=objective, limits=limits, workload=workload, log=log,
-                                         progress=progress, weight_format=weight_format)
+                                         progress=progress, weight_format=weight_format, batched=batched)
         profile.model_fingerprint = fingerprint
         runs, why = registry.get(backend).available()
         if not runs:

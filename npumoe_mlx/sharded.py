@@ -274,7 +274,9 @@ def install(
     why = _check(path, fp, model_name) if holds else None
     if build:
         if _count(why is not None):
-            opts = {**_build_defaults(), **(build_options or {})}
+            # batched=False: a rank that builds nothing follows the calibration's forward passes
+            # one for one (_follow), and it follows the single-sequence ones only
+            opts = {**_build_defaults(), **(build_options or {}), "batched": False}
             failed = None
             with ExitStack() as held:
                 if why is not None:  # take this rank's lock before the collective calibration starts
