@@ -57,4 +57,4 @@ def test_memory_budget_refuses_a_plan_that_does_not_fit(q4, tmp_path, capsys):
     assert rc == 1 and len(err) == 1 and "over the memory budget" in err[0] and "--memory-budget" in err[0]
     assert not (tmp_path / "c" / "manifest.json").exists()
     rc = cli.main(["build", "--model", str(q4), "--out", str(tmp_path / "c"), "--memory-budget", "-1"])
-    assert rc == 1 and "--memory-budget must be >= 0 GB" in capsys.readouterr().err
+    assert rc == 1 and "--memory-budget must be a number of GB >= 0" in capsys.readouterr().err
