@@ -327,7 +327,7 @@ class OffloadExecutor:
         (Core ML), gathered and transposed by MLX (the GPU on a Mac: no host pass; numpy took
         16 B per element for it), on a stream of its own so it does not wait behind the MLX
         side's work; one eval for them all. The arrays are views of MLX's buffers (no copy)."""
-        idx = [i for i, (gi, *_) in enumerate(c.slots.calls) if getattr(self.programs[gi], "input_layout", "GCD") == "GDC"]
+        idx = [i for i, (gi, *_) in enumerate(c.slots.calls) if self.programs[gi].input_layout == "GDC"]
         if not idx:
             return {}
         with mx.stream(_gather_stream()):
