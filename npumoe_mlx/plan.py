@@ -13,7 +13,6 @@ Deterministic: the same inputs give the same plan.
 """
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
