@@ -42,18 +42,13 @@ import numpy as np
 
 from .formats import PALETTE_BITS, PALETTE_GROUP, WEIGHT_FORMATS, check_format, int8_channel, palettize
 from .limits import DEFAULT_LIMITS, Limits, check_program, check_spec, require
-from .spec import AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, take, take_cols, weight_shape
+from .spec import (INPUT_NAME, OUTPUT_NAME, AffineWeight, ProgramSpec, Weight, dequantize, function_name, fuse_rows,  # noqa: F401
+                   take, take_cols, weight_shape)
 
 LAYOUTS = ("conv", "matmul")
-INPUT_NAME = "x"
-OUTPUT_NAME = "y"
 INPUT_LAYOUT = "GDC"  # x and y are (G, D, C): channels first, the tier (sequence) axis last
 FP16_MAX = 65504.0
 FP16_SATURATION = 32759.0  # ANE matmul/conv outputs saturate to inf near here (ANEForge op quirks: fp16max/2)
-
-
-def function_name(tier: int) -> str:
-    return f"c{tier}"
 
 
 @dataclass

@@ -108,11 +108,9 @@ def _const_bytes(val, dtype) -> int:
     return val.nbytes
 
 
-def _vars_of(op):
+def _inputs_of(op):
     for v in op.inputs.values():
-        for u in v if isinstance(v, (list, tuple)) else (v,):
-            yield u
-    yield from op.outputs
+        yield from v if isinstance(v, (list, tuple)) else (v,)
 
 
 def check_program(prog, limits: Limits = DEFAULT_LIMITS) -> List[str]:
@@ -130,8 +128,7 @@ def check_program(prog, limits: Limits = DEFAULT_LIMITS) -> List[str]:
             problems += _check_var(where, f"input {name!r}", var, limits, types)
         # a constexpr op's inputs are its compressed storage, not tensors the ANE computes on:
         # constexpr_lut_to_dense's lut has rank(weight) + 2 by definition (coremltools iOS18)
-        stored = {u.name for op in func.operations if op.op_type.startswith("constexpr_") for u in _vars_of(op)
-                  if u not in op.outputs}
+        stored = {u.name for op in func.operations if op.op_type.startswith("constexpr_") for u in _inputs_of(op)}
         for op in func.operations:
             if op.op_type not in limits.allowed_ops:
                 problems.append(

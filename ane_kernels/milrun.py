@@ -14,7 +14,7 @@ from typing import Callable, Dict
 
 import numpy as np
 
-from .spec import ProgramSpec, reference_ffn
+from .spec import INPUT_NAME, ProgramSpec, function_name, reference_ffn
 
 
 class UnsupportedOp(NotImplementedError):
@@ -327,7 +327,6 @@ def verify_package(path, spec: ProgramSpec, *, tol=1e-2, seed=0, x_scale=1.0) ->
     Returns {"functions": {name: {"tier", "rel_err", "ops"}}, "max_rel_err", "ok"}.
     Missing tier functions, non-finite outputs and unknown ops raise.
     """
-    from .coreml import INPUT_NAME, function_name
 
     prog = load_package(path)
     rng = np.random.default_rng(seed)
@@ -360,7 +359,6 @@ def format_error(path, spec: ProgramSpec, *, rows: int = 8, seed: int = 0) -> fl
     """Max relative error of the saved package's smallest tier on `rows` seeded rows per
     expert against `reference_ffn` on the spec's own weights (the model's experts, whatever
     format the package stores them in)."""
-    from .coreml import INPUT_NAME, function_name
 
     tier = min(spec.tiers)
     rows = min(rows, tier)

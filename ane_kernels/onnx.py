@@ -30,10 +30,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from . import onnx_wire
-from .spec import AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, pack_bits
+from .spec import INPUT_NAME, OUTPUT_NAME, AffineWeight, ProgramSpec, Weight, dequantize, fuse_rows, pack_bits  # noqa: F401
 
-INPUT_NAME = "x"
-OUTPUT_NAME = "y"
 OPSET = 17
 ROWS = "C"  # the symbolic row dimension of a dynamic graph
 METADATA_KEY = "npumoe.program"  # model property: spec.describe() as JSON (as in Core ML packages)

@@ -22,6 +22,15 @@ import numpy as np
 ACTIVATIONS = ("swiglu", "swiglu_oai", "geglu", "geglu_exact")
 SUPPORTED_BITS = (2, 4, 8)
 
+# Every program's I/O names, on every format (Core ML functions, ONNX graphs)
+INPUT_NAME = "x"
+OUTPUT_NAME = "y"
+
+
+def function_name(tier: int) -> str:
+    """The name of a program's function (Core ML) for one tier."""
+    return f"c{tier}"
+
 
 @dataclass
 class AffineWeight:

@@ -10,7 +10,6 @@ right after (``Backend.checker``).
 import argparse
 import importlib.util
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -39,6 +38,9 @@ from .progress import progress_bar
 from .residency import check_budget, default_memory_budget, describe, plan_resident
 from .tune import tune as run_tune
 from .workloads import corpus_documents
+from .log import get as _get_log
+
+_log = _get_log(__name__)
 
 
 _DISTRIBUTED = (nn.AllToShardedLinear, nn.ShardedToAllLinear, nn.QuantizedAllToShardedLinear, nn.QuantizedShardedToAllLinear)
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
             print(f"bundle {out} is up to date; nothing to do (--force rebuilds)")
             return 0
         except bundles.BundleError as e:
-            print(f"[npumoe] existing bundle is stale, rebuilding: {e}", file=sys.stderr)
+            _log.warning(f"existing bundle is stale, rebuilding: {e}")
     limits = limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
     cost = load_cost(args.cost) if args.cost else None
     build(

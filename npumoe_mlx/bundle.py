@@ -27,7 +27,9 @@ from typing import Dict, Optional
 from ._version import __version__
 from .backends import registry
 from .cost import CostModel
-from .fingerprint import model_fingerprint
+from .fingerprint import model_fingerprint, update_sampled
+from .hints import build_cmd
+from .paths import CACHE_ENV, cache_root  # noqa: F401 (bundle.cache_root: callers' name)
 from .plan import Plan
 from . import schema
 
@@ -35,7 +37,6 @@ BUNDLE_FORMAT = 3  # 3: groups, tiers and limits only in plan.json; the manifest
 # (layer, group), its files and its backend's build entry ("program": files + metadata);
 # 2: quantized programs without zero points (fast kernel), one session per program
 KIND = "npumoe-bundle"
-CACHE_ENV = "NPUMOE_CACHE"
 
 
 class BundleError(ValueError):
@@ -55,7 +56,7 @@ def _own_hint(model: str, backend: str, model_path) -> str:
     its loads look (never over the other model's bundle)."""
     where = build_target(model_path, backend) if model_path is not None else None
     into = f" (it goes to {where})" if where is not None else ""
-    return (f"build one for this model with `npumoe build --model {model} --backend {backend}`{into} and load "
+    return (f"build one for this model with `{build_cmd(model, backend)}`{into} and load "
             f"without --bundle, or pass the model this bundle was built for")
 
 
@@ -96,18 +97,11 @@ def rebuild_hint(model: str, backend: str, path=None, model_path=None) -> str:
             where = f" (the model folder is read-only: it goes to the cache, {cached_bundle_dir(model_path, backend)}, which loads then use)"
         else:
             where = ""
-        return f"rebuild it with `npumoe build --model {model} --backend {backend} --force`{where}"
+        return f"rebuild it with `{build_cmd(model, backend, force=True)}`{where}"
     if not _writable(Path(path)):
         return (f"{path} cannot be rebuilt in place (its folder is read-only): build one elsewhere with "
-                f"`npumoe build --model {model} --backend {backend} --out DIR` and load it with `--bundle DIR`")
-    return f"rebuild it with `npumoe build --model {model} --backend {backend} --out {path} --force`"
-
-
-_rebuild_hint = rebuild_hint
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "npumoe")
+                f"`{build_cmd(model, backend, out='DIR')}` and load it with `--bundle DIR`")
+    return f"rebuild it with `{build_cmd(model, backend, out=path, force=True)}`"
 
 
 def cached_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
@@ -119,9 +113,6 @@ def cached_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = Non
 def _read_only(model_path: Path) -> bool:
     """A model folder npumoe must not (hub snapshot) or cannot write a bundle into."""
     return "snapshots" in Path(model_path).parts or not os.access(model_path, os.W_OK)
-
-
-_is_hub_snapshot = _read_only
 
 
 def locate_bundle(model_path, backend: str, explicit=None, new_in_cache: Optional[bool] = None) -> Path:
@@ -164,18 +155,12 @@ def build_target(model_path, backend: str, explicit=None) -> Path:
 
 
 def default_bundle_dir(model_path, backend: str, fingerprint: Optional[str] = None) -> Path:
-    """Where a new bundle goes: beside a local model (``<model>/npumoe-<backend>``),
-    in the cache (keyed by the weights' fingerprint) for hub snapshots."""
+    """Where a new bundle goes: beside a writable local model (``<model>/npumoe-<backend>``),
+    in the cache (keyed by the weights' fingerprint) for hub snapshots and read-only folders."""
     model_path = Path(model_path)
-    if _is_hub_snapshot(model_path):
+    if _read_only(model_path):
         return cached_bundle_dir(model_path, backend, fingerprint)
     return model_path / f"npumoe-{backend}"
-
-
-def find_bundle(model_path, backend: str) -> Optional[Path]:
-    """An existing bundle for this model (``locate_bundle``'s), or None."""
-    path = locate_bundle(model_path, backend)
-    return path if (path / "manifest.json").exists() else None
 
 
 BUNDLE_ENTRIES = ("manifest.json", "profile.json", "plan.json", "cost.json", "programs", "dense-costs.json")
@@ -215,13 +200,7 @@ def _sample_sha256(path: Path) -> str:
     size = path.stat().st_size
     h = hashlib.sha256(f"{size}\0".encode())
     with open(path, "rb") as f:
-        if size <= SAMPLES * SAMPLE_BYTES:
-            h.update(f.read())
-        else:
-            step = (size - SAMPLE_BYTES) // (SAMPLES - 1)
-            for i in range(SAMPLES):
-                f.seek(i * step)
-                h.update(f.read(SAMPLE_BYTES))
+        update_sampled(h, f, 0, size, SAMPLES, SAMPLE_BYTES, SAMPLES * SAMPLE_BYTES, "floor")
     return h.hexdigest()
 
 
@@ -279,7 +258,7 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
     backend = registry.of_folder(root.name)
     _hint = lambda b: LazyHint(model_name, b, root, model_path)
     if not mpath.is_file():
-        raise BundleError(f"{root}: not an npumoe bundle (no manifest.json); build one with `npumoe build --model {model_name}`")
+        raise BundleError(f"{root}: not an npumoe bundle (no manifest.json); build one with `{build_cmd(model_name)}`")
     try:
         man = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:

@@ -24,7 +24,7 @@ from .checks import resolve_model
 from .fingerprint import model_fingerprint
 from .progress import progress_bar
 from .profiles import RANGE_KEYS, LayerCounts, Profile
-from .replay import save_routes
+from .traces import save_routes
 from .workloads import corpus_documents, workload_calls
 
 # ---------------------------------------------------------------------------

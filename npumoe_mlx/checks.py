@@ -16,6 +16,8 @@ from typing import Optional
 import mlx_lm
 from mlx_lm import utils as mlx_utils
 
+from .hints import one_line
+
 WEIGHTS_GLOB = "model*.safetensors"  # what mlx_lm.load reads, and nothing else
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own limit
@@ -58,7 +60,7 @@ def resolve_model(path_or_hf_repo, revision: Optional[str] = None, need_tokenize
                 f"no such model folder {name}, and {name} is not in the Hugging Face cache "
                 f"(HF_HUB_OFFLINE is set, so it is not downloaded); check the path, or unset HF_HUB_OFFLINE"
             ) from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         raise ModelError(
             f"no such model folder {name}, and the Hugging Face hub did not give it ({first}); "
             f"check the path or repo id and your network"

@@ -3,6 +3,9 @@
 import importlib
 import sys
 
+from .hints import one_line
+from .log import console
+
 SUBCOMMANDS = {
     "generate": ("npumoe_mlx.generate", "generate text (mlx_lm.generate flags plus --offload)"),
     "chat": ("npumoe_mlx.chat", "chat in the terminal (mlx_lm.chat flags plus --offload)"),
@@ -47,6 +50,7 @@ def main(argv=None) -> int:
         print(f"npumoe: unknown subcommand {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     debug = "--debug" in rest
+    console()  # npumoe's log records as `[npumoe] ...` lines (library users get plain logging)
     rest = [a for a in rest if a != "--debug"]
     try:
         module = importlib.import_module(SUBCOMMANDS[name][0])  # (seconds: mlx, mlx_lm; Ctrl-C may come here)
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     except Exception as e:  # one line for the user; --debug shows the traceback
         if debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e)
         print(f"npumoe {name}: error: {msg} (rerun with --debug for details)", file=sys.stderr)
         return 1
 

@@ -15,7 +15,6 @@ model), keeping the costs the bundle was planned with.
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,9 @@ from .checks import resolve_model
 from .fingerprint import model_fingerprint
 from .lock import build_lock
 from .offload import resolve
+from .log import STDOUT, get as _get_log
+
+_log = _get_log(__name__)
 
 CONVERSION_FLAGS = ("quantize", "dequantize", "dtype", "q_bits", "q_group_size", "quant_predicate")
 
@@ -154,7 +156,7 @@ def _convert_into(source: str, model_path: Path, fingerprint: str, settings: dic
         try:
             honour_umask(tmp)
             work = tmp / "model"
-            print(f"[npumoe] converting {source} -> {model_path} with mlx_lm.convert")
+            _log.info(f"converting {source} -> {model_path} with mlx_lm.convert", extra=STDOUT)
             mlx_convert(source, str(work), trust_remote_code=trust_remote_code, **kwargs)
             files = sorted(os.listdir(work)) + ["npumoe-onnx", "npumoe-coreml", CONVERT_MARKER]
             write_json(work / CONVERT_MARKER, {
@@ -199,8 +201,8 @@ def convert(
         model_path = Path(mlx_path)
         fingerprint, settings = model_fingerprint(src), _settings(mlx_convert_kwargs)
         if _reuse_or_refuse(model_path, source, fingerprint, settings, force):
-            print(f"[npumoe] {model_path} is {source} converted with the same settings: using it "
-                  f"(--force converts again)")
+            _log.info(f"{model_path} is {source} converted with the same settings: using it "
+                      f"(--force converts again)", extra=STDOUT)
         else:
             _convert_into(source, model_path, fingerprint, settings, force, trust_remote_code, mlx_convert_kwargs)
         out = bundles.locate_bundle(model_path, backend)
@@ -214,14 +216,14 @@ def convert(
             try:
                 cost = CostModel.load(out / "cost.json")
             except (OSError, ValueError, TypeError, KeyError) as e:
-                print(f"[npumoe] not reusing {out / 'cost.json'} ({e}); measuring costs again", file=sys.stderr)
+                _log.warning(f"not reusing {out / 'cost.json'} ({e}); measuring costs again")
     elif (out / "manifest.json").exists() and not force:
         try:
             bundles.read(out, model_path, source)
             print(f"bundle {out} is up to date; nothing to do (--force rebuilds)")
             return Converted(model_path, out, backend, convert_now)
         except bundles.BundleError as e:
-            print(f"[npumoe] rebuilding a stale bundle: {e}", file=sys.stderr)
+            _log.warning(f"rebuilding a stale bundle: {e}")
     build_bundle(  # takes the bundle's build lock
         str(model_path), backend, str(out), tokens=tokens, chunk_size=chunk_size,
         tune=tune, trust_remote_code=trust_remote_code, progress=progress, cost=cost, workload=workload,

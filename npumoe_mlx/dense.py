@@ -31,7 +31,6 @@ sends its layer back to MLX for the rest of the run (the expert executors' guard
 
 import math
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,9 @@ from .atomic import write_json
 from .dispatch import checked
 from .executor import _guarded, _warn
 from .programs import _dense_weight
+from .log import get as _get_log
+
+_log = _get_log(__name__)
 
 COSTS_FILE = "dense-costs.json"
 FORMAT = "npumoe-dense-costs/1"
@@ -363,4 +365,4 @@ def format_summary(s: dict) -> str:
 
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(f"[npumoe] {msg}", file=sys.stderr)
+        _log.info(msg)

@@ -32,6 +32,7 @@ from .backends import registry
 from .backends.registry import package_version as _version
 from .cost import CostModel, flops_per_row
 from .experts import find_expert_blocks, stock_experts
+from .hints import build_cmd, one_line
 from .offload import resolve
 from .outputs import check_file
 from .tune import _module, median_s
@@ -125,14 +126,14 @@ def _bundle_info(local: Path, name: str, backend: str, problems: list, preferred
     if not info["exists"]:
         if preferred:
             problems.append({"problem": f"no {backend} bundle for this model: its experts run on stock MLX",
-                             "fix": f"npumoe build --model {name} --backend {backend}"})
+                             "fix": build_cmd(name, backend)})
         return info
     try:
         b = bundles.read(path, local, name, verify=True)  # every byte: a load samples, the first call checks the rest
     except bundles.BundleError as e:
         info.update(current=False, problem=str(e))
         problems.append({"problem": f"{backend} bundle is not usable: {e}",
-                         "fix": _fix_of(str(e)) or f"npumoe build --model {name} --backend {backend} --force"})
+                         "fix": _fix_of(str(e)) or build_cmd(name, backend, force=True)})
         return info
     man = b.manifest
     files = [(rel, f["bytes"]) for p in man["programs"] for rel, f in p["files"].items()]
@@ -207,14 +208,14 @@ def model_report(name: str, backend: str, problems: list, trust_remote_code: boo
         problems.append({
             "problem": f"model ({_gb(model_bytes)}) + {backend} programs ({_gb(prog)}) exceed "
                        f"the {_gb(budget)} this machine ({_gb(mem)}) can hold for them",
-            "fix": f"npumoe build --model {name} --backend {backend} --force --max-programs "
-                   f"{max(1, used.get('plan', {}).get('programs', 2) // 2)}",
+            "fix": build_cmd(name, backend, force=True,
+                             extra=f"--max-programs {max(1, used.get('plan', {}).get('programs', 2) // 2)}"),
         })
     plan = used.get("plan")
     if plan and plan.get("compiled_programs", plan["programs"]) > plan["max_programs"]:
         problems.append({"problem": f"plan has {plan.get('compiled_programs', plan['programs'])} compiled programs, "
                                     f"over its budget of {plan['max_programs']}",
-                         "fix": f"npumoe build --model {name} --backend {backend} --force"})
+                         "fix": build_cmd(name, backend, force=True)})
     return rep
 
 
@@ -255,7 +256,7 @@ def bench(units: List[str], costs: dict, D: int, H: int, quant=None) -> List[dic
                 predicted = cost.program_s(BENCH_G, BENCH_C, D, H)
                 what = f"one program call, G={BENCH_G} experts x C={BENCH_C} rows"
         except Exception as e:  # a unit that fails to run is a finding, not a crash
-            out.append({"unit": unit, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
+            out.append({"unit": unit, "error": one_line(e, typed=True)})
             continue
         out.append({"unit": unit, "what": what, "D": D, "H": H, "measured_s": measured, "predicted_s": predicted,
                     "measured_gflops": flops / measured / 1e9, "ratio": measured / max(predicted, 1e-12),
@@ -300,7 +301,7 @@ def run(model: Optional[str] = None, backend: Optional[str] = None, run_bench: b
             if "error" in r:
                 problems.append({"problem": f"{r['unit']} benchmark failed: {r['error']}", "fix": None})
             elif not 1 / 3 <= r["ratio"] <= 3:
-                fix = (f"npumoe build --model {model} --backend {backend} --force" if model and r["unit"] in (backend, "mlx")
+                fix = (build_cmd(model, backend, force=True) if model and r["unit"] in (backend, "mlx")
                        else f"npumoe tune --model MODEL --backend {r['unit']}")
                 problems.append({"problem": f"{r['unit']}: measured {r['measured_s'] * 1e3:.2f} ms vs "
                                             f"{r['predicted_s'] * 1e3:.2f} ms predicted ({r['cost_source']}): "
@@ -412,4 +413,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from .log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())

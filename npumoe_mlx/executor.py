@@ -25,10 +25,9 @@ or non-finite values disables the layer's offload for the rest of the run (one w
 released layer's experts back from the safetensors first).
 """
 
-import sys
 import time
 from bisect import bisect_left
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
@@ -38,12 +37,17 @@ import numpy as np
 from .cost import CostModel
 from .dispatch import checked, moved, run_calls
 from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
+from .hints import build_cmd
 from .plan import LayerPlan
 from .profiles import LayerCounts, Profile
 from .release import record_of
+from .stats import LayerStats, total  # noqa: F401 (LayerStats: callers' name)
 from .tiers import (OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots, small_ladders,
                     undersized)
 from .verify import first_use
+from .log import get as _get_log
+
+_log = _get_log(__name__)
 
 MAX_LOADS = 4096  # per-call loads kept per layer for --stats FILE
 # Released layers: calls of up to this many routed pairs (decode, small batches) skip the cost
@@ -54,29 +58,8 @@ EXACT_ROWS = 32  # dynamic programs: every row count up to this (a small call's 
 OVERFLOW_NOTICE = 0.05  # overflow rate that prints the re-plan notice (plans size top tiers for ~0)
 
 
-@dataclass
-class LayerStats:
-    layer: int
-    calls: int = 0  # layer calls
-    offloaded: int = 0  # layer calls that ran programs
-    program_calls: int = 0
-    slots: int = 0  # program rows
-    padded: int = 0  # program rows with no pair
-    pairs: int = 0  # routed pairs in offloaded calls
-    spilled: int = 0  # pairs of offloaded calls run on MLX (cold experts + overflow)
-    dropped: int = 0  # pairs dropped (--overflow drop only)
-    overflow: int = 0  # pairs of synced calls past their group's top tier
-    synced_pairs: int = 0  # pairs of calls that reached the host sync (the overflow rate's base)
-    program_s: float = 0.0
-    offload_call_s: float = 0.0  # wall time of offloaded calls from the sync to the lazy result
-    fallback: str = ""  # why the layer fell back to MLX for the rest of the run
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def _warn(msg: str) -> None:
-    print(f"[npumoe] {msg}", file=sys.stderr)
+    _log.warning(msg)
 
 
 def _router_logits(router: Optional[nn.Module], x: mx.array, num_experts: int) -> Optional[mx.array]:
@@ -170,7 +153,7 @@ class OffloadExecutor:
         if self._released_tiers is None:
             self._released_tiers = []
             for p, ts in zip(self.programs, self._tiers):
-                lad = {t for t in getattr(p, "tiers", ()) if t < ts[0]} | set(ts)
+                lad = {t for t in p.tiers if t < ts[0]} | set(ts)
                 if p.dynamic:
                     grid = [t for t in range(1, EXACT_ROWS + 1) if t not in lad]  # small calls: their exact peak
                     grid += [t for t in range(ROW_STEP, ts[-1], ROW_STEP) if t not in lad and t > EXACT_ROWS]
@@ -217,12 +200,12 @@ class OffloadExecutor:
         st.overflow += int(np.maximum(counts - self._top, 0).sum())  # one vector op, not one per group
         if not self.noticed[0] and st.synced_pairs >= 64 * k and st.overflow > OVERFLOW_NOTICE * st.synced_pairs:
             self.noticed[0] = True
-            self.notice(f"layer {self.plan.layer}: {100 * st.overflow / st.synced_pairs:.0f}% of routed pairs overflow "
+            self.notice(f"layer {self.plan.layer}: {st.overflow_pct:.0f}% of routed pairs overflow "
                       f"their group's top tier (the plan expects ~0; other layers may too: `--stats` counts each); "
                       f"save this workload with `npumoe generate "
                       f"--stats FILE`, see the new plan with `npumoe plan --from-stats FILE` and rebuild with "
                       f"`npumoe convert --hf-path M --refresh FILE` (a converted model) or "
-                      f"`npumoe build --model M --from-stats FILE`")
+                      f"`{build_cmd('M', from_stats='FILE')}`")
 
     # --- the call: prepare (one host sync) -> run (MLX side, programs) -> finish (one array back) ---
     def __call__(self, experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
@@ -315,7 +298,7 @@ class OffloadExecutor:
         outs[s.slots] = 0.0
         if not self.__dict__.get("all_checked"):  # every byte and the probe, before a program's first call
             first_use(self.programs[call[0]] for call in s.calls)
-            self.all_checked = all(getattr(p, "ready", True) for p in self.programs)
+            self.all_checked = all(p.ready for p in self.programs)
         tp = time.perf_counter()
         n = (self.cost.decode_workers or self.cost.workers) if c.small else self.cost.workers  # tune's choices
         run_calls(self.programs, s.calls, x_np, outs, n, inputs=self._gather_on_mlx(c))  # several at once if tune
@@ -484,23 +467,17 @@ def offload_stats(model) -> List[LayerStats]:
 
 
 def summarize(stats: Sequence[LayerStats]) -> dict:
-    tot = LayerStats(-1)
-    for s in stats:
-        for f in ("calls", "offloaded", "program_calls", "slots", "padded", "pairs", "spilled", "dropped",
-                  "overflow", "synced_pairs"):
-            setattr(tot, f, getattr(tot, f) + getattr(s, f))
-        tot.program_s += s.program_s
-        tot.offload_call_s += s.offload_call_s
+    tot = total(stats)
     return {
         "layers": len(stats),
         "layer_calls": tot.calls,
         "offloaded_calls": tot.offloaded,
         "program_calls": tot.program_calls,
         "program_calls_per_offloaded_call": tot.program_calls / max(tot.offloaded, 1),
-        "padding_pct": 100.0 * tot.padded / max(tot.slots, 1),
-        "spill_pct": 100.0 * tot.spilled / max(tot.pairs, 1),
-        "drop_pct": 100.0 * tot.dropped / max(tot.pairs, 1),
-        "overflow_pct": 100.0 * tot.overflow / max(tot.synced_pairs, 1),
+        "padding_pct": tot.padding_pct,
+        "spill_pct": tot.spill_pct,
+        "drop_pct": tot.drop_pct,
+        "overflow_pct": tot.overflow_pct,
         "program_s": tot.program_s,
         "offload_call_s": tot.offload_call_s,
         "fallbacks": {s.layer: s.fallback for s in stats if s.fallback},

@@ -12,7 +12,6 @@ compile/vmap, and a clear message for half-precision experts on MLX's CPU.
 """
 
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -26,6 +25,8 @@ from mlx_lm.models.switch_layers import (
 )
 
 from . import guard, release
+from .hints import build_cmd
+from .log import get as _get_log
 
 # Activation class name (as mlx_lm spells it) -> the kind a program implements.
 ACTIVATIONS = {
@@ -40,7 +41,8 @@ _SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 
 # An executor computes ``experts(x, inds)``: (SwitchGLU, x (..., D), inds (..., k)) -> (..., k, D).
 Executor = Callable[[SwitchGLU, mx.array, mx.array], mx.array]
-DEFAULT_REBUILD = "npumoe build --model MODEL --force"
+DEFAULT_REBUILD = build_cmd("MODEL", force=True)
+_log = _get_log(__name__)
 
 
 @dataclass
@@ -264,10 +266,7 @@ def install(
     for blk in find_expert_blocks(model, config) if blocks is None else blocks:
         if not blk.supported:
             if not quiet:
-                print(
-                    f"[npumoe] layer {blk.layer} ({blk.path}): {blk.reason}; stays on stock MLX",
-                    file=sys.stderr,
-                )
+                _log.warning(f"layer {blk.layer} ({blk.path}): {blk.reason}; stays on stock MLX")
             continue
         executor = executor_for(blk)
         if executor is None:

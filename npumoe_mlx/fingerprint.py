@@ -11,10 +11,52 @@ Files are read as bytes; nothing is deserialized beyond the size field.
 import hashlib
 import struct
 from pathlib import Path
+from typing import List, Tuple
 
 SAMPLES = 16
 SAMPLE_BYTES = 64 * 1024
 FULL_HASH_BYTES = 64 * 1024 * 1024  # tensor data up to this size is hashed whole
+CHUNK = 1 << 24  # whole runs are read this much at a time
+
+
+def sample_spans(length: int, samples: int, span: int, whole_up_to: int,
+                 spacing: str = "even") -> List[Tuple[int, int]]:
+    """[(offset, size)] to hash of a ``length``-long run of bytes (or elements): the whole run up
+    to ``whole_up_to``, else ``samples`` pieces of ``span``. The one sampling rule of every
+    sampled hash in npumoe. ``spacing`` places the pieces; each is a scheme whose hashes are
+    recorded (manifests, bundle names, compile caches), so none may change:
+
+    - ``"even"``: ``int(i * (length - span) / (samples - 1))``: model and shard fingerprints;
+    - ``"floor"``: ``i * ((length - span) // (samples - 1))``: bundle files' ``sha256_4x16KiB``;
+    - ``"ends"``: head, middle (``length // 2``) and tail (``length - span``): Core ML compile-cache
+      keys (``samples`` is 3).
+    """
+    if length <= whole_up_to:
+        return [(0, length)]
+    if spacing == "even":
+        step = (length - span) / (samples - 1)
+        offsets = [int(i * step) for i in range(samples)]
+    elif spacing == "floor":
+        step = (length - span) // (samples - 1)
+        offsets = [i * step for i in range(samples)]
+    elif spacing == "ends" and samples == 3:
+        offsets = [0, length // 2, length - span]
+    else:
+        raise ValueError(f"unknown sample spacing {spacing!r} for {samples} samples")
+    return [(o, span) for o in offsets]
+
+
+def update_sampled(h, f, start: int, length: int, samples: int, span: int, whole_up_to: int,
+                   spacing: str = "even") -> None:
+    """Feed ``h`` the ``sample_spans`` of the ``length`` bytes of open file ``f`` from ``start``."""
+    for off, n in sample_spans(length, samples, span, whole_up_to, spacing):
+        f.seek(start + off)
+        while n > 0:
+            chunk = f.read(min(n, CHUNK))
+            if not chunk:
+                break
+            h.update(chunk)
+            n -= len(chunk)
 
 
 def _hash_safetensors(h, path: Path) -> None:
@@ -29,15 +71,7 @@ def _hash_safetensors(h, path: Path) -> None:
             raise ValueError(f"{path}: not a safetensors file (header length {n_header} > file size)")
         h.update(f.read(n_header))
         start = 8 + n_header
-        data = size - start
-        if data <= max(FULL_HASH_BYTES, SAMPLES * SAMPLE_BYTES):
-            while chunk := f.read(1 << 24):  # small file: all of it
-                h.update(chunk)
-            return
-        step = (data - SAMPLE_BYTES) / (SAMPLES - 1)
-        for i in range(SAMPLES):
-            f.seek(start + int(i * step))
-            h.update(f.read(SAMPLE_BYTES))
+        update_sampled(h, f, start, size - start, SAMPLES, SAMPLE_BYTES, max(FULL_HASH_BYTES, SAMPLES * SAMPLE_BYTES))
 
 
 def model_fingerprint(model_path) -> str:

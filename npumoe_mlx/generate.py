@@ -18,6 +18,7 @@ from . import dense, release, sharded
 from .args import add_dense_flag, at_least
 from .outputs import check_file
 from .executor import format_stats, offload_stats, stats_profile, summarize
+from .hints import build_cmd
 from .loading import load
 from .offload import MODES
 
@@ -70,7 +71,7 @@ def add_offload_args(parser, stats: bool = True):
         default=None,
         metavar="FILE",
         help="Print offload statistics (program calls, padding, spill, time) after generating; with FILE, "
-        "also save the per-call expert loads there (re-size the bundle with `npumoe build --model M --from-stats FILE`).",
+        f"also save the per-call expert loads there (re-size the bundle with `{build_cmd('M', from_stats='FILE')}`).",
     )
     return parser
 
@@ -187,4 +188,7 @@ def print_stats(model, args) -> None:
 
 
 if __name__ == "__main__":
+    from .log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())

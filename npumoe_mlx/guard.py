@@ -20,12 +20,15 @@ So before each call the block makes sure that:
   state, and the call is redone on MLX.
 """
 
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import mlx.core as mx
 import numpy as np
+
+from .log import get as _get_log
+
+_log = _get_log(__name__)
 
 # MLX's refusals to read an array inside compile/vmap (eval) or any transform (async_eval).
 _REFUSALS = ("during function transformations", "inside a graph transformation")
@@ -67,11 +70,10 @@ class Notice:
         if self.shown:
             return
         self.shown = True
-        print(
-            f"[npumoe] {where}: expert weights changed since the programs were built (update, "
+        _log.warning(
+            f"{where}: expert weights changed since the programs were built (update, "
             f"load_weights, quantize, set_dtype or LoRA replaced them); the offloaded layers run on "
-            f"stock MLX from now on; rebuild the programs with `{self.rebuild}`",
-            file=sys.stderr,
+            f"stock MLX from now on; rebuild the programs with `{self.rebuild}`"
         )
 
 

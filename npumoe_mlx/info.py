@@ -8,6 +8,7 @@ from mlx_lm import utils as mlx_utils
 from .atomic import write_json
 from .checks import explain_load_errors, resolve_model
 from .experts import find_expert_blocks
+from .hints import build_cmd
 
 
 def _quant_str(q):
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         if (path / "manifest.json").is_file():
             print(f"{backend} bundle: {path} (the one generate uses)")
         else:
-            print(f"no {backend} bundle yet (`npumoe build --model {args.model} --backend {backend}` writes it to {bundles.build_target(local, backend)})")
+            print(f"no {backend} bundle yet (`{build_cmd(args.model, backend)}` writes it to {bundles.build_target(local, backend)})")
     if args.json:
         write_json(
             args.json,
@@ -71,4 +72,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from .log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())

@@ -12,6 +12,7 @@ from .backends import load_backend
 from .bundle import Bundle, BundleError, LazyHint, safe_path
 from .executor import OffloadExecutor, SharedExecutor
 from .guard import Notice
+from .hints import build_cmd, one_line
 from .release import release_model
 from .residency import default_memory_budget, plan_resident
 
@@ -84,8 +85,7 @@ def install(
     for key, (mlp, _, prog) in shared.items():
         loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
     for k, (prog, _, _) in loaded.items():  # whole-file hashes for the bytes a session copies (onnx)
-        if hasattr(prog, "expect"):
-            prog.expect.update({str((bundle.path / f).absolute()): w["sha256"] for f, w in progs[k]["files"].items()})
+        prog.expect_files({str((bundle.path / f).absolute()): w["sha256"] for f, w in progs[k]["files"].items()})
     probed = _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
     pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]],  # read() checked the paths
                                {bundle.path / f: w["sha256"] for f, w in progs[k]["files"].items()},
@@ -100,7 +100,7 @@ def install(
     for ex in executors.values():
         ex.noticed = once
     shared_ex = [(mlp, SharedExecutor(key[0], sp, pinned[key])) for key, (mlp, sp, _) in shared.items()]
-    notice = Notice(f"npumoe build --model {bundle.model_name} --backend {bundle.plan.backend} --force")
+    notice = Notice(build_cmd(bundle.model_name, bundle.plan.backend, force=True))
     experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice, blocks=found)
     for mlp, ex in shared_ex:
         experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
@@ -133,7 +133,7 @@ def _load_program(be, bundle: Bundle, p: dict, hint: str):
     try:
         return be.load(p["program"], safe_path(bundle.path, p["dir"]))  # read() checked its files
     except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = one_line(e)
         raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
 
 

@@ -171,8 +171,8 @@ def stats(model: nn.Module) -> Dict[str, Any]:
     for s in layer_stats:
         d = s.to_dict()
         d["kind"] = "shared" if id(s) in shared else "routed"
-        d["padding_pct"] = 100.0 * s.padded / max(s.slots, 1)
-        d["spill_pct"] = 100.0 * s.spilled / max(s.pairs, 1)
+        d["padding_pct"] = s.padding_pct
+        d["spill_pct"] = s.spill_pct
         layers.append(d)
     total = summarize(layer_stats)
     total["fallbacks"] = {str(k): v for k, v in total["fallbacks"].items()}  # JSON object keys

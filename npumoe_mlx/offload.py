@@ -1,13 +1,16 @@
 """Offload modes: what ``--offload`` / ``load(..., offload=)`` install on a model."""
 
-import sys
 from typing import Optional
 
 import mlx.nn as nn
 
 from . import experts
 from .backends import registry
+from .hints import build_cmd
 from .reference import StaticTierReference
+from .log import get as _get_log
+
+_log = _get_log(__name__)
 
 MODES = ("auto", *registry.names(), "off")
 
@@ -32,7 +35,7 @@ def resolve(mode: str, check_runs: bool = False) -> str:
 
 def _notice(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(f"[npumoe] {msg}", file=sys.stderr)
+        _log.warning(msg)
 
 
 def apply(
@@ -81,14 +84,13 @@ def apply(
         if mode == "auto" and not bundle:
             _notice(
                 f"offload auto: no {want} bundle for this model{where}; experts run on stock MLX "
-                f"(build one with `npumoe build --model {model_name} --backend {want}`)",
+                f"(build one with `{build_cmd(model_name, want)}`)",
                 quiet,
             )
             return "off"
-        into = f" --out {path}" if bundle else ""  # a --bundle DIR that is missing: the fix builds into DIR
-        raise OffloadError(
+        raise OffloadError(  # a --bundle DIR that is missing: the fix builds into DIR
             f"no {want} bundle for this model{where}; build it with "
-            f"`npumoe build --model {model_name} --backend {want}{into}`"
+            f"`{build_cmd(model_name, want, out=path if bundle else None)}`"
         )
     b = bundles.read(path, model_path, model_name, verify=verify, fingerprint=fingerprint)  # fingerprint: a shard's (sharded.py)
     if b.plan.backend != want:

@@ -13,7 +13,6 @@ Deterministic: the same inputs give the same plan.
 """
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -30,6 +29,9 @@ from .experts import ExpertBlock
 from .profiles import LayerCounts, Profile
 from .workloads import BATCH_SEQS, GENERATION_SIZES
 from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, small_ladders, undersized
+from .log import get as _get_log
+
+_log = _get_log(__name__)
 
 PLAN_FORMAT = 1
 NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
@@ -680,7 +682,7 @@ def make_plan(
     offloaded where a program pays, so pass only those that compute a plain SwiGLU MLP);
     call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls).
     A layer whose calibrated range passes an fp16 backend's limit stays on MLX (one ``log`` line)."""
-    log = log or (lambda m: print(f"[npumoe] {m}", file=sys.stderr))
+    log = log or _log.warning
     layers = []
     for lp in sorted(profile.layers, key=lambda x: x.layer):
         unsafe = fp16_unsafe(lp, limits.backend)

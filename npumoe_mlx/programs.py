@@ -23,6 +23,7 @@ from ane_kernels.spec import AffineWeight, ProgramSpec, reference_ffn
 
 from .backends import BACKENDS, BackendError, backend_class, registry
 from .experts import ACTIVATIONS, find_expert_blocks
+from .hints import one_line
 
 
 def _np(a: mx.array, dtype=None) -> np.ndarray:
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
             module, layer=args.layer, expert_ids=args.experts, tiers=args.tiers
         )
     except (ValueError, FileNotFoundError, OSError) as e:
-        return _fail(str(e).strip().splitlines()[0])
+        return _fail(one_line(e))
 
     out = Path(args.out)
     print(
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
             tol = max(registry.get(args.format).tolerance, FORMAT_TOLERANCE.get(built.get("weight_format"), 0.0))
             _verify(backend.checker(built, out)[0], spec, tol)
     except (LimitError, ValueError, BackendError) as e:
-        return _fail(str(e).strip().splitlines()[0])
+        return _fail(one_line(e))
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -243,4 +244,7 @@ def _verify(prog, spec: ProgramSpec, tol: float) -> None:
 
 
 if __name__ == "__main__":
+    from .log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())

@@ -26,7 +26,6 @@ import glob
 import json
 import os
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,6 +35,9 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import guard, heap
+from .log import get as _get_log
+
+_log = _get_log(__name__)
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 _RECORD = "_npumoe_released"
@@ -270,7 +272,7 @@ def release_model(model, model_path, blocks: Dict[int, Tuple[object, str, Sequen
     A layer that cannot be released keeps its MLX copy and ``log`` says why."""
     if not blocks:
         return {}
-    log = log or (lambda msg: print(f"[npumoe] {msg}", file=sys.stderr))
+    log = log or _log.warning
     # ``load`` read the model lazily from these very files a moment ago (LOADED_LAZILY): its
     # arrays are the files' tensors by construction, so only shapes and dtypes are checked
     # (the values would cost a second read of every expert).
@@ -320,9 +322,8 @@ def reload(m, why: str = "", quiet: bool = False) -> bool:
         return False
     mx.eval([a for _, _, a in rec.lazy])
     if not quiet:
-        print(f"[npumoe] layer {rec.layer}: reloaded {len(rec.ids)} released experts "
-              f"({rec.nbytes / 1e6:.1f} MB) from {rec.source or 'the safetensors'}"
-              + (f": {why}" if why else ""), file=sys.stderr)
+        _log.warning(f"layer {rec.layer}: reloaded {len(rec.ids)} released experts "
+                     f"({rec.nbytes / 1e6:.1f} MB) from {rec.source or 'the safetensors'}" + (f": {why}" if why else ""))
     return True
 
 

@@ -26,6 +26,10 @@ from .experts import installed_blocks
 from .executor import OffloadExecutor
 from .plan import _spread
 from .tiers import choose_ladder, ladder_rounds
+from .log import get as _get_log
+from .stats import pct
+
+_log = _get_log(__name__)
 
 REPLAN_MODES = ("off", "notify", "auto")
 REPLAN_FILE = "replan.json"
@@ -49,7 +53,7 @@ def ladder_tally(loads: List[tuple], groups, ladders) -> tuple:
             padded += len(ids) * rows - int(load.sum())
             over += int(np.maximum(load - lad[-1], 0).sum())
         pairs += int(c.sum())
-    return 100.0 * padded / max(slots, 1), 100.0 * over / max(pairs, 1)
+    return pct(padded, slots), pct(over, pairs)
 
 
 def new_ladders(ex: OffloadExecutor, capacities: List[int], max_tiers: int, loads=None,
@@ -59,7 +63,7 @@ def new_ladders(ex: OffloadExecutor, capacities: List[int], max_tiers: int, load
     makes (its prefill step), so no single-sequence call overflows, whatever its size."""
     out = []
     for ids, old, p in zip(ex._groups, ex._tiers, ex.programs):
-        caps = capacities if getattr(p, "dynamic", False) else sorted(set(getattr(p, "tiers", old)))
+        caps = capacities if p.dynamic else sorted(set(p.tiers))
         peaks = np.asarray([c[ids].max() for _, _, c in (ex.loads if loads is None else loads)], float)
         peaks = peaks[peaks > 0]
         if peaks.size == 0:
@@ -73,11 +77,11 @@ def new_ladders(ex: OffloadExecutor, capacities: List[int], max_tiers: int, load
 class Replanner:
     """Watches a loaded model's offloaded layers; re-plans their ladders when traffic drifts."""
 
-    def __init__(self, model, mode: str = "notify", bundle: Optional[Path] = None, log=print,
+    def __init__(self, model, mode: str = "notify", bundle: Optional[Path] = None, log=None,
                  capacities: Optional[List[int]] = None, max_tiers: int = 12):
         if mode not in REPLAN_MODES:
             raise ValueError(f"--replan must be one of {', '.join(REPLAN_MODES)}, got {mode!r}")
-        self.mode, self.bundle, self.log = mode, Path(bundle) if bundle else None, log
+        self.mode, self.bundle, self.log = mode, Path(bundle) if bundle else None, log or _log.info
         self.execs = [m.executor for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
         self.capacities = capacities or list(range(8, 4096 + 1, 8))
         self.max_tiers = max_tiers
@@ -93,8 +97,8 @@ class Replanner:
         """Padding and overflow of the calls since the current ladders went in (or since load)."""
         base = self.base.get(ex.plan.layer, {})
         d = {f: getattr(ex.stats, f) - base.get(f, 0) for f in self.FIELDS}
-        return {"padding_pct": 100.0 * d["padded"] / max(d["slots"], 1),
-                "overflow_pct": 100.0 * d["overflow"] / max(d["synced_pairs"], 1), "offloaded_calls": d["offloaded"]}
+        return {"padding_pct": pct(d["padded"], d["slots"]),
+                "overflow_pct": pct(d["overflow"], d["synced_pairs"]), "offloaded_calls": d["offloaded"]}
 
     def drifted(self) -> List[OffloadExecutor]:
         """Layers whose observed padding or overflow passed the prediction by the margins."""
@@ -125,7 +129,7 @@ class Replanner:
         if self.mode == "notify":
             if not self.notified:
                 self.notified = True
-                self.log(f"[npumoe] layers {[ex.plan.layer for ex in drift]}: traffic pads or overflows past the "
+                self.log(f"layers {[ex.plan.layer for ex in drift]}: traffic pads or overflows past the "
                          f"plan's prediction; `--replan auto` re-plans the ladders from it while serving")
             return
         self._thread = threading.Thread(target=self.replan, args=(drift,), daemon=True)
@@ -159,7 +163,7 @@ class Replanner:
                 saved["layers"].update({str(l): lads for l, lads in new.items()})
                 saved["generation"] = saved.get("generation", 0) + 1
                 write_json(self.bundle / REPLAN_FILE, saved)
-        self.log(f"[npumoe] re-planned the ladders of layers {sorted(new)} from {len(loads)} served calls "
+        self.log(f"re-planned the ladders of layers {sorted(new)} from {len(loads)} served calls "
                  f"(generation {self.generation})")
         return new
 
@@ -178,8 +182,7 @@ class Replanner:
 def stage(ex: OffloadExecutor, ladders: List[List[int]]) -> None:
     """Give the executor new ladders for its next call: programs learn the row counts first."""
     for p, lad in zip(ex.programs, ladders):
-        if hasattr(p, "add_tiers"):
-            p.add_tiers([t for t in lad if t not in getattr(p, "tiers", ())])
+        p.add_tiers([t for t in lad if t not in p.tiers])  # a no-op on static programs
     ex.pending_tiers = [list(l) for l in ladders]
 
 
@@ -191,7 +194,7 @@ def load_replan(bundle: Path) -> Optional[dict]:
         return json.load(fh)
 
 
-def attach(model, mode: str, bundle: Optional[Path], log=print) -> Optional[Replanner]:
+def attach(model, mode: str, bundle: Optional[Path], log=None) -> Optional[Replanner]:
     """A Replanner for a loaded model (None for ``off``); a saved ``replan.json`` is applied first
     (its groups must match the plan's)."""
     if mode == "off":
@@ -200,7 +203,7 @@ def attach(model, mode: str, bundle: Optional[Path], log=print) -> Optional[Repl
     saved = load_replan(bundle) if bundle is not None else None
     for ex in r.execs:
         lads = (saved or {}).get("layers", {}).get(str(ex.plan.layer))
-        if lads and len(lads) == len(ex._groups) and all(getattr(p, "dynamic", False) or set(l) <= set(p.tiers)
+        if lads and len(lads) == len(ex._groups) and all(p.dynamic or set(l) <= set(p.tiers)
                                                          for p, l in zip(ex.programs, lads)):
             stage(ex, lads)
     if saved:

@@ -14,9 +14,6 @@ writes the same from a real model.
 import argparse
 import json
 import math
-import os
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -31,6 +28,8 @@ from .cost import CostModel, flops_per_row
 from .experts import ExpertBlock
 from .plan import LayerPlan, PlanLimits, below_ladder_tiers, make_plan
 from .profiles import LayerCounts, Profile
+from .stats import LayerStats, pct
+from .traces import load_trace, save_routes  # noqa: F401 (replay's trace I/O lives in traces.py)
 from .workloads import GENERATION_SIZES, WORKLOADS, workload_calls
 
 ROW_FIELDS = (
@@ -49,44 +48,6 @@ ROW_FIELDS = (
 BASELINES = ("all_gpu", "coreml_cpu", "naive_npu", "anemll")
 PAPER = ("NPUMoE (arXiv 2604.18788, M2 Max / M2 Ultra): 1.32-5.55x lower latency and 1.81-7.37x energy "
          "efficiency against Core ML CPU-only, naive NPU and ANEMLL")
-
-
-def load_trace(path) -> Dict[int, np.ndarray]:
-    """layer -> (T, k) expert ids of one trace file."""
-    path = Path(path)
-    arrays = {}
-    try:  # an .npz is a zip of .npy files; read them with pickles refused
-        with zipfile.ZipFile(path) as z:
-            for member in z.namelist():
-                name = member[:-4] if member.endswith(".npy") else member
-                if name.startswith("layer") and name[5:].isdigit():
-                    with z.open(member) as f:
-                        arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read routing trace {path}: {e}") from None
-    out = {}
-    for name, a in arrays.items():
-        if a.ndim != 2 or a.shape[1] < 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and a.min() < 0):
-            raise ValueError(f"{path}: {name} must be (tokens, k) non-negative expert ids, got {a.shape} {a.dtype}")
-        out[int(name[5:])] = a
-    if not out:
-        raise ValueError(f"{path}: no layerN arrays; not a routing trace")
-    return out
-
-
-def save_routes(path, routes: Dict[int, np.ndarray]) -> None:
-    """Write ``layerN`` -> (T, k) expert ids as a trace (temp file, then rename)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **{f"layer{l}": np.asarray(a, np.uint8 if np.max(a, initial=0) < 256 else np.uint16)
-                                      for l, a in sorted(routes.items())})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def split_half(routes: np.ndarray, seq_len: int):
@@ -132,15 +93,11 @@ def trace_profile(parts: Sequence[np.ndarray], layer: int, E: int, seq_len: int,
 
 
 @dataclass
-class Tally:
-    calls: int = 0
-    offloaded: int = 0
-    program_calls: int = 0
-    slots: int = 0
-    padded: int = 0
-    pairs: int = 0  # pairs of offloaded calls
-    overflow: int = 0  # pairs past a group's top tier
-    spill: int = 0  # resident pairs left to MLX after the rounds
+class Tally(LayerStats):
+    """The executor's counters (``LayerStats``: ``pairs`` of offloaded calls, ``overflow`` pairs past
+    a group's top tier, ``spilled`` resident pairs left to MLX after the rounds) and the predictions."""
+
+    layer: int = -1
     cold: int = 0  # pairs of cold experts
     predicted_s: float = 0.0
     mlx_only_s: float = 0.0
@@ -174,7 +131,7 @@ def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n, overflow
     """Run the executor's decisions on (S, E) call counts of n tokens each (``extra_tiers``: the row
     counts the programs run below their ladders, ``plan.below_ladder_tiers``); the paper's baselines
     beside (``cpu``: (FLOP/s, watts) of the CPU, or None)."""
-    t = Tally()
+    t = Tally(lp.layer)
     if len(counts):
         ns, nj = naive_npu(cost, counts, n, lp.D, lp.H)
         cs, cj = on_cpu(np.asarray(counts).sum(axis=-1), lp.D, lp.H, cpu)
@@ -205,7 +162,7 @@ def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n, overflow
             t.slots += len(ids) * sum(run)
             t.padded += len(ids) * sum(run) - int(served.sum())
             t.overflow += int(np.maximum(load - g.tiers[-1], 0).sum())
-            t.spill += int((load - served).sum())
+            t.spilled += int((load - served).sum())
         t.predicted_s += d.offload_s
         t.predicted_j += d.offload_j
     return t
@@ -239,11 +196,10 @@ def workload_profile(parts: Sequence[np.ndarray], layer: int, E: int, seq_len: i
 
 
 def row_of(layer: int, n: int, t: Tally, groups: int) -> dict:
-    pct = lambda a, b: 100.0 * a / b if b else 0.0  # noqa: E731
     return {
         "layer": layer, "tokens": n, "calls": t.calls,
-        "padding_pct": pct(t.padded, t.slots), "overflow_pct": pct(t.overflow, t.pairs), "dropped_pct": 0.0,
-        "spill_pct": pct(t.spill, t.pairs), "cold_pct": pct(t.cold, t.pairs), "offloaded_pct": pct(t.offloaded, t.calls),
+        "padding_pct": t.padding_pct, "overflow_pct": pct(t.overflow, t.pairs), "dropped_pct": 0.0,  # of offloaded pairs
+        "spill_pct": t.spill_pct, "cold_pct": pct(t.cold, t.pairs), "offloaded_pct": pct(t.offloaded, t.calls),
         "program_calls_per_call": t.program_calls / t.offloaded if t.offloaded else 0.0, "groups": groups,
         "predicted_s": t.predicted_s / max(t.calls, 1), "mlx_only_s": t.mlx_only_s / max(t.calls, 1),
         "predicted_j": t.predicted_j / max(t.calls, 1), "mlx_only_j": t.mlx_only_j / max(t.calls, 1),

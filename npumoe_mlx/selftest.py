@@ -35,6 +35,7 @@ from ane_kernels.formats import TOLERANCE, WEIGHT_FORMATS, expert_bytes
 from ane_kernels.spec import ProgramSpec, random_spec, reference_ffn
 
 from .backends.coreml import placement_problems
+from .hints import one_line
 
 KIND = "npumoe-selftest"
 FORMAT = 1  # also the chips-file format: the report is a chips file (chips.load_chips)
@@ -127,7 +128,7 @@ def check_formats(spec: ProgramSpec, workdir: Path, log=print) -> Dict[str, dict
             pkg = workdir / fmt / entry["package"]
             v = verify_package(pkg, spec, tol=tol)
         except Exception as e:  # one format failing must not hide the others
-            out[fmt] = {"built": False, "error": f"{type(e).__name__}: {e}".splitlines()[0],
+            out[fmt] = {"built": False, "error": one_line(e, typed=True),
                         "max_rel_err": None, "bytes": None, "tol": tol, "ok": False}
             log(f"  {fmt}: FAILED ({out[fmt]['error']})")
             continue
@@ -275,7 +276,7 @@ def backend_load(pkg, cache) -> dict:
     try:
         prog = Backend(cache=str(cache)).load(Path(pkg))
     except Exception as e:
-        return {"result": "refused", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        return {"result": "refused", "error": one_line(e, typed=True)}
     return {"result": "loaded", "tiers": list(prog.tiers)}
 
 
@@ -513,7 +514,7 @@ def run_mac(report: dict, spec: ProgramSpec, shape: Shape, workdir: Path, repeat
         try:
             r = measure_format(fmt, info, spec, workdir, repeats, log)
         except Exception as e:
-            mac["formats"][fmt] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            mac["formats"][fmt] = {"error": one_line(e, typed=True)}
             log(f"    {fmt}: FAILED ({mac['formats'][fmt]['error']})")
             continue
         runs[fmt] = r.pop("_run_ne")
@@ -708,4 +709,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from .log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())

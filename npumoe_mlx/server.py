@@ -144,8 +144,7 @@ def _replanner(args, model_path, model):
     backend = args.offload if args.offload in ("onnx", "coreml") else "onnx"
     bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
     found = bundles.locate_bundle(checks.resolve_model(model_path), backend, bundle)
-    return attach(model, mode, found if (found / "manifest.json").exists() else None,
-                  log=lambda msg: logging.info(msg))
+    return attach(model, mode, found if (found / "manifest.json").exists() else None)  # logs on npumoe.replan
 
 
 def server_stats(provider) -> dict:
@@ -278,4 +277,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from .log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())

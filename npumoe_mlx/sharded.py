@@ -39,6 +39,7 @@ from . import offload as _offload
 from .backends import registry
 from .build import build as build_bundle
 from .executor import format_stats, offload_stats, summarize
+from .fingerprint import sample_spans
 from .lock import BuildInProgress, build_lock
 
 _CONFIG_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
@@ -114,12 +115,8 @@ def shard_fingerprint(model, config: dict, shard: Shard) -> str:
     pieces = []
     for name, v in params:
         flat = _as_bytes(v).reshape(-1)
-        n = flat.size
-        if n <= FULL_ELEMS:
-            pieces.append((name, v, [flat]))
-        else:
-            step = (n - SAMPLE_ELEMS) / (SAMPLES - 1)
-            pieces.append((name, v, [flat[int(i * step): int(i * step) + SAMPLE_ELEMS] for i in range(SAMPLES)]))
+        spans = sample_spans(flat.size, SAMPLES, SAMPLE_ELEMS, FULL_ELEMS)
+        pieces.append((name, v, [flat[o: o + n] for o, n in spans]))
     mx.eval([s for _, _, ss in pieces for s in ss])
     for name, v, ss in pieces:
         h.update(f"{name}\0{v.dtype}\0{tuple(v.shape)}\0".encode())

@@ -32,6 +32,7 @@ from ane_kernels.formats import TOLERANCE as FORMAT_TOLERANCE
 from . import experts, heap
 from .backends import registry
 from .bundle import _sha256
+from .hints import one_line
 
 DTYPE_TOLERANCE = {mx.float16: 1e-2, mx.bfloat16: 3e-2}  # the model's own rounding
 PROBE_ROWS = 8
@@ -98,7 +99,7 @@ def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, whe
         try:
             got = np.asarray(program.run(x[:, :rows], tier), np.float32)
         except Exception as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = one_line(e)
             raise ProgramMismatch(f"program {where} failed on the probe at tier {tier} ({why})") from e
         if got.shape != want[:, :rows].shape or not np.all(np.isfinite(got)):
             raise ProgramMismatch(f"program {where} gave a bad output at tier {tier} (shape {got.shape} or non-finite)")
@@ -133,7 +134,7 @@ def first_use(programs: Iterable) -> None:
     the probe runs MLX). A few microseconds once every program was checked."""
     opened = False
     for p in programs:
-        if not getattr(p, "ready", True):
+        if not p.ready:
             opened = True
             p.first_use()
     if opened:  # the files' bytes were read into (and freed from) the heap: hand the pages back
@@ -148,7 +149,7 @@ class Pinned:
     def __init__(self, program, files: Sequence[Path], sha256: Dict[Path, str] = None, probe=None, hint: str = ""):
         self.program = program
         self.name, self.G, self.D, self.tiers = program.name, program.G, program.D, program.tiers
-        self.input_layout = getattr(program, "input_layout", "GCD")  # what run_layout takes
+        self.input_layout = program.input_layout  # what run_layout takes
         self._files = {Path(f): stat_sig(Path(f)) for f in files}
         self._seen = set()
         self._sha256 = {Path(f): h for f, h in (sha256 or {}).items()}
@@ -166,9 +167,8 @@ class Pinned:
         if self.ready:
             return
         try:
-            if hasattr(self.program, "expect"):  # onnx: the session's open checks the bytes it copies
-                self.program.expect.update({str(f.absolute()): h for f, h in self._sha256.items()})
-                self.program.session(min(self.tiers))
+            if self.program.expect_files({str(f.absolute()): h for f, h in self._sha256.items()}):
+                self.program.open()  # onnx: the session's open checks the bytes it copies
             else:
                 for f, want in self._sha256.items():
                     if _sha256(f) != want:
@@ -177,7 +177,7 @@ class Pinned:
             if self._probe is not None:
                 self._probe()
         except Exception as e:  # ours, or the backend's own (a file it could not read or parse)
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = one_line(e)
             hint = str(self._hint)  # (computed only now: it may fingerprint the model)
             raise ProgramMismatch(f"{why}; {hint}" if hint else why) from None
         self.ready = True

@@ -64,7 +64,7 @@ def test_replay_tallies_follow_the_decisions():
     t = rp.replay_calls(lp, eager, counts, 8)
     assert (t.calls, t.offloaded, t.pairs) == (2, 2, 24)
     # call 1: g0 5 -> 8 (3 pad), g1 [2,1] -> 4 (5 pad); call 2: g0 6 -> 8 (2), g1 [9,0] -> 4,4,4 (12+3 pad... )
-    assert t.slots - t.padded == 24 - t.cold - t.spill
+    assert t.slots - t.padded == 24 - t.cold - t.spilled  # (Tally is the executor's LayerStats: `spilled`)
     assert t.cold == 1 and t.overflow == 9 - 4 and t.program_calls == 2 + 1 + 3
     assert rp.replay_calls(lp, eager, counts, 4).offloaded == 0  # below min_tokens: MLX
 

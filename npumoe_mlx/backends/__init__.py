@@ -104,6 +104,16 @@ class Program:
     # Capabilities, read by the executor, dispatch and tune (a program class overrides them):
     concurrent: bool = False  # run_into(x, tier, out) may be called from several threads at once
     dynamic: bool = False  # one session serves any row count: add_tiers costs no new weights
+    ready: bool = True  # nothing left to check before its first call (verify.Pinned: False until first_use)
+
+    def expect_files(self, sha256: Dict[str, str]) -> bool:
+        """Check files ({absolute path: whole sha256}) on the very bytes the program reads as it
+        opens them: True if it does (onnx sessions copy the bytes they check); False (the default)
+        if it maps or reads them elsewhere, so the caller hashes the files itself."""
+        return False
+
+    def open(self) -> None:
+        """Open what a first call needs now (a session), so file checks run before it; default: nothing."""
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self.transient}

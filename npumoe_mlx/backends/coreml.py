@@ -2,7 +2,7 @@
 
 macOS only (coremltools builds and saves programs anywhere, but Core ML itself runs
 only on macOS). Each package is compiled once to .mlmodelc in a stable cache folder
-(`$NPUMOE_CACHE`, else ~/Library/Caches/npumoe): compiling takes seconds to minutes
+(``coreml/`` under the cache root, paths.py: `$NPUMOE_CACHE`, else ~/.cache/npumoe): compiling takes seconds to minutes
 for large programs and Core ML caches the ANE compilation per compiled-model path.
 Each tier function is loaded with compute units CPU_AND_NE (never ALL, which may pick
 the GPU). On macOS 14.4+ `MLComputePlan` must show every compute op preferring the
@@ -32,6 +32,8 @@ from ane_kernels.limits import DEFAULT_LIMITS
 from ane_kernels.milrun import format_error
 from ane_kernels.spec import AffineWeight, ProgramSpec
 
+from ..fingerprint import update_sampled
+from ..paths import cache_root
 from . import BackendError, Program, member, same_program
 
 OFF_MACOS = "Core ML programs can be built here but run only on macOS"
@@ -77,8 +79,8 @@ def macos_version():
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("NPUMOE_CACHE")
-    return Path(env) if env else Path.home() / "Library" / "Caches" / "npumoe"
+    """Compiled packages: ``coreml/`` under npumoe's one cache root (paths.py)."""
+    return cache_root() / "coreml"
 
 
 def _package_key(pkg: Path) -> str:
@@ -93,12 +95,7 @@ def _package_key(pkg: Path) -> str:
         size = f.stat().st_size
         h.update(f"{rel}:{size}".encode())
         with open(f, "rb") as fh:
-            if size <= 3 << 20:
-                h.update(fh.read())
-            else:
-                for off in (0, size // 2, size - (1 << 20)):
-                    fh.seek(off)
-                    h.update(fh.read(1 << 20))
+            update_sampled(h, fh, 0, size, 3, 1 << 20, 3 << 20, "ends")
     return h.hexdigest()[:24]
 
 

@@ -15,6 +15,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -33,6 +34,7 @@ from ..experts import stock_experts
 from ..plan import PlanLimits, plan_layer
 from ..profiles import LayerCounts
 from ..programs import spec_from_switch_glu
+from ..stats import LayerStats
 from ..replay import load_shape_presets
 from ..tune import median_s, tune
 
@@ -120,11 +122,11 @@ def bench_shape(
                 "offload_tps": N / t_off, "stock_tps": N / t_stock, "speedup": t_stock / t_off,
                 "achieved_gflops": flops / t_off / 1e9, "gemm_gflops": flops / t_gemm / 1e9,
                 "gemm_fraction": t_gemm / t_off,
-                "padding_pct": 100.0 * st["padded"] / max(st["slots"], 1),
-                "calls": st["program_calls"] / max(st["offloaded"], 1),
-                "spill_pct": 100.0 * st["spilled"] / max(st["pairs"], 1),
-                "offloaded": st["offloaded"] > 0,
-                "predicted_s": pred["offload_s"] if st["offloaded"] else pred["mlx_s"],
+                "padding_pct": st.padding_pct,
+                "calls": st.program_calls / max(st.offloaded, 1),
+                "spill_pct": st.spill_pct,
+                "offloaded": st.offloaded > 0,
+                "predicted_s": pred["offload_s"] if st.offloaded else pred["mlx_s"],
                 "measured_s": t_off, "stock_s": t_stock, "max_rel_err": err, "fallback": ex.stats.fallback,
             }
             row["mlx_pairs_pct"] = row["spill_pct"] if row["offloaded"] else 100.0
@@ -137,13 +139,12 @@ def bench_shape(
     return rows
 
 
-def _snapshot(st) -> dict:
-    return {f: getattr(st, f) for f in ("offloaded", "program_calls", "slots", "padded", "pairs", "spilled")}
+def _snapshot(st: LayerStats) -> LayerStats:
+    return replace(st)
 
 
-def _delta(st, before: dict) -> dict:
-    now = _snapshot(st)
-    return {f: now[f] - before[f] for f in now}
+def _delta(st: LayerStats, before: LayerStats) -> LayerStats:
+    return st.since(before)
 
 
 def _gemm_call(be, m: SwitchGLU, D: int, N: int):

@@ -35,6 +35,7 @@ from ..build import build as build_bundle
 from ..checks import resolve_model
 from ..executor import LayerStats, OffloadExecutor, offload_stats, summarize
 from ..experts import installed_blocks
+from ..hints import build_cmd, one_line
 from ..loading import load
 from ..offload import resolve
 from ..outputs import check_dir
@@ -309,10 +310,10 @@ def ensure_bundle(model_path: str, local: Path, backend: str, bundle: Optional[s
     if not build:
         raise CompareError(
             f"no {backend} bundle for {model_path} at {path}; build it with "
-            f"`npumoe build --model {model_path} --backend {backend}` (or pass --build)"
+            f"`{build_cmd(model_path, backend)}` (or pass --build)"
         )
     path = bundles.build_target(local, backend, bundle)
-    log(f"no {backend} bundle at {path}: building it (npumoe build --model {model_path} --backend {backend})")
+    log(f"no {backend} bundle at {path}: building it ({build_cmd(model_path, backend)})")
     build_bundle(str(local), backend, str(path), chunk_size=min(prefill_step, 512), log=log)  # takes the lock
     return path
 
@@ -635,7 +636,7 @@ def main(argv=None) -> int:
                     prefill_step=args.prefill_step, seed=args.seed, check_logits=not args.no_logits, repeats=args.repeats, log=log,
                     verify=args.verify, keep_mlx_experts=args.keep_mlx_experts, dense_programs=args.dense_programs)
     except ValueError as e:  # CompareError, a bad or stale bundle, a bad offload mode: one line
-        print(f"npumoe compare: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"npumoe compare: error: {one_line(e)}", file=sys.stderr)
         return 1
     print(format_markdown(r))
     print(f"wrote {Path(args.out) / 'compare.json'}, compare.md, compare.png")
@@ -643,4 +644,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from ..log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())

@@ -138,4 +138,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from ..log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())

@@ -1116,4 +1116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from ..log import console
+
+    console()  # `[npumoe] ...` lines, as the npumoe command shows them
     sys.exit(main())
