@@ -12,6 +12,7 @@ from .backends import load_backend
 from .bundle import Bundle, BundleError, LazyHint, safe_path
 from .executor import OffloadExecutor, SharedExecutor
 from .guard import Notice
+from .options import OffloadOptions
 from .release import release_model
 from .residency import default_memory_budget, plan_resident
 
@@ -31,20 +32,17 @@ def install(
     bundle: Bundle,
     model,
     config: dict,
-    backend_opts: Optional[dict] = None,
-    overflow: str = "auto",
-    quiet: bool = False,
-    verify_all: bool = False,
+    opts: OffloadOptions,
     blocks: Optional[List[experts.ExpertBlock]] = None,
     model_path=None,
-    keep_mlx_experts: bool = False,
 ) -> List:
     """Check the plan against the model, load the programs, check them against the
-    model's experts (a sample; all tiers of all with ``verify_all``), install the executors.
-    Then, unless ``keep_mlx_experts``, ``overflow="spill"`` (overflow runs on MLX) or no
+    model's experts (a sample; all tiers of all with ``opts.verify``), install the executors.
+    Then, unless ``opts.keep_mlx_experts``, ``opts.overflow="spill"`` (overflow runs on MLX) or no
     ``model_path`` to reload from, release MLX's copy of the experts of program-only layers
     (residency.program_only, release.py). ``blocks``: the model's ``experts.find_expert_blocks``
     if the caller has them: the model is walked once per install."""
+    overflow, quiet = opts.overflow, opts.quiet
     hint = LazyHint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
     found = experts.find_expert_blocks(model, config) if blocks is None else blocks
     blocks = {b.layer: b for b in found}
@@ -68,7 +66,7 @@ def install(
             )
         if len(ids) != len(set(ids)):
             raise BundleError(f"{bundle.path}: plan names an expert of layer {lp.layer} twice; {hint}")
-    be = load_backend(bundle.plan.backend, **(backend_opts or {}))
+    be = load_backend(bundle.plan.backend, **(opts.backend_options or {}))
     progs = {(p["layer"], p["group"]): p for p in bundle.manifest["programs"]}
     loaded = {}  # (layer, group) -> (program, want_fn, module): groups, then shared experts
     for lp in bundle.plan.layers:
@@ -86,7 +84,7 @@ def install(
     for k, (prog, _, _) in loaded.items():  # whole-file hashes for the bytes a session copies (onnx)
         if hasattr(prog, "expect"):
             prog.expect.update({str((bundle.path / f).absolute()): w["sha256"] for f, w in progs[k]["files"].items()})
-    probed = _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
+    probed = _verify_loaded(bundle, loaded, progs, everything=opts.verify, hint=hint)
     pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]],  # read() checked the paths
                                {bundle.path / f: w["sha256"] for f, w in progs[k]["files"].items()},
                                None if k in probed else _probe(bundle, loaded[k], progs[k]["dir"], k[0]), hint)
@@ -104,9 +102,9 @@ def install(
     experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice, blocks=found)
     for mlp, ex in shared_ex:
         experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
-    if model_path is not None and not keep_mlx_experts and overflow != "spill":  # spill: overflow runs on MLX
+    if model_path is not None and not opts.keep_mlx_experts and overflow != "spill":  # spill: overflow runs on MLX
         dynamic = all(p.dynamic for p in pinned.values())
-        gone = plan_resident(bundle.plan, model, blocks, bundle.cost, keep_mlx_experts, default_memory_budget(),
+        gone = plan_resident(bundle.plan, model, blocks, bundle.cost, opts.keep_mlx_experts, default_memory_budget(),
                              dynamic)["release"]
         log = (lambda msg: None) if quiet else None
         release_model(model, model_path, {l: (blocks[l].module, blocks[l].path, ids) for l, ids in gone.items()}, log)
