@@ -9,7 +9,7 @@ from ane_kernels.spec import program_name
 
 from . import experts, release, verify
 from .backends import load_backend
-from .bundle import Bundle, BundleError, LazyHint, safe_path
+from .bundle import Bundle, BundleError, LazyHint, ProgramEntry, safe_path
 from .executor import OffloadExecutor, SharedExecutor
 from .guard import Notice
 from .options import OffloadOptions
@@ -67,13 +67,13 @@ def install(
         if len(ids) != len(set(ids)):
             raise BundleError(f"{bundle.path}: plan names an expert of layer {lp.layer} twice; {hint}")
     be = load_backend(bundle.plan.backend, **(opts.backend_options or {}))
-    progs = {(p["layer"], p["group"]): p for p in bundle.manifest["programs"]}
+    progs = {p.key: p for p in bundle.manifest.programs}
     loaded = {}  # (layer, group) -> (program, want_fn, module): groups, then shared experts
     for lp in bundle.plan.layers:
         for gi, g in enumerate(lp.groups):
             p = progs[(lp.layer, gi)]
             prog = _load_program(be, bundle, p, hint)
-            _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
+            _check_program(prog, lp, gi, p.dir, bundle.path, hint)
             mod = blocks[lp.layer].module
             prog.add_tiers(  # 1..32-row calls for decode on released layers (dynamic programs)
                 [t for t in (1, 2, 4, 8, 16, 32) if t < min(g.tiers)])
@@ -83,11 +83,11 @@ def install(
         loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
     for k, (prog, _, _) in loaded.items():  # whole-file hashes for the bytes a session copies (onnx)
         if hasattr(prog, "expect"):
-            prog.expect.update({str((bundle.path / f).absolute()): w["sha256"] for f, w in progs[k]["files"].items()})
+            prog.expect.update({str((bundle.path / f).absolute()): w["sha256"] for f, w in progs[k].files.items()})
     probed = _verify_loaded(bundle, loaded, progs, everything=opts.verify, hint=hint)
-    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]],  # read() checked the paths
-                               {bundle.path / f: w["sha256"] for f, w in progs[k]["files"].items()},
-                               None if k in probed else _probe(bundle, loaded[k], progs[k]["dir"], k[0]), hint)
+    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k].files],  # read() checked the paths
+                               {bundle.path / f: w["sha256"] for f, w in progs[k].files.items()},
+                               None if k in probed else _probe(bundle, loaded[k], progs[k].dir, k[0]), hint)
               for k, (prog, _, _) in loaded.items()}
     executors = {}
     for lp in bundle.plan.layers:
@@ -127,12 +127,12 @@ def _model_group(model, model_path, block: experts.ExpertBlock, ids: tuple):
     return want
 
 
-def _load_program(be, bundle: Bundle, p: dict, hint: str):
+def _load_program(be, bundle: Bundle, p: ProgramEntry, hint: str):
     try:
-        return be.load(p["program"], safe_path(bundle.path, p["dir"]))  # read() checked its files
+        return be.load(p.program, safe_path(bundle.path, p.dir))  # read() checked its files
     except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
+        raise BundleError(f"{bundle.path}: cannot load program {p.dir} ({why}); {hint}") from e
 
 
 def _probe(bundle: Bundle, item: tuple, where: str, seed: int):
@@ -160,9 +160,9 @@ def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, 
         tiers = sorted(prog.tiers) if everything else [min(prog.tiers)]
         x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=key[0])
         try:
-            fmt = progs[key].get("program", {}).get("weight_format")
+            fmt = progs[key].weight_format
             verify.check(prog, tiers, want, x, verify.tolerance(bundle.plan.backend, module, fmt),
-                         f"{progs[key]['dir']} ({prog.name})")
+                         f"{progs[key].dir} ({prog.name})")
         except verify.ProgramMismatch as e:
             raise BundleError(f"{bundle.path}: {e}; {hint}") from None
     return set(chosen)
@@ -182,7 +182,7 @@ def _load_shared(bundle: Bundle, blocks: List[experts.ExpertBlock], be, progs: d
             prog = _load_program(be, bundle, p, hint)
             H = mlp.up_proj.weight.shape[0]
             if (prog.G, prog.D) != (1, lp.D) or sp.H != H or not set(sp.tiers) <= set(prog.tiers):
-                raise BundleError(f"{bundle.path}: {p['dir']} does not fit shared expert {sp.path}; {hint}")
+                raise BundleError(f"{bundle.path}: {p.dir} does not fit shared expert {sp.path}; {hint}")
             out[(lp.layer, f"s{si}")] = (mlp, sp, prog)
     return out
 

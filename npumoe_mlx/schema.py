@@ -97,11 +97,12 @@ def _at_least(v, lo, where: str) -> None:
         raise _bad(where, v, f">= {lo}")
 
 
-def check_plan(d) -> None:
-    """plan.json (``plan.Plan``): types, then the ranges the planner and executor rely on."""
-    from .plan import Plan
-
-    check(Plan, d, "")
+def check_plan(d, plan_type) -> None:
+    """plan.json (``plan_type``: ``plan.Plan``, passed in: the planner imports this module): types,
+    then the ranges the planner and executor rely on."""
+    check(plan_type, d, "")
+    if d["limits"]["backend"] != d["backend"]:
+        raise _bad("limits.backend", d["limits"]["backend"], f"the plan's backend, {_show(d['backend'])}")
     lim = d["limits"]
     if not lim["capacities"]:
         raise SchemaError("limits.capacities is empty, but it must list at least one tier")
@@ -124,16 +125,29 @@ def check_plan(d) -> None:
             raise _bad(f"{w}.energy_bound", lp["energy_bound"], '"time" or "gpu"')
         if "slack" in lp and not lp["slack"] > 0:
             raise _bad(f"{w}.slack", lp["slack"], "> 0")
+        E = lp["num_experts"]
         for gi, g in enumerate(lp.get("groups", [])):
             _nonempty_ints(g["experts"], 0, f"{w}.groups[{gi}].experts")
+            _experts_of(g["experts"], E, f"{w}.groups[{gi}].experts")
             _tiers(g["tiers"], f"{w}.groups[{gi}].tiers")
         for e, x in enumerate(lp.get("cold", [])):
             _at_least(x, 0, f"{w}.cold[{e}]")
+        _experts_of(lp.get("cold", []), E, f"{w}.cold")
+        ids = [x for g in lp.get("groups", []) for x in g["experts"]] + list(lp.get("cold", []))
+        if len(ids) != len(set(ids)):
+            twice = next(x for x in ids if ids.count(x) > 1)
+            raise SchemaError(f"{w} names expert {twice} twice (groups and cold), but each expert belongs to one place")
         for si, sp in enumerate(lp.get("shared", [])):
             _at_least(sp["H"], 1, f"{w}.shared[{si}].H")
             _tiers(sp["tiers"], f"{w}.shared[{si}].tiers")
             if "min_tokens" in sp:
                 _at_least(sp["min_tokens"], 0, f"{w}.shared[{si}].min_tokens")
+
+
+def _experts_of(xs, num_experts: int, where: str) -> None:
+    for i, x in enumerate(xs):
+        if x >= num_experts:
+            raise _bad(f"{where}[{i}]", x, f"< num_experts ({num_experts})")
 
 
 def _nonempty_ints(xs, lo, where: str) -> None:
@@ -163,9 +177,13 @@ FILE_ENTRY = {"bytes": int, "sha256": str}
 
 
 def check_manifest(man: dict, sample_key: str) -> None:
-    """manifest.json: the fields a load reads, by type."""
+    """manifest.json (``bundle.Manifest``): the fields a load reads, by type."""
+    if not isinstance(man, dict):
+        raise _bad("", man, "an object")
     check(str, man.get("model_fingerprint", ""), "model_fingerprint")
     check(str, man.get("backend", "onnx"), "backend")
+    for k in ("npumoe_version", "model_type", "created"):
+        check(typing.Optional[str], man.get(k), k)
     if not isinstance(man.get("meta"), dict):
         raise _bad("meta", man.get("meta"), "an object")
     for rel, want in man["meta"].items():
