@@ -34,12 +34,12 @@ from mlx_lm import utils as mlx_utils
 from mlx_lm.generate import generation_stream
 
 from . import bundle as bundles
-from . import checks, dense, experts
+from . import checks, experts
 from . import offload as _offload
 from .backends import registry
 from .build import build as build_bundle
 from .executor import format_stats, offload_stats, summarize
-from .loading import dense_step, load
+from .loading import load
 from .lock import BuildInProgress, build_lock
 from .options import OffloadOptions
 
@@ -209,8 +209,8 @@ def sharded_load(
     (keyword arguments, or ``options=OffloadOptions(...)``). Each rank uses its own bundle:
     ``bundle`` (``{shard}`` in it is replaced by the shard key, e.g. ``tp2-r0``), else
     ``<model>/npumoe-<backend>-<shard>`` (the cache for hub models); a shard keeps MLX's copy
-    of its experts (its arrays are not the files' tensors) and runs no dense programs (not
-    supported on sharded models yet). ``build=True`` first builds every missing or stale per-rank
+    of its experts (its arrays are not the files' tensors); ``dense_programs`` is refused (the
+    linears are sharded; not supported yet). ``build=True`` first builds every missing or stale per-rank
     bundle (``build_options``: keyword arguments of ``npumoe_mlx.build.build``, the same
     on every rank). Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
@@ -241,10 +241,12 @@ def install(
     build_options: Optional[Dict[str, Any]] = None,
     model_name: str = "MODEL",
 ) -> str:
-    """Offload a sharded model's blocks on this rank (collective); returns the mode in effect.
-    One process (nothing sharded) installs as ``npumoe_mlx.install`` does, dense programs included."""
+    """Offload a sharded model's blocks on this rank (collective); returns the mode in effect."""
     want = _offload.resolve(opts.offload)
     mode, bundle, quiet = opts.offload, opts.bundle, opts.quiet
+    if opts.dense_programs:  # mlx_lm's sharded_load shards the linears even in one process
+        raise _offload.OffloadError("dense programs are not supported on sharded models yet (their linears are "
+                                    "sharded, as mlx_lm's sharded_load leaves them); use npumoe_mlx.load")
     shard = shard_of(model, tensor_group)
     rank = _world().rank()
 
@@ -260,15 +262,8 @@ def install(
             except bundles.BundleError:
                 build_bundle(str(model_path), want, str(path), loaded=(model, tokenizer, config), log=log,
                               **(build_options or {}))
-        if opts.dense_programs:
-            dense.check_mode(opts.offload)
-        done = _offload.apply(model, config, opts, model_path=model_path, model_name=model_name)
-        dense_step(model, opts)
-        return done
+        return _offload.apply(model, config, opts, model_path=model_path, model_name=model_name)
 
-    if opts.dense_programs:
-        raise _offload.OffloadError("dense programs are not supported on sharded models yet (each rank holds "
-                                    "part of every linear); leave dense_programs off under mlx.launch")
     holds = any(b.supported for b in experts.find_expert_blocks(model, config))
     fp = shard_fingerprint(model, config, shard)
     path = Path(bundle.format(shard=shard.key)) if bundle else shard_bundle_dir(model_path, want, shard, fp)
