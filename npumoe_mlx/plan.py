@@ -164,7 +164,7 @@ class Plan:
             raise schema.SchemaError(f"plan format {d.get('format')} is not {PLAN_FORMAT}")
         schema.check_plan(d, cls)
         if d["backend"] not in registry.REGISTRY:
-            raise schema.SchemaError(f"backend is {d['backend']!r}, but it must be one of {', '.join(registry.names())}")
+            raise schema.SchemaError(f'backend is "{d["backend"]}", but it must be one of {", ".join(registry.names())}')
         layers = [
             LayerPlan(**{
                 **lp,

@@ -207,7 +207,7 @@ PLAN_CASES = {  # id: (edit, the one line from_dict raises)
     "extra-field": (_put(["layers", 0, "speed"], 1), "layers[0].speed is not a field of LayerPlan"),
     "limits-backend": (_put(["limits", "backend"], "coreml"), 'limits.backend is "coreml" (a string), but it must be the plan\'s backend, "onnx"'),
     "backend-unknown": (lambda d: (d.update(backend="gpu"), d["limits"].update(backend="gpu")),
-                        "backend is 'gpu', but it must be one of "),
+                        'backend is "gpu", but it must be one of '),
     "format": (_put(["format"], 7), "plan format 7 is not 1"),
     "not-an-object": (None, "its top level is [] (a list), but it must be an object"),
 }
