@@ -10,7 +10,7 @@ the code that reads it: no signature in between changes.
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 from .args import DENSE_HELP
 from .backends import registry
@@ -51,7 +51,8 @@ class OffloadOptions:
         action="store_true",
         help="Keep MLX's copy of the experts only programs serve (default: an onnx bundle releases it "
         "and it is read back from the model's safetensors if MLX needs it)."))
-    dense_programs: Union[bool, "dense.DenseCosts"] = field(default=False, metadata=_flag(action="store_true", help=DENSE_HELP))
+    # True/False, or a dense.DenseCosts to decide with (not imported: dense.py imports offload, which imports this)
+    dense_programs: Any = field(default=False, metadata=_flag(action="store_true", help=DENSE_HELP))
     backend_options: Optional[Dict[str, Any]] = None  # e.g. {"providers": [...], "threads": 2} for onnx
     quiet: bool = False  # no [npumoe] notices
 

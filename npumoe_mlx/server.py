@@ -143,8 +143,7 @@ def _replanner(args, model_path, model):
     from .replan import attach
 
     backend = args.offload if args.offload in ("onnx", "coreml") else "onnx"
-    bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
-    found = bundles.locate_bundle(checks.resolve_model(model_path), backend, bundle)
+    found = bundles.locate_bundle(checks.resolve_model(model_path), backend, _options(args, model_path).bundle)
     return attach(model, mode, found if (found / "manifest.json").exists() else None,
                   log=lambda msg: logging.info(msg))
 

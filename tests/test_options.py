@@ -16,7 +16,7 @@ from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
-from npumoe_mlx import dense, release
+from npumoe_mlx import release
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import offload_stats, summarize
