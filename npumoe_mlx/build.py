@@ -78,9 +78,9 @@ def add_weight_format_flag(parser):
     return parser
 
 
-def _verify_built(backend: str, folder: Path, rel: Path, built: dict, entry: dict, module, want) -> None:
+def _verify_built(backend: str, folder: Path, rel: Path, built: dict, layer: int, module, want) -> None:
     prog, tiers = backend_class(backend).checker(built, folder)
-    x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=entry["layer"])
+    x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=layer)
     try:
         tol = verify.tolerance(backend, module, built.get("weight_format"))
         verify.check(prog, tiers, want, x, tol, f"{rel.as_posix()} ({prog.name})")
@@ -220,7 +220,7 @@ def build(
         n_prog = plan.num_programs
         with folder(out) as tmp:
             tmp = Path(tmp)
-            jobs = []  # (rel, make_spec, manifest entry): routed groups, then shared experts
+            jobs = []  # (rel, make_spec, (layer, group), check): routed groups, then shared experts
             for lp in plan.layers:
                 for gi, g in enumerate(lp.groups):
                     mod = blocks[lp.layer].module
@@ -228,7 +228,7 @@ def build(
                         Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}",
                         lambda lp=lp, g=g: spec_from_switch_glu(
                             blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers),
-                        {"layer": lp.layer, "group": gi},  # experts and tiers: plan.json's, the one source
+                        (lp.layer, gi),  # experts and tiers: plan.json's, the one source
                         (mod, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x)),
                     ))
                 for si, sp in enumerate(lp.shared):
@@ -236,38 +236,32 @@ def build(
                     jobs.append((
                         Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}",
                         lambda lp=lp, sp=sp: spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers),
-                        {"layer": lp.layer, "group": f"s{si}"},
+                        (lp.layer, f"s{si}"),
                         (mlp, lambda x, m=mlp: verify.model_dense(m, x)),
                     ))
             programs = []
             compiler = backend_class(backend)
-            for rel, make_spec, entry, (module, want) in progress_bar(
+            for rel, make_spec, (layer, group), (module, want) in progress_bar(
                     jobs, desc="[4/4] programs", unit="prog", disable=not progress):
                 fmt = {"weight_format": weight_format} if weight_format else {}
                 built = compiler.build(make_spec(), tmp / rel, **fmt)  # the backend's entry: its files and metadata
                 for f in (tmp / rel).rglob("*"):
                     honour_umask(f)  # writers of program files may use 0600 temp files
-                _verify_built(backend, tmp / rel, rel, built, entry, module, want)
-                programs.append({**entry, "dir": rel.as_posix(), "program": built,
-                                 "files": bundles.files_under(tmp, rel)})
+                _verify_built(backend, tmp / rel, rel, built, layer, module, want)
+                programs.append(bundles.ProgramEntry(layer, group, rel.as_posix(), built, bundles.files_under(tmp, rel)))
             profile.save(tmp / "profile.json")
             plan.save(tmp / "plan.json")
             cost.save(tmp / "cost.json")
             meta = {}
             for name in ("profile.json", "plan.json", "cost.json"):
                 meta[name] = bundles.files_under(tmp, Path(name))[name]
-            write_json(tmp / "manifest.json", {
-                "kind": bundles.KIND,
-                "format": bundles.BUNDLE_FORMAT,
-                "npumoe_version": __version__,
-                "backend": backend,
-                "model_fingerprint": fingerprint,
-                "model_type": config.get("model_type"),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "meta": meta,
-                "programs": programs,
-            })
-        total = sum(f["bytes"] for p in programs for f in p["files"].values())
+            manifest = bundles.Manifest(
+                npumoe_version=__version__, backend=backend, model_fingerprint=fingerprint,
+                model_type=config.get("model_type"), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                meta=meta, programs=programs,
+            )
+            write_json(tmp / "manifest.json", manifest.to_dict())
+        total = manifest.total_bytes()
         offloaded = sum(1 for lp in plan.layers if lp.groups or lp.shared)
         tiers = sum(len(g.tiers) for lp in plan.layers for g in [*lp.groups, *lp.shared])
         log(f"bundle written to {out}: {offloaded}/{len(plan.layers)} MoE layers offloaded, {n_prog} programs "

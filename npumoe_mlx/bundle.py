@@ -20,9 +20,9 @@ and that the plan fits the model; any mismatch is a clear error, never wrong out
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ._version import __version__
 from .backends import registry
@@ -231,13 +231,68 @@ def safe_path(root: Path, rel: str) -> Path:
     return cur
 
 
+# --- manifest ----------------------------------------------------------------
+
+
+@dataclass
+class ProgramEntry:
+    """One program of manifest.json: which (layer, group) it serves (its experts and tiers are
+    plan.json's), its folder, the backend's build entry (files and metadata, as the backend's
+    ``build`` returned it) and every file's size and hashes."""
+
+    layer: int
+    group: Union[int, str]  # the group's index in the layer's plan, or "s<i>": shared expert i
+    dir: str  # the program's folder, relative to the bundle
+    program: Dict[str, Any]  # the backend's build entry
+    files: Dict[str, Dict[str, Any]]  # relative path -> {"bytes", "sha256", SAMPLE_KEY}
+
+    @property
+    def key(self) -> tuple:
+        return (self.layer, self.group)
+
+    @property
+    def weight_format(self) -> Optional[str]:
+        return self.program.get("weight_format")
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    """manifest.json: what a build wrote and a load checks first. ``to_dict``/``from_dict`` keep
+    bundle format 3's keys, so bundles on disk read unchanged."""
+
+    kind: str = KIND
+    format: int = BUNDLE_FORMAT
+    npumoe_version: Optional[str] = None
+    backend: Optional[str] = None  # (missing: the folder's name says)
+    model_fingerprint: Optional[str] = None
+    model_type: Optional[str] = None
+    created: Optional[str] = None
+    meta: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # profile/plan/cost.json -> size and hashes
+    programs: List[ProgramEntry] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "Manifest":
+        """Checked by type and range first (schema.check_manifest): a SchemaError names the field."""
+        schema.check_manifest(d, SAMPLE_KEY)
+        names = {f.name for f in fields(cls)} - {"programs"}
+        progs = [ProgramEntry(p["layer"], p["group"], p["dir"], p["program"], p["files"]) for p in d["programs"]]
+        return cls(**{k: v for k, v in d.items() if k in names}, programs=progs)
+
+    def total_bytes(self) -> int:
+        """The programs' files: one copy of each program's bytes."""
+        return sum(f["bytes"] for p in self.programs for f in p.files.values())
+
+
 # --- load --------------------------------------------------------------------
 
 
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: Manifest
     plan: Plan
     cost: CostModel
     model_name: str = "MODEL"
@@ -274,12 +329,12 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
             f"{BUNDLE_FORMAT}, the one npumoe {__version__} reads; {_hint(backend)}"
         )
     try:
-        schema.check_manifest(man, SAMPLE_KEY)
+        manifest = Manifest.from_dict(man)
     except schema.SchemaError as e:
         raise BundleError(f"{mpath}: {e}; {_hint(backend)}") from None
     if model_path is not None or fingerprint is not None:
         here = fingerprint or model_fingerprint(model_path)
-        theirs = man.get("model_fingerprint")
+        theirs = manifest.model_fingerprint
         if theirs != here:
             shown = str(theirs)[:12] if isinstance(theirs, str) else json.dumps(theirs)
             if fingerprint is None and other_models_bundle(root, model_path) is not None:
@@ -296,39 +351,40 @@ def read(path, model_path=None, model_name: str = "MODEL", verify: bool = False,
                 f"here: the model changed after the build); {_hint(backend)}"
             )
     try:
-        for name, want in man["meta"].items():
+        for name, want in manifest.meta.items():
             _check_file(root, name, want, _hint(backend), True)  # small, and they define the plan
-        for prog in man["programs"]:
-            for rel, want in prog["files"].items():
+        for prog in manifest.programs:
+            for rel, want in prog.files.items():
                 _check_file(root, rel, want, _hint(backend), verify)
-        plan = Plan.from_dict(_typed(root, "plan.json", schema.check_plan, _hint(backend)))
-        cost = CostModel.from_dict(_typed(root, "cost.json", schema.check_cost, _hint(backend)))
+        plan = _typed(root, "plan.json", Plan.from_dict, _hint(backend))
+        cost = _typed(root, "cost.json", _cost, _hint(backend))
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_hint(backend)}") from None
     if plan.backend != backend:
         raise BundleError(f"{root}: plan is for {plan.backend}, manifest says {backend}; {_hint(backend)}")
-    try:
-        listed = [(p["layer"], p["group"]) for p in man["programs"]]
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{root}: malformed bundle ({type(e).__name__}: {e}); {_hint(backend)}") from None
+    listed = [p.key for p in manifest.programs]
     needed = [(lp.layer, gi) for lp in plan.layers for gi in range(len(lp.groups))]
     needed += [(lp.layer, f"s{si}") for lp in plan.layers for si in range(len(lp.shared))]
     if sorted(listed, key=repr) != sorted(needed, key=repr):  # one program per planned group, no other
         raise BundleError(f"{root}: manifest programs do not match the plan; {_hint(backend)}")
-    return Bundle(root, man, plan, cost, model_name, model_path)
+    return Bundle(root, manifest, plan, cost, model_name, model_path)
 
 
-def _typed(root: Path, name: str, check, hint) -> dict:
-    """``root/name`` parsed and checked by type and range (schema.py): BundleError naming the file and field."""
+def _typed(root: Path, name: str, make, hint):
+    """``make`` of ``root/name``'s JSON, which checks it by type and range first (schema.py): a
+    BundleError naming the file and the field."""
     p = safe_path(root, name)
     try:
-        d = json.loads(p.read_text())
-        check(d)
+        return make(json.loads(p.read_text()))
     except (OSError, ValueError) as e:  # (SchemaError is a ValueError)
         raise BundleError(f"{p}: {e}; {hint}") from None
-    return d
+
+
+def _cost(d) -> CostModel:
+    schema.check_cost(d)
+    return CostModel.from_dict(d)
 
 
 class LazyHint:

@@ -14,6 +14,7 @@ import mlx.core as mx
 from .args import at_least
 from .generate import _patched, add_offload_args, print_stats
 from .loading import load
+from .options import OffloadOptions
 from .sharded import sharded_load
 
 mlx_chat = importlib.import_module("mlx_lm.chat")
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     at_least("--max-tokens", args.max_tokens, 1, "tokens per reply")
     if args.dense_programs and mx.distributed.init().size() > 1:
         raise ValueError("--dense-programs is not supported under mlx.launch (sharded models) yet")
-    offload = dict(offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify)
+    opts = OffloadOptions.from_args(args)
     loaded = []
 
     def kept(load_fn):
@@ -49,9 +50,8 @@ def main(argv=None) -> int:
         with _patched(
             mlx_chat,
             setup_arg_parser=setup_arg_parser,
-            load=kept(functools.partial(load, keep_mlx_experts=args.keep_mlx_experts,
-                                        dense_programs=args.dense_programs, **offload)),
-            sharded_load=kept(functools.partial(sharded_load, **offload)),
+            load=kept(functools.partial(load, options=opts)),
+            sharded_load=kept(functools.partial(sharded_load, options=opts)),
         ):
             mlx_chat.main()
     finally:

@@ -136,22 +136,16 @@ def _bundle_info(local: Path, name: str, backend: str, problems: list, preferred
                          "fix": _fix_of(str(e)) or build_cmd(name, backend, force=True)})
         return info
     man = b.manifest
-    files = [(rel, f["bytes"]) for p in man["programs"] for rel, f in p["files"].items()]
     info.update(
-        current=True, format=man.get("format"), npumoe_version=man.get("npumoe_version"),
-        fingerprint=man.get("model_fingerprint"), created=man.get("created"),
-        programs=len(man["programs"]), program_bytes=sum(n for _, n in files),
-        resident_bytes=_resident_bytes(man), cost=b.cost.to_dict(), plan=_plan_info(b.plan),
+        current=True, format=man.format, npumoe_version=man.npumoe_version,
+        fingerprint=man.model_fingerprint, created=man.created,
+        programs=len(man.programs), program_bytes=man.total_bytes(),
+        # program memory once every tier is open: one copy of a program's files (one onnxruntime session
+        # serves every tier on the CPU/CUDA providers; a Core ML package shares weights between its functions)
+        resident_bytes=man.total_bytes(), cost=b.cost.to_dict(), plan=_plan_info(b.plan),
     )
     info["_bundle"] = b
     return info
-
-
-def _resident_bytes(man: dict) -> int:
-    """Program memory once every tier is open: one copy of a program's files (since bundle
-    format 2 one onnxruntime session serves every tier on the CPU/CUDA providers; a Core ML
-    package shares its weights between its functions)."""
-    return sum(f["bytes"] for p in man["programs"] for f in p["files"].values())
 
 
 def _plan_info(plan) -> dict:

@@ -15,12 +15,12 @@ from contextlib import contextmanager, nullcontext, redirect_stdout
 import mlx.core as mx
 
 from . import dense, release, sharded
-from .args import add_dense_flag, at_least
+from .args import at_least
 from .outputs import check_file
 from .executor import format_stats, offload_stats, stats_profile, summarize
 from .hints import build_cmd
 from .loading import load
-from .offload import MODES
+from .options import OffloadOptions, add_args
 
 # `mlx_lm.generate` the attribute is the function; we want the module.
 mlx_generate = importlib.import_module("mlx_lm.generate")
@@ -28,40 +28,8 @@ _stock_arg_parser = mlx_generate.setup_arg_parser
 
 
 def add_offload_args(parser, stats: bool = True):
-    parser.add_argument(
-        "--offload",
-        choices=MODES,
-        default="auto",
-        help="Where expert FFNs run: auto (Core ML on Apple Silicon, ONNX Runtime "
-        "elsewhere, when built), coreml, onnx, mlx (static-tier reference on MLX), "
-        "off (stock mlx_lm). Default: auto.",
-    )
-    parser.add_argument(
-        "--bundle",
-        default=None,
-        help="Offload bundle folder (default: <model>/npumoe-<backend> if one is there, else the "
-        "cache's, $NPUMOE_CACHE/bundles/<fingerprint>-<backend>).",
-    )
-    parser.add_argument(
-        "--verify",
-        action="store_true",
-        help="At load, check every program tier against the model's experts and every bundle file's "
-        "whole sha256 (default: a sample of programs, and sampled hashes).",
-    )
-    parser.add_argument(
-        "--overflow",
-        choices=("auto", "rerun", "spill", "drop"),
-        default="auto",
-        help="Pairs past a group's top tier: auto (cost model picks), rerun the ladder, spill to "
-        "MLX, or drop them (the paper's behaviour, for comparison; never the default).",
-    )
-    parser.add_argument(
-        "--keep-mlx-experts",
-        action="store_true",
-        help="Keep MLX's copy of the experts only programs serve (default: an onnx bundle releases it "
-        "and it is read back from the model's safetensors if MLX needs it).",
-    )
-    add_dense_flag(parser)
+    """The offload flags (options.py, one per OffloadOptions field that has one), and ``--stats``."""
+    add_args(parser)
     if not stats:
         return parser
     parser.add_argument(
@@ -150,8 +118,7 @@ def main(argv=None):
         if distributed or args.build:
             out = sharded.cli_load(args, *a, **kw)
         else:
-            out = load(*a, offload=args.offload, bundle=args.bundle, overflow=args.overflow, verify=args.verify,
-                       keep_mlx_experts=args.keep_mlx_experts, dense_programs=args.dense_programs, **kw)
+            out = load(*a, options=OffloadOptions.from_args(args), **kw)
         loaded.append(out[0])
         return out
 

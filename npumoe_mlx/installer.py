@@ -9,10 +9,11 @@ from ane_kernels.spec import program_name
 
 from . import experts, release, verify
 from .backends import load_backend
-from .bundle import Bundle, BundleError, LazyHint, safe_path
+from .bundle import Bundle, BundleError, LazyHint, ProgramEntry, safe_path
 from .executor import OffloadExecutor, SharedExecutor
 from .guard import Notice
 from .hints import build_cmd, one_line
+from .options import OffloadOptions
 from .release import release_model
 from .residency import default_memory_budget, plan_resident
 
@@ -32,20 +33,17 @@ def install(
     bundle: Bundle,
     model,
     config: dict,
-    backend_opts: Optional[dict] = None,
-    overflow: str = "auto",
-    quiet: bool = False,
-    verify_all: bool = False,
+    opts: OffloadOptions,
     blocks: Optional[List[experts.ExpertBlock]] = None,
     model_path=None,
-    keep_mlx_experts: bool = False,
 ) -> List:
     """Check the plan against the model, load the programs, check them against the
-    model's experts (a sample; all tiers of all with ``verify_all``), install the executors.
-    Then, unless ``keep_mlx_experts``, ``overflow="spill"`` (overflow runs on MLX) or no
+    model's experts (a sample; all tiers of all with ``opts.verify``), install the executors.
+    Then, unless ``opts.keep_mlx_experts``, ``opts.overflow="spill"`` (overflow runs on MLX) or no
     ``model_path`` to reload from, release MLX's copy of the experts of program-only layers
     (residency.program_only, release.py). ``blocks``: the model's ``experts.find_expert_blocks``
     if the caller has them: the model is walked once per install."""
+    overflow, quiet = opts.overflow, opts.quiet
     hint = LazyHint(bundle.model_name, bundle.plan.backend, bundle.path, bundle.model_path)
     found = experts.find_expert_blocks(model, config) if blocks is None else blocks
     blocks = {b.layer: b for b in found}
@@ -69,14 +67,14 @@ def install(
             )
         if len(ids) != len(set(ids)):
             raise BundleError(f"{bundle.path}: plan names an expert of layer {lp.layer} twice; {hint}")
-    be = load_backend(bundle.plan.backend, **(backend_opts or {}))
-    progs = {(p["layer"], p["group"]): p for p in bundle.manifest["programs"]}
+    be = load_backend(bundle.plan.backend, **(opts.backend_options or {}))
+    progs = {p.key: p for p in bundle.manifest.programs}
     loaded = {}  # (layer, group) -> (program, want_fn, module): groups, then shared experts
     for lp in bundle.plan.layers:
         for gi, g in enumerate(lp.groups):
             p = progs[(lp.layer, gi)]
             prog = _load_program(be, bundle, p, hint)
-            _check_program(prog, lp, gi, p["dir"], bundle.path, hint)
+            _check_program(prog, lp, gi, p.dir, bundle.path, hint)
             mod = blocks[lp.layer].module
             prog.add_tiers(  # 1..32-row calls for decode on released layers (dynamic programs)
                 [t for t in (1, 2, 4, 8, 16, 32) if t < min(g.tiers)])
@@ -85,11 +83,11 @@ def install(
     for key, (mlp, _, prog) in shared.items():
         loaded[key] = (prog, lambda x, m=mlp: verify.model_dense(m, x), mlp)
     for k, (prog, _, _) in loaded.items():  # whole-file hashes for the bytes a session copies (onnx)
-        prog.expect_files({str((bundle.path / f).absolute()): w["sha256"] for f, w in progs[k]["files"].items()})
-    probed = _verify_loaded(bundle, loaded, progs, everything=verify_all, hint=hint)
-    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k]["files"]],  # read() checked the paths
-                               {bundle.path / f: w["sha256"] for f, w in progs[k]["files"].items()},
-                               None if k in probed else _probe(bundle, loaded[k], progs[k]["dir"], k[0]), hint)
+        prog.expect_files({str((bundle.path / f).absolute()): w["sha256"] for f, w in progs[k].files.items()})
+    probed = _verify_loaded(bundle, loaded, progs, everything=opts.verify, hint=hint)
+    pinned = {k: verify.Pinned(prog, [bundle.path / f for f in progs[k].files],  # read() checked the paths
+                               {bundle.path / f: w["sha256"] for f, w in progs[k].files.items()},
+                               None if k in probed else _probe(bundle, loaded[k], progs[k].dir, k[0]), hint)
               for k, (prog, _, _) in loaded.items()}
     executors = {}
     for lp in bundle.plan.layers:
@@ -104,9 +102,9 @@ def install(
     experts.install(model, lambda blk: executors.get(blk.layer), config, quiet=quiet, notice=notice, blocks=found)
     for mlp, ex in shared_ex:
         experts.install_dense(mlp, ex, f"layer {ex.stats.layer} shared expert", notice)
-    if model_path is not None and not keep_mlx_experts and overflow != "spill":  # spill: overflow runs on MLX
+    if model_path is not None and not opts.keep_mlx_experts and overflow != "spill":  # spill: overflow runs on MLX
         dynamic = all(p.dynamic for p in pinned.values())
-        gone = plan_resident(bundle.plan, model, blocks, bundle.cost, keep_mlx_experts, default_memory_budget(),
+        gone = plan_resident(bundle.plan, model, blocks, bundle.cost, opts.keep_mlx_experts, default_memory_budget(),
                              dynamic)["release"]
         log = (lambda msg: None) if quiet else None
         release_model(model, model_path, {l: (blocks[l].module, blocks[l].path, ids) for l, ids in gone.items()}, log)
@@ -129,12 +127,12 @@ def _model_group(model, model_path, block: experts.ExpertBlock, ids: tuple):
     return want
 
 
-def _load_program(be, bundle: Bundle, p: dict, hint: str):
+def _load_program(be, bundle: Bundle, p: ProgramEntry, hint: str):
     try:
-        return be.load(p["program"], safe_path(bundle.path, p["dir"]))  # read() checked its files
+        return be.load(p.program, safe_path(bundle.path, p.dir))  # read() checked its files
     except Exception as e:  # hashes matched, yet the backend cannot read it: edited by hand
         why = one_line(e)
-        raise BundleError(f"{bundle.path}: cannot load program {p['dir']} ({why}); {hint}") from e
+        raise BundleError(f"{bundle.path}: cannot load program {p.dir} ({why}); {hint}") from e
 
 
 def _probe(bundle: Bundle, item: tuple, where: str, seed: int):
@@ -162,9 +160,9 @@ def _verify_loaded(bundle: Bundle, loaded: dict, progs: dict, everything: bool, 
         tiers = sorted(prog.tiers) if everything else [min(prog.tiers)]
         x = verify.probe(prog.G, prog.D, verify.PROBE_ROWS, seed=key[0])
         try:
-            fmt = progs[key].get("program", {}).get("weight_format")
+            fmt = progs[key].weight_format
             verify.check(prog, tiers, want, x, verify.tolerance(bundle.plan.backend, module, fmt),
-                         f"{progs[key]['dir']} ({prog.name})")
+                         f"{progs[key].dir} ({prog.name})")
         except verify.ProgramMismatch as e:
             raise BundleError(f"{bundle.path}: {e}; {hint}") from None
     return set(chosen)
@@ -184,7 +182,7 @@ def _load_shared(bundle: Bundle, blocks: List[experts.ExpertBlock], be, progs: d
             prog = _load_program(be, bundle, p, hint)
             H = mlp.up_proj.weight.shape[0]
             if (prog.G, prog.D) != (1, lp.D) or sp.H != H or not set(sp.tiers) <= set(prog.tiers):
-                raise BundleError(f"{bundle.path}: {p['dir']} does not fit shared expert {sp.path}; {hint}")
+                raise BundleError(f"{bundle.path}: {p.dir} does not fit shared expert {sp.path}; {hint}")
             out[(lp.layer, f"s{si}")] = (mlp, sp, prog)
     return out
 

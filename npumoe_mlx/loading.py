@@ -2,7 +2,7 @@
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import mlx.nn as nn
 from mlx_lm import utils as mlx_utils
@@ -10,7 +10,8 @@ from mlx_lm import utils as mlx_utils
 from . import checks, dense, experts, release
 from . import offload as _offload
 from .backends import registry
-from .executor import OVERFLOW_MODES, SharedExecutor, offload_stats, summarize
+from .executor import SharedExecutor, offload_stats, summarize
+from .options import OffloadOptions
 
 
 def load(
@@ -22,17 +23,13 @@ def load(
     return_config: bool = False,
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
-    offload: str = "auto",
-    bundle: Optional[str] = None,
-    overflow: str = "auto",
-    backend_options: Optional[Dict[str, Any]] = None,
-    quiet: bool = False,
-    verify: bool = False,
-    keep_mlx_experts: bool = False,
-    dense_programs: Union[bool, "dense.DenseCosts"] = False,
+    options: Optional[OffloadOptions] = None,
+    **offload_options,
 ):
-    """Load like ``mlx_lm.load`` and install the expert executor for ``offload``.
+    """Load like ``mlx_lm.load`` (same arguments, same order) and install the expert executor.
 
+    The offload options (``npumoe_mlx.options.OffloadOptions``), as keyword arguments or as
+    ``options=OffloadOptions(...)`` (keyword arguments override its fields):
     offload: "auto" (the Core ML bundle on Apple Silicon, the ONNX one elsewhere,
     when built; else stock MLX), "coreml", "onnx" (need a bundle from
     ``npumoe build``), "mlx" (static-tier reference on MLX) or "off" (stock).
@@ -48,17 +45,20 @@ def load(
     dense_programs: also run the non-expert linears (attention projections, dense MLPs) on
     onnxruntime where measured faster than MLX (dense.py; onnx only). True measures the
     costs (or reuses the bundle's ``dense-costs.json``); a ``dense.DenseCosts`` decides with those.
+    quiet: no ``[npumoe]`` notices.
+    An unknown or invalid option is a ValueError naming it.
     Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
+    opts = OffloadOptions.merged(options, **offload_options)
     if isinstance(path_or_hf_repo, os.PathLike):  # a Path, or convert()'s result
         path_or_hf_repo = os.fspath(path_or_hf_repo)
-    mode = _offload.resolve(offload, check_runs=True)  # fail on a bad mode before the (slow) load
-    if dense_programs:
-        dense.check_mode(offload)
+    mode = _offload.resolve(opts.offload, check_runs=True)  # fail on a bad mode before the (slow) load
+    if opts.dense_programs:
+        dense.check_mode(opts.offload)
     model_path = checks.resolve_model(path_or_hf_repo, revision=revision)
     # Experts that programs will serve alone are never read into memory (a backend that
     # releases them: onnx): load lazily, release them, then read the rest (unless the caller asked for a lazy model).
-    releasing = registry.releases_mlx_experts(mode) and not keep_mlx_experts
+    releasing = registry.releases_mlx_experts(mode) and not opts.keep_mlx_experts
     with checks.explain_load_errors(path_or_hf_repo):
         model, tokenizer, config = mlx_utils.load(
             str(model_path),
@@ -71,25 +71,24 @@ def load(
         )
     if releasing:
         model.__dict__[release.LOADED_LAZILY] = True  # release.py: arrays straight from the files
-    _offload.apply(
-        model, config, offload, model_path=model_path, bundle=bundle, overflow=overflow,
-        backend_options=backend_options, model_name=path_or_hf_repo, quiet=quiet, verify=verify,
-        keep_mlx_experts=keep_mlx_experts,
-    )
+    _offload.apply(model, config, opts, model_path=model_path, model_name=path_or_hf_repo)
     model.__dict__.pop(release.LOADED_LAZILY, None)  # (no release happened: no bundle, or none fits)
     if releasing and not lazy:
         release.materialize(model)
     model.__dict__.pop(release.RELEASED, None)  # (lazy: the caller evaluates; nothing left to skip)
-    if dense_programs:
-        _dense(model, dense_programs, backend_options, quiet)
+    dense_step(model, opts)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
 
 
-def _dense(model, dense_programs, backend_options, quiet: bool) -> None:
-    costs = dense_programs if isinstance(dense_programs, dense.DenseCosts) else None
-    dense.install(model, backend_options, costs=costs, bundle=getattr(model, "npumoe_bundle", None), quiet=quiet)
+def dense_step(model, opts: OffloadOptions) -> None:
+    """``opts.dense_programs``: the non-expert linears on onnxruntime (dense.py), after the experts."""
+    if not opts.dense_programs:
+        return
+    costs = opts.dense_programs if isinstance(opts.dense_programs, dense.DenseCosts) else None
+    dense.install(model, opts.backend_options, costs=costs, bundle=getattr(model, "npumoe_bundle", None),
+                  quiet=opts.quiet)
 
 
 def _config_of(model, model_path) -> dict:
@@ -108,16 +107,13 @@ def install(
     bundle: Optional[str] = None,
     config: Optional[Dict[str, Any]] = None,
     model_path: Optional[str] = None,
-    overflow: str = "auto",
-    backend_options: Optional[Dict[str, Any]] = None,
-    quiet: bool = False,
-    verify: bool = False,
-    keep_mlx_experts: bool = False,
-    dense_programs: Union[bool, "dense.DenseCosts"] = False,
+    options: Optional[OffloadOptions] = None,
+    **offload_options,
 ) -> str:
     """Put the offload on a model built elsewhere (a server, a notebook, ``mlx_lm.load``).
 
-    Same modes and bundle rules as ``load``: the bundle is ``bundle`` or the one
+    Same options and bundle rules as ``load`` (``offload`` and ``bundle`` may come first,
+    positionally; given, they override ``options``'): the bundle is ``bundle`` or the one
     found for ``model_path`` (a local folder or a hub repo id; its fingerprint is
     checked). Without either, ``auto`` leaves the model on stock MLX and ``onnx``/
     ``coreml`` raise. Installing again replaces what was installed. Returns the
@@ -128,23 +124,19 @@ def install(
     if not isinstance(model, nn.Module):
         raise TypeError(f"install needs a loaded model (an mlx.nn.Module, e.g. from mlx_lm.load), got "
                         f"{type(model).__name__} {str(model)[:40]!r}; pass a path as model_path=")
-    _offload.resolve(offload, check_runs=True)
-    if dense_programs:
-        dense.check_mode(offload)
-    if overflow not in OVERFLOW_MODES:
-        raise ValueError(f"unknown overflow {overflow!r}; choose one of {', '.join(OVERFLOW_MODES)}")
+    named = {k: v for k, v in (("offload", offload), ("bundle", bundle))
+             if options is None or v != OffloadOptions.__dataclass_fields__[k].default}
+    opts = OffloadOptions.merged(options, **named, **offload_options)
+    _offload.resolve(opts.offload, check_runs=True)
+    if opts.dense_programs:
+        dense.check_mode(opts.offload)
     name = str(model_path) if model_path is not None else "MODEL"
     local = checks.resolve_model(model_path) if model_path is not None else None
     if config is None:
         config = _config_of(model, local)
     remove(model)
-    mode = _offload.apply(
-        model, config, offload, model_path=local, bundle=bundle, overflow=overflow,
-        backend_options=backend_options, model_name=name, quiet=quiet, verify=verify,
-        keep_mlx_experts=keep_mlx_experts,
-    )
-    if dense_programs:
-        _dense(model, dense_programs, backend_options, quiet)
+    mode = _offload.apply(model, config, opts, model_path=local, model_name=name)
+    dense_step(model, opts)
     return mode
 
 

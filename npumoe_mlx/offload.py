@@ -7,16 +7,11 @@ import mlx.nn as nn
 from . import experts
 from .backends import registry
 from .hints import build_cmd
+from .options import MODES, OffloadError, OffloadOptions  # noqa: F401 (MODES, OffloadError: their old home)
 from .reference import StaticTierReference
 from .log import get as _get_log
 
 _log = _get_log(__name__)
-
-MODES = ("auto", *registry.names(), "off")
-
-
-class OffloadError(ValueError):
-    pass
 
 
 def resolve(mode: str, check_runs: bool = False) -> str:
@@ -41,31 +36,27 @@ def _notice(msg: str, quiet: bool) -> None:
 def apply(
     model: nn.Module,
     config: dict,
-    mode: str,
+    opts: OffloadOptions,
     model_path=None,
-    bundle: Optional[str] = None,
-    overflow: str = "auto",
-    backend_options: Optional[dict] = None,
     model_name: str = "MODEL",
-    quiet: bool = False,
-    verify: bool = False,
     fingerprint: Optional[str] = None,
-    keep_mlx_experts: bool = False,
 ) -> str:
-    """Install the executors for ``mode``; returns the mode in effect.
+    """Install the executors for ``opts.offload``; returns the mode in effect.
 
-    coreml/onnx run the programs of a built bundle (``bundle`` or the default
+    coreml/onnx run the programs of a built bundle (``opts.bundle`` or the default
     place for this model); asked for explicitly, a missing bundle is an error.
     ``auto`` uses the preferred backend's bundle when one exists, else stock MLX.
-    The bundle is the one ``bundle.locate_bundle`` names (``bundle`` wins); its
+    The bundle is the one ``bundle.locate_bundle`` names (``opts.bundle`` wins); its
     programs are checked against the model's experts on a probe (a sample of
-    them; all of them, and whole-file hashes, with ``verify``). An onnx bundle then
+    them; all of them, and whole-file hashes, with ``opts.verify``). An onnx bundle then
     releases MLX's copy of the experts only programs serve (reloaded from the
-    model's safetensors if MLX needs them), unless ``keep_mlx_experts``.
+    model's safetensors if MLX needs them), unless ``opts.keep_mlx_experts``.
+    ``fingerprint``: a shard's (sharded.py), instead of ``model_path``'s files'.
     """
     from . import bundle as bundles
     from . import installer
 
+    mode, bundle, quiet = opts.offload, opts.bundle, opts.quiet
     want = resolve(mode, check_runs=True)
     if want == "off":
         return "off"
@@ -92,10 +83,9 @@ def apply(
             f"no {want} bundle for this model{where}; build it with "
             f"`{build_cmd(model_name, want, out=path if bundle else None)}`"
         )
-    b = bundles.read(path, model_path, model_name, verify=verify, fingerprint=fingerprint)  # fingerprint: a shard's (sharded.py)
+    b = bundles.read(path, model_path, model_name, verify=opts.verify, fingerprint=fingerprint)
     if b.plan.backend != want:
         raise OffloadError(f"bundle {path} is for {b.plan.backend}, not {want}")
-    installer.install(b, model, config, backend_options, overflow=overflow, quiet=quiet, verify_all=verify,
-                      blocks=blocks, model_path=model_path, keep_mlx_experts=keep_mlx_experts)
+    installer.install(b, model, config, opts, blocks=blocks, model_path=model_path)
     model.npumoe_bundle = str(path)  # a plain attribute (not a parameter): --stats names it
     return want

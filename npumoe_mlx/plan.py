@@ -22,6 +22,7 @@ from ane_kernels.coreml import max_group as coreml_max_group
 from ane_kernels.formats import expert_bytes as format_expert_bytes
 from ane_kernels.limits import DEFAULT_LIMITS
 
+from . import schema
 from .atomic import write_json
 from .backends import registry
 from .cost import CostModel
@@ -158,8 +159,14 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        if d.get("format") != PLAN_FORMAT:
-            raise ValueError(f"plan format {d.get('format')} is not {PLAN_FORMAT}")
+        """A plan from its JSON (``to_dict``'s), checked first by type, shape and range (schema.py):
+        a bad field is a one-line ``SchemaError`` (a ValueError) naming it, e.g.
+        ``layers[0].groups[1].tiers[2] is "16" (a string), but it must be an integer``."""
+        if isinstance(d, dict) and d.get("format") != PLAN_FORMAT:
+            raise schema.SchemaError(f"plan format {d.get('format')} is not {PLAN_FORMAT}")
+        schema.check_plan(d, cls)
+        if d["backend"] not in registry.REGISTRY:
+            raise schema.SchemaError(f'backend is "{d["backend"]}", but it must be one of {", ".join(registry.names())}')
         layers = [
             LayerPlan(**{
                 **lp,

@@ -43,7 +43,7 @@ class Profile:
     chunk_size: int
     layers: List[LayerCounts]
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {
             "format": FORMAT,
             "kind": KIND,
@@ -57,10 +57,10 @@ class Profile:
 
     def save(self, path) -> None:
         """Write atomically: a temp file beside ``path``, then rename."""
-        write_json(path, self.to_json())
+        write_json(path, self.to_dict())
 
     @classmethod
-    def from_json(cls, obj, where: str = "profile") -> "Profile":
+    def from_dict(cls, obj, where: str = "profile") -> "Profile":
         def bad(msg):
             return ValueError(f"{where}: not a valid npumoe profile: {msg}")
 
@@ -116,7 +116,7 @@ class Profile:
             raise ValueError(f"cannot read profile {path}: {e.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a valid npumoe profile: bad JSON ({e})") from None
-        return cls.from_json(obj, str(path))
+        return cls.from_dict(obj, str(path))
 
 
 def with_workload(base: Profile, seen: Profile) -> Profile:

@@ -97,11 +97,12 @@ def _at_least(v, lo, where: str) -> None:
         raise _bad(where, v, f">= {lo}")
 
 
-def check_plan(d) -> None:
-    """plan.json (``plan.Plan``): types, then the ranges the planner and executor rely on."""
-    from .plan import Plan
-
-    check(Plan, d, "")
+def check_plan(d, plan_type) -> None:
+    """plan.json (``plan_type``: ``plan.Plan``, passed in: the planner imports this module): types,
+    then the ranges the planner and executor rely on."""
+    check(plan_type, d, "")
+    if d["limits"]["backend"] != d["backend"]:
+        raise _bad("limits.backend", d["limits"]["backend"], f"the plan's backend, {_show(d['backend'])}")
     lim = d["limits"]
     if not lim["capacities"]:
         raise SchemaError("limits.capacities is empty, but it must list at least one tier")
@@ -124,7 +125,7 @@ def check_plan(d) -> None:
             raise _bad(f"{w}.energy_bound", lp["energy_bound"], '"time" or "gpu"')
         if "slack" in lp and not lp["slack"] > 0:
             raise _bad(f"{w}.slack", lp["slack"], "> 0")
-        for gi, g in enumerate(lp.get("groups", [])):
+        for gi, g in enumerate(lp.get("groups", [])):  # (expert ids against the model's: installer.install)
             _nonempty_ints(g["experts"], 0, f"{w}.groups[{gi}].experts")
             _tiers(g["tiers"], f"{w}.groups[{gi}].tiers")
         for e, x in enumerate(lp.get("cold", [])):
@@ -163,9 +164,13 @@ FILE_ENTRY = {"bytes": int, "sha256": str}
 
 
 def check_manifest(man: dict, sample_key: str) -> None:
-    """manifest.json: the fields a load reads, by type."""
+    """manifest.json (``bundle.Manifest``): the fields a load reads, by type."""
+    if not isinstance(man, dict):
+        raise _bad("", man, "an object")
     check(str, man.get("model_fingerprint", ""), "model_fingerprint")
     check(str, man.get("backend", "onnx"), "backend")
+    for k in ("npumoe_version", "model_type", "created"):
+        check(typing.Optional[str], man.get(k), k)
     if not isinstance(man.get("meta"), dict):
         raise _bad("meta", man.get("meta"), "an object")
     for rel, want in man["meta"].items():

@@ -27,10 +27,12 @@ import types
 from huggingface_hub.utils import CacheNotFound  # also there in the oldest hub we allow
 
 from . import checks
+from .backends import registry
 from .executor import format_stats
 from .experts import installed_blocks
 from .generate import _patched, add_offload_args
 from .loading import load, stats
+from .options import OffloadOptions
 from .sharded import sharded_load
 
 # `mlx_lm.server` is the module (mlx_lm has no attribute of that name to shadow it).
@@ -79,22 +81,22 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options(args, model_path) -> OffloadOptions:
+    """The offload options of the flags; --bundle belongs to the --model model only."""
+    opts = OffloadOptions.from_args(args)
+    return opts if opts.bundle and str(model_path) == str(args.model) else opts.replace(bundle=None)
+
+
 def _offload_load(args, model_path, **kw):
-    """mlx_lm.server's ``load``, through npumoe_mlx.load: --bundle belongs to the --model model."""
-    bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
-    if getattr(args, "keep_mlx_experts", False):
-        kw["keep_mlx_experts"] = True
-    if getattr(args, "dense_programs", False):
-        kw["dense_programs"] = True
-    return load(model_path, offload=args.offload, bundle=bundle, overflow=args.overflow, verify=args.verify, **kw)
+    """mlx_lm.server's ``load``, through npumoe_mlx.load."""
+    return load(model_path, options=_options(args, model_path), **kw)
 
 
 def _offload_sharded_load(args, model_path, pipeline_group=None, tensor_group=None, return_config=False, **kw):
     """mlx_lm.server's ``sharded_load`` (under mlx.launch): each rank offloads the expert
     blocks it holds with its own per-rank bundle (see sharded.py); --bundle may hold ``{shard}``."""
-    bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
-    return sharded_load(model_path, pipeline_group, tensor_group, return_config=return_config, offload=args.offload,
-                        bundle=bundle, overflow=args.overflow, verify=args.verify, **kw)
+    return sharded_load(model_path, pipeline_group, tensor_group, return_config=return_config,
+                        options=_options(args, model_path), **kw)
 
 
 def _skip_native_teardown():
@@ -141,9 +143,9 @@ def _replanner(args, model_path, model):
     from . import bundle as bundles
     from .replan import attach
 
-    backend = args.offload if args.offload in ("onnx", "coreml") else "onnx"
-    bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
-    found = bundles.locate_bundle(checks.resolve_model(model_path), backend, bundle)
+    want = registry.preferred() if args.offload == "auto" else args.offload
+    backend = want if want in registry.names(bundles=True) else registry.DEFAULT  # the bundle it loaded
+    found = bundles.locate_bundle(checks.resolve_model(model_path), backend, _options(args, model_path).bundle)
     return attach(model, mode, found if (found / "manifest.json").exists() else None)  # logs on npumoe.replan
 
 

@@ -40,7 +40,9 @@ from .backends import registry
 from .build import build as build_bundle
 from .executor import format_stats, offload_stats, summarize
 from .fingerprint import sample_spans
+from .loading import load
 from .lock import BuildInProgress, build_lock
+from .options import OffloadOptions
 
 _CONFIG_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
 SAMPLES = 16  # slices hashed per large tensor
@@ -193,36 +195,32 @@ def sharded_load(
     *,
     tokenizer_config: Optional[Dict[str, Any]] = None,
     trust_remote_code: bool = False,
-    offload: str = "auto",
     build: bool = False,
-    bundle: Optional[str] = None,
-    overflow: str = "auto",
-    backend_options: Optional[Dict[str, Any]] = None,
     build_options: Optional[Dict[str, Any]] = None,
-    verify: bool = False,
-    quiet: bool = False,
+    options: Optional[OffloadOptions] = None,
+    **offload_options,
 ):
     """Load like ``mlx_lm.utils.sharded_load`` and offload the expert blocks this rank holds.
 
-    Call it on every rank (it is collective). offload / overflow / backend_options as in
-    ``npumoe_mlx.load``. Each rank uses its own bundle: ``bundle`` (``{shard}`` in it is
-    replaced by the shard key, e.g. ``tp2-r0``), else ``<model>/npumoe-<backend>-<shard>``
-    (the cache for hub models). ``build=True`` first builds every missing or stale per-rank
+    Call it on every rank (it is collective). The offload options as in ``npumoe_mlx.load``
+    (keyword arguments, or ``options=OffloadOptions(...)``). Each rank uses its own bundle:
+    ``bundle`` (``{shard}`` in it is replaced by the shard key, e.g. ``tp2-r0``), else
+    ``<model>/npumoe-<backend>-<shard>`` (the cache for hub models); a shard keeps MLX's copy
+    of its experts (its arrays are not the files' tensors); ``dense_programs`` is refused (the
+    linears are sharded; not supported yet). ``build=True`` first builds every missing or stale per-rank
     bundle (``build_options``: keyword arguments of ``npumoe_mlx.build.build``, the same
     on every rank). Returns ``(model, tokenizer[, config])`` like mlx_lm.
     """
-    want = _offload.resolve(offload)
+    opts = OffloadOptions.merged(options, **offload_options)
+    _offload.resolve(opts.offload)
     with checks.explain_load_errors(path_or_hf_repo):
         model, tokenizer, config = mlx_utils.sharded_load(
             path_or_hf_repo, pipeline_group, tensor_group, return_config=True,
             tokenizer_config=tokenizer_config, trust_remote_code=trust_remote_code,
         )
     model_path = mlx_utils._download(path_or_hf_repo, allow_patterns=_CONFIG_PATTERNS)  # no weights
-    install(
-        model, tokenizer, config, model_path, want, tensor_group=tensor_group, build=build, bundle=bundle,
-        overflow=overflow, backend_options=backend_options, build_options=build_options,
-        model_name=str(path_or_hf_repo), verify=verify, quiet=quiet,
-    )
+    install(model, tokenizer, config, model_path, opts, tensor_group=tensor_group, build=build,
+            build_options=build_options, model_name=str(path_or_hf_repo))
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
@@ -233,20 +231,19 @@ def install(
     tokenizer,
     config: dict,
     model_path,
-    mode: str,
+    opts: OffloadOptions,
     *,
     tensor_group: Optional[mx.distributed.Group] = None,
     build: bool = False,
-    bundle: Optional[str] = None,
-    overflow: str = "auto",
-    backend_options: Optional[Dict[str, Any]] = None,
     build_options: Optional[Dict[str, Any]] = None,
     model_name: str = "MODEL",
-    verify: bool = False,
-    quiet: bool = False,
 ) -> str:
     """Offload a sharded model's blocks on this rank (collective); returns the mode in effect."""
-    want = _offload.resolve(mode)
+    want = _offload.resolve(opts.offload)
+    mode, bundle, quiet = opts.offload, opts.bundle, opts.quiet
+    if opts.dense_programs:  # mlx_lm's sharded_load shards the linears even in one process
+        raise _offload.OffloadError("dense programs are not supported on sharded models yet (their linears are "
+                                    "sharded, as mlx_lm's sharded_load leaves them); use npumoe_mlx.load")
     shard = shard_of(model, tensor_group)
     rank = _world().rank()
 
@@ -262,8 +259,7 @@ def install(
             except bundles.BundleError:
                 build_bundle(str(model_path), want, str(path), loaded=(model, tokenizer, config), log=log,
                               **(build_options or {}))
-        return _offload.apply(model, config, want, model_path=model_path, bundle=bundle, overflow=overflow,
-                              backend_options=backend_options, model_name=model_name, quiet=quiet, verify=verify)
+        return _offload.apply(model, config, opts, model_path=model_path, model_name=model_name)
 
     holds = any(b.supported for b in experts.find_expert_blocks(model, config))
     fp = shard_fingerprint(model, config, shard)
@@ -273,7 +269,7 @@ def install(
         if _count(why is not None):
             # batched=False: a rank that builds nothing follows the calibration's forward passes
             # one for one (_follow), and it follows the single-sequence ones only
-            opts = {**_build_defaults(), **(build_options or {}), "batched": False}
+            bopts = {**_build_defaults(), **(build_options or {}), "batched": False}
             failed = None
             with ExitStack() as held:
                 if why is not None:  # take this rank's lock before the collective calibration starts
@@ -287,11 +283,12 @@ def install(
                     log(f"building the {want} bundle of shard {shard.key} at {path} ({why})")
                     try:  # this rank holds the lock taken above
                         build_bundle(str(model_path), want, str(path), loaded=(model, tokenizer, config),
-                                     fingerprint=fp, log=log, lock_held=True, **opts)
+                                     fingerprint=fp, log=log, lock_held=True, **bopts)
                     except Exception as e:  # tell the other ranks before raising
                         failed = e
                 else:
-                    _follow(model, tokenizer, config, holds, opts["corpus"], opts["tokens"], opts["chunk_size"], opts["seed"])
+                    _follow(model, tokenizer, config, holds, bopts["corpus"], bopts["tokens"], bopts["chunk_size"],
+                            bopts["seed"])
             if _count(failed is not None):
                 raise failed or _offload.OffloadError("building a per-rank bundle failed on another rank")
             why = _check(path, fp, model_name) if holds else None
@@ -308,9 +305,8 @@ def install(
     if not holds:
         log(f"shard {shard.key} holds no supported MoE expert block: it runs on stock MLX")
         return "off"
-    return _offload.apply(model, config, want, model_path=model_path, bundle=str(path), overflow=overflow,
-                          backend_options=backend_options, model_name=model_name, quiet=quiet, verify=verify,
-                          fingerprint=fp, keep_mlx_experts=True)  # a shard's arrays are not the file's tensors
+    mine = opts.replace(bundle=str(path), keep_mlx_experts=True)  # a shard's arrays are not the file's tensors
+    return _offload.apply(model, config, mine, model_path=model_path, model_name=model_name, fingerprint=fp)
 
 
 def shared_seed() -> int:
@@ -376,20 +372,17 @@ def cli_load(args, path_or_hf_repo: str, adapter_path=None, tokenizer_config=Non
         raise ValueError("adapters are not supported with sharding or --build (as in mlx_lm's distributed mode)")
     if (model_config or {}).get("quantize_activations"):
         raise ValueError("--quantize-activations is not supported with sharding or --build")
+    opts = OffloadOptions.from_args(args)
     group = _world()
     if group.size() > 1:
         out = sharded_load(
             path_or_hf_repo, group if args.pipeline else None, None if args.pipeline else group, True,
-            tokenizer_config=tokenizer_config, trust_remote_code=trust_remote_code, offload=args.offload,
-            build=args.build, bundle=args.bundle, overflow=args.overflow, verify=getattr(args, "verify", False),
+            tokenizer_config=tokenizer_config, trust_remote_code=trust_remote_code, build=args.build, options=opts,
         )
     else:
-        from .loading import load
-
         model_path = checks.resolve_model(path_or_hf_repo)
         model, tokenizer, config = load(str(model_path), tokenizer_config=tokenizer_config, return_config=True,
                                         trust_remote_code=trust_remote_code, offload="off")
-        install(model, tokenizer, config, model_path, args.offload, build=args.build, bundle=args.bundle,
-                overflow=args.overflow, model_name=str(path_or_hf_repo), verify=getattr(args, "verify", False))
+        install(model, tokenizer, config, model_path, opts, build=args.build, model_name=str(path_or_hf_repo))
         out = (model, tokenizer, config)
     return out if return_config else out[:2]

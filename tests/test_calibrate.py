@@ -237,17 +237,17 @@ def test_profile_round_trip_and_corrupt(tmp_path):
     path.write_text(path.read_text()[:-10])
     with pytest.raises(ValueError, match="not a valid npumoe profile: bad JSON"):
         cal.Profile.load(path)
-    obj = prof.to_json()
+    obj = prof.to_dict()
     obj["layers"][0]["counts"] = [3, 1, 0]
     path.write_text(json.dumps(obj))
     with pytest.raises(ValueError, match=r"layers\[0\]: 'counts' must be 4"):
         cal.Profile.load(path)
-    obj = prof.to_json()
+    obj = prof.to_dict()
     obj["layers"][0]["chunks"][0]["counts"] = [0, 0, 0, 0]
     path.write_text(json.dumps(obj))
     with pytest.raises(ValueError, match="do not add up"):
         cal.Profile.load(path)
-    path.write_text(json.dumps({**prof.to_json(), "format": 9}))
+    path.write_text(json.dumps({**prof.to_dict(), "format": 9}))
     with pytest.raises(ValueError, match="unsupported format 9"):
         cal.Profile.load(path)
     with pytest.raises(ValueError, match="cannot read profile"):

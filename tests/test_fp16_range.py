@@ -83,7 +83,7 @@ def test_profile_rejects_a_bad_range():
     good = {"format": 1, "kind": "npumoe-profile", "model_fingerprint": None, "model_type": "", "corpus": "",
             "tokens": 1, "chunk_size": 1, "layers": [{"layer": 0, "path": "p", "num_experts": 2, "top_k": 1,
                                                        "counts": [1, 0], "max_abs": {"up": 3.0}}]}
-    assert Profile.from_json(good).layers[0].max_abs == {"up": 3.0}
+    assert Profile.from_dict(good).layers[0].max_abs == {"up": 3.0}
     good["layers"][0]["max_abs"] = {"up": -1}
     with pytest.raises(ValueError, match="max_abs"):
-        Profile.from_json(good)
+        Profile.from_dict(good)

@@ -31,6 +31,7 @@ from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import server
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.offload import OffloadError
+from npumoe_mlx.options import OffloadOptions
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,7 +344,8 @@ def test_bundle_flag_belongs_to_the_model_flag(models, tmp_path, monkeypatch):
     seen = {}  # --verify and the other flags reach npumoe_mlx.load
     monkeypatch.setattr(server, "load", lambda path, **kw: seen.update(kw, path=path))
     server._offload_load(server.setup_arg_parser().parse_args(["--model", str(main), "--verify", "--overflow", "spill"]), str(main))
-    assert seen == {"path": str(main), "offload": "auto", "bundle": None, "overflow": "spill", "verify": True}
+    # every option, whole (was: the four keywords offload/bundle/overflow/verify)
+    assert seen == {"path": str(main), "options": OffloadOptions(offload="auto", bundle=None, overflow="spill", verify=True)}
     monkeypatch.undo()
     assert [l["layer"] for l in npumoe_mlx.stats(model)["layers"]] == [0, 1]
     with pytest.raises(OffloadError, match=re.escape(f"build it with `npumoe build --model {other} --backend onnx`")):
