@@ -29,7 +29,8 @@ from .cost import CostModel
 from .experts import ExpertBlock
 from .profiles import LayerCounts, Profile
 from .workloads import BATCH_SEQS, GENERATION_SIZES
-from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, small_ladders, undersized
+from .tiers import (CallContext, CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, tail_ladder,
+                    undersized)
 
 PLAN_FORMAT = 1
 NEVER = 1 << 30  # min_tokens of a layer that always stays on MLX
@@ -129,19 +130,56 @@ class LayerPlan:
         d = self.decide(cost, counts)
         return {"offload_s": d.offload_s, "mlx_s": d.mlx_only_s}
 
+    def offloads(self, tokens: int, released: bool = False) -> bool:
+        """Whether a call of ``tokens`` tokens is decided at all, or stays on MLX without a sync: the
+        plan's gate (executor and replay). A released layer (MLX holds none of its program experts)
+        offloads every call."""
+        return bool(self.groups) and (released or tokens >= self.min_tokens)
+
     def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto",
                extra_tiers: Sequence[int] = ()) -> CallDecision:
-        """The executor's decision for a call with these per-expert counts (E,). ``extra_tiers``: row
-        counts the programs also run below their ladders (decode tiers; a dynamic program's grid),
-        used as the executor uses them, for a call smaller than the plan was sized for."""
-        cold = np.zeros(self.num_experts, bool)
-        cold[list(self.cold)] = True
-        groups = [np.asarray(g.experts) for g in self.groups]
-        ladders = [g.tiers for g in self.groups]
-        if len(extra_tiers) and undersized(np.asarray(counts), groups, ladders):
-            ladders = small_ladders(ladders, extra_tiers)
-        return decide_call(counts, groups, ladders, cold, cost, self.D, self.H, overflow,
-                           self.objective, self.max_calls, self.energy_bound, self.slack)
+        """The executor's decision for a call with these per-expert counts (E,) (``call_context`` and
+        ``decide``; build the context once to decide many calls)."""
+        return decide(call_context(self, cost, overflow, extra_tiers), counts)
+
+
+def call_context(lp: LayerPlan, cost: CostModel, overflow: str = "auto", extra_tiers=(), groups=None,
+                 cold=None) -> CallContext:
+    """``lp``'s ``tiers.CallContext``, built once per layer and ladder set. ``extra_tiers``: row counts
+    the programs also run besides their ladders (decode tiers; a dynamic program's grid), one list
+    for every group, one per group, or a function giving one per group when a call first needs
+    them. ``groups`` (G,) id arrays and ``cold`` (E,) mask: the caller's, when it keeps them."""
+    if groups is None:
+        groups = [np.asarray(g.experts) for g in lp.groups]
+    if cold is None:
+        cold = np.zeros(lp.num_experts, bool)
+        cold[list(lp.cold)] = True
+    extra = None
+    if callable(extra_tiers):
+        extra = extra_tiers
+    elif len(extra_tiers) and np.isscalar(extra_tiers[0]):  # one list for every group
+        extra = lambda: [extra_tiers] * len(lp.groups)  # noqa: E731
+    elif len(extra_tiers):
+        extra = lambda: extra_tiers  # noqa: E731
+    return CallContext(groups, [g.tiers for g in lp.groups], cold, cost, lp.D, lp.H, overflow, lp.objective,
+                       lp.max_calls, lp.energy_bound, lp.slack, extra)
+
+
+def decide(ctx: CallContext, counts: np.ndarray, released: bool = False) -> CallDecision:
+    """The one path from a plan to ``tiers.decide_call`` (``LayerPlan.decide``, the executor,
+    replay). A call smaller than the plan was sized for covers its loads with the row counts its
+    programs run below their ladders (``ctx.under``), not at the bottom tiers (a 40-token call on a
+    2048-token plan padded 92% there). A ``released`` layer (MLX holds none of its program experts)
+    must run every pair on programs: every row count its programs run, rounds past the top tier
+    (or dropped, if asked), for the least time."""
+    if released:
+        d = decide_call(counts, replace(ctx, ladders=ctx.whole, overflow="drop" if ctx.overflow == "drop" else "rerun",
+                                        objective="time", energy_bound="time", slack=1.2))
+        d.offload = d.program_calls > 0
+        return d
+    if ctx.extra is not None and undersized(np.asarray(counts), ctx.groups, ctx.ladders):
+        ctx = replace(ctx, ladders=ctx.under)
+    return decide_call(counts, ctx)
 
 
 @dataclass
@@ -618,7 +656,7 @@ def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: Plan
     expert of the program. The tail takes the largest program size in ``sizes`` whose call
     is cheaper; none (no tail) when even one expert's is not. Ladder: the smallest
     capacity, then x4 steps up to ``top`` (a pair that finds many more goes round again or
-    to MLX, as ``decide_call`` says per call).
+    to MLX, as ``decide_call`` says per call: ``tiers.tail_ladder``).
     """
     if not unseen:
         return []
@@ -628,11 +666,7 @@ def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: Plan
     if not fits:
         return []
     G = max(fits)
-    ladder, c = [], int(caps[0])
-    while c < top and len(ladder) < limits.max_tiers - 1:
-        ladder.append(int(caps[min(np.searchsorted(caps, c), caps.size - 1)]))
-        c *= 4
-    ladder = sorted(set(ladder + [int(caps[min(np.searchsorted(caps, top), caps.size - 1)])]))
+    ladder = tail_ladder(limits.capacities, top, limits.max_tiers)
     return [GroupPlan(sorted(unseen[i : i + G]), ladder) for i in range(0, len(unseen), G)]
 
 
