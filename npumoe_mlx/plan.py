@@ -9,6 +9,9 @@ Per MoE layer:
   the point where calls finish soonest (``objective="time"``: sync + max of the two
   sides) or spend least energy within 1.2x of that (``"energy"``); the rest are
   "cold" and run on MLX, as do calls smaller than ``min_tokens`` (decode, typically).
+``plan_layer`` runs these as named steps (``rank_experts``, ``cut_ranking``,
+``price_residency``, ``choose_residency``, ``size_ladders``); ``decide`` is the one path from
+a plan to a call's decision (``tiers.decide_call``) for the planner, the executor and replay.
 Deterministic: the same inputs give the same plan.
 """
 
