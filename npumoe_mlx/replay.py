@@ -183,7 +183,7 @@ def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n, overflow
     cold = np.zeros(lp.num_experts, bool)
     cold[list(lp.cold)] = True
     sizes = np.broadcast_to(np.asarray(n), (len(counts),))  # one size, or each call's (a workload's mix)
-    ctx = call_context(lp, cost, overflow, extra_tiers)  # the executor's decision path, built once
+    ctx = call_context(lp, cost, overflow, extra_tiers, groups, cold)  # the executor's decision path, built once
     for c, n in zip(counts, sizes):
         t.calls += 1
         pairs = int(c.sum())
