@@ -175,6 +175,19 @@ def test_choose_residency_energy_takes_the_least_joules_within_its_bound():
     assert choose_residency(cands, cuts, cost, D, H, "gpu")[0] == 4 > m_time == 2  # MLX alone's bound: more on programs
 
 
+def test_choose_residency_energy_never_leaves_its_time_bound():
+    """The most frugal residency is not taken when its calls end past 1.2x the fastest: here
+    m=2 spends 1 J in 8 s, m=1 5 J in 5 s, so the bound is 6 s and m=1 wins."""
+    from npumoe_mlx.plan import CallPrices, Cuts
+
+    one = lambda x: np.array([float(x)])  # noqa: E731  (one calibrated call)
+    cuts = Cuts([0, 0, 1], {}, np.zeros((1, 3)), np.zeros((1, 3)), one(10), one(10))
+    cands = [Candidate(m, t, j, t, t, 0.0, CallPrices(one(t), one(j), one(t), one(j)))
+             for m, t, j in ((0, 10, 10), (1, 5, 5), (2, 8, 1))]
+    assert choose_residency(cands, cuts, _cost(), D, H, "time") == (1, 1)
+    assert choose_residency(cands, cuts, _cost(), D, H, "gpu") == (2, 1)  # 1.2x MLX alone's 10 s: 8 s fits
+
+
 # --- size_ladders ----------------------------------------------------------------------
 
 
