@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "tiny-model": ("npumoe_mlx.tools.tiny", "write a random tiny MoE checkpoint (offline)"),
     "calibrate": ("npumoe_mlx.calibrate", "count tokens per layer x expert on a corpus -> profile"),
     "tune": ("npumoe_mlx.tune", "measure this machine's costs -> cost model"),
-    "plan": ("npumoe_mlx.plan", "print the offload plan (groups, tiers, residency) of a model"),
+    "plan": ("npumoe_mlx.plan_cli", "print the offload plan (groups, tiers, residency) of a model"),
     "replay": ("npumoe_mlx.replay", "plan from routing traces and replay them through the executor's decisions"),
     "build": ("npumoe_mlx.build", "calibrate -> tune -> plan -> compile into a bundle"),
     "convert": ("npumoe_mlx.convert", "Hugging Face or MLX model -> MLX weights + offload bundle"),

@@ -38,12 +38,11 @@ from .cost import CostModel
 from .dispatch import checked, moved, run_calls
 from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .hints import build_cmd
-from .plan import LayerPlan
+from .plan import LayerPlan, call_context, decide
 from .profiles import LayerCounts, Profile
 from .release import record_of
 from .stats import LayerStats, total  # noqa: F401 (LayerStats: callers' name)
-from .tiers import (OVERFLOW_MODES, CallDecision, Slots, decide_call, ladder_rounds, plan_slots, small_ladders,
-                    undersized)
+from .tiers import OVERFLOW_MODES, CallContext, CallDecision, Slots, ladder_rounds, plan_slots
 from .verify import first_use
 from .log import get as _get_log
 
@@ -106,7 +105,7 @@ class OffloadExecutor:
         self._cold = np.zeros(plan.num_experts, bool)
         self._cold[plan.cold] = True
         self._released_tiers = None
-        self._under = None  # _under_tiers, once
+        self._ctx = None  # _context, once per ladder set
         self.pending_tiers = None  # ladders re-planned while serving, taken at the next call (replan.py)
         self._group_of = np.full(plan.num_experts, -1, np.int64)  # (E,) each expert's group, -1: none
         self._pos = np.zeros(plan.num_experts, np.int64)  # (E,) its index within the group
@@ -120,27 +119,20 @@ class OffloadExecutor:
             g.tiers = list(lad)
             self._top[g.experts] = lad[-1]
         self._tiers = [list(l) for l in ladders]
-        self._released_tiers = self._under = None
+        self._released_tiers = self._ctx = None
 
     def _decide(self, counts: np.ndarray, released: bool = False) -> CallDecision:
-        if released:  # MLX lacks these experts: every pair runs on programs, overflow reruns the ladder
-            d = decide_call(counts, self._groups, self._small_tiers(), self._cold, self.cost, self.plan.D,
-                            self.plan.H, "drop" if self.overflow == "drop" else "rerun", "time", self.plan.max_calls)
-            d.offload = d.program_calls > 0
-            return d
-        ladders = self._under_tiers() if undersized(counts, self._groups, self._tiers) else self._tiers
-        return decide_call(counts, self._groups, ladders, self._cold, self.cost, self.plan.D, self.plan.H,
-                           self.overflow, self.plan.objective, self.plan.max_calls, self.plan.energy_bound,
-                           self.plan.slack)
+        """The plan's decision for this call, by the path replay and the planner take (``plan.decide``);
+        released: MLX lacks these experts, every pair runs on programs."""
+        return decide(self._context(), counts, released)
 
-    def _under_tiers(self) -> List[List[int]]:
-        """A call smaller than the plan was sized for (``tiers.undersized``): each ladder plus the
-        row counts below its bottom that its program runs (``_small_tiers``: decode tiers, and on a
-        dynamic program multiples of ROW_STEP), so the cost model prices a cover near the loads
-        (a 40-token call on a 2048-token plan padded 92% at the bottom tiers)."""
-        if self._under is None:
-            self._under = [small_ladders([ts], small)[0] for ts, small in zip(self._tiers, self._small_tiers())]
-        return self._under
+    def _context(self) -> CallContext:
+        """This layer's ``tiers.CallContext``, once per ladder set (``_swap`` drops it); the row
+        counts the programs run besides their ladders (``_small_tiers``) are asked for when a
+        call first needs them (a small call, a released layer)."""
+        if self._ctx is None:
+            self._ctx = call_context(self.plan, self.cost, self.overflow, self._small_tiers, self._groups, self._cold)
+        return self._ctx
 
     def _small_tiers(self) -> List[List[int]]:
         """The row counts a released layer's calls use: each group's ladder plus the program's
@@ -213,7 +205,7 @@ class OffloadExecutor:
         if self.pending_tiers is not None:  # re-planned while serving (replan.py): between calls only
             self._swap(self.pending_tiers)
         released = record_of(experts) is not None  # MLX no longer holds the program experts
-        if self.disabled or (x.size // x.shape[-1] < self.plan.min_tokens and not released):
+        if self.disabled or not self.plan.offloads(x.size // x.shape[-1], released):
             return stock_experts(experts, x, inds)
         c = self._prepare(x, inds, released)
         if c is None:  # the cost model keeps this call on MLX

@@ -9,6 +9,9 @@ Per MoE layer:
   the point where calls finish soonest (``objective="time"``: sync + max of the two
   sides) or spend least energy within 1.2x of that (``"energy"``); the rest are
   "cold" and run on MLX, as do calls smaller than ``min_tokens`` (decode, typically).
+``plan_layer`` runs these as named steps (``rank_experts``, ``cut_ranking``,
+``price_residency``, ``choose_residency``, ``size_ladders``); ``decide`` is the one path from
+a plan to a call's decision (``tiers.decide_call``) for the planner, the executor and replay.
 Deterministic: the same inputs give the same plan.
 """
 
@@ -29,7 +32,8 @@ from .cost import CostModel
 from .experts import ExpertBlock
 from .profiles import LayerCounts, Profile
 from .workloads import BATCH_SEQS, GENERATION_SIZES
-from .tiers import CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, small_ladders, undersized
+from .tiers import (CallContext, CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, tail_ladder,
+                    undersized)
 from .log import get as _get_log
 
 _log = _get_log(__name__)
@@ -132,19 +136,56 @@ class LayerPlan:
         d = self.decide(cost, counts)
         return {"offload_s": d.offload_s, "mlx_s": d.mlx_only_s}
 
+    def offloads(self, tokens: int, released: bool = False) -> bool:
+        """Whether a call of ``tokens`` tokens is decided at all, or stays on MLX without a sync: the
+        plan's gate (executor and replay). A released layer (MLX holds none of its program experts)
+        offloads every call."""
+        return bool(self.groups) and (released or tokens >= self.min_tokens)
+
     def decide(self, cost: CostModel, counts: np.ndarray, overflow: str = "auto",
                extra_tiers: Sequence[int] = ()) -> CallDecision:
-        """The executor's decision for a call with these per-expert counts (E,). ``extra_tiers``: row
-        counts the programs also run below their ladders (decode tiers; a dynamic program's grid),
-        used as the executor uses them, for a call smaller than the plan was sized for."""
-        cold = np.zeros(self.num_experts, bool)
-        cold[list(self.cold)] = True
-        groups = [np.asarray(g.experts) for g in self.groups]
-        ladders = [g.tiers for g in self.groups]
-        if len(extra_tiers) and undersized(np.asarray(counts), groups, ladders):
-            ladders = small_ladders(ladders, extra_tiers)
-        return decide_call(counts, groups, ladders, cold, cost, self.D, self.H, overflow,
-                           self.objective, self.max_calls, self.energy_bound, self.slack)
+        """The executor's decision for a call with these per-expert counts (E,) (``call_context`` and
+        ``decide``; build the context once to decide many calls)."""
+        return decide(call_context(self, cost, overflow, extra_tiers), counts)
+
+
+def call_context(lp: LayerPlan, cost: CostModel, overflow: str = "auto", extra_tiers=(), groups=None,
+                 cold=None) -> CallContext:
+    """``lp``'s ``tiers.CallContext``, built once per layer and ladder set. ``extra_tiers``: row counts
+    the programs also run besides their ladders (decode tiers; a dynamic program's grid), one list
+    for every group, one per group, or a function giving one per group when a call first needs
+    them. ``groups`` (G,) id arrays and ``cold`` (E,) mask: the caller's, when it keeps them."""
+    if groups is None:
+        groups = [np.asarray(g.experts) for g in lp.groups]
+    if cold is None:
+        cold = np.zeros(lp.num_experts, bool)
+        cold[list(lp.cold)] = True
+    extra = None
+    if callable(extra_tiers):
+        extra = extra_tiers
+    elif len(extra_tiers) and np.isscalar(extra_tiers[0]):  # one list for every group
+        extra = lambda: [extra_tiers] * len(lp.groups)  # noqa: E731
+    elif len(extra_tiers):
+        extra = lambda: extra_tiers  # noqa: E731
+    return CallContext(groups, [g.tiers for g in lp.groups], cold, cost, lp.D, lp.H, overflow, lp.objective,
+                       lp.max_calls, lp.energy_bound, lp.slack, extra)
+
+
+def decide(ctx: CallContext, counts: np.ndarray, released: bool = False) -> CallDecision:
+    """The one path from a plan to ``tiers.decide_call`` (``LayerPlan.decide``, the executor,
+    replay). A call smaller than the plan was sized for covers its loads with the row counts its
+    programs run below their ladders (``ctx.under``), not at the bottom tiers (a 40-token call on a
+    2048-token plan padded 92% there). A ``released`` layer (MLX holds none of its program experts)
+    must run every pair on programs: every row count its programs run, rounds past the top tier
+    (or dropped, if asked), for the least time."""
+    if released:
+        d = decide_call(counts, replace(ctx, ladders=ctx.whole, overflow="drop" if ctx.overflow == "drop" else "rerun",
+                                        objective="time", energy_bound="time", slack=1.2))
+        d.offload = d.program_calls > 0
+        return d
+    if ctx.extra is not None and undersized(np.asarray(counts), ctx.groups, ctx.ladders):
+        ctx = replace(ctx, ladders=ctx.under)
+    return decide_call(counts, ctx)
 
 
 @dataclass
@@ -383,6 +424,238 @@ def _spread(peaks: np.ndarray, top: int) -> np.ndarray:
     return np.minimum(np.concatenate([peaks * f for f in SPREAD]), top)
 
 
+@dataclass
+class Ranking:
+    """One layer's experts, hot first, and the calibrated calls every later step prices."""
+
+    rank: List[int]  # expert ids, hottest first (ties by id)
+    counts: np.ndarray  # (E,) calibrated pairs per expert
+    samples: np.ndarray  # (S, E) per-expert loads of the calibrated calls
+    ranked: np.ndarray  # (S, E) the same, columns in rank order
+    call: np.ndarray  # (S,) the calls' sizes in tokens
+    caps: np.ndarray  # (C,) the allowed capacities, ascending
+    top: int  # every ladder's top tier: headroom for the largest call (a capacity at most)
+
+
+def rank_experts(lp_profile: LayerCounts, limits: PlanLimits, call_sizes: Optional[Sequence[int]] = None) -> Ranking:
+    """Experts by calibrated popularity, hot first: a group's capacity is set by its busiest
+    expert, so groups cut from neighbours in this order have similar loads and pad little.
+    The top tier is headroom: no expert gets more pairs than a call has tokens, so a top tier at
+    the largest call size never overflows on calls of that size, whatever the domain."""
+    counts = np.asarray(lp_profile.counts, float)
+    rank = sorted(range(lp_profile.num_experts), key=lambda e: (-counts[e], e))  # hot first, ties by id
+    samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
+    caps = np.asarray(limits.capacities)
+    top = max(call_sizes) if call_sizes else call.max()
+    if any(ch.get("call") for ch in lp_profile.chunks):  # batched prefill: up to BATCH_SEQS prompts of a step
+        top = max(top, call.max(), max(BATCH_SEQS) * top)  # each (pad tokens of one id may load one expert)
+    return Ranking(rank, counts, samples, samples[:, rank], call, caps, int(min(top, caps[-1])))
+
+
+@dataclass
+class Cuts:
+    """Every prefix of the ranking cut into runs (groups) with the least program time, and what
+    each run and the rest of the ranking cost per calibrated call."""
+
+    choice: List[int]  # start of the last run of the best cut of each prefix (E + 1,)
+    run_cost: dict  # (i, j) -> (program s, MLX s, program J, MLX J) of ranking[i:j], each (S,)
+    tail_t: np.ndarray  # (S, E + 1) seconds of the ranking's experts from m on, on MLX (work only)
+    tail_j: np.ndarray  # (S, E + 1) their joules
+    alone_t: np.ndarray  # (S,) the whole call on MLX alone, fixed cost included
+    alone_j: np.ndarray  # (S,)
+
+    def runs(self, m: int) -> List[Tuple[int, int]]:
+        """The best cut of the first m experts, hottest run first."""
+        out, j = [], m
+        while j > 0:
+            out.append((self.choice[j], j))
+            j = self.choice[j]
+        return out[::-1]
+
+    def costs(self, runs) -> Tuple[np.ndarray, ...]:
+        """(program s, MLX s, program J, MLX J) of each run, each (S, R)."""
+        return _run_costs(runs, self.run_cost, len(self.alone_t))
+
+
+def cut_ranking(r: Ranking, sizes: Sequence[int], cost: CostModel, D: int, H: int) -> Cuts:
+    """A DP over the ranking: for every prefix, the cut into runs of ``sizes`` experts with the
+    least program time. Runs of similar load pad little, so hot experts tend to get small
+    groups and lukewarm ones larger groups, as dispatch and padding costs dictate; the rest of
+    the ranking is priced on MLX for the residency choice that follows."""
+    E = r.ranked.shape[1]
+    best = np.full(E + 1, np.inf)
+    best[0] = 0.0
+    choice = [0] * (E + 1)
+    run_cost = {}
+    for j in range(1, E + 1):
+        for G in sizes:
+            i = j - G
+            if i < 0:
+                break
+            run_cost[(i, j)] = _group_costs(r.ranked[:, i:j], r.caps, cost, D, H)
+            c = best[i] + float(run_cost[(i, j)][0].sum())
+            if c < best[j] - 1e-15:
+                best[j], choice[j] = c, i
+    pair_s, pair_j = cost.mlx_rate(D, H)
+    mlx_t, mlx_j = r.ranked * pair_s, r.ranked * pair_j  # (S, E) seconds and joules per expert on MLX
+    tail_t = np.concatenate([np.cumsum(mlx_t[:, ::-1], 1)[:, ::-1], np.zeros((len(r.ranked), 1))], 1)  # (S, E+1)
+    tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(r.ranked), 1))], 1)
+    none = np.zeros(len(r.ranked))
+    alone_t, alone_j = split_cost(none, tail_t[:, 0], none, tail_j[:, 0], cost)
+    return Cuts(choice, run_cost, tail_t, tail_j, alone_t, alone_j)
+
+
+@dataclass
+class CallPrices:
+    """One residency's per-call (S,) predictions that the energy objective weighs against a time
+    bound only known once every residency is priced."""
+
+    static_s: np.ndarray  # as planned: every run's rounds
+    static_j: np.ndarray
+    balanced_s: np.ndarray  # time-balanced, as decide_call balances (see ``Candidate``)
+    balanced_j: np.ndarray
+    cut: Optional[Callable] = None  # limit (S,) -> (s, J of the cut round, pairs back on MLX): the last run's round
+    rest_j: Optional[np.ndarray] = None  # program J of every run but the last
+
+
+@dataclass
+class Candidate:
+    """One residency: the ranking's first ``m`` experts on programs (cut as ``Cuts.runs(m)``), the
+    rest on MLX, both at once; means over the calibrated calls."""
+
+    m: int
+    time_s: float  # makespan of its calls as decided (time: time-balanced; energy: least J within the bound)
+    energy_j: float  # their joules
+    balanced_s: float  # makespan of the time-balanced calls (worst-used groups to MLX, the last round cut)
+    whole_s: float = 0.0  # time-balanced with whole groups only
+    whole_small_s: float = 0.0  # the same on the calls smaller than the largest (0: one size)
+    calls: Optional[CallPrices] = None  # energy objective only
+
+
+def price_residency(r: Ranking, cuts: Cuts, m: int, cost: CostModel, D: int, H: int, energy: bool) -> Candidate:
+    """The first ``m`` experts on programs, priced per calibrated call as the executor decides
+    it: each call moves its worst-used groups to MLX while that ends it sooner, and the last
+    run may run one smaller round (decide_call's take-back), so the two units balance between
+    whole groups. ``energy``: keep the per-call prices the energy choice needs."""
+    runs = cuts.runs(m)
+    S = len(r.ranked)
+    tp, tm, jp, jm = cuts.costs(runs)  # (S, R) each
+    tail_t, tail_j = cuts.tail_t[:, m], cuts.tail_j[:, m]
+    # try moving the k worst runs (by calibrated seconds per MLX second), per sample the best k
+    worst = np.argsort(-(tp.sum(0) / np.maximum(tm.sum(0), 1e-30)), kind="stable")
+    z = np.zeros((S, 1))
+    ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
+    prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
+    side = tail_t[:, None] + ctm
+    span = cost.call_s(prog, side, idle=1e-15)
+    kb = span.argmin(1)
+    rows = np.arange(S)
+    whole_t = np.minimum(span[rows, kb], cuts.alone_t)  # whole groups only
+    cut = None
+    if runs:
+        i, j = runs[-1]
+
+        def cut_round(limit=None):
+            c, t_c = _partial_last(runs, tp, tail_t, r.ranked, r.caps, cost, D, H, limit)
+            back = np.maximum(r.ranked[:, i:j] - c[:, None], 0).sum(1)  # its pairs past the round, on MLX
+            return t_c, cost.programs_j(j - i, 1, c, D, H) * (c > 0), back
+
+        part_t, part_j, back = cut_round()
+        kb = np.where(part_t < span[rows, kb], span.shape[1], kb)
+        span = np.concatenate([span, part_t[:, None]], 1)
+        cjp = np.concatenate([cjp, (jp[:, -1] - part_j)[:, None]], 1)
+        cjm = np.concatenate([cjm, cost.mlx_work_j(back, D, H)[:, None]], 1)
+        side = np.concatenate([side, (tail_t + cost.mlx_work_s(back, D, H))[:, None]], 1)
+        if energy:
+            cut = cut_round
+    tb_t = np.minimum(span[rows, kb], cuts.alone_t)
+    tb_j = np.where(span[rows, kb] < cuts.alone_t,
+                    cost.call_j(jp.sum(1) - cjp[rows, kb] + tail_j, cjm[rows, kb], side[rows, kb]), cuts.alone_j)
+    small = r.call < r.call.max()
+    c = Candidate(m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
+                  float(whole_t[small].mean()) if small.any() else 0.0)
+    if energy:
+        st_t, st_j = split_cost(tp.sum(1), tail_t, jp.sum(1), tail_j, cost)  # the plan as it is
+        c.calls = CallPrices(st_t, st_j, tb_t, tb_j, cut, jp.sum(1) - (jp[:, -1] if runs else 0))
+    return c
+
+
+def energy_limit(cands: List[Candidate], cuts: Cuts, energy_bound: str) -> np.ndarray:
+    """Per call (S,), the energy objective's time bound: 1.2x the least time any residency gives
+    that call (``energy_bound="time"``), or 1.2x MLX alone's."""
+    fastest = np.min([c.calls.balanced_s for c in cands], 0)
+    return 1.2 * (np.minimum(fastest, cuts.alone_t) if energy_bound == "time" else cuts.alone_t)
+
+
+def _energy_estimate(c: Candidate, cuts: Cuts, lim: np.ndarray, cost: CostModel, D: int, H: int) -> Candidate:
+    """``c`` decided per call as decide_call's energy objective does: the least joules of (as
+    planned, balanced just enough to end within the bound (interpolated), fully balanced, MLX
+    alone, the last run's round cut to the most pairs within the bound) that ends within ``lim``."""
+    p, m = c.calls, c.m
+    rows = np.arange(len(lim))
+    st_t, st_j, tb_t, tb_j = p.static_s, p.static_j, p.balanced_s, p.balanced_j
+    frac = np.clip((st_t - lim) / np.maximum(st_t - tb_t, 1e-30), 0, 1)
+    part_t, part_j = np.where(st_t > lim, np.maximum(lim, tb_t), st_t), st_j + frac * (tb_j - st_j)
+    opts_t, opts_j = [st_t, part_t, tb_t, cuts.alone_t], [st_j, part_j, tb_j, cuts.alone_j]
+    if p.cut is not None:
+        c_t, c_j, back = p.cut(lim)
+        opts_t.append(c_t)
+        opts_j.append(cost.call_j(p.rest_j + c_j + cuts.tail_j[:, m], cost.mlx_work_j(back, D, H),
+                                  cuts.tail_t[:, m] + back))
+    opts_t, opts_j = np.stack(opts_t), np.stack(opts_j)  # (4 or 5, S)
+    j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
+    pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
+    return Candidate(m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean()))
+
+
+def choose_residency(cands: List[Candidate], cuts: Cuts, cost: CostModel, D: int, H: int,
+                     energy_bound: Optional[str] = None) -> Tuple[int, int]:
+    """(m, m for the time objective): how many of the ranking's experts get programs.
+
+    Time: the residency that balances the largest calls with a cut round, unless it predicts
+    smaller calls slower than the whole-group residency does (their extra groups would pad
+    them). Energy (``energy_bound`` given): the least joules among residencies whose calls end
+    within 1.2x of the fastest (``"time"``) or of MLX alone (``"gpu"``), each call decided as
+    decide_call does (``_energy_estimate``)."""
+    m0, m1 = min(cands, key=lambda c: c.whole_s), min(cands, key=lambda c: c.time_s)
+    m_time = (m1 if m1.whole_small_s <= m0.whole_small_s else m0).m
+    if energy_bound is None:
+        return m_time, m_time
+    lim = energy_limit(cands, cuts, energy_bound)
+    est = [_energy_estimate(c, cuts, lim, cost, D, H) for c in cands]
+    best_t = min(c.balanced_s for c in est)
+    bound = 1.2 * (best_t if energy_bound == "time" else float(cuts.alone_t.mean())) + 1e-15
+    return min((c for c in est if c.time_s <= bound), key=lambda c: (c.energy_j, c.time_s), default=est[0]).m, m_time
+
+
+def size_ladders(r: Ranking, cuts: Cuts, m: int, cost: CostModel, D: int, H: int, max_tiers: int,
+                 limit: Optional[np.ndarray] = None) -> List[GroupPlan]:
+    """The first ``m`` experts of the ranking cut into runs, each with its tier ladder over its
+    calibrated max-loads (spread +-15%, ``_spread``). The last run also gets tiers for the
+    rounds that end the calls where it runs partly on programs soonest (``_partial_last``):
+    the programs' best share of a layer is rarely whole groups. ``limit`` (S,) (energy: the
+    time bound): also the cuts that do the most within it, and the time-optimal ones."""
+    groups = []
+    runs = cuts.runs(m)
+    balance = np.zeros(0)
+    if runs:
+        tp = cuts.costs(runs)[0]
+        tail = cuts.tail_t[:, m]
+        part_c, part_t = _partial_last(runs, tp, tail, r.ranked, r.caps, cost, D, H)
+        balance = part_c[(part_t < np.inf) & (part_c > 0)]
+        if limit is not None:
+            part_c, part_t = _partial_last(runs, tp, tail, r.ranked, r.caps, cost, D, H, limit)
+            balance = np.concatenate([balance, part_c[(part_t < np.inf) & (part_c > 0)]])
+    for i, j in runs:  # hottest run first
+        if r.ranked[:, i:j].max() > 0:
+            peaks = _spread(r.ranked[:, i:j].max(1), r.top)
+            if (i, j) == runs[-1] and balance.size:
+                peaks = np.concatenate([peaks, _spread(balance, r.top)])
+            tiers = choose_ladder(peaks, r.caps.tolist(), max_tiers, None, r.top)
+            groups.append(GroupPlan(sorted(r.rank[i:j]), tiers))
+    return groups
+
+
 def plan_layer(
     lp_profile: LayerCounts,
     D: int,
@@ -397,178 +670,43 @@ def plan_layer(
 ) -> LayerPlan:
     """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
 
-    Experts are ranked by calibrated popularity; a DP over the ranking picks, for
-    every prefix, the cut with the least program time (runs of similar load pad
-    little: hot experts tend to get small groups, lukewarm ones larger groups, as
-    dispatch and padding costs dictate). Programs and MLX run at the same time, so the plan takes the prefix
-    whose calls finish soonest (sync + max of the two sides), or with
-    ``objective="energy"`` spend the least energy within 1.2x of that: the estimate moves
-    whole groups, the calls pack rounds, so a few larger residencies are checked on
-    calibrated calls (``_energy_residency``).
+    Steps: rank the experts (``rank_experts``), cut every prefix of the ranking into runs with
+    the least program time (``cut_ranking``), price each prefix on programs with the rest on MLX,
+    both at once (``price_residency``), choose how many experts get programs (``choose_residency``:
+    the calls that finish soonest, or with ``objective="energy"`` the least energy within 1.2x
+    of that; the estimate moves whole groups, the calls pack rounds, so a few larger residencies
+    are checked on calibrated calls, ``_energy_residency``), size each group's ladder
+    (``size_ladders``), give never-routed experts tail programs (``tail_groups``) and find the
+    smallest call worth offloading (``_min_tokens``).
     """
     E = lp_profile.num_experts
     k = lp_profile.top_k or 1
-    counts = np.asarray(lp_profile.counts, float)
-    rank = sorted(range(E), key=lambda e: (-counts[e], e))  # hot first, ties by id
-    samples, call = call_loads(lp_profile, call_sizes)  # (S, E), (S,)
-    ranked = samples[:, rank]
-    caps = np.asarray(limits.capacities)
+    r = rank_experts(lp_profile, limits, call_sizes)
+    base = LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, [], list(range(E)))
     max_g = group_cap(E, D, H, quant, limits)
     if max_g == 0:  # no program of this shape builds
-        return LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, [], list(range(E)))
+        return base
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
-    # Headroom: no expert gets more pairs than a call has tokens, so a top tier at the
-    # largest call size never overflows on calls of that size, whatever the domain.
-    top = max(call_sizes) if call_sizes else call.max()
-    if any(ch.get("call") for ch in lp_profile.chunks):  # batched prefill: up to BATCH_SEQS prompts of a step
-        top = max(top, call.max(), max(BATCH_SEQS) * top)  # each (pad tokens of one id may load one expert)
-    top = int(min(top, caps[-1]))
-
-    # best[j]: the least program time of the ranking's first j experts, cut into runs
-    best = np.full(E + 1, np.inf)
-    best[0] = 0.0
-    choice = [0] * (E + 1)  # start of the last run
-    run_cost = {}  # (i, j) -> (t_prog, t_mlx, j_prog, j_mlx), each (S,)
-    for j in range(1, E + 1):
-        for G in sizes:
-            i = j - G
-            if i < 0:
-                break
-            run_cost[(i, j)] = _group_costs(ranked[:, i:j], caps, cost, D, H)
-            c = best[i] + float(run_cost[(i, j)][0].sum())
-            if c < best[j] - 1e-15:
-                best[j], choice[j] = c, i
-
-    def runs_of(m):  # the best cut of the first m experts
-        out, j = [], m
-        while j > 0:
-            out.append((choice[j], j))
-            j = choice[j]
-        return out[::-1]
-
-    # The first m experts of the ranking on programs, the rest on MLX, both at once:
-    # m for the least makespan, or the least energy within 1.2x of it.
-    pair_s, pair_j = cost.mlx_rate(D, H)
-    mlx_t, mlx_j = ranked * pair_s, ranked * pair_j  # (S, E) seconds and joules per expert on MLX
-    tail_t = np.concatenate([np.cumsum(mlx_t[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)  # (S, E+1)
-    tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)
-    alone_t, alone_j = split_cost(np.zeros(len(ranked)), tail_t[:, 0], np.zeros(len(ranked)), tail_j[:, 0], cost)
+    cuts = cut_ranking(r, sizes, cost, D, H)
     energy = objective == "energy" and cost.has_energy
-    cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls[, whole groups only,
-    #           and on the smaller calls])
-    small = call < call.max()
-    pending = []  # energy: per residency, what its calls can do; evaluated against the fastest of all
-    tcands = []  # the time objective's candidates (energy: its plan is what the time bound is relative to)
-    for m in range(E + 1):
-        runs = runs_of(m)
-        tp, tm, jp, jm = _run_costs(runs, run_cost, len(ranked))  # (S, R) each
-        st_t, st_j = split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost)  # the plan as it is
-        # Each call moves its worst-used groups to MLX while that ends it sooner (decide_call):
-        # try moving the k worst (by calibrated seconds per MLX second), per sample the best k.
-        worst = np.argsort(-(tp.sum(0) / np.maximum(tm.sum(0), 1e-30)), kind="stable")
-        z = np.zeros((len(ranked), 1))
-        ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
-        prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
-        side = tail_t[:, m : m + 1] + ctm
-        span = cost.call_s(prog, side, idle=1e-15)
-        kb = span.argmin(1)
-        rows = np.arange(len(ranked))
-        whole_t = np.minimum(span[rows, kb], alone_t)  # whole groups only
-        cut = None  # energy: the last run's round cut to the most pairs that end within the time bound
-        if runs:  # the last run may also run one smaller round (decide_call's take-back): the two units
-            # balance between whole groups
-            i, j = runs[-1]
-
-            def cut_round(limit=None, runs=runs, tp=tp, m=m, i=i, j=j):
-                c, t_c = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
-                back = np.maximum(ranked[:, i:j] - c[:, None], 0).sum(1)  # its pairs past the round, on MLX
-                return t_c, cost.programs_j(j - i, 1, c, D, H) * (c > 0), back
-
-            part_t, part_j, back = cut_round()
-            kb = np.where(part_t < span[rows, kb], span.shape[1], kb)
-            span = np.concatenate([span, part_t[:, None]], 1)
-            cjp = np.concatenate([cjp, (jp[:, -1] - part_j)[:, None]], 1)
-            cjm = np.concatenate([cjm, cost.mlx_work_j(back, D, H)[:, None]], 1)
-            side = np.concatenate([side, (tail_t[:, m] + cost.mlx_work_s(back, D, H))[:, None]], 1)
-            if energy:
-                cut = cut_round
-        tb_t = np.minimum(span[rows, kb], alone_t)
-        tb_j = np.where(span[rows, kb] < alone_t,
-                        cost.call_j(jp.sum(1) - cjp[rows, kb] + tail_j[:, m], cjm[rows, kb], side[rows, kb]), alone_j)
-        tcands.append((m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
-                       float(whole_t[small].mean()) if small.any() else 0.0))
-        if not energy:
-            continue
-        pending.append((m, st_t, st_j, tb_t, tb_j, cut, jp.sum(1) - (jp[:, -1] if runs else 0), tail_j[:, m],
-                        tail_t[:, m]))
-    # energy, per call as decide_call: the least energy of (as planned, balanced just enough to end
-    # within the bound (interpolated), fully balanced, MLX alone, the last run's round cut to the
-    # most pairs within the bound) within the bound: 1.2x the least time any residency gives that
-    # call (``energy_bound="time"``), or 1.2x MLX alone's
-    if pending:
-        fastest = np.min([p[3] for p in pending], 0)
-    for m, st_t, st_j, tb_t, tb_j, cut, j_rest, t_j, t_t in pending:
-        rows = np.arange(len(ranked))
-        lim = 1.2 * (np.minimum(fastest, alone_t) if energy_bound == "time" else alone_t)
-        frac = np.clip((st_t - lim) / np.maximum(st_t - tb_t, 1e-30), 0, 1)
-        part_t, part_j = np.where(st_t > lim, np.maximum(lim, tb_t), st_t), st_j + frac * (tb_j - st_j)
-        opts_t, opts_j = [st_t, part_t, tb_t, alone_t], [st_j, part_j, tb_j, alone_j]
-        if cut is not None:
-            c_t, c_j, back = cut(lim)
-            opts_t.append(c_t)
-            opts_j.append(cost.call_j(j_rest + c_j + t_j, cost.mlx_work_j(back, D, H), t_t + back))
-        opts_t, opts_j = np.stack(opts_t), np.stack(opts_j)  # (4 or 5, S)
-        j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
-        pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
-        cands.append((m, float(opts_t[pick, rows].mean()), float(opts_j[pick, rows].mean()), float(tb_t.mean())))
-    # time: the residency that balances the largest calls with a cut round, unless it predicts smaller
-    # calls slower than the whole-group residency does (their extra groups would pad them)
-    m0, m1 = min(tcands, key=lambda c: c[4]), min(tcands, key=lambda c: c[1])
-    m_time = (m1 if m1[5] <= m0[5] else m0)[0]
-    m = m_time
-    if energy:
-        best_t = min(c[3] for c in cands)
-        bound = 1.2 * (best_t if energy_bound == "time" else float(alone_t.mean())) + 1e-15
-        m = min((c for c in cands if c[1] <= bound), key=lambda c: (c[2], c[1]), default=cands[0])[0]
-
-    def resident_groups(m, energy=energy):  # the first m experts of the ranking cut into runs, each with its ladder
-        groups = []
-        runs = runs_of(m)
-        balance = np.zeros(0)
-        if runs:  # the calls where the last run ends them soonest (energy: does most within its time bound)
-            # partly on programs: size tiers for those rounds
-            tp = _run_costs(runs, run_cost, len(ranked))[0]
-            limit = None
-            if energy:
-                limit = 1.2 * (np.minimum(fastest, alone_t) if energy_bound == "time" else alone_t)
-            part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H)
-            balance = part_c[(part_t < np.inf) & (part_c > 0)]
-            if limit is not None:  # and the time-optimal cuts: the plan's fastest, which the bound is relative to
-                part_c, part_t = _partial_last(runs, tp, tail_t[:, m], ranked, caps, cost, D, H, limit)
-                balance = np.concatenate([balance, part_c[(part_t < np.inf) & (part_c > 0)]])
-        for i, j in runs:  # hottest run first
-            if ranked[:, i:j].max() > 0:
-                peaks = _spread(ranked[:, i:j].max(1), top)
-                if (i, j) == runs[-1] and balance.size:
-                    peaks = np.concatenate([peaks, _spread(balance, top)])
-                tiers = choose_ladder(peaks, limits.capacities, limits.max_tiers, None, top)
-                groups.append(GroupPlan(sorted(rank[i:j]), tiers))
-        return groups
-
-    groups = resident_groups(m)
+    cands = [price_residency(r, cuts, m, cost, D, H, energy) for m in range(E + 1)]
+    m, m_time = choose_residency(cands, cuts, cost, D, H, energy_bound if energy else None)
+    limit = energy_limit(cands, cuts, energy_bound) if energy else None
+    groups = size_ladders(r, cuts, m, cost, D, H, limits.max_tiers, limit)
+    slack = 1.2
     if energy:  # the estimates above move whole groups; the calls pack rounds (tiers._pack_energy), which
         # can use more resident experts: check a few residencies on the calls themselves
-        groups, slack = _energy_residency(m, int((counts > 0).sum()), groups, resident_groups,
-                                          resident_groups(m_time, False), samples, E, k, D, H, cost, limits,
-                                          energy_bound)
+        groups, slack = _energy_residency(
+            m, int((r.counts > 0).sum()), groups, lambda n: size_ladders(r, cuts, n, cost, D, H, limits.max_tiers, limit),
+            size_ladders(r, cuts, m_time, cost, D, H, limits.max_tiers), r.samples,
+            replace(base, energy_bound=energy_bound), cost, limits.call_ratio)
     resident = {e for g in groups for e in g.experts}
-    groups += tail_groups([e for e in rank if e not in resident and counts[e] == 0], cost, D, H, limits, sizes, top)
+    groups += tail_groups([e for e in r.rank if e not in resident and r.counts[e] == 0], cost, D, H, limits, sizes,
+                          r.top)
     resident = {e for g in groups for e in g.experts}
-    cold = [e for e in range(E) if e not in resident]
-    lp = LayerPlan(lp_profile.layer, path or lp_profile.path, E, k, D, H, groups, sorted(cold),
-                   objective=objective, energy_bound=energy_bound, slack=slack if energy else 1.2)
-    lp.max_calls = int(limits.call_ratio * len(groups) + 1e-9)
-    lp.min_tokens = _min_tokens(lp, cost, counts)
+    lp = replace(base, groups=groups, cold=sorted(e for e in range(E) if e not in resident), objective=objective,
+                 energy_bound=energy_bound, slack=slack, max_calls=int(limits.call_ratio * len(groups) + 1e-9))
+    lp.min_tokens = _min_tokens(lp, cost, r.counts)
     if lp.min_tokens == NEVER:
         lp.groups, lp.cold = [], list(range(E))
     return lp
@@ -579,28 +717,31 @@ ENERGY_PARTS = 8  # parts of them whose least time ratio sets the energy plan's 
 
 
 def _energy_residency(m: int, seen: int, groups: List[GroupPlan], resident_groups, time_groups: List[GroupPlan],
-                      samples: np.ndarray, E: int, k: int, D: int, H: int, cost: CostModel, limits: PlanLimits,
-                      energy_bound: str):
+                      samples: np.ndarray, base: LayerPlan, cost: CostModel, call_ratio: float):
     """The energy objective's residency and per-call slack, checked on calibrated calls (samples
     (S, E)) through the executor's own decisions: the estimated best ``m`` experts on programs, and
-    more, up to all ``seen`` (calibrated) ones. Each call packs the rounds that spend least within
-    its time bound (``tiers._pack_energy``), so a resident group costs nothing on calls it would not
-    pay on, and more resident experts give the packing more ways to fill the frugal unit's time.
+    more, up to all ``seen`` (calibrated) ones (``resident_groups(n)``: the first n experts' groups).
+    Each call packs the rounds that spend least within its time bound (``tiers._pack_energy``), so
+    a resident group costs nothing on calls it would not pay on, and more resident experts give
+    the packing more ways to fill the frugal unit's time.
 
     A call's bound is slack x the fastest this plan's own decisions give it; with
-    ``energy_bound="time"`` the target is 1.2x the time objective's plan (``time_groups``), whose
-    calls may end sooner, so each candidate's slack is 1.2 x (the time plan's time / its own
-    fastest time), the least of that ratio over ENERGY_PARTS parts of the probe, at most 1.2.
-    The least mean joules wins; ties within 0.1% keep fewer programs. Returns (groups, slack)."""
+    ``energy_bound="time"`` (``base``'s) the target is 1.2x the time objective's plan
+    (``time_groups``), whose calls may end sooner, so each candidate's slack is 1.2 x (the time
+    plan's time / its own fastest time), the least of that ratio over ENERGY_PARTS parts of the
+    probe, at most 1.2. The least mean joules wins; ties within 0.1% keep fewer programs.
+    Returns (groups, slack)."""
     probe = samples[np.linspace(0, len(samples) - 1, min(ENERGY_PROBES, len(samples))).round().astype(int)]
+    E = base.num_experts
 
     def layer(gs, objective, slack=1.2):
         ids = {e for g in gs for e in g.experts}
-        return LayerPlan(0, "", E, k, D, H, gs, [e for e in range(E) if e not in ids], objective=objective,
-                         energy_bound=energy_bound, max_calls=int(limits.call_ratio * len(gs) + 1e-9), slack=slack)
+        return replace(base, groups=gs, cold=[e for e in range(E) if e not in ids], objective=objective,
+                       max_calls=int(call_ratio * len(gs) + 1e-9), slack=slack)
 
     def part_s(lp):  # seconds of these calls as the executor runs them, summed per part of the probe
-        s = [d.offload_s if d.offload else d.mlx_only_s for d in (lp.decide(cost, c) for c in probe)]
+        ctx = call_context(lp, cost)
+        s = [d.offload_s if d.offload else d.mlx_only_s for d in (decide(ctx, c) for c in probe)]
         return np.array([p.sum() for p in np.array_split(np.asarray(s), ENERGY_PARTS)])
 
     ref = part_s(layer(time_groups, "time"))
@@ -609,8 +750,9 @@ def _energy_residency(m: int, seen: int, groups: List[GroupPlan], resident_group
         gs = groups if cand == m else resident_groups(cand)
         # the least ratio over parts of the calibration, not the mean: calls the plan never saw
         # drift (the mean alone let 4 of 112 held-out chip replays end at 1.200-1.217x)
-        slack = 1.2 * min(1.0, float((ref / part_s(layer(gs, "time"))).min())) if energy_bound == "time" else 1.2
-        ds = [layer(gs, "energy", slack).decide(cost, c) for c in probe]
+        slack = 1.2 * min(1.0, float((ref / part_s(layer(gs, "time"))).min())) if base.energy_bound == "time" else 1.2
+        ctx = call_context(layer(gs, "energy", slack), cost)
+        ds = [decide(ctx, c) for c in probe]
         tried.append((float(np.mean([d.offload_j if d.offload else d.mlx_only_j for d in ds])), len(gs), gs, slack))
     least = min(x[0] for x in tried)
     best = min((x for x in tried if x[0] <= least * (1 + 1e-3)), key=lambda x: x[1])
@@ -627,7 +769,7 @@ def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: Plan
     expert of the program. The tail takes the largest program size in ``sizes`` whose call
     is cheaper; none (no tail) when even one expert's is not. Ladder: the smallest
     capacity, then x4 steps up to ``top`` (a pair that finds many more goes round again or
-    to MLX, as ``decide_call`` says per call).
+    to MLX, as ``decide_call`` says per call: ``tiers.tail_ladder``).
     """
     if not unseen:
         return []
@@ -637,11 +779,7 @@ def tail_groups(unseen: List[int], cost: CostModel, D: int, H: int, limits: Plan
     if not fits:
         return []
     G = max(fits)
-    ladder, c = [], int(caps[0])
-    while c < top and len(ladder) < limits.max_tiers - 1:
-        ladder.append(int(caps[min(np.searchsorted(caps, c), caps.size - 1)]))
-        c *= 4
-    ladder = sorted(set(ladder + [int(caps[min(np.searchsorted(caps, top), caps.size - 1)])]))
+    ladder = tail_ladder(limits.capacities, top, limits.max_tiers)
     return [GroupPlan(sorted(unseen[i : i + G]), ladder) for i in range(0, len(unseen), G)]
 
 
@@ -764,140 +902,3 @@ def format_plan(plan: Plan, verbose: bool = False) -> str:
         shared = "".join(f"; shared expert tiers {sp.tiers} from {sp.min_tokens} tokens" for sp in lp.shared)
         lines.append(f"  layer {lp.layer}: offload from {lp.min_tokens} tokens; {groups}{cold}{shared}")
     return "\n".join(lines)
-
-
-def _print_resident(plan: Plan, cost: CostModel, local, keep: bool, model=None, blocks=None) -> None:
-    """Resident bytes per unit (MLX, programs), in all and per layer (the model read lazily: shapes only)."""
-    from mlx_lm import utils as mlx_utils
-
-    from . import experts
-    from .residency import default_memory_budget, describe, plan_resident, size
-
-    if model is None:
-        model, _, config = mlx_utils.load(str(local), lazy=True, return_config=True)
-        blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
-    res = plan_resident(plan, model, blocks, cost, keep_mlx_experts=keep, budget=default_memory_budget())
-    print(describe(res))
-    for layer, u in sorted(res["units"].items()):
-        print(f"  layer {layer}: MLX {size(u['mlx'])}, programs {size(u['programs'])}; MLX copy of program experts "
-              f"{u['mlx_copy']}")
-
-
-def main(argv=None) -> int:
-    """`npumoe plan`: the plan for a model from its profile (calibrated now if none given)."""
-    import argparse
-    import os
-
-    from mlx_lm import utils as mlx_utils
-
-    from . import experts
-    from .calibrate import calibrate
-    from .workloads import corpus_documents
-
-    p = argparse.ArgumentParser(prog="npumoe plan", description="Print the offload plan of a model.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--backend", choices=registry.names(bundles=True), default=registry.DEFAULT)
-    p.add_argument("--profile", help="Profile JSON (default: <model>/npumoe-profile.json, else calibrate now).")
-    p.add_argument("--from-stats", metavar="FILE",
-                   help="Plan for the per-call loads `npumoe generate --stats FILE` saved (your own workload).")
-    p.add_argument("--cost", help="Cost model JSON (default: the backend's parametric costs).")
-    p.add_argument("--chip", help="Plan with the predicted costs of this Apple chip (coreml; see `npumoe chips`).")
-    p.add_argument("--objective", choices=("time", "energy"), default="time")
-    p.add_argument("--tokens", type=int, default=2048, help="Calibration tokens when calibrating now.")
-    p.add_argument("--json", metavar="PATH", help="Also write the plan as JSON.")
-    p.add_argument("--bundle", help="Bundle whose plan to print (default: the model's, as generate finds it).")
-    p.add_argument("--keep-mlx-experts", action="store_true",
-                   help="Count MLX's copy of program-only experts as kept (as generate --keep-mlx-experts).")
-    p.add_argument("--corpus", nargs="+", action="extend", metavar="NAME_OR_FILE",
-                   help="With --from-stats: calibration corpora, as `npumoe build --corpus` (default: the three built-ins).")
-    p.add_argument("--chunk-size", type=int, default=2048, help="With --from-stats: as `npumoe build --chunk-size`.")
-    for flag in ("--max-tiers", "--max-group", "--max-programs", "--max-capacity"):
-        p.add_argument(flag, type=int, help=f"With --from-stats: as `npumoe build {flag}`.")
-    args = p.parse_args(argv)
-    from . import bundle as bundles
-    from .args import at_least, choose_cost
-    from .checks import resolve_model
-    from .outputs import check_file
-
-    if args.json:
-        check_file(args.json, "--json")
-
-    at_least("--tokens", args.tokens, 1, "calibration tokens")
-    local = resolve_model(args.model)
-    found = bundles.locate_bundle(local, args.backend, args.bundle)
-    if args.from_stats:
-        return _preview_from_stats(args, local, found)
-    if (found / "manifest.json").exists() and not (args.profile or args.cost or args.chip):
-        b = bundles.read(found, local, args.model)
-        plan = b.plan  # the plan generate runs
-        print(f"plan of the {args.backend} bundle {found} (the one generate uses):")
-        print(format_plan(plan, verbose=True))
-        _print_resident(plan, b.cost, local, args.keep_mlx_experts)
-        if args.json:
-            plan.save(args.json)
-            print(f"wrote {args.json}")
-        return 0
-    if args.bundle:
-        raise ValueError(f"{found}: not an npumoe bundle (no manifest.json)")
-    why = (f"not the plan of the {args.backend} bundle {found}" if (found / "manifest.json").exists()
-           else f"no {args.backend} bundle for {args.model}")
-    print(f"{why}: computing a plan from "
-          f"{'the profile ' + args.profile if args.profile else 'a calibration'} and "
-          f"{'the costs in ' + args.cost if args.cost else 'parametric costs'} (`npumoe build` measures "
-          f"this machine's costs, so its plan may differ)")
-    model, tokenizer, config = mlx_utils.load(str(local), return_config=True)
-    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
-    if not blocks:
-        raise ValueError(f"{args.model}: no supported MoE expert blocks; it runs on stock MLX")
-    prof_path = args.profile or os.path.join(local, "npumoe-profile.json")
-    if os.path.exists(prof_path):
-        profile = Profile.load(prof_path)
-    else:
-        docs, desc = corpus_documents(["long-context", "qa", "code"], args.tokens, 0)
-        profile = calibrate(model, tokenizer, config, docs, max_tokens=args.tokens, model_path=local, description=desc)
-    b0 = next(iter(blocks.values()))
-    cost = choose_cost(args.backend, args.cost, args.chip, D=b0.dims, H=b0.hidden, bits=(b0.quant or {}).get("bits", 16))
-    routed = {l: replace(b, shared=[]) for l, b in blocks.items()}  # routed experts only (build also plans shared ones)
-    plan = make_plan(profile, routed, cost, PlanLimits.for_backend(args.backend), objective=args.objective)
-    return _show(plan, cost, local, args, model, blocks)
-
-
-def _show(plan, cost, local, args, model, blocks) -> int:
-    print(format_plan(plan, verbose=True))
-    _print_resident(plan, cost, local, args.keep_mlx_experts, model, blocks)
-    if args.json:
-        plan.save(args.json)
-        print(f"wrote {args.json}")
-    return 0
-
-
-def _preview_from_stats(args, local, found) -> int:
-    """`plan --from-stats`: what `build --from-stats` builds, by the same path (build.plan_model)
-    with the same inputs: its calibration, the saved workload, the bundle's costs, the flags' limits."""
-    from mlx_lm import utils as mlx_utils
-
-    from . import experts
-    from .args import limits_from_flags, load_cost
-    from .build import plan_model, workload_cost
-    from .backends.registry import default_cost
-
-    workload = Profile.load(args.from_stats)  # a bad file fails before the model loads
-    limits = limits_from_flags(args.backend, args.max_tiers, args.max_group, args.max_programs, args.max_capacity)
-    cost, costs = (load_cost(args.cost), f"the costs in {args.cost}") if args.cost else (None, f"--chip {args.chip}")
-    if cost is None and not args.chip:
-        cost, costs = workload_cost(found), f"the costs of the bundle {found}"
-        if cost is None:
-            cost, costs = default_cost(args.backend), "parametric costs"
-            print(f"note: no {args.backend} bundle with costs at {found}: `npumoe build --from-stats` would measure "
-                  f"this machine's costs first, so its plan may differ from this one")
-    model, tokenizer, config = mlx_utils.load(str(local), return_config=True)
-    blocks = {b.layer: b for b in experts.find_expert_blocks(model, config) if b.supported}
-    if not blocks:
-        raise ValueError(f"{args.model}: no supported MoE expert blocks; it runs on stock MLX")
-    _, cost, plan = plan_model(model, tokenizer, config, blocks, args.backend, corpus=args.corpus or
-                               ("long-context", "qa", "code"), tokens=args.tokens, chunk_size=args.chunk_size,
-                               cost=cost, chip=args.chip, tune=False, objective=args.objective, limits=limits,
-                               workload=workload, log=lambda m: None)
-    print(f"plan for the workload saved in {args.from_stats}, as `npumoe build --model {args.model} --from-stats "
-          f"{args.from_stats}` builds it (calibration + that workload, {costs}):")
-    return _show(plan, cost, local, args, model, blocks)

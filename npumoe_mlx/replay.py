@@ -2,7 +2,7 @@
 
 No compute: for every call of N consecutive tokens of a trace (never crossing a
 ``--seq-len`` sequence), the per-expert counts go through the same functions the
-executor calls (``LayerPlan.decide`` -> ``tiers.decide_call``, the tier rule of
+executor calls (``plan.decide`` -> ``tiers.decide_call``, the tier rule of
 ``tiers.py``), and the rows, padding, overflow, spill and predicted time/energy
 are tallied per layer x call size.
 
@@ -26,7 +26,7 @@ from .backends import registry
 from .chips import chip_profile
 from .cost import CostModel, flops_per_row
 from .experts import ExpertBlock
-from .plan import LayerPlan, PlanLimits, below_ladder_tiers, make_plan
+from .plan import LayerPlan, PlanLimits, below_ladder_tiers, call_context, decide, make_plan
 from .profiles import LayerCounts, Profile
 from .stats import LayerStats, pct
 from .traces import load_trace, save_routes  # noqa: F401 (replay's trace I/O lives in traces.py)
@@ -140,13 +140,14 @@ def replay_calls(lp: LayerPlan, cost: CostModel, counts: np.ndarray, n, overflow
     cold = np.zeros(lp.num_experts, bool)
     cold[list(lp.cold)] = True
     sizes = np.broadcast_to(np.asarray(n), (len(counts),))  # one size, or each call's (a workload's mix)
+    ctx = call_context(lp, cost, overflow, extra_tiers, groups, cold)  # the executor's decision path, built once
     for c, n in zip(counts, sizes):
         t.calls += 1
         pairs = int(c.sum())
         alone_s, alone_j = cost.mlx_s(pairs, lp.D, lp.H), cost.mlx_j(pairs, lp.D, lp.H)
         t.mlx_only_s += alone_s
         t.mlx_only_j += alone_j
-        d = lp.decide(cost, c, overflow, extra_tiers) if lp.groups and n >= lp.min_tokens else None
+        d = decide(ctx, c) if lp.offloads(n) else None
         if d is None or not d.offload:
             t.predicted_s += alone_s
             t.predicted_j += alone_j

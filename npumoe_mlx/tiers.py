@@ -7,23 +7,33 @@ left in the group, or at the top tier when that load is larger; what is left goe
 round again, as many rounds as the call's decision allows, then to MLX. Nothing
 here drops a pair.
 
+- ``snap``: the smallest allowed capacity >= a load (the one capacity-rounding rule);
 - ``tier_for``, ``ladder_rounds``, ``ladder_cover``: the rule (one call, many calls);
-- ``choose_ladder``: a group's tiers from calibrated loads (planner);
-- ``decide_call``: per layer call, programs or MLX, and each group's rounds
-  (executor and replay, fed the same counts), Python over groups (a few hundred us
-  at ~60 groups);
+- ``choose_ladder``, ``tail_ladder``: a group's tiers from calibrated loads, or without any (planner);
+- ``decide_call``: per layer call, programs or MLX, and each group's rounds, from the call's
+  counts and its layer's ``CallContext`` (executor, replay and planner alike through
+  ``plan.LayerPlan.decide``), Python over groups (a few hundred us at ~60 groups);
 - ``plan_slots``: where each routed pair sits in the padded program inputs (numpy over
   every slot of a call at once).
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from functools import cached_property
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .cost import CostModel
 
 OVERFLOW_MODES = ("auto", "rerun", "spill", "drop")
+
+
+def snap(caps, x):
+    """The smallest of ``caps`` (ascending) >= x, or the largest when x passes them all; x a
+    scalar or an array (same shape out). Every capacity rounding goes through here, so a
+    load and the tier that holds it agree everywhere (``tier_for`` is its scalar loop)."""
+    caps = np.asarray(caps)
+    return caps[np.minimum(np.searchsorted(caps, x), caps.size - 1)]
 
 
 def tier_for(load: int, tiers: Sequence[int]) -> int:
@@ -50,7 +60,7 @@ def ladder_cover(peak: np.ndarray, tiers: Sequence[int]) -> Tuple[np.ndarray, np
     peak = np.ceil(np.asarray(peak, float))
     rounds = np.where(peak > 0, np.maximum(np.ceil(peak / t[-1]), 1), 0)
     last = peak - np.maximum(rounds - 1, 0) * t[-1]
-    rows = np.maximum(rounds - 1, 0) * t[-1] + np.where(peak > 0, t[np.minimum(np.searchsorted(t, last), t.size - 1)], 0)
+    rows = np.maximum(rounds - 1, 0) * t[-1] + np.where(peak > 0, snap(t, last), 0)
     return rounds, rows
 
 
@@ -73,13 +83,13 @@ def choose_ladder(
     samples, w = samples[keep], w[keep]
     caps = np.asarray(capacities)
     if samples.size == 0:
-        return [int(caps[0])] if top is None else [int(caps[min(np.searchsorted(caps, top), caps.size - 1)])]
+        return [int(caps[0])] if top is None else [int(snap(caps, top))]
     o = np.argsort(samples, kind="stable")
     samples, w = samples[o], w[o]
-    hi = int(caps[min(np.searchsorted(caps, samples[-1]), caps.size - 1)])
+    hi = int(snap(caps, samples[-1]))
     forced = None
     if top is not None:
-        forced = int(caps[min(np.searchsorted(caps, top), caps.size - 1)])
+        forced = int(snap(caps, top))
         if forced > hi:
             max_tiers -= 1  # one tier is the headroom; the DP places the rest
         else:
@@ -87,7 +97,7 @@ def choose_ladder(
     if max_tiers < 1:
         return [forced]
     # Candidate tiers: the smallest capacity >= each sample (others never help).
-    cand = np.unique(caps[np.minimum(np.searchsorted(caps, samples), caps.size - 1)])
+    cand = np.unique(snap(caps, samples))
     cand = cand[cand <= hi]
     m = cand.size
     # samples in (cand[i-1], cand[j]] are served by cand[j]: sum w*(cand[j] - s)
@@ -119,6 +129,18 @@ def choose_ladder(
     if forced is not None:
         tiers.append(forced)
     return sorted(set(tiers))
+
+
+def tail_ladder(capacities: Sequence[int], top: int, max_tiers: int) -> List[int]:
+    """A ladder for loads calibration never saw (``plan.tail_groups``): the smallest capacity,
+    then x4 steps up to ``top`` (the largest call), at most ``max_tiers``. Nothing says where
+    such loads fall, so the steps are geometric: a load pads at most ~4x, in few tiers."""
+    caps = np.asarray(capacities)
+    ladder, c = [], int(caps[0])
+    while c < top and len(ladder) < max_tiers - 1:
+        ladder.append(int(snap(caps, c)))
+        c *= 4
+    return sorted(set(ladder + [int(snap(caps, top))]))
 
 
 DECODE_TIERS = (1, 2, 4, 8, 16, 32)  # row counts the installer adds to every program below its ladder
@@ -170,20 +192,58 @@ class CallDecision:
         return max(a, b) + (1.0 - self.overlap) * min(a, b)
 
 
-def decide_call(
-    counts: np.ndarray,
-    groups: Sequence[np.ndarray],
-    ladders: Sequence[Sequence[int]],
-    cold: np.ndarray,
-    cost: CostModel,
-    D: int,
-    H: int,
-    overflow: str = "auto",
-    objective: str = "time",
-    max_calls: int = 0,
-    energy_bound: str = "time",
-    slack: float = 1.2,
-) -> CallDecision:
+@dataclass
+class CallContext:
+    """What every call of one layer is decided against: its groups, their ladders, its cold
+    experts, the cost model and the plan's rules. Built once per layer (``plan.call_context``),
+    so the decision and its helpers take the call's counts and this, not a dozen positions."""
+
+    groups: Sequence[np.ndarray]  # resident groups' expert ids, each (G,)
+    ladders: Sequence[Sequence[int]]  # each group's tiers, ascending
+    cold: np.ndarray  # (E,) bool: experts that stay on MLX
+    cost: CostModel
+    D: int
+    H: int
+    overflow: str = "auto"  # OVERFLOW_MODES: what runs pairs past a group's top tier
+    objective: str = "time"  # what a call minimises: "time" or "energy"
+    max_calls: int = 0  # program calls per layer call that tier splits may use (0: no splits)
+    energy_bound: str = "time"  # energy: within slack x the least time ("time") or MLX alone's ("gpu")
+    slack: float = 1.2
+    # per group, the row counts its program also runs besides its ladder (decode tiers, a dynamic
+    # program's grid), asked for only when a call needs them (the executor's dynamic programs
+    # register them then); None: the ladders only
+    extra: Optional[Callable[[], Sequence[Sequence[int]]]] = None
+
+    @cached_property
+    def under(self) -> List[List[int]]:
+        """Ladders for a call smaller than the plan was sized for (``undersized``): each plus the
+        row counts below it that its program runs (``small_ladders``), once per context."""
+        return [small_ladders([t], e)[0] for t, e in zip(self.ladders, self._extra())]
+
+    @cached_property
+    def whole(self) -> List[List[int]]:
+        """Every row count each program runs: a released layer's ladders (MLX holds none of its
+        experts, so a call takes the cover nearest its loads), once per context."""
+        return [sorted(set(t) | set(e)) for t, e in zip(self.ladders, self._extra())]
+
+    def _extra(self) -> Sequence[Sequence[int]]:
+        return self.extra() if self.extra is not None else [()] * len(self.ladders)
+
+
+@dataclass
+class _Sides:
+    """One call's running balance while whole groups move to MLX (``_rebalance``): per group its
+    program seconds ``t`` and pairs ``served``; the programs side ``prog`` s, the pairs ``left``
+    for MLX and the call's makespan ``span`` s."""
+
+    t: List[float]
+    served: List[int]
+    prog: float
+    left: int
+    span: float
+
+
+def decide_call(counts: np.ndarray, ctx: CallContext) -> CallDecision:
     """Programs or MLX for this call (counts (E,)), and each group's rounds.
 
     The two sides run at the same time, so the call costs sync + max(programs, MLX
@@ -203,7 +263,8 @@ def decide_call(
     stays within ``max_calls`` program calls.
     """
     counts = np.asarray(counts)
-    caps = [ladder_rounds(counts[ids], tiers) for ids, tiers in zip(groups, ladders)]
+    groups, cost, D, H, overflow = ctx.groups, ctx.cost, ctx.D, ctx.H, ctx.overflow
+    caps = [ladder_rounds(counts[ids], tiers) for ids, tiers in zip(groups, ctx.ladders)]
     rounds = []
     for ids, cs in zip(groups, caps):
         if len(cs) <= 1 or overflow == "rerun":
@@ -214,34 +275,34 @@ def decide_call(
             extra = sum(cost.program_s(len(ids), c, D, H) for c in cs[1:])
             remainder = int(np.maximum(counts[ids] - cs[0], 0).sum())
             rounds.append(len(cs) if extra < cost.mlx_s(remainder, D, H) else 1)
-    if max_calls > 0:
-        _split_rounds(counts, groups, ladders, caps, rounds, cost, D, H, max_calls - sum(
-            r for cs, r in zip(caps, rounds) if cs))
-    energy = objective == "energy" and cost.has_energy
+    if ctx.max_calls > 0:
+        _split_rounds(ctx, counts, caps, rounds, ctx.max_calls - sum(r for cs, r in zip(caps, rounds) if cs))
+    energy = ctx.objective == "energy" and cost.has_energy
     if not energy:
         if overflow == "auto":
-            _rebalance(counts, groups, ladders, caps, rounds, cost, D, H)
-            _trim_padding(counts, groups, ladders, caps, rounds, cost, D, H)
-        d = _tally(counts, groups, cold, caps, rounds, cost, D, H)
+            _rebalance(ctx, counts, caps, rounds)
+            _trim_padding(ctx, counts, caps, rounds)
+        d = _tally(ctx, counts, caps, rounds)
         d.offload = d.program_calls > 0 and d.offload_s < d.mlx_only_s
         return d
     # energy: MLX alone, or the plan with just enough of the time-balancing moves to end
     # within ``slack`` x the least time (``energy_bound="time"``) or x MLX alone's ("gpu")
-    static = _tally(counts, groups, cold, [list(c) for c in caps], list(rounds), cost, D, H)
+    slack = ctx.slack
+    static = _tally(ctx, counts, [list(c) for c in caps], list(rounds))
     fast_caps, fast_rounds = [list(c) for c in caps], list(rounds)
     if overflow == "auto":
-        _rebalance(counts, groups, ladders, fast_caps, fast_rounds, cost, D, H)
-    timed = _tally(counts, groups, cold, fast_caps, fast_rounds, cost, D, H)
+        _rebalance(ctx, counts, fast_caps, fast_rounds)
+    timed = _tally(ctx, counts, fast_caps, fast_rounds)
     alone = CallDecision(False, [0] * len(groups), caps, 0.0, timed.mlx_only_s, timed.mlx_only_s,
                          timed.mlx_only_j, timed.mlx_only_j)
     runs = [c for c in (static, timed) if c.program_calls > 0]
-    ref = min([c.offload_s for c in runs] + [alone.offload_s]) if energy_bound == "time" else alone.offload_s
+    ref = min([c.offload_s for c in runs] + [alone.offload_s]) if ctx.energy_bound == "time" else alone.offload_s
     opts = runs + [alone]
     if overflow == "auto" and static.program_calls and static.offload_s > slack * ref:
-        _rebalance(counts, groups, ladders, caps, rounds, cost, D, H, target=slack * ref)
-        opts.append(_tally(counts, groups, cold, caps, rounds, cost, D, H))
+        _rebalance(ctx, counts, caps, rounds, target=slack * ref)
+        opts.append(_tally(ctx, counts, caps, rounds))
     if overflow == "auto":
-        packed = _pack_energy(counts, groups, ladders, cold, cost, D, H, slack * ref)
+        packed = _pack_energy(ctx, counts, slack * ref)
         if packed is not None:
             opts.append(packed)
     ok = [c for c in opts if c.offload_s <= slack * ref + 1e-12] or [min(opts, key=lambda c: c.offload_s)]
@@ -253,8 +314,7 @@ def decide_call(
 PACK_BINS = 512  # time resolution of ``_pack_energy``'s knapsack (a bin is 1/512 of the programs' budget)
 
 
-def _pack_energy(counts, groups, ladders, cold, cost: CostModel, D: int, H: int, target: float,
-                 bins: int = PACK_BINS) -> Optional[CallDecision]:
+def _pack_energy(ctx: CallContext, counts: np.ndarray, target: float, bins: int = PACK_BINS) -> Optional[CallDecision]:
     """The energy objective's rounds: per group one round at any tier of its ladder (its pairs past
     it to MLX), its full rounds, or nothing, chosen together for the least joules with both sides
     ending within ``target`` seconds. None if no choice with a program call does, or if no group
@@ -266,6 +326,7 @@ def _pack_energy(counts, groups, ladders, cold, cost: CostModel, D: int, H: int,
     up) finds the rounds that save the most joules: rounds below a group's load carry no padding,
     and the rest of the budget takes part of another group.
     """
+    groups, ladders, cost, D, H = ctx.groups, ctx.ladders, ctx.cost, ctx.D, ctx.H
     budget = target - cost.sync_s
     covers = [ladder_rounds(counts[ids], tiers) for ids, tiers in zip(groups, ladders)]
     if budget <= 0 or not any(cs and tiers[0] < cs[0] for cs, tiers in zip(covers, ladders)):
@@ -303,12 +364,13 @@ def _pack_energy(counts, groups, ladders, cold, cost: CostModel, D: int, H: int,
     caps, rounds = caps[::-1], rounds[::-1]
     if not any(rounds):
         return None
-    d = _tally(counts, groups, cold, caps, rounds, cost, D, H)
+    d = _tally(ctx, counts, caps, rounds)
     return d if d.offload_s <= target + 1e-12 else None
 
 
-def _tally(counts, groups, cold, caps, rounds, cost: CostModel, D: int, H: int) -> CallDecision:
+def _tally(ctx: CallContext, counts: np.ndarray, caps, rounds) -> CallDecision:
     """Predicted time and energy of a call run with these rounds (offload left False)."""
+    groups, cold, cost, D, H = ctx.groups, ctx.cold, ctx.cost, ctx.D, ctx.H
     run = [(len(ids), c) for ids, cs, r in zip(groups, caps, rounds) for c in cs[:r]]
     left = int(counts[cold].sum()) if np.any(cold) else 0
     for ids, cs, r in zip(groups, caps, rounds):
@@ -320,13 +382,13 @@ def _tally(counts, groups, cold, caps, rounds, cost: CostModel, D: int, H: int) 
                         len(run), cost.overlap)
 
 
-def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, trims: int = 4,
-               target: float = 0.0) -> None:
+def _rebalance(ctx: CallContext, counts: np.ndarray, caps, rounds, trims: int = 4, target: float = 0.0) -> None:
     """In place, while the programs side would finish last: rounds = 0 for groups that end
     the call sooner on MLX (worst seconds per pair first), then a busy group's last round
     cut to a smaller tier of its ladder, the rest of its pairs to MLX (``trims`` times).
     With ``target`` > 0, stop as soon as the call ends within it (the energy objective
     keeps as much work on the frugal unit as its time bound allows)."""
+    groups, ladders, cost, D, H = ctx.groups, ctx.ladders, ctx.cost, ctx.D, ctx.H
     t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
     served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
     prog = cost.sync_s + sum(t)
@@ -343,7 +405,7 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
         prog, left, span = prog - t[gi], left + served[gi], new
         rounds[gi], t[gi], served[gi] = 0, 0.0, 0
     if moved:
-        _take_back(counts, groups, ladders, caps, rounds, t, served, moved, prog, left, span, cost, D, H, target)
+        _take_back(ctx, counts, caps, rounds, _Sides(t, served, prog, left, span), moved, target)
         prog, left = cost.sync_s + sum(t), int(counts.sum()) - sum(served)
         span = float(cost.makespan(prog, cost.mlx_s(left, D, H)))
     if span <= target:
@@ -370,15 +432,18 @@ def _rebalance(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H
         caps[gi], rounds[gi], t[gi], served[gi] = new_caps, len(new_caps), nt, ns
 
 
-def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, prog: float, left: int, span: float,
-               cost: CostModel, D: int, H: int, target: float = 0.0) -> None:
+def _take_back(ctx: CallContext, counts: np.ndarray, caps, rounds, sides: _Sides, moved: dict,
+               target: float = 0.0) -> None:
     """In place, after whole groups moved to MLX: the programs side may end the call sooner with
     part of a group back. Either the last group moved runs one round at a smaller tier of its
     ladder, or it runs as before and a running group's last round is cut to a smaller tier
     instead, whichever ends the call soonest (if sooner than now); with ``target`` > 0 (the
     energy objective), whichever puts the most pairs back on programs within it. The ANE's best
     share of a layer is rarely whole groups (Mixtral has 8 experts); the plan gives its marginal
-    group tiers for these rounds (plan.py ``_partial_last``)."""
+    group tiers for these rounds (plan.py ``_partial_last``). ``sides``: the balance after the
+    moves; its ``t`` and ``served`` are updated with ``caps`` and ``rounds``."""
+    groups, ladders, cost, D, H = ctx.groups, ctx.ladders, ctx.cost, ctx.D, ctx.H
+    t, served, prog, left, span = sides.t, sides.served, sides.prog, sides.left, sides.span
     gm = list(moved)[-1]
     r_m, t_m, s_m = moved[gm]
     best = None  # (score, [(group, caps, rounds, time, served), ...])
@@ -418,8 +483,7 @@ def _take_back(counts, groups, ladders, caps, rounds, t, served, moved: dict, pr
         caps[gi], rounds[gi], t[gi], served[gi] = cs, r, nt, ns
 
 
-def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int,
-                  slack: Optional[float] = None) -> None:
+def _trim_padding(ctx: CallContext, counts: np.ndarray, caps, rounds, slack: Optional[float] = None) -> None:
     """In place, when MLX finishes last: cut padded rounds while the call ends within
     ``slack`` seconds of its makespan (default MLX's fixed cost per call, the model's
     smallest term) and, with a cost model that has energy, each cut spends no more joules.
@@ -430,6 +494,7 @@ def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int
     pad most (a 128-token OLMoE call gives an expert ~16 pairs; Core ML tiers are
     multiples of 32 rows).
     """
+    groups, ladders, cost, D, H = ctx.groups, ctx.ladders, ctx.cost, ctx.D, ctx.H
     t = [sum(cost.program_s(len(ids), c, D, H) for c in cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
     served = [int(np.minimum(counts[ids], sum(cs[:r])).sum()) for ids, cs, r in zip(groups, caps, rounds)]
     rows = [len(ids) * sum(cs[:r]) for ids, cs, r in zip(groups, caps, rounds)]
@@ -471,10 +536,11 @@ def _trim_padding(counts, groups, ladders, caps, rounds, cost: CostModel, D: int
         caps[gi], rounds[gi], t[gi], served[gi], rows[gi] = new_caps, nr, nt, ns, nrows
 
 
-def _split_rounds(counts, groups, ladders, caps, rounds, cost: CostModel, D: int, H: int, budget: int) -> None:
+def _split_rounds(ctx: CallContext, counts: np.ndarray, caps, rounds, budget: int) -> None:
     """In place: groups served by one round get two smaller ones where that saves most rows."""
     if budget <= 0:
         return
+    groups, ladders, cost, D, H = ctx.groups, ctx.ladders, ctx.cost, ctx.D, ctx.H
     row_s = cost.row_s(D, H)
     best = []  # (rows saved, group, new caps)
     for gi, (ids, tiers, cs, r) in enumerate(zip(groups, ladders, caps, rounds)):

@@ -11,7 +11,7 @@ from npumoe_mlx.backends.registry import default_cost
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.plan import PlanLimits, plan_layer
 from npumoe_mlx.profiles import LayerCounts
-from npumoe_mlx.tiers import decide_call
+from npumoe_mlx.tiers import CallContext, decide_call
 from npumoe_mlx.tools.bench_layer import popularity, route
 from npumoe_mlx.tune import fit_overlap
 
@@ -55,8 +55,8 @@ def test_call_on_shared_cores_costs_both_sides_and_keeps_groups_on_programs():
     cold = np.zeros(E, bool)
     cold[[14, 15]] = True
     counts = np.array([100, 60, 40, 30, 20, 20, 16, 12, 10, 8, 8, 6, 4, 2, 3, 1])
-    d0 = decide_call(counts, groups, ladders, cold, _cost(0.0), D, H)
-    d1 = decide_call(counts, groups, ladders, cold, _cost(1.0), D, H)
+    d0 = decide_call(counts, CallContext(groups, ladders, cold, _cost(0.0), D, H))
+    d1 = decide_call(counts, CallContext(groups, ladders, cold, _cost(1.0), D, H))
     assert d0.offload and d1.offload
     assert np.isclose(d0.offload_s, d0.program_s + d0.mlx_side_s)
     assert np.isclose(d1.offload_s, max(d1.program_s, d1.mlx_side_s))

@@ -7,7 +7,7 @@ import pytest
 from slots_reference import plan_slots as reference_slots  # tests/ is on sys.path under pytest
 
 from npumoe_mlx.backends.registry import default_cost
-from npumoe_mlx.tiers import decide_call, plan_slots
+from npumoe_mlx.tiers import CallContext, decide_call, plan_slots
 
 D, H = 64, 32
 
@@ -50,7 +50,7 @@ def test_vectorised_slots_equal_the_per_group_loop(seed):
         flat = inds.reshape(-1)
         order = np.argsort(flat, kind=str(rng.choice(["stable", "quicksort"]))).astype(rng.choice([np.int64, np.uint32]))
         counts = np.bincount(flat, minlength=E).astype(np.int32)
-        d = decide_call(counts, groups, ladders, cold, cost, D, H, str(rng.choice(["auto", "rerun", "spill"])))
+        d = decide_call(counts, CallContext(groups, ladders, cold, cost, D, H, str(rng.choice(["auto", "rerun", "spill"]))))
         caps = [c[:r] for c, r in zip(d.caps, d.rounds)]
         rounds = [int(rng.integers(1, 4)) for _ in groups]
         for args in ((groups, ladders, None, caps), (groups, ladders, None, None), (groups, ladders, rounds, None),

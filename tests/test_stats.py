@@ -10,6 +10,7 @@ import numpy as np
 import npumoe_mlx
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import plan as plans
+from npumoe_mlx import plan_cli
 from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, offload_stats, stats_profile, summarize
@@ -55,7 +56,7 @@ def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
         for n, k, counts in ex.loads:
             assert sum(int(np.maximum(counts[g.experts] - g.tiers[-1], 0).sum()) for g in lp.groups) == 0
 
-    assert plans.main(["--model", str(path), "--from-stats", str(f), "--backend", "onnx"]) == 0
+    assert plan_cli.main(["--model", str(path), "--from-stats", str(f), "--backend", "onnx"]) == 0
     assert "tiers" in capsys.readouterr().out
 
 

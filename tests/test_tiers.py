@@ -10,7 +10,7 @@ from npumoe_mlx.cost import CostModel, flops_per_row
 from npumoe_mlx.experts import ExpertBlock
 from npumoe_mlx.plan import NEVER, GroupPlan, LayerPlan, PlanLimits, make_plan, plan_layer
 from npumoe_mlx.profiles import LayerCounts, Profile
-from npumoe_mlx.tiers import choose_ladder, decide_call, ladder_cover, ladder_rounds, plan_slots, tier_for
+from npumoe_mlx.tiers import CallContext, choose_ladder, decide_call, ladder_cover, ladder_rounds, plan_slots, tier_for
 
 D, H = 64, 32
 F = flops_per_row(D, H)
@@ -48,7 +48,7 @@ def test_sides_overlap_not_summed():
     cost = _cost()
     counts = np.array([10, 9, 0, 0])  # expert 0 resident (tier 10), expert 1 cold
     cold = np.array([False, True, True, True])
-    d = decide_call(counts, [np.array([0])], [[10]], cold, cost, D, H)
+    d = decide_call(counts, CallContext([np.array([0])], [[10]], cold, cost, D, H))
     assert (d.program_s, d.mlx_side_s, d.mlx_only_s) == pytest.approx((10, 9, 19))
     assert d.offload and d.offload_s == pytest.approx(10)
 
@@ -58,11 +58,11 @@ def test_overflow_modes_and_auto_rounds():
     cold = np.array([False, True])
     g, t = [np.array([0])], [[8]]
     cheap = _cost(program_flops=2 * F)  # a program row costs half an MLX pair: rerunning 8-row rounds pays
-    assert decide_call(counts, g, t, cold, cheap, D, H, "rerun").rounds == [4]
-    assert decide_call(counts, g, t, cold, cheap, D, H, "spill").rounds == [1]
-    assert decide_call(counts, g, t, cold, cheap, D, H, "auto").rounds == [4]
+    assert decide_call(counts, CallContext(g, t, cold, cheap, D, H, "rerun")).rounds == [4]
+    assert decide_call(counts, CallContext(g, t, cold, cheap, D, H, "spill")).rounds == [1]
+    assert decide_call(counts, CallContext(g, t, cold, cheap, D, H, "auto")).rounds == [4]
     dear = _cost(program_flops=2 * F, dispatch_s=10.0)  # 3 extra rounds (42 s) cost more than 22 pairs on MLX
-    d = decide_call(counts, g, t, cold, dear, D, H, "auto")
+    d = decide_call(counts, CallContext(g, t, cold, dear, D, H, "auto"))
     assert d.rounds == [1] and d.offload and d.mlx_side_s == pytest.approx(22)
 
 
@@ -71,10 +71,10 @@ def test_two_tier_cover_within_call_budget():
     cold = np.array([False, True, True])
     g, t = [np.array([0])], [[64, 256, 512]]
     fast = _cost(program_flops=2 * F)  # "rerun": every pair on programs (no rebalancing with MLX)
-    assert decide_call(counts, g, t, cold, fast, D, H, "rerun").caps == [[512]]  # no budget: next tier up
-    d = decide_call(counts, g, t, cold, fast, D, H, "rerun", max_calls=2)
+    assert decide_call(counts, CallContext(g, t, cold, fast, D, H, "rerun")).caps == [[512]]  # no budget: next tier up
+    d = decide_call(counts, CallContext(g, t, cold, fast, D, H, "rerun", max_calls=2))
     assert d.caps == [[256, 64]] and d.rounds == [2]
-    assert decide_call(counts, g, t, cold, _cost(dispatch_s=1e6), D, H, "rerun", max_calls=2).caps == [[512]]  # does not pay
+    assert decide_call(counts, CallContext(g, t, cold, _cost(dispatch_s=1e6), D, H, "rerun", max_calls=2)).caps == [[512]]  # does not pay
     # slots follow the decision: 320 rows, every pair placed once
     order = np.arange(300)
     s = plan_slots(order, counts, 1, g, t, caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
@@ -85,7 +85,7 @@ def test_rebalance_moves_worst_groups_to_mlx_when_programs_finish_last():
     """Group 1 pads 1 pair to 64 rows: on MLX it costs 1 s instead of 32 s (rows at 0.5 s)."""
     counts = np.array([60, 1, 0])
     cold = np.array([False, False, True])
-    d = decide_call(counts, [np.array([0]), np.array([1])], [[64], [64]], cold, _cost(program_flops=2 * F), D, H)
+    d = decide_call(counts, CallContext([np.array([0]), np.array([1])], [[64], [64]], cold, _cost(program_flops=2 * F), D, H))
     assert d.rounds == [1, 0] and d.offload
     assert d.program_s == pytest.approx(32) and d.mlx_side_s == pytest.approx(1)
 
@@ -95,13 +95,13 @@ def test_rebalance_trims_a_busy_group_to_a_smaller_tier():
     256 tier (128 s) the other 44 pairs finish on MLX meanwhile (44 s): the call ends at 128 s."""
     counts = np.array([300, 0])
     cold = np.array([False, True])
-    d = decide_call(counts, [np.array([0])], [[64, 256, 512]], cold, _cost(program_flops=2 * F), D, H)
+    d = decide_call(counts, CallContext([np.array([0])], [[64, 256, 512]], cold, _cost(program_flops=2 * F), D, H))
     assert d.caps == [[256]] and d.rounds == [1]
     assert (d.program_s, d.mlx_side_s) == pytest.approx((128, 44))
     # a resident group with no pair this call is left alone
     counts = np.array([300, 0, 0])
-    d = decide_call(counts, [np.array([0]), np.array([1])], [[64, 256, 512], [64]], np.array([False, False, True]),
-                    _cost(program_flops=2 * F), D, H)
+    d = decide_call(counts, CallContext([np.array([0]), np.array([1])], [[64, 256, 512], [64]], np.array([False, False, True]),
+                    _cost(program_flops=2 * F), D, H))
     assert d.caps[0] == [256] and d.caps[1] == []
 
 
@@ -113,19 +113,19 @@ def test_padded_round_cut_when_mlx_finishes_last():
     counts = np.array([9, 30])
     cold = np.array([False, True])
     g, t = [np.array([0])], [[8, 16]]
-    d = decide_call(counts, g, t, cold, _cost(mlx_fixed_s=1.0), D, H)
+    d = decide_call(counts, CallContext(g, t, cold, _cost(mlx_fixed_s=1.0), D, H))
     assert d.caps == [[8]] and d.rounds == [1] and d.offload
     assert (d.program_s, d.mlx_side_s) == pytest.approx((8, 32))
     s = plan_slots(np.arange(39), counts, 1, g, t, caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
     assert (s.slots, s.padded) == (8, 0) and (s.loc >= 0).sum() == 8  # the 9th pair runs on MLX
-    d = decide_call(counts, g, t, cold, _cost(mlx_fixed_s=0.5), D, H)
+    d = decide_call(counts, CallContext(g, t, cold, _cost(mlx_fixed_s=0.5), D, H))
     assert d.caps == [[16]] and (d.program_s, d.mlx_side_s) == pytest.approx((16, 30.5))
-    assert decide_call(counts, g, t, cold, _cost(mlx_fixed_s=1.0), D, H, "rerun").caps == [[16]]
+    assert decide_call(counts, CallContext(g, t, cold, _cost(mlx_fixed_s=1.0), D, H, "rerun")).caps == [[16]]
     # energy: 8 rows at 0.1 J save less than 1 pair on MLX costs (1 J); at 0.2 J they save more
     frugal = _cost(mlx_fixed_s=1.0, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
-    assert decide_call(counts, g, t, cold, frugal, D, H).caps == [[16]]
-    assert decide_call(counts, g, t, cold, _cost(mlx_fixed_s=1.0, program_j_per_flop=0.2 / F,
-                                                   mlx_j_per_flop=1.0 / F), D, H).caps == [[8]]
+    assert decide_call(counts, CallContext(g, t, cold, frugal, D, H)).caps == [[16]]
+    assert decide_call(counts, CallContext(g, t, cold, _cost(mlx_fixed_s=1.0, program_j_per_flop=0.2 / F,
+                                                   mlx_j_per_flop=1.0 / F), D, H)).caps == [[8]]
 
 
 def test_energy_objective_decides_on_joules():
@@ -135,12 +135,12 @@ def test_energy_objective_decides_on_joules():
     counts = np.array([10, 0])
     cold = np.array([False, True])
     g, t = [np.array([0])], [[10]]
-    assert not decide_call(counts, g, t, cold, cost, D, H, objective="time").offload
-    e = decide_call(counts, g, t, cold, cost, D, H, objective="energy")
+    assert not decide_call(counts, CallContext(g, t, cold, cost, D, H, objective="time")).offload
+    e = decide_call(counts, CallContext(g, t, cold, cost, D, H, objective="energy"))
     assert e.offload and e.offload_j == pytest.approx(1.0) and e.mlx_only_j == pytest.approx(10.0)
     assert e.offload_s == pytest.approx(11.0)
     slow = _cost(program_flops=F / 2, mlx_flops=F, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
-    assert not decide_call(counts, g, t, cold, slow, D, H, objective="energy").offload
+    assert not decide_call(counts, CallContext(g, t, cold, slow, D, H, objective="energy")).offload
 
 
 def _profile(E=8, k=2, calls=40, n=128, seed=0, skew=1.0):
@@ -277,14 +277,14 @@ def test_a_group_moved_to_mlx_comes_back_as_part_of_a_round():
     cost = _cost(program_flops=F / 2)  # a program row costs 2 s, an MLX pair 1 s
     counts = np.array([10, 10, 10, 10])
     cold = np.array([False, False, True, True])
-    d = decide_call(counts, [np.array([0]), np.array([1])], [[10], [4, 10]], cold, cost, D, H)
+    d = decide_call(counts, CallContext([np.array([0]), np.array([1])], [[10], [4, 10]], cold, cost, D, H))
     assert d.offload and d.offload_s == pytest.approx(28.0), (d.rounds, d.caps, d.program_s, d.mlx_side_s)
     assert d.rounds == [1, 1] and d.caps[0] == [10] and d.caps[1] == [4]
     s = plan_slots(np.argsort(np.repeat(np.arange(4), 10), kind="stable"), counts, 1,
                    [[0], [1]], [[10], [4, 10]], caps=[d.caps[0][:1], d.caps[1][:1]])
     assert [c[2] for c in s.calls] == [10, 4] and (s.loc >= 0).sum() == 14  # the other 6 pairs of expert 1: MLX
     # a cut round that would be padded stays on MLX instead (expert 1 has 3 pairs, its cut tier is 4)
-    d = decide_call(np.array([10, 3, 10, 10]), [np.array([0]), np.array([1])], [[10], [4, 10]], cold, cost, D, H)
+    d = decide_call(np.array([10, 3, 10, 10]), CallContext([np.array([0]), np.array([1])], [[10], [4, 10]], cold, cost, D, H))
     assert d.caps[1] != [4] or d.rounds[1] == 0
 
 
@@ -317,10 +317,10 @@ def test_energy_takes_back_as_much_as_its_time_bound_allows():
     counts = np.array([10, 10, 10, 10])
     cold = np.array([False, False, False, True])
     groups, ladders = [np.array([0]), np.array([1]), np.array([2])], [[10], [4, 10], [10]]
-    d = decide_call(counts, groups, ladders, cold, cost, D, H, objective="energy", energy_bound="gpu")
+    d = decide_call(counts, CallContext(groups, ladders, cold, cost, D, H, objective="energy", energy_bound="gpu"))
     assert d.offload and d.offload_s == pytest.approx(48.0) and d.offload_j == pytest.approx(18.4), (d.caps, d.rounds)
     assert d.rounds == [1, 1, 1] and d.caps[1] == [4]
-    t = decide_call(counts, groups, ladders, cold, cost, D, H)  # time: two groups to MLX, one cut back: 28 s
+    t = decide_call(counts, CallContext(groups, ladders, cold, cost, D, H))  # time: two groups to MLX, one cut back: 28 s
     assert t.offload_s == pytest.approx(28.0) and t.offload_j == pytest.approx(27.4) and t.caps[1] == [4]
 
 
@@ -333,7 +333,7 @@ def test_energy_packs_rounds_below_loads_into_the_frugal_units_time():
     counts = np.array([10, 10, 10])
     cold = np.zeros(3, bool)
     groups, ladders = [np.array([i]) for i in range(3)], [[8, 16]] * 3
-    d = decide_call(counts, groups, ladders, cold, cost, D, H, objective="energy", energy_bound="gpu")
+    d = decide_call(counts, CallContext(groups, ladders, cold, cost, D, H, objective="energy", energy_bound="gpu"))
     best = None  # every choice per group: nothing, one round of 8, one of 16
     for rows in np.array(np.meshgrid(*[[0, 8, 16]] * 3)).T.reshape(-1, 3):
         t, served = 2.0 * rows.sum(), np.minimum(rows, 10).sum()
@@ -343,7 +343,7 @@ def test_energy_packs_rounds_below_loads_into_the_frugal_units_time():
     assert best == pytest.approx(15.6)
     assert d.offload and d.offload_j == pytest.approx(best) and d.offload_s <= 36 + 1e-9, (d.caps, d.rounds)
     assert sorted(c[0] for c, r in zip(d.caps, d.rounds) if r) == [8, 8]
-    t = decide_call(counts, groups, ladders, cold, cost, D, H)  # the time objective does not pack
+    t = decide_call(counts, CallContext(groups, ladders, cold, cost, D, H))  # the time objective does not pack
     assert t.offload_j > best
 
 
