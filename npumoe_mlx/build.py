@@ -210,7 +210,6 @@ def build(
         if not runs:
             log(f"      note: {why}; this bundle is for a machine where {backend} runs (its programs are "
                 f"checked here on a reference: Core ML's with the numpy MIL interpreter)")
-        mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs
         log(f"[3/4] {format_plan(plan)}")
         budget = default_memory_budget() if memory_budget == -1 else memory_budget
         resident = plan_resident(plan, model, blocks, cost, keep_mlx_experts=False, budget=budget)  # as loads run it
@@ -219,54 +218,67 @@ def build(
 
         n_prog = plan.num_programs
         with folder(out) as tmp:
-            tmp = Path(tmp)
-            jobs = []  # (rel, make_spec, (layer, group), check): routed groups, then shared experts
-            for lp in plan.layers:
-                for gi, g in enumerate(lp.groups):
-                    mod = blocks[lp.layer].module
-                    jobs.append((
-                        Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}",
-                        lambda lp=lp, g=g: spec_from_switch_glu(
-                            blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers),
-                        (lp.layer, gi),  # experts and tiers: plan.json's, the one source
-                        (mod, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x)),
-                    ))
-                for si, sp in enumerate(lp.shared):
-                    mlp = mods[sp.path]
-                    jobs.append((
-                        Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}",
-                        lambda lp=lp, sp=sp: spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers),
-                        (lp.layer, f"s{si}"),
-                        (mlp, lambda x, m=mlp: verify.model_dense(m, x)),
-                    ))
-            programs = []
-            compiler = backend_class(backend)
-            for rel, make_spec, (layer, group), (module, want) in progress_bar(
-                    jobs, desc="[4/4] programs", unit="prog", disable=not progress):
-                fmt = {"weight_format": weight_format} if weight_format else {}
-                built = compiler.build(make_spec(), tmp / rel, **fmt)  # the backend's entry: its files and metadata
-                for f in (tmp / rel).rglob("*"):
-                    honour_umask(f)  # writers of program files may use 0600 temp files
-                _verify_built(backend, tmp / rel, rel, built, layer, module, want)
-                programs.append(bundles.ProgramEntry(layer, group, rel.as_posix(), built, bundles.files_under(tmp, rel)))
-            profile.save(tmp / "profile.json")
-            plan.save(tmp / "plan.json")
-            cost.save(tmp / "cost.json")
-            meta = {}
-            for name in ("profile.json", "plan.json", "cost.json"):
-                meta[name] = bundles.files_under(tmp, Path(name))[name]
-            manifest = bundles.Manifest(
-                npumoe_version=__version__, backend=backend, model_fingerprint=fingerprint,
-                model_type=config.get("model_type"), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                meta=meta, programs=programs,
-            )
-            write_json(tmp / "manifest.json", manifest.to_dict())
+            manifest = _write_bundle(Path(tmp), plan, blocks, backend, weight_format, progress,
+                                     (profile, cost), fingerprint, config)
         total = manifest.total_bytes()
         offloaded = sum(1 for lp in plan.layers if lp.groups or lp.shared)
         tiers = sum(len(g.tiers) for lp in plan.layers for g in [*lp.groups, *lp.shared])
         log(f"bundle written to {out}: {offloaded}/{len(plan.layers)} MoE layers offloaded, {n_prog} programs "
             f"({tiers} tiers), {total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
         return out
+
+
+def _program_jobs(plan, blocks):
+    """What to compile, in plan.json's order: (rel folder, make_spec, (layer, group), (module, reference))
+    for each routed group, then each shared expert. Experts and tiers come from the plan, the one source."""
+    mods = {s.path: s.module for b in blocks.values() for s in b.shared}  # shared experts' MLPs
+    jobs = []
+    for lp in plan.layers:
+        for gi, g in enumerate(lp.groups):
+            mod = blocks[lp.layer].module
+            jobs.append((
+                Path("programs") / f"L{lp.layer:03d}" / f"g{gi:02d}",
+                lambda lp=lp, g=g: spec_from_switch_glu(
+                    blocks[lp.layer].module, layer=lp.layer, expert_ids=g.experts, tiers=g.tiers),
+                (lp.layer, gi),
+                (mod, lambda x, m=mod, ids=tuple(g.experts): verify.model_group(m, ids, x)),
+            ))
+        for si, sp in enumerate(lp.shared):
+            mlp = mods[sp.path]
+            jobs.append((
+                Path("programs") / f"L{lp.layer:03d}" / f"s{si:02d}",
+                lambda lp=lp, sp=sp: spec_from_dense_mlp(mods[sp.path], layer=lp.layer, tiers=sp.tiers),
+                (lp.layer, f"s{si}"),
+                (mlp, lambda x, m=mlp: verify.model_dense(m, x)),
+            ))
+    return jobs
+
+
+def _write_bundle(tmp: Path, plan, blocks, backend, weight_format, progress, profile_cost, fingerprint, config):
+    """Compile and verify every program into ``tmp``, then profile/plan/cost and the manifest that
+    hashes them all. Returns the Manifest (``tmp`` becomes the bundle when the caller's folder() closes)."""
+    profile, cost = profile_cost
+    programs = []
+    compiler = backend_class(backend)
+    fmt = {"weight_format": weight_format} if weight_format else {}
+    for rel, make_spec, (layer, group), (module, want) in progress_bar(
+            _program_jobs(plan, blocks), desc="[4/4] programs", unit="prog", disable=not progress):
+        built = compiler.build(make_spec(), tmp / rel, **fmt)  # the backend's entry: its files and metadata
+        for f in (tmp / rel).rglob("*"):
+            honour_umask(f)  # writers of program files may use 0600 temp files
+        _verify_built(backend, tmp / rel, rel, built, layer, module, want)
+        programs.append(bundles.ProgramEntry(layer, group, rel.as_posix(), built, bundles.files_under(tmp, rel)))
+    profile.save(tmp / "profile.json")
+    plan.save(tmp / "plan.json")
+    cost.save(tmp / "cost.json")
+    meta = {name: bundles.files_under(tmp, Path(name))[name] for name in ("profile.json", "plan.json", "cost.json")}
+    manifest = bundles.Manifest(
+        npumoe_version=__version__, backend=backend, model_fingerprint=fingerprint,
+        model_type=config.get("model_type"), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        meta=meta, programs=programs,
+    )
+    write_json(tmp / "manifest.json", manifest.to_dict())
+    return manifest
 
 
 def main(argv=None) -> int:
