@@ -7,38 +7,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import format_stats, offload_stats, summarize
 from npumoe_mlx.experts import OffloadedSwitchGLU, installed_blocks
 from npumoe_mlx.offload import OffloadError
 from npumoe_mlx.tools.tiny import make_tiny_model
 
-# Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+from conftest import build, greedy
+
 
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """A float32 tiny qwen2_moe (routed + shared experts) with its onnx bundle beside it."""
     path = make_tiny_model(tmp_path_factory.mktemp("api") / "m", "qwen2_moe", seed=2)
-    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
+    build(path)
     return path
 
 
 @pytest.fixture(scope="module")
 def want(moe):
     model, tok = stock_load(str(moe))
-    return _greedy(model, tok)
-
-
-def _greedy(model, tok, n=16):
-    return [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n, sampler=make_sampler(0.0))]
+    return greedy(model, tok)
 
 
 def test_install_on_mlx_lm_model_then_remove(moe, want):
@@ -48,7 +39,7 @@ def test_install_on_mlx_lm_model_then_remove(moe, want):
     assert npumoe_mlx.install(model, "onnx", model_path=str(moe), quiet=True) == "onnx"
     n_blocks = len(installed_blocks(model))
     assert n_blocks == 2
-    assert _greedy(model, tok) == want
+    assert greedy(model, tok) == want
     st = npumoe_mlx.stats(model)
     json.dumps(st)  # JSON-ready, as the server serves it
     routed = [l for l in st["layers"] if l["kind"] == "routed"]
@@ -72,7 +63,7 @@ def test_install_on_mlx_lm_model_then_remove(moe, want):
     assert npumoe_mlx.remove(model) == 4  # 2 routed blocks + 2 shared experts
     assert not any(isinstance(m, OffloadedSwitchGLU) for _, m in model.named_modules())
     assert npumoe_mlx.stats(model)["layers"] == []
-    assert _greedy(model, tok) == want
+    assert greedy(model, tok) == want
     assert npumoe_mlx.remove(model) == 0
 
 
@@ -80,7 +71,7 @@ def test_install_with_bundle_only_and_config_from_the_model(moe, want):
     model, tok = stock_load(str(moe))
     # no model_path: the bundle is named, the config comes from model.args
     assert npumoe_mlx.install(model, "onnx", bundle=str(moe / "npumoe-onnx"), quiet=True) == "onnx"
-    assert _greedy(model, tok) == want
+    assert greedy(model, tok) == want
     assert npumoe_mlx.stats(model)["total"]["offloaded_calls"] > 0
 
 

@@ -11,11 +11,11 @@ import pytest
 
 import npumoe_mlx
 from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, SharedExecutor
 from npumoe_mlx.tools.tiny import make_tiny_model
 
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
+from conftest import EAGER
+
 WALKS = ("named_modules", "modules", "leaf_modules")  # each traverses the whole tree below its module
 
 
