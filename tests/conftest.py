@@ -146,6 +146,15 @@ def eager_moe(tmp_path_factory, request):
 
 
 @pytest.fixture(scope="session")
+def eager_qwen2(tmp_path_factory, request):
+    """A float32 tiny qwen2_moe (seed 2: routed and shared experts, a router per layer) with an
+    EAGER onnx bundle beside it: the API and load-walk tests' model."""
+    path = make_tiny_model(tmp_path_factory.mktemp("eager-qwen2") / "m", "qwen2_moe", seed=2)
+    build(path)
+    return _shared(request, path, path)
+
+
+@pytest.fixture(scope="session")
 def tight_skewed(tmp_path_factory, request):
     """A skewed tiny qwen3_moe (16 experts) and its tight bundle (top tier 16: 300-token prompts
     overflow it), built once; tests that change them take ``tight_copy``."""

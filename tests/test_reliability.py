@@ -461,7 +461,18 @@ def test_build_inside_callers_lock(eager_moe, tmp_path):
 # --- 5. prompts and sizes ----------------------------------------------------
 
 
-def _both(capsys, stock_args, ours_args):
+def _both(stock_args, ours_args):
+    """Run two commands at once (e.g. npumoe with and without --debug): [(rc, stdout, stderr)] * 2."""
+    ps = [subprocess.Popen(a, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for a in (stock_args, ours_args)]
+    out = []
+    for p in ps:
+        so, se = p.communicate(timeout=60)
+        out.append((p.returncode, so, se))
+    return out
+
+
+def _stock_and_ours(capsys, stock_args, ours_args):
     """Stock mlx_lm in its own interpreter beside `npumoe ...` in this one: [(rc, stdout, stderr)] * 2."""
     p = subprocess.Popen(stock_args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ours = run_cli(capsys, *ours_args)
@@ -471,7 +482,7 @@ def _both(capsys, stock_args, ours_args):
 
 def test_empty_prompt_like_mlx_lm(eager_moe, capsys):
     args = ["--model", str(eager_moe), "--prompt", "", "--max-tokens", "12", "--verbose", "False"]
-    (rc_s, out_s, _), (rc_o, out_o, err_o) = _both(capsys, [*STOCK, *args], ["generate", *args, "--offload", "onnx"])
+    (rc_s, out_s, _), (rc_o, out_o, err_o) = _stock_and_ours(capsys, [*STOCK, *args], ["generate", *args, "--offload", "onnx"])
     assert rc_s == 0 and rc_o == 0, err_o
     assert out_s.strip() and out_o == out_s
 
@@ -492,12 +503,12 @@ def stops(eager_moe, tmp_path_factory):
 def test_max_tokens_zero_and_negative_like_mlx_lm(stops, capsys):
     args = ["--model", str(stops), "--prompt", "hello", "--verbose", "False"]
     # -1: no limit, both stop at eos
-    (rc_s, out_s, _), (rc_o, out_o, err_o) = _both(
+    (rc_s, out_s, _), (rc_o, out_o, err_o) = _stock_and_ours(
         capsys, [*STOCK, *args, "--max-tokens", "-1"], ["generate", *args, "--max-tokens", "-1", "--offload", "onnx"])
     assert rc_s == rc_o == 0, err_o
     assert out_s.strip() and out_o == out_s
     # 0: mlx_lm refuses; so do we, with its message on one line and the same exit code
-    (rc_s, _, err_s), (rc_o, out_o, err_o) = _both(
+    (rc_s, _, err_s), (rc_o, out_o, err_o) = _stock_and_ours(
         capsys, [*STOCK, *args, "--max-tokens", "0"], ["generate", *args, "--max-tokens", "0", "--offload", "onnx"])
     msg = "Maximum number of tokens must be non-zero (use -1 for no limit)."
     assert rc_s == rc_o == 1 and msg in err_s

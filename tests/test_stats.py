@@ -20,6 +20,17 @@ from conftest import EAGER, build, copy_model
 
 
 
+def _served(path, bundle, tokens, stats):
+    """Load ``path`` with ``bundle``, run one ``tokens``-token prompt (it must overflow the plan),
+    save the per-call loads to ``stats``: (model, prompt ids)."""
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(bundle), quiet=True)
+    ids = mx.array(prompt_of_tokens(tok, tokens, seed=3))[None]
+    mx.eval(model(ids))
+    assert summarize(offload_stats(model))["overflow_pct"] > 5
+    stats_profile(model, "qwen3_moe").save(stats)
+    return model, ids
+
+
 def test_overflow_notice_stats_file_and_replan(tight_skewed, tmp_path, capsys):
     path, out = tight_skewed  # a plan made for tiny calls: 300-token prompts overflow it
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
@@ -61,12 +72,8 @@ def test_build_from_stats_resizes_the_bundle(tight_copy, tmp_path, capsys):
     from npumoe_mlx import cli
 
     path, out = tight_copy()  # rebuilt below: this test's own copy
-    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
-    ids = mx.array(prompt_of_tokens(tok, 300, seed=3))[None]
-    mx.eval(model(ids))
-    assert summarize(offload_stats(model))["overflow_pct"] > 5
     f = tmp_path / "stats.json"
-    stats_profile(model, "qwen3_moe").save(f)
+    _, ids = _served(path, out, 300, f)
     cost = tmp_path / "eager.json"
     EAGER.save(str(cost))
     rc = cli.main(["build", "--model", str(path), "--out", str(out), "--cost", str(cost), "--corpus", "qa",
@@ -93,13 +100,9 @@ def test_convert_refresh_resizes_a_converted_models_bundle(tight_skewed, tmp_pat
     path = copy_model(tight_skewed[0], tmp_path / "m", bundles=False)
     out = build(path, path / "npumoe-onnx")  # where `convert --in-place` keeps an MLX model's bundle
     before = Plan.load(out / "plan.json")
-    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
     # calls far larger than the calibration's: 128-token chunks, batched calls of up to 4 x 128 (issue 23)
-    ids = mx.array(prompt_of_tokens(tok, 1200, seed=3))[None]
-    mx.eval(model(ids))
-    assert summarize(offload_stats(model))["overflow_pct"] > 5
     f = tmp_path / "stats.json"
-    stats_profile(model, "qwen3_moe").save(f)
+    _, ids = _served(path, out, 1200, f)
     common = ["convert", "--hf-path", str(path), "--in-place", "--backend", "onnx", "--tokens", "256",
               "--chunk-size", "128"]
 
