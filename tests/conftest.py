@@ -19,6 +19,7 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from npumoe_mlx import bundle as bundles
+from npumoe_mlx import cli
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.plan import PlanLimits
@@ -45,8 +46,6 @@ def build(path, out=None, *, corpus=("qa",), tokens=256, chunk_size=128, cost=EA
 
 def run_cli(capsys, *argv):
     """`npumoe ...` in this process: (exit code, stdout, stderr)."""
-    from npumoe_mlx import cli
-
     rc = cli.main([str(a) for a in argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
