@@ -100,7 +100,7 @@ def test_stale_bundle_is_reported_with_its_fix(eager_moe, capsys, tmp_path):
     shutil.copytree(eager_moe / "npumoe-onnx", other / "npumoe-onnx")
     r, screen = _doctor(capsys, tmp_path, "--model", str(other), "--no-bench", rc=1)  # a bundle loads refuse
     b = r["model"]["bundles"]["onnx"]
-    assert b["exists"] and b["current"] is False and "eager_moe for other weights" in b["problem"]
+    assert b["exists"] and b["current"] is False and "built for other weights" in b["problem"]
     p = _problem(r, "onnx bundle is not usable")
     assert "model fingerprint differs" in p["problem"]
     assert p["fix"] == f"npumoe build --model {other} --backend onnx --force"
