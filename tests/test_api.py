@@ -7,48 +7,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import format_stats, offload_stats, summarize
 from npumoe_mlx.experts import OffloadedSwitchGLU, installed_blocks
 from npumoe_mlx.offload import OffloadError
-from npumoe_mlx.tools.tiny import make_tiny_model
 
-# Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+from conftest import greedy
+
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """A float32 tiny qwen2_moe (routed + shared experts) with its onnx bundle beside it."""
-    path = make_tiny_model(tmp_path_factory.mktemp("api") / "m", "qwen2_moe", seed=2)
-    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
-    return path
+def want(eager_qwen2):
+    model, tok = stock_load(str(eager_qwen2))
+    return greedy(model, tok)
 
 
-@pytest.fixture(scope="module")
-def want(moe):
-    model, tok = stock_load(str(moe))
-    return _greedy(model, tok)
-
-
-def _greedy(model, tok, n=16):
-    return [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n, sampler=make_sampler(0.0))]
-
-
-def test_install_on_mlx_lm_model_then_remove(moe, want):
-    model, tok = stock_load(str(moe))  # built elsewhere: plain mlx_lm
+def test_install_on_mlx_lm_model_then_remove(eager_qwen2, want):
+    model, tok = stock_load(str(eager_qwen2))  # built elsewhere: plain mlx_lm
     assert npumoe_mlx.stats(model) == {"layers": [], "total": npumoe_mlx.stats(model)["total"]}
     assert npumoe_mlx.stats(model)["total"]["offloaded_calls"] == 0
-    assert npumoe_mlx.install(model, "onnx", model_path=str(moe), quiet=True) == "onnx"
+    assert npumoe_mlx.install(model, "onnx", model_path=str(eager_qwen2), quiet=True) == "onnx"
     n_blocks = len(installed_blocks(model))
     assert n_blocks == 2
-    assert _greedy(model, tok) == want
+    assert greedy(model, tok) == want
     st = npumoe_mlx.stats(model)
     json.dumps(st)  # JSON-ready, as the server serves it
     routed = [l for l in st["layers"] if l["kind"] == "routed"]
@@ -65,27 +47,27 @@ def test_install_on_mlx_lm_model_then_remove(moe, want):
     assert format_stats(total).startswith(f"offload: {total['offloaded_calls']}/{total['layer_calls']} MoE layer calls")
 
     # installing again replaces (fresh counters, same blocks), never stacks
-    assert npumoe_mlx.install(model, "onnx", model_path=str(moe), quiet=True) == "onnx"
+    assert npumoe_mlx.install(model, "onnx", model_path=str(eager_qwen2), quiet=True) == "onnx"
     assert len(installed_blocks(model)) == n_blocks
     assert npumoe_mlx.stats(model)["total"]["layer_calls"] == 0
 
     assert npumoe_mlx.remove(model) == 4  # 2 routed blocks + 2 shared experts
     assert not any(isinstance(m, OffloadedSwitchGLU) for _, m in model.named_modules())
     assert npumoe_mlx.stats(model)["layers"] == []
-    assert _greedy(model, tok) == want
+    assert greedy(model, tok) == want
     assert npumoe_mlx.remove(model) == 0
 
 
-def test_install_with_bundle_only_and_config_from_the_model(moe, want):
-    model, tok = stock_load(str(moe))
+def test_install_with_bundle_only_and_config_from_the_model(eager_qwen2, want):
+    model, tok = stock_load(str(eager_qwen2))
     # no model_path: the bundle is named, the config comes from model.args
-    assert npumoe_mlx.install(model, "onnx", bundle=str(moe / "npumoe-onnx"), quiet=True) == "onnx"
-    assert _greedy(model, tok) == want
+    assert npumoe_mlx.install(model, "onnx", bundle=str(eager_qwen2 / "npumoe-onnx"), quiet=True) == "onnx"
+    assert greedy(model, tok) == want
     assert npumoe_mlx.stats(model)["total"]["offloaded_calls"] > 0
 
 
-def test_install_modes_and_errors(moe, capsys):
-    model, _ = stock_load(str(moe))
+def test_install_modes_and_errors(eager_qwen2, capsys):
+    model, _ = stock_load(str(eager_qwen2))
     # nothing says where the bundle is: auto stays on stock MLX and says so; onnx is an error
     capsys.readouterr()
     assert npumoe_mlx.install(model, "auto") == "off"
@@ -95,11 +77,11 @@ def test_install_modes_and_errors(moe, capsys):
     with pytest.raises(OffloadError, match="unknown offload mode 'gpu'"):
         npumoe_mlx.install(model, "gpu")
     with pytest.raises(ValueError, match="unknown overflow 'sometimes'"):
-        npumoe_mlx.install(model, "onnx", model_path=str(moe), overflow="sometimes")
+        npumoe_mlx.install(model, "onnx", model_path=str(eager_qwen2), overflow="sometimes")
     assert npumoe_mlx.stats(model)["layers"] == []  # failed installs leave the model stock
-    assert npumoe_mlx.install(model, "mlx", model_path=str(moe), quiet=True) == "mlx"
+    assert npumoe_mlx.install(model, "mlx", model_path=str(eager_qwen2), quiet=True) == "mlx"
     assert len(installed_blocks(model)) == 2
-    assert npumoe_mlx.install(model, "auto", model_path=str(moe), quiet=True) == "onnx"  # auto = onnx on Linux
+    assert npumoe_mlx.install(model, "auto", model_path=str(eager_qwen2), quiet=True) == "onnx"  # auto = onnx on Linux
     assert npumoe_mlx.stats(model)["layers"]
-    assert npumoe_mlx.install(model, "off", model_path=str(moe)) == "off"  # off takes the offload away
+    assert npumoe_mlx.install(model, "off", model_path=str(eager_qwen2)) == "off"  # off takes the offload away
     assert installed_blocks(model) == [] and npumoe_mlx.stats(model)["layers"] == []

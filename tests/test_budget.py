@@ -3,7 +3,6 @@ counted in what the process compiles (on Core ML every tier function is its own 
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from npumoe_mlx import plan as plan_mod
@@ -12,25 +11,15 @@ from npumoe_mlx.doctor import backends, format_report
 from npumoe_mlx.experts import ExpertBlock
 from npumoe_mlx.backends.registry import program_budget
 from npumoe_mlx.plan import PlanLimits, make_plan
-from npumoe_mlx.profiles import LayerCounts, Profile
+from npumoe_mlx.profiles import Profile
+
+from conftest import zipf_layer
 
 LAYERS, E, K, D, H = 48, 16, 4, 256, 128
 
 
-def _profile(seed=0, calls=6, n=512):
-    rng = np.random.default_rng(seed)
-    p = 1.0 / np.arange(1, E + 1) ** 0.6
-    chunks = []
-    for i in range(calls):
-        c = np.zeros(E, int)
-        for _ in range(n):
-            c[rng.choice(E, K, replace=False, p=p / p.sum())] += 1
-        chunks.append({"tokens": n, "counts": c.tolist(), "seq": i})
-    return LayerCounts(0, "p", E, K, np.sum([c["counts"] for c in chunks], axis=0).tolist(), chunks)
-
-
 def _plan(backend: str, **limits):
-    layer = _profile()
+    layer = zipf_layer(E, K, calls=6, n=512, skew=0.6)
     prof = Profile(None, "", "", 0, 512, [replace(layer, layer=l) for l in range(LAYERS)])
     blocks = {l: ExpertBlock(l, f"p{l}", "SwitchGLU", E, K, D, H, "swiglu", False, None, "float32") for l in range(LAYERS)}
     eager = CostModel(backend, 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1)  # offload all it can

@@ -109,8 +109,11 @@ def test_calibration_counts_and_model_stays_stock(models):
     probe = mx.array([tok.encode("The quick brown fox jumps over the lazy dog.")])
     want = model(probe)
     docs = [workloads.long_context(200, 0), workloads.code_like(150, 1)]
-    lengths = cal._cap([len(tok.encode(d)) for d in docs], 600)
+    full = [len(tok.encode(d)) for d in docs]
     prof = cal.calibrate(model, tok, config, docs, chunk_size=128, max_tokens=600, model_path=path)
+    # each document shrunk in proportion (to within a token's rounding) so that they sum to 600
+    lengths = [sum(c["tokens"] for c in prof.layers[0].chunks if c["seq"] == i) for i in range(len(docs))]
+    assert sum(full) > 600 and all(abs(n - f * 600 / sum(full)) < 1 for n, f in zip(lengths, full))
     assert prof.tokens == sum(lengths) == 600 and prof.chunk_size == 128
     assert len(prof.layers) == len(experts.find_expert_blocks(model, config)) == 2
     expect_chunks = [min(128, n - s) for n in lengths for s in range(0, n, 128)]
@@ -290,7 +293,7 @@ def test_calibration_prints_no_long_sequence_warning(tmp_path):
     try:
         path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=3, num_experts=16)
         model, tok, config = mlx_lm.load(str(path), return_config=True)
-        tok._tokenizer.model_max_length = 32  # every calibration document is longer than this
+        tok.model_max_length = 32  # (set on the wrapped tokenizer) every calibration document is longer than this
         docs, _ = workloads.corpus_documents(["qa"], 256, 0)
         prof = cal.calibrate(model, tok, config, docs, chunk_size=64, max_tokens=256)
         assert prof.tokens > 32

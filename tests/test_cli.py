@@ -11,6 +11,8 @@ import pytest
 
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import run_cli
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 NPUMOE = shutil.which("npumoe", path=os.path.dirname(sys.executable)) or shutil.which("npumoe")
 
@@ -28,7 +30,16 @@ def model(tmp_path_factory):
 
 
 def _stock(*args):
-    return run(sys.executable, "-m", "mlx_lm", "generate", *args)
+    """`mlx_lm generate ...` in its own interpreter, started now: ``finish()`` -> its stdout."""
+    p = subprocess.Popen([sys.executable, "-m", "mlx_lm", "generate", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
+
+    def finish():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        return out
+
+    return finish
 
 
 def _npumoe(*args, check=True):
@@ -36,21 +47,36 @@ def _npumoe(*args, check=True):
     return run(NPUMOE, *args, check=check)
 
 
-def test_generate_offload_off_is_byte_identical(model):
+def _ours(capsys, *args):
+    """`npumoe ...` in this process (the stock side is the subprocess): its stdout."""
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    return out
+
+
+def test_generate_offload_off_is_byte_identical(model, capsys):
     args = ("--model", model, "--prompt", "hello world", "--max-tokens", "24", "--verbose", "False")
-    want = _stock(*args).stdout
-    assert want.strip()
-    assert _npumoe("generate", *args, "--offload", "off").stdout == want
+    stock = _stock(*args)  # both interpreters run beside this one's
+    as_module = subprocess.Popen([sys.executable, "-m", "npumoe_mlx.generate", *args, "--offload", "mlx"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    off = _ours(capsys, "generate", *args, "--offload", "off")
     # the static-tier reference on MLX gives the same text too; so does `python -m`
-    assert _npumoe("generate", *args, "--offload", "mlx").stdout == want
-    assert run(sys.executable, "-m", "npumoe_mlx.generate", *args, "--offload", "mlx").stdout == want
+    mlx = _ours(capsys, "generate", *args, "--offload", "mlx")
+    want = stock()
+    assert want.strip()
+    assert off == want
+    assert mlx == want
+    out, err = as_module.communicate(timeout=300)
+    assert as_module.returncode == 0, err
+    assert out == want
 
 
-def test_generate_verbose_format_matches(model):
+def test_generate_verbose_format_matches(model, capsys):
     args = ("--model", model, "--prompt", "the fox", "--max-tokens", "16", "--temp", "0.0")
     numbers = re.compile(r"\d+\.\d+")
-    want = numbers.sub("N", _stock(*args).stdout)
-    got = numbers.sub("N", _npumoe("generate", *args, "--offload", "off").stdout)
+    stock = _stock(*args)
+    got = numbers.sub("N", _ours(capsys, "generate", *args, "--offload", "off"))
+    want = numbers.sub("N", stock())
     assert got == want
     assert "==========" in got and "Generation: 16 tokens" in got
 
@@ -63,20 +89,21 @@ def test_generate_help_has_every_mlx_lm_flag():
     assert "--offload" in ours
 
 
-def test_generate_without_bundle_and_bad_mode_fail_clearly(model):
-    p = _npumoe("generate", "--model", model, "--offload", "onnx", check=False)
-    assert p.returncode != 0
-    assert p.stderr.strip().count("\n") == 0
-    assert "no onnx bundle for this model" in p.stderr and "npumoe build --model" in p.stderr
-    p = _npumoe("generate", "--model", model, "--offload", "gpu", check=False)
-    assert p.returncode == 2 and "invalid choice" in p.stderr
+def test_generate_without_bundle_and_bad_mode_fail_clearly(model, capsys):
+    rc, _, err = run_cli(capsys, "generate", "--model", model, "--offload", "onnx")
+    assert rc != 0
+    assert err.strip().count("\n") == 0
+    assert "no onnx bundle for this model" in err and "npumoe build --model" in err
+    with pytest.raises(SystemExit) as e:  # argparse's exit, as the console script exits
+        run_cli(capsys, "generate", "--model", model, "--offload", "gpu")
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-def test_info_table_and_json(model, tmp_path):
+def test_info_table_and_json(model, tmp_path, capsys):
     out = tmp_path / "seam.json"
-    p = _npumoe("info", "--model", model, "--json", str(out))
-    assert "MoE layers: 2" in p.stdout
-    assert "model.layers.0.mlp.switch_mlp" in p.stdout and "shared_expert(H=" in p.stdout
+    text = _ours(capsys, "info", "--model", model, "--json", str(out))
+    assert "MoE layers: 2" in text
+    assert "model.layers.0.mlp.switch_mlp" in text and "shared_expert(H=" in text
     d = json.loads(out.read_text())
     assert [b["layer"] for b in d["blocks"]] == [0, 1]
     b = d["blocks"][0]
@@ -85,6 +112,7 @@ def test_info_table_and_json(model, tmp_path):
 
 
 def test_missing_model_is_one_line_error(tmp_path):
+    """Through the console script: its exit code and stderr are what a shell sees."""
     p = _npumoe("info", "--model", str(tmp_path / "nope"), check=False)
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()

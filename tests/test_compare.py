@@ -13,11 +13,11 @@ from npumoe_mlx.tools import bench_e2e
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.tools import compare as cmp
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import EAGER
+
 # Programs always win, so even short prompts (and decode) run through them.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test")
 SIDE_KEYS = ("ttft_s", "prefill_tps", "decode_tps", "cpu_s_per_token", "peak_mem_gb", "energy_j")
 
 

@@ -6,8 +6,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx.convert import is_mlx_layout, main
@@ -15,9 +13,7 @@ from npumoe_mlx.executor import offload_stats, summarize
 from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
-
-def _greedy(model, tok, ids, n=24):
-    return [r.token for r in stream_generate(model, tok, ids, max_tokens=n, sampler=make_sampler(0.0))]
+from conftest import greedy
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +32,7 @@ def test_convert_hf_layout_then_generate(hf_model, tmp_path, quant, capsys):
     stock, tok = stock_load(str(out))
     ours, tok2 = npumoe_mlx.load(str(out), quiet=True)  # offload auto finds the bundle beside it
     ids = prompt_of_tokens(tok, 300, seed=2)
-    assert _greedy(ours, tok2, ids) == _greedy(stock, tok, ids)
+    assert greedy(ours, tok2, ids, 24) == greedy(stock, tok, ids, 24)
     assert summarize(offload_stats(ours))["offloaded_calls"] > 0
 
 

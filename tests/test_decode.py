@@ -47,7 +47,8 @@ def test_small_slots_match_the_general_path_at_the_small_tiers():
         counts = np.bincount(flat, minlength=16)
         s = ex._small_slots(flat, counts, 4)
         d = ex._decide(counts, released=True)
-        want = tiers.plan_slots(np.argsort(flat, kind="stable"), counts, 4, ex._groups, ex._tiers,
+        want = tiers.plan_slots(np.argsort(flat, kind="stable"), counts, 4, [np.asarray(g) for g in groups],
+                                [list(g.tiers) for g in ex.plan.groups],
                                 caps=[c[:r] for c, r in zip(d.caps, d.rounds)])
         assert [(gi, c) for gi, _, c, _ in s.calls] == [(gi, c) for gi, _, c, _ in want.calls]
         assert (s.slots, s.padded) == (want.slots, want.padded)

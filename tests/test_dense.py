@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import dense
 from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import copy_model
+
+from conftest import EAGER, PROMPT, build, greedy
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 
 
 def _win(keys, mlx=(1.0, 1.0), prog=(0.1, 0.1)) -> dense.DenseCosts:
@@ -34,25 +33,21 @@ def _keys(model):
             | {dense.shape_key(m) + "@head" for _, m in dense.find_heads(model)})
 
 
-def _greedy(model, tok, n=12):
-    return [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n, sampler=make_sampler(0.0))]
-
-
 @pytest.mark.parametrize(
     "family,q_bits,bundle",
     [("qwen3_moe", 4, True), ("mixtral", None, False), ("olmoe", 8, False), ("deepseek_v3", 4, False)],
     ids=["qwen3-q4-bundle", "mixtral-f32", "olmoe-q8", "deepseek_v3-q4"],
 )
-def test_tokens_match_mlx_lm(tmp_path, family, q_bits, bundle):
-    path = make_tiny_model(tmp_path / "m", family, q_bits=q_bits, seed=3)
-    if bundle:  # experts on programs too
-        build_bundle(str(path), "onnx", corpus=["long-context"], tokens=256, chunk_size=128, cost=EAGER,
-                     log=lambda m: None)
+def test_tokens_match_mlx_lm(tiny_models, tmp_path, family, q_bits, bundle):
+    path = tiny_models(family, q_bits=q_bits, seed=3)  # test_parity's, shared
+    if bundle:  # experts on programs too: a copy, its bundle where `npumoe build` puts it
+        path = copy_model(path, tmp_path / "m")
+        build(path, corpus=["long-context"])
     stock, tok = stock_load(str(path))
-    want = _greedy(stock, tok)
+    want = greedy(stock, tok, n=12)
     ours, tok2 = npumoe_mlx.load(str(path), offload="onnx" if bundle else "auto", quiet=True,
                                  dense_programs=_win(_keys(stock)))
-    assert _greedy(ours, tok2) == want
+    assert greedy(ours, tok2, n=12) == want
     s = dense.summary(ours)
     # every non-expert linear but routers runs on a program, prefill and decode (lm_head: decode)
     assert s["linears"] == len(dense.find_linears(stock)) + len(dense.find_heads(stock)) > 0
@@ -249,4 +244,4 @@ def test_lm_head_runs_programs_only_at_decode(tmp_path):
     one = h[:, :1]
     assert np.allclose(np.array(ours.lm_head(one)), np.array(stock.lm_head(one)), rtol=1e-5, atol=1e-5)
     assert ex.stats.offloaded == 1
-    assert _greedy(ours, tok) == _greedy(stock, tok)
+    assert greedy(ours, tok, n=12) == greedy(stock, tok, n=12)

@@ -12,22 +12,14 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as stock_load
 
 from npumoe_mlx import bundle as bundles
-from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import cli, doctor
 from npumoe_mlx.backends.registry import default_cost
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.fingerprint import model_fingerprint
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import EAGER
+
 # Programs always win, and absurdly so: the benchmark must call this cost model wrong.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    path = make_tiny_model(tmp_path_factory.mktemp("doc") / "m", "qwen3_moe", seed=1)
-    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
-    return path
 
 
 def _doctor(capsys, tmp_path, *argv, rc=None):
@@ -46,8 +38,8 @@ def _problem(report, text):
     return hits[0]
 
 
-def test_machine_backends_model_bundle_plan_memory_and_bench(built, capsys, tmp_path):
-    r, screen = _doctor(capsys, tmp_path, "--model", str(built))
+def test_machine_backends_model_bundle_plan_memory_and_bench(eager_moe, capsys, tmp_path):
+    r, screen = _doctor(capsys, tmp_path, "--model", str(eager_moe))
     m = r["machine"]
     assert m["cpus"] == os.cpu_count() and m["memory_bytes"] > 1e9 and m["chip"] and m["os"]
     assert r["backends"]["onnx"]["can_run"] and "CPUExecutionProvider" in r["backends"]["onnx"]["providers"]
@@ -57,15 +49,15 @@ def test_machine_backends_model_bundle_plan_memory_and_bench(built, capsys, tmp_
         assert "run only on macOS" in r["backends"]["coreml"]["why_not"]
         assert r["offload_auto"] == r["backend"] == "onnx" and m["chip_profile"] is None
     mo = r["model"]
-    stock, _ = stock_load(str(built))
+    stock, _ = stock_load(str(eager_moe))
     assert mo["bytes"] == sum(v.nbytes for _, v in tree_flatten(stock.parameters()))
     assert [(b["layer"], b["experts"], b["top_k"], b["D"], b["H"], b["supported"]) for b in mo["blocks"]] == [
         (0, 8, 2, 64, 64, True), (1, 8, 2, 64, 64, True)]
     assert mo["expert_bytes"] == sum(b["bytes"] for b in mo["blocks"]) == 2 * 3 * 8 * 64 * 64 * 4
     b = mo["bundles"]["onnx"]
-    assert b["exists"] and b["current"] and b["path"] == str(built / "npumoe-onnx")
-    assert b["fingerprint"] == model_fingerprint(built) and b["format"] == bundles.BUNDLE_FORMAT
-    plan = bundles.read(built / "npumoe-onnx").plan
+    assert b["exists"] and b["current"] and b["path"] == str(eager_moe / "npumoe-onnx")
+    assert b["fingerprint"] == model_fingerprint(eager_moe) and b["format"] == bundles.BUNDLE_FORMAT
+    plan = bundles.read(eager_moe / "npumoe-onnx").plan
     assert b["plan"]["programs"] == plan.num_programs == b["programs"]
     for lp, row in zip(plan.layers, b["plan"]["layers"]):
         assert row["on_programs"] == sum(len(g.experts) for g in lp.groups) and row["on_mlx"] == len(lp.cold)
@@ -82,14 +74,14 @@ def test_machine_backends_model_bundle_plan_memory_and_bench(built, capsys, tmp_
     for unit in ("mlx", "onnx"):
         p = _problem(r, f"{unit}: measured")
         assert "the cost model is off by" in p["problem"]
-        assert p["fix"] == f"npumoe build --model {built} --backend onnx --force"
+        assert p["fix"] == f"npumoe build --model {eager_moe} --backend onnx --force"
     assert "bundle onnx: " in screen and f": current (format {bundles.BUNDLE_FORMAT}" in screen and "memory: model" in screen
     assert "fix: npumoe build --model" in screen
 
 
-def test_without_bundle_says_how_to_build_it(built, capsys, tmp_path):
+def test_without_bundle_says_how_to_build_it(eager_moe, capsys, tmp_path):
     bare = tmp_path / "bare"
-    shutil.copytree(built, bare, ignore=shutil.ignore_patterns("npumoe-*"))
+    shutil.copytree(eager_moe, bare, ignore=shutil.ignore_patterns("npumoe-*"))
     r, screen = _doctor(capsys, tmp_path, "--model", str(bare))
     b = r["model"]["bundles"]["onnx"]
     assert b == {"backend": "onnx", "path": str(bare / "npumoe-onnx"), "exists": False}
@@ -103,9 +95,9 @@ def test_without_bundle_says_how_to_build_it(built, capsys, tmp_path):
     assert "bundle onnx: none" in screen
 
 
-def test_stale_bundle_is_reported_with_its_fix(built, capsys, tmp_path):
+def test_stale_bundle_is_reported_with_its_fix(eager_moe, capsys, tmp_path):
     other = make_tiny_model(tmp_path / "other", "qwen3_moe", seed=7)  # same shapes, other weights
-    shutil.copytree(built / "npumoe-onnx", other / "npumoe-onnx")
+    shutil.copytree(eager_moe / "npumoe-onnx", other / "npumoe-onnx")
     r, screen = _doctor(capsys, tmp_path, "--model", str(other), "--no-bench", rc=1)  # a bundle loads refuse
     b = r["model"]["bundles"]["onnx"]
     assert b["exists"] and b["current"] is False and "built for other weights" in b["problem"]
@@ -115,10 +107,10 @@ def test_stale_bundle_is_reported_with_its_fix(built, capsys, tmp_path):
     assert r["bench"] == [] and "NOT CURRENT" in screen
 
 
-def test_exit_status_says_whether_problems_were_found(built, capsys, tmp_path):
+def test_exit_status_says_whether_problems_were_found(eager_moe, capsys, tmp_path):
     """Issue 24: doctor exited 0 while listing problems."""
     bare = tmp_path / "bare"
-    shutil.copytree(built, bare, ignore=shutil.ignore_patterns("npumoe-*"))
+    shutil.copytree(eager_moe, bare, ignore=shutil.ignore_patterns("npumoe-*"))
     assert cli.main(["doctor", "--model", str(bare), "--no-bench"]) == 1
     assert "problems (1):" in capsys.readouterr().out
     assert cli.main(["doctor", "--no-bench"]) == 0
@@ -131,7 +123,7 @@ def test_without_model(capsys, tmp_path):
     assert screen.startswith("npumoe 0.1.0 doctor\nmachine: ")
 
 
-def test_json_written_atomically(built, capsys, tmp_path, monkeypatch):
+def test_json_written_atomically(eager_moe, capsys, tmp_path, monkeypatch):
     out = tmp_path / "report.json"
     out.write_text('{"old": true}')
     real = doctor.run
@@ -150,14 +142,14 @@ def test_bad_model_one_line_error(tmp_path, capsys):
     assert err[0].endswith("(rerun with --debug for details)")
 
 
-def test_model_and_programs_that_do_not_fit(built, monkeypatch):
+def test_model_and_programs_that_do_not_fit(eager_moe, monkeypatch):
     monkeypatch.setattr(doctor, "memory_bytes", lambda: 1_000_000)  # a 1 MB machine
-    r = doctor.run(str(built), run_bench=False)
+    r = doctor.run(str(eager_moe), run_bench=False)
     mem = r["model"]["memory"]
     assert mem["budget_bytes"] == int(doctor.MEMORY_HEADROOM * 1_000_000) < mem["total_bytes"] and not mem["fits"]
     p = _problem(r, "programs")
     assert "exceed the 0.8 MB this machine (1.0 MB) can hold" in p["problem"]
-    assert p["fix"].startswith(f"npumoe build --model {built} --backend onnx --force --max-programs ")
+    assert p["fix"].startswith(f"npumoe build --model {eager_moe} --backend onnx --force --max-programs ")
     assert "DOES NOT FIT" in doctor.format_report(r)
     monkeypatch.setattr(doctor, "memory_bytes", lambda: 30_000_000)
-    assert doctor.run(str(built), run_bench=False)["model"]["memory"]["fits"]
+    assert doctor.run(str(eager_moe), run_bench=False)["model"]["memory"]["fits"]

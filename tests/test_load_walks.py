@@ -10,21 +10,10 @@ import mlx_lm.utils as mlx_utils
 import pytest
 
 import npumoe_mlx
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, SharedExecutor
-from npumoe_mlx.tools.tiny import make_tiny_model
 
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
+
 WALKS = ("named_modules", "modules", "leaf_modules")  # each traverses the whole tree below its module
-
-
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """A tiny qwen2_moe (routed + shared experts, a router per layer) with its onnx bundle."""
-    path = make_tiny_model(tmp_path_factory.mktemp("walks") / "m", "qwen2_moe", seed=2)
-    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
-    return path
 
 
 def _count_walks(monkeypatch):
@@ -49,9 +38,9 @@ def _count_walks(monkeypatch):
 
 
 @pytest.mark.parametrize("overflow", ["auto", "drop"])
-def test_load_with_a_bundle_walks_the_model_once(moe, monkeypatch, overflow):
+def test_load_with_a_bundle_walks_the_model_once(eager_qwen2, monkeypatch, overflow):
     seen = _count_walks(monkeypatch)
-    model, _ = npumoe_mlx.load(str(moe), offload="onnx", overflow=overflow, quiet=True)
+    model, _ = npumoe_mlx.load(str(eager_qwen2), offload="onnx", overflow=overflow, quiet=True)
     assert seen["walks"] == ["named_modules"]  # was 7 (3 block searches + the shared experts' lookup), +1 per layer with drop
     monkeypatch.undo()
     ex = [m.executor for _, m in model.named_modules() if hasattr(m, "executor")]

@@ -15,22 +15,19 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
 from mlx_lm.models.switch_layers import SwitchLinear
-from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import npumoe_mlx
-from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import guard
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import offload_stats
 from npumoe_mlx.experts import installed_blocks, stock_experts
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import build, greedy
+
 # Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
 CHANGED = "expert weights changed since the programs were built"
 
@@ -38,7 +35,7 @@ CHANGED = "expert weights changed since the programs were built"
 @pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe"])  # qwen2_moe: + shared experts
 def tiny(request, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("wf") / "m", request.param, seed=2)
-    build_bundle(str(path), "onnx", corpus=["qa"], tokens=128, chunk_size=64, cost=EAGER, log=lambda m: None)
+    build(path, tokens=128, chunk_size=64)
     return path
 
 
@@ -52,10 +49,6 @@ def _ids(tok):
 
 def _offloaded(model) -> int:
     return sum(s.offloaded for s in offload_stats(model))
-
-
-def _greedy(model, tok, n=8):
-    return [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n, sampler=make_sampler(0.0))]
 
 
 def _changed_notices(err: str):
@@ -311,14 +304,14 @@ def test_vmap_of_an_offloaded_block_behaves_like_stock(tiny):
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copy_after_a_call_generates_the_same_tokens(tiny, how):
     stock, tok = stock_load(str(tiny))
-    want = _greedy(stock, tok)
+    want = greedy(stock, tok, PROMPT, 8)
     ours, _ = _ours(tiny)
-    assert _greedy(ours, tok) == want  # sessions are open now
+    assert greedy(ours, tok, PROMPT, 8) == want  # sessions are open now
     twin = copy.deepcopy(ours) if how == "deepcopy" else pickle.loads(pickle.dumps(ours))
     before = _offloaded(twin)
-    assert _greedy(twin, tok) == want
+    assert greedy(twin, tok, PROMPT, 8) == want
     assert _offloaded(twin) > before  # the copy reopened its programs
-    assert _greedy(ours, tok) == want
+    assert greedy(ours, tok, PROMPT, 8) == want
     assert dict(tree_flatten(twin.parameters())).keys() == dict(tree_flatten(ours.parameters())).keys()
 
 

@@ -10,45 +10,29 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import SharedExecutor, offload_stats, summarize
 from npumoe_mlx.experts import find_expert_blocks
-from npumoe_mlx.plan import PlanLimits
 from npumoe_mlx.tools.tiny import FAMILIES, make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
-# Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
+from conftest import PROMPT, build, greedy
 
-
-def _build(path, limits=None, tokens=256, cost=EAGER):
-    return build_bundle(
-        str(path), "onnx", corpus=["long-context"], tokens=tokens, chunk_size=128,
-        cost=cost, limits=limits, log=lambda m: None,
-    )
-
-
-def _greedy(model, tok, prompt, n=32):
-    return [r.token for r in stream_generate(model, tok, prompt, max_tokens=n, sampler=make_sampler(0.0))]
 
 
 @pytest.mark.parametrize("q_bits", [None, 4], ids=["f32", "q4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_path_matches_mlx_lm(tmp_path, family, q_bits):
     path = make_tiny_model(tmp_path / "m", family, q_bits=q_bits, seed=3)
-    out = _build(path)
+    out = build(path, corpus=["long-context"])
     assert (out / "manifest.json").is_file() and out == path / "npumoe-onnx"
     stock, tok = stock_load(str(path))
     ours, tok2 = npumoe_mlx.load(str(path), offload="onnx", quiet=True)
-    want = _greedy(stock, tok, PROMPT)
-    assert _greedy(ours, tok2, PROMPT) == want
+    want = greedy(stock, tok, PROMPT, 32)
+    assert greedy(ours, tok2, PROMPT, 32) == want
     s = summarize(offload_stats(ours))
     assert s["offloaded_calls"] > 0 and s["program_calls"] > 0 and s["drop_pct"] == 0
     # shared experts (dense MLPs beside the routed ones) run on programs too
@@ -63,23 +47,16 @@ def test_full_path_matches_mlx_lm(tmp_path, family, q_bits):
         assert np.abs(a - b).max() / np.abs(b).max() <= 1e-4
 
 
-@pytest.fixture(scope="module")
-def skewed(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("skew") / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
-
-
-def test_tight_tier_overflow_is_never_dropped_unless_asked(skewed, tmp_path):
+def test_tight_tier_overflow_is_never_dropped_unless_asked(tight_skewed):
     """Top tier 16: every hot expert overflows; nothing is lost unless --overflow drop."""
-    tight = PlanLimits.for_backend("onnx", max_tiers=1)
-    tight.capacities = [16]
-    out = _build_to(skewed, tmp_path / "tight", limits=tight)
+    skewed, out = tight_skewed
     stock, tok = stock_load(str(skewed))
     prompt = tok.decode(prompt_of_tokens(tok, 200, seed=7))
-    want = _greedy(stock, tok, prompt, 16)
+    want = greedy(stock, tok, prompt, 16)
     calls = {}
     for overflow in ("auto", "rerun", "spill"):
         ours, tok2 = npumoe_mlx.load(str(skewed), offload="onnx", bundle=str(out), overflow=overflow, quiet=True)
-        assert _greedy(ours, tok2, prompt, 16) == want, overflow
+        assert greedy(ours, tok2, prompt, 16) == want, overflow
         s = summarize(offload_stats(ours))
         assert s["drop_pct"] == 0
         calls[overflow] = (s["program_calls"], s["spill_pct"])
@@ -87,15 +64,16 @@ def test_tight_tier_overflow_is_never_dropped_unless_asked(skewed, tmp_path):
     assert calls["rerun"][1] < calls["spill"][1]  # ... or ran the top tier again
     assert calls["rerun"][0] > calls["spill"][0]
     ours, tok2 = npumoe_mlx.load(str(skewed), offload="onnx", bundle=str(out), overflow="drop", quiet=True)
-    _greedy(ours, tok2, prompt, 4)
+    greedy(ours, tok2, prompt, 4)
     assert summarize(offload_stats(ours))["drop_pct"] > 0
 
 
-def test_skewed_padding_and_calls_per_layer(skewed, tmp_path):
+def test_skewed_padding_and_calls_per_layer(tight_skewed, tmp_path):
     """512-token calibration workload; a fresh 512-token prompt of the same kind.
 
     Planned with the onnx backend's parametric costs (deterministic, no timing).
     """
+    skewed = tight_skewed[0]  # the model only (read, never changed)
     out = build_bundle(
         str(skewed), "onnx", str(tmp_path / "b"), corpus=["long-context"], tokens=512, chunk_size=512,
         tune=False, log=lambda m: None,
@@ -114,21 +92,16 @@ def test_skewed_padding_and_calls_per_layer(skewed, tmp_path):
     assert s["padding_pct"] <= 30.0, s
 
 
-def test_same_inputs_same_plan(skewed, tmp_path):
-    a = _build_to(skewed, tmp_path / "a")
-    b = _build_to(skewed, tmp_path / "b")
+def test_same_inputs_same_plan(tight_skewed, tmp_path):
+    skewed = tight_skewed[0]  # the model only (read, never changed)
+    a = build(skewed, tmp_path / "a")
+    b = build(skewed, tmp_path / "b")
     assert (a / "plan.json").read_text() == (b / "plan.json").read_text()
 
 
-def _build_to(path, out, limits=None):
-    return build_bundle(
-        str(path), "onnx", str(out), corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER,
-        limits=limits, log=lambda m: None,
-    )
-
-
-def test_corrupted_bundle_is_refused(skewed, tmp_path):
-    good = _build_to(skewed, tmp_path / "good")
+def test_corrupted_bundle_is_refused(tight_skewed, tmp_path):
+    skewed = tight_skewed[0]  # the model only (read, never changed)
+    good = build(skewed, tmp_path / "good")
     man = json.loads((good / "manifest.json").read_text())
     prog = next(iter(man["programs"][0]["files"]))
 

@@ -9,29 +9,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate as stock_stream_generate
 from mlx_lm.sample_utils import make_sampler
 from safetensors import safe_open
 
 import npumoe_mlx
 from npumoe_mlx import experts
-from npumoe_mlx.tools.tiny import FAMILIES, make_tiny_model
+from npumoe_mlx.tools.tiny import FAMILIES
 
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+from conftest import PROMPT, greedy
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cache = {}
-
-    def get(family, q_bits):
-        key = (family, q_bits)
-        if key not in cache:
-            cache[key] = make_tiny_model(root / f"{family}-{q_bits}", family, q_bits=q_bits, seed=3)
-        return cache[key]
-
-    return get
 
 
 def _moe_layers_from_files(path) -> set:
@@ -46,15 +32,10 @@ def _moe_layers_from_files(path) -> set:
     return layers
 
 
-def _tokens(model, tok, prompt, n=32):
-    sampler = make_sampler(0.0)
-    return [r.token for r in stock_stream_generate(model, tok, prompt, max_tokens=n, sampler=sampler)]
-
-
 @pytest.mark.parametrize("q_bits", [None, 4], ids=["f32", "q4"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_parity(models, family, q_bits):
-    path = models(family, q_bits)
+def test_family_parity(tiny_models, family, q_bits):
+    path = tiny_models(family, q_bits=q_bits, seed=3)
     stock, tok = stock_load(str(path))
     ours, tok2, config = npumoe_mlx.load(str(path), offload="mlx", return_config=True, quiet=True)
 
@@ -64,7 +45,7 @@ def test_family_parity(models, family, q_bits):
     assert found == _moe_layers_from_files(path)
 
     # greedy 32 tokens through our API == stock mlx_lm
-    want = _tokens(stock, tok, PROMPT)
+    want = greedy(stock, tok, PROMPT, 32)
     got = [r.token for r in npumoe_mlx.stream_generate(ours, tok2, PROMPT, max_tokens=32, sampler=make_sampler(0.0))]
     assert got == want
 

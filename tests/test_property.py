@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from npumoe_mlx.backends import load_backend
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor
 from npumoe_mlx.plan import GroupPlan, LayerPlan
 from npumoe_mlx.programs import spec_from_switch_glu
 from npumoe_mlx.reference import StaticTierReference
 
+from conftest import EAGER
+
 E, D, H = 8, 32, 48
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 mx.random.seed(0)
 GLU = SwitchGLU(D, H, E)
 mx.eval(GLU.parameters())

@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
 from mlx_lm.models.switch_layers import SwitchGLU
-from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import cli, release
 from npumoe_mlx.backends import Program
-from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import offload_stats, summarize
 from npumoe_mlx.experts import installed_blocks
@@ -26,21 +23,17 @@ from npumoe_mlx.plan import PlanLimits
 from npumoe_mlx.residency import model_resident, plan_resident, program_only
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import PROMPT, build, greedy
+
 # Programs win every call of 2+ tokens; decode (1 token) would stay on MLX (first_offload_tokens=2).
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=2, source="test: programs win")
 MLX_WINS = CostModel("onnx", 1.0, 1e9, 1e15, 0.0, 1e-9, 1e15, source="test: MLX wins every call")
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 RELOADED = "released experts"
 
 
 def _build(path, limits=None, cost=EAGER):
-    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=cost, limits=limits,
-                 log=lambda m: None)
+    build(path, cost=cost, limits=limits)
     return path
-
-
-def _greedy(model, tok, n=16):
-    return [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n, sampler=make_sampler(0.0))]
 
 
 def _records(model):
@@ -66,11 +59,11 @@ def cold(tmp_path_factory):
 
 def test_tokens_equal_mlx_lm_with_experts_released(model, capsys):
     stock, tok = stock_load(str(model))
-    want = _greedy(stock, tok)
+    want = greedy(stock, tok)
     ours, tok2 = npumoe_mlx.load(str(model), offload="onnx", quiet=True)
     recs = _records(ours)
     assert recs and all(r is not None and r.nbytes > 0 and r.twin is None for r in recs)  # every expert released
-    assert _greedy(ours, tok2) == want
+    assert greedy(ours, tok2) == want
     # every call, decode included, ran on programs: MLX never needed the released weights
     st = offload_stats(ours)
     assert all(s.offloaded == s.calls > 16 for s in st)
@@ -106,13 +99,13 @@ def cold_q4(tmp_path_factory):
 def test_cold_experts_run_on_their_compact_copy(which, request, capsys):
     cold = request.getfixturevalue(which)
     stock, tok = stock_load(str(cold))
-    want = _greedy(stock, tok)
+    want = greedy(stock, tok)
     ours, tok2 = npumoe_mlx.load(str(cold), offload="onnx", quiet=True)
     recs = _records(ours)
     assert all(r is not None and r.twin is not None and 0 < len(r.ids) < r.resident.size for r in recs)
     for r in recs:  # the twin holds the cold experts' rows, nothing else
         assert r.twin["gate_proj"]["weight"].shape[0] == int(r.resident.sum())
-    assert _greedy(ours, tok2) == want
+    assert greedy(ours, tok2) == want
     s = summarize(offload_stats(ours))
     assert s["spill_pct"] > 0  # cold pairs ran on MLX ...
     assert all(r is not None for r in _records(ours)) and RELOADED not in capsys.readouterr().err  # ... on the twin
@@ -139,7 +132,7 @@ def test_decode_below_min_tokens_would_need_mlx_so_it_runs_on_programs(cold):
 
 def test_program_fault_reloads_the_layer_and_tokens_stay_right(cold, capsys):
     stock, tok = stock_load(str(cold))
-    want = _greedy(stock, tok)
+    want = greedy(stock, tok)
     ours, tok2 = npumoe_mlx.load(str(cold), offload="onnx", quiet=True)
     ex = installed_blocks(ours)[0].executor
 
@@ -152,7 +145,7 @@ def test_program_fault_reloads_the_layer_and_tokens_stay_right(cold, capsys):
 
     ex.programs[0] = Broken(ex.programs[0])
     capsys.readouterr()
-    assert _greedy(ours, tok2) == want
+    assert greedy(ours, tok2) == want
     err = capsys.readouterr().err
     assert "layer 0: program failed" in err
     assert [l for l in err.splitlines() if RELOADED in l] == [
@@ -200,12 +193,12 @@ def test_overflow_past_the_top_tier_reruns_the_ladder_instead_of_spilling(tmp_pa
     tight.capacities = [16]
     _build(path, limits=tight)
     stock, tok = stock_load(str(path))
-    want = _greedy(stock, tok)
+    want = greedy(stock, tok)
     ours, tok2 = npumoe_mlx.load(str(path), offload="onnx", quiet=True)
     assert all(r is not None for r in _records(ours))
     for b in installed_blocks(ours):  # from now on MLX looks cheaper for everything: auto would spill
         b.executor.cost = MLX_WINS
-    assert _greedy(ours, tok2) == want
+    assert greedy(ours, tok2) == want
     s = summarize(offload_stats(ours))
     assert s["overflow_pct"] > 0 and s["spill_pct"] == 0  # past the top tier, yet nothing went to MLX
     assert all(r is not None for r in _records(ours)) and RELOADED not in capsys.readouterr().err
@@ -215,10 +208,10 @@ def test_overflow_past_the_top_tier_reruns_the_ladder_instead_of_spilling(tmp_pa
 
 def test_lazy_load_releases_without_reading_the_experts_twice(cold):
     stock, tok = stock_load(str(cold))
-    want = _greedy(stock, tok)
+    want = greedy(stock, tok)
     ours, tok2 = npumoe_mlx.load(str(cold), offload="onnx", quiet=True, lazy=True)
     assert all(r is not None for r in _records(ours))
-    assert _greedy(ours, tok2) == want
+    assert greedy(ours, tok2) == want
 
 
 # --- the decision -------------------------------------------------------------------------
@@ -286,10 +279,10 @@ def test_install_checks_the_files_bytes_before_releasing(cold, capsys):
     """A model built elsewhere is checked byte for byte against its safetensors: a block whose
     arrays differ (here a cold expert's row, which no program checks) keeps MLX's copy."""
     stock, tok = stock_load(str(cold))
-    want = _greedy(stock, tok)
+    want = greedy(stock, tok)
     ours, _ = stock_load(str(cold))
     assert npumoe_mlx.install(ours, offload="onnx", model_path=str(cold), quiet=True) == "onnx"
-    assert all(r is not None for r in _records(ours)) and _greedy(ours, tok) == want
+    assert all(r is not None for r in _records(ours)) and greedy(ours, tok) == want
     edited, _ = stock_load(str(cold))
     lp = bundles_plan(cold).layers[1]
     blk = dict(edited.named_modules())[lp.path]

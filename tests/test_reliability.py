@@ -18,17 +18,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx import cli
 from npumoe_mlx.backends import Program
 from npumoe_mlx.atomic import clean_stale
 from npumoe_mlx.checks import ModelError
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, offload_stats, summarize
 from npumoe_mlx.experts import installed_blocks
 from npumoe_mlx.lock import BuildInProgress
@@ -36,31 +31,13 @@ from npumoe_mlx.plan import PlanLimits
 from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
+from conftest import EAGER, PROMPT, build, greedy, rehash, run_cli, tight_limits
+
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 NPUMOE = [sys.executable, "-m", "npumoe_mlx.cli"]
 STOCK = [sys.executable, "-m", "mlx_lm", "generate"]
-# Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
-
-
-def _build(path, out=None, limits=None, tokens=256):
-    return build_bundle(
-        str(path), "onnx", None if out is None else str(out), corpus=["qa"], tokens=tokens, chunk_size=128,
-        cost=EAGER, limits=limits, log=lambda m: None,
-    )
-
-
-def _greedy(model, tok, prompt, n=24, **kw):
-    return [r.token for r in stream_generate(model, tok, prompt, max_tokens=n, sampler=make_sampler(0.0), **kw)]
-
-
-def _run_cli(capsys, *argv):
-    """`npumoe ...` in this process: (exit code, stdout, stderr)."""
-    rc = cli.main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _one_line_error(err: str, sub: str) -> str:
@@ -71,16 +48,8 @@ def _one_line_error(err: str, sub: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """A float32 tiny qwen3_moe with an onnx bundle at the default place (every call offloaded)."""
-    path = make_tiny_model(tmp_path_factory.mktemp("rel") / "m", "qwen3_moe", seed=1)
-    _build(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def stock(moe):
-    return stock_load(str(moe))
+def stock(eager_moe):
+    return stock_load(str(eager_moe))
 
 
 # --- 1. bad model input ------------------------------------------------------
@@ -154,12 +123,12 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_model_one_line_error_naming_file_and_fix(moe, tmp_path, capsys, case, monkeypatch):
+def test_bad_model_one_line_error_naming_file_and_fix(eager_moe, tmp_path, capsys, case, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path, needles = BAD[case](moe, tmp_path / "bad")
+    path, needles = BAD[case](eager_moe, tmp_path / "bad")
     extra = {"generate": ["--max-tokens", "4"], "info": [], "build": ["--no-tune", "--tokens", "64"]}
     for sub, more in extra.items():
-        rc, _, err = _run_cli(capsys, sub, "--model", str(path), *more)
+        rc, _, err = run_cli(capsys, sub, "--model", str(path), *more)
         assert rc == 1, (sub, err)
         line = _one_line_error(err, sub)
         assert str(path) in line, line
@@ -170,8 +139,8 @@ def test_bad_model_one_line_error_naming_file_and_fix(moe, tmp_path, capsys, cas
     assert not list(tmp_path.glob("**/npumoe-onnx*"))  # a failed build writes nothing
 
 
-def test_bad_model_traceback_only_with_debug(moe, tmp_path):
-    d, _ = _no_config(moe, tmp_path / "bad")
+def test_bad_model_traceback_only_with_debug(eager_moe, tmp_path):
+    d, _ = _no_config(eager_moe, tmp_path / "bad")
     (rc, out, err), (rc_debug, _, err_debug) = _both(
         [*NPUMOE, "info", "--model", str(d)], [*NPUMOE, "info", "--model", str(d), "--debug"])
     assert rc == 1 and out == ""
@@ -182,7 +151,7 @@ def test_bad_model_traceback_only_with_debug(moe, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dense(moe, tmp_path_factory):
+def dense(eager_moe, tmp_path_factory):
     """A tiny dense llama (no MoE layers) with the MoE model's tokenizer."""
     from mlx_lm.models import llama
     from mlx_lm.utils import save_config, save_model
@@ -196,41 +165,28 @@ def dense(moe, tmp_path_factory):
     d.mkdir()
     save_model(d, model)
     save_config({**args, "eos_token_id": 1, "bos_token_id": 0, "tie_word_embeddings": True}, d / "config.json")
-    for f in moe.glob("*token*"):
+    for f in eager_moe.glob("*token*"):
         shutil.copy(f, d / f.name)
     return d
 
 
 def test_dense_model_runs_on_stock_mlx_and_says_so(dense, capsys):
     stock_model, tok = stock_load(str(dense))
-    want = _greedy(stock_model, tok, PROMPT, 12)
+    want = greedy(stock_model, tok, PROMPT, 12)
     for mode in ("auto", "onnx", "mlx"):
         model, tok2 = npumoe_mlx.load(str(dense), offload=mode)
         assert "no supported MoE expert blocks: the model runs on stock MLX" in capsys.readouterr().err, mode
-        assert _greedy(model, tok2, PROMPT, 12) == want
-    rc, out, err = _run_cli(capsys, "generate", "--model", str(dense), "--prompt", "hi", "--max-tokens", "4")
+        assert greedy(model, tok2, PROMPT, 12) == want
+    rc, out, err = run_cli(capsys, "generate", "--model", str(dense), "--prompt", "hi", "--max-tokens", "4")
     assert rc == 0 and "runs on stock MLX" in err and "Generation: 4 tokens" in out
-    rc, out, _ = _run_cli(capsys, "info", "--model", str(dense))
+    rc, out, _ = run_cli(capsys, "info", "--model", str(dense))
     assert rc == 0 and "MoE layers: 0" in out and "no MoE expert blocks found: this model runs on stock MLX" in out
-    rc, _, err = _run_cli(capsys, "build", "--model", str(dense), "--no-tune", "--tokens", "64")
+    rc, _, err = run_cli(capsys, "build", "--model", str(dense), "--no-tune", "--tokens", "64")
     assert rc == 1 and "no supported MoE expert blocks; nothing to offload (it runs on stock MLX)" in _one_line_error(err, "build")
     assert not (dense / "npumoe-onnx").exists()
 
 
 # --- 2. bundle faults --------------------------------------------------------
-
-
-def _rehash(d, rel):
-    """Update the manifest's size and sha256 of ``rel``, as a careful hand edit would."""
-    man = json.loads((d / "manifest.json").read_text())
-    p = d / rel
-    entry = {"bytes": p.stat().st_size, "sha256": bundles._sha256(p)}
-    if rel in man["meta"]:
-        man["meta"][rel] = entry
-    for prog in man["programs"]:
-        if rel in prog["files"]:
-            prog["files"][rel] = entry
-    (d / "manifest.json").write_text(json.dumps(man))
 
 
 def _edit_json(d, name, fn):
@@ -248,24 +204,24 @@ def _onnx_file(d):
 def _layer_99(d):
     _edit_json(d, "plan.json", lambda p: p["layers"][0].update(layer=99))
     _edit_json(d, "manifest.json", lambda m: [p.update(layer=99) for p in m["programs"] if p["layer"] == 0])
-    _rehash(d, "plan.json")
+    rehash(d, "plan.json")
 
 
 def _expert_999(d):
     _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["experts"].__setitem__(0, 999))
-    _rehash(d, "plan.json")
+    rehash(d, "plan.json")
 
 
 def _experts_swapped(d):
     """A plan that passes every file check but gives program 0 other experts."""
     _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["experts"].reverse())
-    _rehash(d, "plan.json")
+    rehash(d, "plan.json")
 
 
 def _tiers_4096(d):
     """Tiers live in plan.json only: a plan asking program 0 for a tier it lacks is refused at load."""
     _edit_json(d, "plan.json", lambda p: p["layers"][0]["groups"][0]["tiers"].append(4096))
-    _rehash(d, "plan.json")
+    rehash(d, "plan.json")
 
 
 def _entry_swaps_tiers(d):
@@ -298,7 +254,7 @@ def _truncated_onnx(d):
 
 def _truncated_onnx_rehashed(d):
     _truncated_onnx(d)
-    _rehash(d, _onnx_file(d))
+    rehash(d, _onnx_file(d))
 
 
 def _manifest_not_json(d):
@@ -333,14 +289,14 @@ BUNDLE_FAULTS = {
 
 
 @pytest.mark.parametrize("case", list(BUNDLE_FAULTS))
-def test_bundle_fault_is_refused_before_any_program_runs(moe, tmp_path, capsys, case):
+def test_bundle_fault_is_refused_before_any_program_runs(eager_moe, tmp_path, capsys, case):
     edit, exc, msg = BUNDLE_FAULTS[case]
     d = tmp_path / "b"
-    shutil.copytree(moe / "npumoe-onnx", d)
+    shutil.copytree(eager_moe / "npumoe-onnx", d)
     edit(d)
     with pytest.raises(exc, match=msg):
-        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)
-    rc, out, err = _run_cli(capsys, "generate", "--model", str(moe), "--bundle", str(d), "--offload", "onnx",
+        npumoe_mlx.load(str(eager_moe), offload="onnx", bundle=str(d), quiet=True)
+    rc, out, err = run_cli(capsys, "generate", "--model", str(eager_moe), "--bundle", str(d), "--offload", "onnx",
                             "--max-tokens", "4", "--prompt", "hi")
     assert rc == 1 and out == "" and re.search(msg, _one_line_error(err, "generate"))
 
@@ -369,15 +325,15 @@ class Faulty(Program):
 
 
 @pytest.mark.parametrize("kind", ["raises", "nan", "inf", "shape"])
-def test_program_fault_mid_generation_falls_back_once(moe, stock, capsys, kind):
+def test_program_fault_mid_generation_falls_back_once(eager_moe, stock, capsys, kind):
     stock_model, tok = stock
-    want = _greedy(stock_model, tok, PROMPT)
-    model, tok2 = npumoe_mlx.load(str(moe), offload="onnx", quiet=True)
+    want = greedy(stock_model, tok, PROMPT, 24)
+    model, tok2 = npumoe_mlx.load(str(eager_moe), offload="onnx", quiet=True)
     ex = {e.plan.layer: e for e in (b.executor for b in installed_blocks(model))}
     assert isinstance(ex[0], OffloadExecutor)
     bad = ex[0].programs[0] = Faulty(ex[0].programs[0], kind)
     capsys.readouterr()
-    assert _greedy(model, tok2, PROMPT) == want  # the faulty call reran on MLX; nothing wrong came out
+    assert greedy(model, tok2, PROMPT, 24) == want  # the faulty call reran on MLX; nothing wrong came out
     warnings = [l for l in capsys.readouterr().err.splitlines() if "program failed" in l]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("[npumoe] layer 0: program failed (")
@@ -414,7 +370,7 @@ def _visible(path):
 def test_killed_build_keeps_previous_bundle_and_next_build_cleans_up(wide, capsys):
     path, cost = wide
     bundle = path / "npumoe-onnx"
-    _build(path, limits=PlanLimits.for_backend("onnx", max_group=1))
+    build(path, limits=PlanLimits.for_backend("onnx", max_group=1))
     manifest = (bundle / "manifest.json").read_bytes()
     visible = _visible(path)
     lock = path / "npumoe-onnx.lock"
@@ -444,7 +400,7 @@ def test_killed_build_keeps_previous_bundle_and_next_build_cleans_up(wide, capsy
     assert (bundle / "manifest.json").read_bytes() == manifest and not stash.exists()
     (path / ".old-npumoe-onnx-dead").mkdir()
     # the next build removes every leftover of the dead ones
-    rc, _, err = _run_cli(capsys, "build", "--model", str(path), "--cost", str(cost), "--corpus", "qa",
+    rc, _, err = run_cli(capsys, "build", "--model", str(path), "--cost", str(cost), "--corpus", "qa",
                           "--tokens", "256", "--chunk-size", "128", "--max-group", "1", "--force")
     assert rc == 0, err
     assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []
@@ -469,17 +425,17 @@ def test_concurrent_build_is_refused_and_stale_lock_taken_over(wide, capsys):
             pass
         assert first.poll() is None, first.stderr.read()
         time.sleep(0.005)
-    rc, _, err = _run_cli(capsys, "build", "--model", str(path), "--cost", str(cost), "--max-group", "1", "--force")
+    rc, _, err = run_cli(capsys, "build", "--model", str(path), "--cost", str(cost), "--max-group", "1", "--force")
     line = _one_line_error(err, "build")
     assert rc == 1 and f"build in progress for {path / 'npumoe-onnx'} (pid {first.pid})" in line
     with pytest.raises(BuildInProgress, match="build in progress"):  # the Python API too
-        _build(path, limits=PlanLimits.for_backend("onnx", max_group=1))
+        build(path, limits=PlanLimits.for_backend("onnx", max_group=1))
     assert first.wait(120) == 0, first.stderr.read()
     assert not lock.exists()
     bundles.read(path / "npumoe-onnx", path)
 
 
-def test_build_inside_callers_lock(moe, tmp_path):
+def test_build_inside_callers_lock(eager_moe, tmp_path):
     """build() is the one taker of the lock (not re-entrant): inside a held lock it refuses,
     from this thread or another; a caller that took it on purpose (sharded) says lock_held."""
     import threading
@@ -490,24 +446,23 @@ def test_build_inside_callers_lock(moe, tmp_path):
     errors = []
     with build_lock(out):
         with pytest.raises(BuildInProgress, match="this process holds its lock"):
-            _build(moe, out)
-        t = threading.Thread(target=lambda: errors.append(pytest.raises(BuildInProgress, _build, moe, out)))
+            build(eager_moe, out)
+        t = threading.Thread(target=lambda: errors.append(pytest.raises(BuildInProgress, build, eager_moe, out)))
         t.start()
         t.join()
         assert not (out / "manifest.json").exists()
-        build_bundle(str(moe), "onnx", str(out), corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER,
-                     log=lambda m: None, lock_held=True)
+        build(eager_moe, out, lock_held=True)
         assert (tmp_path / "b.lock").exists()
     assert len(errors) == 1 and "this process holds its lock" in str(errors[0].value)
     assert not (tmp_path / "b.lock").exists()
-    bundles.read(out, moe)
+    bundles.read(out, eager_moe)
 
 
 # --- 5. prompts and sizes ----------------------------------------------------
 
 
 def _both(stock_args, ours_args):
-    """Run two commands at once (e.g. stock mlx_lm and npumoe generate): [(rc, stdout, stderr)] * 2."""
+    """Run two commands at once (e.g. npumoe with and without --debug): [(rc, stdout, stderr)] * 2."""
     ps = [subprocess.Popen(a, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for a in (stock_args, ours_args)]
     out = []
@@ -517,51 +472,57 @@ def _both(stock_args, ours_args):
     return out
 
 
-def test_empty_prompt_like_mlx_lm(moe):
-    args = ["--model", str(moe), "--prompt", "", "--max-tokens", "12", "--verbose", "False"]
-    (rc_s, out_s, _), (rc_o, out_o, err_o) = _both([*STOCK, *args], [*NPUMOE, "generate", *args, "--offload", "onnx"])
+def _stock_and_ours(capsys, stock_args, ours_args):
+    """Stock mlx_lm in its own interpreter beside `npumoe ...` in this one: [(rc, stdout, stderr)] * 2."""
+    p = subprocess.Popen(stock_args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ours = run_cli(capsys, *ours_args)
+    so, se = p.communicate(timeout=60)
+    return [(p.returncode, so, se), ours]
+
+
+def test_empty_prompt_like_mlx_lm(eager_moe, capsys):
+    args = ["--model", str(eager_moe), "--prompt", "", "--max-tokens", "12", "--verbose", "False"]
+    (rc_s, out_s, _), (rc_o, out_o, err_o) = _stock_and_ours(capsys, [*STOCK, *args], ["generate", *args, "--offload", "onnx"])
     assert rc_s == 0 and rc_o == 0, err_o
     assert out_s.strip() and out_o == out_s
 
 
 @pytest.fixture(scope="module")
-def stops(moe, tmp_path_factory):
+def stops(eager_moe, tmp_path_factory):
     """The tiny model with eos set to a token greedy decoding reaches after a few steps, and its bundle."""
-    model, tok = stock_load(str(moe))
+    model, tok = stock_load(str(eager_moe))
     text = tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
-    toks = _greedy(model, tok, tok.encode(text, add_special_tokens=False), 16)  # as mlx_lm's CLI prompts
+    toks = greedy(model, tok, tok.encode(text, add_special_tokens=False), 16)  # as mlx_lm's CLI prompts
     eos = next(t for i, t in enumerate(toks) if i >= 3 and t not in toks[:i])
-    d = _copy_model(moe, tmp_path_factory.mktemp("eos") / "m")
+    d = _copy_model(eager_moe, tmp_path_factory.mktemp("eos") / "m")
     _edit_config(d, eos_token_id=eos)
-    _build(d)
+    build(d)
     return d
 
 
-def test_max_tokens_zero_and_negative_like_mlx_lm(stops):
+def test_max_tokens_zero_and_negative_like_mlx_lm(stops, capsys):
     args = ["--model", str(stops), "--prompt", "hello", "--verbose", "False"]
     # -1: no limit, both stop at eos
-    (rc_s, out_s, _), (rc_o, out_o, err_o) = _both(
-        [*STOCK, *args, "--max-tokens", "-1"], [*NPUMOE, "generate", *args, "--max-tokens", "-1", "--offload", "onnx"])
+    (rc_s, out_s, _), (rc_o, out_o, err_o) = _stock_and_ours(
+        capsys, [*STOCK, *args, "--max-tokens", "-1"], ["generate", *args, "--max-tokens", "-1", "--offload", "onnx"])
     assert rc_s == rc_o == 0, err_o
     assert out_s.strip() and out_o == out_s
     # 0: mlx_lm refuses; so do we, with its message on one line and the same exit code
-    (rc_s, _, err_s), (rc_o, out_o, err_o) = _both(
-        [*STOCK, *args, "--max-tokens", "0"], [*NPUMOE, "generate", *args, "--max-tokens", "0", "--offload", "onnx"])
+    (rc_s, _, err_s), (rc_o, out_o, err_o) = _stock_and_ours(
+        capsys, [*STOCK, *args, "--max-tokens", "0"], ["generate", *args, "--max-tokens", "0", "--offload", "onnx"])
     msg = "Maximum number of tokens must be non-zero (use -1 for no limit)."
     assert rc_s == rc_o == 1 and msg in err_s
     assert _one_line_error(err_o, "generate") == f"npumoe generate: error: {msg} (rerun with --debug for details)"
 
 
-def test_prompt_past_top_tier_and_prefill_chunk_runs_overflow_rounds(moe, stock, tmp_path):
+def test_prompt_past_top_tier_and_prefill_chunk_runs_overflow_rounds(eager_moe, stock, tmp_path):
     """Top tier 16, 512-token prefill chunks of a 1300-token prompt: ~128 pairs per expert per chunk."""
-    tight = PlanLimits.for_backend("onnx", max_tiers=1)
-    tight.capacities = [16]
-    out = _build(moe, tmp_path / "tight", limits=tight)
+    out = build(eager_moe, tmp_path / "tight", limits=tight_limits())
     stock_model, tok = stock
     prompt = prompt_of_tokens(tok, 1300, seed=3)
-    want = _greedy(stock_model, tok, prompt, 8, prefill_step_size=512)
-    model, tok2 = npumoe_mlx.load(str(moe), offload="onnx", bundle=str(out), quiet=True)
-    assert _greedy(model, tok2, prompt, 8, prefill_step_size=512) == want
+    want = greedy(stock_model, tok, prompt, 8, prefill_step_size=512)
+    model, tok2 = npumoe_mlx.load(str(eager_moe), offload="onnx", bundle=str(out), quiet=True)
+    assert greedy(model, tok2, prompt, 8, prefill_step_size=512) == want
     s = summarize(offload_stats(model))
     groups = sum(len(lp.groups) for lp in bundles.read(out).plan.layers)
     assert s["offloaded_calls"] == s["layer_calls"] and s["drop_pct"] == 0
@@ -576,16 +537,16 @@ def test_32k_prompt_peak_memory_bounded(tmp_path, record_property):
     Bound: 64 MB. Unchunked, the scores alone would be 4 x 32768^2 x 4 B = 17 GB.
     """
     path = make_tiny_model(tmp_path / "one", "qwen3_moe", seed=2, num_layers=1)
-    _build(path)
+    build(path)
     ids = np.random.default_rng(0).integers(3, 300, 32 * 1024).tolist()
     kw = dict(prefill_step_size=512, max_kv_size=512)
     stock_model, tok = stock_load(str(path))
-    want = _greedy(stock_model, tok, ids, 2, **kw)
+    want = greedy(stock_model, tok, ids, 2, **kw)
     model, tok2 = npumoe_mlx.load(str(path), offload="onnx", quiet=True)
     mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    got = _greedy(model, tok2, ids, 2, **kw)
+    got = greedy(model, tok2, ids, 2, **kw)
     peak = mx.get_peak_memory()
     record_property("peak_mb", peak / 1e6)
     print(f"32K-token prompt: {time.perf_counter() - t0:.1f} s, MLX peak memory {peak / 1e6:.1f} MB")
@@ -606,14 +567,14 @@ class _Trap:
         return (open, (self.path, "w"))
 
 
-def test_weights_only_from_safetensors_never_unpickled(moe, tmp_path):
-    d = _copy_model(moe, tmp_path / "m")
+def test_weights_only_from_safetensors_never_unpickled(eager_moe, tmp_path):
+    d = _copy_model(eager_moe, tmp_path / "m")
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(_Trap(str(marker)))  # creates `marker` if anything ever unpickles it
     for name in ("pytorch_model.bin", "model.pt", "consolidated.pth"):
         (d / name).write_bytes(payload)
     model, tok = npumoe_mlx.load(str(d), offload="off", quiet=True)
-    _greedy(model, tok, "hi", 2)
+    greedy(model, tok, "hi", 2)
     assert not marker.exists()
     for st in d.glob("*.safetensors"):
         st.unlink()
@@ -625,8 +586,8 @@ def test_weights_only_from_safetensors_never_unpickled(moe, tmp_path):
 PICKLE_MAGIC = re.compile(rb"^\x80[\x02-\x05]")
 
 
-def test_no_pickle_in_bundles_or_source(moe):
-    files = [p for p in (moe / "npumoe-onnx").rglob("*") if p.is_file()]
+def test_no_pickle_in_bundles_or_source(eager_moe):
+    files = [p for p in (eager_moe / "npumoe-onnx").rglob("*") if p.is_file()]
     assert files and {p.suffix for p in files} <= {".json", ".onnx", ".weights"}
     for p in files:
         head = p.read_bytes()[:4]
@@ -638,7 +599,7 @@ def test_no_pickle_in_bundles_or_source(moe):
     assert hits == []
 
 
-def test_trust_remote_code_off_unless_asked(moe, tmp_path, monkeypatch, capsys):
+def test_trust_remote_code_off_unless_asked(eager_moe, tmp_path, monkeypatch, capsys):
     from mlx_lm import utils as mlx_utils
 
     seen = []
@@ -649,20 +610,20 @@ def test_trust_remote_code_off_unless_asked(moe, tmp_path, monkeypatch, capsys):
         return real(*a, **kw)
 
     monkeypatch.setattr(mlx_utils, "load_model", spy)
-    npumoe_mlx.load(str(moe), offload="off", quiet=True)
-    npumoe_mlx.load(str(moe), offload="off", quiet=True, trust_remote_code=True)
+    npumoe_mlx.load(str(eager_moe), offload="off", quiet=True)
+    npumoe_mlx.load(str(eager_moe), offload="off", quiet=True, trust_remote_code=True)
     assert seen == [False, True]
     seen.clear()
-    assert _run_cli(capsys, "generate", "--model", str(moe), "--max-tokens", "2", "--offload", "off")[0] == 0
-    assert _run_cli(capsys, "info", "--model", str(moe))[0] == 0
+    assert run_cli(capsys, "generate", "--model", str(eager_moe), "--max-tokens", "2", "--offload", "off")[0] == 0
+    assert run_cli(capsys, "info", "--model", str(eager_moe))[0] == 0
     assert seen == [False, False]
     # a model that asks to run its own code: refused, the code never runs
-    d = _copy_model(moe, tmp_path / "custom")
+    d = _copy_model(eager_moe, tmp_path / "custom")
     marker = tmp_path / "ran"
     (d / "custom_model.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     _edit_config(d, model_file="custom_model.py")
     for sub, more in (("generate", ["--max-tokens", "2"]), ("info", [])):
-        rc, _, err = _run_cli(capsys, sub, "--model", str(d), *more)
+        rc, _, err = run_cli(capsys, sub, "--model", str(d), *more)
         assert rc == 1 and "config.json asks to run custom model code" in _one_line_error(err, sub)
         assert "--trust-remote-code" in err
     assert not marker.exists()

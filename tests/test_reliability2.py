@@ -17,36 +17,14 @@ import pytest
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
 from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx import cli
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.plan import format_plan
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import build, file_tree, rehash, run_cli
+
+
 REPO = Path(__file__).resolve().parents[1]
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
-
-
-def _build(path, out=None, tokens=256, **kw):
-    return build_bundle(str(path), "onnx", None if out is None else str(out), corpus=["qa"], tokens=tokens,
-                         chunk_size=128, cost=EAGER, log=lambda m: None, **kw)
-
-
-def _run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def _tree(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """A float32 tiny qwen3_moe with an onnx bundle beside it (every call offloaded)."""
-    path = make_tiny_model(tmp_path_factory.mktemp("r2") / "m", "qwen3_moe", seed=1)
-    _build(path)
-    return path
 
 
 # --- 1. data loss --------------------------------------------------------------
@@ -54,16 +32,16 @@ def moe(tmp_path_factory):
 
 def test_tiny_model_never_deletes_user_files(tmp_path, capsys):
     x = tmp_path / "X"
-    assert _run_cli(capsys, "tiny-model", "--family", "qwen3_moe", "--out", x)[0] == 0
+    assert run_cli(capsys, "tiny-model", "--family", "qwen3_moe", "--out", x)[0] == 0
     (x / "npumoe-onnx").mkdir()
     (x / "npumoe-onnx" / "manifest.json").write_text("{}")
     (x / "notes.txt").write_text("mine")
-    before = _tree(x)
-    rc, out, err = _run_cli(capsys, "tiny-model", "--family", "mixtral", "--out", x)
-    assert rc == 2 and _tree(x) == before  # refused, nothing changed
+    before = file_tree(x)
+    rc, out, err = run_cli(capsys, "tiny-model", "--family", "mixtral", "--out", x)
+    assert rc == 2 and file_tree(x) == before  # refused, nothing changed
     assert re.search(r"holds files npumoe tiny-model did not write \(notes\.txt, npumoe-onnx\); nothing was "
                      r"changed: pass --force", err)
-    rc, out, err = _run_cli(capsys, "tiny-model", "--family", "mixtral", "--out", x, "--force")
+    rc, out, err = run_cli(capsys, "tiny-model", "--family", "mixtral", "--out", x, "--force")
     assert rc == 0, err
     assert json.loads((x / "config.json").read_text())["model_type"] == "mixtral"
     assert (x / "notes.txt").read_text() == "mine" and (x / "npumoe-onnx" / "manifest.json").read_text() == "{}"
@@ -72,7 +50,7 @@ def test_tiny_model_never_deletes_user_files(tmp_path, capsys):
     y = tmp_path / "Y"
     y.mkdir()
     (y / "config.json").write_text("{}")
-    rc, _, err = _run_cli(capsys, "tiny-model", "--family", "mixtral", "--out", y, "--force")
+    rc, _, err = run_cli(capsys, "tiny-model", "--family", "mixtral", "--out", y, "--force")
     assert rc == 2 and "was not written by npumoe tiny-model (no npumoe_tiny.json)" in err
     assert (y / "config.json").read_text() == "{}"
 
@@ -88,9 +66,9 @@ def test_demo_rerun_keeps_user_files(tmp_path, capsys):
     assert main(args) == 0  # a rerun over its own output needs no --force
     (d / "model" / "notes.txt").write_text("mine")
     (d / "notes.txt").write_text("mine too")
-    before = _tree(d)
-    rc, _, err = _run_cli(capsys, "demo", *args)
-    assert rc == 1 and _tree(d) == before
+    before = file_tree(d)
+    rc, _, err = run_cli(capsys, "demo", *args)
+    assert rc == 1 and file_tree(d) == before
     assert "holds files npumoe demo did not write (model/notes.txt, notes.txt)" in err
     assert main(args + ["--force"]) == 0
     assert (d / "model" / "notes.txt").read_text() == "mine" and (d / "notes.txt").read_text() == "mine too"
@@ -99,15 +77,15 @@ def test_demo_rerun_keeps_user_files(tmp_path, capsys):
     e = tmp_path / "E"
     e.mkdir()
     (e / "thesis.tex").write_text("x")
-    rc, _, err = _run_cli(capsys, "demo", "--out", e, "--small")
+    rc, _, err = run_cli(capsys, "demo", "--out", e, "--small")
     assert rc == 1 and "was not written by npumoe demo (no npumoe_demo.json)" in err
 
 
-def test_build_out_never_replaces_a_non_bundle_folder(moe, tmp_path, capsys):
+def test_build_out_never_replaces_a_non_bundle_folder(eager_moe, tmp_path, capsys):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "thesis.tex").write_text("x")
-    rc, _, err = _run_cli(capsys, "build", "--model", moe, "--out", docs, "--no-tune", "--tokens", "64", "--force")
+    rc, _, err = run_cli(capsys, "build", "--model", eager_moe, "--out", docs, "--no-tune", "--tokens", "64", "--force")
     assert rc == 1 and "is not an npumoe bundle folder (it holds thesis.tex)" in err
     assert (docs / "thesis.tex").read_text() == "x"
 
@@ -116,7 +94,7 @@ def test_created_files_honour_umask(tmp_path):
     old = os.umask(0o022)
     try:
         m = make_tiny_model(tmp_path / "m", "mixtral")
-        b = _build(m, tokens=64)
+        b = build(m, tokens=64)
     finally:
         os.umask(old)
     assert stat.S_IMODE(m.stat().st_mode) == 0o755
@@ -141,19 +119,19 @@ def test_convert_never_uses_the_wrong_model(hf_pair, tmp_path, capsys):
     a, b = hf_pair
     p = tmp_path / "P"
     common = ["--no-tune", "--tokens", "64"]
-    rc, out, err = _run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, *common)
+    rc, out, err = run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, *common)
     assert rc == 0, err
     weights = (p / "model.safetensors").read_bytes()
     (p / "notes.txt").write_text("mine")
 
-    rc, out, err = _run_cli(capsys, "convert", "--hf-path", b, "--mlx-path", p, *common)
+    rc, out, err = run_cli(capsys, "convert", "--hf-path", b, "--mlx-path", p, *common)
     assert rc == 1 and f"{p} holds a conversion of another model (from {a})" in err
     assert "nothing was changed" in err and (p / "model.safetensors").read_bytes() == weights
 
-    rc, out, err = _run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, "-q", "--q-bits", "4", *common)
+    rc, out, err = run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, "-q", "--q-bits", "4", *common)
     assert rc == 1 and "holds a conversion of other settings" in err and "quantize False -> True" in err
 
-    rc, out, err = _run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, *common)  # same source and settings
+    rc, out, err = run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", p, *common)  # same source and settings
     assert rc == 0 and "converted with the same settings: using it" in out and "up to date" in out
 
     r = convert(str(b), str(p), force=True, tune=False, tokens=64)  # --force converts again, keeps the user's file
@@ -164,7 +142,7 @@ def test_convert_never_uses_the_wrong_model(hf_pair, tmp_path, capsys):
     foreign = tmp_path / "F"
     foreign.mkdir()
     (foreign / "config.json").write_text("{}")
-    rc, out, err = _run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", foreign, "--force", *common)
+    rc, out, err = run_cli(capsys, "convert", "--hf-path", a, "--mlx-path", foreign, "--force", *common)
     assert rc == 1 and "already exists and was not written by npumoe convert" in err
     assert (foreign / "config.json").read_text() == "{}"
 
@@ -214,56 +192,56 @@ def test_compare_finds_the_bundle_generate_uses(tmp_path, monkeypatch):
     assert model.npumoe_bundle == str(r.bundle)
 
 
-def test_bad_bundle_error_names_path_and_its_fix_fixes_it(moe, tmp_path, capsys, monkeypatch):
+def test_bad_bundle_error_names_path_and_its_fix_fixes_it(eager_moe, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
     m = tmp_path / "m"
-    shutil.copytree(moe, m)
+    shutil.copytree(eager_moe, m)
     (m / "npumoe-onnx" / "cost.json").write_text("{}")  # corrupt the bundle beside the model
-    rc, out, err = _run_cli(capsys, "generate", "--model", m, "--offload", "onnx", "--prompt", "hi", "--max-tokens", "2")
+    rc, out, err = run_cli(capsys, "generate", "--model", m, "--offload", "onnx", "--prompt", "hi", "--max-tokens", "2")
     assert rc == 1 and f"{m / 'npumoe-onnx'}: cost.json is corrupt" in err
     cmd = _hint_cmd(err)
     assert cmd == ["build", "--model", str(m), "--backend", "onnx", "--force"]
-    assert _run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0
+    assert run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0
     assert npumoe_mlx.load(str(m), offload="onnx", quiet=True)[0].npumoe_bundle == str(m / "npumoe-onnx")
 
     # an explicit --bundle: the fix names that folder
     other = tmp_path / "other"
-    shutil.copytree(moe / "npumoe-onnx", other)
+    shutil.copytree(eager_moe / "npumoe-onnx", other)
     (other / "plan.json").write_text("{}")
-    rc, out, err = _run_cli(capsys, "generate", "--model", m, "--bundle", other, "--offload", "onnx",
+    rc, out, err = run_cli(capsys, "generate", "--model", m, "--bundle", other, "--offload", "onnx",
                             "--prompt", "hi", "--max-tokens", "2")
     cmd = _hint_cmd(err)
     assert rc == 1 and cmd[-3:] == ["--out", str(other), "--force"]
-    assert _run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0
+    assert run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0
     npumoe_mlx.load(str(m), offload="onnx", bundle=str(other), quiet=True)
 
 
-def test_read_only_model_folder_fix_is_one_that_works(moe, tmp_path, capsys, monkeypatch):
+def test_read_only_model_folder_fix_is_one_that_works(eager_moe, tmp_path, capsys, monkeypatch):
     """Tests run as root (permissions are not enforced), so the folder is made read-only
     by telling npumoe it is not writable, as os.access would for a user."""
     monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
     m = tmp_path / "ro"
-    shutil.copytree(moe, m)
+    shutil.copytree(eager_moe, m)
     (m / "npumoe-onnx" / "cost.json").write_text("{}")  # a broken bundle in a folder we cannot write
     inside = lambda p: m in [Path(p), *Path(p).absolute().parents]
     real_w, real_ro = bundles._writable, bundles._read_only
     monkeypatch.setattr(bundles, "_writable", lambda p: real_w(p) and not inside(p))
     monkeypatch.setattr(bundles, "_read_only", lambda p: real_ro(p) or Path(p) == m)
     gen = ["generate", "--model", m, "--offload", "onnx", "--prompt", "hi", "--max-tokens", "2"]
-    rc, out, err = _run_cli(capsys, *gen)
+    rc, out, err = run_cli(capsys, *gen)
     assert rc == 1 and f"{m / 'npumoe-onnx'}: cost.json is corrupt" in err
     assert "the model folder is read-only: it goes to the cache" in err
     cmd = _hint_cmd(err)
     assert cmd == ["build", "--model", str(m), "--backend", "onnx", "--force"]
-    assert _run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0  # the printed fix...
+    assert run_cli(capsys, *cmd, "--no-tune", "--tokens", "64")[0] == 0  # the printed fix...
     cached = bundles.cached_bundle_dir(m, "onnx")
     assert (cached / "manifest.json").is_file()
-    rc, out, err = _run_cli(capsys, *gen, "--stats")  # ...fixes what generate uses: the cache's bundle
+    rc, out, err = run_cli(capsys, *gen, "--stats")  # ...fixes what generate uses: the cache's bundle
     assert rc == 0 and f"bundle: {cached}" in out, err
     # an explicit bundle in a read-only place: build one elsewhere and pass it
-    rc, _, err = _run_cli(capsys, *gen, "--bundle", m / "npumoe-onnx")
+    rc, _, err = run_cli(capsys, *gen, "--bundle", m / "npumoe-onnx")
     assert rc == 1 and "cannot be rebuilt in place (its folder is read-only)" in err and "`--bundle DIR`" in err
-    rc, _, err = _run_cli(capsys, "build", "--model", m, "--out", m / "npumoe-onnx", "--force", "--no-tune")
+    rc, _, err = run_cli(capsys, "build", "--model", m, "--out", m / "npumoe-onnx", "--force", "--no-tune")
     assert rc == 1 and f"cannot write the bundle {m / 'npumoe-onnx'}: its folder is read-only" in err
 
 
@@ -280,42 +258,40 @@ def _tamper(d: Path, program: int) -> str:
     w = np.fromfile(d / rel, np.float32)
     w[: w.size // 4] *= 1.5
     w.tofile(d / rel)
-    prog["files"][rel] = {"bytes": (d / rel).stat().st_size, "sha256": bundles._sha256(d / rel),
-                          bundles.SAMPLE_KEY: bundles._sample_sha256(d / rel)}
-    (d / "manifest.json").write_text(json.dumps(man))
+    rehash(d, rel)
     return prog["dir"]
 
 
-def test_program_weights_changed_are_refused(moe, tmp_path, capsys):
+def test_program_weights_changed_are_refused(eager_moe, tmp_path, capsys):
     d = tmp_path / "b"
-    shutil.copytree(moe / "npumoe-onnx", d)
+    shutil.copytree(eager_moe / "npumoe-onnx", d)
     rel = _tamper(d, 0)  # layer 0's first (hottest) group: checked at every load
     msg = rf"{re.escape(rel)} \(layer0_e[\d-]+\) does not compute the model's experts \(tier \d+: relative error"
     with pytest.raises(bundles.BundleError, match=msg):
-        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)
-    rc, out, err = _run_cli(capsys, "generate", "--model", moe, "--bundle", d, "--offload", "onnx",
+        npumoe_mlx.load(str(eager_moe), offload="onnx", bundle=str(d), quiet=True)
+    rc, out, err = run_cli(capsys, "generate", "--model", eager_moe, "--bundle", d, "--offload", "onnx",
                             "--prompt", "hi", "--max-tokens", "2")
     assert rc == 1 and re.search(msg, err) and len(err.strip().splitlines()) == 1
 
     e = tmp_path / "c"
-    shutil.copytree(moe / "npumoe-onnx", e)
+    shutil.copytree(eager_moe / "npumoe-onnx", e)
     man = json.loads((e / "manifest.json").read_text())
     last = max(i for i, p in enumerate(man["programs"]) if p["group"] != 0)
     rel = _tamper(e, last)  # any program: every one is checked with --verify
-    rc, out, err = _run_cli(capsys, "generate", "--model", moe, "--bundle", e, "--offload", "onnx", "--verify",
+    rc, out, err = run_cli(capsys, "generate", "--model", eager_moe, "--bundle", e, "--offload", "onnx", "--verify",
                             "--prompt", "hi", "--max-tokens", "2")
     assert rc == 1 and f"{rel} (" in err and "does not compute the model's experts" in err
 
 
-def test_verify_checks_whole_file_hashes(moe, tmp_path, monkeypatch):
+def test_verify_checks_whole_file_hashes(eager_moe, tmp_path, monkeypatch):
     monkeypatch.setattr(bundles, "SAMPLES", 2)  # tiny files: sample them as big ones are
     monkeypatch.setattr(bundles, "SAMPLE_BYTES", 1024)
     d = tmp_path / "b"
-    shutil.copytree(moe / "npumoe-onnx", d)
+    shutil.copytree(eager_moe / "npumoe-onnx", d)
     man = json.loads((d / "manifest.json").read_text())
     for p in man["programs"]:
         for f, v in p["files"].items():
-            v[bundles.SAMPLE_KEY] = bundles._sample_sha256(d / f)
+            v[bundles.SAMPLE_KEY] = bundles.files_under(d, Path(f))[f][bundles.SAMPLE_KEY]
     (d / "manifest.json").write_text(json.dumps(man))
     rel = next(f for p in man["programs"] for f, v in p["files"].items() if f.endswith(".weights"))
     raw = bytearray((d / rel).read_bytes())
@@ -323,12 +299,12 @@ def test_verify_checks_whole_file_hashes(moe, tmp_path, monkeypatch):
     (d / rel).write_bytes(bytes(raw))
     # a load's sampled hashes miss it, but a program probed at load reads (and hashes) all its bytes
     with pytest.raises(bundles.BundleError, match=re.escape(f"{Path(rel).name} is damaged or changed since the build")):
-        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)  # (issue 22)
+        npumoe_mlx.load(str(eager_moe), offload="onnx", bundle=str(d), quiet=True)  # (issue 22)
     with pytest.raises(bundles.BundleError, match=re.escape(f"{rel} is corrupt (size or sha256 differs)")):
-        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True, verify=True)
+        npumoe_mlx.load(str(eager_moe), offload="onnx", bundle=str(d), quiet=True, verify=True)
 
 
-def test_program_file_replaced_after_load_is_not_used(moe, tmp_path):
+def test_program_file_replaced_after_load_is_not_used(eager_moe, tmp_path):
     from mlx_lm import load as stock_load
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -336,7 +312,7 @@ def test_program_file_replaced_after_load_is_not_used(moe, tmp_path):
     from npumoe_mlx.executor import offload_stats, summarize
 
     m = tmp_path / "m"
-    shutil.copytree(moe, m)
+    shutil.copytree(eager_moe, m)
     ours, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
     _tamper(m / "npumoe-onnx", 0)  # after load: sessions not yet opened read the new file
     prompt = "The quick brown fox jumps over the lazy dog. " * 3
@@ -348,7 +324,7 @@ def test_program_file_replaced_after_load_is_not_used(moe, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["onnx", "coreml"])
-def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch, backend):
+def test_build_checks_every_program_against_the_model(eager_moe, tmp_path, monkeypatch, backend):
     from npumoe_mlx import build as builds
     from npumoe_mlx import programs
 
@@ -360,7 +336,7 @@ def test_build_checks_every_program_against_the_model(moe, tmp_path, monkeypatch
 
     monkeypatch.setattr(builds, "spec_from_switch_glu", shifted)  # where build() looks it up
     with pytest.raises(bundles.BundleError, match=r"build refused: program programs/L000/g00 .* does not compute"):
-        build_bundle(str(moe), backend, str(tmp_path / "b"), corpus=["qa"], tokens=64, chunk_size=64,
+        build_bundle(str(eager_moe), backend, str(tmp_path / "b"), corpus=["qa"], tokens=64, chunk_size=64,
                       cost=CostModel(backend, 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test"), log=lambda m: None)
     assert not (tmp_path / "b").exists()
 
@@ -386,13 +362,13 @@ CONFIG_FAULTS = {
 
 
 @pytest.mark.parametrize("case", list(CONFIG_FAULTS))
-def test_config_error_names_field_value_and_rule(moe, tmp_path, capsys, case):
+def test_config_error_names_field_value_and_rule(eager_moe, tmp_path, capsys, case):
     edit, msg = CONFIG_FAULTS[case]
     m = tmp_path / "m"
-    shutil.copytree(moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    shutil.copytree(eager_moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
     _edit_config(m, **edit)
     for cmd in (["generate", "--model", m, "--prompt", "hi", "--max-tokens", "2"], ["info", "--model", m]):
-        rc, out, err = _run_cli(capsys, *cmd)
+        rc, out, err = run_cli(capsys, *cmd)
         assert rc == 1 and f"{m / 'config.json'}: {msg}; fix config.json" in err, err
 
 
@@ -403,15 +379,15 @@ def test_missing_expert_tensor_and_tokenizer_are_named(tmp_path, capsys):
     w = mx.load(str(m / "model.safetensors"))
     del w["model.layers.0.mlp.experts.3.up_proj.weight"]
     mx.save_safetensors(str(m / "model.safetensors"), w, metadata={"format": "pt"})
-    rc, _, err = _run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "2")
+    rc, _, err = run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "2")
     assert rc == 1 and "tensor model.layers.0.mlp.experts.3.up_proj.weight is missing from model*.safetensors" in err
 
     t = make_tiny_model(tmp_path / "t", "mixtral")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (t / f).unlink()
-    rc, _, err = _run_cli(capsys, "generate", "--model", t, "--prompt", "hi", "--max-tokens", "2")
+    rc, _, err = run_cli(capsys, "generate", "--model", t, "--prompt", "hi", "--max-tokens", "2")
     assert rc == 1 and f"{t}: no tokenizer (none of tokenizer.json" in err
-    assert _run_cli(capsys, "info", "--model", t)[0] == 0  # info needs no tokenizer
+    assert run_cli(capsys, "info", "--model", t)[0] == 0  # info needs no tokenizer
 
 
 FLAG_FAULTS = {
@@ -428,31 +404,31 @@ FLAG_FAULTS = {
 
 
 @pytest.mark.parametrize("case", list(FLAG_FAULTS))
-def test_bad_flag_is_refused_before_anything_changes(moe, capsys, case):
+def test_bad_flag_is_refused_before_anything_changes(eager_moe, capsys, case):
     if case == "coreml-off-macos" and sys.platform == "darwin":
         pytest.skip("Core ML runs here")
     argv, msg = FLAG_FAULTS[case]
-    before = _tree(moe / "npumoe-onnx")
-    rc, out, err = _run_cli(capsys, argv[0], "--model", moe, *argv[1:])
+    before = file_tree(eager_moe / "npumoe-onnx")
+    rc, out, err = run_cli(capsys, argv[0], "--model", eager_moe, *argv[1:])
     assert rc == 1 and f"error: {msg}" in err and len(err.strip().splitlines()) == 1, err
-    assert _tree(moe / "npumoe-onnx") == before  # the good bundle is untouched
+    assert file_tree(eager_moe / "npumoe-onnx") == before  # the good bundle is untouched
 
 
-def test_cost_file_not_json_names_the_file(moe, tmp_path, capsys):
+def test_cost_file_not_json_names_the_file(eager_moe, tmp_path, capsys):
     bad = tmp_path / "cost.txt"
     bad.write_text("hello")
-    rc, _, err = _run_cli(capsys, "build", "--model", moe, "--cost", bad, "--force")
+    rc, _, err = run_cli(capsys, "build", "--model", eager_moe, "--cost", bad, "--force")
     assert rc == 1 and f"--cost {bad}: not JSON (Expecting value" in err
 
 
-def test_bundle_format_string_says_the_type(moe, tmp_path):
+def test_bundle_format_string_says_the_type(eager_moe, tmp_path):
     d = tmp_path / "b"
-    shutil.copytree(moe / "npumoe-onnx", d)
+    shutil.copytree(eager_moe / "npumoe-onnx", d)
     man = json.loads((d / "manifest.json").read_text())
     man["format"] = "1"
     (d / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(bundles.BundleError, match=r'bundle format "1" \(a JSON str, not an integer\)'):
-        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)
+        npumoe_mlx.load(str(eager_moe), offload="onnx", bundle=str(d), quiet=True)
 
 
 # --- 7. easier to read -----------------------------------------------------------------
@@ -462,21 +438,21 @@ def test_stats_say_which_bundle_and_why_calls_stayed_on_mlx(tmp_path, capsys):
     m = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1)
     build_bundle(str(m), "onnx", corpus=["qa"], tokens=128, chunk_size=64, tune=False, log=lambda s: None)
     # (MLX's copies kept: released layers run every call on programs, see test_release.py)
-    rc, out, err = _run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "3", "--stats",
+    rc, out, err = run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "3", "--stats",
                             "--keep-mlx-experts")
     assert rc == 0, err
     assert f"bundle: {m / 'npumoe-onnx'}" in out
     assert re.search(r"\d+ MoE layer calls stayed on MLX: the plan runs programs only for calls of at least \d+ tokens", out)
 
 
-def test_plan_prints_the_bundles_plan(moe, tmp_path, capsys):
-    want = format_plan(bundles.read(moe / "npumoe-onnx").plan, verbose=True)
-    rc, out, _ = _run_cli(capsys, "plan", "--model", moe)
-    assert rc == 0 and f"plan of the onnx bundle {moe / 'npumoe-onnx'} (the one generate uses):" in out
+def test_plan_prints_the_bundles_plan(eager_moe, tmp_path, capsys):
+    want = format_plan(bundles.read(eager_moe / "npumoe-onnx").plan, verbose=True)
+    rc, out, _ = run_cli(capsys, "plan", "--model", eager_moe)
+    assert rc == 0 and f"plan of the onnx bundle {eager_moe / 'npumoe-onnx'} (the one generate uses):" in out
     assert want in out
     m = tmp_path / "m"
-    shutil.copytree(moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
-    rc, out, _ = _run_cli(capsys, "plan", "--model", m, "--tokens", "64")
+    shutil.copytree(eager_moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    rc, out, _ = run_cli(capsys, "plan", "--model", m, "--tokens", "64")
     assert rc == 0 and "no onnx bundle for" in out and "parametric costs" in out
 
 

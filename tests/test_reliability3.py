@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,50 +20,21 @@ from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
-from npumoe_mlx import cli, verify
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
+from npumoe_mlx import verify
 from npumoe_mlx.executor import offload_stats
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import EAGER, PROMPT, build, copy_model, file_tree, greedy, rehash, run_cli
+
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
-
-
-def _build(path, out=None, tokens=256, **kw):
-    return build_bundle(str(path), "onnx", None if out is None else str(out), corpus=["qa"], tokens=tokens,
-                        chunk_size=128, cost=EAGER, log=lambda m: None, **kw)
-
-
-def _greedy(model, tok, prompt=PROMPT, n=16):
-    return [r.token for r in stream_generate(model, tok, prompt, max_tokens=n, sampler=make_sampler(0.0))]
-
-
-def _run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """A float32 tiny qwen3_moe (2 layers, 3 programs of 196-393 KB) with an onnx bundle beside it."""
-    path = make_tiny_model(tmp_path_factory.mktemp("r3") / "m", "qwen3_moe", seed=1)
-    _build(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def want(moe):
-    model, tok = stock_load(str(moe))
-    return _greedy(model, tok)
-
-
-def _copy(moe, d: Path) -> Path:
-    shutil.copytree(moe, d)
-    return d
+def want(eager_moe):
+    model, tok = stock_load(str(eager_moe))
+    return greedy(model, tok)
 
 
 def _unsampled_weights(model_dir: Path) -> Path:
@@ -91,14 +61,14 @@ def _damage_between_windows(f: Path) -> None:
 # --- 1. silent wrong output ----------------------------------------------------
 
 
-def test_damage_between_hash_windows_never_reaches_the_output(moe, want, tmp_path, monkeypatch, capsys):
-    m = _copy(moe, tmp_path / "m")
+def test_damage_between_hash_windows_never_reaches_the_output(eager_moe, want, tmp_path, monkeypatch, capsys):
+    m = copy_model(eager_moe, tmp_path / "m")
     f = _unsampled_weights(m)
     _damage_between_windows(f)
     monkeypatch.setattr(verify, "LOAD_OTHERS", 0)  # the damaged program is outside the load's sample
     model, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)  # the sampled hashes pass
     capsys.readouterr()
-    assert _greedy(model, tok) == want  # stock tokens: the damaged program never ran
+    assert greedy(model, tok) == want  # stock tokens: the damaged program never ran
     warnings = [l for l in capsys.readouterr().err.splitlines() if "program failed" in l]
     assert len(warnings) == 1, warnings
     assert f.name in warnings[0] and "is damaged or changed since the build" in warnings[0]
@@ -107,36 +77,29 @@ def test_damage_between_hash_windows_never_reaches_the_output(moe, want, tmp_pat
     assert st[0].fallback and not st[1].fallback
 
 
-def test_verify_and_doctor_find_the_same_damage(moe, tmp_path, capsys):
-    m = _copy(moe, tmp_path / "m")
+def test_verify_and_doctor_find_the_same_damage(eager_moe, tmp_path, capsys):
+    m = copy_model(eager_moe, tmp_path / "m")
     f = _unsampled_weights(m)
     _damage_between_windows(f)
     with pytest.raises(bundles.BundleError, match=re.escape(f.name) + r" is corrupt"):
         bundles.read(m / "npumoe-onnx", m, verify=True)
-    rc, out, err = _run_cli(capsys, "doctor", "--model", m, "--no-bench")
+    rc, out, err = run_cli(capsys, "doctor", "--model", m, "--no-bench")
     assert rc != 0, out
     assert f.name in out and "is corrupt" in out and "every program file's whole sha256" in out
-    rc, out, _ = _run_cli(capsys, "doctor", "--model", moe, "--no-bench")
+    rc, out, _ = run_cli(capsys, "doctor", "--model", eager_moe, "--no-bench")
     assert rc == 0 and "no problems found" in out and "every program file's whole sha256" in out
 
 
-def test_program_probed_on_first_use_when_not_probed_at_load(moe, want, tmp_path, monkeypatch, capsys):
+def test_program_probed_on_first_use_when_not_probed_at_load(eager_moe, want, tmp_path, monkeypatch, capsys):
     """Hashes updated to match (a hand-edited bundle): the probe before the first call catches it."""
-    m = _copy(moe, tmp_path / "m")
+    m = copy_model(eager_moe, tmp_path / "m")
     f = _unsampled_weights(m)
     _damage_between_windows(f)
-    man_path = m / "npumoe-onnx" / "manifest.json"
-    man = json.loads(man_path.read_text())
-    rel = f.relative_to(m / "npumoe-onnx").as_posix()
-    for p in man["programs"]:
-        if rel in p["files"]:
-            p["files"][rel] = {"bytes": f.stat().st_size, "sha256": bundles._sha256(f),
-                               bundles.SAMPLE_KEY: bundles._sample_sha256(f)}
-    man_path.write_text(json.dumps(man))
+    rehash(m / "npumoe-onnx", f.relative_to(m / "npumoe-onnx").as_posix())
     monkeypatch.setattr(verify, "LOAD_OTHERS", 0)
     model, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
     capsys.readouterr()
-    assert _greedy(model, tok) == want
+    assert greedy(model, tok) == want
     warnings = [l for l in capsys.readouterr().err.splitlines() if "program failed" in l]
     assert len(warnings) == 1 and "program programs/L000/g01 (layer0_e2-4-5-6)" in warnings[0], warnings
     assert re.search(r"does not compute the model's experts|gave a bad output", warnings[0])
@@ -147,12 +110,12 @@ def test_every_program_probed_on_first_use_passes_on_a_good_bundle(tmp_path, mon
     """No program probed at load: each one's first call reads its experts' rows from the
     safetensors (release.rows_twin) and checks the program; a good bundle keeps every layer on it."""
     m = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=3, q_bits=q_bits)
-    _build(m)
+    build(m)
     monkeypatch.setattr(verify, "LOAD_LAYERS", 0)
     monkeypatch.setattr(verify, "LOAD_OTHERS", 0)
     model, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
     capsys.readouterr()
-    assert _greedy(model, tok) == _greedy(*stock_load(str(m)))
+    assert greedy(model, tok) == greedy(*stock_load(str(m)))
     assert "program failed" not in capsys.readouterr().err
     st = offload_stats(model)
     assert st and all(s.offloaded == s.calls and not s.fallback for s in st)
@@ -165,15 +128,15 @@ def _weights(model_dir: Path):
     return sorted((model_dir / "npumoe-onnx").rglob("*.weights"))
 
 
-def test_program_rewritten_in_place_after_load_keeps_the_output(moe, want, tmp_path, capsys):
-    m = _copy(moe, tmp_path / "m")
+def test_program_rewritten_in_place_after_load_keeps_the_output(eager_moe, want, tmp_path, capsys):
+    m = copy_model(eager_moe, tmp_path / "m")
     model, tok = npumoe_mlx.load(str(m), offload="onnx", quiet=True)
-    assert _greedy(model, tok) == want  # every program ran: its session is open
+    assert greedy(model, tok) == want  # every program ran: its session is open
     for f in _weights(m):  # rsync --inplace / cp over: same inode, other bytes
         with open(f, "r+b") as fh:
             fh.write(np.full(f.stat().st_size // 4, 7.0, np.float32).tobytes())
-    assert _greedy(model, tok) == want
-    assert _greedy(model, tok, "Another prompt, to run other tiers. " * 5) == _greedy(*stock_load(str(moe)), "Another prompt, to run other tiers. " * 5)
+    assert greedy(model, tok) == want
+    assert greedy(model, tok, "Another prompt, to run other tiers. " * 5) == greedy(*stock_load(str(eager_moe)), "Another prompt, to run other tiers. " * 5)
 
 
 SCRIPT = """
@@ -193,14 +156,14 @@ print(json.dumps([first, run(sys.argv[2]), run(sys.argv[3])]))
 """
 
 
-def test_truncated_program_after_load_never_kills_the_process(moe, tmp_path):
-    m = _copy(moe, tmp_path / "m")
+def test_truncated_program_after_load_never_kills_the_process(eager_moe, tmp_path):
+    m = copy_model(eager_moe, tmp_path / "m")
     other = "Another prompt, to run other tiers. " * 5
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(m), PROMPT, other], capture_output=True, text=True,
                        env=ENV, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # not -7 (SIGBUS)
     first, again, then = json.loads(r.stdout.strip().splitlines()[-1])
-    model, tok = stock_load(str(moe))
+    model, tok = stock_load(str(eager_moe))
     run = lambda p: [x.token for x in stream_generate(model, tok, p, max_tokens=8, sampler=make_sampler(0.0))]
     assert first == again == run(PROMPT) and then == run(other)
 
@@ -223,21 +186,21 @@ def _one_line(err: str, sub: str) -> str:
     return lines[0]
 
 
-def test_compare_never_overwrites_a_file_it_did_not_write(moe, tmp_path, capsys, monkeypatch):
+def test_compare_never_overwrites_a_file_it_did_not_write(eager_moe, tmp_path, capsys, monkeypatch):
     from npumoe_mlx.tools import compare
 
     d = tmp_path / "notes"
     d.mkdir()
     (d / "compare.md").write_text("my own notes")
     monkeypatch.setattr(compare, "measure_side", _no_work)
-    rc, _, err = _run_cli(capsys, "compare", "--model", moe, "--out", d, "--prompt-tokens", "16", "--max-tokens", "2")
+    rc, _, err = run_cli(capsys, "compare", "--model", eager_moe, "--out", d, "--prompt-tokens", "16", "--max-tokens", "2")
     line = _one_line(err, "compare")
     assert rc == 1 and f"--out {d} holds compare.md, which npumoe compare did not write; nothing was run" in line
     assert (d / "compare.md").read_text() == "my own notes" and sorted(p.name for p in d.iterdir()) == ["compare.md"]
 
 
 @pytest.mark.parametrize("where", ["root", "proc", "file"])
-def test_compare_refuses_root_system_folders_and_a_file(moe, tmp_path, capsys, monkeypatch, where):
+def test_compare_refuses_root_system_folders_and_a_file(eager_moe, tmp_path, capsys, monkeypatch, where):
     from npumoe_mlx.tools import compare
 
     f = tmp_path / "results.txt"
@@ -245,19 +208,19 @@ def test_compare_refuses_root_system_folders_and_a_file(moe, tmp_path, capsys, m
     out = {"root": "/", "proc": "/proc/npumoe-x", "file": str(f)}[where]
     monkeypatch.setattr(compare, "measure_side", _no_work)
     monkeypatch.setattr(compare, "write_outputs", _no_work)
-    rc, _, err = _run_cli(capsys, "compare", "--model", moe, "--out", out, "--prompt-tokens", "16", "--max-tokens", "2")
+    rc, _, err = run_cli(capsys, "compare", "--model", eager_moe, "--out", out, "--prompt-tokens", "16", "--max-tokens", "2")
     line = _one_line(err, "compare")
     want = "exists and is not a folder" if where == "file" else "is a system folder"
     assert rc == 1 and f"--out {out} {want}; nothing was run or written" in line
     assert f.read_text() == "mine"
 
 
-def test_compare_rerun_replaces_its_own_outputs(moe, tmp_path, capsys):
+def test_compare_rerun_replaces_its_own_outputs(eager_moe, tmp_path, capsys):
     d = tmp_path / "c"
-    args = ["compare", "--model", moe, "--out", d, "--prompt-tokens", "16", "--max-tokens", "2", "--no-logits"]
-    assert _run_cli(capsys, *args)[0] == 0
+    args = ["compare", "--model", eager_moe, "--out", d, "--prompt-tokens", "16", "--max-tokens", "2", "--no-logits"]
+    assert run_cli(capsys, *args)[0] == 0
     first = json.loads((d / "compare.json").read_text())
-    assert _run_cli(capsys, *args)[0] == 0  # its own files (listed in npumoe_compare.json): replaced
+    assert run_cli(capsys, *args)[0] == 0  # its own files (listed in npumoe_compare.json): replaced
     assert json.loads((d / "npumoe_compare.json").read_text())["files"] == ["compare.json", "compare.md", "compare.png"]
     assert json.loads((d / "compare.json").read_text())["model"] == first["model"]
 
@@ -299,12 +262,12 @@ OUTPUT_CASES = {  # id: (argv after the model, flag, bad path kind, the slow ste
 
 
 @pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
-def test_output_paths_checked_before_the_work(moe, tmp_path, capsys, monkeypatch, case):
+def test_output_paths_checked_before_the_work(eager_moe, tmp_path, capsys, monkeypatch, case):
     argv, flag, why, slow = OUTPUT_CASES[case]
     _patch(monkeypatch, slow)
     argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
     before = sorted(p.name for p in tmp_path.iterdir())
-    rc, _, err = _run_cli(capsys, argv[0], "--model", moe, *argv[1:])
+    rc, _, err = run_cli(capsys, argv[0], "--model", eager_moe, *argv[1:])
     line = _one_line(err, argv[0])
     bad = argv[argv.index(flag) + 1]
     assert rc != 0 and f"error: {flag} {bad} {why}" in line, line
@@ -318,65 +281,51 @@ def test_output_paths_checked_before_the_work(moe, tmp_path, capsys, monkeypatch
 def other(tmp_path_factory):
     """Another tiny qwen3_moe (same shapes, other weights) with its own valid bundle."""
     path = make_tiny_model(tmp_path_factory.mktemp("other") / "O", "qwen3_moe", seed=7)
-    _build(path, tokens=64)
+    build(path, tokens=64)
     return path
 
 
-def _tree(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_another_models_bundle_is_named_and_its_fix_never_overwrites_it(moe, other, capsys):
+def test_another_models_bundle_is_named_and_its_fix_never_overwrites_it(eager_moe, other, capsys):
     from npumoe_mlx.fingerprint import model_fingerprint
 
     theirs = other / "npumoe-onnx"
-    before = _tree(theirs)
-    rc, _, err = _run_cli(capsys, "generate", "--model", moe, "--offload", "onnx", "--bundle", theirs,
+    before = file_tree(theirs)
+    rc, _, err = run_cli(capsys, "generate", "--model", eager_moe, "--offload", "onnx", "--bundle", theirs,
                           "--prompt", "hi", "--max-tokens", "2")
     line = _one_line(err, "generate")
-    a, b = model_fingerprint(other)[:12], model_fingerprint(moe)[:12]
+    a, b = model_fingerprint(other)[:12], model_fingerprint(eager_moe)[:12]
     assert rc == 1 and f"{theirs}: built for another model ({other}): fingerprint {a}, this model {b}" in line, line
     assert "changed after the build" not in line
     fix = re.findall(r"`(npumoe [^`]+)`", line)
-    assert fix == [f"npumoe build --model {moe} --backend onnx"], fix  # this model's own place, never --out theirs
-    assert f"(it goes to {moe / 'npumoe-onnx'})" in line
-    assert _tree(theirs) == before
+    assert fix == [f"npumoe build --model {eager_moe} --backend onnx"], fix  # this model's own place, never --out theirs
+    assert f"(it goes to {eager_moe / 'npumoe-onnx'})" in line
+    assert file_tree(theirs) == before
     # the API says the same
     with pytest.raises(bundles.BundleError, match=re.escape(f"built for another model ({other}): fingerprint {a}")):
-        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(theirs), quiet=True)
+        npumoe_mlx.load(str(eager_moe), offload="onnx", bundle=str(theirs), quiet=True)
 
 
-def test_the_model_changed_after_the_build_still_rebuilds_in_place(moe, other, tmp_path, capsys):
+def test_the_model_changed_after_the_build_still_rebuilds_in_place(eager_moe, other, tmp_path, capsys):
     m = tmp_path / "m"
     shutil.copytree(other, m, ignore=shutil.ignore_patterns("npumoe-*"))
-    shutil.copytree(moe / "npumoe-onnx", m / "npumoe-onnx")  # its own place, other weights: a changed model
+    shutil.copytree(eager_moe / "npumoe-onnx", m / "npumoe-onnx")  # its own place, other weights: a changed model
     with pytest.raises(bundles.BundleError) as e:
         npumoe_mlx.load(str(m), offload="onnx", quiet=True)
     assert "model fingerprint differs" in str(e.value) and "the model changed after the build" in str(e.value)
     assert f"rebuild it with `npumoe build --model {m} --backend onnx --force`" in str(e.value)
 
 
-def test_missing_bundle_dir_fix_builds_into_that_dir(moe, tmp_path, capsys):
+def test_missing_bundle_dir_fix_builds_into_that_dir(eager_moe, tmp_path, capsys):
     nob = tmp_path / "nob" / "b"
-    rc, _, err = _run_cli(capsys, "generate", "--model", moe, "--offload", "onnx", "--bundle", nob,
+    rc, _, err = run_cli(capsys, "generate", "--model", eager_moe, "--offload", "onnx", "--bundle", nob,
                           "--prompt", "hi", "--max-tokens", "2")
     line = _one_line(err, "generate")
     assert rc == 1 and f"no onnx bundle for this model at {nob}" in line
     fix = re.findall(r"`(npumoe [^`]+)`", line)
-    assert fix == [f"npumoe build --model {moe} --backend onnx --out {nob}"], line
+    assert fix == [f"npumoe build --model {eager_moe} --backend onnx --out {nob}"], line
 
 
 # --- 4. every bundle file validated by type at load -------------------------------------
-
-
-def _rehash(d, rel):
-    """Update the manifest's size and sha256 of ``rel``, as a careful hand edit would."""
-    man = json.loads((d / "manifest.json").read_text())
-    p = d / rel
-    entry = {"bytes": p.stat().st_size, "sha256": bundles._sha256(p), bundles.SAMPLE_KEY: bundles._sample_sha256(p)}
-    if rel in man["meta"]:
-        man["meta"][rel] = entry
-    (d / "manifest.json").write_text(json.dumps(man))
 
 
 def _edit(name, fn):
@@ -386,7 +335,7 @@ def _edit(name, fn):
         fn(obj)
         p.write_text(json.dumps(obj))
         if name != "manifest.json":
-            _rehash(d, name)
+            rehash(d, name)
     return edit
 
 
@@ -423,17 +372,17 @@ TYPE_CASES = {  # id: (file, edit, the field and what it must be)
 
 
 @pytest.mark.parametrize("case", sorted(TYPE_CASES))
-def test_bundle_json_checked_by_type_naming_file_field_and_fix(moe, tmp_path, capsys, case):
+def test_bundle_json_checked_by_type_naming_file_field_and_fix(eager_moe, tmp_path, capsys, case):
     name, fn, msg = TYPE_CASES[case]
     d = tmp_path / "b"
-    shutil.copytree(moe / "npumoe-onnx", d)
+    shutil.copytree(eager_moe / "npumoe-onnx", d)
     _edit(name, fn)(d)
     with pytest.raises(bundles.BundleError) as e:
-        npumoe_mlx.load(str(moe), offload="onnx", bundle=str(d), quiet=True)
+        npumoe_mlx.load(str(eager_moe), offload="onnx", bundle=str(d), quiet=True)
     assert str(e.value).startswith(f"{d / name}: ") and msg in str(e.value), str(e.value)
     assert re.match(r"^\S+: programs\[0\]\.files\.programs/L000/g00/\S+\.onnx\.bytes is", str(e.value)) or case != "manifest-bytes"
-    assert f"rebuild it with `npumoe build --model {moe} --backend onnx --out {d} --force`" in str(e.value)
-    rc, out, err = _run_cli(capsys, "generate", "--model", moe, "--bundle", d, "--offload", "onnx",
+    assert f"rebuild it with `npumoe build --model {eager_moe} --backend onnx --out {d} --force`" in str(e.value)
+    rc, out, err = run_cli(capsys, "generate", "--model", eager_moe, "--bundle", d, "--offload", "onnx",
                             "--max-tokens", "2", "--prompt", "hi")
     assert rc == 1 and out == "" and msg in _one_line(err, "generate")
 
@@ -441,25 +390,25 @@ def test_bundle_json_checked_by_type_naming_file_field_and_fix(moe, tmp_path, ca
 # --- 7. the other messages name the real problem ---------------------------------------
 
 
-def test_config_field_missing_names_config_json(moe, tmp_path, capsys):
+def test_config_field_missing_names_config_json(eager_moe, tmp_path, capsys):
     m = tmp_path / "m"
-    shutil.copytree(moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    shutil.copytree(eager_moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
     cfg = json.loads((m / "config.json").read_text())
     del cfg["num_experts"]
     (m / "config.json").write_text(json.dumps(cfg))
-    rc, _, err = _run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "2")
+    rc, _, err = run_cli(capsys, "generate", "--model", m, "--prompt", "hi", "--max-tokens", "2")
     line = _one_line(err, "generate")
     assert rc == 1 and f"{m}: config.json has no num_experts (the model's code needs it); restore or re-download" in line
     assert "ModelArgs" not in line
 
 
-def test_moe_intermediate_size_zero_is_a_config_error(moe, tmp_path, capsys):
+def test_moe_intermediate_size_zero_is_a_config_error(eager_moe, tmp_path, capsys):
     m = tmp_path / "m"
-    shutil.copytree(moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
+    shutil.copytree(eager_moe, m, ignore=shutil.ignore_patterns("npumoe-*"))
     cfg = json.loads((m / "config.json").read_text())
     cfg["moe_intermediate_size"] = 0
     (m / "config.json").write_text(json.dumps(cfg))
-    rc, _, err = _run_cli(capsys, "build", "--model", m, "--no-tune", "--tokens", "16")
+    rc, _, err = run_cli(capsys, "build", "--model", m, "--no-tune", "--tokens", "16")
     line = _one_line(err, "build")
     assert rc == 1 and "config.json: moe_intermediate_size is 0 (an integer), but it must be >= 1 in a MoE model (8 experts)" in line
     assert "division" not in line
@@ -475,7 +424,7 @@ def test_nan_weights_are_named_the_models(tmp_path, capsys):
     w[key] = w[key].copy()
     w[key][3, 5, 7] = np.nan  # one expert's one weight
     save_file(w, str(f), metadata={"format": "mlx"})
-    rc, _, err = _run_cli(capsys, "build", "--model", m, "--no-tune", "--tokens", "64", "--cost", _eager(tmp_path))
+    rc, _, err = run_cli(capsys, "build", "--model", m, "--no-tune", "--tokens", "64", "--cost", _eager(tmp_path))
     line = _error_line(err, "build")
     assert rc == 1 and "the model's own experts of programs/L001/" in line
     assert "give NaN or Inf on a seeded probe (stock MLX): the model's weights hold NaN or Inf" in line
@@ -493,8 +442,8 @@ def _eager(tmp_path) -> Path:
     ("inf", "--memory-budget must be a number of GB >= 0 (0 = no check), got inf"),
     ("0.0001", "over the memory budget of 0.10 MB"),
 ])
-def test_memory_budget_nan_and_tiny(moe, tmp_path, capsys, value, want):
-    rc, _, err = _run_cli(capsys, "build", "--model", moe, "--out", tmp_path / "b", "--no-tune", "--tokens", "16",
+def test_memory_budget_nan_and_tiny(eager_moe, tmp_path, capsys, value, want):
+    rc, _, err = run_cli(capsys, "build", "--model", eager_moe, "--out", tmp_path / "b", "--no-tune", "--tokens", "16",
                           "--memory-budget", value)
     line = _error_line(err, "build")
     assert rc == 1 and want in line, line
@@ -508,11 +457,11 @@ def test_install_on_something_that_is_not_a_model():
 
 
 @pytest.mark.parametrize("after", [1.0, 2.5, 5.0])  # imports, load, generation (after Python's own start-up)
-def test_ctrl_c_at_any_moment_prints_interrupted_and_exits_130(moe, after):
+def test_ctrl_c_at_any_moment_prints_interrupted_and_exits_130(eager_moe, after):
     import signal
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "npumoe_mlx.cli", "generate", "--model", str(moe), "--offload", "onnx",
+    p = subprocess.Popen([sys.executable, "-m", "npumoe_mlx.cli", "generate", "--model", str(eager_moe), "--offload", "onnx",
                           "--prompt", PROMPT * 20, "--max-tokens", "4000"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
     time.sleep(after)
@@ -522,12 +471,12 @@ def test_ctrl_c_at_any_moment_prints_interrupted_and_exits_130(moe, after):
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "npumoe generate: interrupted", err[-2000:]
 
 
-def test_bundle_copied_over_a_served_one_keeps_the_server_up_and_stock_equal(moe, other, tmp_path):
+def test_bundle_copied_over_a_served_one_keeps_the_server_up_and_stock_equal(eager_moe, other, tmp_path):
     from mlx_lm import generate as stock_generate
 
     from tests.test_server import Server, _ask
 
-    m = _copy(moe, tmp_path / "m")
+    m = copy_model(eager_moe, tmp_path / "m")
     (tmp_path / "hub").mkdir()
     srv = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", str(m), "--offload", "onnx"], tmp_path / "srv.log",
                  env={"HF_HUB_CACHE": str(tmp_path / "hub")})
@@ -547,7 +496,7 @@ def test_bundle_copied_over_a_served_one_keeps_the_server_up_and_stock_equal(moe
         assert srv.proc.poll() is None, srv.text()[-2000:]  # alive: no SIGBUS
     finally:
         srv.stop()
-    model, tok = stock_load(str(moe))
+    model, tok = stock_load(str(eager_moe))
     sampler = make_sampler(0.0)
     assert first[0] == again[0] == stock_generate(model, tok, PROMPT, max_tokens=12, sampler=sampler)
     assert other_prompt[0] == stock_generate(model, tok, "Another prompt, to run other tiers. " * 5, max_tokens=12,

@@ -1,18 +1,16 @@
 """Resident bytes per unit and the build's memory budget (bundle format 2: one copy per program)."""
 
 import os
-from pathlib import Path
 
 import pytest
 
 from npumoe_mlx import bundle as bundles
-from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import cli
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.tools.tiny import make_tiny_model
 
+from conftest import build
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +20,7 @@ def q4(tmp_path_factory):
 
 def _build(model, out, **kw):
     logs = []
-    build_bundle(str(model), "onnx", str(out), corpus=["qa"], tokens=128, chunk_size=64, cost=EAGER,
-                  log=logs.append, **kw)
+    build(model, out, tokens=128, chunk_size=64, log=logs.append, **kw)
     return logs
 
 

@@ -27,17 +27,13 @@ import pytest
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
-from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx import server
-from npumoe_mlx.cost import CostModel
 from npumoe_mlx.offload import OffloadError
 from npumoe_mlx.options import OffloadOptions
-from npumoe_mlx.tools.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 # Programs always win: every call, decode included, goes through the programs.
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 START_TIMEOUT = 90
 CHAT = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]
 PROMPT = "Once upon a time, in a land far away,"
@@ -109,11 +105,9 @@ def _layer_files(bundle: Path, layer: int):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("srv")
-    path = make_tiny_model(root / "m", "qwen3_moe", seed=1)
-    build_bundle(str(path), "onnx", corpus=["qa"], tokens=256, chunk_size=128, cost=EAGER, log=lambda m: None)
-    faulty = root / "faulty"  # the same weights (same fingerprint); its layer-0 programs change under the server
+def models(eager_moe, tmp_path_factory):
+    path = eager_moe
+    faulty = tmp_path_factory.mktemp("srv") / "faulty"  # the same weights (same fingerprint); its layer-0 programs change under the server
     shutil.copytree(path, faulty)
     return path, faulty
 

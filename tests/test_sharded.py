@@ -17,8 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 from mlx_lm import generate as stock_generate
 from mlx_lm import load as stock_load
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
 from npumoe_mlx import bundle as bundles
@@ -27,16 +25,14 @@ from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.executor import offload_stats, summarize
 from npumoe_mlx.fingerprint import model_fingerprint
 from npumoe_mlx.tools.tiny import make_tiny_model
+
+from conftest import PROMPT, greedy
 from sharded_worker import BUILD  # tests/ is on sys.path under pytest: the workers' eager cost model
 
 HERE = Path(__file__).parent
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
-LAUNCH = shutil.which("mlx.launch")
-pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")
-
-
-def _greedy(model, tok, n=8):
-    return [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n, sampler=make_sampler(0.0))]
+# Installed beside this interpreter (a venv's bin/ need not be on PATH), else anywhere on PATH.
+LAUNCH = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
+pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed beside Python or on PATH")
 
 
 def _free_port_pair() -> int:
@@ -91,7 +87,7 @@ def models(tmp_path_factory):
     want = {}
     for k, p in m.items():
         model, tok = stock_load(str(p))
-        want[k] = _greedy(model, tok)
+        want[k] = greedy(model, tok, n=8)
     return m, want
 
 
@@ -204,7 +200,7 @@ def test_single_process_sharded_load_uses_the_model_bundle(models, tmp_path):
     model, tok = npumoe_mlx.sharded_load(str(path), offload="onnx", build=True, build_options=BUILD, quiet=True)
     assert sharded.shard_of(model).key == "tp1-r0" and not sharded.shard_of(model).sharded
     assert _manifest(path / "npumoe-onnx")["model_fingerprint"] == model_fingerprint(path)
-    assert _greedy(model, tok) == want["qw"]
+    assert greedy(model, tok, n=8) == want["qw"]
     assert summarize(offload_stats(model))["program_calls"] > 0
     assert [s["rank"] for s in sharded.rank_stats(model)] == [0]
 

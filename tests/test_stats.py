@@ -15,18 +15,25 @@ from npumoe_mlx.calibrate import Profile
 from npumoe_mlx.cost import CostModel
 from npumoe_mlx.executor import OffloadExecutor, offload_stats, stats_profile, summarize
 from npumoe_mlx.experts import find_expert_blocks, installed_blocks
-from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
+from conftest import EAGER, build, copy_model
 
 
-def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
-    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
-    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
-    tight.capacities = [16]  # a plan made for tiny calls: 300-token prompts overflow it
-    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
-                        cost=EAGER, limits=tight, log=lambda m: None)
+
+def _served(path, bundle, tokens, stats):
+    """Load ``path`` with ``bundle``, run one ``tokens``-token prompt (it must overflow the plan),
+    save the per-call loads to ``stats``: (model, prompt ids)."""
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(bundle), quiet=True)
+    ids = mx.array(prompt_of_tokens(tok, tokens, seed=3))[None]
+    mx.eval(model(ids))
+    assert summarize(offload_stats(model))["overflow_pct"] > 5
+    stats_profile(model, "qwen3_moe").save(stats)
+    return model, ids
+
+
+def test_overflow_notice_stats_file_and_replan(tight_skewed, tmp_path, capsys):
+    path, out = tight_skewed  # a plan made for tiny calls: 300-token prompts overflow it
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
     notes = []
     for m in installed_blocks(model):
@@ -60,22 +67,14 @@ def test_overflow_notice_stats_file_and_replan(tmp_path, capsys):
     assert "tiers" in capsys.readouterr().out
 
 
-def test_build_from_stats_resizes_the_bundle(tmp_path, capsys):
+def test_build_from_stats_resizes_the_bundle(tight_copy, tmp_path, capsys):
     """`npumoe build --from-stats FILE`: the saved per-call loads replace the calibration's for the
     layers they cover, and the rebuilt bundle no longer overflows on that workload."""
     from npumoe_mlx import cli
 
-    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
-    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
-    tight.capacities = [16]
-    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
-                       cost=EAGER, limits=tight, log=lambda m: None)
-    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
-    ids = mx.array(prompt_of_tokens(tok, 300, seed=3))[None]
-    mx.eval(model(ids))
-    assert summarize(offload_stats(model))["overflow_pct"] > 5
+    path, out = tight_copy()  # rebuilt below: this test's own copy
     f = tmp_path / "stats.json"
-    stats_profile(model, "qwen3_moe").save(f)
+    _, ids = _served(path, out, 300, f)
     cost = tmp_path / "eager.json"
     EAGER.save(str(cost))
     rc = cli.main(["build", "--model", str(path), "--out", str(out), "--cost", str(cost), "--corpus", "qa",
@@ -92,24 +91,19 @@ def test_build_from_stats_resizes_the_bundle(tmp_path, capsys):
     assert rc == 1 and "nope.json" in capsys.readouterr().err
 
 
-def test_convert_refresh_resizes_a_converted_models_bundle(tmp_path, capsys):
+def test_convert_refresh_resizes_a_converted_models_bundle(tight_skewed, tmp_path, capsys):
     """`npumoe convert --refresh STATS` (= `npumoe build --from-stats STATS` for a converted model):
     a bad stats file fails with its name before anything changes; a good one rebuilds the bundle
     with ladders sized for the saved calls, planned with the costs the bundle already had."""
     from npumoe_mlx import cli
     from npumoe_mlx.plan import Plan
 
-    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
-    out = build_bundle(str(path), "onnx", str(path / "npumoe-onnx"), corpus=["qa"], tokens=256, chunk_size=128,
-                       cost=EAGER, log=lambda m: None)  # where `convert --in-place` keeps an MLX model's bundle
+    path = copy_model(tight_skewed[0], tmp_path / "m", bundles=False)
+    out = build(path, path / "npumoe-onnx")  # where `convert --in-place` keeps an MLX model's bundle
     before = Plan.load(out / "plan.json")
-    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
     # calls far larger than the calibration's: 128-token chunks, batched calls of up to 4 x 128 (issue 23)
-    ids = mx.array(prompt_of_tokens(tok, 1200, seed=3))[None]
-    mx.eval(model(ids))
-    assert summarize(offload_stats(model))["overflow_pct"] > 5
     f = tmp_path / "stats.json"
-    stats_profile(model, "qwen3_moe").save(f)
+    _, ids = _served(path, out, 1200, f)
     common = ["convert", "--hf-path", str(path), "--in-place", "--backend", "onnx", "--tokens", "256",
               "--chunk-size", "128"]
 
@@ -138,18 +132,14 @@ def test_convert_refresh_resizes_a_converted_models_bundle(tmp_path, capsys):
     assert s["offloaded_calls"] > 0 and s["overflow_pct"] == 0
 
 
-def test_plan_from_stats_finds_the_bundle_and_previews_what_build_builds(tmp_path, capsys):
+def test_plan_from_stats_finds_the_bundle_and_previews_what_build_builds(tight_copy, tmp_path, capsys):
     """Issue 24: `npumoe plan --from-stats` said "no onnx bundle" beside M/npumoe-onnx and previewed
     another plan (other costs, no calibration) than `npumoe build --from-stats` then built."""
     import json
 
     from npumoe_mlx import cli
 
-    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
-    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
-    tight.capacities = [16]
-    out = build_bundle(str(path), "onnx", str(path / "npumoe-onnx"), corpus=["qa"], tokens=256, chunk_size=128,
-                       cost=EAGER, limits=tight, log=lambda m: None)  # where `npumoe build` puts it
+    path, out = tight_copy("npumoe-onnx")  # where `npumoe build` puts it
     model, tok = npumoe_mlx.load(str(path), offload="onnx", quiet=True)
     mx.eval(model(mx.array(prompt_of_tokens(tok, 300, seed=3))[None]))
     f = tmp_path / "stats.json"

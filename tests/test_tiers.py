@@ -12,6 +12,8 @@ from npumoe_mlx.plan import NEVER, GroupPlan, LayerPlan, PlanLimits, make_plan, 
 from npumoe_mlx.profiles import LayerCounts, Profile
 from npumoe_mlx.tiers import CallContext, choose_ladder, decide_call, ladder_cover, ladder_rounds, plan_slots, tier_for
 
+from conftest import zipf_layer
+
 D, H = 64, 32
 F = flops_per_row(D, H)
 
@@ -143,19 +145,6 @@ def test_energy_objective_decides_on_joules():
     assert not decide_call(counts, CallContext(g, t, cold, slow, D, H, objective="energy")).offload
 
 
-def _profile(E=8, k=2, calls=40, n=128, seed=0, skew=1.0):
-    rng = np.random.default_rng(seed)
-    p = 1.0 / np.arange(1, E + 1) ** skew
-    chunks = []
-    for i in range(calls):
-        c = np.zeros(E, int)
-        for _ in range(n):
-            c[rng.choice(E, k, replace=False, p=p / p.sum())] += 1
-        chunks.append({"tokens": n, "counts": c.tolist(), "seq": i})
-    total = np.sum([c["counts"] for c in chunks], axis=0)
-    return LayerCounts(0, "p", E, k, total.tolist(), chunks)
-
-
 def _block(layer, D, H, E=8, k=2):
     """An expert block's description: the shapes the planner reads."""
     return ExpertBlock(layer, f"p{layer}", "SwitchGLU", E, k, D, H, "swiglu", False, None, "float32")
@@ -165,11 +154,11 @@ def test_concurrent_partition_uses_a_slower_unit():
     """Programs at half MLX's speed: "only where they beat MLX" keeps everything on MLX;
     running both at once puts about a third of the work on programs and shortens the call."""
     cost = _cost(program_flops=F / 2, dispatch_s=0.01, mlx_fixed_s=0.01)
-    lp = plan_layer(_profile(), D, H, cost, PlanLimits.for_backend("onnx", max_group=1), call_sizes=[128])
+    lp = plan_layer(zipf_layer(), D, H, cost, PlanLimits.for_backend("onnx", max_group=1), call_sizes=[128])
     assert lp.groups and lp.cold, (lp.groups, lp.cold)
-    share = sum(np.asarray(_profile().counts)[g.experts].sum() for g in lp.groups) / sum(_profile().counts)
+    share = sum(np.asarray(zipf_layer().counts)[g.experts].sum() for g in lp.groups) / sum(zipf_layer().counts)
     assert 0.15 < share < 0.5, share
-    counts = np.asarray(_profile(seed=1).chunks[0]["counts"])
+    counts = np.asarray(zipf_layer(seed=1).chunks[0]["counts"])
     p = lp.predicted(cost, 128, counts)
     assert p["offload_s"] < 0.85 * p["mlx_s"]
 
@@ -180,12 +169,12 @@ def test_energy_plan_puts_more_on_the_frugal_unit_within_its_time_bound():
     more experts resident)."""
     cost = _cost(program_flops=F / 1.5, dispatch_s=0.01, mlx_fixed_s=0.01,
                  program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
-    prof = _profile(E=16, calls=60)
+    prof = zipf_layer(E=16, calls=60)
     lim = PlanLimits.for_backend("onnx", max_group=1)
     res = {}
     for obj, bound in (("time", "time"), ("energy", "time"), ("energy", "gpu")):
         lp = plan_layer(prof, D, H, cost, lim, call_sizes=[128], objective=obj, energy_bound=bound)
-        ds = [lp.decide(cost, np.asarray(c["counts"])) for c in _profile(E=16, calls=20, seed=5).chunks]
+        ds = [lp.decide(cost, np.asarray(c["counts"])) for c in zipf_layer(E=16, calls=20, seed=5).chunks]
         res[obj, bound] = (len(lp.cold), np.mean([d.offload_s if d.offload else d.mlx_only_s for d in ds]),
                            np.mean([d.offload_j if d.offload else d.mlx_only_j for d in ds]),
                            np.mean([d.mlx_only_s for d in ds]))
@@ -196,7 +185,7 @@ def test_energy_plan_puts_more_on_the_frugal_unit_within_its_time_bound():
 
 
 def test_program_budget_is_respected_hottest_first():
-    prof = Profile(None, "", "", 0, 128, [replace(_profile(E=8), layer=l) for l in range(3)])
+    prof = Profile(None, "", "", 0, 128, [replace(zipf_layer(E=8), layer=l) for l in range(3)])
     shapes = {l: _block(l, D, H) for l in range(3)}
     eager = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1)
     lim = PlanLimits.for_backend("onnx", max_group=1, max_programs=4)
@@ -213,7 +202,7 @@ def test_program_budget_is_respected_hottest_first():
 def test_min_tokens_keeps_decode_on_mlx():
     """A 5 ms dispatch never pays for a 1-token call: min_tokens > 1, and a decode call stays on MLX."""
     cost = CostModel("onnx", 5e-3, 1e13, 1e12, 1e-4, 1e-4, 1e10)
-    lp = plan_layer(_profile(), 512, 1024, cost, PlanLimits.for_backend("onnx"), call_sizes=[128])
+    lp = plan_layer(zipf_layer(), 512, 1024, cost, PlanLimits.for_backend("onnx"), call_sizes=[128])
     assert 1 < lp.min_tokens < NEVER
     counts = np.zeros(8)
     counts[:2] = 1
@@ -228,9 +217,9 @@ def test_decode_stays_on_mlx_even_when_programs_look_free():
     cost = _cost(program_flops=F * 1e6)  # a program row a million times cheaper than an MLX pair
     assert cost.first_offload_tokens == 2 == CostModel.from_dict({k: v for k, v in cost.to_dict().items()
                                                                    if k != "first_offload_tokens"}).first_offload_tokens
-    lp = plan_layer(_profile(), 512, 1024, cost, PlanLimits.for_backend("onnx"), call_sizes=[128])
+    lp = plan_layer(zipf_layer(), 512, 1024, cost, PlanLimits.for_backend("onnx"), call_sizes=[128])
     assert lp.groups and lp.min_tokens == 2
-    assert plan_layer(_profile(), 512, 1024, _cost(program_flops=F * 1e6, first_offload_tokens=1),
+    assert plan_layer(zipf_layer(), 512, 1024, _cost(program_flops=F * 1e6, first_offload_tokens=1),
                       PlanLimits.for_backend("onnx"), call_sizes=[128]).min_tokens == 1  # asked for: decode too
     sp = plan_shared(LayerCounts(0, "p", 8, 2, [0] * 8, [{"tokens": 128}]), "p", D, H, _cost(program_flops=F * 1e6, mlx_dense_flops=F),
                      PlanLimits.for_backend("onnx"))
@@ -294,9 +283,9 @@ def test_the_marginal_group_gets_tiers_to_balance_the_two_units():
     resident group gets tiers below its load for that cut round, and the calls land within 3% of
     the continuous optimum (whole experts only: ~8% above it)."""
     cost = _cost(program_flops=F / 3, dispatch_s=0.5, mlx_fixed_s=0.5, sync_s=0.5)
-    prof = _profile(E=8, k=2, calls=48, n=2048, seed=3, skew=0.3)
+    prof = zipf_layer(E=8, k=2, calls=48, n=2048, seed=3, skew=0.3)
     lp = plan_layer(prof, D, H, cost, PlanLimits.for_backend("coreml"), call_sizes=[2048])
-    calls = [np.asarray(c["counts"]) for c in _profile(E=8, k=2, calls=16, n=2048, seed=4, skew=0.3).chunks]
+    calls = [np.asarray(c["counts"]) for c in zipf_layer(E=8, k=2, calls=16, n=2048, seed=4, skew=0.3).chunks]
     last = lp.groups[-1]
     assert min(last.tiers) < min(int(c[last.experts].min()) for c in calls), last.tiers
     ds = [lp.decide(cost, c) for c in calls]

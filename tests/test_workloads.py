@@ -21,7 +21,8 @@ from npumoe_mlx.tiers import small_ladders, undersized
 from npumoe_mlx.tools.tiny import make_tiny_model
 from npumoe_mlx.workloads import prompt_of_tokens
 
-EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
+from conftest import EAGER
+
 
 
 # onnx's parametric costs with the per-call cost a program call has here: 3 calls of a tiny model's
@@ -143,7 +144,7 @@ def test_replay_workloads_size_ladders_for_batched_calls(tmp_path):
         rp.replay([{0: routes}], [{0: routes}], 64, 128, cost, lim, workload="server")
 
 
-def test_calibration_records_batched_calls_whole_and_plans_cover_them(tmp_path):
+def test_calibration_records_batched_calls_whole_and_plans_cover_them(tight_skewed):
     from mlx_lm.utils import load as mlx_load
 
     from npumoe_mlx.calibrate import calibrate
@@ -151,7 +152,7 @@ def test_calibration_records_batched_calls_whole_and_plans_cover_them(tmp_path):
     from npumoe_mlx.plan import make_plan, prefill_call_sizes
     from npumoe_mlx.workloads import GENERATION_SIZES, corpus_documents
 
-    path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1, num_experts=16, skew=2.0)
+    path = tight_skewed[0]  # the model only (read, never changed)
     model, tok, config = mlx_load(str(path), return_config=True)
     docs, _ = corpus_documents(["qa", "code"], 1200, 0)
     prof = calibrate(model, tok, config, docs, chunk_size=512, max_tokens=1200, batched=True)
@@ -173,14 +174,14 @@ def test_calibration_records_batched_calls_whole_and_plans_cover_them(tmp_path):
             assert all(cnt[g.experts].max() <= g.tiers[-1] for g in lp.groups)
 
 
-def test_batch_generate_of_four_prompts_overflows_at_most_two_percent(tmp_path):
+def test_batch_generate_of_four_prompts_overflows_at_most_two_percent(tight_skewed, tmp_path):
     """The default build (2048 calibration tokens, 2048-token chunks, batched calls recorded) holds
     batch_generate's one call of 4 right-padded prompts of 200-800 tokens under its top tiers."""
     from mlx_lm import batch_generate
 
     from npumoe_mlx.executor import offload_stats, summarize
 
-    path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1, num_experts=16, skew=2.0)
+    path = tight_skewed[0]  # the model only (its default bundle goes to this test's folder)
     out = build_bundle(str(path), "onnx", str(tmp_path / "b"), cost=EAGER, log=lambda m: None)
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
     rng = np.random.default_rng(1)
@@ -190,21 +191,16 @@ def test_batch_generate_of_four_prompts_overflows_at_most_two_percent(tmp_path):
     assert s["offloaded_calls"] > 0 and s["overflow_pct"] <= 2.0, s
 
 
-def test_replan_while_serving_swaps_ladders_between_calls_and_persists(tmp_path):
+def test_replan_while_serving_swaps_ladders_between_calls_and_persists(tight_copy):
     """A plan made for 16-token calls meets 300-token calls: after MIN_CALLS the observed overflow
     passes the prediction, ``auto`` re-plans the ladders (same groups, same programs) from the
     served calls, the next call runs on them with stock logits and no overflow, and
     ``replan.json`` (written atomically) is applied by the next load."""
     from mlx_lm.utils import load as mlx_load
 
-    from npumoe_mlx import plan as plans
     from npumoe_mlx import replan
 
-    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
-    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
-    tight.capacities = [16]
-    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
-                       cost=EAGER, limits=tight, log=lambda m: None)
+    path, out = tight_copy()  # replan.json is written into the bundle: this test's own copy
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
     stock, _ = mlx_load(str(path))
     logs = []
@@ -252,7 +248,7 @@ def _overflow(st: dict) -> tuple:
     return sum(l["overflow"] for l in routed), sum(l["synced_pairs"] for l in routed)
 
 
-def test_server_chat_traffic_replans_once_with_stock_tokens(tmp_path):
+def test_server_chat_traffic_replans_once_with_stock_tokens(tight_copy, tmp_path):
     """`npumoe server --replan auto` (127.0.0.1) under 40 chat requests of 20-800 tokens from the
     openai client, on a plan made for 16-token calls: the overflow drifts past the prediction, one
     re-plan runs in the background while requests keep coming, and the text equals `mlx_lm.server`'s
@@ -262,15 +258,10 @@ def test_server_chat_traffic_replans_once_with_stock_tokens(tmp_path):
 
     from test_server import Server
 
-    from npumoe_mlx import plan as plans
     from npumoe_mlx import replan
     from npumoe_mlx.workloads import long_context
 
-    path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=1, num_experts=16, skew=2.0)
-    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
-    tight.capacities = [16]
-    out = build_bundle(str(path), "onnx", cost=EAGER, limits=tight, corpus=["qa"], tokens=256, chunk_size=128,
-                       log=lambda m: None)
+    path, out = tight_copy("npumoe-onnx")  # the server re-plans into it: this test's own copy
     (tmp_path / "hub").mkdir()
     ours = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", str(path), "--offload", "onnx",
                    "--replan", "auto"], tmp_path / "ours.log", env={"HF_HUB_CACHE": str(tmp_path / "no-cache")})
