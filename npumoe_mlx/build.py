@@ -60,7 +60,7 @@ def check_weight_format(backend: str, weight_format: Optional[str]) -> Optional[
     which keeps the model's own weights: a format given for onnx is refused in one line."""
     from ane_kernels.formats import DEFAULT_FORMAT, check_format
 
-    if registry.get(backend).program_format != "coreml":
+    if not registry.get(backend).weight_formats:
         if weight_format is not None:
             raise ValueError(f"--weight-format sets how Core ML programs store weights; the {backend} backend "
                              f"keeps the model's own weights (drop --weight-format or use --backend coreml)")
@@ -173,10 +173,10 @@ def build(
     """
     if backend not in registry.names(bundles=True):
         raise ValueError(f"--backend must be one of {', '.join(registry.names(bundles=True))}, got {backend!r}")
-    toolkit = {"onnx": "onnx", "coreml": "coremltools"}.get(registry.get(backend).program_format)
+    toolkit, requirement = registry.get(backend).builder or (None, None)
     if toolkit and importlib.util.find_spec(toolkit) is None:  # an extra off a Mac (pyproject.toml)
         raise ValueError(f"building {backend} programs needs {toolkit}, which is not installed: "
-                         f"pip install '{'npumoe-mlx[coreml]' if toolkit == 'coremltools' else 'onnx'}'")
+                         f"pip install '{requirement}'")
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     weight_format = check_weight_format(backend, weight_format)

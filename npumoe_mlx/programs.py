@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     limits = DEFAULT_LIMITS if args.max_axis is None else DEFAULT_LIMITS.override(
         max_axis=args.max_axis
     )
-    if args.weight_format and args.format != "coreml":
+    if args.weight_format and not registry.get(args.format).weight_formats:
         return _fail(f"--weight-format sets how Core ML programs store weights; {args.format} programs keep "
                      "the model's own weights")
     try:
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         backend = backend_class(args.format)
-        fmt = {"weight_format": args.weight_format} if registry.get(args.format).program_format == "coreml" else {}
+        fmt = {"weight_format": args.weight_format} if registry.get(args.format).weight_formats else {}
         built = backend.build(spec, out, limits=limits, layout=args.layout, log=print, **fmt)
         if not args.no_verify:  # a lossy Core ML format: its own bound (norm error, below its max error)
             tol = max(registry.get(args.format).tolerance, FORMAT_TOLERANCE.get(built.get("weight_format"), 0.0))

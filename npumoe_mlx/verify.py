@@ -83,7 +83,7 @@ def tolerance(backend: str, module, weight_format: Optional[str] = None) -> floa
     lin = module.down_proj
     dtype = lin.scales.dtype if hasattr(lin, "scales") else lin.weight.dtype
     return max(info.tolerance, DTYPE_TOLERANCE.get(dtype, 0.0),
-               FORMAT_TOLERANCE.get(weight_format, 0.0) if info.program_format == "coreml" else 0.0)
+               FORMAT_TOLERANCE.get(weight_format, 0.0) if info.weight_formats else 0.0)
 
 
 def check(program, tiers: Iterable[int], want_fn, x: np.ndarray, tol: float, where: str) -> None:

@@ -229,3 +229,20 @@ def test_a_descriptors_host_bytes_reach_every_cost_model_of_it(monkeypatch):
            "programs": [(1, 8, 2e-4), (2, 8, 3e-4), (1, 16, 3e-4)], "mlx_fixed_s": 1e-4,
            "mlx": [(8, 2e-4), (16, 3e-4)], "mlx_dense": [(8, 2e-4), (16, 3e-4)], "sync_s": 1e-5}
     assert tune.fit(raw).host_bytes_per_element == 2.0
+
+
+def test_weight_formats_and_builder_are_read_from_the_descriptor():
+    """--weight-format and the build's package check follow BackendInfo, not a backend's name: onnx-coreml
+    shares onnx's program format (no weight formats) though its unit is the ANE."""
+    from ane_kernels.formats import DEFAULT_FORMAT
+
+    from npumoe_mlx.build import check_weight_format
+
+    assert check_weight_format("coreml", None) == DEFAULT_FORMAT
+    for name in ("onnx", "onnx-coreml"):
+        assert check_weight_format(name, None) is None
+        with pytest.raises(ValueError, match=f"the {name} backend keeps the model's own weights"):
+            check_weight_format(name, DEFAULT_FORMAT)
+    assert registry.get("coreml").builder == ("coremltools", "npumoe-mlx[coreml]")
+    assert registry.get("onnx-coreml").builder == registry.get("onnx").builder == ("onnx", "onnx")
+    assert registry.get("mlx").builder is None and not registry.get("mlx").weight_formats

@@ -136,6 +136,8 @@ class BackendInfo:
     dense_programs: bool = False  # also runs a model's dense linears (dense.py: onnxruntime on the CPU)
     dynamic_rows: bool = False  # its programs run any row count below their ladders (plan.below_ladder_tiers)
     label: str = ""  # the device reports name (""; MLX's device); onnx programs name their session's provider
+    weight_formats: bool = False  # builds its own expert weight format (--weight-format; ane_kernels/formats.py)
+    builder: Optional[Tuple[str, str]] = None  # (package that builds its programs, pip requirement that installs it)
 
     def default_cost(self) -> CostModel:
         """A fresh copy of its parametric cost model (callers may change it)."""
@@ -150,10 +152,11 @@ class BackendInfo:
 
 REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("coreml", "ane", "coreml", ANE_LIMITS, ANE_COST, 1e-2, _coreml_runs,
-                preferred_on=_apple_silicon, package="coremltools", chip_costs=True, label="ANE (Core ML)"),
+                preferred_on=_apple_silicon, package="coremltools", chip_costs=True, label="ANE (Core ML)",
+                weight_formats=True, builder=("coremltools", "npumoe-mlx[coreml]")),
     BackendInfo("onnx", "cpu", "onnx", CPU_LIMITS, CPU_COST, 1e-4, _onnx_runs("CPUExecutionProvider"),
                 releases_mlx_experts=True, preferred_on=lambda: True, package="onnxruntime", details=_providers,
-                dense_programs=True, dynamic_rows=True, label="ONNX Runtime CPU"),
+                dense_programs=True, dynamic_rows=True, label="ONNX Runtime CPU", builder=("onnx", "onnx")),
     BackendInfo("mlx", "gpu", "mlx", CPU_LIMITS, MLX_COST, 1e-4,
                 _always, bundles=False, package="mlx", details=_mlx_device, dynamic_rows=True),
     # onnx graphs through onnxruntime's CoreML execution provider (Core ML picks ANE, GPU or
@@ -163,7 +166,7 @@ REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
                 replace(CPU_COST, source="parametric (the onnx CPU's: the CoreML EP is not measured)"), 1e-2,
                 _onnx_runs("CoreMLExecutionProvider"),
                 options={"providers": ["CoreMLExecutionProvider", "CPUExecutionProvider"]}, package="onnxruntime",
-                details=_providers, label="ONNX Runtime CoreML"),
+                details=_providers, label="ONNX Runtime CoreML", builder=("onnx", "onnx")),
 )}
 
 
