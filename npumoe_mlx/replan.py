@@ -1,37 +1,54 @@
-"""Re-planning while serving: a loaded model's ladders re-sized from its own traffic.
+"""Re-planning while serving: a loaded model's groups and ladders re-planned from its own traffic.
 
 A plan is sized for its calibration; a server meets other calls (chat requests of every size,
 batched prefill). Every offloaded layer already keeps its last calls' per-expert loads
 (``OffloadExecutor.loads``, what ``--stats FILE`` saves for ``--from-stats``). ``Replanner``
-compares the padding and overflow those calls saw with what the plan predicts on its own
-calibration and, once they drift past it, re-sizes each group's ladder from the observed loads
-with the planner's own rule (``tiers.choose_ladder``, ``plan._spread``): same groups, same
-programs, same tier count, so the program budget holds. ``notify`` only says so; ``auto`` stages
-the new ladders, which each executor takes at the start of its next call (never inside one: a call
-runs on one ladder) when its programs can serve them (a dynamic onnx session takes any row count,
-``add_tiers``; a static program only the tiers it was built with). The re-planned ladders go to
-``<bundle>/replan.json`` (temp + rename), which ``attach`` applies on the next load.
+compares the padding and overflow those calls saw with what the plan predicts and, once they
+drift past it, plans again from the observed calls with the planner's own entry points: the
+calls become a ``Profile`` (whole-call chunks, as batched calibration records them) and
+``plan.make_plan`` cuts each layer's experts into new groups with new ladders, within the
+program budget the bundle's plan had. Uneven loads inside a group pad whatever its ladder, so a
+layer whose observed loads regroup better gets new programs: built and checked against the
+model's own experts in the background (``<bundle>/replan/gNNN``, a folder written whole), then
+swapped in as the layer's executor between two of its calls (a call in flight finishes on the
+executor it started on; the next one starts on the new). A layer that cannot take new programs
+(MLX released experts the new plan would put back on MLX; no weights to build from) keeps its
+groups and gets new ladders only (``new_ladders``: same programs, the rows they already run).
+Each candidate is kept only where the executor's own decisions on the observed calls
+(``replay.replay_calls``) pad and overflow less. ``notify`` only says so. The re-planned layers go
+to ``<bundle>/replan.json`` (temp + rename, after their programs' folder is in place), which
+``attach`` applies on the next load of the same bundle.
 """
 
 import json
+import shutil
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from .atomic import write_json
-from .experts import installed_blocks
-from .executor import OffloadExecutor
-from .plan import _spread
-from .tiers import choose_ladder, ladder_rounds
+from . import release, verify
+from .atomic import folder, write_json
+from .backends import backend_class, load_backend
+from .bundle import files_under
+from .executor import SMALL_PAIRS, OffloadExecutor
+from .experts import find_expert_blocks, installed_blocks
+from .plan import GroupPlan, LayerPlan, PlanLimits, _spread, below_ladder_tiers, make_plan, program_units
+from .profiles import LayerCounts, Profile
+from .programs import spec_from_switch_glu
+from .replay import replay_calls
+from .tiers import DECODE_TIERS, choose_ladder, ladder_rounds
 
 REPLAN_MODES = ("off", "notify", "auto")
 REPLAN_FILE = "replan.json"
+REPLAN_DIR = "replan"  # <bundle>/replan/gNNN: the programs of re-planned groups, one folder per generation
 MIN_CALLS = 16  # offloaded calls a layer must see before its drift counts
 PAD_MARGIN = 10.0  # points of padding over the plan's prediction that count as drift
 OVERFLOW_MARGIN = 2.0  # points of overflow over the prediction that count as drift
+GAIN = 1.0  # points of padding + overflow a candidate must save on the observed calls to be swapped in
 PREFILL_STEP = 2048  # mlx_lm.server's prefill_step_size: its largest single-sequence call
 
 
@@ -70,27 +87,72 @@ def new_ladders(ex: OffloadExecutor, capacities: List[int], max_tiers: int, load
     return out
 
 
+def served_calls(loads: List[tuple]) -> List[tuple]:
+    """The recorded calls a plan sizes groups for: those past the small-call path (decode and
+    prompt-cache remainders run at their exact rows on ``_small_tiers`` whatever the ladders)."""
+    return [(int(t), int(k), np.asarray(c)) for t, k, c in loads if int(np.asarray(c).sum()) > SMALL_PAIRS]
+
+
+def served_profile(execs: List[OffloadExecutor], loads: Dict[int, List[tuple]]) -> Profile:
+    """The executors' served calls as a calibration ``Profile``: one whole-call chunk per call
+    (``"call": true``, as batched calibration records them), so ``make_plan`` sizes groups and
+    ladders for exactly these calls, top tier with its batched headroom."""
+    layers = []
+    for ex in execs:
+        calls = loads[ex.plan.layer]
+        total = np.sum([c for _, _, c in calls], axis=0).astype(np.int64)
+        chunks = [{"tokens": t, "counts": [int(x) for x in c], "call": True} for t, _, c in calls]
+        layers.append(LayerCounts(ex.plan.layer, ex.plan.path, ex.plan.num_experts, ex.plan.top_k,
+                                  [int(x) for x in total], chunks))
+    seen = sum(ch["tokens"] for ch in layers[0].chunks) if layers else 0
+    return Profile(None, "", "served calls", int(seen), 0, layers)
+
+
+def observed_tally(lp: LayerPlan, ex: OffloadExecutor, calls: List[tuple], extra) -> tuple:
+    """(padding %, overflow %) of ``lp`` on the observed ``calls`` as the executor decides them."""
+    if not calls:
+        return 0.0, 0.0
+    counts = np.stack([c for _, _, c in calls])
+    t = replay_calls(lp, ex.cost, counts, np.asarray([n for n, _, _ in calls]), ex.overflow, extra)
+    return 100.0 * t.padded / max(t.slots, 1), 100.0 * t.overflow / max(int(counts.sum()), 1)
+
+
+def with_ladders(lp: LayerPlan, ladders: List[List[int]]) -> LayerPlan:
+    d = asdict(lp)
+    d["groups"] = [GroupPlan(list(g.experts), list(l)) for g, l in zip(lp.groups, ladders)]
+    d["shared"] = list(lp.shared)
+    return LayerPlan(**d)
+
+
+def layer_plan_of(d: dict) -> LayerPlan:
+    return LayerPlan(**{**d, "groups": [GroupPlan(**g) for g in d["groups"]], "shared": []})
+
+
 class Replanner:
-    """Watches a loaded model's offloaded layers; re-plans their ladders when traffic drifts."""
+    """Watches a loaded model's offloaded layers; re-plans their groups and ladders when traffic drifts."""
 
     def __init__(self, model, mode: str = "notify", bundle: Optional[Path] = None, log=print,
-                 capacities: Optional[List[int]] = None, max_tiers: int = 12):
+                 capacities: Optional[List[int]] = None, max_tiers: int = 12, model_path=None,
+                 limits: Optional[PlanLimits] = None, backend_options: Optional[dict] = None):
         if mode not in REPLAN_MODES:
             raise ValueError(f"--replan must be one of {', '.join(REPLAN_MODES)}, got {mode!r}")
         self.mode, self.bundle, self.log = mode, Path(bundle) if bundle else None, log
+        self.model, self.model_path = model, model_path
         self.execs = [m.executor for m in installed_blocks(model) if isinstance(m.executor, OffloadExecutor)]
         self.capacities = capacities or list(range(8, 4096 + 1, 8))
         self.max_tiers = max_tiers
-        self.generation, self.last_replan, self.predicted = 0, None, {}
+        self.limits, self.backend_options = limits, backend_options or {}
+        self.generation, self.last_replan, self.last_started, self.predicted = 0, None, None, {}
+        self.regrouped: List[int] = []  # layers whose groups the last re-plan changed (new programs)
         self._lock, self._thread, self.notified = threading.Lock(), None, False
-        self.base = {}  # layer -> its stats when its ladders last changed (drift counts calls since)
+        self.base = {}  # layer -> its stats when its plan last changed (drift counts calls since)
         for ex in self.execs:  # the plan's own prediction: its ladders on the calls it has seen so far
             self.predicted[ex.plan.layer] = None
 
     FIELDS = ("slots", "padded", "overflow", "synced_pairs", "offloaded")
 
     def _observed(self, ex) -> dict:
-        """Padding and overflow of the calls since the current ladders went in (or since load)."""
+        """Padding and overflow of the calls since the current plan went in (or since load)."""
         base = self.base.get(ex.plan.layer, {})
         d = {f: getattr(ex.stats, f) - base.get(f, 0) for f in self.FIELDS}
         return {"padding_pct": 100.0 * d["padded"] / max(d["slots"], 1),
@@ -126,53 +188,246 @@ class Replanner:
             if not self.notified:
                 self.notified = True
                 self.log(f"[npumoe] layers {[ex.plan.layer for ex in drift]}: traffic pads or overflows past the "
-                         f"plan's prediction; `--replan auto` re-plans the ladders from it while serving")
+                         f"plan's prediction; `--replan auto` re-plans the groups and ladders from it while serving")
             return
         self._thread = threading.Thread(target=self.replan, args=(drift,), daemon=True)
         self._thread.start()
         if wait:
             self._thread.join()
 
+    def _plan_limits(self, execs: List[OffloadExecutor]) -> PlanLimits:
+        """The backend's own limits (a new program may take any of its capacities) with the bundle
+        plan's budget, less what the layers not re-planned keep."""
+        base = self.limits or PlanLimits.for_backend(self.backend)
+        lim = PlanLimits.for_backend(base.backend, max_group=base.max_group, max_program_bytes=base.max_program_bytes,
+                                     max_axis=base.max_axis, weight_format=base.weight_format, call_ratio=base.call_ratio)
+        others = [ex for ex in self.execs if ex not in execs]
+        kept = sum(program_units(t, base.backend) for ex in others for t in ex._tiers)
+        lim.max_programs = max(base.max_programs - kept, 0)
+        return lim
+
+    @property
+    def backend(self) -> str:
+        return self.limits.backend if self.limits is not None else "onnx"
+
+    def candidates(self, execs: List[OffloadExecutor], loads: Dict[int, List[tuple]]) -> Dict[int, tuple]:
+        """layer -> (kind, LayerPlan, (padding %, overflow %) on the observed calls) of the best of: new
+        groups (``make_plan`` on the served calls), new ladders on the same groups; only layers where
+        it gains ``GAIN`` points of padding + overflow over the plan in place."""
+        lim = self._plan_limits(execs)
+        extra = below_ladder_tiers(lim)
+        plan_of = {}
+        served = {ex.plan.layer: served_calls(loads[ex.plan.layer]) for ex in execs}
+        usable = [ex for ex in execs if served[ex.plan.layer]]
+        blocks = {b.layer: b for b in find_expert_blocks(self.model) if b.supported}
+        regroupable = [ex for ex in usable if self._can_build(ex, blocks.get(ex.plan.layer))]
+        if regroupable:
+            shapes = {ex.plan.layer: _no_shared(blocks[ex.plan.layer]) for ex in regroupable}
+            cost = regroupable[0].cost
+            plan = make_plan(served_profile(regroupable, served), shapes, cost, lim, log=lambda m: self.log(f"[npumoe] {m}"))
+            plan_of = {lp.layer: lp for lp in plan.layers}
+        out = {}
+        for ex in usable:
+            calls = served[ex.plan.layer]
+            now = observed_tally(ex.plan, ex, calls, extra)
+            opts = [("ladders", with_ladders(ex.plan, new_ladders(ex, self.capacities, self.max_tiers, calls)))]
+            lp = plan_of.get(ex.plan.layer)
+            if lp is not None and lp.groups and self._keeps_released(ex, lp):
+                lp.shared = list(ex.plan.shared)
+                opts.append(("groups", lp))
+            scored = [(k, p, observed_tally(p, ex, calls, extra)) for k, p in opts]
+            k, p, t = min(scored, key=lambda x: sum(x[2]))
+            if sum(t) + GAIN <= sum(now):
+                out[ex.plan.layer] = (k, p, t)
+        return out
+
+    def _can_build(self, ex: OffloadExecutor, block) -> bool:
+        """New programs for this layer can be built here: its block, and its experts' weights (a
+        layer whose experts MLX released is read back from the model's files, row by row)."""
+        if block is None or ex.disabled:
+            return False
+        return release.record_of(block.module) is None or self.model_path is not None
+
+    def _keeps_released(self, ex: OffloadExecutor, lp: LayerPlan) -> bool:
+        """A released layer's new plan may not put a released expert on MLX (MLX no longer holds it)."""
+        block = next((m for m in installed_blocks(self.model) if m.executor is ex), None)
+        rec = release.record_of(block) if block is not None else None
+        return rec is None or not set(lp.cold) & set(rec.ids)
+
     def replan(self, execs: List[OffloadExecutor]) -> dict:
-        """New ladders for ``execs`` from their recorded calls, staged for their next call; written
-        to ``<bundle>/replan.json``. Returns layer -> ladders."""
-        new = {}
-        for ex in execs:
-            loads = list(ex.loads)  # a snapshot: the serving thread keeps appending
-            lads = new_ladders(ex, self.capacities, self.max_tiers, loads)
-            before = ladder_tally(loads, ex._groups, ex._tiers)
-            after = ladder_tally(loads, ex._groups, lads)
-            if after[0] + after[1] < before[0] + before[1]:  # only where the observed calls gain
-                new[ex.plan.layer] = lads
-                self.predicted[ex.plan.layer] = after
+        """New groups (new programs) or new ladders for ``execs`` from their recorded calls, swapped in
+        between calls; written to ``<bundle>/replan.json``. Returns layer -> its new LayerPlan."""
+        self.last_started = time.time()
+        loads = {ex.plan.layer: list(ex.loads) for ex in execs}  # a snapshot: the serving thread keeps appending
+        chosen = self.candidates(execs, loads)
+        if not chosen:
+            return {}
+        gen = self.generation + 1
+        built = {}  # layer -> (programs, manifest entries)
+        regroup = {l: p for l, (k, p, _) in chosen.items() if k == "groups"}
+        if regroup:
+            try:
+                built = self._build(regroup, gen)
+            except Exception as e:  # a build or check that fails leaves the plan in place: ladders only then
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self.log(f"[npumoe] re-plan: new programs for layers {sorted(regroup)} failed ({why}); "
+                         f"keeping their groups")
+                for l in list(regroup):
+                    ex = next(e for e in execs if e.plan.layer == l)
+                    chosen[l] = ("ladders", with_ladders(ex.plan, new_ladders(ex, self.capacities, self.max_tiers,
+                                                                              served_calls(loads[l]))), None)
+                regroup = {}
         with self._lock:
-            if not new:
-                return new
             for ex in execs:
-                if ex.plan.layer in new:
-                    stage(ex, new[ex.plan.layer])
-                    self.base[ex.plan.layer] = {f: getattr(ex.stats, f) for f in self.FIELDS}
-            self.generation += 1
+                l = ex.plan.layer
+                if l not in chosen:
+                    continue
+                kind, lp, t = chosen[l]
+                if kind == "groups":
+                    new = self._swap_executor(ex, lp, built[l][0])
+                else:
+                    stage(ex, [g.tiers for g in lp.groups])
+                    new = ex
+                self.base[l] = {f: getattr(new.stats, f) for f in self.FIELDS}
+                if t is not None:
+                    self.predicted[l] = t
+            self.regrouped = sorted(regroup)
+            self.generation = gen
             self.last_replan = time.time()
             if self.bundle is not None:
-                saved = load_replan(self.bundle) or {"layers": {}}
-                saved["layers"].update({str(l): lads for l, lads in new.items()})
-                saved["generation"] = saved.get("generation", 0) + 1
-                write_json(self.bundle / REPLAN_FILE, saved)
-        self.log(f"[npumoe] re-planned the ladders of layers {sorted(new)} from {len(loads)} served calls "
-                 f"(generation {self.generation})")
+                self._save(chosen, built, gen)
+        self.log(f"[npumoe] re-planned layers {sorted(chosen)} from {sum(len(v) for v in loads.values())} served "
+                 f"calls: new groups and programs for {sorted(regroup)}, new ladders for "
+                 f"{sorted(set(chosen) - set(regroup))} (generation {gen})")
+        return {l: lp for l, (_, lp, _) in chosen.items()}
+
+    def _build(self, plans: Dict[int, LayerPlan], gen: int) -> dict:
+        """Build and check the programs of the new groups; layer -> (programs, manifest entries).
+        Folder ``<bundle>/replan/gNNN`` (written whole), or a temp folder without a bundle."""
+        blocks = {b.layer: b for b in find_expert_blocks(self.model) if b.supported}
+        root = (self.bundle / REPLAN_DIR / f"g{gen:03d}") if self.bundle is not None else None
+        if root is None:
+            import tempfile
+
+            root = Path(tempfile.mkdtemp(prefix="npumoe-replan-"))
+        compiler = backend_class(self.backend)
+        fmt = {"weight_format": self.limits.weight_format} if self.limits is not None and self.limits.weight_format else {}
+        entries = {}
+        with folder(root) as tmp:
+            for l, lp in plans.items():
+                entries[l] = []
+                for gi, g in enumerate(lp.groups):
+                    rel = Path(f"L{l:03d}") / f"g{gi:02d}"
+                    src, ids = self._weights(blocks[l], g.experts)
+                    spec = spec_from_switch_glu(src, layer=l, expert_ids=ids, tiers=g.tiers)
+                    spec.expert_ids = tuple(int(e) for e in g.experts)
+                    out = compiler.build(spec, Path(tmp) / rel, **fmt)
+                    entries[l].append({"dir": rel.as_posix(), "program": out, "files": files_under(Path(tmp), rel)})
+        return {l: (self._load(blocks[l], lp, entries[l], root, check=True), entries[l]) for l, lp in plans.items()}
+
+    def _weights(self, block, experts):
+        """(a SwitchGLU holding ``experts``, their rows in it): the block itself, or for a layer whose
+        experts MLX released, a twin read from the model's files (G experts' bytes)."""
+        if release.record_of(block.module) is None:
+            return block.module, list(experts)
+        twin = release.rows_twin(block.module, block.path, list(experts), self.model_path)
+        if twin is None:
+            raise ValueError(f"layer {block.layer}: released experts cannot be read back from {self.model_path}")
+        return twin, list(range(len(experts)))
+
+    def _load(self, block, lp: LayerPlan, entries: List[dict], root: Path, check: bool) -> list:
+        """The programs of ``entries`` (under ``root``), pinned to their files' hashes; ``check``: each
+        runs a probe against the model's own experts now (else before its first call)."""
+        be = load_backend(self.backend, **self.backend_options)
+        out = []
+        for g, e in zip(lp.groups, entries):
+            prog = be.load(e["program"], root / e["dir"])
+            if (prog.G, prog.D, list(prog.meta.get("expert_ids", ()))) != (len(g.experts), lp.D, list(g.experts)) \
+                    or not set(g.tiers) <= set(prog.tiers):
+                raise ValueError(f"{root / e['dir']} holds {prog.name}, not layer {lp.layer}'s group {g.experts}")
+            prog.add_tiers([t for t in DECODE_TIERS if t < min(g.tiers)])
+            src, ids = self._weights(block, g.experts)
+            tol = verify.tolerance(self.backend, block.module, (e["program"] or {}).get("weight_format"))
+
+            def probe(prog=prog, src=src, ids=ids, tol=tol, where=e["dir"]):
+                x = verify.probe(prog.G, prog.D, verify.FIRST_USE_ROWS, seed=lp.layer)
+                verify.check(prog, [min(prog.tiers)], lambda x: verify.model_group(src, ids, x), x, tol,
+                             f"{REPLAN_DIR}/{where} ({prog.name})")
+
+            files = {root / f: w["sha256"] for f, w in e["files"].items()}
+            if hasattr(prog, "expect"):
+                prog.expect.update({str(f.absolute()): h for f, h in files.items()})
+            if check:
+                probe()
+            out.append(verify.Pinned(prog, list(files), files, None if check else probe))
+        return out
+
+    def _swap_executor(self, ex: OffloadExecutor, lp: LayerPlan, programs: list) -> OffloadExecutor:
+        """A new executor for ``lp`` with ``programs``, taking over ``ex``'s stats, loads and notices; the
+        block runs it from its next call (a call in flight finishes on ``ex``: one plan per call)."""
+        new = OffloadExecutor(lp, programs, ex.cost, overflow=ex.overflow, router=ex.router, warn=ex.warn)
+        new.stats, new.loads, new.noticed, new.notice = ex.stats, ex.loads, ex.noticed, ex.notice
+        for m in installed_blocks(self.model):
+            if m.executor is ex:
+                object.__setattr__(m, "executor", new)  # one attribute write: atomic for the serving thread
+        self.execs = [new if e is ex else e for e in self.execs]
         return new
+
+    def _save(self, chosen: dict, built: dict, gen: int) -> None:
+        """``<bundle>/replan.json`` (temp + rename): per re-planned layer its plan and, for new groups,
+        their programs' entries; folders of older generations no layer uses any more go."""
+        saved = load_replan(self.bundle) or {"layers": {}}
+        for l, (kind, lp, _) in chosen.items():
+            entry = {"plan": {**asdict(lp), "shared": []}, "predicted": self.predicted.get(l)}
+            if kind == "groups":
+                at = f"{REPLAN_DIR}/g{gen:03d}"  # entries relative to the bundle, as its manifest's
+                entry["programs"] = [{**e, "dir": f"{at}/{e['dir']}", "files": {f"{at}/{f}": w for f, w in e["files"].items()}}
+                                     for e in built[l][1]]
+            else:
+                prev = saved["layers"].get(str(l))
+                if isinstance(prev, dict) and prev.get("programs") and _same_groups(prev["plan"], lp):
+                    entry["programs"] = prev["programs"]  # still those programs, new ladders
+            saved["layers"][str(l)] = entry
+        saved["generation"] = gen
+        saved["plan_sha256"] = _plan_sha(self.bundle)
+        write_json(self.bundle / REPLAN_FILE, saved)
+        used = {e["dir"].split("/")[1] for v in saved["layers"].values() if isinstance(v, dict)
+                for e in v.get("programs", [])}
+        for d in (self.bundle / REPLAN_DIR).glob("g*"):
+            if d.name not in used:
+                shutil.rmtree(d, ignore_errors=True)
 
     def to_dict(self) -> dict:
         """What /v1/npumoe/stats shows under "replan"."""
         layers = []
         for ex in self.execs:
             p = self.predicted.get(ex.plan.layer)
-            layers.append({"layer": ex.plan.layer, **self._observed(ex),
+            layers.append({"layer": ex.plan.layer, **self._observed(ex), "groups": len(ex.plan.groups),
                            "predicted_padding_pct": None if p is None else p[0],
                            "predicted_overflow_pct": None if p is None else p[1]})
         return {"mode": self.mode, "generation": self.generation, "last_replan": self.last_replan,
-                "layers": layers}
+                "last_started": self.last_started, "running": self._thread is not None and self._thread.is_alive(),
+                "regrouped_layers": self.regrouped, "layers": layers}
+
+
+def _no_shared(block):
+    """The block as the planner sees it, without its shared experts (their programs stay)."""
+    from dataclasses import replace
+
+    return replace(block, shared=[])
+
+
+def _same_groups(plan: dict, lp: LayerPlan) -> bool:
+    return [list(g["experts"]) for g in plan["groups"]] == [list(g.experts) for g in lp.groups]
+
+
+def _plan_sha(bundle: Path) -> Optional[str]:
+    """The bundle plan's sha256 (manifest): a saved re-plan belongs to that plan only."""
+    try:
+        with open(Path(bundle) / "manifest.json") as f:
+            return json.load(f)["meta"]["plan.json"]["sha256"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def stage(ex: OffloadExecutor, ladders: List[List[int]]) -> None:
@@ -191,26 +446,51 @@ def load_replan(bundle: Path) -> Optional[dict]:
         return json.load(fh)
 
 
-def attach(model, mode: str, bundle: Optional[Path], log=print) -> Optional[Replanner]:
-    """A Replanner for a loaded model (None for ``off``); a saved ``replan.json`` is applied first
-    (its groups must match the plan's)."""
+def attach(model, mode: str, bundle: Optional[Path], log=print, model_path=None,
+           backend_options: Optional[dict] = None) -> Optional[Replanner]:
+    """A Replanner for a loaded model (None for ``off``); a saved ``replan.json`` of this bundle's plan
+    is applied first: new groups on their saved programs (each checked against the model before its
+    first call), new ladders where the groups match."""
     if mode == "off":
         return None
-    r = Replanner(model, mode, bundle, log)
+    limits = None
+    if bundle is not None and (Path(bundle) / "plan.json").is_file():
+        from .plan import Plan
+
+        limits = Plan.load(Path(bundle) / "plan.json").limits
+    r = Replanner(model, mode, bundle, log, model_path=model_path, limits=limits, backend_options=backend_options)
     saved = load_replan(bundle) if bundle is not None else None
-    for ex in r.execs:
-        lads = (saved or {}).get("layers", {}).get(str(ex.plan.layer))
-        if lads and len(lads) == len(ex._groups) and all(getattr(p, "dynamic", False) or set(l) <= set(p.tiers)
-                                                         for p, l in zip(ex.programs, lads)):
-            stage(ex, lads)
+    if saved and saved.get("plan_sha256", _plan_sha(bundle)) != _plan_sha(bundle):
+        log("[npumoe] replan.json belongs to an earlier build of this bundle; not applied")
+        saved = None
+    blocks = {b.layer: b for b in find_expert_blocks(model) if b.supported} if saved else {}
+    for ex in list(r.execs):
+        v = (saved or {}).get("layers", {}).get(str(ex.plan.layer))
+        if not v:
+            continue
+        if isinstance(v, list):  # ladders only (an earlier format)
+            v = {"plan": {**asdict(with_ladders(ex.plan, v)), "shared": []}}
+        lp = layer_plan_of(v["plan"])
+        if v.get("programs"):
+            try:
+                if not r._keeps_released(ex, lp):
+                    raise ValueError("MLX released experts this plan runs on MLX")
+                progs = r._load(blocks[ex.plan.layer], lp, v["programs"], Path(bundle), check=False)
+            except Exception as e:
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                log(f"[npumoe] layer {ex.plan.layer}: the re-planned programs in {bundle} cannot be used ({why}); "
+                    f"serving the bundle's plan")
+                continue
+            lp.shared = list(ex.plan.shared)
+            r._swap_executor(ex, lp, progs)
+        elif _same_groups(v["plan"], ex.plan) and all(
+                getattr(p, "dynamic", False) or set(g.tiers) <= set(p.tiers) for p, g in zip(ex.programs, lp.groups)):
+            stage(ex, [g.tiers for g in lp.groups])
     if saved:
         r.generation = int(saved.get("generation", 0))
     profile = bundle / "profile.json" if bundle is not None else None
     if profile is not None and profile.is_file():
-        from .plan import call_loads
-        from .profiles import Profile
-
-        from .plan import prefill_call_sizes
+        from .plan import call_loads, prefill_call_sizes
 
         pr = Profile.load(profile)
         prof = {l.layer: l for l in pr.layers}
@@ -218,4 +498,7 @@ def attach(model, mode: str, bundle: Optional[Path], log=print) -> Optional[Repl
         r.set_prediction({ex.plan.layer: [(0, 0, row) for row in call_loads(prof[ex.plan.layer],
                                                                                sizes(prof[ex.plan.layer]))[0]]
                           for ex in r.execs if ex.plan.layer in prof})
+    for l, v in (saved or {}).get("layers", {}).items():  # a re-planned layer's prediction is its re-plan's
+        if isinstance(v, dict) and v.get("predicted") is not None:
+            r.predicted[int(l)] = tuple(v["predicted"])
     return r

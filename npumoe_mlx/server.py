@@ -73,9 +73,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.description = "OpenAI-compatible MoE server with expert offload (mlx_lm.server flags plus --offload)"
     add_offload_args(parser, stats=False)
     parser.add_argument("--replan", choices=("off", "notify", "auto"), default="off",
-                        help="Re-plan the tier ladders from the served calls when their padding or overflow drifts "
-                             "past the plan's prediction: off (default), notify (log it), auto (re-plan in the "
-                             "background, swap in between calls, save <bundle>/replan.json for restarts).")
+                        help="Re-plan the expert groups and tier ladders from the served calls when their padding or overflow drifts "
+                             "past the plan's prediction: off (default), notify (log it), auto (re-plan groups and ladders in the "
+                             "background, swap them in between calls, save <bundle>/replan.json for restarts).")
     return parser
 
 
@@ -143,9 +143,10 @@ def _replanner(args, model_path, model):
 
     backend = args.offload if args.offload in ("onnx", "coreml") else "onnx"
     bundle = args.bundle if args.bundle and str(model_path) == str(args.model) else None
-    found = bundles.locate_bundle(checks.resolve_model(model_path), backend, bundle)
+    local = checks.resolve_model(model_path)
+    found = bundles.locate_bundle(local, backend, bundle)
     return attach(model, mode, found if (found / "manifest.json").exists() else None,
-                  log=lambda msg: logging.info(msg))
+                  log=lambda msg: logging.info(msg), model_path=local)  # released experts are read back from it
 
 
 def server_stats(provider) -> dict:
