@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/server_replan.py [--plan tight|default] [--out JSON]
 
 A tiny qwen3_moe (16 experts, skewed routing) and an onnx bundle; two servers on 127.0.0.1:
-``npumoe server --replan auto`` and stock ``mlx_lm server``. The same 40 requests (lengths drawn
-log-uniform in 20-800 tokens, seed 23) go to both through the openai client at temperature 0,
+``npumoe server --replan auto`` and stock ``mlx_lm server``. The same 40 requests (prompts of
+20-800 tokens, log-uniform, seed 23; chat template around them) go to both through the openai client at temperature 0,
 one after another; the re-plan runs in the background while the next requests are served.
 Printed and saved:
 - padding and overflow of the routed layers over the whole run, before the re-plan's swap and
@@ -40,7 +40,7 @@ from npumoe_mlx.build import build as build_bundle  # noqa: E402
 from npumoe_mlx.cost import CostModel  # noqa: E402
 from npumoe_mlx.plan import PlanLimits  # noqa: E402
 from npumoe_mlx.tools.tiny import make_tiny_model  # noqa: E402
-from npumoe_mlx.workloads import long_context  # noqa: E402
+from npumoe_mlx.workloads import prompt_of_tokens  # noqa: E402
 
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="bench: offload everything")
 FIELDS = ("slots", "padded", "overflow", "synced_pairs")
@@ -124,14 +124,17 @@ def run(root: Path, plan: str, n_requests: int, max_tokens: int, lo: int, hi: in
                    str(out), "--replan", "auto"], root / "ours.log", {**env, "HF_HUB_CACHE": str(root / "no-cache")})
     stock = Server([sys.executable, "-m", "mlx_lm", "server", "--model", str(path)], root / "stock.log",
                    {**env, "HF_HUB_CACHE": str(root / "hub")})
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(Path(path))
     rng = np.random.default_rng(23)
-    sizes = np.exp(rng.uniform(np.log(lo), np.log(hi), n_requests)).astype(int)
+    sizes = np.exp(rng.uniform(np.log(lo), np.log(hi), n_requests)).astype(int)  # prompt tokens
     reqs, snaps = [], []
     try:
         ours.wait_ready(), stock.wait_ready()
         first = ours.stats()
         for i, n in enumerate(sizes):
-            msg = [{"role": "user", "content": long_context(int(n), seed=i)[: int(n) * 4]}]
+            msg = [{"role": "user", "content": tok.decode(prompt_of_tokens(tok, int(n), seed=i))}]
             t0 = time.time()
             got = [c.message.content for c in ours.client().chat.completions.create(
                 model="default_model", messages=msg, max_tokens=max_tokens, temperature=0.0).choices]
@@ -140,7 +143,7 @@ def run(root: Path, plan: str, n_requests: int, max_tokens: int, lo: int, hi: in
                 model="default_model", messages=msg, max_tokens=max_tokens, temperature=0.0).choices]
             st = ours.stats()
             snaps.append(routed(st))
-            reqs.append({"i": i, "chars": int(n) * 4, "start": t0, "end": t1, "equal": got == want,
+            reqs.append({"i": i, "tokens": int(n), "start": t0, "end": t1, "equal": got == want,
                          "generation": st["replan"]["generation"]})
         last = st
     finally:
@@ -152,7 +155,7 @@ def run(root: Path, plan: str, n_requests: int, max_tokens: int, lo: int, hi: in
     in_flight = [q["i"] for q in reqs if t_start is not None and t_end is not None
                  and q["start"] < t_end and q["end"] > t_start]
     out = {
-        "plan": plan, "requests": n_requests, "max_tokens": max_tokens, "sizes_chars": [q["chars"] for q in reqs],
+        "plan": plan, "requests": n_requests, "max_tokens": max_tokens, "prompt_tokens": [q["tokens"] for q in reqs],
         "generation": r["generation"], "replans": r["generation"], "first_request_after_swap": swap,
         "requests_in_flight_during_replan": in_flight,
         "replan_seconds": None if t_start is None or t_end is None else round(t_end - t_start, 2),
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plan", choices=("tight", "default"), default="tight")
     p.add_argument("--requests", type=int, default=40)
-    p.add_argument("--max-tokens", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request")
     p.add_argument("--min-tokens", type=int, default=20)
     p.add_argument("--max-prompt-tokens", type=int, default=800)
     p.add_argument("--out", help="write the result JSON here")

@@ -93,27 +93,37 @@ def served_calls(loads: List[tuple]) -> List[tuple]:
     return [(int(t), int(k), np.asarray(c)) for t, k, c in loads if int(np.asarray(c).sum()) > SMALL_PAIRS]
 
 
-def served_profile(execs: List[OffloadExecutor], loads: Dict[int, List[tuple]]) -> Profile:
-    """The executors' served calls as a calibration ``Profile``: one whole-call chunk per call
-    (``"call": true``, as batched calibration records them), so ``make_plan`` sizes groups and
-    ladders for exactly these calls, top tier with its batched headroom."""
+def served_profile(plans: List[LayerPlan], calls: Dict[int, List[tuple]]) -> Profile:
+    """Served calls ``calls`` (layer -> [(tokens, k, counts (E,))]) of the layers ``plans`` as a
+    calibration ``Profile``: one whole-call chunk per call (``"call": true``, as batched
+    calibration records them), so ``make_plan`` sizes groups and ladders for exactly these calls,
+    top tier with its batched headroom."""
     layers = []
-    for ex in execs:
-        calls = loads[ex.plan.layer]
-        total = np.sum([c for _, _, c in calls], axis=0).astype(np.int64)
-        chunks = [{"tokens": t, "counts": [int(x) for x in c], "call": True} for t, _, c in calls]
-        layers.append(LayerCounts(ex.plan.layer, ex.plan.path, ex.plan.num_experts, ex.plan.top_k,
-                                  [int(x) for x in total], chunks))
+    for lp in plans:
+        got = calls[lp.layer]
+        total = np.sum([c for _, _, c in got], axis=0).astype(np.int64)
+        chunks = [{"tokens": int(t), "counts": [int(x) for x in c], "call": True} for t, _, c in got]
+        layers.append(LayerCounts(lp.layer, lp.path, lp.num_experts, lp.top_k, [int(x) for x in total], chunks))
     seen = sum(ch["tokens"] for ch in layers[0].chunks) if layers else 0
     return Profile(None, "", "served calls", int(seen), 0, layers)
 
 
-def observed_tally(lp: LayerPlan, ex: OffloadExecutor, calls: List[tuple], extra) -> tuple:
-    """(padding %, overflow %) of ``lp`` on the observed ``calls`` as the executor decides them."""
+def regroup(plans: List[LayerPlan], calls: Dict[int, List[tuple]], shapes: dict, cost, limits: PlanLimits,
+            log=None) -> Dict[int, LayerPlan]:
+    """New groups and ladders for the layers ``plans`` from their served ``calls``: the planner's
+    own ``make_plan`` on ``served_profile`` (``shapes``: layer -> ExpertBlock, D/H/quant), within
+    ``limits.max_programs``. layer -> LayerPlan (layers left with no group are left out)."""
+    plan = make_plan(served_profile(plans, calls), shapes, cost, limits, log=log or (lambda m: None))
+    return {lp.layer: lp for lp in plan.layers if lp.groups}
+
+
+def observed_tally(lp: LayerPlan, cost, calls: List[tuple], extra=(), overflow: str = "auto") -> tuple:
+    """(padding %, overflow %) of ``lp`` on the observed ``calls`` [(tokens, k, counts (E,))] as the
+    executor decides them (``replay.replay_calls``; ``extra``: the rows programs run below their ladders)."""
     if not calls:
         return 0.0, 0.0
     counts = np.stack([c for _, _, c in calls])
-    t = replay_calls(lp, ex.cost, counts, np.asarray([n for n, _, _ in calls]), ex.overflow, extra)
+    t = replay_calls(lp, cost, counts, np.asarray([n for n, _, _ in calls]), overflow, extra)
     return 100.0 * t.padded / max(t.slots, 1), 100.0 * t.overflow / max(int(counts.sum()), 1)
 
 
@@ -203,6 +213,7 @@ class Replanner:
                                      max_axis=base.max_axis, weight_format=base.weight_format, call_ratio=base.call_ratio)
         others = [ex for ex in self.execs if ex not in execs]
         kept = sum(program_units(t, base.backend) for ex in others for t in ex._tiers)
+        kept += sum(program_units(sp.tiers, base.backend) for ex in self.execs for sp in ex.plan.shared)
         lim.max_programs = max(base.max_programs - kept, 0)
         return lim
 
@@ -223,19 +234,19 @@ class Replanner:
         regroupable = [ex for ex in usable if self._can_build(ex, blocks.get(ex.plan.layer))]
         if regroupable:
             shapes = {ex.plan.layer: _no_shared(blocks[ex.plan.layer]) for ex in regroupable}
-            cost = regroupable[0].cost
-            plan = make_plan(served_profile(regroupable, served), shapes, cost, lim, log=lambda m: self.log(f"[npumoe] {m}"))
-            plan_of = {lp.layer: lp for lp in plan.layers}
+            plan_of = regroup([ex.plan for ex in regroupable], served, shapes, regroupable[0].cost, lim,
+                              log=lambda m: self.log(f"[npumoe] {m}"))
         out = {}
         for ex in usable:
             calls = served[ex.plan.layer]
-            now = observed_tally(ex.plan, ex, calls, extra)
+            tally = lambda lp, ex=ex, calls=calls: observed_tally(lp, ex.cost, calls, extra, ex.overflow)  # noqa: E731
+            now = tally(ex.plan)
             opts = [("ladders", with_ladders(ex.plan, new_ladders(ex, self.capacities, self.max_tiers, calls)))]
             lp = plan_of.get(ex.plan.layer)
-            if lp is not None and lp.groups and self._keeps_released(ex, lp):
+            if lp is not None and self._keeps_released(ex, lp):
                 lp.shared = list(ex.plan.shared)
                 opts.append(("groups", lp))
-            scored = [(k, p, observed_tally(p, ex, calls, extra)) for k, p in opts]
+            scored = [(k, p, tally(p)) for k, p in opts]
             k, p, t = min(scored, key=lambda x: sum(x[2]))
             if sum(t) + GAIN <= sum(now):
                 out[ex.plan.layer] = (k, p, t)
@@ -264,19 +275,19 @@ class Replanner:
             return {}
         gen = self.generation + 1
         built = {}  # layer -> (programs, manifest entries)
-        regroup = {l: p for l, (k, p, _) in chosen.items() if k == "groups"}
-        if regroup:
+        fresh = {l: p for l, (k, p, _) in chosen.items() if k == "groups"}
+        if fresh:
             try:
-                built = self._build(regroup, gen)
+                built = self._build(fresh, gen)
             except Exception as e:  # a build or check that fails leaves the plan in place: ladders only then
                 why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                self.log(f"[npumoe] re-plan: new programs for layers {sorted(regroup)} failed ({why}); "
+                self.log(f"[npumoe] re-plan: new programs for layers {sorted(fresh)} failed ({why}); "
                          f"keeping their groups")
-                for l in list(regroup):
+                for l in list(fresh):
                     ex = next(e for e in execs if e.plan.layer == l)
                     chosen[l] = ("ladders", with_ladders(ex.plan, new_ladders(ex, self.capacities, self.max_tiers,
                                                                               served_calls(loads[l]))), None)
-                regroup = {}
+                fresh = {}
         with self._lock:
             for ex in execs:
                 l = ex.plan.layer
@@ -291,14 +302,14 @@ class Replanner:
                 self.base[l] = {f: getattr(new.stats, f) for f in self.FIELDS}
                 if t is not None:
                     self.predicted[l] = t
-            self.regrouped = sorted(regroup)
+            self.regrouped = sorted(fresh)
             self.generation = gen
             self.last_replan = time.time()
             if self.bundle is not None:
                 self._save(chosen, built, gen)
         self.log(f"[npumoe] re-planned layers {sorted(chosen)} from {sum(len(v) for v in loads.values())} served "
-                 f"calls: new groups and programs for {sorted(regroup)}, new ladders for "
-                 f"{sorted(set(chosen) - set(regroup))} (generation {gen})")
+                 f"calls: new groups and programs for {sorted(fresh)}, new ladders for "
+                 f"{sorted(set(chosen) - set(fresh))} (generation {gen})")
         return {l: lp for l, (_, lp, _) in chosen.items()}
 
     def _build(self, plans: Dict[int, LayerPlan], gen: int) -> dict:
