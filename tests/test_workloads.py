@@ -418,8 +418,9 @@ def _overflow(st: dict) -> tuple:
 def test_server_chat_traffic_replans_once_with_stock_tokens(tmp_path):
     """`npumoe server --replan auto` (127.0.0.1) under 40 chat requests of 20-800 tokens from the
     openai client, on a plan made for 16-token calls: the overflow drifts past the prediction, one
-    re-plan runs in the background while requests keep coming, and the text equals `mlx_lm.server`'s
-    at temperature 0 on every request, before, during and after the swap; after it, overflow <= 2%.
+    re-plan (new groups on new programs) runs in the background while requests keep coming, and the
+    text equals `mlx_lm.server`'s at temperature 0 on every request, before, during and after the
+    swap; after it, overflow <= 2% and padding <= 25%.
     /v1/npumoe/stats shows the generation, the last re-plan time, predicted vs observed figures."""
     import sys
 
@@ -453,6 +454,7 @@ def test_server_chat_traffic_replans_once_with_stock_tokens(tmp_path):
             gens.append(st["replan"]["generation"])
             if at_swap is None and gens[-1] == 1:
                 at_swap = _overflow(st)
+                at_pad = [sum(l[f] for l in st["layers"] if l["kind"] == "routed") for f in ("slots", "padded")]
         r = st["replan"]
         assert r["mode"] == "auto" and max(gens) == 1 and r["last_replan"] is not None  # one re-plan
         assert at_swap is not None and gens.index(1) < len(gens) - 5  # requests kept coming after it
@@ -464,4 +466,9 @@ def test_server_chat_traffic_replans_once_with_stock_tokens(tmp_path):
         ours.stop()
         stock.stop()
     saved = replan.load_replan(out)
-    assert saved["generation"] == 1 and "re-planned the ladders" in (tmp_path / "ours.log").read_text()
+    assert saved["generation"] == 1 and "re-planned layers" in (tmp_path / "ours.log").read_text()
+    # uneven loads inside the tight plan's groups: the re-plan regrouped them onto new programs ...
+    assert r["regrouped_layers"] and all(saved["layers"][str(l)]["programs"] for l in r["regrouped_layers"])
+    slots, padded = (sum(l[f] for l in st["layers"] if l["kind"] == "routed") - at for f, at in
+                     zip(("slots", "padded"), at_pad))
+    assert slots > 0 and padded <= 0.25 * slots, (padded, slots)  # ... which pad <= 25% after the swap
