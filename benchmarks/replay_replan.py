@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,27 +93,30 @@ def case(family: str, target: str, workload: str, observe: float, backend: str =
             "seconds": round(time.time() - t0, 1)}
 
 
+def _case(job):
+    return case(*job)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--observe", type=float, default=0.25, help="share of the replayed calls served before the re-plan")
     p.add_argument("--workloads", default="chat,batch")
     p.add_argument("--only", help="family.domain to run (default: every trace)")
+    p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "issue23-replay-replan.json"))
     a = p.parse_args(argv)
+    jobs = [(f, d, w, a.observe) for f, ds in FAMILIES.items() for d in ds for w in a.workloads.split(",")
+            if not a.only or a.only == f"{f}.{d}"]
     rows = []
-    for family, domains in FAMILIES.items():
-        for d in domains:
-            if a.only and a.only != f"{family}.{d}":
-                continue
-            for w in a.workloads.split(","):
-                r = case(family, d, w, a.observe)
-                rows.append(r)
-                print(f"{' + '.join(r['calibrate'])} -> {r['replay']} {w}: static pad {r['static']['padding_pct']}% "
-                      f"ovf {r['static']['overflow_pct']}% | re-plan: over the run pad "
-                      f"{r['replan_over_the_run']['padding_pct']}% ovf {r['replan_over_the_run']['overflow_pct']}%, after "
-                      f"pad {r['replan_after']['padding_pct']}% ovf {r['replan_after']['overflow_pct']}% "
-                      f"(regrouped {len(r['regrouped_layers'])}/{r['layers']} layers, programs "
-                      f"{r['programs']['plan']} -> {r['programs']['replan']}, {r['seconds']} s)", flush=True)
+    with ProcessPoolExecutor(a.jobs) as pool:
+        for r in pool.map(_case, jobs):
+            rows.append(r)
+            print(f"{' + '.join(r['calibrate'])} -> {r['replay']} {r['workload']}: static pad "
+                  f"{r['static']['padding_pct']}% ovf {r['static']['overflow_pct']}% | re-plan: over the run pad "
+                  f"{r['replan_over_the_run']['padding_pct']}% ovf {r['replan_over_the_run']['overflow_pct']}%, after "
+                  f"pad {r['replan_after']['padding_pct']}% ovf {r['replan_after']['overflow_pct']}% "
+                  f"(regrouped {len(r['regrouped_layers'])}/{r['layers']} layers, programs "
+                  f"{r['programs']['plan']} -> {r['programs']['replan']}, {r['seconds']} s)", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1))
     print(f"wrote {a.out}")
