@@ -156,6 +156,7 @@ class Replanner:
         self.regrouped: List[int] = []  # layers whose groups the last re-plan changed (new programs)
         self._lock, self._thread, self.notified = threading.Lock(), None, False
         self.base = {}  # layer -> its stats when its plan last changed (drift counts calls since)
+        self.judged = {}  # layer -> calls its last re-plan was made from: it is judged on as many
         for ex in self.execs:  # the plan's own prediction: its ladders on the calls it has seen so far
             self.predicted[ex.plan.layer] = None
 
@@ -173,7 +174,7 @@ class Replanner:
         out = []
         for ex in self.execs:
             o, p = self._observed(ex), self.predicted.get(ex.plan.layer)
-            if o["offloaded_calls"] < MIN_CALLS:
+            if o["offloaded_calls"] < max(MIN_CALLS, self.judged.get(ex.plan.layer, 0)):
                 continue
             pad, over = p if p is not None else (0.0, 0.0)
             if o["padding_pct"] > pad + PAD_MARGIN or o["overflow_pct"] > over + OVERFLOW_MARGIN:
@@ -239,7 +240,8 @@ class Replanner:
         out = {}
         for ex in usable:
             calls = served[ex.plan.layer]
-            tally = lambda lp, ex=ex, calls=calls: observed_tally(lp, ex.cost, calls, extra, ex.overflow)  # noqa: E731
+            every = [(int(t), int(k), np.asarray(c)) for t, k, c in loads[ex.plan.layer]]  # decode too: as stats count
+            tally = lambda lp, ex=ex, every=every: observed_tally(lp, ex.cost, every, extra, ex.overflow)  # noqa: E731
             now = tally(ex.plan)
             opts = [("ladders", with_ladders(ex.plan, new_ladders(ex, self.capacities, self.max_tiers, calls)))]
             lp = plan_of.get(ex.plan.layer)
@@ -300,6 +302,7 @@ class Replanner:
                     stage(ex, [g.tiers for g in lp.groups])
                     new = ex
                 self.base[l] = {f: getattr(new.stats, f) for f in self.FIELDS}
+                self.judged[l] = len(loads[l])
                 if t is not None:
                     self.predicted[l] = t
             self.regrouped = sorted(fresh)
