@@ -101,12 +101,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--observe", type=float, default=0.25, help="share of the replayed calls served before the re-plan")
     p.add_argument("--workloads", default="chat,batch")
-    p.add_argument("--only", help="family.domain to run (default: every trace)")
+    p.add_argument("--only", help="family.domain traces to replay, comma-separated, in this order (default: all)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "issue23-replay-replan.json"))
     a = p.parse_args(argv)
+    only = a.only.split(",") if a.only else None
     jobs = [(f, d, w, a.observe) for f, ds in FAMILIES.items() for d in ds for w in a.workloads.split(",")
-            if not a.only or a.only == f"{f}.{d}"]
+            if not only or f"{f}.{d}" in only]
+    if only:
+        jobs.sort(key=lambda j: only.index(f"{j[0]}.{j[1]}"))
     rows = []
     with ProcessPoolExecutor(a.jobs) as pool:
         for r in pool.map(_case, jobs):
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
                   f"pad {r['replan_after']['padding_pct']}% ovf {r['replan_after']['overflow_pct']}% "
                   f"(regrouped {len(r['regrouped_layers'])}/{r['layers']} layers, programs "
                   f"{r['programs']['plan']} -> {r['programs']['replan']}, {r['seconds']} s)", flush=True)
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1))
     print(f"wrote {a.out}")

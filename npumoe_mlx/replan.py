@@ -170,14 +170,16 @@ class Replanner:
                 "overflow_pct": 100.0 * d["overflow"] / max(d["synced_pairs"], 1), "offloaded_calls": d["offloaded"]}
 
     def drifted(self) -> List[OffloadExecutor]:
-        """Layers whose observed padding or overflow passed the prediction by the margins."""
+        """Layers whose observed padding passed the prediction by ``PAD_MARGIN``, or whose overflow
+        passed ``OVERFLOW_MARGIN``: every plan sizes its top tiers for ~0 overflow, so a plan that
+        predicts more on its own calibration (a plan made for other calls) is off too."""
         out = []
         for ex in self.execs:
             o, p = self._observed(ex), self.predicted.get(ex.plan.layer)
             if o["offloaded_calls"] < max(MIN_CALLS, self.judged.get(ex.plan.layer, 0)):
                 continue
             pad, over = p if p is not None else (0.0, 0.0)
-            if o["padding_pct"] > pad + PAD_MARGIN or o["overflow_pct"] > over + OVERFLOW_MARGIN:
+            if o["padding_pct"] > pad + PAD_MARGIN or o["overflow_pct"] > min(over, 0.0) + OVERFLOW_MARGIN:
                 out.append(ex)
         return out
 
