@@ -24,7 +24,7 @@ import json
 import shutil
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -34,7 +34,7 @@ from . import release, verify
 from .atomic import folder, write_json
 from .backends import backend_class, load_backend
 from .bundle import files_under
-from .executor import SMALL_PAIRS, OffloadExecutor
+from .executor import SMALL_PAIRS, LayerStats, OffloadExecutor
 from .experts import find_expert_blocks, installed_blocks
 from .plan import GroupPlan, LayerPlan, PlanLimits, _spread, below_ladder_tiers, make_plan, program_units
 from .profiles import LayerCounts, Profile
@@ -109,11 +109,14 @@ def served_profile(plans: List[LayerPlan], calls: Dict[int, List[tuple]]) -> Pro
 
 
 def regroup(plans: List[LayerPlan], calls: Dict[int, List[tuple]], shapes: dict, cost, limits: PlanLimits,
-            log=None) -> Dict[int, LayerPlan]:
+            log=None, step: int = PREFILL_STEP) -> Dict[int, LayerPlan]:
     """New groups and ladders for the layers ``plans`` from their served ``calls``: the planner's
     own ``make_plan`` on ``served_profile`` (``shapes``: layer -> ExpertBlock, D/H/quant), within
-    ``limits.max_programs``. layer -> LayerPlan (layers left with no group are left out)."""
-    plan = make_plan(served_profile(plans, calls), shapes, cost, limits, log=log or (lambda m: None))
+    ``limits.max_programs``; top tiers sized for calls up to ``step`` tokens (the server's prefill
+    step: the first calls served may all be short, later ones not). layer -> LayerPlan (layers
+    left with no group are left out)."""
+    plan = make_plan(served_profile(plans, calls), shapes, cost, limits, call_sizes=[step],
+                     log=log or (lambda m: None))
     return {lp.layer: lp for lp in plan.layers if lp.groups}
 
 
@@ -157,6 +160,7 @@ class Replanner:
         self._lock, self._thread, self.notified = threading.Lock(), None, False
         self.base = {}  # layer -> its stats when its plan last changed (drift counts calls since)
         self.judged = {}  # layer -> calls its last re-plan was made from: it is judged on as many
+        self.retired = []  # (replaced executor, the layer's stats): counts of its calls in flight at the swap
         for ex in self.execs:  # the plan's own prediction: its ladders on the calls it has seen so far
             self.predicted[ex.plan.layer] = None
 
@@ -169,10 +173,27 @@ class Replanner:
         return {"padding_pct": 100.0 * d["padded"] / max(d["slots"], 1),
                 "overflow_pct": 100.0 * d["overflow"] / max(d["synced_pairs"], 1), "offloaded_calls": d["offloaded"]}
 
+    def _fold(self) -> None:
+        """Counts of calls that were in flight on a replaced executor when it was swapped out go to
+        the layer's stats (the run's totals) and its drift base (they ran on the old plan); the old
+        executor (and its programs) is then let go."""
+        retired, self.retired = self.retired, []
+        for old, shared in retired:
+            got, old.stats = old.stats, LayerStats(old.plan.layer)
+            base = self.base.get(old.plan.layer)
+            for f in fields(LayerStats):
+                if f.name in ("layer", "fallback"):
+                    continue
+                setattr(shared, f.name, getattr(shared, f.name) + getattr(got, f.name))
+                if base is not None and f.name in base:
+                    base[f.name] += getattr(got, f.name)
+
     def drifted(self) -> List[OffloadExecutor]:
         """Layers whose observed padding passed the prediction by ``PAD_MARGIN``, or whose overflow
         passed ``OVERFLOW_MARGIN``: every plan sizes its top tiers for ~0 overflow, so a plan that
         predicts more on its own calibration (a plan made for other calls) is off too."""
+        with self._lock:
+            self._fold()
         out = []
         for ex in self.execs:
             o, p = self._observed(ex), self.predicted.get(ex.plan.layer)
@@ -192,6 +213,8 @@ class Replanner:
 
     def check(self, wait: bool = False) -> None:
         """After a request: on drift, notify, or re-plan in a background thread (``wait``: join it)."""
+        with self._lock:
+            self._fold()
         if self.mode == "off" or (self._thread is not None and self._thread.is_alive()):
             return
         drift = self.drifted()
@@ -235,10 +258,11 @@ class Replanner:
         usable = [ex for ex in execs if served[ex.plan.layer]]
         blocks = {b.layer: b for b in find_expert_blocks(self.model) if b.supported}
         regroupable = [ex for ex in usable if self._can_build(ex, blocks.get(ex.plan.layer))]
+        shapes = {ex.plan.layer: _no_shared(blocks[ex.plan.layer]) for ex in regroupable}
         if regroupable:
-            shapes = {ex.plan.layer: _no_shared(blocks[ex.plan.layer]) for ex in regroupable}
             plan_of = regroup([ex.plan for ex in regroupable], served, shapes, regroupable[0].cost, lim,
                               log=lambda m: self.log(f"[npumoe] {m}"))
+        held = self._held_out(regroupable, loads, shapes, lim, extra) if plan_of else {}
         out = {}
         for ex in usable:
             calls = served[ex.plan.layer]
@@ -252,8 +276,38 @@ class Replanner:
                 opts.append(("groups", lp))
             scored = [(k, p, tally(p)) for k, p in opts]
             k, p, t = min(scored, key=lambda x: sum(x[2]))
-            if sum(t) + GAIN <= sum(now):
-                out[ex.plan.layer] = (k, p, t)
+            if sum(t) + GAIN <= sum(now):  # predicted from here on: on calls the new groups were not planned from
+                out[ex.plan.layer] = (k, p, held.get(ex.plan.layer, t) if k == "groups" else t)
+        return out
+
+    def _held_out(self, execs, loads, shapes, lim, extra) -> Dict[int, tuple]:
+        """layer -> (padding %, overflow %) of new groups on calls they were not planned from (groups
+        planned on every other recorded call, tallied on the rest, both ways): what the re-plan
+        predicts for calls to come, so the drift that follows it is judged against an honest
+        figure, not its fit to its own calls."""
+        out = {}
+        halves = [{ex.plan.layer: loads[ex.plan.layer][i::2] for ex in execs} for i in (0, 1)]
+        tallies = {}
+        for a, b in ((0, 1), (1, 0)):
+            got = {l: served_calls(v) for l, v in halves[a].items()}
+            use = [ex for ex in execs if got[ex.plan.layer]]
+            if not use:
+                return {}
+            plans = regroup([ex.plan for ex in use], got, shapes, use[0].cost, lim)
+            for ex in use:
+                lp = plans.get(ex.plan.layer)
+                rest = [(int(t), int(k), np.asarray(c)) for t, k, c in halves[b][ex.plan.layer]]
+                if lp is None or not rest:
+                    continue
+                counts = np.stack([c for _, _, c in rest])
+                t = replay_calls(lp, ex.cost, counts, np.asarray([n for n, _, _ in rest]), ex.overflow, extra)
+                acc = tallies.setdefault(ex.plan.layer, [0, 0, 0, 0])
+                acc[0] += t.padded
+                acc[1] += t.slots
+                acc[2] += t.overflow
+                acc[3] += int(counts.sum())
+        for l, (padded, slots, over, pairs) in tallies.items():
+            out[l] = (100.0 * padded / max(slots, 1), 100.0 * over / max(pairs, 1))
         return out
 
     def _can_build(self, ex: OffloadExecutor, block) -> bool:
@@ -383,6 +437,8 @@ class Replanner:
         block runs it from its next call (a call in flight finishes on ``ex``: one plan per call)."""
         new = OffloadExecutor(lp, programs, ex.cost, overflow=ex.overflow, router=ex.router, warn=ex.warn)
         new.stats, new.loads, new.noticed, new.notice = ex.stats, ex.loads, ex.noticed, ex.notice
+        ex.stats = LayerStats(ex.plan.layer)  # a call in flight on ex counts apart: folded in by _fold, not as drift
+        self.retired.append((ex, new.stats))
         for m in installed_blocks(self.model):
             if m.executor is ex:
                 object.__setattr__(m, "executor", new)  # one attribute write: atomic for the serving thread

@@ -456,7 +456,7 @@ def test_server_chat_traffic_replans_once_with_stock_tokens(tmp_path):
                 at_swap = _overflow(st)
                 at_pad = [sum(l[f] for l in st["layers"] if l["kind"] == "routed") for f in ("slots", "padded")]
         r = st["replan"]
-        assert r["mode"] == "auto" and max(gens) == 1 and r["last_replan"] is not None, (gens, r)  # one re-plan
+        assert r["mode"] == "auto" and max(gens) == 1 and r["last_replan"] is not None, (gens, r["layers"])  # one re-plan
         assert at_swap is not None and gens.index(1) < len(gens) - 5  # requests kept coming after it
         assert all("predicted_padding_pct" in l and "padding_pct" in l for l in r["layers"])
         assert at_swap[0] > 0.05 * at_swap[1]  # the tight plan overflowed before the swap ...
