@@ -315,6 +315,16 @@ def test_replan_regroups_experts_into_new_programs_and_a_restart_uses_them(tmp_p
     ids = mx.array(prompt_of_tokens(tok, 400, seed=77))[None]
     assert mx.allclose(again(ids), stock(ids), atol=1e-4, rtol=1e-4).item()
     assert all(ex.stats.offloaded == 1 and not ex.stats.fallback for ex in r2.execs)
+    # a re-planned program changed on disk after it was saved: refused before its first call (the
+    # layer falls back to MLX with stock logits), never run
+    f = out / next(iter(saved["layers"][str(d["regrouped_layers"][0])]["programs"][0]["files"]))
+    f.write_bytes(f.read_bytes()[:-64] + bytes(64))
+    bad, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    rb = replan.attach(bad, "notify", out, log=logs.append, model_path=path)
+    assert mx.allclose(bad(ids), stock(ids), atol=1e-4, rtol=1e-4).item()
+    lost = next(ex for ex in rb.execs if ex.plan.layer == d["regrouped_layers"][0])
+    refused = "cannot be used" in logs[-1] and [list(g.experts) for g in lost.plan.groups] == before[lost.plan.layer]
+    assert refused or lost.stats.fallback, (logs[-1], lost.stats)  # refused at load, or before its first call
     # a rebuilt bundle (another plan.json) does not take an earlier build's re-plan
     man = __import__("json").loads((out / "manifest.json").read_text())
     saved["plan_sha256"] = "0" * 64
