@@ -75,9 +75,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.description = "OpenAI-compatible MoE server with expert offload (mlx_lm.server flags plus --offload)"
     add_offload_args(parser, stats=False)
     parser.add_argument("--replan", choices=("off", "notify", "auto"), default="off",
-                        help="Re-plan the tier ladders from the served calls when their padding or overflow drifts "
-                             "past the plan's prediction: off (default), notify (log it), auto (re-plan in the "
-                             "background, swap in between calls, save <bundle>/replan.json for restarts).")
+                        help="Re-plan the expert groups and tier ladders from the served calls when their padding or overflow drifts "
+                             "past the plan's prediction: off (default), notify (log it), auto (re-plan groups and ladders in the "
+                             "background, swap them in between calls, save <bundle>/replan.json for restarts).")
     return parser
 
 
@@ -145,8 +145,10 @@ def _replanner(args, model_path, model):
 
     want = registry.preferred() if args.offload == "auto" else args.offload
     backend = want if want in registry.names(bundles=True) else registry.DEFAULT  # the bundle it loaded
-    found = bundles.locate_bundle(checks.resolve_model(model_path), backend, _options(args, model_path).bundle)
-    return attach(model, mode, found if (found / "manifest.json").exists() else None)  # logs on npumoe.replan
+    local = checks.resolve_model(model_path)
+    found = bundles.locate_bundle(local, backend, _options(args, model_path).bundle)
+    return attach(model, mode, found if (found / "manifest.json").exists() else None,
+                  model_path=local)  # logs on npumoe.replan; released experts are read back from model_path
 
 
 def server_stats(provider) -> dict:

@@ -242,6 +242,179 @@ def test_replan_while_serving_swaps_ladders_between_calls_and_persists(tight_cop
     assert replan.attach(again, "off", out) is None
 
 
+def _tight(tmp_path):
+    """A tiny model and a bundle sized for 16-token calls (one 16-row tier per group)."""
+    from npumoe_mlx import plan as plans
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
+    tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
+    tight.capacities = [16]
+    out = build_bundle(str(path), "onnx", str(tmp_path / "b"), corpus=["qa"], tokens=256, chunk_size=128,
+                       cost=EAGER, limits=tight, log=lambda m: None)
+    return path, out
+
+
+def test_replan_regroups_experts_into_new_programs_and_a_restart_uses_them(tmp_path):
+    """Uneven loads inside a group pad whatever its ladder: with the model's files to read released
+    experts from, ``auto`` re-plans the groups themselves (make_plan on the served calls, within the
+    program budget), builds and checks their programs in the background, swaps the layer's executor,
+    and the new groups pad less on the next calls with stock logits. ``replan.json`` names the new
+    programs (in ``replan/gNNN``, written whole) and the next load of the bundle runs on them."""
+    from mlx_lm.utils import load as mlx_load
+
+    from npumoe_mlx import replan
+    from npumoe_mlx.plan import Plan
+
+    path, out = _tight(tmp_path)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    stock, _ = mlx_load(str(path))
+    logs = []
+    r = replan.attach(model, "auto", out, log=logs.append, model_path=path)
+    before = {ex.plan.layer: [list(g.experts) for g in ex.plan.groups] for ex in r.execs}
+    olds = list(r.execs)
+    rng = np.random.default_rng(5)
+    for i, n in enumerate(rng.integers(100, 600, replan.MIN_CALLS)):
+        mx.eval(model(mx.array(prompt_of_tokens(tok, int(n), seed=i))[None]))
+    pre = {ex.plan.layer: (ex.stats.padded, ex.stats.slots) for ex in r.execs}
+    r.check(wait=True)
+    d = r.to_dict()
+    assert d["generation"] == 1 and d["regrouped_layers"], (d, logs)
+    for l in d["regrouped_layers"]:
+        ex = next(e for e in r.execs if e.plan.layer == l)
+        assert [list(g.experts) for g in ex.plan.groups] != before[l]  # new groups ...
+        assert ex not in olds and any(m.executor is ex for m in installed_blocks(model))  # ... on a new executor
+        assert all(p.program.meta["expert_ids"] == g.experts for p, g in zip(ex.programs, ex.plan.groups))
+    budget = Plan.load(out / "plan.json").limits.max_programs
+    assert sum(len(ex.plan.groups) for ex in r.execs) <= budget
+    for i in range(4):  # the next calls: stock logits, less padding than the plan in place had
+        ids = mx.array(prompt_of_tokens(tok, 300 + 50 * i, seed=50 + i))[None]
+        assert mx.allclose(model(ids), stock(ids), atol=1e-4, rtol=1e-4).item()
+    for ex in r.execs:
+        if ex.plan.layer in d["regrouped_layers"]:
+            p0, s0 = pre[ex.plan.layer]
+            base = r.base[ex.plan.layer]
+            after = (ex.stats.padded - base["padded"]) / max(ex.stats.slots - base["slots"], 1)
+            assert ex.stats.slots > base["slots"] and after < p0 / s0 and after <= 0.25, (after, p0 / s0)
+            assert ex.stats.overflow - base["overflow"] == 0
+    saved = replan.load_replan(out)
+    assert saved["generation"] == 1 and saved["plan_sha256"]
+    for l in d["regrouped_layers"]:
+        progs = saved["layers"][str(l)]["programs"]
+        assert progs and all((out / p["dir"]).is_dir() and all((out / f).is_file() for f in p["files"]) for p in progs)
+    assert not [p for p in out.rglob(".tmp*")] and not [p for p in out.rglob(".old*")]
+    groups_now = {ex.plan.layer: [list(g.experts) for g in ex.plan.groups] for ex in r.execs}
+    # a restart: the same bundle, the re-planned groups on the saved programs, stock logits, no new build
+    again, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    r2 = replan.attach(again, "notify", out, log=logs.append, model_path=path)
+    assert r2.generation == 1
+    assert {ex.plan.layer: [list(g.experts) for g in ex.plan.groups] for ex in r2.execs} == groups_now
+    ids = mx.array(prompt_of_tokens(tok, 400, seed=77))[None]
+    assert mx.allclose(again(ids), stock(ids), atol=1e-4, rtol=1e-4).item()
+    assert all(ex.stats.offloaded == 1 and not ex.stats.fallback for ex in r2.execs)
+    # a re-planned program changed on disk after it was saved: refused before its first call (the
+    # layer falls back to MLX with stock logits), never run
+    f = out / next(iter(saved["layers"][str(d["regrouped_layers"][0])]["programs"][0]["files"]))
+    f.write_bytes(f.read_bytes()[:-64] + bytes(64))
+    bad, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    rb = replan.attach(bad, "notify", out, log=logs.append, model_path=path)
+    assert mx.allclose(bad(ids), stock(ids), atol=1e-4, rtol=1e-4).item()
+    lost = next(ex for ex in rb.execs if ex.plan.layer == d["regrouped_layers"][0])
+    refused = "cannot be used" in logs[-1] and [list(g.experts) for g in lost.plan.groups] == before[lost.plan.layer]
+    assert refused or lost.stats.fallback, (logs[-1], lost.stats)  # refused at load, or before its first call
+    # a rebuilt bundle (another plan.json) does not take an earlier build's re-plan
+    man = __import__("json").loads((out / "manifest.json").read_text())
+    saved["plan_sha256"] = "0" * 64
+    from npumoe_mlx.atomic import write_json
+
+    write_json(out / replan.REPLAN_FILE, saved)
+    third, _ = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    r3 = replan.attach(third, "notify", out, log=logs.append, model_path=path)
+    assert {ex.plan.layer: [list(g.experts) for g in ex.plan.groups] for ex in r3.execs} == before
+    assert "earlier build" in logs[-1] and man["meta"]["plan.json"]["sha256"] != saved["plan_sha256"]
+
+
+def test_replan_swap_never_lands_inside_a_call_and_never_blocks_one(tmp_path, monkeypatch):
+    """The re-plan builds in a background thread while calls keep running on the plan in place (a
+    build held back does not hold them); a swap that lands while a call is in flight (here: from
+    inside a program run of that call) leaves that call on the executor it started with, and the
+    next call starts on the new one. Logits are stock's throughout. A build that fails leaves no
+    partial folder and no replan.json entry naming missing programs."""
+    import threading
+
+    from mlx_lm.utils import load as mlx_load
+
+    from npumoe_mlx import replan
+    from npumoe_mlx.backends import backend_class
+
+    path, out = _tight(tmp_path)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    stock, _ = mlx_load(str(path))
+    r = replan.attach(model, "auto", out, log=lambda m: None, model_path=path)
+    for i in range(replan.MIN_CALLS):
+        mx.eval(model(mx.array(prompt_of_tokens(tok, 200 + 20 * i, seed=i))[None]))
+    assert r.drifted()
+    # 1. a build that fails half-way: nothing half-written, the groups stay (ladders only)
+    compiler = backend_class("onnx")
+    real_build, n_built = compiler.build, [0]
+
+    def failing(spec, where, **kw):
+        n_built[0] += 1
+        if n_built[0] == 2:
+            raise OSError("disk full")
+        return real_build(spec, where, **kw)
+
+    monkeypatch.setattr(compiler, "build", staticmethod(failing))
+    groups0 = {ex.plan.layer: [list(g.experts) for g in ex.plan.groups] for ex in r.execs}
+    r.replan(list(r.execs))
+    assert not (out / replan.REPLAN_DIR).exists() or not list((out / replan.REPLAN_DIR).iterdir())
+    assert not [p for p in out.rglob(".tmp*")]
+    saved = replan.load_replan(out)
+    assert not any(v.get("programs") for v in saved["layers"].values())
+    assert {ex.plan.layer: [list(g.experts) for g in ex.plan.groups] for ex in r.execs} == groups0
+    # 2. a build held back: calls run meanwhile on the executors in place
+    gate, started = threading.Event(), threading.Event()
+
+    def held(spec, where, **kw):
+        started.set()
+        assert gate.wait(120)
+        return real_build(spec, where, **kw)
+
+    monkeypatch.setattr(compiler, "build", staticmethod(held))
+    execs0 = list(r.execs)
+    t = threading.Thread(target=r.replan, args=(list(r.execs),), daemon=True)
+    t.start()
+    assert started.wait(120)
+    ids = mx.array(prompt_of_tokens(tok, 333, seed=91))[None]
+    calls0 = [ex.stats.offloaded for ex in execs0]
+    assert mx.allclose(model(ids), stock(ids), atol=1e-4, rtol=1e-4).item()  # not blocked by the build
+    assert [m.executor for m in installed_blocks(model)] == execs0
+    assert [ex.stats.offloaded for ex in execs0] == [c + 1 for c in calls0]
+    # 3. the swap lands inside a call: release the build from the first program run of the next call
+    seen = []
+    first = execs0[0]
+    real_run = first._run_programs
+
+    def run_and_swap(c):
+        if not seen:
+            gate.set()
+            t.join(120)  # the swap is done while this call is in flight
+            seen.append([m.executor for m in installed_blocks(model)])
+        return real_run(c)
+
+    first._run_programs = run_and_swap
+    ids = mx.array(prompt_of_tokens(tok, 444, seed=92))[None]
+    y = model(ids)
+    assert seen and not t.is_alive() and r.regrouped
+    assert seen[0][0] is not first  # the block's executor changed while layer 0's call ran ...
+    assert mx.allclose(y, stock(ids), atol=1e-4, rtol=1e-4).item()  # ... which finished on the old one
+    news = [m.executor for m in installed_blocks(model)]
+    n_new = [len(e.loads) for e in news]
+    ids = mx.array(prompt_of_tokens(tok, 222, seed=93))[None]
+    assert mx.allclose(model(ids), stock(ids), atol=1e-4, rtol=1e-4).item()  # the next call: the new executors
+    assert all(e.programs is not o.programs for e, o in zip(news, execs0) if e is not o)
+    assert [m.executor for m in installed_blocks(model)] == news and [len(e.loads) for e in news] == [n + 1 for n in n_new]
+
+
 def _overflow(st: dict) -> tuple:
     """(pairs past top tiers, pairs) so far, over the routed layers of a /v1/npumoe/stats answer."""
     routed = [l for l in st["layers"] if l["kind"] == "routed"]
@@ -251,8 +424,9 @@ def _overflow(st: dict) -> tuple:
 def test_server_chat_traffic_replans_once_with_stock_tokens(tight_copy, tmp_path):
     """`npumoe server --replan auto` (127.0.0.1) under 40 chat requests of 20-800 tokens from the
     openai client, on a plan made for 16-token calls: the overflow drifts past the prediction, one
-    re-plan runs in the background while requests keep coming, and the text equals `mlx_lm.server`'s
-    at temperature 0 on every request, before, during and after the swap; after it, overflow <= 2%.
+    re-plan (new groups on new programs) runs in the background while requests keep coming, and the
+    text equals `mlx_lm.server`'s at temperature 0 on every request, before, during and after the
+    swap; after it, overflow <= 2% and padding <= 25%.
     /v1/npumoe/stats shows the generation, the last re-plan time, predicted vs observed figures."""
     import sys
 
@@ -281,8 +455,9 @@ def test_server_chat_traffic_replans_once_with_stock_tokens(tight_copy, tmp_path
             gens.append(st["replan"]["generation"])
             if at_swap is None and gens[-1] == 1:
                 at_swap = _overflow(st)
+                at_pad = [sum(l[f] for l in st["layers"] if l["kind"] == "routed") for f in ("slots", "padded")]
         r = st["replan"]
-        assert r["mode"] == "auto" and max(gens) == 1 and r["last_replan"] is not None  # one re-plan
+        assert r["mode"] == "auto" and max(gens) == 1 and r["last_replan"] is not None, (gens, r["layers"])  # one re-plan
         assert at_swap is not None and gens.index(1) < len(gens) - 5  # requests kept coming after it
         assert all("predicted_padding_pct" in l and "padding_pct" in l for l in r["layers"])
         assert at_swap[0] > 0.05 * at_swap[1]  # the tight plan overflowed before the swap ...
@@ -292,4 +467,9 @@ def test_server_chat_traffic_replans_once_with_stock_tokens(tight_copy, tmp_path
         ours.stop()
         stock.stop()
     saved = replan.load_replan(out)
-    assert saved["generation"] == 1 and "re-planned the ladders" in (tmp_path / "ours.log").read_text()
+    assert saved["generation"] == 1 and "re-planned layers" in (tmp_path / "ours.log").read_text()
+    # uneven loads inside the tight plan's groups: the re-plan regrouped them onto new programs ...
+    assert r["regrouped_layers"] and all(saved["layers"][str(l)]["programs"] for l in r["regrouped_layers"])
+    slots, padded = (sum(l[f] for l in st["layers"] if l["kind"] == "routed") - at for f, at in
+                     zip(("slots", "padded"), at_pad))
+    assert slots > 0 and padded <= 0.25 * slots, (padded, slots)  # ... which pad <= 25% after the swap
