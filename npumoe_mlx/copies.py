@@ -1,7 +1,9 @@
 """Host bytes per program row, counted on the executor's real path (issue 21, item 4).
 
 One offloaded layer call runs through ``OffloadExecutor`` with ``dispatch.COUNTER`` installed:
-every host pass of dispatch.py, executor.py and the programs goes through ``dispatch.moved``.
+every host pass of dispatch.py, executor.py and the programs goes through ``dispatch.moved``,
+counted per element of a program row, or of a routed pair (the executor's finish into pair
+order when MLX runs on the CPU).
 Core ML cannot run off macOS, so its compiled model is a fake that handles arrays the way
 coremltools' bridge does (coreml-evidence.md Q3, read from coremltools' source): fp16 in is
 cast back to fp32, Core ML converts fp32 to the model's fp16 input, the fp16 output to fp32,
@@ -48,6 +50,7 @@ class FakeCompiledModel:
 @dataclass
 class CopyCount:
     bytes_per_element: float  # host bytes (read + written) per element of a program row
+    bytes_per_pair_element: float  # host bytes per element of a routed pair's output row (the finish)
     y: object  # the offloaded call's output (mx.array)
     ref: object  # stock SwitchGLU's output on the same input
     programs: list
@@ -98,11 +101,11 @@ def count_copies(backend: str = "coreml", D: int = 64, H: int = 32, program_cls=
     eager = CostModel(backend, 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="copy count")
     ex = OffloadExecutor(lp, progs, eager, overflow="rerun")
     ex.notice = lambda m: None
-    dispatch.COUNTER = [0]
+    dispatch.COUNTER = [0, 0]
     try:
         y = ex(glu, x, inds)
         mx.eval(y)
-        counted = dispatch.COUNTER[0]
+        rows, pairs = dispatch.COUNTER
     finally:
         dispatch.COUNTER = None
-    return CopyCount(counted / (ex.stats.slots * D), y, glu(x, inds), progs, ex.stats)
+    return CopyCount(rows / (ex.stats.slots * D), pairs / (ex.stats.pairs * D), y, glu(x, inds), progs, ex.stats)

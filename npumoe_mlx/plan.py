@@ -324,10 +324,11 @@ def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H
             cost.programs_j(G, rounds, rows, D, H), cost.mlx_work_j(pairs, D, H))
 
 
-def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel):
+def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel, finish=0.0):
     """Per sample (makespan s, energy J) of calls whose programs side costs tp (S,) s / jp J
-    and whose MLX side costs tm (S,) s / jm J (fixed costs added here), both at once."""
-    return cost.call_s(tp, tm), cost.call_j(jp, jm, tm)
+    and whose MLX side costs tm (S,) s / jm J (fixed costs added here, and ``finish`` (S,) s,
+    the host passes over an offloaded call's pairs: ``CostModel.finish_s``), both at once."""
+    return cost.call_s(tp, tm, finish_s=finish), cost.call_j(jp, jm, tm)
 
 
 def _run_costs(runs, run_cost: dict, S: int):
@@ -351,7 +352,8 @@ def _partial_last(runs, tp: np.ndarray, tail: np.ndarray, ranked: np.ndarray, ca
     cand = caps[caps <= loads.min(1).max()]  # (K,)
     if cand.size == 0:
         return np.zeros(S), np.full(S, np.inf)
-    prog = cost.sync_s + tp[:, :-1].sum(1)[:, None] + cost.programs_s(j - i, 1, cand[None, :], D, H)  # (S, K)
+    prog = (cost.sync_s + cost.finish_s(ranked.sum(1), D)[:, None] + tp[:, :-1].sum(1)[:, None]
+            + cost.programs_s(j - i, 1, cand[None, :], D, H))  # (S, K)
     left = np.maximum(loads[:, :, None] - cand[None, None, :], 0).sum(1)  # (S, K) pairs back on MLX
     mlx = cost.mlx_fixed_s + tail[:, None] + cost.mlx_work_s(left, D, H)
     span = cost.makespan(prog, mlx)
@@ -444,6 +446,7 @@ def plan_layer(
     tail_t = np.concatenate([np.cumsum(mlx_t[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)  # (S, E+1)
     tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(ranked), 1))], 1)
     alone_t, alone_j = split_cost(np.zeros(len(ranked)), tail_t[:, 0], np.zeros(len(ranked)), tail_j[:, 0], cost)
+    fin = cost.finish_s(ranked.sum(1), D)  # (S,) an offloaded call's host passes over its pairs
     energy = objective == "energy" and cost.has_energy
     cands = []  # (m, mean makespan, mean energy, mean makespan of the time-balanced calls[, whole groups only,
     #           and on the smaller calls])
@@ -453,7 +456,7 @@ def plan_layer(
     for m in range(E + 1):
         runs = runs_of(m)
         tp, tm, jp, jm = _run_costs(runs, run_cost, len(ranked))  # (S, R) each
-        st_t, st_j = split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost)  # the plan as it is
+        st_t, st_j = split_cost(tp.sum(1), tail_t[:, m], jp.sum(1), tail_j[:, m], cost, fin)  # the plan as it is
         # Each call moves its worst-used groups to MLX while that ends it sooner (decide_call):
         # try moving the k worst (by calibrated seconds per MLX second), per sample the best k.
         worst = np.argsort(-(tp.sum(0) / np.maximum(tm.sum(0), 1e-30)), kind="stable")
@@ -461,7 +464,7 @@ def plan_layer(
         ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
         prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
         side = tail_t[:, m : m + 1] + ctm
-        span = cost.call_s(prog, side, idle=1e-15)
+        span = cost.call_s(prog, side, idle=1e-15, finish_s=fin[:, None])
         kb = span.argmin(1)
         rows = np.arange(len(ranked))
         whole_t = np.minimum(span[rows, kb], alone_t)  # whole groups only

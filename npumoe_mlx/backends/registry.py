@@ -20,6 +20,7 @@ from ane_kernels.formats import DEFAULT_FORMAT
 from ane_kernels.limits import DEFAULT_LIMITS
 
 from ..cost import MEMCPY_BPS, CostModel, chip_cost_model
+from ..dispatch import finish_bytes
 
 COREML_MIN_MACOS = (15, 0)  # iOS18 opset programs (DESIGN.md: macOS 15+)
 
@@ -139,13 +140,23 @@ class BackendInfo:
 
     def default_cost(self) -> CostModel:
         """A fresh copy of its parametric cost model (callers may change it)."""
-        return replace(self.cost, backend=self.name, host_bytes_per_element=self.host_bytes())
+        return replace(self.cost, backend=self.name, host_bytes_per_element=self.host_bytes(),
+                       host_bytes_per_pair=self.host_bytes_per_pair())
 
-    def host_bytes(self) -> float:
-        """Host bytes (read + written) per element of a program row on this backend's path."""
+    def host_bytes(self, on_host: Optional[bool] = None) -> float:
+        """Host bytes (read + written) per element of a program row on this backend's path: its
+        program module's HOST_BYTES_PER_ELEMENT plus the executor's finish
+        (``dispatch.finish_bytes``: 8 where MLX runs on a GPU, 0 on the CPU). ``on_host`` None:
+        this process's MLX device; False: a GPU (a Mac, for ``--chip`` predictions)."""
         if self.host_bytes_per_element is not None:
             return self.host_bytes_per_element
-        return float(program_module(self.name).HOST_BYTES_PER_ELEMENT)
+        return float(program_module(self.name).HOST_BYTES_PER_ELEMENT + finish_bytes(on_host)[0])
+
+    def host_bytes_per_pair(self, on_host: Optional[bool] = None) -> float:
+        """Host bytes (read + written) per element of each routed pair's output row of an
+        offloaded call: the executor's finish (``dispatch.finish_bytes``: 16 where MLX runs on
+        the CPU, 0 on a GPU), whatever the backend."""
+        return float(finish_bytes(on_host)[1])
 
 
 REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
@@ -221,7 +232,7 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
     if not info.chip_costs:
         which = ", ".join(n for n, b in REGISTRY.items() if b.chip_costs)
         raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend {which}, not {backend!r}")
-    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes(), weight_format)
+    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes(on_host=False), weight_format)
 
 
 def program_budget(name: str) -> Tuple[int, bool, str]:
