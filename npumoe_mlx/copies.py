@@ -12,6 +12,7 @@ and that is copied into a py::array. Used by tests/test_copies.py and ``npumoe s
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -77,16 +78,21 @@ def _layer(E: int, D: int, H: int, N: int, K: int, tiers, seed: int = 0):
 
 
 def count_copies(backend: str = "coreml", D: int = 64, H: int = 32, program_cls=None, E: int = 8, N: int = 256,
-                 K: int = 2, tiers=(64, 128, 256)) -> CopyCount:
+                 K: int = 2, tiers=(64, 128, 256), on_host: Optional[bool] = None) -> CopyCount:
     """Run one offloaded layer call (x: (1, N, D)) on `backend` with every host pass counted.
     "coreml" runs ``program_cls`` (default backends.coreml.CoreMLProgram) over fake compiled
-    models; "onnx" and "mlx" load their real programs."""
+    models; "onnx" and "mlx" load their real programs. The executor's finish takes the side
+    ``on_host`` says (None: the backend descriptor's ``finish_on_host``, else this process's
+    MLX device; Core ML: a Mac's GPU side), as the registry prices it."""
     import mlx.core as mx
 
-    from .backends import load_backend
+    from . import executor
+    from .backends import load_backend, registry
     from .cost import CostModel
     from .executor import OffloadExecutor
     from .programs import spec_from_switch_glu
+
+    side = registry.get(backend).finish_on_host if on_host is None else on_host
 
     glu, x, inds, lp = _layer(E, D, H, N, K, tiers)
     specs = [spec_from_switch_glu(glu, layer=0, expert_ids=g.experts, tiers=g.tiers) for g in lp.groups]
@@ -102,10 +108,14 @@ def count_copies(backend: str = "coreml", D: int = 64, H: int = 32, program_cls=
     ex = OffloadExecutor(lp, progs, eager, overflow="rerun")
     ex.notice = lambda m: None
     dispatch.COUNTER = [0, 0]
+    here = executor.finish_on_host
+    if side is not None:
+        executor.finish_on_host = lambda: side
     try:
         y = ex(glu, x, inds)
         mx.eval(y)
         rows, pairs = dispatch.COUNTER
     finally:
         dispatch.COUNTER = None
+        executor.finish_on_host = here
     return CopyCount(rows / (ex.stats.slots * D), pairs / (ex.stats.pairs * D), y, glu(x, inds), progs, ex.stats)

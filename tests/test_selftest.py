@@ -55,13 +55,9 @@ def test_off_mac_report_has_real_format_numbers_placement_copies_and_needs_mac(q
     assert p["checked"] is True and p["result"] == "refused" and p["control"] == "passed"
     assert p["problems"] == ["function c32: op ios18.conv prefers CPU (supported: CPU, NeuralEngine)"]
     c = r["copies"]
-    # the registry's Core ML cost model, channels-first path: 40 B per row element with MLX on a GPU
-    # (a Mac); with MLX on the CPU (here) 32, and the finish's 16 per routed pair element
-    from npumoe_mlx import dispatch
-
-    assert c["priced_bytes_per_row"] == (32 if dispatch.finish_on_host() else 40) * D
-    assert c["priced_bytes_per_pair_element"] == (16 if dispatch.finish_on_host() else 0)
-    assert c["counted_bytes_per_pair_element"] == pytest.approx(c["priced_bytes_per_pair_element"], abs=0.01)
+    assert c["priced_bytes_per_row"] == 40 * D  # the registry's Core ML cost model: channels-first path
+    # a Mac's finish (MLX on the GPU takes the pair rows): none per routed pair, priced and counted
+    assert c["priced_bytes_per_pair_element"] == 0 and c["counted_bytes_per_pair_element"] == 0
     assert abs(c["counted_bytes_per_row"] - c["priced_bytes_per_row"]) <= 0.1 * c["counted_bytes_per_row"]
     assert c["predict_input_dtype"] == "float32"
     steps = " ".join(r["needs_mac"])
@@ -181,11 +177,8 @@ def test_counted_copies_follow_the_code_path(monkeypatch):
     D = 256
     today = selftest.copy_bytes(D)
     assert today["predict_input_dtype"] == "float32"
-    from npumoe_mlx.backends import registry
-
-    want = registry.get("coreml").host_bytes()  # 40 B with MLX on a GPU (a Mac), 32 + 16 per pair on the CPU
-    assert abs(today["counted_bytes_per_row"] - want * D) <= 0.1 * want * D
-    assert today["counted_bytes_per_pair_element"] == pytest.approx(today["priced_bytes_per_pair_element"], abs=0.01)
+    assert abs(today["counted_bytes_per_row"] - 40 * D) <= 0.1 * 40 * D
+    assert today["counted_bytes_per_pair_element"] == today["priced_bytes_per_pair_element"] == 0  # a Mac's finish
     # the old host astype(float16) before predict: coremltools casts it back, two passes more, the count follows
     from npumoe_mlx.backends.coreml import CoreMLProgram
 
@@ -209,7 +202,10 @@ def test_priced_copies_are_the_registrys_core_ml_cost_model(monkeypatch):
 
     assert selftest.copy_bytes(2048)["priced_bytes_per_row"] == 2048 * registry.default_cost("coreml").copy_bytes
     monkeypatch.setattr(backend, "HOST_BYTES_PER_ELEMENT", 52)
-    assert selftest.copy_bytes(2048)["priced_bytes_per_row"] == 2048 * 52
+    from npumoe_mlx import dispatch
+
+    # the program module's bytes plus the executor's finish on a Mac (the buffer's copy to MLX, 8)
+    assert selftest.copy_bytes(2048)["priced_bytes_per_row"] == 2048 * (52 + dispatch.finish_bytes(on_host=False)[0])
 
 
 # ---- Mac measurements as decisions, and the report as a chip profile / cost model ---------
@@ -272,10 +268,9 @@ def test_measured_cost_loads_through_cost_flag(quick, tmp_path):
     assert cost.dispatch_s == pytest.approx(2.1e-4)
     assert cost.expert_s == pytest.approx(expert_bytes("int8-channel", 2048, 768) / (base.ane_bw_gbs * 1e9))
     # copies priced so the model reproduces the measured overhead of the whole program call
-    from npumoe_mlx.backends.registry import get
+    from npumoe_mlx.backends.registry import default_cost
 
-    mac = get("coreml").host_bytes(on_host=False)  # a Mac's path: MLX on the GPU (40 B per row element)
-    assert cost.copy_bps == pytest.approx(2048 * 2048 * mac / 4e-3)
+    assert cost.copy_bps == pytest.approx(2048 * 2048 * default_cost("coreml").copy_bytes / 4e-3)
     free = dataclasses.replace(cost, copy_bps=float("inf"))
     copy_s = cost.programs_s(8, 1, 256, 2048, 768) - free.programs_s(8, 1, 256, 2048, 768)
     assert copy_s == pytest.approx(4e-3)

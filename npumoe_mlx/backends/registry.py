@@ -137,6 +137,10 @@ class BackendInfo:
     dense_programs: bool = False  # also runs a model's dense linears (dense.py: onnxruntime on the CPU)
     dynamic_rows: bool = False  # its programs run any row count below their ladders (plan.below_ladder_tiers)
     label: str = ""  # the device reports name (""; MLX's device); onnx programs name their session's provider
+    # Where MLX's arrays live when its programs run, which decides the executor's finish
+    # (``dispatch.finish_bytes``): None, this process's MLX device; False, an Apple GPU (its
+    # programs run only on a Mac: Core ML's predictions price a Mac's path wherever they are made).
+    finish_on_host: Optional[bool] = None
 
     def default_cost(self) -> CostModel:
         """A fresh copy of its parametric cost model (callers may change it)."""
@@ -147,21 +151,26 @@ class BackendInfo:
         """Host bytes (read + written) per element of a program row on this backend's path: its
         program module's HOST_BYTES_PER_ELEMENT plus the executor's finish
         (``dispatch.finish_bytes``: 8 where MLX runs on a GPU, 0 on the CPU). ``on_host`` None:
-        this process's MLX device; False: a GPU (a Mac, for ``--chip`` predictions)."""
+        the descriptor's ``finish_on_host``; False: a GPU (a Mac, for ``--chip`` predictions)."""
         if self.host_bytes_per_element is not None:
             return self.host_bytes_per_element
-        return float(program_module(self.name).HOST_BYTES_PER_ELEMENT + finish_bytes(on_host)[0])
+        return float(program_module(self.name).HOST_BYTES_PER_ELEMENT + finish_bytes(self._on_host(on_host))[0])
 
     def host_bytes_per_pair(self, on_host: Optional[bool] = None) -> float:
         """Host bytes (read + written) per element of each routed pair's output row of an
         offloaded call: the executor's finish (``dispatch.finish_bytes``: 16 where MLX runs on
-        the CPU, 0 on a GPU), whatever the backend."""
-        return float(finish_bytes(on_host)[1])
+        the CPU, 0 on a GPU), whatever the backend; ``on_host`` as ``host_bytes``."""
+        return float(finish_bytes(self._on_host(on_host))[1])
+
+    def _on_host(self, on_host: Optional[bool]) -> Optional[bool]:
+        """The finish's side to price: the caller's, else the descriptor's (None: this process's MLX device)."""
+        return self.finish_on_host if on_host is None else on_host
 
 
 REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("coreml", "ane", "coreml", ANE_LIMITS, ANE_COST, 1e-2, _coreml_runs,
-                preferred_on=_apple_silicon, package="coremltools", chip_costs=True, label="ANE (Core ML)"),
+                preferred_on=_apple_silicon, package="coremltools", chip_costs=True, label="ANE (Core ML)",
+                finish_on_host=False),
     BackendInfo("onnx", "cpu", "onnx", CPU_LIMITS, CPU_COST, 1e-4, _onnx_runs("CPUExecutionProvider"),
                 releases_mlx_experts=True, preferred_on=lambda: True, package="onnxruntime", details=_providers,
                 dense_programs=True, dynamic_rows=True, label="ONNX Runtime CPU"),
@@ -174,7 +183,7 @@ REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
                 replace(CPU_COST, source="parametric (the onnx CPU's: the CoreML EP is not measured)"), 1e-2,
                 _onnx_runs("CoreMLExecutionProvider"),
                 options={"providers": ["CoreMLExecutionProvider", "CPUExecutionProvider"]}, package="onnxruntime",
-                details=_providers, label="ONNX Runtime CoreML"),
+                details=_providers, label="ONNX Runtime CoreML", finish_on_host=False),
 )}
 
 
