@@ -21,8 +21,9 @@ The executor's last step (``finish_bytes``) puts the programs' rows in pair orde
 MLX's arrays live decides how: on a GPU the slot buffer goes over in one copy (8 B per program
 row element) and MLX takes each pair's row on the device; on the CPU (``finish_on_host``: MLX's
 memory is the host's, no device copy to save) numpy takes each pair's row (8 B per pair
-element) and that (P, D) array goes over in one copy (8): MLX's CPU take was 1.41x slower than
-numpy on the whole host path here (Qwen3 dims, 512 tokens: 190 vs 135 ms).
+element) and that (P, D) array goes over in one copy (8). The slot buffer's copy and MLX's take
+made two MLX buffers per call past MLX's CPU buffer cache (32 MiB here), each mapped fresh and
+page-faulted: the host path took 1.41x the CPU time (Qwen3 dims, 512 tokens; benchmarks/README.md).
 """
 
 import os
@@ -48,7 +49,7 @@ def moved(nbytes: int, pair: bool = False) -> None:
 
 def finish_on_host() -> bool:
     """MLX's default device is the CPU: its arrays are host memory, so the executor puts the
-    programs' rows in pair order with numpy (MLX's CPU take is slower) before the one copy."""
+    programs' rows in pair order with numpy before the one copy (one MLX buffer per call, not two)."""
     import mlx.core as mx
 
     return mx.default_device().type == mx.DeviceType.cpu

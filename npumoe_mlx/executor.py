@@ -17,7 +17,7 @@ Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
    from it and the MLX side's rows are set over theirs: (..., k, D) in x.dtype. MLX on a
    GPU: the buffer goes over in one copy (cast to x.dtype as it is copied) and MLX takes
    the rows; MLX on the CPU: numpy takes them and the (P, D) result goes over in one copy
-   (MLX's CPU take was slower). The host passes are ``dispatch``'s (per program row, and
+   (one MLX buffer per call, not two). The host passes are ``dispatch``'s (per program row, and
    per pair: ``dispatch.finish_bytes``), what the cost model prices; tests/test_copies.py.
 The call is three stages: ``_prepare`` (steps 1-3), ``_start_mlx`` + ``_run_programs``
 (4-5), ``_finish`` (the buffer to MLX). A program that raises or returns a wrong shape
