@@ -1,7 +1,9 @@
 """Host bytes per program row, counted on the executor's real path (issue 21, item 4).
 
 One offloaded layer call runs through ``OffloadExecutor`` with ``dispatch.COUNTER`` installed:
-every host pass of dispatch.py, executor.py and the programs goes through ``dispatch.moved``.
+every host pass of dispatch.py, executor.py and the programs goes through ``dispatch.moved``,
+counted per element of a program row, or of a routed pair (the executor's finish into pair
+order when MLX runs on the CPU).
 Core ML cannot run off macOS, so its compiled model is a fake that handles arrays the way
 coremltools' bridge does (coreml-evidence.md Q3, read from coremltools' source): fp16 in is
 cast back to fp32, Core ML converts fp32 to the model's fp16 input, the fp16 output to fp32,
@@ -10,6 +12,7 @@ and that is copied into a py::array. Used by tests/test_copies.py and ``npumoe s
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -48,6 +51,7 @@ class FakeCompiledModel:
 @dataclass
 class CopyCount:
     bytes_per_element: float  # host bytes (read + written) per element of a program row
+    bytes_per_pair_element: float  # host bytes per element of a routed pair's output row (the finish)
     y: object  # the offloaded call's output (mx.array)
     ref: object  # stock SwitchGLU's output on the same input
     programs: list
@@ -74,16 +78,21 @@ def _layer(E: int, D: int, H: int, N: int, K: int, tiers, seed: int = 0):
 
 
 def count_copies(backend: str = "coreml", D: int = 64, H: int = 32, program_cls=None, E: int = 8, N: int = 256,
-                 K: int = 2, tiers=(64, 128, 256)) -> CopyCount:
+                 K: int = 2, tiers=(64, 128, 256), on_host: Optional[bool] = None) -> CopyCount:
     """Run one offloaded layer call (x: (1, N, D)) on `backend` with every host pass counted.
     "coreml" runs ``program_cls`` (default backends.coreml.CoreMLProgram) over fake compiled
-    models; "onnx" and "mlx" load their real programs."""
+    models; "onnx" and "mlx" load their real programs. The executor's finish takes the side
+    ``on_host`` says (None: the backend descriptor's ``finish_on_host``, else this process's
+    MLX device; Core ML: a Mac's GPU side), as the registry prices it."""
     import mlx.core as mx
 
-    from .backends import load_backend
+    from . import executor
+    from .backends import load_backend, registry
     from .cost import CostModel
     from .executor import OffloadExecutor
     from .programs import spec_from_switch_glu
+
+    side = registry.get(backend).finish_on_host if on_host is None else on_host
 
     glu, x, inds, lp = _layer(E, D, H, N, K, tiers)
     specs = [spec_from_switch_glu(glu, layer=0, expert_ids=g.experts, tiers=g.tiers) for g in lp.groups]
@@ -98,11 +107,15 @@ def count_copies(backend: str = "coreml", D: int = 64, H: int = 32, program_cls=
     eager = CostModel(backend, 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="copy count")
     ex = OffloadExecutor(lp, progs, eager, overflow="rerun")
     ex.notice = lambda m: None
-    dispatch.COUNTER = [0]
+    dispatch.COUNTER = [0, 0]
+    here = executor.finish_on_host
+    if side is not None:
+        executor.finish_on_host = lambda: side
     try:
         y = ex(glu, x, inds)
         mx.eval(y)
-        counted = dispatch.COUNTER[0]
+        rows, pairs = dispatch.COUNTER
     finally:
         dispatch.COUNTER = None
-    return CopyCount(counted / (ex.stats.slots * D), y, glu(x, inds), progs, ex.stats)
+        executor.finish_on_host = here
+    return CopyCount(rows / (ex.stats.slots * D), pairs / (ex.stats.pairs * D), y, glu(x, inds), progs, ex.stats)

@@ -9,7 +9,8 @@ cannot be measured here (Core ML on a Mac). Every function takes scalars or nump
                                             + G*C*flops_per_row / program_flops
                                             + G*C*D*copy_bytes / copy_bps   (host copies in and out)
     MLX on n pairs:                         mlx_fixed_s + n*flops_per_row / mlx_flops
-    offloaded layer call:                   sync_s + the program calls, MLX spill at the same time:
+    offloaded layer call:                   sync_s + P*D*pair_bytes / copy_bps (P routed pairs into
+                                            pair order on the host) + the program calls, MLX spill at the same time:
                                             makespan = max(P, M) + (1 - overlap) * min(P, M)
 
 ``overlap`` is how much of the shorter side hides under the longer: 1 when programs and
@@ -19,7 +20,9 @@ CPU and MLX CPU here: measured, a 512-token OLMoE call took programs + spill, no
 ``flops_per_row = 6*D*H`` (gate, up and down matmuls of one token through one expert).
 ``copy_bytes`` is the host bytes (read + written) the executor's path moves per element of a
 program row on that backend: each backend module's ``HOST_BYTES_PER_ELEMENT``, counted on
-the real path by tests/test_copies.py (it was a flat 8: Core ML moved ~7x that).
+the real path by tests/test_copies.py (it was a flat 8: Core ML moved ~7x that), plus the
+executor's finish. ``pair_bytes`` (``host_bytes_per_pair``) is that finish's per routed pair
+where MLX runs on the CPU (numpy takes each pair's row: 16; 0 on a GPU): ``dispatch.finish_bytes``.
 """
 
 import json
@@ -85,6 +88,10 @@ class CostModel:
     # Host bytes a row element moves on its data path, in and out (the backend's
     # ``host_bytes_per_element``): float32 gathered in and scattered out.
     host_bytes_per_element: float = 8.0
+    # Host bytes per element of each routed pair's output row of an offloaded call: the
+    # executor's finish puts the rows in pair order with numpy when MLX runs on the CPU
+    # (``dispatch.finish_bytes``: 16); 0 where MLX takes them on its device (a GPU).
+    host_bytes_per_pair: float = 0.0
 
     def makespan(self, program_s, mlx_s):
         """Seconds of a call whose programs take ``program_s`` and whose MLX side takes ``mlx_s``
@@ -111,6 +118,11 @@ class CostModel:
     def copy_bytes(self) -> float:
         """Host bytes per element of a program row (read + written) on this backend's path."""
         return self.host_bytes_per_element
+
+    def finish_s(self, pairs, D: int):
+        """Seconds of the host passes over an offloaded call's ``pairs`` routed pairs (scalar or
+        array): the executor's finish into pair order (``host_bytes_per_pair``; 0 on a GPU)."""
+        return pairs * D * self.host_bytes_per_pair / self.copy_bps
 
     def row_s(self, D: int, H: int) -> float:
         """Seconds per program row (compute plus the host copies in and out)."""
@@ -155,11 +167,12 @@ class CostModel:
             G / n * (self.program_s(G, 1, D, H) - self.program_s(1, 1, D, H)) for G in sizes)
         return prog, scale * self.decode_mlx_s
 
-    def call_s(self, program_s, mlx_s, idle: float = 0.0):
+    def call_s(self, program_s, mlx_s, idle: float = 0.0, finish_s=0.0):
         """Seconds of a whole offloaded layer call (scalars or arrays): ``program_s`` of program
-        calls (a side above ``idle`` adds the host sync) and ``mlx_s`` of MLX work (above 0 adds
-        MLX's fixed cost), both started at once (``makespan``)."""
-        prog = np.where(np.asarray(program_s) > idle, self.sync_s + program_s, 0.0)
+        calls (a side above ``idle`` adds the host sync and ``finish_s``, the host passes over
+        the call's pairs: ``finish_s(pairs, D)``) and ``mlx_s`` of MLX work (above 0 adds MLX's
+        fixed cost), both started at once (``makespan``)."""
+        prog = np.where(np.asarray(program_s) > idle, self.sync_s + finish_s + program_s, 0.0)
         mlx = np.where(np.asarray(mlx_s) > 0, self.mlx_fixed_s + mlx_s, 0.0)
         return _like(self.makespan(prog, mlx))
 
@@ -180,7 +193,7 @@ class CostModel:
         optional = {"source", "mlx_dense_flops", "expert_s", "program_j_per_flop", "program_j_per_call",
                     "mlx_j_per_flop", "mlx_j_per_call", "weights_overlap", "first_offload_tokens",
                     "overlap", "workers", "decode_k", "decode_program_s", "decode_mlx_s",
-                    "decode_workers", "host_bytes_per_element"}
+                    "decode_workers", "host_bytes_per_element", "host_bytes_per_pair"}
         missing = names - set(d) - optional
         if missing:
             raise ValueError(f"cost model is missing {', '.join(sorted(missing))}")

@@ -14,25 +14,51 @@ once into the layout the program takes (``Program.input_layout``): (G, C, D), on
 (G, D, C) for Core ML's channels-first programs, gathered by the executor on MLX (the GPU
 on a Mac; ``gather`` here does it per expert, a gather then a transposed write, for callers
 without MLX rows). ``checked`` reads the output once. Every host pass goes through ``moved`` so that
-a test can count the bytes the real path moves (tests/test_copies.py).
+a test can count the bytes the real path moves (tests/test_copies.py): per element of a program
+row, or (``pair=True``) per element of a routed pair's output row.
+
+The executor's last step (``finish_bytes``) puts the programs' rows in pair order on MLX. Where
+MLX's arrays live decides how: on a GPU the slot buffer goes over in one copy (8 B per program
+row element) and MLX takes each pair's row on the device; on the CPU (``finish_on_host``: MLX's
+memory is the host's, no device copy to save) numpy takes each pair's row (8 B per pair
+element) and that (P, D) array goes over in one copy (8). The slot buffer's copy and MLX's take
+made two MLX buffers per call past MLX's CPU buffer cache (32 MiB here), each mapped fresh and
+page-faulted: the host path took 1.41x the CPU time (Qwen3 dims, 512 tokens; benchmarks/README.md).
 """
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 MAX_WORKERS = 2  # what `tune` tries (CostModel.workers); NPUMOE_WORKERS overrides both
 _POOLS = {}
-COUNTER: Optional[list] = None  # [bytes]: host bytes read + written, while a test counts
+COUNTER: Optional[list] = None  # [row bytes, pair bytes]: host bytes read + written, while a test counts
+# The finish's host bytes (read + written) per element: (program row, routed pair) by where MLX's arrays live.
+FINISH_BYTES = {"device": (8, 0), "host": (0, 16)}
 
 
-def moved(nbytes: int) -> None:
-    """Count one host pass's bytes (read + written) when a counter is installed."""
+def moved(nbytes: int, pair: bool = False) -> None:
+    """Count one host pass's bytes (read + written) when a counter is installed: a pass over
+    program rows, or (``pair``) over the call's routed pairs."""
     c = COUNTER
     if c is not None:
-        c[0] += int(nbytes)
+        c[1 if pair else 0] += int(nbytes)
+
+
+def finish_on_host() -> bool:
+    """MLX's default device is the CPU: its arrays are host memory, so the executor puts the
+    programs' rows in pair order with numpy before the one copy (one MLX buffer per call, not two)."""
+    import mlx.core as mx
+
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def finish_bytes(on_host: Optional[bool] = None) -> Tuple[int, int]:
+    """Host bytes (read + written) the executor's finish moves per element: (of a program row,
+    of a routed pair); ``on_host`` None: this process's MLX device (``finish_on_host``)."""
+    return FINISH_BYTES["host" if (finish_on_host() if on_host is None else on_host) else "device"]
 
 
 def gather(x_np: np.ndarray, src: np.ndarray, G: int, C: int, layout: str = "GCD") -> np.ndarray:

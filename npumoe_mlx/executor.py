@@ -13,11 +13,12 @@ Per call of ``experts(x, inds)`` (x: (..., D), inds: (..., k)):
 4. cold experts and spill start on MLX (``mx.async_eval``) before the programs run;
 5. rows are gathered once into the layout each program takes (``dispatch.gather``: (G, C, D);
    (G, D, C) for Core ML, gathered on MLX), each resident group's program runs at its tier and its rows
-   land in ONE buffer in slot order (onnx writes them in place); that buffer goes to MLX in
-   one copy (cast to x.dtype as it is copied), and MLX takes each pair's row from it and
-   sets the MLX side's rows: (..., k, D) in x.dtype. No numpy scatter and no whole-call
-   (P, D) host array: the host passes per program row are ``dispatch``'s plus that one
-   copy (``host_bytes_per_element``, what the cost model prices; tests/test_copies.py).
+   land in ONE buffer in slot order (onnx writes them in place); each pair's row is taken
+   from it and the MLX side's rows are set over theirs: (..., k, D) in x.dtype. MLX on a
+   GPU: the buffer goes over in one copy (cast to x.dtype as it is copied) and MLX takes
+   the rows; MLX on the CPU: numpy takes them and the (P, D) result goes over in one copy
+   (one MLX buffer per call, not two). The host passes are ``dispatch``'s (per program row, and
+   per pair: ``dispatch.finish_bytes``), what the cost model prices; tests/test_copies.py.
 The call is three stages: ``_prepare`` (steps 1-3), ``_start_mlx`` + ``_run_programs``
 (4-5), ``_finish`` (the buffer to MLX). A program that raises or returns a wrong shape
 or non-finite values disables the layer's offload for the rest of the run (one warning,
@@ -35,7 +36,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cost import CostModel
-from .dispatch import checked, moved, run_calls
+from .dispatch import checked, finish_on_host, moved, run_calls
 from .experts import SwitchGLU, installed_blocks, stock_dense, stock_experts
 from .hints import build_cmd
 from .plan import LayerPlan, call_context, decide
@@ -313,14 +314,21 @@ class OffloadExecutor:
         return {i: np.asarray(a) for i, a in xs.items()}
 
     def _finish(self, c: "_Call", outs: np.ndarray, y_mlx: Optional[mx.array]) -> mx.array:
-        """The programs' rows and the MLX side's as one (..., k, D) array in x.dtype: the slot
-        buffer goes over in one copy, MLX takes each pair's row from it (pairs without a slot:
-        the zero row; the MLX side's rows are set over theirs)."""
+        """The programs' rows and the MLX side's as one (..., k, D) array in x.dtype, each pair's
+        row taken from the slot buffer (pairs without a slot: the zero row; the MLX side's rows
+        are set over theirs). MLX on the CPU (``dispatch.finish_on_host``): numpy takes the rows
+        and the (P, D) result goes over in one copy; else the slot buffer goes over in one copy
+        and MLX takes the rows on its device (``dispatch.finish_bytes`` prices either)."""
         st, P, S = self.stats, c.flat.size, c.slots.slots
         slot = np.where(c.slots.loc >= 0, c.slots.loc, S)  # (P,) each pair's slot, S: none (dropped: zero)
-        y = mx.array(outs, dtype=c.dtype)  # (S + 1, D), cast to x.dtype as it is copied over (same bits as astype)
-        moved(outs.nbytes + outs.size * y.dtype.size)
-        y = y[mx.array(slot, dtype=mx.int32)]  # (P, D) on the MLX side
+        if finish_on_host():
+            rows = np.take(outs, slot, axis=0)  # (P, D) float32 in pair order
+            y = mx.array(rows, dtype=c.dtype)  # cast to x.dtype as it is copied over (same bits as astype)
+            moved(2 * rows.nbytes + rows.nbytes + rows.size * y.dtype.size, pair=True)
+        else:
+            y = mx.array(outs, dtype=c.dtype)  # (S + 1, D), cast to x.dtype as it is copied over
+            moved(outs.nbytes + outs.size * y.dtype.size)
+            y = y[mx.array(slot, dtype=mx.int32)]  # (P, D) on the MLX side
         if y_mlx is not None:
             y[mx.array(c.left, dtype=mx.int32)] = y_mlx.astype(c.dtype)
         st.offloaded += 1

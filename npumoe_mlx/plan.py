@@ -374,10 +374,10 @@ def _group_costs(loads: np.ndarray, caps: np.ndarray, cost: CostModel, D: int, H
             cost.programs_j(G, rounds, rows, D, H), cost.mlx_work_j(pairs, D, H))
 
 
-def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel):
+def split_cost(tp: np.ndarray, tm: np.ndarray, jp: np.ndarray, jm: np.ndarray, cost: CostModel, finish=0.0):
     """Per sample (makespan s, energy J) of calls whose programs side costs tp (S,) s / jp J
     and whose MLX side costs tm (S,) s / jm J (fixed costs added here), both at once."""
-    return cost.call_s(tp, tm), cost.call_j(jp, jm, tm)
+    return cost.call_s(tp, tm, finish_s=finish), cost.call_j(jp, jm, tm)
 
 
 def _run_costs(runs, run_cost: dict, S: int):
@@ -401,7 +401,8 @@ def _partial_last(runs, tp: np.ndarray, tail: np.ndarray, ranked: np.ndarray, ca
     cand = caps[caps <= loads.min(1).max()]  # (K,)
     if cand.size == 0:
         return np.zeros(S), np.full(S, np.inf)
-    prog = cost.sync_s + tp[:, :-1].sum(1)[:, None] + cost.programs_s(j - i, 1, cand[None, :], D, H)  # (S, K)
+    prog = (cost.sync_s + cost.finish_s(ranked.sum(1), D)[:, None] + tp[:, :-1].sum(1)[:, None]
+            + cost.programs_s(j - i, 1, cand[None, :], D, H))  # (S, K)
     left = np.maximum(loads[:, :, None] - cand[None, None, :], 0).sum(1)  # (S, K) pairs back on MLX
     mlx = cost.mlx_fixed_s + tail[:, None] + cost.mlx_work_s(left, D, H)
     span = cost.makespan(prog, mlx)
@@ -541,13 +542,14 @@ def price_residency(r: Ranking, cuts: Cuts, m: int, cost: CostModel, D: int, H: 
     S = len(r.ranked)
     tp, tm, jp, jm = cuts.costs(runs)  # (S, R) each
     tail_t, tail_j = cuts.tail_t[:, m], cuts.tail_j[:, m]
+    fin = cost.finish_s(r.ranked.sum(1), D)  # (S,) an offloaded call's host passes over its pairs
     # try moving the k worst runs (by calibrated seconds per MLX second), per sample the best k
     worst = np.argsort(-(tp.sum(0) / np.maximum(tm.sum(0), 1e-30)), kind="stable")
     z = np.zeros((S, 1))
     ctp, ctm, cjp, cjm = (np.concatenate([z, np.cumsum(a[:, worst], 1)], 1) for a in (tp, tm, jp, jm))
     prog = tp.sum(1, keepdims=True) - ctp  # (S, R+1)
     side = tail_t[:, None] + ctm
-    span = cost.call_s(prog, side, idle=1e-15)
+    span = cost.call_s(prog, side, idle=1e-15, finish_s=fin[:, None])
     kb = span.argmin(1)
     rows = np.arange(S)
     whole_t = np.minimum(span[rows, kb], cuts.alone_t)  # whole groups only
@@ -575,7 +577,7 @@ def price_residency(r: Ranking, cuts: Cuts, m: int, cost: CostModel, D: int, H: 
     c = Candidate(m, float(tb_t.mean()), float(tb_j.mean()), float(tb_t.mean()), float(whole_t.mean()),
                   float(whole_t[small].mean()) if small.any() else 0.0)
     if energy:
-        st_t, st_j = split_cost(tp.sum(1), tail_t, jp.sum(1), tail_j, cost)  # the plan as it is
+        st_t, st_j = split_cost(tp.sum(1), tail_t, jp.sum(1), tail_j, cost, fin)  # the plan as it is
         c.calls = CallPrices(st_t, st_j, tb_t, tb_j, cut, jp.sum(1) - (jp[:, -1] if runs else 0))
     return c
 

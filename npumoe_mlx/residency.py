@@ -65,7 +65,7 @@ def program_only(lp, cost, dynamic: bool = True) -> Tuple[bool, str]:
             return True, (f"a decode step per layer (measured in mlx_lm's loop) on programs {prog * 1e3:.2f} ms, "
                           f"MLX {mlx * 1e3:.2f} ms (programs within 5%)")
         return False, f"a decode step per layer (measured in mlx_lm's loop) on programs {prog * 1e3:.2f} ms > MLX {mlx * 1e3:.2f} ms"
-    prog = cost.sync_s + sum(cost.program_s(len(g.experts), rows(g), lp.D, lp.H) for g in hit)
+    prog = cost.sync_s + cost.finish_s(k, lp.D) + sum(cost.program_s(len(g.experts), rows(g), lp.D, lp.H) for g in hit)
     mlx = cost.mlx_s(k, lp.D, lp.H)
     how = "decode"
     if prog <= mlx:

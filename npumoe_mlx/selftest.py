@@ -50,7 +50,8 @@ def copy_bytes(D: int) -> dict:
     from .backends.registry import default_cost
     from .copies import count_copies
 
-    priced = default_cost("coreml").copy_bytes
+    cost = default_cost("coreml")
+    priced = cost.copy_bytes
     c = count_copies("coreml")
     fed = {str(dt) for p in c.programs for m in p.models.values() for _, dt in m.seen}
     return {
@@ -58,6 +59,9 @@ def copy_bytes(D: int) -> dict:
         "counted_bytes_per_row": int(round(c.bytes_per_element * D)),
         "priced_bytes_per_element": priced,
         "counted_bytes_per_element": c.bytes_per_element,
+        # the executor's finish per routed pair (MLX on the CPU: numpy's take; on a GPU: 0)
+        "priced_bytes_per_pair_element": cost.host_bytes_per_pair,
+        "counted_bytes_per_pair_element": c.bytes_per_pair_element,
         "predict_input_dtype": ", ".join(sorted(fed)),
         "method": "one offloaded layer call through OffloadExecutor -> dispatch.run_calls -> CoreMLProgram with "
                   "dispatch.COUNTER on, Core ML's bridge faked from coremltools' source (npumoe_mlx.copies)",

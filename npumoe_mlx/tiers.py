@@ -376,7 +376,8 @@ def _tally(ctx: CallContext, counts: np.ndarray, caps, rounds) -> CallDecision:
     for ids, cs, r in zip(groups, caps, rounds):
         left += int(np.maximum(counts[ids] - sum(cs[:r]), 0).sum())
     pairs = int(counts.sum())
-    return CallDecision(False, rounds, caps, cost.sync_s + sum(cost.program_s(G, c, D, H) for G, c in run),
+    prog = cost.sync_s + cost.finish_s(pairs, D) + sum(cost.program_s(G, c, D, H) for G, c in run)
+    return CallDecision(False, rounds, caps, prog,
                         cost.mlx_s(left, D, H), cost.mlx_s(pairs, D, H),
                         sum(cost.program_j(G, c, D, H) for G, c in run) + cost.mlx_j(left, D, H), cost.mlx_j(pairs, D, H),
                         len(run), cost.overlap)

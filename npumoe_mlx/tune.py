@@ -402,6 +402,7 @@ def fit(raw: dict) -> CostModel:
         decode_mlx_s=float((raw.get("decode") or {}).get("mlx_s", 0.0)),
         decode_workers=int((raw.get("decode") or {}).get("workers", 0)),
         host_bytes_per_element=registry.get(raw["backend"]).host_bytes(),
+        host_bytes_per_pair=registry.get(raw["backend"]).host_bytes_per_pair(),
         source=f"measured on {platform.node() or 'this machine'} ({platform.machine()}, D={D}, H={H})",
     )
     pw = raw.get("power") or {}

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from npumoe_mlx import offload, residency, verify
+from npumoe_mlx import dispatch, offload, residency, verify
 from npumoe_mlx.args import choose_cost
 from npumoe_mlx.backends import BACKENDS, Program, load_backend, registry
 from npumoe_mlx.cli import SUBCOMMANDS
@@ -59,8 +59,18 @@ def test_registry_entries_say_what_the_code_did_before():
     assert [n for n, b in on.items() if not b.bundles] == ["mlx"]
     assert {n: b.program_format for n, b in on.items()} == {"coreml": "coreml", "onnx": "onnx", "mlx": "mlx",
                                                            "onnx-coreml": "onnx"}
-    # host bytes per row element as counted on each format's path (tests/test_copies.py; was a flat 8)
-    assert {n: b.host_bytes() for n, b in on.items()} == {"coreml": 40, "onnx": 20, "mlx": 44, "onnx-coreml": 20}
+    # host bytes per row element as counted on each format's path (tests/test_copies.py; was a flat 8):
+    # with MLX on a GPU (a Mac) the slot buffer's copy to MLX is per row element; with MLX on the
+    # CPU the executor's finish is priced per routed pair instead (16 B per element, numpy's take)
+    assert {n: b.host_bytes(on_host=False) for n, b in on.items()} == {"coreml": 40, "onnx": 20, "mlx": 44,
+                                                                       "onnx-coreml": 20}
+    assert {n: b.host_bytes(on_host=True) for n, b in on.items()} == {"coreml": 32, "onnx": 12, "mlx": 36,
+                                                                      "onnx-coreml": 12}
+    assert {b.host_bytes_per_pair(on_host=False) for b in on.values()} == {0.0}
+    assert {b.host_bytes_per_pair(on_host=True) for b in on.values()} == {16.0}
+    here = dispatch.finish_on_host()  # onnx and mlx price this process's path; Core ML a Mac's wherever it is asked
+    assert {n: b.host_bytes() for n, b in on.items()} == {n: b.host_bytes(here) for n, b in on.items()
+                                                         if b.finish_on_host is None} | {"coreml": 40, "onnx-coreml": 20}
     coreml, onnx = PlanLimits.for_backend("coreml"), PlanLimits.for_backend("onnx")
     assert (coreml.capacities[:2], coreml.capacities[-1], coreml.max_tiers, coreml.max_programs) == ([32, 64], 4096, 12, 120)
     assert (onnx.capacities[:2], onnx.capacities[-1], onnx.max_tiers, onnx.max_programs) == ([8, 16], 4096, 12, 4096)
@@ -224,7 +234,10 @@ def test_a_descriptors_host_bytes_reach_every_cost_model_of_it(monkeypatch):
     monkeypatch.setitem(registry.REGISTRY, "coreml", replace(registry.REGISTRY["coreml"], host_bytes_per_element=2.0))
     assert registry.default_cost("coreml").host_bytes_per_element == 2.0
     assert registry.chip_cost("m2-max", "coreml", 64, 64).host_bytes_per_element == 2.0
-    assert registry.default_cost("onnx").host_bytes_per_element == 20.0  # onnx's own, counted
+    here = dispatch.finish_on_host()  # onnx's own, counted: 20 per row element with MLX on a GPU; on the CPU 12 + 16 per pair
+    assert registry.default_cost("onnx").host_bytes_per_element == (12.0 if here else 20.0)
+    assert registry.default_cost("onnx").host_bytes_per_pair == (16.0 if here else 0.0)
+    assert registry.chip_cost("m2-max", "coreml", 64, 64).host_bytes_per_pair == 0.0  # a Mac: MLX takes rows on its GPU
     raw = {"backend": "coreml", "D": 8, "H": 8, "copy_bytes": 1e6, "copy_s": 1e-3, "dispatch_s": 1e-4,
            "programs": [(1, 8, 2e-4), (2, 8, 3e-4), (1, 16, 3e-4)], "mlx_fixed_s": 1e-4,
            "mlx": [(8, 2e-4), (16, 3e-4)], "mlx_dense": [(8, 2e-4), (16, 3e-4)], "sync_s": 1e-5}

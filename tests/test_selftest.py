@@ -56,6 +56,8 @@ def test_off_mac_report_has_real_format_numbers_placement_copies_and_needs_mac(q
     assert p["problems"] == ["function c32: op ios18.conv prefers CPU (supported: CPU, NeuralEngine)"]
     c = r["copies"]
     assert c["priced_bytes_per_row"] == 40 * D  # the registry's Core ML cost model: channels-first path
+    # a Mac's finish (MLX on the GPU takes the pair rows): none per routed pair, priced and counted
+    assert c["priced_bytes_per_pair_element"] == 0 and c["counted_bytes_per_pair_element"] == 0
     assert abs(c["counted_bytes_per_row"] - c["priced_bytes_per_row"]) <= 0.1 * c["counted_bytes_per_row"]
     assert c["predict_input_dtype"] == "float32"
     steps = " ".join(r["needs_mac"])
@@ -176,6 +178,7 @@ def test_counted_copies_follow_the_code_path(monkeypatch):
     today = selftest.copy_bytes(D)
     assert today["predict_input_dtype"] == "float32"
     assert abs(today["counted_bytes_per_row"] - 40 * D) <= 0.1 * 40 * D
+    assert today["counted_bytes_per_pair_element"] == today["priced_bytes_per_pair_element"] == 0  # a Mac's finish
     # the old host astype(float16) before predict: coremltools casts it back, two passes more, the count follows
     from npumoe_mlx.backends.coreml import CoreMLProgram
 
@@ -199,7 +202,10 @@ def test_priced_copies_are_the_registrys_core_ml_cost_model(monkeypatch):
 
     assert selftest.copy_bytes(2048)["priced_bytes_per_row"] == 2048 * registry.default_cost("coreml").copy_bytes
     monkeypatch.setattr(backend, "HOST_BYTES_PER_ELEMENT", 52)
-    assert selftest.copy_bytes(2048)["priced_bytes_per_row"] == 2048 * 52
+    from npumoe_mlx import dispatch
+
+    # the program module's bytes plus the executor's finish on a Mac (the buffer's copy to MLX, 8)
+    assert selftest.copy_bytes(2048)["priced_bytes_per_row"] == 2048 * (52 + dispatch.finish_bytes(on_host=False)[0])
 
 
 # ---- Mac measurements as decisions, and the report as a chip profile / cost model ---------

@@ -87,10 +87,11 @@ PROGRAM_BUDGET = 4096  # MLX arrays: no per-process program limit (the planner's
 PROGRAM_BUDGET_SOURCE = "no per-process limit (MLX arrays; the planner's cap)"
 TIERS_ARE_PROGRAMS = False
 
-# Host bytes per element of a program row on the executor's path (tests/test_copies.py):
+# Host bytes per element of a program row on this program's path (tests/test_copies.py):
 # dispatch.gather 8, this program's copy into MLX 8 and back 8, its rows into the call's
-# buffer 8, dispatch.checked 4, the buffer to MLX 8.
-HOST_BYTES_PER_ELEMENT = 44
+# buffer 8, dispatch.checked 4. The executor's finish comes on top (``registry.host_bytes``:
+# 8 per row element with MLX on a GPU, 44 in all; on the CPU 16 per pair element instead).
+HOST_BYTES_PER_ELEMENT = 36
 
 
 class MLXProgram(Program):

@@ -117,11 +117,13 @@ PROGRAM_BUDGET = 4096
 PROGRAM_BUDGET_SOURCE = "no per-process limit known for onnxruntime sessions (the planner's cap)"
 TIERS_ARE_PROGRAMS = False
 
-# Host bytes (read + written) per element of a program row on the executor's path, counted
+# Host bytes (read + written) per element of a program row on this program's path, counted
 # by tests/test_copies.py: dispatch.gather 8 (fp32 rows into (G, C, D)), onnxruntime reads
-# them and writes its output in place (IO binding: no copy), dispatch.checked reads it (4),
-# the slot buffer's one copy to MLX (8; 6 when x is fp16/bf16). The cost model's copy term.
-HOST_BYTES_PER_ELEMENT = 20
+# them and writes its output in place (IO binding: no copy), dispatch.checked reads it (4).
+# The executor's finish comes on top (``registry.host_bytes``, ``dispatch.finish_bytes``): MLX
+# on a GPU, the slot buffer's one copy to MLX (8 per row element: 20 in all, as before);
+# MLX on the CPU, numpy's take into pair order and its copy to MLX (16 per pair element).
+HOST_BYTES_PER_ELEMENT = 12
 
 
 class OnnxProgram(Program):

@@ -20,6 +20,7 @@ from ane_kernels.formats import DEFAULT_FORMAT
 from ane_kernels.limits import DEFAULT_LIMITS
 
 from ..cost import MEMCPY_BPS, CostModel, chip_cost_model
+from ..dispatch import finish_bytes
 
 COREML_MIN_MACOS = (15, 0)  # iOS18 opset programs (DESIGN.md: macOS 15+)
 
@@ -138,22 +139,40 @@ class BackendInfo:
     label: str = ""  # the device reports name (""; MLX's device); onnx programs name their session's provider
     weight_formats: bool = False  # builds its own expert weight format (--weight-format; ane_kernels/formats.py)
     builder: Optional[Tuple[str, str]] = None  # (package that builds its programs, pip requirement that installs it)
+    # Where MLX's arrays live when its programs run, which decides the executor's finish
+    # (``dispatch.finish_bytes``): None, this process's MLX device; False, an Apple GPU (its
+    # programs run only on a Mac: Core ML's predictions price a Mac's path wherever they are made).
+    finish_on_host: Optional[bool] = None
 
     def default_cost(self) -> CostModel:
         """A fresh copy of its parametric cost model (callers may change it)."""
-        return replace(self.cost, backend=self.name, host_bytes_per_element=self.host_bytes())
+        return replace(self.cost, backend=self.name, host_bytes_per_element=self.host_bytes(),
+                       host_bytes_per_pair=self.host_bytes_per_pair())
 
-    def host_bytes(self) -> float:
-        """Host bytes (read + written) per element of a program row on this backend's path."""
+    def host_bytes(self, on_host: Optional[bool] = None) -> float:
+        """Host bytes (read + written) per element of a program row on this backend's path: its
+        program module's HOST_BYTES_PER_ELEMENT plus the executor's finish
+        (``dispatch.finish_bytes``: 8 where MLX runs on a GPU, 0 on the CPU). ``on_host`` None:
+        the descriptor's ``finish_on_host``; False: a GPU (a Mac, for ``--chip`` predictions)."""
         if self.host_bytes_per_element is not None:
             return self.host_bytes_per_element
-        return float(program_module(self.name).HOST_BYTES_PER_ELEMENT)
+        return float(program_module(self.name).HOST_BYTES_PER_ELEMENT + finish_bytes(self._on_host(on_host))[0])
+
+    def host_bytes_per_pair(self, on_host: Optional[bool] = None) -> float:
+        """Host bytes (read + written) per element of each routed pair's output row of an
+        offloaded call: the executor's finish (``dispatch.finish_bytes``: 16 where MLX runs on
+        the CPU, 0 on a GPU), whatever the backend; ``on_host`` as ``host_bytes``."""
+        return float(finish_bytes(self._on_host(on_host))[1])
+
+    def _on_host(self, on_host: Optional[bool]) -> Optional[bool]:
+        """The finish's side to price: the caller's, else the descriptor's (None: this process's MLX device)."""
+        return self.finish_on_host if on_host is None else on_host
 
 
 REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("coreml", "ane", "coreml", ANE_LIMITS, ANE_COST, 1e-2, _coreml_runs,
                 preferred_on=_apple_silicon, package="coremltools", chip_costs=True, label="ANE (Core ML)",
-                weight_formats=True, builder=("coremltools", "npumoe-mlx[coreml]")),
+                weight_formats=True, builder=("coremltools", "npumoe-mlx[coreml]"), finish_on_host=False),
     BackendInfo("onnx", "cpu", "onnx", CPU_LIMITS, CPU_COST, 1e-4, _onnx_runs("CPUExecutionProvider"),
                 releases_mlx_experts=True, preferred_on=lambda: True, package="onnxruntime", details=_providers,
                 dense_programs=True, dynamic_rows=True, label="ONNX Runtime CPU", builder=("onnx", "onnx")),
@@ -166,7 +185,7 @@ REGISTRY: Dict[str, BackendInfo] = {b.name: b for b in (
                 replace(CPU_COST, source="parametric (the onnx CPU's: the CoreML EP is not measured)"), 1e-2,
                 _onnx_runs("CoreMLExecutionProvider"),
                 options={"providers": ["CoreMLExecutionProvider", "CPUExecutionProvider"]}, package="onnxruntime",
-                details=_providers, label="ONNX Runtime CoreML", builder=("onnx", "onnx")),
+                details=_providers, label="ONNX Runtime CoreML", builder=("onnx", "onnx"), finish_on_host=False),
 )}
 
 
@@ -224,7 +243,7 @@ def chip_cost(name: str, backend: str = "coreml", D: int = 0, H: int = 0, bits: 
     if not info.chip_costs:
         which = ", ".join(n for n, b in REGISTRY.items() if b.chip_costs)
         raise ValueError(f"--chip predicts Core ML programs on the ANE; use --backend {which}, not {backend!r}")
-    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes(), weight_format)
+    return chip_cost_model(name, backend, D, H, bits, info.cost.copy_bps, info.host_bytes(on_host=False), weight_format)
 
 
 def program_budget(name: str) -> Tuple[int, bool, str]:
