@@ -120,7 +120,7 @@ def test_the_finish_is_priced_per_routed_pair():
     """An offloaded call pays its finish on the host per routed pair (MLX on the CPU): the
     executor's decision and the planner's call price see it; a cost file saved before the
     field prices none (as it was planned)."""
-    from npumoe_mlx.tiers import decide_call
+    from npumoe_mlx.tiers import CallContext, decide_call
 
     base = dict(dispatch_s=1e-4, program_flops=1e12, copy_bps=1e9, sync_s=1e-4, mlx_fixed_s=1e-4, mlx_flops=1e9)
     cpu = CostModel("onnx", **base, host_bytes_per_element=12.0, host_bytes_per_pair=16.0)
@@ -128,7 +128,7 @@ def test_the_finish_is_priced_per_routed_pair():
     assert gpu.host_bytes_per_pair == 0.0
     counts = np.array([40, 30, 0, 10])
     groups, cold = [np.array([0, 1]), np.array([3])], np.array([False, False, True, False])
-    a, b = (decide_call(counts, groups, [[64], [16]], cold, c, D, H, "rerun") for c in (cpu, gpu))
+    a, b = (decide_call(counts, CallContext(groups, [[64], [16]], cold, c, D, H, "rerun")) for c in (cpu, gpu))
     assert a.program_s - b.program_s == pytest.approx(counts.sum() * D * 16 / 1e9)
     assert cpu.finish_s(counts.sum(), D) == pytest.approx(counts.sum() * D * 16 / 1e9)
     assert cpu.call_s(1.0, 0.0, finish_s=0.5) == pytest.approx(cpu.sync_s + 1.5)
