@@ -439,7 +439,7 @@ def cost_model_bounds(cost, D, H, k, tokens=2048):
     all-on-GPU within 1.2x that best time, least energy within 1.2x all-on-GPU's time)."""
     import numpy as np
 
-    from npumoe_mlx.cost import flops_per_row
+    from npumoe_mlx.planning.cost import flops_per_row
 
     P, f = tokens * k, flops_per_row(D, H)
     x = np.linspace(0.0, 1.0, 20001)  # share of the pairs on programs
@@ -487,8 +487,8 @@ def builds(shape):
     from ane_kernels.formats import expert_bytes
     from ane_kernels.limits import DEFAULT_LIMITS
     from ane_kernels.spec import random_spec
-    from npumoe_mlx import replay as rp
-    from npumoe_mlx.plan import PlanLimits, group_cap
+    from npumoe_mlx.cli import replay as rp
+    from npumoe_mlx.planning.plan import PlanLimits, group_cap
 
     sh, E = rp.preset_shape(shape), rp.load_shape_presets()[shape]["experts"]
     lim = PlanLimits.for_backend("coreml")
@@ -509,7 +509,7 @@ def targets_md(rows, results_path=REPLAY_JSON):
     (worst trace of each shape), the bounds, met or not and why."""
     import json
 
-    from npumoe_mlx import replay as rp
+    from npumoe_mlx.cli import replay as rp
     from npumoe_mlx.backends.registry import chip_cost
 
     if not os.path.exists(results_path):
@@ -644,7 +644,7 @@ Run: {seconds} s on {machine}.
 
 def write_md(path, data):
     sys.path.insert(0, ROOT)
-    from npumoe_mlx.chips import ChipProfile, FIELDS, format_chips
+    from npumoe_mlx.planning.chips import ChipProfile, FIELDS, format_chips
 
     rows = []
     for name, e in data["chips"].items():

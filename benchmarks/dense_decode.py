@@ -11,7 +11,7 @@ from npumoe_mlx.tools.report import loadavg_at_end, machine_info
 import time, sys, mlx.core as mx, mlx.nn as nn
 from mlx_lm.models import qwen3
 from mlx_lm.generate import generate_step
-from npumoe_mlx import dense
+from npumoe_mlx.runtime import dense
 args = qwen3.ModelArgs(model_type="qwen3", hidden_size=2048, num_hidden_layers=4, intermediate_size=768,
     num_attention_heads=32, rms_norm_eps=1e-6, vocab_size=1000, num_key_value_heads=4, head_dim=128,
     max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True)

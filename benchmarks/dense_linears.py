@@ -15,10 +15,10 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from npumoe_mlx import dense
 from npumoe_mlx.atomic import write_json
 from npumoe_mlx.backends.onnx import Backend
-from npumoe_mlx.replay import load_shape_presets
+from npumoe_mlx.cli.replay import load_shape_presets
+from npumoe_mlx.runtime import dense
 from npumoe_mlx.tools.report import loadavg_at_end, machine_info
 
 

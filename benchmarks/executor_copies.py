@@ -20,10 +20,10 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from npumoe_mlx.backends import load_backend
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import OffloadExecutor
-from npumoe_mlx.plan import GroupPlan, LayerPlan
-from npumoe_mlx.programs import spec_from_switch_glu
+from npumoe_mlx.build.programs import spec_from_switch_glu
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan
+from npumoe_mlx.runtime.executor import OffloadExecutor
 
 E, D, H, N, K = 8, 256, 128, 256, 2
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1)

@@ -47,11 +47,11 @@ from mlx_lm import stream_generate
 from mlx_lm.utils import _get_classes, quantize_model, save_config
 
 from npumoe_mlx.atomic import honour_umask
-from npumoe_mlx.executor import offload_stats, summarize
-from npumoe_mlx.loading import load
-from npumoe_mlx.replay import load_shape_presets
+from npumoe_mlx.build.workloads import prompt_of_tokens
+from npumoe_mlx.cli.replay import load_shape_presets
+from npumoe_mlx.runtime.executor import offload_stats, summarize
+from npumoe_mlx.runtime.loading import load
 from npumoe_mlx.tools.tiny import build_tokenizer_files, tiny_config
-from npumoe_mlx.workloads import prompt_of_tokens
 
 MARKER = "npumoe_fullscale.json"
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -240,7 +240,7 @@ def run(model: str, offload: str, prompt_tokens: int, max_tokens: int, out: Path
     if stats and offload != "off":
         res["offload_stats"] = summarize(offload_stats(m))
         with contextlib.suppress(ImportError):  # per-unit resident bytes, where this build has them
-            from npumoe_mlx.residency import model_resident
+            from npumoe_mlx.planning.residency import model_resident
 
             held = model_resident(m)
             res["resident"] = {"mlx_gb": held["mlx"] / 1e9, "released_gb": held["released"] / 1e9}

@@ -20,12 +20,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from npumoe_mlx import dispatch
 from npumoe_mlx.backends import Program, load_backend
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import OffloadExecutor
-from npumoe_mlx.plan import GroupPlan, LayerPlan
-from npumoe_mlx.programs import spec_from_switch_glu
+from npumoe_mlx.build.programs import spec_from_switch_glu
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan
+from npumoe_mlx.runtime import dispatch
+from npumoe_mlx.runtime.executor import OffloadExecutor
 
 D, H, K = 2048, 768, 8
 

@@ -24,16 +24,16 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from ane_kernels.onnx import save_onnx
 from npumoe_mlx.backends import load_backend
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import OffloadExecutor
-from npumoe_mlx.experts import stock_experts
-from npumoe_mlx.plan import PlanLimits, plan_layer
-from npumoe_mlx.profiles import LayerCounts
-from npumoe_mlx.programs import spec_from_switch_glu
-from npumoe_mlx.replay import load_shape_presets
-from npumoe_mlx.tiers import plan_slots
+from npumoe_mlx.build.programs import spec_from_switch_glu
+from npumoe_mlx.build.tune import median_s, tune
+from npumoe_mlx.cli.replay import load_shape_presets
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import PlanLimits, plan_layer
+from npumoe_mlx.planning.profiles import LayerCounts
+from npumoe_mlx.planning.tiers import plan_slots
+from npumoe_mlx.runtime.executor import OffloadExecutor
+from npumoe_mlx.runtime.experts import stock_experts
 from npumoe_mlx.tools.bench_layer import popularity, route
-from npumoe_mlx.tune import median_s, tune
 
 
 def setup(name: str, tokens: int, cost_path=None, backend_opts=None, log=print):

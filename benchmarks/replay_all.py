@@ -17,10 +17,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from npumoe_mlx import replay as rp
-from npumoe_mlx.chips import CHIP_NAMES
 from npumoe_mlx.backends.registry import chip_cost, default_cost
-from npumoe_mlx.plan import PlanLimits
+from npumoe_mlx.cli import replay as rp
+from npumoe_mlx.planning.chips import CHIP_NAMES
+from npumoe_mlx.planning.plan import PlanLimits
 
 OLMOE = ["olmoe-1b-7b.arxiv", "olmoe-1b-7b.book"]
 MIXTRAL = [f"mixtral-8x7b.{d}" for d in ("arxiv", "book", "c4", "github", "wikipedia")]

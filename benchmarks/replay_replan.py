@@ -26,11 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npumoe_mlx import replay as rp  # noqa: E402
+from npumoe_mlx.cli import replay as rp  # noqa: E402
 from npumoe_mlx.backends.registry import default_cost  # noqa: E402
-from npumoe_mlx.experts import ExpertBlock  # noqa: E402
-from npumoe_mlx.plan import PlanLimits, below_ladder_tiers  # noqa: E402
-from npumoe_mlx.replan import GAIN, observed_tally, regroup, served_calls  # noqa: E402
+from npumoe_mlx.runtime.experts import ExpertBlock  # noqa: E402
+from npumoe_mlx.planning.plan import PlanLimits, below_ladder_tiers  # noqa: E402
+from npumoe_mlx.runtime.replan import GAIN, observed_tally, regroup, served_calls  # noqa: E402
 
 ROUTING = Path(__file__).resolve().parent / "routing"
 FAMILIES = {"olmoe-1b-7b": ("arxiv", "book"), "mixtral-8x7b": ("arxiv", "book", "c4", "github", "wikipedia")}

@@ -117,13 +117,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pathlib import Path
 
     try:
-        from npumoe_mlx.heap import trim
+        from npumoe_mlx.runtime.heap import trim
     except ImportError:  # a release before heap.py (to measure it as it was)
         trim = lambda: None  # noqa: E731
-    from npumoe_mlx.loading import load
+    from npumoe_mlx.runtime.loading import load
     from npumoe_mlx.tools import compare as C
     from npumoe_mlx.tools.meters import Meters
-    from npumoe_mlx.workloads import prompt_of_tokens
+    from npumoe_mlx.build.workloads import prompt_of_tokens
 
     tl.mark("prompt")
     ids = prompt_of_tokens(load_tokenizer(Path(a.model)), a.prompt_tokens, 0)

@@ -36,11 +36,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from npumoe_mlx.build import build as build_bundle  # noqa: E402
-from npumoe_mlx.cost import CostModel  # noqa: E402
-from npumoe_mlx.plan import PlanLimits  # noqa: E402
+from npumoe_mlx.build.build import build as build_bundle  # noqa: E402
+from npumoe_mlx.planning.cost import CostModel  # noqa: E402
+from npumoe_mlx.planning.plan import PlanLimits  # noqa: E402
 from npumoe_mlx.tools.tiny import make_tiny_model  # noqa: E402
-from npumoe_mlx.workloads import prompt_of_tokens  # noqa: E402
+from npumoe_mlx.build.workloads import prompt_of_tokens  # noqa: E402
 
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="bench: offload everything")
 FIELDS = ("slots", "padded", "overflow", "synced_pairs")
@@ -120,7 +120,7 @@ def run(root: Path, plan: str, n_requests: int, max_tokens: int, lo: int, hi: in
     path, out = make_bundle(root, plan)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     (root / "hub").mkdir(exist_ok=True)
-    ours = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", str(path), "--offload", "onnx", "--bundle",
+    ours = Server([sys.executable, "-m", "npumoe_mlx.cli.server", "--model", str(path), "--offload", "onnx", "--bundle",
                    str(out), "--replan", "auto"], root / "ours.log", {**env, "HF_HUB_CACHE": str(root / "no-cache")})
     stock = Server([sys.executable, "-m", "mlx_lm", "server", "--model", str(path)], root / "stock.log",
                    {**env, "HF_HUB_CACHE": str(root / "hub")})

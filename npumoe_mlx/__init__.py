@@ -21,9 +21,9 @@ try:  # seconds of imports (mlx, mlx_lm): the `npumoe` command imports this pack
     )
 
     from ._version import __version__
-    from .convert import convert
-    from .loading import install, load, remove, stats
-    from .sharded import sharded_load
+    from .cli.convert import convert
+    from .runtime.loading import install, load, remove, stats
+    from .runtime.sharded import sharded_load
 except KeyboardInterrupt:  # Ctrl-C while `npumoe ...` / `python -m npumoe_mlx...` starts: no traceback
     if _sys.argv[:1] == ["-m"] or _sys.argv[0].rsplit("/", 1)[-1] == "npumoe":
         _sub = _sys.argv[1] if len(_sys.argv) > 1 and not _sys.argv[1].startswith("-") else ""

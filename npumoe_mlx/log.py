@@ -1,7 +1,7 @@
 """npumoe's notices through the standard ``logging`` module.
 
-Every module logs on a child of the ``npumoe`` logger (``get(__name__)``: ``npumoe.executor``,
-``npumoe.release``, ...): warnings for a degraded path (a program fault, a stale bundle, a
+Every module logs on a child of the ``npumoe`` logger (``get(__name__)``: ``npumoe.runtime.executor``,
+``npumoe.runtime.release``, ...): warnings for a degraded path (a program fault, a stale bundle, a
 block left on MLX), info for progress. A library user configures them like any library's
 (``logging.getLogger("npumoe")``); with no configuration Python shows warnings on stderr.
 
@@ -18,7 +18,7 @@ STDOUT = {"npumoe_stdout": True}  # extra= of a record the console writes to std
 
 
 def get(module: str) -> logging.Logger:
-    """The logger of a module: ``npumoe_mlx.executor`` -> ``npumoe.executor``."""
+    """The logger of a module: ``npumoe_mlx.runtime.executor`` -> ``npumoe.runtime.executor``."""
     return logging.getLogger(ROOT + module[len("npumoe_mlx"):] if module.startswith("npumoe_mlx") else ROOT)
 
 

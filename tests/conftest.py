@@ -18,12 +18,12 @@ import pytest
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from npumoe_mlx import bundle as bundles
 from npumoe_mlx import cli
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.plan import PlanLimits
-from npumoe_mlx.profiles import LayerCounts
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import PlanLimits
+from npumoe_mlx.planning.profiles import LayerCounts
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3

@@ -20,9 +20,9 @@ import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from npumoe_mlx import sharded
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.offload import OffloadError
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.runtime import sharded
+from npumoe_mlx.runtime.offload import OffloadError
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 # Programs always win, so every call (decode included) runs them on every rank.

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from npumoe_mlx.tiers import Slots, ladder_rounds
+from npumoe_mlx.planning.tiers import Slots, ladder_rounds
 
 
 def plan_slots(

@@ -9,9 +9,9 @@ import pytest
 from mlx_lm import load as stock_load
 
 import npumoe_mlx
-from npumoe_mlx.executor import format_stats, offload_stats, summarize
-from npumoe_mlx.experts import OffloadedSwitchGLU, installed_blocks
-from npumoe_mlx.offload import OffloadError
+from npumoe_mlx.runtime.executor import format_stats, offload_stats, summarize
+from npumoe_mlx.runtime.experts import OffloadedSwitchGLU, installed_blocks
+from npumoe_mlx.runtime.offload import OffloadError
 
 from conftest import greedy
 

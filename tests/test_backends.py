@@ -16,8 +16,8 @@ from ane_kernels.onnx import save_onnx
 from ane_kernels.spec import random_spec, reference_ffn
 from npumoe_mlx.backends import BackendError, load_backend, pick_tier
 from npumoe_mlx.backends import coreml as coreml_backend
-from npumoe_mlx.programs import main as build_programs
-from npumoe_mlx.programs import spec_from_dense_mlp, spec_from_switch_glu
+from npumoe_mlx.build.programs import main as build_programs
+from npumoe_mlx.build.programs import spec_from_dense_mlp, spec_from_switch_glu
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

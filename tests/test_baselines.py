@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from npumoe_mlx import replay as rp
-from npumoe_mlx.chips import chip_profile, format_chips, load_chips, profile_entry
 from npumoe_mlx.backends.registry import chip_cost
-from npumoe_mlx.cost import flops_per_row
-from npumoe_mlx.plan import PlanLimits
+from npumoe_mlx.cli import replay as rp
+from npumoe_mlx.planning.chips import chip_profile, format_chips, load_chips, profile_entry
+from npumoe_mlx.planning.cost import flops_per_row
+from npumoe_mlx.planning.plan import PlanLimits
 
 D, H, E, K, SEQ = 2048, 768, 16, 4, 512
 

@@ -5,13 +5,13 @@ from dataclasses import replace
 
 import pytest
 
-from npumoe_mlx import plan as plan_mod
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.doctor import backends, format_report
-from npumoe_mlx.experts import ExpertBlock
 from npumoe_mlx.backends.registry import program_budget
-from npumoe_mlx.plan import PlanLimits, make_plan
-from npumoe_mlx.profiles import Profile
+from npumoe_mlx.cli.doctor import backends, format_report
+from npumoe_mlx.planning import plan as plan_mod
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import PlanLimits, make_plan
+from npumoe_mlx.planning.profiles import Profile
+from npumoe_mlx.runtime.experts import ExpertBlock
 
 from conftest import zipf_layer
 

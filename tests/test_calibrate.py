@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from npumoe_mlx import calibrate as cal
-from npumoe_mlx import experts, workloads
-from npumoe_mlx.fingerprint import model_fingerprint
+from npumoe_mlx.build import calibrate as cal
+from npumoe_mlx.build import workloads
+from npumoe_mlx.bundle.fingerprint import model_fingerprint
+from npumoe_mlx.runtime import experts
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 
@@ -201,7 +202,7 @@ def test_fingerprint_tracks_weight_bytes(models, tmp_path):
 
 
 def test_fingerprint_samples_large_files(models, tmp_path, monkeypatch):
-    import npumoe_mlx.fingerprint as fpm
+    import npumoe_mlx.bundle.fingerprint as fpm
 
     monkeypatch.setattr(fpm, "FULL_HASH_BYTES", 0)
     monkeypatch.setattr(fpm, "SAMPLE_BYTES", 1024)

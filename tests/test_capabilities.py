@@ -4,7 +4,7 @@
 import numpy as np
 
 from npumoe_mlx.backends import Program
-from npumoe_mlx.verify import Pinned, ProgramMismatch
+from npumoe_mlx.build.verify import Pinned, ProgramMismatch
 
 
 class _Plain(Program):

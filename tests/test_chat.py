@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mlx_lm import chat as mlx_chat
 
-from npumoe_mlx import chat, cli
+from npumoe_mlx.cli import chat
+from npumoe_mlx import cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x01\x02]")

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from npumoe_mlx import chips
-from npumoe_mlx.chips import CHIP_NAMES, FIELDS, chip_profile, detect_chip, format_chips, load_chips
+from npumoe_mlx.planning import chips
+from npumoe_mlx.planning.chips import CHIP_NAMES, FIELDS, chip_profile, detect_chip, format_chips, load_chips
 
 GENERATIONS = ("m1", "m2", "m3", "m4")
 TIERS = ("", "-pro", "-max", "-ultra")

@@ -57,7 +57,7 @@ def _ours(capsys, *args):
 def test_generate_offload_off_is_byte_identical(model, capsys):
     args = ("--model", model, "--prompt", "hello world", "--max-tokens", "24", "--verbose", "False")
     stock = _stock(*args)  # both interpreters run beside this one's
-    as_module = subprocess.Popen([sys.executable, "-m", "npumoe_mlx.generate", *args, "--offload", "mlx"],
+    as_module = subprocess.Popen([sys.executable, "-m", "npumoe_mlx.cli.generate", *args, "--offload", "mlx"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     off = _ours(capsys, "generate", *args, "--offload", "off")
     # the static-tier reference on MLX gives the same text too; so does `python -m`

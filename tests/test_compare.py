@@ -9,9 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.bundle import bundle as bundles
 from npumoe_mlx.tools import bench_e2e
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx.build import build as build_bundle
 from npumoe_mlx.tools import compare as cmp
 from npumoe_mlx.tools.tiny import make_tiny_model
 

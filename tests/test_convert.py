@@ -8,10 +8,10 @@ import pytest
 from mlx_lm import load as stock_load
 
 import npumoe_mlx
-from npumoe_mlx.convert import is_mlx_layout, main
-from npumoe_mlx.executor import offload_stats, summarize
+from npumoe_mlx.build.workloads import prompt_of_tokens
+from npumoe_mlx.cli.convert import is_mlx_layout, main
+from npumoe_mlx.runtime.executor import offload_stats, summarize
 from npumoe_mlx.tools.tiny import make_tiny_model
-from npumoe_mlx.workloads import prompt_of_tokens
 
 from conftest import greedy
 
@@ -38,7 +38,7 @@ def test_convert_hf_layout_then_generate(hf_model, tmp_path, quant, capsys):
 
 def test_convert_mlx_model_bundle_goes_where_build_puts_it_and_is_idempotent(tmp_path, monkeypatch, capsys):
     """Issue 24: `build` wrote beside the model, `convert --model` into the cache; one rule now."""
-    from npumoe_mlx import bundle as bundle_rule
+    from npumoe_mlx.bundle import bundle as bundle_rule
 
     monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
     model = make_tiny_model(tmp_path / "m", "mixtral", seed=8)
@@ -60,7 +60,7 @@ def test_convert_mlx_model_bundle_goes_where_build_puts_it_and_is_idempotent(tmp
     assert bundles[0].stat().st_ino != inode  # a new folder was renamed into place
 
     ours, _ = npumoe_mlx.load(str(model), quiet=True)  # found where convert put it
-    from npumoe_mlx.experts import installed_blocks
+    from npumoe_mlx.runtime.experts import installed_blocks
 
     assert installed_blocks(ours)
 

@@ -3,7 +3,7 @@ bytes the cost model prices (issue 21, item 4). A backend whose path changes wit
 ``HOST_BYTES_PER_ELEMENT`` following fails here.
 
 The count comes from running ``OffloadExecutor`` on a real layer call with every host pass
-counted (``npumoe_mlx.copies.count_copies``, which `npumoe selftest` also reports); Core ML's
+counted (``npumoe_mlx.tools.copies.count_copies``, which `npumoe selftest` also reports); Core ML's
 compiled model is a fake that moves arrays as coremltools' bridge does.
 """
 
@@ -11,12 +11,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from npumoe_mlx import dispatch
 from npumoe_mlx.backends.coreml import HOST_BYTES_PER_ELEMENT as COREML_BYTES
 from npumoe_mlx.backends.coreml import CoreMLProgram, host_bytes
 from npumoe_mlx.backends.registry import default_cost
-from npumoe_mlx.copies import count_copies
-from npumoe_mlx.cost import CostModel
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.runtime import dispatch
+from npumoe_mlx.tools.copies import count_copies
 
 D, H = 64, 32
 TIERS = [64, 128, 256]
@@ -29,7 +29,7 @@ class ChannelsFirstCoreMLProgram(CoreMLProgram):
 
 
 def counted_bytes_per_element(backend: str, pairs: bool = False):
-    """One offloaded layer call on ``backend``, every host pass counted (npumoe_mlx.copies):
+    """One offloaded layer call on ``backend``, every host pass counted (npumoe_mlx.tools.copies):
     (bytes per element of a program row, the call's output, the stock output, the programs);
     ``pairs``: bytes per element of a routed pair's row (the executor's finish) after the first."""
     cls = ChannelsFirstCoreMLProgram if backend == "coreml-gdc" else None
@@ -58,7 +58,7 @@ def test_the_finish_path_follows_mlxs_device_and_its_count(monkeypatch, on_host)
     """MLX on the CPU: numpy takes each pair's row (16 B per pair element, none per program row);
     MLX on a GPU (forced here): the slot buffer goes over in one copy (8 B per row element) and
     MLX takes the rows. Same output either way, each counted as the registry prices it."""
-    from npumoe_mlx import executor
+    from npumoe_mlx.runtime import executor
     from npumoe_mlx.backends import registry
 
     monkeypatch.setattr(executor, "finish_on_host", lambda: on_host)
@@ -120,7 +120,7 @@ def test_the_finish_is_priced_per_routed_pair():
     """An offloaded call pays its finish on the host per routed pair (MLX on the CPU): the
     executor's decision and the planner's call price see it; a cost file saved before the
     field prices none (as it was planned)."""
-    from npumoe_mlx.tiers import CallContext, decide_call
+    from npumoe_mlx.planning.tiers import CallContext, decide_call
 
     base = dict(dispatch_s=1e-4, program_flops=1e12, copy_bps=1e9, sync_s=1e-4, mlx_fixed_s=1e-4, mlx_flops=1e9)
     cpu = CostModel("onnx", **base, host_bytes_per_element=12.0, host_bytes_per_pair=16.0)

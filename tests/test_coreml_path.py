@@ -266,7 +266,7 @@ def test_programs_take_channels_first_and_have_no_transposes(tmp_path):
     assert np.allclose(y5, y[:, :5], atol=1e-2)
     with pytest.raises(ValueError, match=r"wants \(2, 128, 32\) at tier 32"):
         prog.run_layout(x[:, :32], 32)
-    from npumoe_mlx.verify import Pinned
+    from npumoe_mlx.build.verify import Pinned
 
     pinned = Pinned(prog, [tmp_path / entry["package"] / "Manifest.json"])  # what a loaded bundle hands out
     assert pinned.input_layout == "GDC"
@@ -305,7 +305,7 @@ def test_layout_choice_and_group_caps_match_the_builder():
 def test_planner_caps_groups_by_the_format_bytes_the_builder_refuses_past():
     """Mixtral-8x7B, 4-bit MLX weights: int8-channel holds 176 MB per expert, so a 1 GiB program
     takes at most 6 experts; the old cap (4-bit bytes, 88 MB) allowed all 8 (1.4 GB: refused)."""
-    from npumoe_mlx.plan import PlanLimits, group_cap
+    from npumoe_mlx.planning.plan import PlanLimits, group_cap
 
     q = {"bits": 4, "group_size": 64}
     lim = PlanLimits.for_backend("coreml")
@@ -323,8 +323,8 @@ def test_planner_caps_groups_by_the_format_bytes_the_builder_refuses_past():
 def test_a_layer_whose_experts_cannot_build_stays_on_mlx():
     """D = 20000 > 16384: neither layout fits, so the planner plans no program for the layer."""
     from npumoe_mlx.backends.registry import default_cost
-    from npumoe_mlx.plan import PlanLimits, plan_layer
-    from npumoe_mlx.profiles import LayerCounts
+    from npumoe_mlx.planning.plan import PlanLimits, plan_layer
+    from npumoe_mlx.planning.profiles import LayerCounts
 
     E, k = 4, 2
     counts = [400, 300, 200, 100]
@@ -357,7 +357,7 @@ TEST_PROGRAM_BYTES = 128 << 20
 @pytest.mark.skipif(not SHAPES, reason="needs /work/shared/reference/model-shapes.json")
 @pytest.mark.parametrize("model", list(REAL))
 def test_real_shape_builds_at_the_planner_group_cap(model, tmp_path):
-    from npumoe_mlx.plan import PlanLimits, group_cap
+    from npumoe_mlx.planning.plan import PlanLimits, group_cap
 
     sh = SHAPES[model]
     D, H, E = sh["hidden"], sh["expert_intermediate"], sh["experts"]
@@ -388,8 +388,8 @@ def test_real_shape_builds_at_the_planner_group_cap(model, tmp_path):
 
 
 def test_weight_format_is_refused_for_onnx_in_one_line():
-    from npumoe_mlx.build import check_weight_format
-    from npumoe_mlx.build import main as build_main
+    from npumoe_mlx.build.build import check_weight_format
+    from npumoe_mlx.build.build import main as build_main
 
     assert check_weight_format("coreml", None) == formats.DEFAULT_FORMAT
     assert check_weight_format("onnx", None) is None
@@ -404,7 +404,7 @@ def test_coreml_bundle_records_the_format_and_its_error(tmp_path):
     program stores palettized weights, is checked against the model on stock MLX within the
     palette's tolerance, and the manifest / plan say which format and what error."""
     tiny = pytest.importorskip("npumoe_mlx.tools.tiny")
-    from npumoe_mlx.build import build
+    from npumoe_mlx.build.build import build
 
     from dataclasses import replace
 
@@ -412,7 +412,7 @@ def test_coreml_bundle_records_the_format_and_its_error(tmp_path):
 
     model = tiny.make_tiny_model(tmp_path / "m", "qwen3_moe", q_bits=4)
     fast = replace(default_cost("coreml"), dispatch_s=1e-9, program_flops=1e16, mlx_flops=1e6, mlx_fixed_s=1.0)
-    from npumoe_mlx.plan import PlanLimits
+    from npumoe_mlx.planning.plan import PlanLimits
 
     out = build(str(model), "coreml", str(tmp_path / "b"), tokens=64, chunk_size=64, cost=fast,
                 limits=PlanLimits.for_backend("coreml", max_programs=3), memory_budget=None,

@@ -11,14 +11,16 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import npumoe_mlx
-from npumoe_mlx import release, tiers, tune
 from npumoe_mlx.backends import Program, load_backend
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import OffloadExecutor
-from npumoe_mlx.experts import installed_blocks
-from npumoe_mlx.plan import GroupPlan, LayerPlan, PlanLimits
-from npumoe_mlx.residency import program_only, releases
+from npumoe_mlx.build import tune
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.planning import tiers
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan, PlanLimits
+from npumoe_mlx.planning.residency import program_only, releases
+from npumoe_mlx.runtime import release
+from npumoe_mlx.runtime.executor import OffloadExecutor
+from npumoe_mlx.runtime.experts import installed_blocks
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=2, source="test: programs win")
@@ -186,7 +188,7 @@ def test_released_calls_on_dynamic_programs_round_loads_to_8_rows_not_to_the_top
 
 def test_small_calls_run_as_many_at_once_as_tune_chose_for_decode(released, monkeypatch):
     """Decode calls take ``decode_workers`` (tune timed them in the decode loop); larger calls ``workers``."""
-    from npumoe_mlx import executor
+    from npumoe_mlx.runtime import executor
 
     model, _ = npumoe_mlx.load(str(released), offload="onnx", quiet=True)
     blk = installed_blocks(model)[0]

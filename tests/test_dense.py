@@ -12,8 +12,8 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as stock_load
 
 import npumoe_mlx
-from npumoe_mlx import dense
-from npumoe_mlx.build import build as build_bundle
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.runtime import dense
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 from conftest import copy_model

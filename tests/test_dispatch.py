@@ -6,7 +6,7 @@ import pytest
 from ane_kernels.milrun import rel_err
 from ane_kernels.spec import random_spec, reference_ffn
 from npumoe_mlx.backends import Program, load_backend
-from npumoe_mlx.dispatch import ProgramError, run_calls, workers
+from npumoe_mlx.runtime.dispatch import ProgramError, run_calls, workers
 
 D = 64
 

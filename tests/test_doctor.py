@@ -11,10 +11,11 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load as stock_load
 
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx import cli, doctor
+from npumoe_mlx import cli
 from npumoe_mlx.backends.registry import default_cost
-from npumoe_mlx.fingerprint import model_fingerprint
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.bundle.fingerprint import model_fingerprint
+from npumoe_mlx.cli import doctor
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 from conftest import EAGER

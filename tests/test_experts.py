@@ -6,8 +6,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import qwen3_moe
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
-from npumoe_mlx import experts
-from npumoe_mlx.reference import StaticTierReference
+from npumoe_mlx.runtime import experts
+from npumoe_mlx.runtime.reference import StaticTierReference
 
 
 def _model():

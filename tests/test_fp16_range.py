@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from ane_kernels.coreml import FP16_SATURATION
-from npumoe_mlx import calibrate as cal
-from npumoe_mlx import experts, workloads
 from npumoe_mlx.backends.coreml import FP16_RANGE_LIMIT
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.plan import NEVER, PlanLimits, make_plan
-from npumoe_mlx.profiles import Profile
+from npumoe_mlx.build import calibrate as cal
+from npumoe_mlx.build import workloads
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import NEVER, PlanLimits, make_plan
+from npumoe_mlx.planning.profiles import Profile
+from npumoe_mlx.runtime import experts
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 SCALE = 1e5  # layer 1's up projection, scaled: its |up| passes fp16's range

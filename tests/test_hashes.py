@@ -12,8 +12,8 @@ import struct
 import numpy as np
 import pytest
 
-from npumoe_mlx import bundle, fingerprint
-from npumoe_mlx.fingerprint import sample_spans
+from npumoe_mlx.bundle import bundle, fingerprint
+from npumoe_mlx.bundle.fingerprint import sample_spans
 
 
 def _old_fingerprint_file(h, path, samples=16, sample_bytes=64 * 1024, full=64 * 1024 * 1024):

@@ -10,7 +10,7 @@ import mlx_lm.utils as mlx_utils
 import pytest
 
 import npumoe_mlx
-from npumoe_mlx.executor import OffloadExecutor, SharedExecutor
+from npumoe_mlx.runtime.executor import OffloadExecutor, SharedExecutor
 
 
 WALKS = ("named_modules", "modules", "leaf_modules")  # each traverses the whole tree below its module

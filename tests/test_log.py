@@ -9,8 +9,8 @@ from npumoe_mlx import log
 
 def test_console_writes_the_cli_lines_where_they_went(capsys):
     log.console()
-    log.get("npumoe_mlx.executor").warning("layer 0: program failed (x)")
-    log.get("npumoe_mlx.convert").info("converting a -> b with mlx_lm.convert", extra=log.STDOUT)
+    log.get("npumoe_mlx.runtime.executor").warning("layer 0: program failed (x)")
+    log.get("npumoe_mlx.cli.convert").info("converting a -> b with mlx_lm.convert", extra=log.STDOUT)
     out = capsys.readouterr()
     assert out.err == "[npumoe] layer 0: program failed (x)\n"
     assert out.out == "[npumoe] converting a -> b with mlx_lm.convert\n"
@@ -27,8 +27,8 @@ def test_library_users_get_standard_records(capsys):
     logging.getLogger().addHandler(keep)
     try:
         log.console(False)
-        log.get("npumoe_mlx.release").warning("layer 1: keeping MLX's copy")
-        assert seen == [("npumoe.release", logging.WARNING, "layer 1: keeping MLX's copy")]
+        log.get("npumoe_mlx.runtime.release").warning("layer 1: keeping MLX's copy")
+        assert seen == [("npumoe.runtime.release", logging.WARNING, "layer 1: keeping MLX's copy")]
         assert capsys.readouterr().err == ""  # no console line: the application's handlers decide
     finally:
         logging.getLogger().removeHandler(keep)
@@ -43,7 +43,7 @@ def test_console_installs_once():
 
 def test_an_unconfigured_script_sees_warnings_without_the_cli_prefix():
     code = ("from npumoe_mlx.log import get\n"
-            "get('npumoe_mlx.offload').warning('offload auto: no onnx bundle')\n"
-            "get('npumoe_mlx.dense').info('progress is not shown')\n")
+            "get('npumoe_mlx.runtime.offload').warning('offload auto: no onnx bundle')\n"
+            "get('npumoe_mlx.runtime.dense').info('progress is not shown')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "offload auto: no onnx bundle\n"

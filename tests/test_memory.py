@@ -18,11 +18,11 @@ import pytest
 from ane_kernels import onnx_wire
 from ane_kernels.onnx import ROWS, dynamic_bytes, graph_info, make_dynamic, read_metadata, graph_tier, save_onnx
 from ane_kernels.spec import random_spec
-from npumoe_mlx import heap, release
 from npumoe_mlx.backends import BackendError
 from npumoe_mlx.backends import onnx as onnx_backend
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.runtime import heap, release
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_heap_trim_returns_freed_heap_pages():
     heap (RSS does not drop) until heap.trim() hands them back."""
     got = _python(ANON + '''
 import ctypes, json
-from npumoe_mlx import heap
+from npumoe_mlx.runtime import heap
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -165,7 +165,7 @@ def test_release_and_compare_trim_the_heap(monkeypatch, q4_model):
     """release_model (after freeing MLX's experts) trims the heap; so does compare between sides."""
     import mlx_lm
 
-    from npumoe_mlx.experts import installed_blocks
+    from npumoe_mlx.runtime.experts import installed_blocks
     from npumoe_mlx.tools import compare
 
     calls = []
@@ -188,8 +188,8 @@ def test_load_checks_programs_without_keeping_the_experts(monkeypatch, q4_model)
     import mlx.core as mx
 
     import npumoe_mlx
-    from npumoe_mlx import installer
-    from npumoe_mlx.experts import installed_blocks
+    from npumoe_mlx.runtime import installer
+    from npumoe_mlx.runtime.experts import installed_blocks
     from mlx.utils import tree_flatten
 
     seen = {}

@@ -20,9 +20,9 @@ from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import npumoe_mlx
-from npumoe_mlx import guard
-from npumoe_mlx.executor import offload_stats
-from npumoe_mlx.experts import installed_blocks, stock_experts
+from npumoe_mlx.runtime import guard
+from npumoe_mlx.runtime.executor import offload_stats
+from npumoe_mlx.runtime.experts import installed_blocks, stock_experts
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 from conftest import build, greedy
@@ -320,7 +320,7 @@ def test_programs_copy_and_pickle_after_a_run(backend):
     from mlx_lm.models.switch_layers import SwitchGLU
 
     from npumoe_mlx.backends import load_backend
-    from npumoe_mlx.programs import spec_from_switch_glu
+    from npumoe_mlx.build.programs import spec_from_switch_glu
 
     spec = spec_from_switch_glu(SwitchGLU(32, 16, 4), layer=0, expert_ids=[0, 1], tiers=[4, 8])
     p = load_backend(backend).load(spec)  # onnx: graphs in memory, no files

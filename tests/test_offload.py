@@ -12,12 +12,12 @@ import pytest
 from mlx_lm import load as stock_load
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.executor import SharedExecutor, offload_stats, summarize
-from npumoe_mlx.experts import find_expert_blocks
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.build.workloads import prompt_of_tokens
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.runtime.executor import SharedExecutor, offload_stats, summarize
+from npumoe_mlx.runtime.experts import find_expert_blocks
 from npumoe_mlx.tools.tiny import FAMILIES, make_tiny_model
-from npumoe_mlx.workloads import prompt_of_tokens
 
 from conftest import PROMPT, build, greedy
 
@@ -148,8 +148,8 @@ def _edit_manifest(d, **kw):
 
 
 def test_missing_bundle_explicit_is_error_auto_is_stock(tmp_path):
-    from npumoe_mlx.experts import installed_blocks
-    from npumoe_mlx.offload import OffloadError
+    from npumoe_mlx.runtime.experts import installed_blocks
+    from npumoe_mlx.runtime.offload import OffloadError
 
     path = make_tiny_model(tmp_path / "m", "mixtral", seed=2)
     with pytest.raises(OffloadError, match="npumoe build --model"):

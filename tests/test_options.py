@@ -15,17 +15,17 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx import release
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import offload_stats, summarize
-from npumoe_mlx.options import OffloadError, OffloadOptions
-from npumoe_mlx.plan import GroupPlan, LayerPlan, Plan, PlanLimits, SharedPlan
-from npumoe_mlx.schema import SchemaError
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.bundle.schema import SchemaError
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan, Plan, PlanLimits, SharedPlan
+from npumoe_mlx.runtime import release
+from npumoe_mlx.runtime.executor import offload_stats, summarize
+from npumoe_mlx.runtime.options import OffloadError, OffloadOptions
 from npumoe_mlx.tools.tiny import make_tiny_model
 
-generate = importlib.import_module("npumoe_mlx.generate")  # (npumoe_mlx.generate the attribute is mlx_lm's)
+generate = importlib.import_module("npumoe_mlx.cli.generate")  # (npumoe_mlx.generate the attribute is mlx_lm's)
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 
@@ -89,7 +89,7 @@ def test_options_from_kwargs_from_args_and_merged():
 
 def test_every_flagged_option_is_a_flag_of_generate_chat_and_server():
     """One field with a flag is a flag of every front door (and read back whole by from_args)."""
-    from npumoe_mlx import chat, server
+    from npumoe_mlx.cli import chat, server
 
     flagged = [f for f, v in OffloadOptions.__dataclass_fields__.items() if "flag" in v.metadata]
     assert set(flagged) >= {"offload", "bundle", "verify", "overflow", "keep_mlx_experts", "dense_programs"}

@@ -8,12 +8,12 @@ the larger of the two, so the plan's 6 cold experts (3% of pairs) doubled the ca
 import numpy as np
 
 from npumoe_mlx.backends.registry import default_cost
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.plan import PlanLimits, plan_layer
-from npumoe_mlx.profiles import LayerCounts
-from npumoe_mlx.tiers import CallContext, decide_call
+from npumoe_mlx.build.tune import fit_overlap
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import PlanLimits, plan_layer
+from npumoe_mlx.planning.profiles import LayerCounts
+from npumoe_mlx.planning.tiers import CallContext, decide_call
 from npumoe_mlx.tools.bench_layer import popularity, route
-from npumoe_mlx.tune import fit_overlap
 
 D, H = 2048, 1024  # OLMoE's expert dims (costs only: nothing is computed)
 QUANT = {"mode": "affine", "bits": 4, "group_size": 64}
@@ -87,7 +87,7 @@ def test_cost_models_saved_before_overlap_keep_their_decisions():
 
 
 def test_tune_measures_the_overlap():
-    from npumoe_mlx.tune import fit, measure
+    from npumoe_mlx.build.tune import fit, measure
 
     raw = measure("onnx", 64, 32, None, tiers=(16, 64), pairs=(16, 64), repeats=1)
     o = raw["overlap"]

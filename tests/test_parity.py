@@ -13,7 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 from safetensors import safe_open
 
 import npumoe_mlx
-from npumoe_mlx import experts
+from npumoe_mlx.runtime import experts
 from npumoe_mlx.tools.tiny import FAMILIES
 
 from conftest import PROMPT, greedy

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from npumoe_mlx import bundle as bundles
 from npumoe_mlx.backends import coreml
-from npumoe_mlx.paths import cache_root
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.bundle.paths import cache_root
 from npumoe_mlx.tools import demo
 
 

@@ -8,13 +8,13 @@ from itertools import product
 import numpy as np
 import pytest
 
-from npumoe_mlx.cost import CostModel, flops_per_row
-from npumoe_mlx.plan import (Candidate, GroupPlan, LayerPlan, PlanLimits, Ranking, _energy_estimate, call_context,
+from npumoe_mlx.build.workloads import BATCH_SEQS
+from npumoe_mlx.planning.cost import CostModel, flops_per_row
+from npumoe_mlx.planning.plan import (Candidate, GroupPlan, LayerPlan, PlanLimits, Ranking, _energy_estimate, call_context,
                              choose_residency, cut_ranking, decide, energy_limit, plan_layer, price_residency,
                              rank_experts, size_ladders)
-from npumoe_mlx.profiles import LayerCounts
-from npumoe_mlx.tiers import CallContext, decide_call, ladder_rounds, snap, tail_ladder, tier_for
-from npumoe_mlx.workloads import BATCH_SEQS
+from npumoe_mlx.planning.profiles import LayerCounts
+from npumoe_mlx.planning.tiers import CallContext, decide_call, ladder_rounds, snap, tail_ladder, tier_for
 
 D, H = 64, 32
 F = flops_per_row(D, H)
@@ -178,7 +178,7 @@ def test_choose_residency_energy_takes_the_least_joules_within_its_bound():
 def test_choose_residency_energy_never_leaves_its_time_bound():
     """The most frugal residency is not taken when its calls end past 1.2x the fastest: here
     m=2 spends 1 J in 8 s, m=1 5 J in 5 s, so the bound is 6 s and m=1 wins."""
-    from npumoe_mlx.plan import CallPrices, Cuts
+    from npumoe_mlx.planning.plan import CallPrices, Cuts
 
     one = lambda x: np.array([float(x)])  # noqa: E731  (one calibrated call)
     cuts = Cuts([0, 0, 1], {}, np.zeros((1, 3)), np.zeros((1, 3)), one(10), one(10))
@@ -255,7 +255,7 @@ def test_executor_replay_and_plan_decide_alike():
     """The executor's decision (its programs' small tiers) equals plan.decide's with the same
     per-group row counts, call for call: one path."""
     from npumoe_mlx.backends import Program
-    from npumoe_mlx.executor import OffloadExecutor
+    from npumoe_mlx.runtime.executor import OffloadExecutor
 
     class _Prog(Program):
         def __init__(self, tiers):

@@ -6,17 +6,18 @@ import sys
 import numpy as np
 import pytest
 
-from npumoe_mlx import power, tune
-from npumoe_mlx.args import load_cost
-from npumoe_mlx.chips import chip_profile
-from npumoe_mlx.cost import CostModel, flops_per_row
-from npumoe_mlx.plan import PlanLimits
-from npumoe_mlx.replay import cost_for, replay
+from npumoe_mlx.build import tune
+from npumoe_mlx.cli.args import load_cost
+from npumoe_mlx.cli.replay import cost_for, replay
+from npumoe_mlx.planning import power
+from npumoe_mlx.planning.chips import chip_profile
+from npumoe_mlx.planning.cost import CostModel, flops_per_row
+from npumoe_mlx.planning.plan import PlanLimits
 from npumoe_mlx.tools import meters
 
 
 def _sample(elapsed_ns, cpu_mw, gpu_mw, ane_mw, hw="Mac14,14"):
-    """One ``powermetrics -f plist`` sample in the documented layout (see npumoe_mlx/power.py):
+    """One ``powermetrics -f plist`` sample in the documented layout (see npumoe_mlx/planning/power.py):
     top-level ``elapsed_ns`` and a ``processor`` dict with ``*_energy`` (mJ over the sample) and
     ``*_power`` (mW), in the order a real capture lists them."""
     e = lambda mw: int(round(mw * elapsed_ns / 1e9))  # noqa: E731

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from npumoe_mlx.backends import load_backend
-from npumoe_mlx.executor import OffloadExecutor
-from npumoe_mlx.plan import GroupPlan, LayerPlan
-from npumoe_mlx.programs import spec_from_switch_glu
-from npumoe_mlx.reference import StaticTierReference
+from npumoe_mlx.build.programs import spec_from_switch_glu
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan
+from npumoe_mlx.runtime.executor import OffloadExecutor
+from npumoe_mlx.runtime.reference import StaticTierReference
 
 from conftest import EAGER
 

@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.models.activations import SwigluOAI
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from npumoe_mlx.reference import StaticTierReference, contiguous_groups, plan_slots, tier_for
+from npumoe_mlx.runtime.reference import StaticTierReference, contiguous_groups, plan_slots, tier_for
 
 D, H, E = 64, 32, 8
 

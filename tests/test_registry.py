@@ -10,12 +10,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from npumoe_mlx import dispatch, offload, residency, verify
-from npumoe_mlx.args import choose_cost
 from npumoe_mlx.backends import BACKENDS, Program, load_backend, registry
+from npumoe_mlx.build import verify
 from npumoe_mlx.cli import SUBCOMMANDS
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.plan import GroupPlan, LayerPlan, Plan, PlanLimits
+from npumoe_mlx.cli.args import choose_cost
+from npumoe_mlx.planning import residency
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan, Plan, PlanLimits
+from npumoe_mlx.runtime import dispatch, offload
 
 BUNDLED = registry.names(bundles=True)
 
@@ -229,7 +231,7 @@ def test_a_descriptors_host_bytes_reach_every_cost_model_of_it(monkeypatch):
     """Default, --chip and measured cost models of a backend price copies with its descriptor's bytes."""
     from dataclasses import replace
 
-    from npumoe_mlx import tune
+    from npumoe_mlx.build import tune
 
     monkeypatch.setitem(registry.REGISTRY, "coreml", replace(registry.REGISTRY["coreml"], host_bytes_per_element=2.0))
     assert registry.default_cost("coreml").host_bytes_per_element == 2.0
@@ -249,7 +251,7 @@ def test_weight_formats_and_builder_are_read_from_the_descriptor():
     shares onnx's program format (no weight formats) though its unit is the ANE."""
     from ane_kernels.formats import DEFAULT_FORMAT
 
-    from npumoe_mlx.build import check_weight_format
+    from npumoe_mlx.build.build import check_weight_format
 
     assert check_weight_format("coreml", None) == DEFAULT_FORMAT
     for name in ("onnx", "onnx-coreml"):

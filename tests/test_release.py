@@ -14,13 +14,14 @@ from mlx_lm import load as stock_load
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import npumoe_mlx
-from npumoe_mlx import cli, release
+from npumoe_mlx import cli
 from npumoe_mlx.backends import Program
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import offload_stats, summarize
-from npumoe_mlx.experts import installed_blocks
-from npumoe_mlx.plan import PlanLimits
-from npumoe_mlx.residency import model_resident, plan_resident, program_only
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import PlanLimits
+from npumoe_mlx.planning.residency import model_resident, plan_resident, program_only
+from npumoe_mlx.runtime import release
+from npumoe_mlx.runtime.executor import offload_stats, summarize
+from npumoe_mlx.runtime.experts import installed_blocks
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 from conftest import PROMPT, build, greedy
@@ -220,8 +221,8 @@ def test_lazy_load_releases_without_reading_the_experts_twice(cold):
 def test_release_follows_the_cost_of_decode_on_programs_and_the_memory_budget(cold, capsys):
     from mlx_lm.utils import load
 
-    from npumoe_mlx import bundle as bundles
-    from npumoe_mlx.experts import find_expert_blocks
+    from npumoe_mlx.bundle import bundle as bundles
+    from npumoe_mlx.runtime.experts import find_expert_blocks
 
     b = bundles.read(cold / "npumoe-onnx")
     slow = MLX_WINS
@@ -297,6 +298,6 @@ def test_install_checks_the_files_bytes_before_releasing(cold, capsys):
 
 
 def bundles_plan(path):
-    from npumoe_mlx import bundle as bundles
+    from npumoe_mlx.bundle import bundle as bundles
 
     return bundles.read(path / "npumoe-onnx").plan

@@ -20,16 +20,16 @@ import pytest
 from mlx_lm import load as stock_load
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx.backends import Program
 from npumoe_mlx.atomic import clean_stale
-from npumoe_mlx.checks import ModelError
-from npumoe_mlx.executor import OffloadExecutor, offload_stats, summarize
-from npumoe_mlx.experts import installed_blocks
-from npumoe_mlx.lock import BuildInProgress
-from npumoe_mlx.plan import PlanLimits
+from npumoe_mlx.backends import Program
+from npumoe_mlx.build.workloads import prompt_of_tokens
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.bundle.checks import ModelError
+from npumoe_mlx.bundle.lock import BuildInProgress
+from npumoe_mlx.planning.plan import PlanLimits
+from npumoe_mlx.runtime.executor import OffloadExecutor, offload_stats, summarize
+from npumoe_mlx.runtime.experts import installed_blocks
 from npumoe_mlx.tools.tiny import make_tiny_model
-from npumoe_mlx.workloads import prompt_of_tokens
 
 from conftest import EAGER, PROMPT, build, greedy, rehash, run_cli, tight_limits
 
@@ -440,7 +440,7 @@ def test_build_inside_callers_lock(eager_moe, tmp_path):
     from this thread or another; a caller that took it on purpose (sharded) says lock_held."""
     import threading
 
-    from npumoe_mlx.lock import build_lock
+    from npumoe_mlx.bundle.lock import build_lock
 
     out = tmp_path / "b"
     errors = []

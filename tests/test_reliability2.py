@@ -15,10 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.plan import format_plan
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import format_plan
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 from conftest import build, file_tree, rehash, run_cli
@@ -114,7 +114,7 @@ def hf_pair(tmp_path_factory):
 
 
 def test_convert_never_uses_the_wrong_model(hf_pair, tmp_path, capsys):
-    from npumoe_mlx.convert import convert
+    from npumoe_mlx.cli.convert import convert
 
     a, b = hf_pair
     p = tmp_path / "P"
@@ -151,9 +151,9 @@ def test_killed_conversion_leaves_no_partial_model(hf_pair, tmp_path):
     a, _ = hf_pair
     p = tmp_path / "P"
     code = (
-        "import os, signal, sys; from npumoe_mlx import owned; "
+        "import os, signal, sys; from npumoe_mlx.bundle import owned; "
         "owned.publish = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
-        "from npumoe_mlx.convert import main; main(sys.argv[1:])"
+        "from npumoe_mlx.cli.convert import main; main(sys.argv[1:])"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code, "--hf-path", str(a), "--mlx-path", str(p), "--no-tune"],
@@ -161,7 +161,7 @@ def test_killed_conversion_leaves_no_partial_model(hf_pair, tmp_path):
     assert r.returncode == -9, r.stderr
     assert not p.exists()  # killed after converting, before publishing: nothing at P
     assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".tmp-P-")]  # only a hidden temp folder
-    from npumoe_mlx.convert import convert
+    from npumoe_mlx.cli.convert import convert
 
     out = convert(str(a), str(p), tune=False, tokens=64)
     assert out.model == p and (p / "config.json").is_file()
@@ -180,7 +180,7 @@ def _hint_cmd(err: str) -> list:
 
 def test_compare_finds_the_bundle_generate_uses(tmp_path, monkeypatch):
     from npumoe_mlx.tools.compare import ensure_bundle
-    from npumoe_mlx.convert import convert
+    from npumoe_mlx.cli.convert import convert
 
     monkeypatch.setenv("NPUMOE_CACHE", str(tmp_path / "cache"))
     m = make_tiny_model(tmp_path / "m", "mixtral", seed=8)
@@ -309,7 +309,7 @@ def test_program_file_replaced_after_load_is_not_used(eager_moe, tmp_path):
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from npumoe_mlx.executor import offload_stats, summarize
+    from npumoe_mlx.runtime.executor import offload_stats, summarize
 
     m = tmp_path / "m"
     shutil.copytree(eager_moe, m)
@@ -325,8 +325,8 @@ def test_program_file_replaced_after_load_is_not_used(eager_moe, tmp_path):
 
 @pytest.mark.parametrize("backend", ["onnx", "coreml"])
 def test_build_checks_every_program_against_the_model(eager_moe, tmp_path, monkeypatch, backend):
-    from npumoe_mlx import build as builds
-    from npumoe_mlx import programs
+    from npumoe_mlx.build import build as builds
+    from npumoe_mlx.build import programs
 
     real = programs.spec_from_switch_glu
 
@@ -459,7 +459,7 @@ def test_plan_prints_the_bundles_plan(eager_moe, tmp_path, capsys):
 def test_progress_is_line_per_step_off_a_terminal(capsys):
     import io
 
-    from npumoe_mlx.progress import progress_bar
+    from npumoe_mlx.build.progress import progress_bar
 
     buf = io.StringIO()
     for _ in progress_bar(range(3), desc="programs", unit="prog", file=buf):

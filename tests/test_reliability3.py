@@ -19,9 +19,9 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx import verify
-from npumoe_mlx.executor import offload_stats
+from npumoe_mlx.build import verify
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.runtime.executor import offload_stats
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 from conftest import EAGER, PROMPT, build, copy_model, file_tree, greedy, rehash, run_cli
@@ -244,20 +244,20 @@ def _patch(monkeypatch, dotted: str):
 
 OUTPUT_CASES = {  # id: (argv after the model, flag, bad path kind, the slow step)
     "generate-stats-dir": (["generate", "--prompt", "hi", "--max-tokens", "2", "--stats", "{dir}"], "--stats", "is a folder",
-                           "npumoe_mlx.generate.load"),
-    "doctor-json-dir": (["doctor", "--no-bench", "--json", "{dir}"], "--json", "is a folder", "npumoe_mlx.doctor.run"),
-    "doctor-json-root": (["doctor", "--no-bench", "--json", "/"], "--json", "is a folder", "npumoe_mlx.doctor.run"),
+                           "npumoe_mlx.cli.generate.load"),
+    "doctor-json-dir": (["doctor", "--no-bench", "--json", "{dir}"], "--json", "is a folder", "npumoe_mlx.cli.doctor.run"),
+    "doctor-json-root": (["doctor", "--no-bench", "--json", "/"], "--json", "is a folder", "npumoe_mlx.cli.doctor.run"),
     "info-json-proc": (["info", "--json", "/proc/npumoe-x.json"], "--json", "is in a system folder",
-                       "npumoe_mlx.info.find_expert_blocks"),
-    "tune-out-root": (["tune", "--out", "/"], "--out", "is a folder", "npumoe_mlx.tune.tune"),
-    "tune-out-proc": (["tune", "--out", "/proc/npumoe-x"], "--out", "is in a system folder", "npumoe_mlx.tune.tune"),
+                       "npumoe_mlx.cli.info.find_expert_blocks"),
+    "tune-out-root": (["tune", "--out", "/"], "--out", "is a folder", "npumoe_mlx.build.tune.tune"),
+    "tune-out-proc": (["tune", "--out", "/proc/npumoe-x"], "--out", "is in a system folder", "npumoe_mlx.build.tune.tune"),
     "calibrate-routes-root": (["calibrate", "--tokens", "16", "--save-routes", "/"], "--save-routes", "is a folder",
-                              "npumoe_mlx.calibrate.calibrate"),
+                              "npumoe_mlx.build.calibrate.calibrate"),
     "calibrate-out-dir": (["calibrate", "--tokens", "16", "--out", "{dir}"], "--out", "is a folder",
-                          "npumoe_mlx.calibrate.calibrate"),
+                          "npumoe_mlx.build.calibrate.calibrate"),
     "build-out-proc": (["build", "--out", "/proc/npumoe-xx", "--force"], "--out", "is a system folder",
-                       "npumoe_mlx.build.build"),
-    "plan-json-dir": (["plan", "--json", "{dir}"], "--json", "is a folder", "npumoe_mlx.bundle.read"),
+                       "npumoe_mlx.build.build.build"),
+    "plan-json-dir": (["plan", "--json", "{dir}"], "--json", "is a folder", "npumoe_mlx.bundle.bundle.read"),
 }
 
 
@@ -286,7 +286,7 @@ def other(tmp_path_factory):
 
 
 def test_another_models_bundle_is_named_and_its_fix_never_overwrites_it(eager_moe, other, capsys):
-    from npumoe_mlx.fingerprint import model_fingerprint
+    from npumoe_mlx.bundle.fingerprint import model_fingerprint
 
     theirs = other / "npumoe-onnx"
     before = file_tree(theirs)
@@ -478,7 +478,7 @@ def test_bundle_copied_over_a_served_one_keeps_the_server_up_and_stock_equal(eag
 
     m = copy_model(eager_moe, tmp_path / "m")
     (tmp_path / "hub").mkdir()
-    srv = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", str(m), "--offload", "onnx"], tmp_path / "srv.log",
+    srv = Server([sys.executable, "-m", "npumoe_mlx.cli.server", "--model", str(m), "--offload", "onnx"], tmp_path / "srv.log",
                  env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     try:
         srv.wait_ready()

@@ -10,12 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from npumoe_mlx import replay as rp
 from npumoe_mlx.backends.registry import default_cost
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.experts import ExpertBlock
-from npumoe_mlx.plan import GroupPlan, LayerPlan, PlanLimits
-from npumoe_mlx.profiles import Profile
+from npumoe_mlx.cli import replay as rp
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan, PlanLimits
+from npumoe_mlx.planning.profiles import Profile
+from npumoe_mlx.runtime.experts import ExpertBlock
 
 # The public OLMoE/Mixtral traces ship in the repository (benchmarks/routing, provenance and
 # licence in its README); NPUMOE_ROUTING points at another copy.
@@ -103,8 +103,8 @@ def test_cli_table_and_json(tmp_path, capsys):
 def test_calibrate_records_blocks_and_routes(tmp_path):
     import mlx_lm
 
-    from npumoe_mlx import calibrate as cal
-    from npumoe_mlx.plan import prefill_call_sizes
+    from npumoe_mlx.build import calibrate as cal
+    from npumoe_mlx.planning.plan import prefill_call_sizes
     from npumoe_mlx.tools.tiny import make_tiny_model
 
     path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=3, num_experts=8)
@@ -185,7 +185,7 @@ def test_default_build_calibration_does_not_overflow_2048_token_calls():
     """What `npumoe build` does by default: 2048 calibration tokens (three ~680-token documents)
     prefilled at mlx_lm's 2048-token step. The old default (512-token chunks, ladders sized
     for them) overflowed 54% of the pairs of 2048-token calls on OLMoE (issue 10)."""
-    from npumoe_mlx.plan import make_plan
+    from npumoe_mlx.planning.plan import make_plan
 
     t = rp.load_trace(ROUTING / "olmoe-1b-7b.arxiv.npz")[7]
     docs = [t[i * 2048 : i * 2048 + 683] for i in range(3)]  # three documents, as the default corpus

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from npumoe_mlx import bundle as bundles
 from npumoe_mlx import cli
+from npumoe_mlx.bundle import bundle as bundles
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 from conftest import build
@@ -34,8 +34,8 @@ def test_bundle_holds_the_offloaded_experts_quantized_bytes_once(q4, tmp_path):
     man = bundles.read(tmp_path / "b")
     from mlx_lm.utils import load
 
-    from npumoe_mlx.experts import find_expert_blocks
-    from npumoe_mlx.residency import plan_resident
+    from npumoe_mlx.runtime.experts import find_expert_blocks
+    from npumoe_mlx.planning.residency import plan_resident
 
     model, _, config = load(str(q4), return_config=True)
     blocks = {b.layer: b for b in find_expert_blocks(model, config) if b.supported}

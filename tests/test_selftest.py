@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from ane_kernels.formats import TOLERANCE, WEIGHT_FORMATS, expert_bytes
-from npumoe_mlx import chips, cli, selftest
+from npumoe_mlx import cli
 from npumoe_mlx.backends import coreml as backend
-from npumoe_mlx.args import load_cost
-from npumoe_mlx.chips import FIELDS, chip_profile, load_chips
+from npumoe_mlx.cli import selftest
+from npumoe_mlx.cli.args import load_cost
+from npumoe_mlx.planning import chips
+from npumoe_mlx.planning.chips import FIELDS, chip_profile, load_chips
 
 OFF_MAC = pytest.mark.skipif(sys.platform == "darwin", reason="checks the off-macOS report (a Mac runs the Mac steps)")
 ON_MAC = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predict, MLComputePlan and powermetrics run only on macOS")
@@ -182,7 +184,7 @@ def test_counted_copies_follow_the_code_path(monkeypatch):
     # the old host astype(float16) before predict: coremltools casts it back, two passes more, the count follows
     from npumoe_mlx.backends.coreml import CoreMLProgram
 
-    from npumoe_mlx import dispatch
+    from npumoe_mlx.runtime import dispatch
 
     def fp16_run(self, x, tier):
         x16 = np.asarray(x, np.float16)
@@ -202,7 +204,7 @@ def test_priced_copies_are_the_registrys_core_ml_cost_model(monkeypatch):
 
     assert selftest.copy_bytes(2048)["priced_bytes_per_row"] == 2048 * registry.default_cost("coreml").copy_bytes
     monkeypatch.setattr(backend, "HOST_BYTES_PER_ELEMENT", 52)
-    from npumoe_mlx import dispatch
+    from npumoe_mlx.runtime import dispatch
 
     # the program module's bytes plus the executor's finish on a Mac (the buffer's copy to MLX, 8)
     assert selftest.copy_bytes(2048)["priced_bytes_per_row"] == 2048 * (52 + dispatch.finish_bytes(on_host=False)[0])
@@ -260,7 +262,7 @@ def test_measured_profile_loads_as_chips_file(quick, tmp_path, capsys):
 def test_measured_cost_loads_through_cost_flag(quick, tmp_path):
     path, base = _mac_report(quick, tmp_path)
     cost = load_cost(str(path))  # what plan/build --cost read
-    from npumoe_mlx.replay import cost_for
+    from npumoe_mlx.cli.replay import cost_for
 
     assert cost_for("coreml", None, str(path)) == cost  # replay --cost
     assert cost.backend == "coreml"

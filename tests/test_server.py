@@ -26,10 +26,10 @@ import openai
 import pytest
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx import server
-from npumoe_mlx.offload import OffloadError
-from npumoe_mlx.options import OffloadOptions
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.cli import server
+from npumoe_mlx.runtime.offload import OffloadError
+from npumoe_mlx.runtime.options import OffloadOptions
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -117,7 +117,7 @@ def servers(models, tmp_path_factory):
     path, _ = models
     logs = tmp_path_factory.mktemp("logs")
     (logs / "hub").mkdir()  # stock /v1/models needs a hub cache folder (without one it sends an empty body)
-    ours = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", str(path), "--offload", "onnx"], logs / "ours.log",
+    ours = Server([sys.executable, "-m", "npumoe_mlx.cli.server", "--model", str(path), "--offload", "onnx"], logs / "ours.log",
                   env={"HF_HUB_CACHE": str(logs / "no-such-cache")})  # ours lists the model even so
     stock = Server([sys.executable, "-m", "mlx_lm", "server", "--model", str(path)], logs / "stock.log",
                    env={"HF_HUB_CACHE": str(logs / "hub")})
@@ -194,7 +194,7 @@ def test_models_lists_the_name_given_not_the_absolute_folder(models):
     """Issue 24: /v1/models listed `--model m` as /abs/path/to/m; a client sending that id back
     made the server load the model a second time."""
     path, _ = models
-    srv = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", path.name, "--offload", "onnx"],
+    srv = Server([sys.executable, "-m", "npumoe_mlx.cli.server", "--model", path.name, "--offload", "onnx"],
                  path.parent / "relative.log", env={"HF_HUB_CACHE": str(path.parent / "no-such-cache")})
     try:
         srv.wait_ready()

@@ -19,11 +19,11 @@ from mlx_lm import generate as stock_generate
 from mlx_lm import load as stock_load
 
 import npumoe_mlx
-from npumoe_mlx import bundle as bundles
-from npumoe_mlx import sharded
-from npumoe_mlx.calibrate import Profile
-from npumoe_mlx.executor import offload_stats, summarize
-from npumoe_mlx.fingerprint import model_fingerprint
+from npumoe_mlx.build.calibrate import Profile
+from npumoe_mlx.bundle import bundle as bundles
+from npumoe_mlx.bundle.fingerprint import model_fingerprint
+from npumoe_mlx.runtime import sharded
+from npumoe_mlx.runtime.executor import offload_stats, summarize
 from npumoe_mlx.tools.tiny import make_tiny_model
 
 from conftest import PROMPT, greedy
@@ -237,7 +237,7 @@ def test_server_under_mlx_launch(models, tensor_run, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = [LAUNCH, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port", str(_free_port_pair()),
-            "--python", sys.executable, "--", "-m", "npumoe_mlx.server", "--model", str(m["ds"]), "--offload", "onnx",
+            "--python", sys.executable, "--", "-m", "npumoe_mlx.cli.server", "--model", str(m["ds"]), "--offload", "onnx",
             "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}

@@ -7,7 +7,7 @@ import pytest
 from slots_reference import plan_slots as reference_slots  # tests/ is on sys.path under pytest
 
 from npumoe_mlx.backends.registry import default_cost
-from npumoe_mlx.tiers import CallContext, decide_call, plan_slots
+from npumoe_mlx.planning.tiers import CallContext, decide_call, plan_slots
 
 D, H = 64, 32
 

@@ -8,14 +8,14 @@ import mlx.core as mx
 import numpy as np
 
 import npumoe_mlx
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx import plan as plans
-from npumoe_mlx import plan_cli
-from npumoe_mlx.calibrate import Profile
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import OffloadExecutor, offload_stats, stats_profile, summarize
-from npumoe_mlx.experts import find_expert_blocks, installed_blocks
-from npumoe_mlx.workloads import prompt_of_tokens
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.build.calibrate import Profile
+from npumoe_mlx.build.workloads import prompt_of_tokens
+from npumoe_mlx.cli import plan_cli
+from npumoe_mlx.planning import plan as plans
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.runtime.executor import OffloadExecutor, offload_stats, stats_profile, summarize
+from npumoe_mlx.runtime.experts import find_expert_blocks, installed_blocks
 
 from conftest import EAGER, build, copy_model
 
@@ -96,7 +96,7 @@ def test_convert_refresh_resizes_a_converted_models_bundle(tight_skewed, tmp_pat
     a bad stats file fails with its name before anything changes; a good one rebuilds the bundle
     with ladders sized for the saved calls, planned with the costs the bundle already had."""
     from npumoe_mlx import cli
-    from npumoe_mlx.plan import Plan
+    from npumoe_mlx.planning.plan import Plan
 
     path = copy_model(tight_skewed[0], tmp_path / "m", bundles=False)
     out = build(path, path / "npumoe-onnx")  # where `convert --in-place` keeps an MLX model's bundle

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from npumoe_mlx.backends.registry import chip_cost, default_cost
-from npumoe_mlx.cost import CostModel, flops_per_row
-from npumoe_mlx.experts import ExpertBlock
-from npumoe_mlx.plan import NEVER, GroupPlan, LayerPlan, PlanLimits, make_plan, plan_layer
-from npumoe_mlx.profiles import LayerCounts, Profile
-from npumoe_mlx.tiers import CallContext, choose_ladder, decide_call, ladder_cover, ladder_rounds, plan_slots, tier_for
+from npumoe_mlx.planning.cost import CostModel, flops_per_row
+from npumoe_mlx.planning.plan import NEVER, GroupPlan, LayerPlan, PlanLimits, make_plan, plan_layer
+from npumoe_mlx.planning.profiles import LayerCounts, Profile
+from npumoe_mlx.planning.tiers import CallContext, choose_ladder, decide_call, ladder_cover, ladder_rounds, plan_slots, tier_for
+from npumoe_mlx.runtime.experts import ExpertBlock
 
 from conftest import zipf_layer
 
@@ -212,7 +212,7 @@ def test_min_tokens_keeps_decode_on_mlx():
 def test_decode_stays_on_mlx_even_when_programs_look_free():
     """Programs far cheaper than MLX per call still leave 1-token calls (decode) on MLX: the
     host sync stalls mlx_lm's pipelined loop, which the per-call model does not see."""
-    from npumoe_mlx.plan import plan_shared
+    from npumoe_mlx.planning.plan import plan_shared
 
     cost = _cost(program_flops=F * 1e6)  # a program row a million times cheaper than an MLX pair
     assert cost.first_offload_tokens == 2 == CostModel.from_dict({k: v for k, v in cost.to_dict().items()
@@ -227,7 +227,7 @@ def test_decode_stays_on_mlx_even_when_programs_look_free():
 
 
 def test_chip_cost_energy_per_flop_and_call():
-    from npumoe_mlx.chips import chip_profile
+    from npumoe_mlx.planning.chips import chip_profile
 
     c = chip_profile("m2-max")
     cost = chip_cost("m2-max", "coreml", 2048, 768)
@@ -247,7 +247,7 @@ def test_chip_cost_energy_per_flop_and_call():
 
 def test_old_plans_still_load():
     """Plans written before objective / max_calls / call_ratio existed load with the old behaviour."""
-    from npumoe_mlx.plan import Plan
+    from npumoe_mlx.planning.plan import Plan
 
     lp = LayerPlan(0, "p", 4, 2, D, H, [GroupPlan([0, 1], [8, 16])], [2, 3], min_tokens=4)
     d = Plan("onnx", PlanLimits.for_backend("onnx"), [lp]).to_dict()
@@ -339,7 +339,7 @@ def test_energy_packs_rounds_below_loads_into_the_frugal_units_time():
 def test_the_executor_decides_with_the_plans_energy_slack():
     """The executor and replay run one decision: an energy plan's slack (below 1.2 when its fastest
     calls are slower than the time plan's) bounds the executor's calls as it bounds replay's."""
-    from npumoe_mlx.executor import OffloadExecutor
+    from npumoe_mlx.runtime.executor import OffloadExecutor
 
     cost = _cost(program_flops=F / 2, program_j_per_flop=0.1 / F, mlx_j_per_flop=1.0 / F)
     counts = np.array([10, 10, 10])

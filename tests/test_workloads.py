@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 import npumoe_mlx
-from npumoe_mlx.build import build as build_bundle
-from npumoe_mlx import release
 from npumoe_mlx.backends.registry import default_cost
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.experts import installed_blocks
-from npumoe_mlx.plan import GroupPlan, LayerPlan, PlanLimits, below_ladder_tiers
-from npumoe_mlx.tiers import small_ladders, undersized
+from npumoe_mlx.build.build import build as build_bundle
+from npumoe_mlx.build.workloads import prompt_of_tokens
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan, PlanLimits, below_ladder_tiers
+from npumoe_mlx.planning.tiers import small_ladders, undersized
+from npumoe_mlx.runtime import release
+from npumoe_mlx.runtime.experts import installed_blocks
 from npumoe_mlx.tools.tiny import make_tiny_model
-from npumoe_mlx.workloads import prompt_of_tokens
 
 from conftest import EAGER
 
@@ -99,7 +99,7 @@ def test_prompt_cache_remainders_pad_at_most_half_and_tokens_match(tmp_path, kee
 
 
 def test_workload_calls_shapes():
-    from npumoe_mlx.workloads import workload_calls
+    from npumoe_mlx.build.workloads import workload_calls
 
     with pytest.raises(ValueError, match="workload must be one of"):
         workload_calls([100], "server")
@@ -120,7 +120,7 @@ def test_workload_calls_shapes():
 def test_replay_workloads_size_ladders_for_batched_calls(tmp_path):
     """A plan for single 128-token calls overflows 2-4 prompt batched calls; the batch workload's plan
     (batched calls recorded whole, as calibrate(batched=True) does) does not."""
-    from npumoe_mlx import replay as rp
+    from npumoe_mlx.cli import replay as rp
 
     rng = np.random.default_rng(0)
     E, k, T = 8, 2, 4096
@@ -147,10 +147,10 @@ def test_replay_workloads_size_ladders_for_batched_calls(tmp_path):
 def test_calibration_records_batched_calls_whole_and_plans_cover_them(tight_skewed):
     from mlx_lm.utils import load as mlx_load
 
-    from npumoe_mlx.calibrate import calibrate
-    from npumoe_mlx.experts import find_expert_blocks
-    from npumoe_mlx.plan import make_plan, prefill_call_sizes
-    from npumoe_mlx.workloads import GENERATION_SIZES, corpus_documents
+    from npumoe_mlx.build.calibrate import calibrate
+    from npumoe_mlx.runtime.experts import find_expert_blocks
+    from npumoe_mlx.planning.plan import make_plan, prefill_call_sizes
+    from npumoe_mlx.build.workloads import GENERATION_SIZES, corpus_documents
 
     path = tight_skewed[0]  # the model only (read, never changed)
     model, tok, config = mlx_load(str(path), return_config=True)
@@ -179,7 +179,7 @@ def test_batch_generate_of_four_prompts_overflows_at_most_two_percent(tight_skew
     batch_generate's one call of 4 right-padded prompts of 200-800 tokens under its top tiers."""
     from mlx_lm import batch_generate
 
-    from npumoe_mlx.executor import offload_stats, summarize
+    from npumoe_mlx.runtime.executor import offload_stats, summarize
 
     path = tight_skewed[0]  # the model only (its default bundle goes to this test's folder)
     out = build_bundle(str(path), "onnx", str(tmp_path / "b"), cost=EAGER, log=lambda m: None)
@@ -198,7 +198,7 @@ def test_replan_while_serving_swaps_ladders_between_calls_and_persists(tight_cop
     ``replan.json`` (written atomically) is applied by the next load."""
     from mlx_lm.utils import load as mlx_load
 
-    from npumoe_mlx import replan
+    from npumoe_mlx.runtime import replan
 
     path, out = tight_copy()  # replan.json is written into the bundle: this test's own copy
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
@@ -244,7 +244,7 @@ def test_replan_while_serving_swaps_ladders_between_calls_and_persists(tight_cop
 
 def _tight(tmp_path):
     """A tiny model and a bundle sized for 16-token calls (one 16-row tier per group)."""
-    from npumoe_mlx import plan as plans
+    from npumoe_mlx.planning import plan as plans
 
     path = make_tiny_model(tmp_path / "m", "qwen3_moe", skew=2.0, seed=1, num_experts=16)
     tight = plans.PlanLimits.for_backend("onnx", max_tiers=1)
@@ -262,8 +262,8 @@ def test_replan_regroups_experts_into_new_programs_and_a_restart_uses_them(tmp_p
     programs (in ``replan/gNNN``, written whole) and the next load of the bundle runs on them."""
     from mlx_lm.utils import load as mlx_load
 
-    from npumoe_mlx import replan
-    from npumoe_mlx.plan import Plan
+    from npumoe_mlx.runtime import replan
+    from npumoe_mlx.planning.plan import Plan
 
     path, out = _tight(tmp_path)
     model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
@@ -343,7 +343,7 @@ def test_replan_swap_never_lands_inside_a_call_and_never_blocks_one(tmp_path, mo
 
     from mlx_lm.utils import load as mlx_load
 
-    from npumoe_mlx import replan
+    from npumoe_mlx.runtime import replan
     from npumoe_mlx.backends import backend_class
 
     path, out = _tight(tmp_path)
@@ -432,12 +432,12 @@ def test_server_chat_traffic_replans_once_with_stock_tokens(tight_copy, tmp_path
 
     from test_server import Server
 
-    from npumoe_mlx import replan
-    from npumoe_mlx.workloads import long_context
+    from npumoe_mlx.runtime import replan
+    from npumoe_mlx.build.workloads import long_context
 
     path, out = tight_copy("npumoe-onnx")  # the server re-plans into it: this test's own copy
     (tmp_path / "hub").mkdir()
-    ours = Server([sys.executable, "-m", "npumoe_mlx.server", "--model", str(path), "--offload", "onnx",
+    ours = Server([sys.executable, "-m", "npumoe_mlx.cli.server", "--model", str(path), "--offload", "onnx",
                    "--replan", "auto"], tmp_path / "ours.log", env={"HF_HUB_CACHE": str(tmp_path / "no-cache")})
     stock = Server([sys.executable, "-m", "mlx_lm", "server", "--model", str(path)], tmp_path / "stock.log",
                    env={"HF_HUB_CACHE": str(tmp_path / "hub")})

@@ -33,7 +33,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..tiers import tier_for
+from ..planning.tiers import tier_for
 from . import registry
 
 BACKENDS = registry.names()

@@ -32,8 +32,8 @@ from ane_kernels.limits import DEFAULT_LIMITS
 from ane_kernels.milrun import format_error
 from ane_kernels.spec import AffineWeight, ProgramSpec
 
-from ..fingerprint import update_sampled
-from ..paths import cache_root
+from ..bundle.fingerprint import update_sampled
+from ..bundle.paths import cache_root
 from . import BackendError, Program, member, same_program
 
 OFF_MACOS = "Core ML programs can be built here but run only on macOS"

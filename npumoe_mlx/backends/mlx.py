@@ -22,7 +22,7 @@ from mlx_lm.models.activations import swiglu, swiglu_oai
 
 from ane_kernels.spec import AffineWeight, ProgramSpec
 
-from ..dispatch import moved
+from ..runtime.dispatch import moved
 from . import BackendError, Program, member, same_program
 
 LINEARS = ("gate", "up", "down")

@@ -19,8 +19,8 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 from ane_kernels.formats import DEFAULT_FORMAT
 from ane_kernels.limits import DEFAULT_LIMITS
 
-from ..cost import MEMCPY_BPS, CostModel, chip_cost_model
-from ..dispatch import finish_bytes
+from ..planning.cost import MEMCPY_BPS, CostModel, chip_cost_model
+from ..runtime.dispatch import finish_bytes
 
 COREML_MIN_MACOS = (15, 0)  # iOS18 opset programs (DESIGN.md: macOS 15+)
 

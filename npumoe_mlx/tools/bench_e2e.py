@@ -21,17 +21,17 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from mlx_lm.utils import load_tokenizer
 
-from .. import bundle as bundles
-from ..args import add_dense_flag
 from ..atomic import write_json
 from ..backends import registry
-from ..build import build as build_bundle
-from ..dense import check_mode
-from ..bundle import default_bundle_dir
-from ..executor import LayerStats, summarize
-from ..offload import resolve
-from ..replay import load_shape_presets
-from ..workloads import prompt_of_tokens
+from ..build.build import build as build_bundle
+from ..build.workloads import prompt_of_tokens
+from ..bundle import bundle as bundles
+from ..bundle.bundle import default_bundle_dir
+from ..cli.args import add_dense_flag
+from ..cli.replay import load_shape_presets
+from ..runtime.dense import check_mode
+from ..runtime.executor import LayerStats, summarize
+from ..runtime.offload import resolve
 from .compare import measure_side, token_agreement
 from .report import PLOT_MISSING, ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, pyplot, save_figure, token_list
 from .tiny import FAMILIES, MARKER, make_tiny_model

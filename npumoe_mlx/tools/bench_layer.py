@@ -28,15 +28,15 @@ from ane_kernels.spec import ProgramSpec, dequantize
 
 from ..atomic import write_json
 from ..backends import load_backend, registry
-from ..cost import flops_per_row
-from ..executor import OffloadExecutor
-from ..experts import stock_experts
-from ..plan import PlanLimits, plan_layer
-from ..profiles import LayerCounts
-from ..programs import spec_from_switch_glu
-from ..stats import LayerStats
-from ..replay import load_shape_presets
-from ..tune import median_s, tune
+from ..build.programs import spec_from_switch_glu
+from ..build.tune import median_s, tune
+from ..cli.replay import load_shape_presets
+from ..planning.cost import flops_per_row
+from ..planning.plan import PlanLimits, plan_layer
+from ..planning.profiles import LayerCounts
+from ..runtime.executor import OffloadExecutor
+from ..runtime.experts import stock_experts
+from ..runtime.stats import LayerStats
 
 
 def popularity(E: int, skew: float, rng) -> np.ndarray:

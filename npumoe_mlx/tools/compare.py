@@ -26,23 +26,23 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
-from .. import bundle as bundles
-from .. import dense, heap
-from ..args import add_dense_flag
 from ..atomic import write_json
 from ..backends import registry
-from ..build import build as build_bundle
-from ..checks import resolve_model
-from ..executor import LayerStats, OffloadExecutor, offload_stats, summarize
-from ..experts import installed_blocks
+from ..build.build import build as build_bundle
+from ..build.workloads import prompt_of_tokens
+from ..bundle import bundle as bundles
+from ..bundle.checks import resolve_model
+from ..bundle.owned import read_marker
+from ..cli.args import add_dense_flag
 from ..hints import build_cmd, one_line
-from ..loading import load
-from ..offload import resolve
 from ..outputs import check_dir
-from ..owned import read_marker
-from ..plan import NEVER
-from ..residency import describe_units, model_resident
-from ..workloads import prompt_of_tokens
+from ..planning.plan import NEVER
+from ..planning.residency import describe_units, model_resident
+from ..runtime import dense, heap
+from ..runtime.executor import LayerStats, OffloadExecutor, offload_stats, summarize
+from ..runtime.experts import installed_blocks
+from ..runtime.loading import load
+from ..runtime.offload import resolve
 from .meters import Meters
 from .report import (
     PLOT_MISSING, ArgError, Parser, loadavg_at_end, machine_info, mlx_device_label, pyplot, save_figure, token_list,

@@ -13,14 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from .. import bundle as bundles
-from .. import load, owned, stream_generate
+from .. import load, stream_generate
 from .._version import __version__
 from ..atomic import write_json
-from ..build import build as build_bundle
-from ..executor import offload_stats, summarize
-from ..offload import resolve
-from ..workloads import prompt_of_tokens
+from ..build.build import build as build_bundle
+from ..build.workloads import prompt_of_tokens
+from ..bundle import bundle as bundles
+from ..bundle import owned
+from ..runtime.executor import offload_stats, summarize
+from ..runtime.offload import resolve
 from .compare import compare
 from .tiny import TINY_FILES, make_tiny_model
 

@@ -3,7 +3,7 @@
 Every meter is start/stop around the measured region and reports ``None`` plus a
 reason when this machine cannot measure (no guessing):
 
-- energy: macOS ``powermetrics`` (root only; ``npumoe_mlx.power`` samples it), or Linux
+- energy: macOS ``powermetrics`` (root only; ``npumoe_mlx.planning.power`` samples it), or Linux
   powercap/RAPL package counters (``/sys/class/powercap/intel-rapl:N/energy_uj``,
   polled in a thread so counter wraparound is handled). Both are package- or
   SoC-wide: other processes running at the same time are counted too.
@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
-from ..power import PowerSampler, parse_powermetrics, powermetrics_cmd  # noqa: F401 (parse_powermetrics: re-exported)
+from ..planning.power import PowerSampler, parse_powermetrics, powermetrics_cmd  # noqa: F401 (parse_powermetrics: re-exported)
 
 # --- energy ------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ def _rapl_domains() -> Tuple[List[Path], str]:
 
 
 class PowermetricsMeter(EnergyMeter):
-    """macOS ``powermetrics`` (CPU + GPU + ANE power; ``npumoe_mlx.power`` samples and parses it).
+    """macOS ``powermetrics`` (CPU + GPU + ANE power; ``npumoe_mlx.planning.power`` samples and parses it).
 
     Energy = sample-time-weighted mean combined power x the region's wall time.
     """

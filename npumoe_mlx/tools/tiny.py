@@ -66,9 +66,9 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .. import owned
 from ..atomic import honour_umask
-from ..replay import load_shape_presets
+from ..bundle import owned
+from ..cli.replay import load_shape_presets
 from .report import ArgError, Parser
 
 FAMILIES = (

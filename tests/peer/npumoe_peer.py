@@ -17,14 +17,14 @@ import pkgutil
 
 import mlx_lm.models
 
-from npumoe_mlx import experts, guard
 from npumoe_mlx.backends import load_backend
-from npumoe_mlx.build import offloadable_shared
-from npumoe_mlx.cost import CostModel
-from npumoe_mlx.executor import OffloadExecutor, SharedExecutor
-from npumoe_mlx.plan import GroupPlan, LayerPlan, SharedPlan
-from npumoe_mlx.programs import spec_from_dense_mlp, spec_from_switch_glu
-from npumoe_mlx.reference import StaticTierReference, contiguous_groups
+from npumoe_mlx.build.build import offloadable_shared
+from npumoe_mlx.build.programs import spec_from_dense_mlp, spec_from_switch_glu
+from npumoe_mlx.planning.cost import CostModel
+from npumoe_mlx.planning.plan import GroupPlan, LayerPlan, SharedPlan
+from npumoe_mlx.runtime import experts, guard
+from npumoe_mlx.runtime.executor import OffloadExecutor, SharedExecutor
+from npumoe_mlx.runtime.reference import StaticTierReference, contiguous_groups
 
 MODE = os.environ.get("NPUMOE_PEER_MODE", "onnx")
 TIERS = (4, 16, 64)
