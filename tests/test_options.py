@@ -17,7 +17,7 @@ from mlx_lm.sample_utils import make_sampler
 import npumoe_mlx
 from npumoe_mlx.build.build import build as build_bundle
 from npumoe_mlx.bundle import bundle as bundles
-from npumoe_mlx.bundle.schema import SchemaError
+from npumoe_mlx.planning.schema import SchemaError
 from npumoe_mlx.planning.cost import CostModel
 from npumoe_mlx.planning.plan import GroupPlan, LayerPlan, Plan, PlanLimits, SharedPlan
 from npumoe_mlx.runtime import release

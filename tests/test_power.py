@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from npumoe_mlx.build import tune
-from npumoe_mlx.cli.args import load_cost
+from npumoe_mlx.build.args import load_cost
 from npumoe_mlx.cli.replay import cost_for, replay
 from npumoe_mlx.planning import power
 from npumoe_mlx.planning.chips import chip_profile

@@ -13,7 +13,7 @@ import pytest
 from npumoe_mlx.backends import BACKENDS, Program, load_backend, registry
 from npumoe_mlx.build import verify
 from npumoe_mlx.cli import SUBCOMMANDS
-from npumoe_mlx.cli.args import choose_cost
+from npumoe_mlx.build.args import choose_cost
 from npumoe_mlx.planning import residency
 from npumoe_mlx.planning.cost import CostModel
 from npumoe_mlx.planning.plan import GroupPlan, LayerPlan, Plan, PlanLimits

@@ -16,7 +16,7 @@ from ane_kernels.formats import TOLERANCE, WEIGHT_FORMATS, expert_bytes
 from npumoe_mlx import cli
 from npumoe_mlx.backends import coreml as backend
 from npumoe_mlx.cli import selftest
-from npumoe_mlx.cli.args import load_cost
+from npumoe_mlx.build.args import load_cost
 from npumoe_mlx.planning import chips
 from npumoe_mlx.planning.chips import FIELDS, chip_profile, load_chips
 

@@ -26,7 +26,7 @@ from ..bundle import bundle as bundles
 from ..bundle.checks import explain_load_errors, resolve_model
 from ..bundle.fingerprint import model_fingerprint
 from ..bundle.lock import build_lock
-from ..cli.args import at_least, choose_cost, limits_from_flags, load_cost
+from .args import at_least, choose_cost, limits_from_flags, load_cost
 from ..log import get as _get_log
 from ..planning.cost import CostModel
 from ..planning.cost import describe as describe_cost

@@ -444,7 +444,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="Where to write the cost model JSON (default: ./npumoe-cost-<backend>.json)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    from ..cli.args import at_least
+    from .args import at_least
     from ..bundle.checks import explain_load_errors, resolve_model
 
     at_least("--repeats", args.repeats, 1, "timed runs per shape")

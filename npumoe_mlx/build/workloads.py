@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
+from ..planning.profiles import BATCH_SEQS, GENERATION_SIZES  # noqa: F401 (the planner sizes for them)
+
 CHARS_PER_TOKEN = 4
 
 _ADJ = (
@@ -324,11 +326,7 @@ def prompt_of_tokens(tokenizer, n_tokens: int, seed: int = 0) -> List[int]:
 
 WORKLOADS = ("prefill", "chat", "batch")
 CHAT_TOKENS = (20, 800)  # a chat request's new prompt tokens, prefilled in one call (log-uniform)
-BATCH_SEQS = (2, 4)  # prompts per batched prefill call (batch_generate, the server's batch)
 BATCH_TOKENS = (200, 800)  # each prompt's tokens in a batched call (uniform)
-# Call sizes (tokens) a plan covers besides the prefill step and its remainders: chat requests and
-# prompt-cache remainders (plan.prefill_call_sizes adds those below the step).
-GENERATION_SIZES = (32, 64, 128, 256, 512, 1024)
 
 
 def workload_calls(lengths: List[int], kind: str, step: int = 2048, seed: int = 0) -> List[List[Tuple[int, int, int]]]:

@@ -31,7 +31,7 @@ from .fingerprint import model_fingerprint, update_sampled
 from ..hints import build_cmd
 from .paths import CACHE_ENV, cache_root  # noqa: F401 (bundle.cache_root: callers' name)
 from ..planning.plan import Plan
-from . import schema
+from ..planning import schema
 
 BUNDLE_FORMAT = 3  # 3: groups, tiers and limits only in plan.json; the manifest names each program's
 # (layer, group), its files and its backend's build entry ("program": files + metadata);

@@ -14,7 +14,7 @@ import mlx.core as mx
 from ..runtime.loading import load
 from ..runtime.options import OffloadOptions
 from ..runtime.sharded import sharded_load
-from .args import at_least
+from ..build.args import at_least
 from .generate import _patched, add_offload_args, print_stats
 
 mlx_chat = importlib.import_module("mlx_lm.chat")

@@ -37,7 +37,7 @@ from ..bundle.lock import build_lock
 from ..log import STDOUT, get as _get_log
 from ..planning.cost import CostModel
 from ..runtime.offload import resolve
-from .args import at_least
+from ..build.args import at_least
 
 _log = _get_log(__name__)
 

@@ -20,7 +20,7 @@ from ..runtime import dense, release, sharded
 from ..runtime.executor import format_stats, offload_stats, stats_profile, summarize
 from ..runtime.loading import load
 from ..runtime.options import OffloadOptions, add_args
-from .args import at_least
+from ..build.args import at_least
 
 # `mlx_lm.generate` the attribute is the function; we want the module.
 mlx_generate = importlib.import_module("mlx_lm.generate")

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         p.add_argument(flag, type=int, help=f"With --from-stats: as `npumoe build {flag}`.")
     args = p.parse_args(argv)
     from ..bundle import bundle as bundles
-    from .args import at_least, choose_cost
+    from ..build.args import at_least, choose_cost
     from ..bundle.checks import resolve_model
     from ..outputs import check_file
 
@@ -123,7 +123,7 @@ def _preview_from_stats(args, local, found) -> int:
     from mlx_lm import utils as mlx_utils
 
     from ..runtime import experts
-    from .args import limits_from_flags, load_cost
+    from ..build.args import limits_from_flags, load_cost
     from ..build.build import plan_model, workload_cost
     from ..backends.registry import default_cost
 

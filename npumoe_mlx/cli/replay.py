@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .args import choose_cost
+from ..build.args import choose_cost
 from ..atomic import write_json
 from ..backends import registry
 from ..planning.chips import chip_profile
@@ -304,7 +304,7 @@ def replay(
     ``cpu``: (FLOP/s, watts) of the CPU for the paper's CPU baselines (None: n/a).
 
     ``workload="prefill"``: calls of each size in ``tokens``. ``"chat"``/``"batch"``: the plan is
-    the default build's (ladders for ``tokens`` and ``workloads.GENERATION_SIZES``, batched calls
+    the default build's (ladders for ``tokens`` and ``profiles.GENERATION_SIZES``, batched calls
     recorded whole), and the calls are that workload's mix (one row per layer, ``tokens`` 0); the
     executor's small-call tiers (``plan.below_ladder_tiers``) take part as it uses them."""
     if workload not in WORKLOADS:

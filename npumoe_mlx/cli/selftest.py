@@ -696,7 +696,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20, help="Timed predict calls per median (Mac).")
     p.add_argument("--keep", metavar="DIR", help="Keep the built packages in DIR.")
     args = p.parse_args(argv)
-    from .args import at_least
+    from ..build.args import at_least
 
     at_least("--repeats", args.repeats, 1, "timed calls per median")
     if args.json:

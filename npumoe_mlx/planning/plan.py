@@ -27,12 +27,11 @@ from ane_kernels.limits import DEFAULT_LIMITS
 
 from ..atomic import write_json
 from ..backends import registry
-from ..build.workloads import BATCH_SEQS, GENERATION_SIZES
-from ..bundle import schema
+from . import schema
 from ..log import get as _get_log
 from ..runtime.experts import ExpertBlock
 from .cost import CostModel
-from .profiles import LayerCounts, Profile
+from .profiles import BATCH_SEQS, GENERATION_SIZES, LayerCounts, Profile
 from .tiers import (CallContext, CallDecision, choose_ladder, decide_call, ladder_cover, ladder_rounds, tail_ladder,
                     undersized)
 
@@ -279,7 +278,7 @@ def prefill_call_sizes(layer_profile: LayerCounts, step: int) -> List[int]:
     """The call sizes generation makes on the calibrated documents: a prefill's ``step``-token
     chunks, each document's remainder (in whole blocks; smaller ones are too few tokens to size
     for), and the chat requests and prompt-cache remainders below the step
-    (``workloads.GENERATION_SIZES``)."""
+    (``profiles.GENERATION_SIZES``)."""
     per_seq: Dict[int, int] = {}
     block = 0
     for ch in layer_profile.chunks:

@@ -13,6 +13,13 @@ import numpy as np
 
 from ..atomic import write_json
 
+# Calls real use makes besides single-sequence prefill chunks (build/workloads.py makes them;
+# the planner sizes ladders for them):
+BATCH_SEQS = (2, 4)  # prompts per batched prefill call (batch_generate, the server's batch)
+# Call sizes (tokens) a plan covers besides the prefill step and its remainders: chat requests and
+# prompt-cache remainders (plan.prefill_call_sizes adds those below the step).
+GENERATION_SIZES = (32, 64, 128, 256, 512, 1024)
+
 FORMAT = 1
 KIND = "npumoe-profile"
 RANGE_KEYS = ("gate", "up", "down")  # LayerCounts.max_abs

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
 from ..backends import registry
-from ..cli.args import DENSE_HELP
 from ..planning.tiers import OVERFLOW_MODES
+
+DENSE_HELP = ("Also run the non-expert linears (attention projections, dense MLPs) on onnxruntime where this "
+              "machine measures them faster than MLX (onnx backend only; costs saved in the bundle's "
+              "dense-costs.json).")
 
 MODES = ("auto", *registry.names(), "off")
 

@@ -27,7 +27,7 @@ from ..build.build import build as build_bundle
 from ..build.workloads import prompt_of_tokens
 from ..bundle import bundle as bundles
 from ..bundle.bundle import default_bundle_dir
-from ..cli.args import add_dense_flag
+from ..build.args import add_dense_flag
 from ..cli.replay import load_shape_presets
 from ..runtime.dense import check_mode
 from ..runtime.executor import LayerStats, summarize

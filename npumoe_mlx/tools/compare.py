@@ -33,7 +33,7 @@ from ..build.workloads import prompt_of_tokens
 from ..bundle import bundle as bundles
 from ..bundle.checks import resolve_model
 from ..bundle.owned import read_marker
-from ..cli.args import add_dense_flag
+from ..build.args import add_dense_flag
 from ..hints import build_cmd, one_line
 from ..outputs import check_dir
 from ..planning.plan import NEVER

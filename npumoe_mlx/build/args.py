@@ -7,6 +7,7 @@ from ane_kernels.formats import DEFAULT_FORMAT
 from ..backends import registry
 from ..planning.cost import CostModel
 from ..planning.plan import PlanLimits
+from ..runtime.options import DENSE_HELP
 
 
 def at_least(flag: str, value, low: int, what: str = "") -> None:
@@ -58,9 +59,6 @@ def limits_from_flags(backend: str, max_tiers=None, max_group=None, max_programs
     return limits
 
 
-DENSE_HELP = ("Also run the non-expert linears (attention projections, dense MLPs) on onnxruntime where this "
-              "machine measures them faster than MLX (onnx backend only; costs saved in the bundle's "
-              "dense-costs.json).")
 
 
 def add_dense_flag(parser):

@@ -152,7 +152,7 @@ def _tiers(xs, where: str) -> None:
 
 def check_cost(d) -> None:
     """cost.json (``cost.CostModel``): every field of its type, every number finite and >= 0."""
-    from ..planning.cost import CostModel
+    from .cost import CostModel
 
     check(CostModel, d, "")
     for k, v in d.items():
