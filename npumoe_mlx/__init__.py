@@ -23,6 +23,7 @@ try:  # seconds of imports (mlx, mlx_lm): the `npumoe` command imports this pack
     from ._version import __version__
     from .cli.convert import convert
     from .runtime.loading import install, load, remove, stats
+    from .runtime.options import OffloadOptions
     from .runtime.sharded import sharded_load
 except KeyboardInterrupt:  # Ctrl-C while `npumoe ...` / `python -m npumoe_mlx...` starts: no traceback
     if _sys.argv[:1] == ["-m"] or _sys.argv[0].rsplit("/", 1)[-1] == "npumoe":
@@ -41,6 +42,7 @@ __all__ = [
     "stream_generate",
     "batch_generate",
     "convert",
+    "OffloadOptions",
     "GenerationResponse",
     "BatchResponse",
     "__version__",

@@ -99,6 +99,7 @@ def test_every_flagged_option_is_a_flag_of_generate_chat_and_server():
 
 
 def test_load_takes_options_whole_or_as_keywords(moe):
+    assert npumoe_mlx.OffloadOptions is OffloadOptions and "OffloadOptions" in npumoe_mlx.__all__  # the README's name
     by_kw, tok = npumoe_mlx.load(str(moe), offload="onnx", quiet=True, keep_mlx_experts=True)
     by_opts, _ = npumoe_mlx.load(str(moe), options=OffloadOptions(offload="onnx", quiet=True, keep_mlx_experts=True))
     over, _ = npumoe_mlx.load(str(moe), options=OffloadOptions(offload="off"), offload="onnx", quiet=True)  # keywords win
