@@ -31,6 +31,17 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 EAGER = CostModel("onnx", 1e-9, 1e15, 1e15, 0.0, 1.0, 1.0, first_offload_tokens=1, source="test: offload everything")
 
 
+def structure():
+    """benchmarks/structure.py (the ast import graph: nothing imported), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("npumoe_structure", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "structure.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def greedy(model, tok, prompt=PROMPT, n=16, **kw) -> list:
     """Token ids of an n-token greedy generation (as mlx_lm's CLI at --temp 0)."""
     return [r.token for r in stream_generate(model, tok, prompt, max_tokens=n, sampler=make_sampler(0.0), **kw)]

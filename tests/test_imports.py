@@ -3,20 +3,14 @@ and ane_kernels never imports npumoe_mlx (DESIGN.md: programs do not know the sc
 
 The graph comes from benchmarks/structure.py (ast only, nothing imported), loaded by path."""
 
-import importlib.util
 from pathlib import Path
+
+from conftest import structure
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _structure():
-    spec = importlib.util.spec_from_file_location("npumoe_structure", ROOT / "benchmarks" / "structure.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _structure()
+S = structure()
 
 # Edges allowed to close a cycle for now, each with why (none today: keep the set, and the
 # stale-entry test, so a later allowance has to name itself).

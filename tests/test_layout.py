@@ -18,8 +18,9 @@ go, and an entry that no longer happens fails too, so the lists only shrink.
 """
 
 import ast
-import importlib.util
 from pathlib import Path
+
+from conftest import structure
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = "npumoe_mlx"
@@ -55,14 +56,7 @@ KNOWN_MLX = {  # the same edges, seen from "planning never imports mlx"
 }
 
 
-def _structure():
-    spec = importlib.util.spec_from_file_location("npumoe_structure", ROOT / "benchmarks" / "structure.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _structure()
+S = structure()
 MODS = S.modules()
 EDGES, _ = S.graph(MODS)
 
