@@ -602,7 +602,7 @@ def _energy_estimate(c: Candidate, cuts: Cuts, lim: np.ndarray, cost: CostModel,
         c_t, c_j, back = p.cut(lim)
         opts_t.append(c_t)
         opts_j.append(cost.call_j(p.rest_j + c_j + cuts.tail_j[:, m], cost.mlx_work_j(back, D, H),
-                                  cuts.tail_t[:, m] + back))
+                                  cuts.tail_t[:, m] + cost.mlx_work_s(back, D, H)))  # MLX seconds (call_j: > 0 gates its fixed J)
     opts_t, opts_j = np.stack(opts_t), np.stack(opts_j)  # (4 or 5, S)
     j_ok = np.where(opts_t <= lim + 1e-15, opts_j, np.inf)
     pick = np.where(np.isfinite(j_ok).any(0), j_ok.argmin(0), opts_t.argmin(0))
