@@ -79,9 +79,16 @@ class AffineWeight:
     def dequantize(self, dtype=np.float32) -> np.ndarray:
         """w: (G, out, in) = q * scale + bias, per group along `in`."""
         G, out, n = self.shape
-        q = self.unpack().reshape(G, out, n // self.group_size, self.group_size)
+        shape = (G, out, n // self.group_size, self.group_size)
         s = self.scales.astype(dtype)[..., None]
         b = self.biases.astype(dtype)[..., None]
+        if self.bits == 4:  # each byte's two codes straight to floats (twice as fast as unpack)
+            q = np.take(_NIBBLES.astype(dtype, copy=False), self.packed.astype("<u4", copy=False).view(np.uint8),
+                        axis=0).reshape(shape)
+            q *= s
+            q += b
+            return q.reshape(G, out, n)
+        q = self.unpack().reshape(shape)
         return (q.astype(dtype) * s + b).reshape(G, out, n)
 
     @property
@@ -90,6 +97,9 @@ class AffineWeight:
 
 
 Weight = Union[np.ndarray, AffineWeight]
+
+
+_NIBBLES = np.stack([np.arange(256) & 15, np.arange(256) >> 4], -1).astype(np.float32)  # byte -> its 4-bit codes, low first
 
 
 def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:

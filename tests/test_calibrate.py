@@ -14,6 +14,7 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from npumoe_mlx.build import calibrate as cal
+from npumoe_mlx.build import host_ffn
 from npumoe_mlx.build import workloads
 from npumoe_mlx.bundle.fingerprint import model_fingerprint
 from npumoe_mlx.runtime import experts
@@ -129,17 +130,18 @@ def test_calibration_counts_and_model_stays_stock(models):
     assert mx.array_equal(model(probe), want).item()
 
 
-def test_recorder_removed_on_error(models, monkeypatch):
+@pytest.mark.parametrize("host", [False, True])
+def test_recorder_removed_on_error(models, monkeypatch, host):
     _, model, tok, config = models[0.0]
     with pytest.raises(ValueError, match="chunk size"):
         cal.calibrate(model, tok, config, ["x"], chunk_size=0)
 
-    def boom(module, x, inds):
+    def boom(module, x, inds, *rest):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(experts, "stock_experts", boom)
+    monkeypatch.setattr(host_ffn, "experts_ffn", boom) if host else monkeypatch.setattr(experts, "stock_experts", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        cal.calibrate(model, tok, config, ["some text"], chunk_size=4)
+        cal.calibrate(model, tok, config, ["some text"], chunk_size=4, host=host)
     assert type(_block(model)) is SwitchGLU and not experts.installed_blocks(model)
 
 

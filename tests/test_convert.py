@@ -1,6 +1,7 @@
 """`npumoe convert`: HF-layout and MLX sources -> MLX weights + bundle; generate finds it."""
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,7 +28,10 @@ def test_convert_hf_layout_then_generate(hf_model, tmp_path, quant, capsys):
     out = tmp_path / "mlx"
     assert main(["--hf-path", str(hf_model), "--mlx-path", str(out), "--no-tune", "--tokens", "256", *quant]) == 0
     assert is_mlx_layout(out) and (out / "npumoe-onnx" / "manifest.json").is_file()
-    assert "bundle written to" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bundle written to" in printed
+    assert re.search(r"time per stage: load [\d.]+ s, calibrate [\d.]+ s, costs [\d.]+ s, plan [\d.]+ s, "
+                     r"compile [\d.]+ s\n", printed)
 
     stock, tok = stock_load(str(out))
     ours, tok2 = npumoe_mlx.load(str(out), quiet=True)  # offload auto finds the bundle beside it

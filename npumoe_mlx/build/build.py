@@ -103,16 +103,20 @@ def plan_model(model, tokenizer, config, blocks: dict, backend: str, *, corpus=(
                chip: Optional[str] = None, tune: bool = True, objective: str = "time",
                limits: Optional[PlanLimits] = None, workload: Optional[Profile] = None,
                log: Callable[[str], None] = print, progress: bool = False, weight_format: Optional[str] = None,
-               batched: bool = True):
+               batched: bool = True, times: Optional[dict] = None):
     """calibrate (+ the saved workload) -> costs -> plan: ``(profile, cost, plan)``. The one path
     ``npumoe build`` and ``npumoe plan --from-stats`` share, so the preview is what gets built.
-    ``batched``: calibration also records batched prefill calls (as ``batch_generate`` makes them)."""
+    ``batched``: calibration also records batched prefill calls (as ``batch_generate`` makes them).
+    ``times``: receives each stage's seconds ("calibrate", "costs", "plan")."""
+    times = {} if times is None else times
     docs, desc = corpus_documents(list(corpus), tokens, seed)
     log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
+    t0 = time.perf_counter()
     profile = calibrate(
         model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
         model_path=None, description=desc, progress=progress, batched=batched,
     )
+    times["calibrate"] = time.perf_counter() - t0
     if workload is not None:
         log(f"      re-sizing layers {[l.layer for l in workload.layers]} for the saved workload ({workload.corpus})")
         profile = with_workload(profile, workload)
@@ -125,12 +129,16 @@ def plan_model(model, tokenizer, config, blocks: dict, backend: str, *, corpus=(
     limits = limits or PlanLimits.for_backend(backend)
     if weight_format is not None:
         limits.weight_format = weight_format  # the group cap counts this format's bytes
+    t0 = time.perf_counter()
     cost = cost or choose_cost(backend, chip=chip, tune=measure if tune else None, D=b0.dims, H=b0.hidden,
                                bits=(b0.quant or {}).get("bits", 16), weight_format=limits.weight_format)
+    times["costs"] = time.perf_counter() - t0
     log(f"      {describe_cost(cost)}")
+    t0 = time.perf_counter()
     plannable = {l: replace(b, shared=[s for s in b.shared if offloadable_shared(s.module, s)])
                  for l, b in blocks.items()}  # shared experts only where a program computes them
     plan = make_plan(profile, plannable, cost, limits, objective=objective)
+    times["plan"] = time.perf_counter() - t0
     return profile, cost, plan
 
 
@@ -188,6 +196,7 @@ def build(
             model, tokenizer, config = mlx_utils.load(str(local), return_config=True, trust_remote_code=trust_remote_code)
     else:
         model, tokenizer, config = loaded
+    times = {"load": time.perf_counter() - t0}
     fingerprint = fingerprint or model_fingerprint(local)
     out = bundles.build_target(local, backend, out)
     if not bundles._writable(out):
@@ -205,7 +214,8 @@ def build(
         profile, cost, plan = plan_model(model, tokenizer, config, blocks, backend, corpus=corpus, tokens=tokens,
                                          chunk_size=chunk_size, seed=seed, cost=cost, chip=chip, tune=tune,
                                          objective=objective, limits=limits, workload=workload, log=log,
-                                         progress=progress, weight_format=weight_format, batched=batched)
+                                         progress=progress, weight_format=weight_format, batched=batched,
+                                         times=times)
         profile.model_fingerprint = fingerprint
         runs, why = registry.get(backend).available()
         if not runs:
@@ -218,14 +228,17 @@ def build(
         check_budget(resident, budget)
 
         n_prog = plan.num_programs
+        t1 = time.perf_counter()
         with folder(out) as tmp:
             manifest = _write_bundle(Path(tmp), plan, blocks, backend, weight_format, progress,
                                      (profile, cost), fingerprint, config)
+        times["compile"] = time.perf_counter() - t1
         total = manifest.total_bytes()
         offloaded = sum(1 for lp in plan.layers if lp.groups or lp.shared)
         tiers = sum(len(g.tiers) for lp in plan.layers for g in [*lp.groups, *lp.shared])
         log(f"bundle written to {out}: {offloaded}/{len(plan.layers)} MoE layers offloaded, {n_prog} programs "
             f"({tiers} tiers), {total / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+        log("      time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
         return out
 
 

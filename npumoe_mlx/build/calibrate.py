@@ -21,11 +21,16 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..bundle.checks import resolve_model
 from ..bundle.fingerprint import model_fingerprint
+from ..hints import one_line
+from ..log import get as _get_log
 from ..planning.profiles import RANGE_KEYS, LayerCounts, Profile
 from ..planning.traces import save_routes
 from ..runtime import experts
+from . import host_ffn
 from .progress import progress_bar
 from .workloads import corpus_documents, workload_calls
+
+_log = _get_log(__name__)
 
 # ---------------------------------------------------------------------------
 # Statistics
@@ -105,8 +110,9 @@ class Recorder:
     size the user's prefill will make, without crossing a document.
     """
 
-    def __init__(self, num_experts: int, block: int = 128):
+    def __init__(self, num_experts: int, block: int = 128, host: bool = False):
         self.num_experts = num_experts
+        self.host = host  # the FFN output on numpy's BLAS (host_ffn), not MLX's
         self.block = block
         self.max_abs = np.zeros(3)  # |gate|, |up|, |down out| so far (profiles.RANGE_KEYS)
         self.top_k = None
@@ -124,9 +130,13 @@ class Recorder:
         blk = (mx.arange(n) // self.block)[:, None] * E  # (N, 1) block offset of each token
         idx = (blk + inds.reshape(n, k).astype(mx.int32)).reshape(-1)
         counts = mx.zeros((nb * E,), dtype=mx.int32).at[idx].add(1)  # per-block bincount, [nb * E]
-        rng = ffn_max_abs(module, x.reshape(n, -1), inds.reshape(n, k))
+        if self.host:
+            y, rng = host_ffn.experts_ffn(module, x, inds, range_sample(n))
+            rng = mx.array(rng.astype(np.float32))
+        else:
+            y, rng = experts.stock_experts(module, x, inds), ffn_max_abs(module, x.reshape(n, -1), inds.reshape(n, k))
         self.pending.append((n, counts, self.seq, inds.reshape(n, k) if self.routes is not None else None, rng))
-        return experts.stock_experts(module, x, inds)
+        return y
 
     def flush(self) -> None:
         """Move evaluated counts to the host (call after mx.eval of the chunk)."""
@@ -146,19 +156,50 @@ class Recorder:
 RANGE_FIRST, RANGE_SPREAD = 64, 192  # tokens of a call whose FFN range is measured: the first ones, then spread
 
 
+def range_sample(n: int) -> list:
+    """The tokens of an n-token call whose FFN range is measured (sorted indices)."""
+    return sorted(set(range(min(n, RANGE_FIRST))) | set(range(0, n, max(1, n // RANGE_SPREAD))))
+
+
 def ffn_max_abs(module, x: mx.array, inds: mx.array) -> mx.array:
     """(3,) max |gate|, |up|, |down output| of ``module``'s expert FFN (a SwitchGLU) over a sample
     of the call's tokens: the first RANGE_FIRST (outlier activations gather at a document's
     first tokens) and RANGE_SPREAD spread over the rest; x: (N, D), inds: (N, k). Lazy: it
     is evaluated with the call. ANE fp16 saturates near 32759 (ANEForge op quirks)."""
-    n = x.shape[0]
-    sel = sorted(set(range(min(n, RANGE_FIRST))) | set(range(0, n, max(1, n // RANGE_SPREAD))))
-    sel = mx.array(sel, dtype=mx.int32)
+    sel = mx.array(range_sample(x.shape[0]), dtype=mx.int32)
     xs = mx.expand_dims(x[sel], (-2, -3))  # (S, 1, 1, D)
     idx = inds[sel]
     up, gate = module.up_proj(xs, idx), module.gate_proj(xs, idx)
     down = module.down_proj(module.activation(up, gate), idx)
     return mx.stack([mx.abs(gate).max(), mx.abs(up).max(), mx.abs(down).max()]).astype(mx.float32)
+
+
+MLX_CPU_FLOPS = 6e9  # MLX's CPU float32 matmul here (reference BLAS); numpy's OpenBLAS ran it at ~200e9
+DENSE_WORTH_S = 20.0  # timing each linear shape and opening its sessions takes seconds: below this, MLX keeps them
+
+
+def _dense_linears(model, tokens: int) -> bool:
+    """The attention's (and dense layers') linears on onnxruntime where its measured cost wins,
+    when MLX would spend more than ``DENSE_WORTH_S`` on them over ``tokens``; removed with the
+    recorders (``experts.remove``). Without onnxruntime they stay on MLX. True if installed."""
+    from ..runtime import dense
+
+    weights = sum(_linear_weights(lin) for _, lin in dense.find_linears(model))
+    if 2 * weights * tokens / MLX_CPU_FLOPS <= DENSE_WORTH_S:
+        return False
+    try:
+        dense.install(model, quiet=True, heads=False)
+    except (ImportError, dense.DenseError) as e:
+        _log.info(f"calibration's linears stay on MLX ({one_line(e)})")
+        return False
+    return True
+
+
+def _linear_weights(lin) -> int:
+    """in x out of an nn.Linear / nn.QuantizedLinear."""
+    if "scales" in lin:
+        return lin["scales"].shape[0] * lin["scales"].shape[-1] * lin.group_size
+    return int(np.prod(lin["weight"].shape))
 
 
 def _cap(lengths: List[int], max_tokens: Optional[int]) -> List[int]:
@@ -213,6 +254,7 @@ def calibrate(
     progress: bool = False,
     routes: Optional[Dict[int, np.ndarray]] = None,
     batched: bool = False,
+    host: Optional[bool] = None,
 ) -> Profile:
     """Prefill ``docs`` through ``model`` in chunks and count routed pairs per layer x expert.
 
@@ -229,6 +271,9 @@ def calibrate(
     from an empty cache) and records each such call whole (``"call": true``): its
     loads, pad tokens included, size the ladders' top tiers (3 prompts of 300-600 tokens overflowed
     a single-sequence plan by 33%).
+    ``host`` (None: when MLX runs on the CPU, ``host_ffn.wanted``): the expert FFNs run on numpy's
+    BLAS (``host_ffn``) and the attention's linears on onnxruntime (``dense.install``, where its
+    measured cost wins), the routers stay on MLX; MLX's output up to rounding, several times faster.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
@@ -247,15 +292,19 @@ def calibrate(
         raise ValueError("the corpus has no tokens")
 
     recorders: Dict[str, Recorder] = {}
+    host = host_ffn.wanted() if host is None else host
 
     def executor_for(blk):
-        recorders[blk.path] = Recorder(blk.num_experts, min(block_size, chunk_size))
+        on_host = host and host_ffn.supported(blk.module) is None
+        recorders[blk.path] = Recorder(blk.num_experts, min(block_size, chunk_size), host=on_host)
         if routes is not None:
             recorders[blk.path].routes = []
         return recorders[blk.path]
 
     installed = experts.install(model, executor_for, config, quiet=True)
     try:
+        if host:
+            _dense_linears(model, sum(lengths) * (2 if batched else 1))  # batched: the documents again
         bar = progress_bar(total=sum(lengths), desc="calibrating", unit="tok", disable=not progress, leave=False)
         for seq, (ids, n) in enumerate(zip(docs_ids, lengths)):
             if n == 0:

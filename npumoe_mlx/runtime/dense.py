@@ -265,11 +265,13 @@ def install(
     bundle: Optional[str] = None,
     rows: Sequence[int] = ROWS,
     quiet: bool = False,
+    heads: bool = True,
 ) -> Dict[str, Optional[int]]:
     """Put dense programs on ``model``'s linears where they are faster (see the module doc).
 
     costs: measured costs to decide with (shapes missing from it are measured here);
-    bundle: a folder to read and save ``dense-costs.json`` in (the offload bundle).
+    bundle: a folder to read and save ``dense-costs.json`` in (the offload bundle);
+    heads: also an untied lm_head, for decode (calibration, which never decodes, says False).
     Returns {shape key: min_rows or None (stays on MLX)}.
     """
     from ..backends.onnx import Backend
@@ -281,7 +283,7 @@ def install(
     path = Path(bundle) / COSTS_FILE if bundle else None
     if costs is None:
         costs = (DenseCosts.load(path) if path is not None else None) or DenseCosts()
-    linears, heads = find_linears(model), find_heads(model)
+    linears, heads = find_linears(model), (find_heads(model) if heads else [])
     by_key: Dict[str, List[Tuple[str, nn.Module]]] = {}
     for p, lin in linears:
         by_key.setdefault(shape_key(lin), []).append((p, lin))
