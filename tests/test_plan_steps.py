@@ -116,6 +116,33 @@ def test_cut_ranking_finds_the_cheapest_cut_of_every_prefix(dispatch_s):
         assert [j - i for i, j in cuts.runs(4)] == [4]
 
 
+@pytest.mark.parametrize("cap", [1, 2, 3])
+def test_cut_ranking_under_a_cap_is_the_cheapest_cut_with_that_many_runs(cap):
+    """With ``max_runs``, each prefix's cut has at most that many runs and costs no more than
+    any other such cut; a prefix the runs cannot hold gets the longest one they can."""
+    rng = np.random.default_rng(2)
+    lp = _layer(rng.poisson([30, 22, 12, 9, 4, 2], size=(12, 6)))
+    r = rank_experts(lp, PlanLimits.for_backend("onnx"), None)
+    cuts = cut_ranking(r, [1, 2, 4], _cost(dispatch_s=3.0), D, H, max_runs=cap)
+    free = cut_ranking(r, [1, 2, 4], _cost(dispatch_s=3.0), D, H)
+    for m in range(1, 7):
+        comps = [c for c in _compositions(m, [1, 2, 4]) if len(c) <= cap]
+        runs = cuts.runs(m)
+        assert len(runs) <= cap and cuts.feasible(m) == bool(comps)
+        if not comps:
+            held = max(n for n in range(m) if any(len(c) <= cap for c in _compositions(n, [1, 2, 4])) or n == 0)
+            assert runs == cuts.runs(held)
+            continue
+        assert runs[0][0] == 0 and runs[-1][1] == m
+        got = sum(float(cuts.run_cost[run][0].sum()) for run in runs)
+        for comp in comps:
+            bounds = np.cumsum([0] + comp)
+            other = sum(float(cuts.run_cost[(int(a), int(b))][0].sum()) for a, b in zip(bounds, bounds[1:]))
+            assert got <= other + 1e-9, (m, runs, comp)
+        if len(free.runs(m)) <= cap:  # the cap does not bind: the same cost as the free cut
+            assert got == pytest.approx(sum(float(free.run_cost[run][0].sum()) for run in free.runs(m)))
+
+
 def test_cut_ranking_prices_the_rest_on_mlx():
     r = _ranking([[8, 4, 2, 1], [6, 2, 2, 0]])
     cuts = cut_ranking(r, [1, 2], _cost(mlx_fixed_s=0.5), D, H)
@@ -287,3 +314,57 @@ def test_call_context_is_what_decide_call_reads():
     for counts in product([0, 5, 12], [3, 9], [0, 8], [1, 30]):
         a, b = decide_call(np.array(counts), ctx), decide(call_context(lp, _cost()), np.array(counts))
         assert (a.offload, a.caps, a.rounds, a.offload_s) == (b.offload, b.caps, b.rounds, b.offload_s)
+
+
+# --- the program budget ---------------------------------------------------------------
+
+
+def test_a_plan_over_the_program_budget_groups_experts_instead_of_leaving_them_on_mlx():
+    """Uniform routing plans one program per expert; over the budget, the layers get fewer,
+    larger groups (layer_run_caps) rather than the coldest groups' experts sent to MLX
+    (_apply_budget alone), and their calibrated calls are predicted faster that way."""
+    from copy import deepcopy
+    from dataclasses import replace
+
+    from conftest import zipf_layer
+    from npumoe_mlx.cli.replay import replay_calls
+    from npumoe_mlx.planning.plan import _apply_budget, make_plan
+    from npumoe_mlx.planning.profiles import Profile
+    from npumoe_mlx.runtime.experts import ExpertBlock
+
+    E, k, L, n = 64, 8, 4, 512
+    # onnx at Qwen3-30B-A3B dims as tune measured it here (the full-scale build's cost line)
+    cost = CostModel("onnx", 0.022e-3, 165.4e9, 10e9, 0.14e-3, 0.06e-3, 2.3e9, expert_s=0.549e-3, overlap=0.32)
+    layers = [replace(zipf_layer(E=E, k=k, calls=12, n=n, seed=l, skew=0.0), layer=l, path=f"l{l}") for l in range(L)]
+    prof = Profile(None, "qwen3_moe", "uniform", 12 * n, n, layers)
+    blocks = {l: ExpertBlock(l, f"l{l}", "SwitchGLU", E, k, dims=2048, hidden=768, activation="swiglu", bias=False,
+                             quant=None, dtype="float32") for l in range(L)}
+    free = make_plan(prof, blocks, cost, PlanLimits.for_backend("onnx"))
+    assert free.num_programs == L * E  # within the default budget: a program per expert
+    plan = make_plan(prof, blocks, cost, PlanLimits.for_backend("onnx", max_programs=160))
+    assert plan.num_programs <= 160 and all(not lp.cold and len(lp.groups) == 40 for lp in plan.layers)
+    dropped = deepcopy(free)
+    _apply_budget(dropped.layers, 160, "onnx")
+    assert all(len(lp.cold) == 24 for lp in dropped.layers)  # what the budget alone did
+
+    def predicted(p):
+        return sum(replay_calls(lp, cost, np.array([c["counts"] for c in lc.chunks]), n).predicted_s
+                   for lp, lc in zip(p.layers, layers))
+
+    assert predicted(plan) < 0.5 * predicted(dropped)
+
+
+def test_layer_run_caps_share_the_budget_by_water_filling():
+    from npumoe_mlx.planning.plan import SharedPlan, layer_run_caps
+
+    def lp(groups, tiers=(8, 16)):
+        return LayerPlan(0, "p", 64, 2, D, H, [GroupPlan([g], list(tiers)) for g in range(groups)], [])
+
+    assert layer_run_caps([lp(10), lp(20)], 30, "onnx") == {}  # fits
+    # 100 programs: layer 0 needs 10 (kept), the other two share the 90 left
+    assert layer_run_caps([lp(10), lp(60), lp(80)], 100, "onnx") == {1: 45, 2: 45}
+    with_shared = [lp(10), lp(60)]
+    with_shared[0].shared = [SharedPlan("s", H, [8, 16], 8)] * 4  # shared experts keep theirs first
+    assert layer_run_caps(with_shared, 50, "onnx") == {1: 36}
+    # Core ML: each tier is a program, so a 2-tier group takes 2 of the budget
+    assert layer_run_caps([lp(10), lp(60)], 100, "coreml") == {1: 40}

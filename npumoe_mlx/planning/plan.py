@@ -463,25 +463,35 @@ class Cuts:
     tail_j: np.ndarray  # (S, E + 1) their joules
     alone_t: np.ndarray  # (S,) the whole call on MLX alone, fixed cost included
     alone_j: np.ndarray  # (S,)
+    capped: Optional[List[List[Tuple[int, int]]]] = None  # with a cap on runs: each prefix's cut (E + 1,)
 
     def runs(self, m: int) -> List[Tuple[int, int]]:
-        """The best cut of the first m experts, hottest run first."""
+        """The best cut of the first m experts, hottest run first (with a cap on runs, of as many
+        of them as the cap's runs can hold)."""
+        if self.capped is not None:
+            return list(self.capped[m])
         out, j = [], m
         while j > 0:
             out.append((self.choice[j], j))
             j = self.choice[j]
         return out[::-1]
 
+    def feasible(self, m: int) -> bool:
+        """Whether the first m experts can all be cut into runs (always, without a cap)."""
+        return self.capped is None or (sum(j - i for i, j in self.capped[m]) == m)
+
     def costs(self, runs) -> Tuple[np.ndarray, ...]:
         """(program s, MLX s, program J, MLX J) of each run, each (S, R)."""
         return _run_costs(runs, self.run_cost, len(self.alone_t))
 
 
-def cut_ranking(r: Ranking, sizes: Sequence[int], cost: CostModel, D: int, H: int) -> Cuts:
+def cut_ranking(r: Ranking, sizes: Sequence[int], cost: CostModel, D: int, H: int,
+                max_runs: Optional[int] = None) -> Cuts:
     """A DP over the ranking: for every prefix, the cut into runs of ``sizes`` experts with the
     least program time. Runs of similar load pad little, so hot experts tend to get small
     groups and lukewarm ones larger groups, as dispatch and padding costs dictate; the rest of
-    the ranking is priced on MLX for the residency choice that follows."""
+    the ranking is priced on MLX for the residency choice that follows. ``max_runs``: at most
+    that many runs per cut (the layer's share of the program budget, ``layer_run_caps``)."""
     E = r.ranked.shape[1]
     best = np.full(E + 1, np.inf)
     best[0] = 0.0
@@ -502,7 +512,35 @@ def cut_ranking(r: Ranking, sizes: Sequence[int], cost: CostModel, D: int, H: in
     tail_j = np.concatenate([np.cumsum(mlx_j[:, ::-1], 1)[:, ::-1], np.zeros((len(r.ranked), 1))], 1)
     none = np.zeros(len(r.ranked))
     alone_t, alone_j = split_cost(none, tail_t[:, 0], none, tail_j[:, 0], cost)
-    return Cuts(choice, run_cost, tail_t, tail_j, alone_t, alone_j)
+    capped = None if max_runs is None else _capped_cuts(run_cost, E, max_runs)
+    return Cuts(choice, run_cost, tail_t, tail_j, alone_t, alone_j, capped)
+
+
+def _capped_cuts(run_cost: dict, E: int, max_runs: int) -> List[List[Tuple[int, int]]]:
+    """For each prefix m, the least-program-time cut with at most ``max_runs`` runs; a prefix
+    that many runs cannot hold gets the cut of the longest prefix they can."""
+    K = max(int(max_runs), 0)
+    best = np.full((K + 1, E + 1), np.inf)  # best[k, j]: least time of the first j experts in k runs
+    best[0, 0] = 0.0
+    start = np.zeros((K + 1, E + 1), int)
+    runs = [(i, j, float(c[0].sum())) for (i, j), c in run_cost.items()]  # in cut_ranking's order
+    for k in range(1, K + 1):
+        for i, j, c in runs:
+            t = best[k - 1, i] + c
+            if t < best[k, j] - 1e-15:
+                best[k, j], start[k, j] = t, i
+    out, last = [], []
+    for m in range(E + 1):
+        k = int(best[:, m].argmin())
+        if not np.isfinite(best[k, m]):
+            out.append(last)  # more experts than the runs hold: the longest prefix they do
+            continue
+        cut, j = [], m
+        while k > 0:
+            cut.append((int(start[k, j]), j))
+            j, k = int(start[k, j]), k - 1
+        out.append(last := cut[::-1])
+    return out
 
 
 @dataclass
@@ -668,8 +706,10 @@ def plan_layer(
     call_sizes: Optional[Sequence[int]] = None,
     objective: str = "time",
     energy_bound: str = "time",
+    max_runs: Optional[int] = None,
 ) -> LayerPlan:
-    """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts.
+    """Groups = a cut of the popularity ranking into runs of 1, 2, 4, ... experts (at most
+    ``max_runs`` of them: the layer's share of the program budget).
 
     Steps: rank the experts (``rank_experts``), cut every prefix of the ranking into runs with
     the least program time (``cut_ranking``), price each prefix on programs with the rest on MLX,
@@ -688,9 +728,9 @@ def plan_layer(
     if max_g == 0:  # no program of this shape builds
         return base
     sizes = sorted({g for g in (1, 2, 4, 8, 16, 32, 64, 128, max_g) if g <= max_g})
-    cuts = cut_ranking(r, sizes, cost, D, H)
+    cuts = cut_ranking(r, sizes, cost, D, H, max_runs)
     energy = objective == "energy" and cost.has_energy
-    cands = [price_residency(r, cuts, m, cost, D, H, energy) for m in range(E + 1)]
+    cands = [price_residency(r, cuts, m, cost, D, H, energy) for m in range(E + 1) if cuts.feasible(m)]
     m, m_time = choose_residency(cands, cuts, cost, D, H, energy_bound if energy else None)
     limit = energy_limit(cands, cuts, energy_bound) if energy else None
     groups = size_ladders(r, cuts, m, cost, D, H, limits.max_tiers, limit)
@@ -829,7 +869,7 @@ def make_plan(
     call_sizes: the prefill call sizes to size ladders for (default: the calibrated calls).
     A layer whose calibrated range passes an fp16 backend's limit stays on MLX (one ``log`` line)."""
     log = log or _log.warning
-    layers = []
+    layers, inputs = [], []  # inputs: what each layer was planned from (a re-plan under a cap reuses it)
     for lp in sorted(profile.layers, key=lambda x: x.layer):
         unsafe = fp16_unsafe(lp, limits.backend)
         if unsafe is not None:
@@ -841,6 +881,7 @@ def make_plan(
                 f"past {limit:.0f} (fp16 on the Neural Engine saturates near {2 * limit:.0f})")
             layers.append(LayerPlan(lp.layer, b.path, lp.num_experts, lp.top_k, b.dims, b.hidden,
                                     cold=list(range(lp.num_experts)), min_tokens=NEVER))
+            inputs.append(None)
             continue
         sizes = call_sizes
         if sizes is None and profile.chunk_size and lp.chunks and all("seq" in ch for ch in lp.chunks):
@@ -854,8 +895,38 @@ def make_plan(
             if sp is not None:
                 plan.shared.append(sp)
         layers.append(plan)
+        inputs.append((lp, b, sizes))
+    for li, cap in layer_run_caps(layers, limits.max_programs, limits.backend).items():
+        lp, b, sizes = inputs[li]  # over its share of the budget: fewer, larger groups, not experts on MLX
+        shared = layers[li].shared
+        layers[li] = plan_layer(lp, b.dims, b.hidden, cost, limits, b.quant, b.path, sizes, objective, energy_bound,
+                                max_runs=cap)
+        layers[li].shared = shared
     _apply_budget(layers, limits.max_programs, limits.backend)
     return Plan(limits.backend, limits, layers)
+
+
+def layer_run_caps(layers: List[LayerPlan], max_programs: int, backend: str) -> Dict[int, int]:
+    """{layer index: most groups} for the layers over their share of the program budget when the
+    whole model's plan is over it: shared experts keep theirs, then each layer gets an equal share,
+    a layer needing less handing the rest on (water-filling); a layer's cap in groups is its share
+    over its units per group (a Core ML group holds a program per tier). Empty when the plan fits.
+    Without this, ``_apply_budget`` would send the coldest groups' experts to MLX: a 48-layer
+    Qwen3-30B-A3B calibrated on 2048 tokens kept 42 of each layer's 128 experts there."""
+    units = [sum(program_units(g.tiers, backend) for g in lp.groups) for lp in layers]
+    left = max_programs - sum(program_units(sp.tiers, backend) for lp in layers for sp in lp.shared)
+    if sum(units) <= left:
+        return {}
+    caps, order = {}, sorted((u, li) for li, u in enumerate(units) if u > 0)
+    for n, (u, li) in enumerate(order):
+        share = max(left, 0) // (len(order) - n)
+        if u <= share:
+            left -= u
+            continue
+        per_group = u / len(layers[li].groups)
+        caps[li] = max(int(share // per_group), 0)
+        left -= int(caps[li] * per_group)
+    return caps
 
 
 def _apply_budget(layers: List[LayerPlan], max_programs: int, backend: str) -> None:
