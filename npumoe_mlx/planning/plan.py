@@ -910,7 +910,8 @@ def layer_run_caps(layers: List[LayerPlan], max_programs: int, backend: str) -> 
     """{layer index: most groups} for the layers over their share of the program budget when the
     whole model's plan is over it: shared experts keep theirs, then each layer gets an equal share,
     a layer needing less handing the rest on (water-filling); a layer's cap in groups is its share
-    over its units per group (a Core ML group holds a program per tier). Empty when the plan fits.
+    over its units per group (a Core ML group holds a program per tier). Empty when the plan fits,
+    or when some layer's share holds no group (then ``_apply_budget``'s hottest groups first).
     Without this, ``_apply_budget`` would send the coldest groups' experts to MLX: a 48-layer
     Qwen3-30B-A3B calibrated on 2048 tokens kept 42 of each layer's 128 experts there."""
     units = [sum(program_units(g.tiers, backend) for g in lp.groups) for lp in layers]
@@ -924,7 +925,9 @@ def layer_run_caps(layers: List[LayerPlan], max_programs: int, backend: str) -> 
             left -= u
             continue
         per_group = u / len(layers[li].groups)
-        caps[li] = max(int(share // per_group), 0)
+        caps[li] = int(share // per_group)
+        if caps[li] == 0:  # too small a budget to spread over every layer: the hottest groups take it
+            return {}
         left -= int(caps[li] * per_group)
     return caps
 
