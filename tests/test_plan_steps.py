@@ -366,7 +366,7 @@ def test_layer_run_caps_share_the_budget_by_water_filling():
     with_shared = [lp(10), lp(60)]
     with_shared[0].shared = [SharedPlan("s", H, [8, 16], 8)] * 4  # shared experts keep theirs first
     assert layer_run_caps(with_shared, 50, "onnx") == {1: 36}
-    # Core ML: each tier is a program, so a 2-tier group takes 2 of the budget
-    assert layer_run_caps([lp(10), lp(60)], 100, "coreml") == {1: 40}
-    # a budget whose shares hold no 6-tier group: none capped (the hottest groups take it, _apply_budget)
-    assert layer_run_caps([lp(4, tiers=(8, 16, 32, 64, 128, 256))] * 48, 120, "coreml") == {}
+    # a budget whose shares hold no group: none capped (the hottest groups take it, _apply_budget)
+    assert layer_run_caps([lp(4)] * 48, 40, "onnx") == {}
+    # Core ML (a program per tier) keeps the hottest groups first
+    assert layer_run_caps([lp(10), lp(60)], 100, "coreml") == {}
