@@ -11,6 +11,13 @@ is mlx_lm's ``sharded_load`` with each rank's experts offloaded.
 
 import sys as _sys
 
+from .interrupt import caused_by as _caused_by, exit_code as _exit_code, keep_ctrl_c as _keep_ctrl_c
+
+# the `npumoe` command (or `python -m npumoe_mlx...`, whose argv[0] is "-m" while its package imports)
+_CLI = _sys.argv[:1] == ["-m"] or _sys.argv[0].rsplit("/", 1)[-1] == "npumoe"
+if _CLI:
+    _keep_ctrl_c()
+
 try:  # seconds of imports (mlx, mlx_lm): the `npumoe` command imports this package before its main runs
     from mlx_lm.generate import (
         BatchResponse,
@@ -25,11 +32,10 @@ try:  # seconds of imports (mlx, mlx_lm): the `npumoe` command imports this pack
     from .runtime.loading import install, load, remove, stats
     from .runtime.options import OffloadOptions
     from .runtime.sharded import sharded_load
-except KeyboardInterrupt:  # Ctrl-C while `npumoe ...` / `python -m npumoe_mlx...` starts: no traceback
-    if _sys.argv[:1] == ["-m"] or _sys.argv[0].rsplit("/", 1)[-1] == "npumoe":
+except BaseException as _e:  # Ctrl-C while the command starts: one line, exit 130, no traceback
+    if _CLI and _caused_by(_e):
         _sub = _sys.argv[1] if len(_sys.argv) > 1 and not _sys.argv[1].startswith("-") else ""
-        print(f"npumoe{' ' + _sub if _sub else ''}: interrupted", file=_sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(_exit_code(f"npumoe{' ' + _sub if _sub else ''}")) from None
     raise
 
 __all__ = [

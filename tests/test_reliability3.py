@@ -471,6 +471,69 @@ def test_ctrl_c_at_any_moment_prints_interrupted_and_exits_130(eager_moe, after)
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "npumoe generate: interrupted", err[-2000:]
 
 
+
+def _run_py(code: str, tmp_path=None) -> subprocess.CompletedProcess:
+    """``python -c code``, or with ``tmp_path`` ``python -m`` of a module holding it (as ``python -m npumoe_mlx.cli``)."""
+    if tmp_path is None:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    (tmp_path / "ctrl_c_case.py").write_text(code)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV["PYTHONPATH"]])}
+    return subprocess.run([sys.executable, "-m", "ctrl_c_case"], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_ctrl_c_inside_exec_of_a_string_still_exits_130(tmp_path):
+    # dataclasses build methods with exec(str): Ctrl-C there made CPython 3.11 end `python -m ...` by SIGINT (-2)
+    # after "interrupted" was printed (seen in CI at 1.0 s)
+    case = ("import sys\nfrom npumoe_mlx.interrupt import exit_code\n"
+            "try:\n    exec('raise KeyboardInterrupt')\nexcept KeyboardInterrupt:\n    {exit}")
+    r = _run_py(case.format(exit="sys.exit(exit_code('npumoe x'))"), tmp_path)
+    assert r.returncode == 130, (r.returncode, r.stderr[-1000:])
+    assert r.stderr.strip() == "npumoe x: interrupted"
+    r = _run_py(case.format(exit="sys.exit(130)"), tmp_path)  # what Python does on its own
+    assert r.returncode == -2
+
+
+def test_ctrl_c_landing_in_a_weakref_callback_is_not_lost():
+    # importlib's module locks are weakref callbacks: Ctrl-C there was "Exception ignored" and the run went on (exit 0)
+    body = ("import sys, time, weakref\nfrom npumoe_mlx.interrupt import keep_ctrl_c, exit_code\n{keep}"
+            "class A: pass\n"
+            "def cb(_): raise KeyboardInterrupt\n"
+            "a = A(); r = weakref.ref(a, cb)\n"
+            "try:\n    del a\n    [time.sleep(0.01) for _ in range(50)]\n    sys.exit(0)\n"
+            "except KeyboardInterrupt:\n    sys.exit(exit_code('npumoe x'))")
+    r = _run_py(body.format(keep="keep_ctrl_c()\n"))
+    assert r.returncode == 130 and r.stderr.strip() == "npumoe x: interrupted", (r.returncode, r.stderr[-1000:])
+    r = _run_py(body.format(keep=""))  # what Python does on its own, which the hook changes
+    assert r.returncode == 0 and "Exception ignored" in r.stderr
+
+
+def test_ctrl_c_inside_an_extensions_import_is_an_interrupt_not_a_broken_install(tmp_path, monkeypatch, capsys):
+    # pybind11 turns Ctrl-C in a module's init into ImportError("initialization failed") caused by it;
+    # the CLI said "onnxruntime cannot be imported ...; use --offload onnx (or auto) here" and exited 1
+    from npumoe_mlx import cli
+    from npumoe_mlx.backends import registry
+
+    (tmp_path / "fake_ext.py").write_text('raise ImportError("initialization failed") from KeyboardInterrupt()\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "generate", ("fake_ext", "generate"))
+    assert cli.main(["generate"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "npumoe generate: interrupted"
+
+    class Interrupted:  # onnxruntime's import, interrupted
+        def find_spec(self, name, path=None, target=None):
+            if name == "onnxruntime":
+                raise ImportError("initialization failed") from KeyboardInterrupt()
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupted()] + sys.meta_path)
+    with pytest.raises(KeyboardInterrupt):
+        registry.get("onnx").available()
+    monkeypatch.setattr(sys, "meta_path", sys.meta_path[1:])
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # a missing package stays an answer, not an interrupt
+    ok, why = registry.get("onnx").available()
+    assert not ok and why.startswith("onnxruntime cannot be imported")
+
+
 def test_bundle_copied_over_a_served_one_keeps_the_server_up_and_stock_equal(eager_moe, other, tmp_path):
     from mlx_lm import generate as stock_generate
 

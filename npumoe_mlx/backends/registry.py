@@ -21,6 +21,7 @@ from ane_kernels.limits import DEFAULT_LIMITS
 
 from ..planning.cost import MEMCPY_BPS, CostModel, chip_cost_model
 from ..runtime.dispatch import finish_bytes
+from ..interrupt import caused_by
 
 COREML_MIN_MACOS = (15, 0)  # iOS18 opset programs (DESIGN.md: macOS 15+)
 
@@ -48,6 +49,8 @@ def _onnx_providers() -> Tuple[Optional[list], str]:
     try:
         import onnxruntime as ort
     except ImportError as e:
+        if caused_by(e):  # Ctrl-C during its import: an interrupt, not a broken install
+            raise KeyboardInterrupt from e
         return None, f"onnxruntime cannot be imported ({e})"
     return list(ort.get_available_providers()), ""
 

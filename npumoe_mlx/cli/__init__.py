@@ -4,6 +4,7 @@ import importlib
 import sys
 
 from ..hints import one_line
+from ..interrupt import caused_by, exit_code, keep_ctrl_c
 from ..log import console
 
 SUBCOMMANDS = {
@@ -50,15 +51,17 @@ def main(argv=None) -> int:
         print(f"npumoe: unknown subcommand {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     debug = "--debug" in rest
+    keep_ctrl_c()
     console()  # npumoe's log records as `[npumoe] ...` lines (library users get plain logging)
     rest = [a for a in rest if a != "--debug"]
     try:
         module = importlib.import_module(SUBCOMMANDS[name][0])  # (seconds: mlx, mlx_lm; Ctrl-C may come here)
         return module.main(rest) or 0
     except KeyboardInterrupt:
-        print(f"npumoe {name}: interrupted", file=sys.stderr)
-        return 130
+        return exit_code(f"npumoe {name}")
     except Exception as e:  # one line for the user; --debug shows the traceback
+        if caused_by(e):  # e.g. ImportError("initialization failed") from Ctrl-C in an extension's import
+            return exit_code(f"npumoe {name}")
         if debug:
             raise
         msg = one_line(e)

@@ -22,7 +22,9 @@ def resolve(mode: str, check_runs: bool = False) -> str:
     if mode in registry.REGISTRY and check_runs:
         ok, why = registry.get(mode).available()
         if not ok:
-            raise OffloadError(f"{why}; use --offload {registry.preferred()} (or auto) here")
+            other = registry.preferred()
+            fix = f"--offload {other} (or auto)" if other != mode else "--offload mlx (stock MLX)"
+            raise OffloadError(f"{why}; use {fix} here")
     if mode != "auto":
         return mode
     return registry.preferred()
