@@ -333,6 +333,37 @@ def test_replan_regroups_experts_into_new_programs_and_a_restart_uses_them(tmp_p
     assert "earlier build" in logs[-1] and man["meta"]["plan.json"]["sha256"] != saved["plan_sha256"]
 
 
+
+def test_replan_keeps_its_groups_when_new_programs_would_pass_the_memory_budget(tmp_path):
+    """New groups' programs load beside the old ones until the swap: a re-plan whose new programs
+    would take the process past its memory budget keeps the groups it has (new ladders at most),
+    says so in one line, and the model still gives stock logits."""
+    from mlx_lm.utils import load as mlx_load
+
+    from npumoe_mlx.planning.residency import model_resident
+    from npumoe_mlx.runtime import replan
+
+    path, out = _tight(tmp_path)
+    model, tok = npumoe_mlx.load(str(path), offload="onnx", bundle=str(out), quiet=True)
+    logs = []
+    r = replan.attach(model, "auto", out, log=logs.append, model_path=path)
+    now = model_resident(model)
+    r.memory_budget = now["mlx"] + sum(u["on_programs"] for u in now["units"].values()) + 1024  # 1 KB to spare
+    before = {ex.plan.layer: [list(g.experts) for g in ex.plan.groups] for ex in r.execs}
+    rng = np.random.default_rng(5)  # the traffic that regroups in the test above
+    for i, n in enumerate(rng.integers(100, 600, replan.MIN_CALLS)):
+        mx.eval(model(mx.array(prompt_of_tokens(tok, int(n), seed=i))[None]))
+    r.check(wait=True)
+    assert r.to_dict()["regrouped_layers"] == [], logs
+    assert {ex.plan.layer: [list(g.experts) for g in ex.plan.groups] for ex in r.execs} == before
+    said = [m for m in logs if "over the memory budget" in m]
+    assert said and all(m.startswith("re-plan: new groups for layer ") and m.endswith("new ladders only") for m in said)
+    assert "(0.00 MB left)" in said[0], said[0]
+    stock, _ = mlx_load(str(path))
+    ids = mx.array(prompt_of_tokens(tok, 300, seed=50))[None]
+    assert mx.allclose(model(ids), stock(ids), atol=1e-4, rtol=1e-4).item()
+
+
 def test_replan_swap_never_lands_inside_a_call_and_never_blocks_one(tmp_path, monkeypatch):
     """The re-plan builds in a background thread while calls keep running on the plan in place (a
     build held back does not hold them); a swap that lands while a call is in flight (here: from

@@ -39,6 +39,7 @@ from ..cli.replay import replay_calls
 from ..log import get as _get_log
 from ..planning.plan import GroupPlan, LayerPlan, Plan, PlanLimits, _spread, below_ladder_tiers, make_plan, program_units
 from ..planning.profiles import LayerCounts, Profile
+from ..planning.residency import default_memory_budget, model_resident, module_bytes, size
 from ..planning.tiers import DECODE_TIERS, choose_ladder, ladder_rounds
 from . import release
 from .executor import SMALL_PAIRS, OffloadExecutor
@@ -160,6 +161,7 @@ class Replanner:
         self.capacities = capacities or list(range(8, 4096 + 1, 8))
         self.max_tiers = max_tiers
         self.limits, self.backend_options = limits, backend_options or {}
+        self.memory_budget = default_memory_budget()  # bytes resident a re-plan may reach (None: no check)
         self.generation, self.last_replan, self.last_started, self.predicted = 0, None, None, {}
         self.regrouped: List[int] = []  # layers whose groups the last re-plan changed (new programs)
         self._lock, self._thread, self.notified = threading.Lock(), None, False
@@ -268,7 +270,7 @@ class Replanner:
             plan_of = regroup([ex.plan for ex in regroupable], served, shapes, regroupable[0].cost, lim,
                               log=self.log)
         held = self._held_out(regroupable, loads, shapes, lim, extra) if plan_of else {}
-        out = {}
+        out, room = {}, self._memory_room()
         for ex in usable:
             calls = served[ex.plan.layer]
             every = [(int(t), int(k), np.asarray(c)) for t, k, c in loads[ex.plan.layer]]  # decode too: as stats count
@@ -281,9 +283,32 @@ class Replanner:
                 opts.append(("groups", lp))
             scored = [(k, p, tally(p)) for k, p in opts]
             k, p, t = min(scored, key=lambda x: sum(x[2]))
+            if k == "groups" and room is not None and self._new_bytes(blocks[ex.plan.layer], p) > room:
+                self.log(f"re-plan: new groups for layer {ex.plan.layer} would need "
+                         f"{size(self._new_bytes(blocks[ex.plan.layer], p))} more resident while they load, "
+                         f"over the memory budget of {size(self.memory_budget)} ({size(max(room, 0))} left); "
+                         f"new ladders only")
+                k, p, t = scored[0]  # the ladders (same groups, same programs: no new bytes)
             if sum(t) + GAIN <= sum(now):  # predicted from here on: on calls the new groups were not planned from
                 out[ex.plan.layer] = (k, p, held.get(ex.plan.layer, t) if k == "groups" else t)
+                if k == "groups" and room is not None:
+                    room -= self._new_bytes(blocks[ex.plan.layer], p)
         return out
+
+    def _memory_room(self) -> Optional[int]:
+        """Bytes the new programs may take under ``memory_budget``: what MLX and the programs hold now
+        stays resident until the swap (the old programs go after it), so new groups add their
+        experts' bytes in full. None: no budget (memory unknown, or set to None)."""
+        if self.memory_budget is None:
+            return None
+        now = model_resident(self.model)
+        return self.memory_budget - now["mlx"] - sum(u["on_programs"] for u in now["units"].values())
+
+    @staticmethod
+    def _new_bytes(block, lp: LayerPlan) -> int:
+        """Bytes of a layer plan's new programs: its group experts' weights, as MLX stores them."""
+        per_expert = module_bytes(block.module) / max(block.num_experts, 1)
+        return int(sum(len(g.experts) for g in lp.groups) * per_expert)
 
     def _held_out(self, execs, loads, shapes, lim, extra) -> Dict[int, tuple]:
         """layer -> (padding %, overflow %) of new groups on calls they were not planned from (groups
