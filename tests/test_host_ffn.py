@@ -135,3 +135,32 @@ def test_linears_stay_on_mlx_without_onnxruntime(q4_model, monkeypatch, capsys):
     prof = cal.calibrate(model, tok, config, docs, chunk_size=128, max_tokens=300, host=True)
     assert prof.tokens == 300
     assert "[npumoe] calibration's linears stay on MLX (no dynamic provider here)\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("choice,on_host", [("auto", True), ("numpy", True), ("mlx", False)])
+def test_calibrate_with_flag_picks_what_computes_the_ffns(tmp_path, monkeypatch, capsys, choice, on_host):
+    """`--calibrate-with` on `npumoe calibrate` and `npumoe build` (auto: numpy here, where MLX runs on
+    the CPU); mlx gives the counts generation's own FFNs give, bit for bit."""
+    from conftest import run_cli
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", seed=3)
+    calls = []
+    real = host_ffn.experts_ffn
+    monkeypatch.setattr(host_ffn, "experts_ffn", lambda *a: calls.append(1) or real(*a))
+    rc, out, err = run_cli(capsys, "calibrate", "--model", path, "--tokens", "64", "--calibrate-with", choice,
+                           "--out", tmp_path / "p.json")
+    assert rc == 0 and (tmp_path / "p.json").is_file(), err
+    assert bool(calls) == on_host
+    calls.clear()
+    rc, out, err = run_cli(capsys, "build", "--model", path, "--out", tmp_path / "b", "--no-tune", "--tokens", "32",
+                           "--calibrate-with", choice)
+    assert rc == 0 and (tmp_path / "b" / "manifest.json").is_file(), err
+    assert bool(calls) == on_host
+
+
+def test_calibrate_with_refuses_other_values(capsys):
+    from conftest import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "calibrate", "--model", "x", "--calibrate-with", "gpu")
+    assert e.value.code == 2 and "invalid choice: 'gpu' (choose from 'auto', 'numpy', 'mlx')" in capsys.readouterr().err

@@ -35,7 +35,7 @@ from ..planning.profiles import Profile, with_workload
 from ..planning.residency import check_budget, default_memory_budget, describe, plan_resident
 from ..runtime import experts
 from . import verify
-from .calibrate import calibrate
+from .calibrate import CALIBRATE_WITH, add_calibrate_with_flag, calibrate
 from .programs import spec_from_dense_mlp, spec_from_switch_glu
 from .progress import progress_bar
 from .tune import tune as run_tune
@@ -103,18 +103,19 @@ def plan_model(model, tokenizer, config, blocks: dict, backend: str, *, corpus=(
                chip: Optional[str] = None, tune: bool = True, objective: str = "time",
                limits: Optional[PlanLimits] = None, workload: Optional[Profile] = None,
                log: Callable[[str], None] = print, progress: bool = False, weight_format: Optional[str] = None,
-               batched: bool = True, times: Optional[dict] = None):
+               batched: bool = True, times: Optional[dict] = None, host: Optional[bool] = None):
     """calibrate (+ the saved workload) -> costs -> plan: ``(profile, cost, plan)``. The one path
     ``npumoe build`` and ``npumoe plan --from-stats`` share, so the preview is what gets built.
     ``batched``: calibration also records batched prefill calls (as ``batch_generate`` makes them).
-    ``times``: receives each stage's seconds ("calibrate", "costs", "plan")."""
+    ``times``: receives each stage's seconds ("calibrate", "costs", "plan"). ``host``: calibrate's
+    (None: numpy's BLAS for the expert FFNs when MLX runs on the CPU)."""
     times = {} if times is None else times
     docs, desc = corpus_documents(list(corpus), tokens, seed)
     log(f"[1/4] calibrating on {desc} ({tokens} tokens, chunks of {chunk_size})")
     t0 = time.perf_counter()
     profile = calibrate(
         model, tokenizer, config, docs, chunk_size=chunk_size, max_tokens=tokens,
-        model_path=None, description=desc, progress=progress, batched=batched,
+        model_path=None, description=desc, progress=progress, batched=batched, host=host,
     )
     times["calibrate"] = time.perf_counter() - t0
     if workload is not None:
@@ -166,6 +167,7 @@ def build(
     workload: Optional[Profile] = None,
     weight_format: Optional[str] = None,
     batched: bool = True,
+    host_calibration: Optional[bool] = None,
 ) -> Path:
     """calibrate -> tune -> plan -> compile, into a bundle written atomically. Returns its path.
 
@@ -179,6 +181,7 @@ def build(
     loads saved by ``npumoe generate --stats FILE``; its layers replace the calibration's.
     ``weight_format``: how Core ML programs store the experts (ane_kernels/formats.py; default
     formats.DEFAULT_FORMAT); kept in plan.json (limits) and each program's manifest entry.
+    ``host_calibration``: calibrate's ``host`` (``--calibrate-with``; None: auto).
     """
     if backend not in registry.names(bundles=True):
         raise ValueError(f"--backend must be one of {', '.join(registry.names(bundles=True))}, got {backend!r}")
@@ -215,7 +218,7 @@ def build(
                                          chunk_size=chunk_size, seed=seed, cost=cost, chip=chip, tune=tune,
                                          objective=objective, limits=limits, workload=workload, log=log,
                                          progress=progress, weight_format=weight_format, batched=batched,
-                                         times=times)
+                                         times=times, host=host_calibration)
         profile.model_fingerprint = fingerprint
         runs, why = registry.get(backend).available()
         if not runs:
@@ -322,6 +325,7 @@ def main(argv=None) -> int:
                    help="Size the ladders for the per-call loads `npumoe generate --stats FILE` saved (rebuilds).")
     p.add_argument("--trust-remote-code", action="store_true")
     add_weight_format_flag(p)
+    add_calibrate_with_flag(p)
     args = p.parse_args(argv)
     if args.memory_budget is not None and not (args.memory_budget >= 0 and math.isfinite(args.memory_budget)):
         raise ValueError(f"--memory-budget must be a number of GB >= 0 (0 = no check), got {args.memory_budget}")
@@ -353,6 +357,6 @@ def main(argv=None) -> int:
         objective=args.objective, chip=args.chip,
         limits=limits, trust_remote_code=args.trust_remote_code, progress=True,
         memory_budget=-1 if args.memory_budget is None else (int(args.memory_budget * 1e9) or None),
-        workload=workload, weight_format=args.weight_format,
+        workload=workload, weight_format=args.weight_format, host_calibration=CALIBRATE_WITH[args.calibrate_with],
     )
     return 0

@@ -240,6 +240,19 @@ def encode_documents(tokenizer, docs: Sequence[str]) -> List[List[int]]:
             warned[_LONG] = before
 
 
+CALIBRATE_WITH = {"auto": None, "numpy": True, "mlx": False}  # --calibrate-with -> calibrate(host=)
+
+
+def add_calibrate_with_flag(parser):
+    """``--calibrate-with`` (``calibrate``'s ``host``), shared by calibrate and build."""
+    parser.add_argument(
+        "--calibrate-with", choices=tuple(CALIBRATE_WITH), default="auto",
+        help="What computes the expert FFNs while calibrating: numpy's BLAS (auto's choice when MLX runs "
+             "on the CPU: several times faster there, MLX's output up to rounding) or MLX (bit for bit as "
+             "generation computes them; auto's choice on a GPU).")
+    return parser
+
+
 def calibrate(
     model,
     tokenizer,
@@ -408,6 +421,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-routes", metavar="FILE.npz",
                    help="Also write every token's experts per layer (a routing trace for `npumoe replay`).")
     p.add_argument("--trust-remote-code", action="store_true")
+    add_calibrate_with_flag(p)
     args = p.parse_args(argv)
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
@@ -431,7 +445,8 @@ def main(argv=None) -> int:
     model, tokenizer, config = mlx_utils.load(
         str(model_path), return_config=True, trust_remote_code=args.trust_remote_code
     )
-    kw = dict(chunk_size=args.chunk_size, max_tokens=args.tokens, model_path=model_path)
+    kw = dict(chunk_size=args.chunk_size, max_tokens=args.tokens, model_path=model_path,
+              host=CALIBRATE_WITH[args.calibrate_with])
     routes = {} if args.save_routes else None
     profile = calibrate(model, tokenizer, config, docs, description=desc, routes=routes, **kw)
     profile.save(out)
