@@ -33,8 +33,11 @@ def _unraisable(hook):
         if isinstance(info.exc_value, KeyboardInterrupt):  # swallowed where it was raised: raise it again,
             import _thread  # from another thread, so it lands after this hook (swallowed again, it comes again)
 
-            _thread.start_new_thread(_thread.interrupt_main, ())
-            return
+            try:
+                _thread.start_new_thread(_thread.interrupt_main, ())
+                return
+            except RuntimeError:  # no new threads at interpreter shutdown: Python's own report then
+                pass
         hook(info)
     return unraisable
 
