@@ -12,6 +12,7 @@ from mlx_lm.models.gpt_oss import SwigluOAI
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ane_kernels.spec import AffineWeight, unpack_bits
+import npumoe_mlx
 from npumoe_mlx.build import calibrate as cal
 from npumoe_mlx.build import host_ffn, workloads
 from npumoe_mlx.runtime import dense, experts
@@ -139,7 +140,7 @@ def test_linears_stay_on_mlx_without_onnxruntime(q4_model, monkeypatch, capsys):
 
 @pytest.mark.parametrize("choice,on_host", [("auto", True), ("numpy", True), ("mlx", False)])
 def test_calibrate_with_flag_picks_what_computes_the_ffns(tmp_path, monkeypatch, capsys, choice, on_host):
-    """`--calibrate-with` on `npumoe calibrate` and `npumoe build` (auto: numpy here, where MLX runs on
+    """`--calibrate-with` on `npumoe calibrate`, `npumoe build` and `npumoe convert` (auto: numpy here, where MLX runs on
     the CPU); mlx gives the counts generation's own FFNs give, bit for bit."""
     from conftest import run_cli
 
@@ -156,6 +157,10 @@ def test_calibrate_with_flag_picks_what_computes_the_ffns(tmp_path, monkeypatch,
                            "--calibrate-with", choice)
     assert rc == 0 and (tmp_path / "b" / "manifest.json").is_file(), err
     assert bool(calls) == on_host
+    calls.clear()
+    rc, out, err = run_cli(capsys, "convert", "--hf-path", path, "--tokens", "32", "--no-tune", "--calibrate-with", choice)
+    assert rc == 0 and "generate with: npumoe generate" in out, err
+    assert bool(calls) == on_host
 
 
 def test_calibrate_with_refuses_other_values(capsys):
@@ -164,3 +169,5 @@ def test_calibrate_with_refuses_other_values(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(capsys, "calibrate", "--model", "x", "--calibrate-with", "gpu")
     assert e.value.code == 2 and "invalid choice: 'gpu' (choose from 'auto', 'numpy', 'mlx')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^--calibrate-with must be one of auto, numpy, mlx, got 'gpu'$"):
+        npumoe_mlx.convert("x", calibrate_with="gpu")

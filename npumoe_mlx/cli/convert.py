@@ -38,6 +38,7 @@ from ..log import STDOUT, get as _get_log
 from ..planning.cost import CostModel
 from ..runtime.offload import resolve
 from ..build.args import at_least
+from ..build.calibrate import CALIBRATE_WITH, add_calibrate_with_flag
 
 _log = _get_log(__name__)
 
@@ -77,7 +78,7 @@ def _parser():
     p.add_argument("--refresh", metavar="STATS",
                    help="Rebuild the bundle with its ladders re-sized for the per-call loads `npumoe generate "
                    "--stats STATS` saved (as `npumoe build --from-stats`; the bundle's costs are kept).")
-    return add_weight_format_flag(p)
+    return add_calibrate_with_flag(add_weight_format_flag(p))
 
 
 CONVERT_MARKER = "npumoe_convert.json"
@@ -182,6 +183,7 @@ def convert(
     progress: bool = False,
     refresh: Optional[str] = None,
     weight_format: Optional[str] = None,
+    calibrate_with: str = "auto",
     **mlx_convert_kwargs,
 ) -> Converted:
     """``source`` -> MLX weights (if needed, via ``mlx_lm.convert(**mlx_convert_kwargs)``)
@@ -189,7 +191,10 @@ def convert(
     ``refresh``: a stats file of ``npumoe generate --stats``; the bundle is rebuilt with
     ladders sized for those calls (the workload's layers replace the calibration's).
     ``in_place``: kept for old callers; the bundle goes where ``npumoe build`` puts it either way.
-    ``weight_format``: how Core ML programs store the experts (build.py; Core ML only)."""
+    ``weight_format``: how Core ML programs store the experts (build.py; Core ML only).
+    ``calibrate_with``: auto, numpy or mlx, what computes the expert FFNs while calibrating."""
+    if calibrate_with not in CALIBRATE_WITH:
+        raise ValueError(f"--calibrate-with must be one of {', '.join(CALIBRATE_WITH)}, got {calibrate_with!r}")
     at_least("--tokens", tokens, 1, "calibration tokens")
     at_least("--chunk-size", chunk_size, 1, "tokens per calibration chunk")
     workload = Profile.load(refresh) if refresh else None  # a bad stats file fails before any work
@@ -227,7 +232,7 @@ def convert(
     build_bundle(  # takes the bundle's build lock
         str(model_path), backend, str(out), tokens=tokens, chunk_size=chunk_size,
         tune=tune, trust_remote_code=trust_remote_code, progress=progress, cost=cost, workload=workload,
-        weight_format=weight_format,
+        weight_format=weight_format, host_calibration=CALIBRATE_WITH[calibrate_with],
     )
     print(f"generate with: npumoe generate --model {model_path} --offload {backend}")
     return Converted(model_path, out, backend, convert_now)
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
         args.hf_path, args.mlx_path, backend=args.backend, force=args.force, in_place=args.in_place,
         tokens=args.tokens, chunk_size=args.chunk_size, tune=not args.no_tune,
         trust_remote_code=args.trust_remote_code, progress=True, refresh=args.refresh,
-        weight_format=args.weight_format,
+        weight_format=args.weight_format, calibrate_with=args.calibrate_with,
         quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits, q_mode=args.q_mode,
         dtype=args.dtype, dequantize=args.dequantize, quant_predicate=args.quant_predicate,
     )
