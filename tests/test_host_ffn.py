@@ -125,6 +125,23 @@ def test_linears_on_onnxruntime_only_when_worth_it(q4_model, monkeypatch):
     assert not dense.installed(model) and not experts.installed_blocks(model)  # removed with the recorders
 
 
+
+def test_linears_go_to_onnxruntime_by_mlxs_measured_rate(q4_model, monkeypatch):
+    """The decision uses the rate MLX's nn.Linear runs at here (timed), not a constant: a 6e9
+    constant kept a 4-layer Qwen3-30B-A3B's linears on MLX (41.6 s calibration, 11.9 s with them
+    on onnxruntime) because x @ W.T runs at 2.4-2.5 GFLOP/s here."""
+    model, tok, config, docs = q4_model
+    rate = cal.mlx_linear_flops()
+    assert 1e8 < rate < cal.FAST_FLOPS, rate  # MLX's CPU linears, measured
+    seen = []
+    monkeypatch.setattr(dense, "install", lambda m, **kw: seen.append(kw))
+    monkeypatch.setattr(cal, "FAST_FLOPS", 1.0)  # past the cheap bound: the timed rate decides
+    for measured, installs in ((1e30, False), (1.0, True)):
+        monkeypatch.setattr(cal, "mlx_linear_flops", lambda: measured)
+        seen.clear()
+        assert cal._dense_linears(model, 300) is installs and bool(seen) is installs
+
+
 def test_linears_stay_on_mlx_without_onnxruntime(q4_model, monkeypatch, capsys):
     model, tok, config, docs = q4_model
 

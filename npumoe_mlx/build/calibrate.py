@@ -11,6 +11,7 @@ chunks like ``mlx_lm.generate`` does, so chunk loads match what the executor see
 import argparse
 import math
 import os
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -174,18 +175,35 @@ def ffn_max_abs(module, x: mx.array, inds: mx.array) -> mx.array:
     return mx.stack([mx.abs(gate).max(), mx.abs(up).max(), mx.abs(down).max()]).astype(mx.float32)
 
 
-MLX_CPU_FLOPS = 6e9  # MLX's CPU float32 matmul here (reference BLAS); numpy's OpenBLAS ran it at ~200e9
 DENSE_WORTH_S = 20.0  # timing each linear shape and opening its sessions takes seconds: below this, MLX keeps them
+FAST_FLOPS = 50e9  # above any CPU rate MLX's linears reach: a model under DENSE_WORTH_S even at it skips the timing
+
+
+def mlx_linear_flops(rows: int = 64, d: int = 1024) -> float:
+    """The rate of ``nn.Linear`` on MLX here (FLOP/s): ``x @ W.T``, (rows, d) x (d, d) float32, the
+    best of two after a warm-up (~0.2 s). MLX's Linux wheel links a reference BLAS: on this
+    2-core VM 2.4-2.5 GFLOP/s for ``x @ W.T`` at every size tried, 6 for an untransposed
+    ``x @ W`` (a constant of 6e9 once kept a 4-layer Qwen3-30B-A3B's linears on MLX: 36 s where
+    onnxruntime took a few)."""
+    x, w = mx.ones((rows, d)), mx.ones((d, d))  # (not mx.random: the caller's random state stays as it was)
+    mx.eval(x, w, x @ w.T)
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        mx.eval(x @ w.T)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * d * d / max(best, 1e-9)
 
 
 def _dense_linears(model, tokens: int) -> bool:
     """The attention's (and dense layers') linears on onnxruntime where its measured cost wins,
-    when MLX would spend more than ``DENSE_WORTH_S`` on them over ``tokens``; removed with the
-    recorders (``experts.remove``). Without onnxruntime they stay on MLX. True if installed."""
+    when MLX would spend more than ``DENSE_WORTH_S`` on them over ``tokens`` (at the rate
+    ``mlx_linear_flops`` times here); removed with the recorders (``experts.remove``). Without
+    onnxruntime they stay on MLX. True if installed."""
     from ..runtime import dense
 
-    weights = sum(_linear_weights(lin) for _, lin in dense.find_linears(model))
-    if 2 * weights * tokens / MLX_CPU_FLOPS <= DENSE_WORTH_S:
+    flops = 2 * sum(_linear_weights(lin) for _, lin in dense.find_linears(model)) * tokens
+    if flops / FAST_FLOPS <= DENSE_WORTH_S or flops / mlx_linear_flops() <= DENSE_WORTH_S:
         return False
     try:
         dense.install(model, quiet=True, heads=False)
