@@ -176,7 +176,7 @@ def ffn_max_abs(module, x: mx.array, inds: mx.array) -> mx.array:
 
 
 DENSE_WORTH_S = 20.0  # timing each linear shape and opening its sessions takes seconds: below this, MLX keeps them
-FAST_FLOPS = 50e9  # above any CPU rate MLX's linears reach: a model under DENSE_WORTH_S even at it skips the timing
+SLOW_FLOPS = 0.5e9  # below any CPU rate MLX's linears run at: a model under DENSE_WORTH_S even at it skips the timing
 
 
 def mlx_linear_flops(rows: int = 64, d: int = 1024) -> float:
@@ -203,7 +203,7 @@ def _dense_linears(model, tokens: int) -> bool:
     from ..runtime import dense
 
     flops = 2 * sum(_linear_weights(lin) for _, lin in dense.find_linears(model)) * tokens
-    if flops / FAST_FLOPS <= DENSE_WORTH_S or flops / mlx_linear_flops() <= DENSE_WORTH_S:
+    if flops / SLOW_FLOPS <= DENSE_WORTH_S or flops / mlx_linear_flops() <= DENSE_WORTH_S:
         return False
     try:
         dense.install(model, quiet=True, heads=False)
