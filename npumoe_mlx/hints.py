@@ -26,4 +26,3 @@ def one_line(e: BaseException, typed: bool = False) -> str:
         return f"{type(e).__name__}: {e}".splitlines()[0]
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-

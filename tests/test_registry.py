@@ -130,6 +130,17 @@ def test_offload_modes_auto_and_refusals_come_from_the_registry(monkeypatch):
     assert offload.resolve("onnx-coreml") == "onnx-coreml"  # without check_runs: named as asked
 
 
+def test_the_preferred_backend_refused_points_to_stock_mlx(monkeypatch):
+    """Naming the backend that just failed as the fix ("use --offload onnx (or auto)" for onnx) helps no one."""
+    info = registry.REGISTRY["onnx"]
+    monkeypatch.setitem(registry.REGISTRY, "onnx", info.__class__(**{**info.__dict__,
+                                                                      "available": lambda: (False, "onnxruntime cannot be imported (x)")}))
+    monkeypatch.setattr(registry, "preferred", lambda: "onnx")
+    with pytest.raises(offload.OffloadError) as e:
+        offload.resolve("onnx", check_runs=True)
+    assert str(e.value) == "onnxruntime cannot be imported (x); use --offload off (stock MLX) here"
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the refusal off macOS")
 def test_coreml_is_refused_off_macos_with_the_reason():
     with pytest.raises(offload.OffloadError, match="Core ML runs only on macOS.*use --offload onnx \\(or auto\\)"):

@@ -262,7 +262,7 @@ CALIBRATE_WITH = {"auto": None, "numpy": True, "mlx": False}  # --calibrate-with
 
 
 def add_calibrate_with_flag(parser):
-    """``--calibrate-with`` (``calibrate``'s ``host``), shared by calibrate and build."""
+    """``--calibrate-with`` (``calibrate``'s ``host``), shared by calibrate, build and convert."""
     parser.add_argument(
         "--calibrate-with", choices=tuple(CALIBRATE_WITH), default="auto",
         help="What computes the expert FFNs while calibrating: numpy's BLAS (auto's choice when MLX runs "

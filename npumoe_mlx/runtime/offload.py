@@ -23,7 +23,7 @@ def resolve(mode: str, check_runs: bool = False) -> str:
         ok, why = registry.get(mode).available()
         if not ok:
             other = registry.preferred()
-            fix = f"--offload {other} (or auto)" if other != mode else "--offload mlx (stock MLX)"
+            fix = f"--offload {other} (or auto)" if other != mode else "--offload off (stock MLX)"
             raise OffloadError(f"{why}; use {fix} here")
     if mode != "auto":
         return mode
