@@ -283,16 +283,15 @@ class Replanner:
                 opts.append(("groups", lp))
             scored = [(k, p, tally(p)) for k, p in opts]
             k, p, t = min(scored, key=lambda x: sum(x[2]))
-            if k == "groups" and room is not None and self._new_bytes(blocks[ex.plan.layer], p) > room:
-                self.log(f"re-plan: new groups for layer {ex.plan.layer} would need "
-                         f"{size(self._new_bytes(blocks[ex.plan.layer], p))} more resident while they load, "
-                         f"over the memory budget of {size(self.memory_budget)} ({size(max(room, 0))} left); "
-                         f"new ladders only")
-                k, p, t = scored[0]  # the ladders (same groups, same programs: no new bytes)
+            need = self._new_bytes(blocks[ex.plan.layer], p) if k == "groups" else 0
+            if room is not None and need > room:
+                self.log(f"re-plan: new groups for layer {ex.plan.layer} would need {size(need)} more resident "
+                         f"while they load, over the memory budget of {size(self.memory_budget)} "
+                         f"({size(max(room, 0))} left); new ladders only")
+                (k, p, t), need = scored[0], 0  # the ladders (same groups, same programs: no new bytes)
             if sum(t) + GAIN <= sum(now):  # predicted from here on: on calls the new groups were not planned from
                 out[ex.plan.layer] = (k, p, held.get(ex.plan.layer, t) if k == "groups" else t)
-                if k == "groups" and room is not None:
-                    room -= self._new_bytes(blocks[ex.plan.layer], p)
+                room = None if room is None else room - need
         return out
 
     def _memory_room(self) -> Optional[int]:
