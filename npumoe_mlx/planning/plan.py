@@ -897,7 +897,7 @@ def make_plan(
         layers.append(plan)
         inputs.append((lp, b, sizes))
     sized = layers  # the energy objective's bound is the time plan's: both are capped alike, by the time plan
-    if objective != "time" and any(inputs):
+    if objective != "time" and any(inputs) and _caps_apply(limits.backend):
         sized = [lp if i is None else plan_layer(i[0], i[1].dims, i[1].hidden, cost, limits, i[1].quant, i[1].path,
                                                    i[2], "time", energy_bound) for lp, i in zip(layers, inputs)]
     for li, cap in layer_run_caps(sized, limits.max_programs, limits.backend).items():
@@ -915,14 +915,11 @@ def layer_run_caps(layers: List[LayerPlan], max_programs: int, backend: str) -> 
     whole model's plan is over it: shared experts keep theirs, then each layer gets an equal share,
     a layer needing less handing the rest on (water-filling); a layer's cap in groups is its share
     over its units per group. Empty when the plan fits, when some layer's share holds no group, or
-    for a backend whose every tier is a program (Core ML: capping its 3-layer trace replays sped up
-    the time objective, e.g. M1 0.78 -> 0.54 of all-GPU, but padded OLMoE book's 128-token calls
-    28.1% (was 27.0%) and changed the energy plans' slack; not taken until that is looked at):
-    then ``_apply_budget``'s hottest groups first.
+    when ``_caps_apply`` says no: then ``_apply_budget``'s hottest groups first.
     Without this, ``_apply_budget`` would send the coldest groups' experts to MLX: a 48-layer
     Qwen3-30B-A3B calibrated on 2048 tokens kept 42 of each layer's 128 experts there."""
-    if registry.program_budget(backend)[1]:  # Core ML (a program per tier): hottest groups first, as replayed on
-        return {}  # the shared traces; capped plans changed 259 of its replays, not all for the better (see below)
+    if not _caps_apply(backend):
+        return {}
     units = [sum(program_units(g.tiers, backend) for g in lp.groups) for lp in layers]
     left = max_programs - sum(program_units(sp.tiers, backend) for lp in layers for sp in lp.shared)
     if sum(units) <= left:
@@ -939,6 +936,14 @@ def layer_run_caps(layers: List[LayerPlan], max_programs: int, backend: str) -> 
             return {}
         left -= int(caps[li] * per_group)
     return caps
+
+
+def _caps_apply(backend: str) -> bool:
+    """Whether ``layer_run_caps`` re-plans layers over their share: for backends with a program per
+    group (onnx, mlx). Not for Core ML, where each tier is a program: capping its 3-layer trace
+    replays sped up the time objective (M1 0.78 -> 0.54 of all-GPU) but padded OLMoE book's
+    128-token calls 28.1% (27.0% uncapped) and broke the energy plans' 1.2x bound in two cases."""
+    return not registry.program_budget(backend)[1]
 
 
 def _apply_budget(layers: List[LayerPlan], max_programs: int, backend: str) -> None:
